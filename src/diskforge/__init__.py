@@ -1,0 +1,87 @@
+"""diskforge: inspect, create, convert, image, restore and boot disk images.
+
+The Python API is small and stable::
+
+    import diskforge
+    with diskforge.open("disk.qcow2") as dev:        # any format, probed
+        head = dev.read(0, 512)
+    diskforge.convert("disk.vmdk", "disk.qcow2")      # format from the extension
+    diskforge.create("new.qcow2", 10 << 30)
+    print(diskforge.info("disk.qcow2").virtual_size)
+
+Everything else lives in ``diskforge.ops`` (operations over BlockDevice),
+``diskforge.registry`` (formats) and ``diskforge.blockdev`` (the abstraction).
+Imports are lazy so that ``import diskforge`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import DiskforgeError
+
+TYPE_CHECKING = False  # importing typing would cost start-up time
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+    from .blockdev import BlockDevice, ImageInfo
+    from .ops.convert import ConvertStats
+    from .policy import OpenPolicy
+
+__all__ = ["open", "create", "convert", "info", "DiskforgeError"]
+
+
+def open(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
+         policy: "OpenPolicy | None" = None) -> "BlockDevice":
+    """Open an image as a BlockDevice (format probed unless given)."""
+    from .registry import open_image
+    return open_image(path, fmt, writable=writable, policy=policy)
+
+
+def create(path: str | os.PathLike, size: int, fmt: str | None = None,
+           options: "str | Mapping[str, Any] | None" = None, *,
+           backing: str | None = None, backing_fmt: str | None = None) -> None:
+    """Create an empty image (or an overlay of ``backing``, named relative to ``path``)."""
+    from .blockdev import Backing
+    from .registry import open_image, target_format
+    path = os.fspath(path)
+    plugin = target_format(path, fmt)
+    opts = plugin.options.parse(options, format_name=plugin.name)
+    bdev = None
+    try:
+        if backing:
+            full = backing if os.path.isabs(backing) else os.path.join(
+                os.path.dirname(os.path.abspath(path)), backing)
+            bdev = open_image(full, backing_fmt)
+        b = Backing(backing, bdev.format, bdev) if bdev else None
+        with plugin.writer(path, size, opts, backing=b) as w:
+            w.finish()
+    finally:
+        if bdev is not None:
+            bdev.close()
+
+
+def convert(source: str | os.PathLike, target: str | os.PathLike, *,
+            source_fmt: str | None = None, target_fmt: str | None = None,
+            options: "str | Mapping[str, Any] | None" = None, compress: bool = False,
+            progress: Callable[[int, int], None] | None = None,
+            policy: "OpenPolicy | None" = None) -> "ConvertStats":
+    """Convert an image file to another format; the output appears atomically."""
+    from .atomic import refuse_overwrite
+    from .ops.convert import convert as run
+    from .registry import open_image, target_format
+    plugin = target_format(os.fspath(target), target_fmt)
+    opts = plugin.options.parse(options, format_name=plugin.name)
+    if compress:
+        opts = plugin.compressed(opts)
+    with open_image(source, source_fmt, policy=policy) as src:
+        refuse_overwrite(target, src.files())
+        return run(src, plugin.writer(os.fspath(target), src.size, opts), progress=progress)
+
+
+def info(path: str | os.PathLike, fmt: str | None = None) -> "ImageInfo":
+    """Header facts of an image."""
+    from .registry import open_image
+    with open_image(path, fmt) as dev:
+        return dev.info()

@@ -1,0 +1,6 @@
+"""``python -m diskforge``."""
+import sys
+
+from .cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``diskforge`` command: one module per subcommand group, each thin over ``ops``."""

@@ -1,0 +1,299 @@
+"""Subcommands over whole images: info, create, convert, compare, map, measure.
+
+Spellings follow qemu-img (``-f``, ``-O``, ``-o``, ``-B``, ``-F``, ``-c``, ``-n``, ``-p``,
+``-q``, ``-m``, ``--output json``) so a qemu-img user's fingers already know them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help="also open files an image names (backing files, extents) under DIR")
+
+
+def policy_from(args):
+    from ..policy import OpenPolicy
+    return OpenPolicy(allowed_roots=tuple(args.allow_root))
+
+
+def open_source(path: str, fmt: str | None, args, *, writable: bool = False):
+    from ..registry import open_image
+    return open_image(path, fmt, writable=writable, policy=policy_from(args))
+
+
+def wants_option_help(spec: list[str]) -> bool:
+    from ..options import split_option_string
+    for s in spec:
+        if s.strip() in ("help", "?"):
+            return True
+        try:
+            if "help" in split_option_string(s):
+                return True
+        except Exception:
+            return False
+    return False
+
+
+def parse_options(fmt, spec: list[str]):
+    from ..options import merge_option_strings
+    return fmt.options.parse(merge_option_strings(*spec), format_name=fmt.name)
+
+
+def progress_for(args, label: str = ""):
+    from .progress import ProgressBar
+    return ProgressBar(label, force=getattr(args, "p", False), quiet=getattr(args, "q", False))
+
+
+def open_backing(name: str, fmt: str | None, target: str, args):
+    """Open ``-B``/``-b NAME`` as qemu-img does: a relative name is relative to the new
+    image's directory. The user named it, so the root policy does not apply to it."""
+    from ..blockdev import Backing
+    from ..policy import OpenPolicy
+    from ..registry import open_image
+    path = name if os.path.isabs(name) else os.path.join(
+        os.path.dirname(os.path.abspath(target)), name)
+    dev = open_image(path, fmt, policy=OpenPolicy(allowed_roots=tuple(args.allow_root)))
+    return dev, Backing(name=name, format=dev.format, device=dev)
+
+
+# -- info ---------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    from ..ops.info import format_human, format_json, image_info
+    with open_source(args.filename, args.f, args) as dev:
+        infos = image_info(dev, backing_chain=args.backing_chain)
+    if args.output == "json":
+        print(format_json(infos, args.backing_chain))
+    else:
+        print("\n\n".join(format_human(i) for i in infos))
+    return 0
+
+
+# -- create -------------------------------------------------------------------------------
+
+def cmd_create(args) -> int:
+    from ..options import parse_size
+    from ..registry import target_format
+    fmt = target_format(args.filename, args.f)
+    if wants_option_help(args.o):
+        print(fmt.options.help_text(fmt.name), end="")
+        return 0
+    options = parse_options(fmt, args.o)
+    backing = backing_dev = None
+    size = parse_size(args.size, "image size") if args.size is not None else None
+    try:
+        if args.b:
+            if args.u:
+                from ..blockdev import Backing
+                if not args.F:
+                    from ..errors import UsageError
+                    raise UsageError("-u needs the backing format (-F)")
+                backing = Backing(name=args.b, format=args.F)
+            else:
+                backing_dev, backing = open_backing(args.b, args.F, args.filename, args)
+                if size is None:
+                    size = backing_dev.size
+        if size is None:
+            from ..errors import UsageError
+            raise UsageError("give the image size (or a backing file with -b)")
+        if backing_dev is not None:
+            from ..atomic import refuse_overwrite
+            refuse_overwrite(args.filename, backing_dev.files(), "its backing file")
+        if not args.q:
+            print(f"Formatting '{args.filename}', fmt={fmt.name} size={size}")
+        writer = fmt.writer(args.filename, size, options, backing=backing)
+        with writer:
+            writer.finish()
+    finally:
+        if backing_dev is not None:
+            backing_dev.close()
+    return 0
+
+
+# -- convert ------------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    from ..atomic import refuse_overwrite
+    from ..blockdev import DeviceWriter
+    from ..ops.convert import convert
+    from ..registry import target_format
+    fmt = target_format(args.target, args.O)
+    if wants_option_help(args.o):
+        print(fmt.options.help_text(fmt.name), end="")
+        return 0
+    options = parse_options(fmt, args.o)
+    if args.c:
+        options = fmt.compressed(options)
+    src = open_source(args.source, args.f, args)
+    base = None
+    try:
+        backing = None
+        if args.B:
+            base, backing = open_backing(args.B, args.F, args.target, args)
+        refuse_overwrite(args.target, src.files(), "the input")
+        if base is not None:
+            refuse_overwrite(args.target, base.files(), "the backing file")
+        if args.n:
+            from ..registry import open_image
+            dev = open_image(args.target, args.O, writable=True, policy=policy_from(args))
+            if dev.size < src.size:
+                dev.close()
+                from ..errors import UsageError
+                raise UsageError(f"target is smaller ({dev.size} bytes) than the source"
+                                 f" ({src.size} bytes)", args.target)
+            writer = DeviceWriter(dev)
+        else:
+            writer = fmt.writer(args.target, src.size, options, backing=backing)
+        bar = progress_for(args)
+        try:
+            convert(src, writer, base=base, progress=bar, workers=args.m)
+        finally:
+            bar.close()
+            if args.n:
+                dev.close()
+    finally:
+        src.close()
+        if base is not None:
+            base.close()
+    return 0
+
+
+# -- compare ------------------------------------------------------------------------------
+
+def cmd_compare(args) -> int:
+    from ..ops.compare import compare
+    with open_source(args.image1, args.f, args) as a, \
+            open_source(args.image2, args.F, args) as b:
+        bar = progress_for(args)
+        try:
+            result = compare(a, b, strict=args.s, progress=bar)
+        finally:
+            bar.close()
+    if not args.q:
+        print(result.message)
+    return 0 if result.identical else 1
+
+
+# -- map ----------------------------------------------------------------------------------
+
+def cmd_map(args) -> int:
+    from ..ops.map import format_human, format_json, map_image
+    from ..options import parse_size
+    start = parse_size(args.start_offset, "start offset") if args.start_offset else 0
+    with open_source(args.filename, args.f, args) as dev:
+        length = parse_size(args.max_length, "length") if args.max_length else None
+        entries = map_image(dev, min(start, dev.size), length)
+        print(format_json(entries) if args.output == "json" else format_human(entries))
+    return 0
+
+
+# -- measure ------------------------------------------------------------------------------
+
+def cmd_measure(args) -> int:
+    import json
+
+    from ..errors import UsageError
+    from ..ops.measure import measure
+    from ..options import parse_size
+    from ..registry import get
+    fmt = get(args.O)
+    if wants_option_help(args.o):
+        print(fmt.options.help_text(fmt.name), end="")
+        return 0
+    options = parse_options(fmt, args.o)
+    if (args.size is None) == (args.filename is None):
+        raise UsageError("give either --size SIZE or an image file")
+    if args.filename:
+        with open_source(args.filename, args.f, args) as src:
+            m = measure(fmt, options, source=src)
+    else:
+        m = measure(fmt, options, size=parse_size(args.size, "size"))
+    if args.output == "json":
+        d = {"required": m.required, "fully-allocated": m.fully_allocated}
+        if m.bitmaps is not None:
+            d["bitmaps"] = m.bitmaps
+        print(json.dumps(d, indent=4))
+    else:
+        print(f"required size: {m.required}\nfully allocated size: {m.fully_allocated}")
+        if m.bitmaps is not None:
+            print(f"bitmaps size: {m.bitmaps}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("info", help="show an image's header facts and backing chain")
+    p.add_argument("-f", metavar="FMT", help="image format (default: probe)")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--backing-chain", action="store_true", help="also show every backing image")
+    p.add_argument("-U", "--force-share", action="store_true", help=argparse.SUPPRESS)
+    add_policy_args(p)
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("create", help="create a new, empty image (or an overlay with -b)")
+    p.add_argument("-f", metavar="FMT", help="format (default: from the file extension)")
+    p.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="format options key=value,... ('-o help' lists them)")
+    p.add_argument("-b", metavar="BACKING", help="backing file (relative to the new image)")
+    p.add_argument("-F", metavar="BACKING_FMT", help="backing file format")
+    p.add_argument("-u", action="store_true", help="do not open the backing file")
+    p.add_argument("-q", action="store_true", help="quiet")
+    add_policy_args(p)
+    p.add_argument("filename")
+    p.add_argument("size", nargs="?", help="virtual size (k, M, G, T suffixes)")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("convert", help="convert an image to another format (sparse-aware)")
+    p.add_argument("-f", metavar="FMT", help="source format (default: probe)")
+    p.add_argument("-O", metavar="FMT", help="target format (default: from the extension)")
+    p.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="target format options ('-o help' lists them)")
+    p.add_argument("-c", action="store_true", help="compress the target")
+    p.add_argument("-B", metavar="BACKING", help="make the target an overlay of BACKING,"
+                   " writing only what differs from it")
+    p.add_argument("-F", metavar="BACKING_FMT", help="format of BACKING")
+    p.add_argument("-n", action="store_true", help="write into an existing target")
+    p.add_argument("-m", type=int, metavar="N", help="compression threads")
+    p.add_argument("-p", action="store_true", help="show progress even when not a TTY")
+    p.add_argument("-q", action="store_true", help="quiet")
+    add_policy_args(p)
+    p.add_argument("source")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("compare", help="compare two images' contents (exit 0 same,"
+                       " 1 different, 2 error)")
+    p.error_status = 2
+    p.add_argument("-f", metavar="FMT", help="format of the first image")
+    p.add_argument("-F", metavar="FMT", help="format of the second image")
+    p.add_argument("-s", action="store_true", help="strict: sizes and allocation must match")
+    p.add_argument("-p", action="store_true", help="show progress")
+    p.add_argument("-q", action="store_true", help="quiet")
+    add_policy_args(p)
+    p.add_argument("image1")
+    p.add_argument("image2")
+    p.set_defaults(func=cmd_compare, error_status=2)
+
+    p = sub.add_parser("map", help="show where the image's data lives")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--start-offset", metavar="OFFSET")
+    p.add_argument("--max-length", metavar="LEN")
+    add_policy_args(p)
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("measure", help="space needed for an image in a format")
+    p.add_argument("-O", metavar="FMT", default="raw", help="target format (default raw)")
+    p.add_argument("-o", action="append", default=[], metavar="OPTIONS")
+    p.add_argument("-f", metavar="FMT", help="format of FILE")
+    p.add_argument("--size", metavar="SIZE", help="measure an empty disk of this size")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    add_policy_args(p)
+    p.add_argument("filename", nargs="?")
+    p.set_defaults(func=cmd_measure)

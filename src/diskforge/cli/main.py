@@ -1,0 +1,104 @@
+"""Entry point: parse the command line, run one subcommand, turn errors into one line.
+
+Imports stay lazy (each subcommand imports its operation when it runs) so that
+``diskforge info`` starts quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from ..errors import DiskforgeError
+
+# subcommand group modules, each with add_parsers(subparsers)
+GROUPS = ("image", "formats_cmd")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad invocation as one line (and the exit status the
+    subcommand uses for errors: qemu-img's ``compare`` uses 2, the rest 1)."""
+
+    error_status = 1
+
+    def error(self, message: str):
+        self.exit(self.error_status, f"{self.prog}: error: {message}"
+                                     f" (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+    parser = OneLineParser(prog="diskforge", description="Inspect, create, convert, image"
+                           " and restore virtual-machine and disk images.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback when something fails")
+    parser.add_argument("--sync", action="store_true",
+                        help="fdatasync outputs before renaming them into place")
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="show the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name in GROUPS:
+        importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
+    return parser
+
+
+class _VersionAction(argparse.Action):
+    """Looks the version up only when asked (importlib.metadata is slow to import)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit(0)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"diskforge {version('diskforge')}"
+    except PackageNotFoundError:
+        return "diskforge (not installed)"
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 1
+    if args.sync:
+        from ..atomic import set_durable
+        set_durable(True)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary outputs on kill
+    error_status = getattr(args, "error_status", 1)
+    try:
+        return int(args.func(args) or 0)
+    except DiskforgeError as e:
+        if args.debug:
+            raise
+        print(f"diskforge: {e}", file=sys.stderr)
+        return error_status
+    except KeyboardInterrupt:
+        print("diskforge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return error_status
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"diskforge: {where}{e.strerror or e}", file=sys.stderr)
+        return error_status
+    except Exception as e:  # a bug: still one line, with the way to see more
+        if args.debug:
+            raise
+        print(f"diskforge: internal error: {type(e).__name__}: {e} (run 'diskforge --debug"
+              f" ...' for the traceback, and please report it)", file=sys.stderr)
+        return error_status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""convert: copy a BlockDevice into an ImageWriter, as fast as the disk allows.
+
+The pipeline (DESIGN.md): the source's extent map → reads in large batches aligned to
+absolute multiples of the batch size → zero detection per writer granule (a memcmp
+against a zero buffer) → optionally the writer's ``prepare`` (compression) in a bounded
+thread pool → ``write_prepared`` in offset order. Nothing the extent map calls zero is
+read. Memory is bounded by ``depth × batch_size`` whatever the disk size.
+
+With a ``base`` (``convert -B``, differential imaging) granules whose bytes equal the
+base's are left out, so they read through to the base in the new image.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+
+from ..blockdev import (BlockDevice, ExtentKind, ImageWriter, aligned_buffer, is_zero,
+                        zero_runs)
+
+TYPE_CHECKING = False  # typing and concurrent.futures cost start-up time: lazily
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    Progress = Callable[[int, int], None]
+
+# 1 MiB: large enough to amortise Python per call, small enough that the buffer stays
+# in the CPU cache between the read and the write (measured: 4 MiB is 10-15% slower)
+DEFAULT_BATCH = 1 << 20
+
+
+@dataclass
+class ConvertStats:
+    virtual_size: int = 0
+    bytes_read: int = 0       # disk bytes read from the source
+    bytes_written: int = 0    # disk bytes handed to the writer as data
+    bytes_zero: int = 0       # disk bytes handed to the writer as zeros
+    bytes_skipped: int = 0    # disk bytes equal to the base, left to read through
+
+
+def batches(offset: int, length: int, batch: int):
+    """Split a range at absolute multiples of ``batch``."""
+    end = offset + length
+    while offset < end:
+        nxt = min((offset // batch + 1) * batch, end)
+        yield offset, nxt - offset
+        offset = nxt
+
+
+def _same_file(a: BlockDevice | None, b: BlockDevice | None) -> bool:
+    if a is None or b is None or not a.path or not b.path:
+        return False
+    try:
+        return os.path.samefile(a.path, b.path)
+    except OSError:
+        return False
+
+
+class _Pipeline:
+    """The state of one convert run: the writer, the optional pool, the stats."""
+
+    def __init__(self, writer: ImageWriter, base: BlockDevice | None, workers: int,
+                 batch: int):
+        self.writer = writer
+        self.base = base
+        self.batch = batch
+        self.gran = max(512, writer.granularity)
+        self.stats = ConvertStats()
+        self.pool = None
+        if workers > 0 and writer.parallel:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="diskforge-prepare")
+        self.depth = 2 * workers + 2
+        self.pending: collections.deque = collections.deque()
+        self._serial_buffer = aligned_buffer(batch)
+
+    def buffer(self) -> tuple[bytearray, int]:
+        # Serial: one page-aligned buffer, reused (the writer may not keep it).
+        # Parallel: a fresh one per batch, alive while a pending prepare holds a view
+        # of it; the bounded queue bounds how many exist.
+        return aligned_buffer(self.batch) if self.pool else self._serial_buffer
+
+    def drain(self, limit: int = 0) -> None:
+        while len(self.pending) > limit:
+            fut, off = self.pending.popleft()
+            self.writer.write_prepared(off, fut.result())
+
+    def data(self, off: int, view) -> None:
+        self.stats.bytes_written += len(view)
+        if self.pool:
+            self.pending.append((self.pool.submit(self.writer.prepare, off, view), off))
+            self.drain(self.depth)
+        else:
+            self.writer.write(off, view)
+
+    def zero(self, off: int, n: int) -> None:
+        """A range that must read as zeros; with a base, only where the base is not."""
+        end = off + n
+        if self.base is not None:
+            for zo, zn in _base_zero_ranges(self.base, off, n):
+                if zo > off:
+                    self._zero(off, zo - off)
+                self.stats.bytes_skipped += zn
+                off = zo + zn
+        if end > off:
+            self._zero(off, end - off)
+
+    def _zero(self, off: int, n: int) -> None:
+        self.drain()
+        self.writer.zero(off, n)
+        self.stats.bytes_zero += n
+
+    def copy_batch(self, source: BlockDevice, off: int, n: int) -> None:
+        buf, start = self.buffer()
+        view = memoryview(buf)[start:start + n]
+        source.readinto(off, view)
+        self.stats.bytes_read += n
+        if self.base is not None:
+            self._differences(buf, start, off, n)
+            return
+        for ro, rn, z in zero_runs(buf, off, self.gran, n, start):
+            if z:
+                self.zero(ro, rn)
+            else:
+                self.data(ro, view[ro - off:ro - off + rn])
+
+    def _differences(self, buf: bytearray, start: int, off: int, n: int) -> None:
+        """Emit only the granules of ``buf[start:start+n]`` that differ from the base."""
+        other = bytearray(n)
+        base_n = max(0, min(n, self.base.size - off))
+        if base_n:
+            self.base.readinto(off, memoryview(other)[:base_n])
+        view = memoryview(buf)[start:start + n]
+        if buf.startswith(other, start):
+            self.stats.bytes_skipped += n
+            return
+        run_start, run_kind = off, None
+        for g0, gn in batches(off, n, self.gran):
+            a = g0 - off
+            if buf.startswith(memoryview(other)[a:a + gn], start + a):
+                kind = "same"
+            elif is_zero(buf, start + a, gn):
+                kind = "zero"
+            else:
+                kind = "data"
+            if kind != run_kind:
+                self._emit(run_kind, run_start, g0, off, view)
+                run_start, run_kind = g0, kind
+        self._emit(run_kind, run_start, off + n, off, view)
+
+    def _emit(self, kind, start: int, end: int, off: int, view) -> None:
+        if kind == "same":
+            self.stats.bytes_skipped += end - start
+        elif kind == "zero":
+            self._zero(start, end - start)
+        elif kind == "data":
+            self.data(start, view[start - off:end - off])
+
+    def close(self, cancel: bool) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def _base_zero_ranges(base: BlockDevice, offset: int, length: int):
+    """The parts of ``[offset, offset+length)`` the base is known to read as zeros."""
+    out = []
+    inside = max(0, min(length, base.size - offset))
+    if inside:
+        out = [(e.offset, e.length) for e in base.extents(offset, inside)
+               if e.kind is ExtentKind.ZERO]
+    if offset + length > base.size:
+        start = max(offset, base.size)
+        out.append((start, offset + length - start))
+    return out
+
+
+def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | None = None,
+            progress: "Progress | None" = None, batch_size: int = DEFAULT_BATCH,
+            workers: int | None = None) -> ConvertStats:
+    """Copy ``source`` into ``writer``, then ``writer.finish()``.
+
+    ``base``: the image the output will be backed by; only what differs from it is
+    written. ``workers``: threads for the writer's ``prepare`` (compression); by default
+    the CPU count when the writer is parallel. On any exception, KeyboardInterrupt
+    included, the writer is aborted (leaving nothing behind) and the exception re-raised.
+    """
+    gran = max(512, writer.granularity)
+    batch = max(gran, (batch_size // gran) * gran)
+    if workers is None:
+        workers = (os.cpu_count() or 1) if writer.parallel else 0
+    pipe = _Pipeline(writer, base, workers, batch)
+    pipe.stats.virtual_size = total = source.size
+    done = 0
+    try:
+        for ext in source.extents():
+            kind = ext.kind
+            if kind is ExtentKind.BACKING:
+                if source.backing is None:
+                    kind = ExtentKind.ZERO
+                elif _same_file(source.backing, base):
+                    pipe.stats.bytes_skipped += ext.length  # reads through already
+                    kind = None
+            if kind is ExtentKind.ZERO:
+                pipe.zero(ext.offset, ext.length)
+            elif kind is not None:
+                for off, n in batches(ext.offset, ext.length, batch):
+                    pipe.copy_batch(source, off, n)
+                    done += n
+                    if progress:
+                        progress(done, total)
+                continue
+            done += ext.length
+            if progress:
+                progress(done, total)
+        pipe.drain()
+        pipe.close(cancel=False)
+        writer.finish()
+    except BaseException:
+        pipe.close(cancel=True)
+        writer.abort()
+        raise
+    return pipe.stats

@@ -1,0 +1,92 @@
+"""info: header facts of an image and its backing chain, and qemu-img's human layout."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from ..blockdev import BlockDevice, ImageInfo
+
+
+def image_info(dev: BlockDevice, *, backing_chain: bool = False) -> list[ImageInfo]:
+    """The image's info, and with ``backing_chain`` each backing image's after it."""
+    out = []
+    while dev is not None:
+        out.append(dev.info())
+        if not backing_chain:
+            break
+        dev = dev.backing
+    return out
+
+
+def size_to_str(n: int) -> str:
+    """qemu's size_to_str: three significant digits and a binary unit, switching to
+    the next unit once the value reaches 1000 of the lower one."""
+    _, exp = math.frexp(n / (1000.0 / 1024.0))
+    i = min(6, max(0, (exp - 1) // 10))
+    return f"{n / (1 << (10 * i)):0.3g} {('', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei')[i]}B"
+
+
+def _render_value(value: Any, indent: int) -> list[str]:
+    pad = " " * indent
+    lines = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, (dict, list)):
+                lines.append(f"{pad}{k}:")
+                lines.extend(_render_value(v, indent + 4))
+            else:
+                lines.append(f"{pad}{k}: {_scalar(v)}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            lines.append(f"{pad}[{i}]:")
+            lines.extend(_render_value(v, indent + 4))
+    else:
+        lines.append(f"{pad}{_scalar(value)}")
+    return lines
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def format_human(info: ImageInfo) -> str:
+    lines = [f"image: {info.filename}", f"file format: {info.format}",
+             f"virtual size: {size_to_str(info.virtual_size)} ({info.virtual_size} bytes)"]
+    if info.actual_size is not None:
+        lines.append(f"disk size: {size_to_str(info.actual_size)}")
+    if info.encrypted:
+        lines.append("encrypted: yes")
+    if info.cluster_size is not None:
+        lines.append(f"cluster_size: {info.cluster_size}")
+    if info.backing_filename:
+        line = f"backing file: {info.backing_filename}"
+        if info.full_backing_filename and info.full_backing_filename != info.backing_filename:
+            line += f" (actual path: {info.full_backing_filename})"
+        lines.append(line)
+        if info.backing_format:
+            lines.append(f"backing file format: {info.backing_format}")
+    if info.snapshots:
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10}{'DATE':>21}{'VM CLOCK':>16}"
+                     f"{'ICOUNT':>10}")
+        for s in info.snapshots:
+            lines.append(f"{str(s.get('id', '')):<8}{str(s.get('name', '')):<24}"
+                         f"{size_to_str(s.get('vm-state-size', 0)):>10}"
+                         f"{s.get('date', ''):>21}{s.get('vm-clock', ''):>16}"
+                         f"{str(s.get('icount', '')):>10}")
+    if info.format_specific:
+        lines.append("Format specific information:")
+        lines.extend(_render_value(info.format_specific, 4))
+    if info.details:
+        lines.append("Details:")
+        lines.extend(_render_value(info.details, 4))
+    return "\n".join(lines)
+
+
+def format_json(infos: list[ImageInfo], backing_chain: bool) -> str:
+    data = [i.to_json() for i in infos]
+    return json.dumps(data if backing_chain else data[0], indent=4)

@@ -1,0 +1,173 @@
+"""The command line: qemu-img's spellings and outputs, and one-line errors."""
+
+import json
+import os
+import stat
+
+import pytest
+from conftest import cli, cli_process, make_sparse, need, one_line_error, run
+
+
+@pytest.fixture
+def image(workdir):
+    return make_sparse(os.path.join(workdir, "t.raw"), 10 << 20,
+                       [(5 << 16, os.urandom(3 << 16))])
+
+
+@pytest.mark.parametrize("argv", [["info"], ["info", "--output", "json"],
+                                  ["map"], ["map", "--output", "json"],
+                                  ["measure", "-O", "raw"],
+                                  ["measure", "--output", "json", "-O", "raw"]])
+def test_output_is_byte_identical_to_qemu_img(image, argv):
+    need("qemu-img")
+    folder, name = os.path.split(image)
+    theirs = run("qemu-img", *argv, name, cwd=folder).stdout
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        code, ours, err = cli(*argv, name)
+    finally:
+        os.chdir(cwd)
+    assert code == 0, err
+    if argv[0] == "info":  # "disk size" depends on the file system's allocation rounding
+        theirs = "\n".join(l for l in theirs.splitlines() if "disk size" not in l
+                           and "actual-size" not in l)
+        ours = "\n".join(l for l in ours.splitlines() if "disk size" not in l
+                         and "actual-size" not in l)
+    assert ours.strip() == theirs.strip()
+
+
+def test_compare_exit_codes(image, workdir):
+    other = os.path.join(workdir, "o.raw")
+    assert cli("convert", image, other)[0] == 0
+    code, out, _ = cli("compare", image, other)
+    assert (code, out.strip()) == (0, "Images are identical.")
+    with open(other, "r+b") as f:
+        f.seek(5 << 16 | 700)
+        f.write(b"\x00\x01")
+    code, out, _ = cli("compare", image, other)
+    expected = (5 << 16) + 512
+    assert (code, out.strip()) == (1, f"Content mismatch at offset {expected}!")
+    need("qemu-img")
+    theirs = run("qemu-img", "compare", image, other, check=False)
+    assert (theirs.returncode, theirs.stdout.strip()) == (1, out.strip())
+    code, _, err = cli("compare", image, os.path.join(workdir, "missing.raw"))
+    assert code == 2 and "no such file" in err
+
+
+def test_compare_sizes(workdir):
+    a = make_sparse(os.path.join(workdir, "a.raw"), 1 << 20, [(10, b"x")])
+    b = make_sparse(os.path.join(workdir, "b.raw"), 2 << 20, [(10, b"x")])
+    assert cli("compare", a, b)[0] == 0
+    assert cli("compare", "-s", a, b)[0:2] == (1, "Strict mode: Image size mismatch!\n")
+    make_sparse(b, 2 << 20, [(10, b"x"), ((1 << 20) + 4096, b"y")])
+    assert cli("compare", a, b)[1].strip().endswith(f"offset {(1 << 20) + 4096}!")
+
+
+def test_create_and_convert_infer_format_from_extension(workdir):
+    path = os.path.join(workdir, "new.img")
+    code, out, _ = cli("create", path, "64M")
+    assert code == 0 and "fmt=raw" in out and os.path.getsize(path) == 64 << 20
+    code, _, err = cli("convert", path, os.path.join(workdir, "x.unknownext"))
+    one_line_error(code, err)
+    assert "-O" in err
+
+
+def test_option_help_lists_options_with_defaults(workdir):
+    code, out, _ = cli("convert", "-O", "raw", "-o", "help", "a", "b")
+    assert code == 0 and "preallocation=<off|falloc|full>" in out and "default: off" in out
+    assert cli("create", "-f", "raw", "-o", "?", "x")[1] == out
+
+
+def test_formats_table_comes_from_the_registry(monkeypatch):
+    from diskforge import registry
+
+    class Fake(registry.Format):
+        name = "fakefmt"
+        description = "registered in a test"
+
+        def probe(self, head, tail, size):
+            return 0
+    registry.all_formats()
+    monkeypatch.setitem(registry._loaded, "fakefmt", Fake())
+    code, out, _ = cli("formats")
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["raw"][3:7] == ["yes", "yes", "yes", "yes"]
+    assert rows["fakefmt"][3:7] == ["yes", "-", "-", "-"]
+    data = json.loads(cli("formats", "--output", "json")[1])
+    assert {"name": "fakefmt", "read": False} .items() <= next(
+        d for d in data if d["name"] == "fakefmt").items()
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "unknown_O", "bad_o",
+                                  "bad_o_value", "no_args", "bad_size", "unknown_f"])
+def test_bad_invocations_give_one_line(workdir, image, case):
+    out = os.path.join(workdir, "out.raw")
+    empty = os.path.join(workdir, "empty")
+    open(empty, "w").close()
+    argv = {
+        "missing": ["info", os.path.join(workdir, "nope.raw")],
+        "directory": ["info", workdir],
+        "empty": ["convert", empty, out],
+        "unknown_O": ["convert", "-O", "floppy", image, out],
+        "bad_o": ["convert", "-O", "raw", "-o", "cluster_size=64k", image, out],
+        "bad_o_value": ["convert", "-O", "raw", "-o", "preallocation=sometimes", image, out],
+        "no_args": ["convert"],
+        "bad_size": ["create", "-f", "raw", out, "12Q"],
+        "unknown_f": ["info", "-f", "nosuch", image],
+    }[case]
+    proc = cli_process(*argv)
+    one_line_error(proc.returncode, proc.stderr)
+    assert not os.path.exists(out)
+
+
+def test_unreadable_file(workdir, image, monkeypatch):
+    """As a user, chmod 0 makes the file unreadable; root reads anything, so there the
+    kernel's EACCES is simulated for this one path."""
+    if os.geteuid() != 0:
+        os.chmod(image, 0)
+        for argv in (["info", image], ["info", "-f", "raw", image]):
+            proc = cli_process(*argv)
+            one_line_error(proc.returncode, proc.stderr)
+            assert "permission denied" in proc.stderr.lower()
+        return
+    real_access, real_open = os.access, os.open
+
+    def access(path, mode, *a, **k):
+        return False if os.fspath(path) == image else real_access(path, mode, *a, **k)
+
+    def opener(path, flags, *a, **k):
+        if os.fspath(path) == image:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(os, "open", opener)
+    for argv in (["info", image], ["convert", image, os.path.join(workdir, "o.raw")]):
+        code, _, err = cli(*argv)
+        one_line_error(code, err)
+        assert "permission denied" in err.lower()
+    monkeypatch.setattr(os, "access", real_access)  # past the early check: os.open fails
+    code, _, err = cli("info", "-f", "raw", image)
+    one_line_error(code, err)
+    assert "permission denied" in err.lower()
+
+
+def test_empty_file_opens_as_raw_when_named(workdir):
+    empty = os.path.join(workdir, "empty")
+    open(empty, "w").close()
+    code, out, _ = cli("info", "-f", "raw", empty)
+    assert code == 0 and "virtual size: 0 B (0 bytes)" in out
+
+
+def test_python_m_and_version():
+    proc = cli_process("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("diskforge ")
+
+
+def test_progress_silent_when_not_a_tty(image, workdir):
+    proc = cli_process("convert", image, os.path.join(workdir, "p.raw"))
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == ""
+    proc = cli_process("convert", "-p", image, os.path.join(workdir, "p2.raw"))
+    assert "100.00/100%" in proc.stderr
+    assert stat.S_ISREG(os.stat(os.path.join(workdir, "p2.raw")).st_mode)

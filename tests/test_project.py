@@ -1,0 +1,43 @@
+"""Promises the project makes about itself: CI runs the README's command, fixtures match
+their manifest, the quick start works."""
+
+import csv
+import hashlib
+import os
+import re
+
+from conftest import FIXTURES, REPO
+
+import diskforge
+
+
+def readme_commands():
+    text = open(os.path.join(REPO, "README.md")).read()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)\n```", quick, re.S)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    commands = readme_commands()
+    assert len(commands) == 2, "the quick start is two commands"
+    ci = open(os.path.join(REPO, ".ci", "run")).read().strip().splitlines()[-1]
+    assert ci == commands[1]
+
+
+def test_fixtures_match_their_manifest():
+    with open(os.path.join(FIXTURES, "MANIFEST.tsv")) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert rows
+    for row in rows:
+        with diskforge.open(os.path.join(FIXTURES, row["file"])) as dev:
+            assert dev.format == row["format"], row["file"]
+            assert dev.size == int(row["virtual_size"]), row["file"]
+            h = hashlib.sha256()
+            for off in range(0, dev.size, 1 << 20):
+                h.update(dev.read(off, min(1 << 20, dev.size - off)))
+            assert h.hexdigest() == row["sha256_virtual"], row["file"]
+
+
+def test_fixtures_stay_small():
+    total = sum(os.path.getsize(os.path.join(FIXTURES, n)) for n in os.listdir(FIXTURES))
+    assert total < 8 << 20
