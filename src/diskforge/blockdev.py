@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 
 from .errors import DiskforgeError, ImageIOError, UnsupportedError, UsageError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .ops.check import CheckResult
+
 # A shared, read-only view of zeros. Comparing against a prefix of it runs at memcmp
 # speed, far faster than counting zero bytes (DESIGN.md, "facts worth knowing"). It is
 # an anonymous mapping, not a bytes object: nothing is allocated or touched at import
@@ -207,8 +211,10 @@ class ImageInfo:
     # qemu-img's "format-specific" data (key names as qemu-img prints them)
     format_specific: dict[str, object] = field(default_factory=dict)
     snapshots: list[dict[str, object]] = field(default_factory=list)
-    # facts qemu-img does not show (header fields, partitions), under our own names
+    # facts qemu-img does not show (header fields), under our own names
     details: dict[str, object] = field(default_factory=dict)
+    # the partition table the virtual disk holds (partitions.PartitionTable.to_json())
+    partitions: dict[str, object] | None = None
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"virtual-size": self.virtual_size, "filename": self.filename,
@@ -231,6 +237,8 @@ class ImageInfo:
         out["dirty-flag"] = self.dirty
         if self.details:
             out["diskforge"] = self.details
+        if self.partitions is not None:
+            out["partitions"] = self.partitions
         return out
 
 
@@ -293,6 +301,26 @@ class BlockDevice(abc.ABC):
 
     def flush(self) -> None:
         pass
+
+    # -- optional maintenance: formats override what they support ---------------------
+    def check(self, repair: str | None = None) -> "CheckResult":
+        """Consistency check (``diskforge check``); ``repair`` is None, "leaks" or "all"."""
+        raise UnsupportedError("This image format does not support checks", self.path)
+
+    def verify(self) -> list[str]:
+        """Problems the format's own checksums reveal (``diskforge verify``); [] if none."""
+        raise UnsupportedError(f"{self.format} images carry no checksums to verify",
+                               self.path)
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Change the virtual size; shrinking only when ``shrink`` is set."""
+        raise UnsupportedError(f"not supported yet: resizing {self.format} images",
+                               self.path)
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Point the image at another backing file (rebase -u) without copying data."""
+        raise UnsupportedError(f"{self.format} images have no backing file to change",
+                               self.path)
 
     # -- facts --------------------------------------------------------------------
     def info(self) -> ImageInfo:

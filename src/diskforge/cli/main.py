@@ -13,7 +13,7 @@ import sys
 from ..errors import DiskforgeError
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "formats_cmd")
+GROUPS = ("image", "maintenance", "formats_cmd")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -65,6 +65,11 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["resize"] and len(argv) > 2 and argv[-1][:1] == "-" \
+            and argv[-1][1:2].isdigit() and "--" not in argv:
+        argv = argv[:-1] + ["--", argv[-1]]  # "resize img -1G": a size, not a flag
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -93,6 +93,16 @@ class RawDevice(BlockDevice):
         if self.writable:
             self.backend.flush()
 
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        if not self.writable:
+            super().write(0, b"")
+        if self.backend.is_block_device:
+            raise UnsupportedError("cannot resize a block device", self.path)
+        if size < self.size and not shrink:
+            raise UsageError("shrinking needs --shrink", self.path)
+        self.backend.truncate(size)
+        self.size = size
+
     def info(self) -> ImageInfo:
         return ImageInfo(filename=self.path, format="raw", virtual_size=self.size,
                          actual_size=self.backend.allocated_bytes())

@@ -9,11 +9,20 @@ from typing import Any
 from ..blockdev import BlockDevice, ImageInfo
 
 
-def image_info(dev: BlockDevice, *, backing_chain: bool = False) -> list[ImageInfo]:
-    """The image's info, and with ``backing_chain`` each backing image's after it."""
+def image_info(dev: BlockDevice, *, backing_chain: bool = False,
+               partitions: bool = True) -> list[ImageInfo]:
+    """The image's info, and with ``backing_chain`` each backing image's after it.
+    ``partitions`` adds the partition table of the virtual disk (the composed one)."""
     out = []
+    top = dev
     while dev is not None:
-        out.append(dev.info())
+        info = dev.info()
+        if partitions and dev is top:
+            from ..partitions import read_partitions
+            table = read_partitions(dev)
+            info.partitions = table.to_json() if table is not None else None
+            info._table = table
+        out.append(info)
         if not backing_chain:
             break
         dev = dev.backing
@@ -84,6 +93,10 @@ def format_human(info: ImageInfo) -> str:
     if info.details:
         lines.append("Details:")
         lines.extend(_render_value(info.details, 4))
+    table = getattr(info, "_table", None)
+    if table is not None:
+        from ..partitions import format_human as partition_lines
+        lines.extend(partition_lines(table))
     return "\n".join(lines)
 
 
