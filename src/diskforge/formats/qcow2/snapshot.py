@@ -1,0 +1,158 @@
+"""Internal snapshots (qcow2.txt "Snapshots"): the snapshot table, and creating,
+applying and deleting snapshots on an image open for writing.
+
+A snapshot is a copy of the active L1 table plus one more reference on every L2
+table and data cluster it reaches; writes then copy-on-write whatever is shared. The
+refcount model is qemu's: a data cluster's count is the number of L1 tables
+(active and snapshots) that reach it through some L2 table, so a shared L2 table's
+clusters are counted once per L1 that reaches them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from construct import Int16ub, Int32ub, Int64ub, Struct
+
+from ...errors import FormatError, UsageError
+from .layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS_SIZE
+
+# qcow2.txt "Snapshot table entry", bytes 0-39
+QCowSnapshotHeader = Struct(
+    "l1_table_offset" / Int64ub,
+    "l1_size" / Int32ub,
+    "id_str_size" / Int16ub,
+    "name_size" / Int16ub,
+    "date_sec" / Int32ub,
+    "date_nsec" / Int32ub,
+    "vm_clock_nsec" / Int64ub,
+    "vm_state_size" / Int32ub,
+    "extra_data_size" / Int32ub,
+)
+# the extra data qemu knows (qcow2.txt: bytes 40-55, and icount since qemu 5.0)
+QCowSnapshotExtraData = Struct(
+    "vm_state_size_large" / Int64ub,
+    "disk_size" / Int64ub,
+    "icount" / Int64ub,
+)
+HEADER_SIZE = 40
+EXTRA_SIZE = 24
+MAX_EXTRA_DATA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
+
+
+@dataclass
+class Snapshot:
+    l1_table_offset: int
+    l1_size: int
+    id: str
+    name: str
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    disk_size: int | None = None
+    icount: int | None = None
+    extra_unknown: bytes = b""   # extra data beyond what we know, kept on rewrite
+
+    def to_json(self) -> dict:
+        """qemu-img info's keys for one snapshot."""
+        d = {"id": self.id, "name": self.name, "vm-state-size": self.vm_state_size,
+             "date-sec": self.date_sec, "date-nsec": self.date_nsec,
+             "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+             "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000}
+        if self.icount is not None and self.icount != (1 << 64) - 1:
+            d["icount"] = self.icount
+        return d
+
+
+def read_table(backend, offset: int, count: int, cluster_size: int, file_size: int,
+               path: str | None) -> list[Snapshot]:
+    """Parse ``count`` entries at ``offset``, validating each before use."""
+    snaps: list[Snapshot] = []
+    pos = offset
+    for i in range(count):
+        if pos - offset + HEADER_SIZE > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise FormatError("snapshot table is larger than qemu's 64 MiB limit", path,
+                              structure="QCowSnapshotHeader")
+        raw = backend.read_exact(pos, HEADER_SIZE, f"snapshot {i}")
+        h = QCowSnapshotHeader.parse(raw)
+        if h.extra_data_size > MAX_EXTRA_DATA:
+            raise FormatError(f"snapshot {i}: {h.extra_data_size} bytes of extra data is"
+                              " too much", path, structure="QCowSnapshotHeader",
+                              field="extra_data_size")
+        var = h.extra_data_size + h.id_str_size + h.name_size
+        rest = backend.read_exact(pos + HEADER_SIZE, var, f"snapshot {i}")
+        extra = rest[:h.extra_data_size]
+        try:
+            sid = rest[h.extra_data_size:h.extra_data_size + h.id_str_size].decode()
+            name = rest[h.extra_data_size + h.id_str_size:].decode()
+        except UnicodeDecodeError:
+            raise FormatError(f"snapshot {i}: id or name is not UTF-8", path,
+                              structure="QCowSnapshotHeader") from None
+        if h.l1_size * 8 > QCOW_MAX_L1_SIZE:
+            raise FormatError(f"snapshot {i}: L1 table of {h.l1_size} entries is too large",
+                              path, structure="QCowSnapshotHeader", field="l1_size")
+        if h.l1_size and (h.l1_table_offset % cluster_size or h.l1_table_offset < cluster_size
+                          or h.l1_table_offset + h.l1_size * 8 > file_size):
+            raise FormatError(f"snapshot {i}: L1 table at {h.l1_table_offset:#x} is"
+                              " unaligned, in the header or past the end of the file", path,
+                              structure="QCowSnapshotHeader", field="l1_table_offset")
+        s = Snapshot(h.l1_table_offset, h.l1_size, sid, name, h.date_sec, h.date_nsec,
+                     h.vm_clock_nsec, h.vm_state_size)
+        if len(extra) >= 8:
+            s.vm_state_size = int.from_bytes(extra[0:8], "big")
+        if len(extra) >= 16:
+            s.disk_size = int.from_bytes(extra[8:16], "big")
+        if len(extra) >= 24:
+            s.icount = int.from_bytes(extra[16:24], "big")
+        s.extra_unknown = bytes(extra[EXTRA_SIZE:])
+        snaps.append(s)
+        pos += HEADER_SIZE + var
+        pos += -pos % 8
+    return snaps
+
+
+def build_table(snaps: list[Snapshot]) -> bytes:
+    out = bytearray()
+    for s in snaps:
+        sid, name = s.id.encode(), s.name.encode()
+        extra = QCowSnapshotExtraData.build(dict(
+            vm_state_size_large=s.vm_state_size,
+            disk_size=s.disk_size or 0,
+            icount=(1 << 64) - 1 if s.icount is None else s.icount)) + s.extra_unknown
+        out += QCowSnapshotHeader.build(dict(
+            l1_table_offset=s.l1_table_offset, l1_size=s.l1_size,
+            id_str_size=len(sid), name_size=len(name), date_sec=s.date_sec,
+            date_nsec=s.date_nsec, vm_clock_nsec=s.vm_clock_nsec,
+            vm_state_size=min(s.vm_state_size, 0xFFFFFFFF),
+            extra_data_size=len(extra)))
+        out += extra + sid + name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+def find(snaps: list[Snapshot], key: str, path: str | None = None) -> Snapshot:
+    """A snapshot by ID, or else by name (as qemu-img looks them up)."""
+    for s in snaps:
+        if s.id == key:
+            return s
+    named = [s for s in snaps if s.name == key]
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise UsageError(f"several snapshots are named '{key}'; give its ID", path)
+    known = ", ".join(f"{s.id} ({s.name})" for s in snaps) or "none"
+    raise UsageError(f"no snapshot '{key}' (snapshots: {known})", path)
+
+
+def new_snapshot(snaps: list[Snapshot], name: str, l1_offset: int, l1_size: int,
+                 disk_size: int) -> Snapshot:
+    """The entry for a new snapshot: the next free numeric ID, now as its date."""
+    if any(s.name == name for s in snaps):
+        raise UsageError(f"a snapshot named '{name}' already exists")
+    ids = [int(s.id) for s in snaps if s.id.isdigit()]
+    now = time.time_ns()
+    return Snapshot(l1_offset, l1_size, str(max(ids, default=0) + 1), name,
+                    date_sec=now // 1_000_000_000, date_nsec=now % 1_000_000_000,
+                    disk_size=disk_size, icount=0)

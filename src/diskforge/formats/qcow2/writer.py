@@ -1,0 +1,486 @@
+"""The sequential qcow2 writer behind ``create`` and ``convert -O qcow2``.
+
+Extents arrive in increasing offset order, so host clusters are handed out in order
+too: cluster 0 holds the header, the L1 table follows, then data clusters with each
+L2 table placed just before the first cluster it maps (qemu's own layout), and the
+refcount table and blocks go at the end, once every cluster is known. Only the L2
+table being filled is in memory; refcounts need no memory at all (every cluster is
+counted once) except with compression, where a host cluster holds several
+compressed clusters: then one 32-bit count per host cluster.
+
+Compressed clusters are packed byte by byte as qemu packs them: a cluster continues
+in the current host cluster's free tail, or in the next one when that one is free,
+else a new one starts; a host cluster never holds more compressed clusters than its
+refcount width can count. The compression itself runs in the convert pipeline's
+threads (``prepare``), the packing in order (``write_prepared``).
+
+The output is an AtomicFile (and the external data file, if any, another), so an
+interrupted run leaves nothing under the final names.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+from ...atomic import AtomicFile
+from ...blockdev import ZERO_BUFFER_SIZE, ZEROES, Backing, ImageWriter, is_zero
+from ...errors import UnsupportedError, UsageError
+from . import codec
+from .header import V2_HEADER_LENGTH, V3_HEADER_LENGTH_WITH_COMPRESSION, Header
+from .layout import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD,
+                     INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
+                     QCOW_MAX_L1_SIZE, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS,
+                     Geometry)
+from .refcount import _BIG_ENDIAN_HOST, all_ones_block, encode, refcount_layout
+
+ALL_ALLOC = (1 << SUBCLUSTERS) - 1
+CBUF_FLUSH = 1 << 20
+
+
+def _be(a: array) -> bytes:
+    if not _BIG_ENDIAN_HOST:
+        a = array("Q", a)
+        a.byteswap()
+    return a.tobytes()
+
+
+class Qcow2Writer(ImageWriter):
+    def __init__(self, path: str, size: int, opts, backing: Backing | None):
+        self.path = path
+        self.size = size
+        self.opts = opts
+        self.backing = backing
+        self.version = opts.version
+        self.geo = geo = Geometry(opts.cluster_size.bit_length() - 1,
+                                  opts.refcount_bits.bit_length() - 1, opts.extended_l2)
+        self.cs = cs = geo.cluster_size
+        self.cb = geo.cluster_bits
+        self.l2e, self.l2b = geo.l2_entries, geo.l2_bits
+        self.ext = opts.extended_l2
+        self.compress = opts.compress
+        self.ctype = COMPRESSION_ZSTD if opts.compression_type == "zstd" else 0
+        self.prealloc = opts.preallocation
+        self.unit = geo.subcluster_size if self.ext and not self.compress else cs
+        self.granularity = self.unit
+        self.parallel = self.compress
+        self.l1_size = geo.l1_entries_for(size)
+        if self.l1_size * 8 > QCOW_MAX_L1_SIZE:
+            raise UsageError(f"a {size}-byte disk needs an L1 table larger than qemu's"
+                             f" {QCOW_MAX_L1_SIZE >> 20} MiB limit with {cs}-byte"
+                             " clusters; use a larger cluster_size", path)
+        self.out = AtomicFile(path)
+        self.data = self.out
+        self.data_name = opts.data_file or None
+        try:
+            if self.data_name:
+                full = self.data_name if os.path.isabs(self.data_name) else os.path.join(
+                    os.path.dirname(os.path.abspath(path)), self.data_name)
+                self.data = AtomicFile(full)
+                self.data.truncate(size)
+        except BaseException:
+            self.out.discard()
+            raise
+        self.l1 = array("Q", bytes(8 * self.l1_size))
+        l1_clusters = max(1, -(-self.l1_size * 8 // cs))
+        self.next_cluster = 1 + l1_clusters
+        self.cref = array("I", [1]) * self.next_cluster if self.compress else None
+        self.cur_l1i = -1
+        self.cur_l2: array | None = None
+        self.cur_l2_off = 0
+        self.cbyte = 0                  # next free byte of the compressed stream
+        self.cbuf = bytearray()
+        self.cbuf_off = 0
+        self.part: tuple[int, bytearray] | None = None
+        self.adv = 0                    # preallocation: clusters given a host so far
+        self.has_backing = backing is not None
+
+    # -- host allocation ------------------------------------------------------------------
+    def _alloc(self, n: int, count: int = 1) -> int:
+        c = self.next_cluster
+        self.next_cluster += n
+        if self.cref is not None:
+            self.cref.extend(array("I", [count]) * n)
+        return c
+
+    def _l2(self, l1i: int) -> array:
+        """The L2 table of ``l1i``, with a host cluster (placed before its data)."""
+        if l1i != self.cur_l1i:
+            self._flush_l2()
+            self.cur_l1i = l1i
+            self.cur_l2 = array("Q", bytes(self.cs))
+            self.cur_l2_off = 0
+        if not self.cur_l2_off:
+            self.cur_l2_off = self._alloc(1) * self.cs
+        return self.cur_l2
+
+    def _flush_l2(self) -> None:
+        if self.cur_l2 is not None and self.cur_l2_off:
+            self.out.pwrite(self.cur_l2_off, _be(self.cur_l2))
+            self.l1[self.cur_l1i] = self.cur_l2_off | QCOW_OFLAG_COPIED
+        self.cur_l2 = None
+        self.cur_l1i = -1
+        self.cur_l2_off = 0
+
+    def _advance(self, ci_end: int) -> None:
+        """Preallocation: give every guest cluster before ``ci_end`` a host cluster,
+        in guest order, each L2 table before its clusters."""
+        cs, cb = self.cs, self.cb
+        while self.adv < ci_end:
+            c0 = self.adv
+            l1i = c0 >> self.l2b
+            c1 = min(ci_end, (l1i + 1) << self.l2b)
+            l2 = self._l2(l1i)
+            i0, i1 = c0 & (self.l2e - 1), ((c1 - 1) & (self.l2e - 1)) + 1
+            if self.data_name:
+                hosts = array("Q", range((c0 << cb) | QCOW_OFLAG_COPIED,
+                                         (c1 << cb) | QCOW_OFLAG_COPIED, cs))
+            else:
+                h = self._alloc(c1 - c0) * cs
+                hosts = array("Q", range(h | QCOW_OFLAG_COPIED,
+                                         (h + (c1 - c0) * cs) | QCOW_OFLAG_COPIED, cs))
+            if self.ext:
+                l2[2 * i0:2 * i1:2] = hosts
+                if not self.has_backing:
+                    l2[2 * i0 + 1:2 * i1 + 1:2] = array("Q", [ALL_ALLOC]) * (i1 - i0)
+            else:
+                l2[i0:i1] = hosts
+            self.adv = c1
+
+    # -- the ImageWriter interface ---------------------------------------------------------
+    def prepare(self, offset: int, data):
+        """Compress the whole clusters of ``data`` (thread-safe: no state touched).
+        Returns ``(offset, length, compressed or None, view or None)`` pieces; a view
+        is a slice of ``data``, which the pipeline keeps alive until write_prepared."""
+        if not self.compress:
+            return data
+        cs = self.cs
+        mv = memoryview(data)
+        out = []
+        pos, end = offset, offset + len(mv)
+        while pos < end:
+            cstart = pos - pos % cs
+            cend = min(cstart + cs, self.size)
+            if pos == cstart and end >= cend:
+                chunk = mv[pos - offset:cend - offset]
+                if len(chunk) < cs:  # the disk's last, short cluster: pad as qemu does
+                    chunk = bytes(chunk) + bytes(cs - len(chunk))
+                blob = codec.compress(self.ctype, chunk)
+                out.append((pos, cend - pos, blob,
+                            None if blob is not None else mv[pos - offset:cend - offset]))
+                pos = cend
+            else:
+                n = min(end, cend) - pos
+                out.append((pos, n, None, mv[pos - offset:pos - offset + n]))
+                pos += n
+        return out
+
+    def write_prepared(self, offset: int, prepared) -> None:
+        if not self.compress:
+            self._put(offset, memoryview(prepared).cast("B"), None)
+            return
+        for pos, n, blob, view in prepared:
+            if blob is not None:
+                self._before(pos)
+                self._compressed(pos >> self.cb, blob)
+            else:
+                self._put(pos, view, None)
+
+    def zero(self, offset: int, length: int) -> None:
+        self._put(offset, None, length)
+
+    # -- placing ranges ------------------------------------------------------------------
+    def _before(self, pos: int) -> None:
+        if self.part is not None and self.part[0] != pos // self.unit:
+            self._flush_part()
+
+    def _put(self, offset: int, view, length: int | None) -> None:
+        """Data (``view``) or zeros (``length``) at ``offset``: whole units go straight
+        out, pieces of units through the partial-unit buffer."""
+        unit = self.unit
+        n = len(view) if view is not None else length
+        pos, end = offset, offset + n
+        while pos < end:
+            self._before(pos)
+            ustart = pos - pos % unit
+            uend = min(ustart + unit, self.size)
+            if pos == ustart and end >= uend:
+                stop = end if end == self.size else end - (end - ustart) % unit
+                stop = max(stop, uend)
+                if view is not None:
+                    self._data(pos, view[pos - offset:stop - offset])
+                else:
+                    self._zeros(pos, stop - pos)
+                pos = stop
+            else:
+                k = min(end, uend) - pos
+                self._part_put(pos, None if view is None else view[pos - offset:pos - offset + k], k)
+                pos += k
+
+    def _part_put(self, pos: int, view, k: int) -> None:
+        u = pos // self.unit
+        if self.part is None:
+            base = u * self.unit
+            buf = bytearray(min(self.unit, self.size - base))
+            if self.backing is not None:
+                dev = self.backing.device
+                if dev is None:
+                    raise UnsupportedError("not supported: a partial-cluster write over a"
+                                           " backing file that is not opened", self.path)
+                inside = max(0, min(len(buf), dev.size - base))
+                if inside:
+                    dev.readinto(base, memoryview(buf)[:inside])
+            self.part = (u, buf)
+        within = pos - self.part[0] * self.unit
+        if view is None:
+            self.part[1][within:within + k] = ZEROES[:k]
+        else:
+            self.part[1][within:within + k] = view
+
+    def _flush_part(self) -> None:
+        if self.part is None:
+            return
+        u, buf = self.part
+        self.part = None
+        base = u * self.unit
+        if self.backing is None and is_zero(buf):
+            self._zeros(base, len(buf))
+        elif self.compress and self.unit == self.cs:
+            chunk = bytes(buf) + bytes(self.cs - len(buf))
+            blob = codec.compress(self.ctype, chunk)
+            if blob is not None:
+                self._compressed(u, blob)
+            else:
+                self._data(base, memoryview(buf))
+        else:
+            self._data(base, memoryview(buf))
+
+    def _data(self, pos: int, view) -> None:
+        """Unit-aligned data (ending on a unit boundary or at the end of the disk)."""
+        cs, cb = self.cs, self.cb
+        end = pos + len(view)
+        c_first, c_last = pos >> cb, (end - 1) >> cb
+        if self.prealloc != "off":
+            self._advance(c_last + 1)
+        if self.ext:
+            self._data_ext(pos, view)
+            return
+        c = c_first
+        while c <= c_last:
+            l1i = c >> self.l2b
+            c1 = min(c_last + 1, (l1i + 1) << self.l2b)
+            l2 = self._l2(l1i)
+            i0, i1 = c & (self.l2e - 1), ((c1 - 1) & (self.l2e - 1)) + 1
+            a, b = (c << cb) - pos, min(end, c1 << cb) - pos
+            if self.data_name:
+                l2[i0:i1] = array("Q", range((c << cb) | QCOW_OFLAG_COPIED,
+                                             (c1 << cb) | QCOW_OFLAG_COPIED, cs))
+                self.data.pwrite(c << cb, view[a:b])
+            elif self.prealloc != "off":
+                self.data.pwrite(l2[i0] & ~QCOW_OFLAG_COPIED, view[a:b])
+            else:
+                h = self._alloc(c1 - c) * cs
+                l2[i0:i1] = array("Q", range(h | QCOW_OFLAG_COPIED,
+                                             (h + (c1 - c) * cs) | QCOW_OFLAG_COPIED, cs))
+                self.data.pwrite(h, view[a:b])
+            c = c1
+
+    def _data_ext(self, pos: int, view) -> None:
+        cs, cb, scs = self.cs, self.cb, self.geo.subcluster_size
+        end = pos + len(view)
+        p = pos
+        while p < end:
+            c = p >> cb
+            cstart = c << cb
+            q = min(end, cstart + cs)
+            l2 = self._l2(c >> self.l2b)
+            i = c & (self.l2e - 1)
+            word = l2[2 * i]
+            host = word & ~QCOW_OFLAG_COPIED
+            if self.data_name:
+                host = cstart
+            elif not word:
+                host = self._alloc(1) * cs
+            s0, s1 = (p - cstart) // scs, (q - 1 - cstart) // scs
+            mask = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
+            l2[2 * i] = host | QCOW_OFLAG_COPIED
+            l2[2 * i + 1] = (l2[2 * i + 1] | mask) & ~(mask << SUBCLUSTERS)
+            self.data.pwrite(host + p - cstart, view[p - pos:q - pos])
+            p = q
+
+    def _zeros(self, pos: int, n: int) -> None:
+        """A unit-aligned range that must read as zeros (over the backing file too)."""
+        cs, cb = self.cs, self.cb
+        end = pos + n
+        c_last = (end - 1) >> cb
+        if self.prealloc != "off":
+            self._advance(c_last + 1)
+        if not self.has_backing:
+            return  # unallocated or freshly preallocated (a hole): reads as zeros
+        if self.ext:
+            scs = self.geo.subcluster_size
+            p = pos
+            while p < end:
+                c = p >> cb
+                cstart = c << cb
+                q = min(end, cstart + cs)
+                l2 = self._l2(c >> self.l2b)
+                i = c & (self.l2e - 1)
+                s0, s1 = (p - cstart) // scs, (q - 1 - cstart) // scs
+                mask = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
+                l2[2 * i + 1] = (l2[2 * i + 1] & ~mask) | (mask << SUBCLUSTERS)
+                p = q
+            return
+        if self.prealloc != "off":
+            return  # preallocated host clusters read as zeros
+        c, c_last1 = pos >> cb, c_last + 1
+        while c < c_last1:
+            l1i = c >> self.l2b
+            c1 = min(c_last1, (l1i + 1) << self.l2b)
+            l2 = self._l2(l1i)
+            i0, i1 = c & (self.l2e - 1), ((c1 - 1) & (self.l2e - 1)) + 1
+            if self.version >= 3:
+                l2[i0:i1] = array("Q", [QCOW_OFLAG_ZERO]) * (i1 - i0)
+            elif self.data_name:
+                l2[i0:i1] = array("Q", range((c << cb) | QCOW_OFLAG_COPIED,
+                                             (c1 << cb) | QCOW_OFLAG_COPIED, cs))
+            else:  # version 2 has no zero flag: allocate, leaving a hole (zeros)
+                h = self._alloc(c1 - c) * cs
+                l2[i0:i1] = array("Q", range(h | QCOW_OFLAG_COPIED,
+                                             (h + (c1 - c) * cs) | QCOW_OFLAG_COPIED, cs))
+            c = c1
+
+    def _compressed(self, ci: int, blob: bytes) -> None:
+        cs = self.cs
+        l2 = self._l2(ci >> self.l2b)  # the table first, so it is not in the stream
+        n = len(blob)
+        off = self.cbyte
+        cref = self.cref
+        cmax = self.geo.refcount_max
+        if off % cs and cref[off // cs] < cmax:
+            if off % cs + n > cs:  # spills into the next host cluster: is it free?
+                if off // cs + 1 == self.next_cluster:
+                    self._alloc(1, 0)
+                else:
+                    off = 0
+        else:
+            off = 0
+        if not off:
+            off = self._alloc(1, 0) * cs
+        for c in range(off // cs, (off + n - 1) // cs + 1):
+            cref[c] += 1
+        self.cbyte = off + n
+        if self.cbuf and self.cbuf_off + len(self.cbuf) == off:
+            self.cbuf += blob
+        else:
+            self._flush_cbuf()
+            self.cbuf_off = off
+            self.cbuf = bytearray(blob)
+        if len(self.cbuf) >= CBUF_FLUSH:
+            self._flush_cbuf()
+        entry = self.geo.compressed_entry(off, n)
+        i = ci & (self.l2e - 1)
+        if self.ext:
+            l2[2 * i], l2[2 * i + 1] = entry, 0
+        else:
+            l2[i] = entry
+
+    def _flush_cbuf(self) -> None:
+        if self.cbuf:
+            self.out.pwrite(self.cbuf_off, self.cbuf)
+        self.cbuf = bytearray()
+
+    # -- finishing -----------------------------------------------------------------------
+    def finish(self) -> None:
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> None:
+        cs = self.cs
+        self._flush_part()
+        if self.prealloc != "off":
+            self._advance(-(-self.size // cs))
+        self._flush_l2()
+        self._flush_cbuf()
+        self.out.pwrite(cs, _be(self.l1))
+        used = self.next_cluster
+        table, blocks = refcount_layout(used, cs, self.geo.refcount_order)
+        total = used + table + blocks
+        epb = self.geo.refblock_entries
+        order = self.geo.refcount_order
+        rt = array("Q", bytes(table * cs))
+        for i in range(blocks):
+            rt[i] = (used + table + i) * cs
+        self.out.pwrite(used * cs, _be(rt))
+        for i in range(blocks):
+            first = i * epb
+            count = max(0, min(epb, total - first))
+            if self.cref is not None and first < used:
+                vals = array("I", self.cref[first:min(first + epb, used)])
+                vals.extend(array("I", [1]) * (count - len(vals)))
+                vals.extend(array("I", bytes(4 * (epb - len(vals)))))
+                raw = encode(vals, order)
+            else:
+                raw = all_ones_block(count, epb, order)
+            self.out.pwrite((used + table + i) * cs, raw)
+        h = self._header(used * cs, table)
+        buf = h.build()
+        self.out.pwrite(0, buf)
+        self._preallocate(total * cs)
+        if self.data is not self.out:
+            self.data.commit()
+        self.out.commit()
+
+    def _preallocate(self, file_end: int) -> None:
+        target = self.data if self.data is not self.out else self.out
+        end = self.size if self.data is not self.out else file_end
+        if self.prealloc == "falloc" and end:
+            from ..._fallocate import allocate
+            try:
+                allocate(target.fd, 0, end)
+            except OSError as e:
+                from ...errors import ImageIOError
+                raise ImageIOError.from_os(e, self.path) from None
+        elif self.prealloc == "full":
+            for o, n, is_data in list(target.data_ranges(0, end)):
+                if not is_data:
+                    while n > 0:
+                        k = min(n, ZERO_BUFFER_SIZE)
+                        target.pwrite(o, ZEROES[:k])
+                        o += k
+                        n -= k
+
+    def _header(self, rt_offset: int, rt_clusters: int) -> Header:
+        o = self.opts
+        h = Header(version=self.version, cluster_bits=self.cb, size=self.size,
+                   crypt_method=0, l1_size=self.l1_size, l1_table_offset=self.cs,
+                   refcount_table_offset=rt_offset, refcount_table_clusters=rt_clusters,
+                   nb_snapshots=0, snapshots_offset=0,
+                   refcount_order=self.geo.refcount_order,
+                   header_length=V2_HEADER_LENGTH if self.version == 2
+                   else V3_HEADER_LENGTH_WITH_COMPRESSION)
+        if self.version >= 3:
+            if o.lazy_refcounts:
+                h.compatible_features |= COMPAT_LAZY_REFCOUNTS
+            if self.ctype:
+                h.compression_type = self.ctype
+                h.incompatible_features |= INCOMPAT_COMPRESSION
+            if self.ext:
+                h.incompatible_features |= INCOMPAT_EXTL2
+            if self.data_name:
+                h.incompatible_features |= INCOMPAT_DATA_FILE
+                h.data_file = self.data_name
+                if o.data_file_raw:
+                    h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW
+        if self.backing is not None:
+            h.backing_file = self.backing.name
+            h.backing_format = self.backing.format or None
+        return h
+
+    def abort(self) -> None:
+        if self.data is not self.out:
+            self.data.discard()
+        self.out.discard()
