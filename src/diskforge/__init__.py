@@ -33,10 +33,11 @@ __all__ = ["open", "create", "convert", "info", "DiskforgeError"]
 
 
 def open(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
-         policy: "OpenPolicy | None" = None) -> "BlockDevice":
-    """Open an image as a BlockDevice (format probed unless given)."""
+         policy: "OpenPolicy | None" = None, snapshot: str | None = None) -> "BlockDevice":
+    """Open an image as a BlockDevice (format probed unless given); ``snapshot`` (ID or
+    name) opens an internal snapshot as a read-only view."""
     from .registry import open_image
-    return open_image(path, fmt, writable=writable, policy=policy)
+    return open_image(path, fmt, writable=writable, policy=policy, snapshot=snapshot)
 
 
 def create(path: str | os.PathLike, size: int, fmt: str | None = None,

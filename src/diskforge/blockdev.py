@@ -322,6 +322,34 @@ class BlockDevice(abc.ABC):
         raise UnsupportedError(f"{self.format} images have no backing file to change",
                                self.path)
 
+    def make_empty(self) -> None:
+        """Drop what this layer stores so it reads through to its backing file (what
+        ``commit`` does to the committed image)."""
+        raise UnsupportedError(f"not supported yet: emptying {self.format} images",
+                               self.path)
+
+    def amend(self, options, given: set[str]) -> None:
+        """Change the format options named in ``given`` in place (``diskforge amend``)."""
+        raise UnsupportedError(f"not supported yet: amending {self.format} images",
+                               self.path)
+
+    # internal snapshots (``diskforge snapshot``); a snapshot is found by ID, then name
+    def list_snapshots(self) -> list[dict[str, object]]:
+        """qemu-img's JSON for each internal snapshot."""
+        return []
+
+    def create_snapshot(self, name: str) -> None:
+        raise UnsupportedError(f"{self.format} images have no internal snapshots",
+                               self.path)
+
+    def apply_snapshot(self, key: str) -> None:
+        raise UnsupportedError(f"{self.format} images have no internal snapshots",
+                               self.path)
+
+    def delete_snapshot(self, key: str) -> None:
+        raise UnsupportedError(f"{self.format} images have no internal snapshots",
+                               self.path)
+
     # -- facts --------------------------------------------------------------------
     def info(self) -> ImageInfo:
         return ImageInfo(filename=self.path or "", format=self.format, virtual_size=self.size)

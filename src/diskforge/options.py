@@ -82,8 +82,10 @@ class Options:
 
     @classmethod
     def parse(cls, spec: "str | Mapping[str, Any] | None" = None, *,
-              format_name: str = "") -> "Options":
-        """Build options from ``"k=v,k2=v2"`` or a mapping; unknown keys are errors."""
+              format_name: str = "", validate: bool = True) -> "Options":
+        """Build options from ``"k=v,k2=v2"`` or a mapping; unknown keys are errors.
+        ``validate=False`` skips the cross-field checks (``amend`` changes a few keys
+        of an existing image, whose other settings are not these defaults)."""
         values = split_option_string(spec) if isinstance(spec, str) or spec is None \
             else dict(spec)
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -96,7 +98,8 @@ class Options:
                                  f" (known options: {known}; see -o help)")
             kwargs[key] = _convert(f, raw, format_name)
         obj = cls(**kwargs)
-        obj.validate()
+        if validate:
+            obj.validate()
         return obj
 
     def validate(self) -> None:

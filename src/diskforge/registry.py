@@ -52,6 +52,8 @@ class Format:
     options: type[Options] = NoOptions
     # True when open(writable=True) gives a random-access writable device
     random_write: bool = False
+    # True when open() takes ``snapshot=`` (a read-only view of an internal snapshot)
+    snapshots: bool = False
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         """Confidence 0..100 that a file with this head and tail is in this format."""
@@ -307,10 +309,12 @@ def check_readable(path: str) -> None:
 
 
 def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
-               policy: OpenPolicy | None = None) -> "BlockDevice":
+               policy: OpenPolicy | None = None,
+               snapshot: str | None = None) -> "BlockDevice":
     """Open ``path`` as a BlockDevice: with the named format, or by probing.
 
-    Block devices (``/dev/...``) open as raw unless a format is named.
+    Block devices (``/dev/...``) open as raw unless a format is named. ``snapshot``
+    (an ID or name) opens that internal snapshot as a read-only view.
     """
     path = os.fspath(path)
     check_readable(path)
@@ -326,4 +330,8 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: boo
         raise UnsupportedError(f"{plugin.name} images cannot be opened for writing"
                                " (convert to a writable format instead)", path)
     policy = (policy or OpenPolicy()).descend(path)
+    if snapshot is not None:
+        if not plugin.snapshots:
+            raise UnsupportedError(f"{plugin.name} images have no internal snapshots", path)
+        return plugin.open(path, writable=writable, policy=policy, snapshot=snapshot)
     return plugin.open(path, writable=writable, policy=policy)

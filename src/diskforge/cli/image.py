@@ -16,14 +16,20 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="also open files an image names (backing files, extents) under DIR")
 
 
+def add_snapshot_arg(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--snapshot", "-l", metavar="SNAPSHOT", help=text)
+
+
 def policy_from(args):
     from ..policy import OpenPolicy
     return OpenPolicy(allowed_roots=tuple(args.allow_root))
 
 
-def open_source(path: str, fmt: str | None, args, *, writable: bool = False):
+def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
+                snapshot: str | None = None):
     from ..registry import open_image
-    return open_image(path, fmt, writable=writable, policy=policy_from(args))
+    return open_image(path, fmt, writable=writable, policy=policy_from(args),
+                      snapshot=snapshot)
 
 
 def wants_option_help(spec: list[str]) -> bool:
@@ -129,7 +135,7 @@ def cmd_convert(args) -> int:
     options = parse_options(fmt, args.o)
     if args.c:
         options = fmt.compressed(options)
-    src = open_source(args.source, args.f, args)
+    src = open_source(args.source, args.f, args, snapshot=args.snapshot)
     base = None
     try:
         backing = None
@@ -167,7 +173,7 @@ def cmd_convert(args) -> int:
 
 def cmd_compare(args) -> int:
     from ..ops.compare import compare
-    with open_source(args.image1, args.f, args) as a, \
+    with open_source(args.image1, args.f, args, snapshot=args.snapshot) as a, \
             open_source(args.image2, args.F, args) as b:
         bar = progress_for(args)
         try:
@@ -185,7 +191,7 @@ def cmd_map(args) -> int:
     from ..ops.map import format_human, format_json, map_image
     from ..options import parse_size
     start = parse_size(args.start_offset, "start offset") if args.start_offset else 0
-    with open_source(args.filename, args.f, args) as dev:
+    with open_source(args.filename, args.f, args, snapshot=args.snapshot) as dev:
         length = parse_size(args.max_length, "length") if args.max_length else None
         entries = map_image(dev, min(start, dev.size), length)
         print(format_json(entries) if args.output == "json" else format_human(entries))
@@ -261,6 +267,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-m", type=int, metavar="N", help="compression threads")
     p.add_argument("-p", action="store_true", help="show progress even when not a TTY")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_snapshot_arg(p, "read the source's internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
     p.add_argument("source")
     p.add_argument("target")
@@ -274,6 +281,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-s", action="store_true", help="strict: sizes and allocation must match")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_snapshot_arg(p, "compare the first image's internal snapshot SNAPSHOT")
     add_policy_args(p)
     p.add_argument("image1")
     p.add_argument("image2")
@@ -284,6 +292,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--start-offset", metavar="OFFSET")
     p.add_argument("--max-length", metavar="LEN")
+    add_snapshot_arg(p, "map the internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_map)

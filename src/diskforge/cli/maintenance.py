@@ -1,4 +1,4 @@
-"""Subcommands that examine or change an image in place: check, resize."""
+"""Subcommands that examine or change an image in place: check, resize, amend."""
 
 from __future__ import annotations
 
@@ -44,6 +44,25 @@ def cmd_resize(args) -> int:
     return 0
 
 
+def cmd_amend(args) -> int:
+    from ..errors import UsageError
+    from ..options import merge_option_strings, split_option_string
+    from .image import wants_option_help
+    spec = merge_option_strings(*args.o)
+    with open_source(args.filename, args.f, args, writable=True) as dev:
+        from ..registry import get
+        fmt = get(dev.format)
+        if wants_option_help(args.o):
+            print(fmt.options.help_text(fmt.name), end="")
+            return 0
+        given = set(split_option_string(spec))
+        if not given:
+            raise UsageError("give the options to change with -o KEY=VALUE,...")
+        options = fmt.options.parse(spec, format_name=fmt.name, validate=False)
+        dev.amend(options, given)
+    return 0
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("check", help="check an image's consistency (exit 0 clean,"
                        " 2 corrupt, 3 leaks, 1 error, 63 not supported)")
@@ -62,3 +81,12 @@ def add_parsers(sub) -> None:
     p.add_argument("filename")
     p.add_argument("size", help="new size, or +SIZE / -SIZE")
     p.set_defaults(func=cmd_resize)
+
+    p = sub.add_parser("amend", help="change format options of an image in place")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="options to change, key=value,... ('-o help' lists them)")
+    p.add_argument("-q", action="store_true")
+    add_policy_args(p)
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_amend)

@@ -42,6 +42,7 @@ def _render_value(value: Any, indent: int) -> list[str]:
     lines = []
     if isinstance(value, dict):
         for k, v in value.items():
+            k = k.replace("-", " ")  # qemu prints JSON keys with spaces
             if isinstance(v, (dict, list)):
                 lines.append(f"{pad}{k}:")
                 lines.extend(_render_value(v, indent + 4))
@@ -79,14 +80,7 @@ def format_human(info: ImageInfo) -> str:
         if info.backing_format:
             lines.append(f"backing file format: {info.backing_format}")
     if info.snapshots:
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<8}{'TAG':<24}{'VM SIZE':>10}{'DATE':>21}{'VM CLOCK':>16}"
-                     f"{'ICOUNT':>10}")
-        for s in info.snapshots:
-            lines.append(f"{str(s.get('id', '')):<8}{str(s.get('name', '')):<24}"
-                         f"{size_to_str(s.get('vm-state-size', 0)):>10}"
-                         f"{s.get('date', ''):>21}{s.get('vm-clock', ''):>16}"
-                         f"{str(s.get('icount', '')):>10}")
+        lines.extend(snapshot_table(info.snapshots))
     if info.format_specific:
         lines.append("Format specific information:")
         lines.extend(_render_value(info.format_specific, 4))
@@ -98,6 +92,24 @@ def format_human(info: ImageInfo) -> str:
         from ..partitions import format_human as partition_lines
         lines.extend(partition_lines(table))
     return "\n".join(lines)
+
+
+def snapshot_table(snapshots: list[dict[str, Any]]) -> list[str]:
+    """qemu's snapshot list (bdrv_snapshot_dump) from qemu-img's JSON keys; dates in
+    local time, as qemu prints them."""
+    import time
+    lines = ["Snapshot list:",
+             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.get("date-sec", 0)))
+        secs, nsec = s.get("vm-clock-sec", 0), s.get("vm-clock-nsec", 0)
+        clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+                 f".{nsec // 1_000_000 % 1000:03d}")
+        icount = str(s["icount"]) if "icount" in s else ""
+        lines.append(f"{str(s.get('id', '')):<9} {str(s.get('name', '')):<16} "
+                     f"{size_to_str(s.get('vm-state-size', 0)):>8}{date:>20}{clock:>13}"
+                     f"{icount:>11}")
+    return lines
 
 
 def format_json(infos: list[ImageInfo], backing_chain: bool) -> str:

@@ -27,7 +27,7 @@ from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKi
 from ...errors import FormatError, SafetyError, UnsupportedError, UsageError
 from . import codec
 from .header import Header, parse as parse_header
-from .layout import (INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
+from .layout import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, Geometry)
 from .refcount import _BIG_ENDIAN_HOST, Refcounts
 
@@ -99,13 +99,8 @@ class Qcow2Device(BlockDevice):
         self.l2_bits = self.geo.l2_bits
         self.extended = h.extended_l2
         self.file_size = size
-        if self.writable:
-            if h.corrupt:
-                raise SafetyError("the image is marked corrupt (by qemu or diskforge);"
-                                  " repair it with 'diskforge check -r all' before"
-                                  " writing", self.path)
-        self.snapshots = read_table(self.backend, h.snapshots_offset, h.nb_snapshots,
-                                    self.cs, size, self.path)
+        self.snapshots, self.snapshot_table_size = read_table(
+            self.backend, h.snapshots_offset, h.nb_snapshots, self.cs, size, self.path)
         self.size = h.size
         self.l1_offset, self.l1_size = h.l1_table_offset, h.l1_size
         if snapshot is not None:
@@ -137,12 +132,9 @@ class Qcow2Device(BlockDevice):
             if h.bitmaps is not None:
                 from .bitmaps import Bitmaps
                 self.bitmaps = Bitmaps(self)
-            if h.dirty:
-                # lazy refcounts left inconsistent: rebuild them before any allocation
-                from .check import check
-                check(self, "all")
-                self.header.incompatible_features &= ~INCOMPAT_DIRTY
-                self._write_header()
+        # lazy refcounts left inconsistent (the dirty bit): repaired before the first
+        # change, as qemu does on opening; not at open, so that 'check' sees them
+        self.needs_repair = self.writable and h.dirty
 
     def _open_data_file(self) -> None:
         name = self.header.data_file
@@ -447,6 +439,15 @@ class Qcow2Device(BlockDevice):
     def _require_writable(self) -> None:
         if not self.writable:
             raise UnsupportedError("qcow2 image is open read-only", self.path)
+        if self.header.corrupt:
+            raise SafetyError("the image is marked corrupt (by qemu or diskforge); repair"
+                              " it with 'diskforge check -r all' before writing", self.path)
+        if self.needs_repair:
+            from .check import check
+            result = check(self, "all")
+            if result.corruptions or result.check_errors:
+                raise SafetyError("the image's refcounts (dirty, lazy refcounts) could not"
+                                  " be repaired; run 'diskforge check -r all'", self.path)
 
     @property
     def has_data_file(self) -> bool:
@@ -709,6 +710,8 @@ class Qcow2Device(BlockDevice):
         refs = self.refs
         if self.has_data_file:
             self.data.flush(durable=True)
+        if self.bitmaps is not None:
+            self.bitmaps.flush_data()
         if refs.dirty or refs.table_dirty:
             refs.write_blocks()
             self._barrier()
@@ -723,13 +726,15 @@ class Qcow2Device(BlockDevice):
         if self.header_dirty or refs.table_moved:
             self._write_header()
         if self.bitmaps is not None:
-            self.bitmaps.flush()
+            self.bitmaps.write_tables()
         self._barrier()
         if refs.pending or refs.old_tables:
             refs.release_old_tables()
             refs.apply_frees()
             refs.write_blocks()
             self._barrier()
+            for off in [o for o in self.l2_cache if refs.get(o // self.cs) == 0]:
+                del self.l2_cache[off]  # freed tables: their clusters may be reused
 
     def close(self) -> None:
         if self.closed:

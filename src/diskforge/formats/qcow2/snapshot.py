@@ -67,8 +67,9 @@ class Snapshot:
 
 
 def read_table(backend, offset: int, count: int, cluster_size: int, file_size: int,
-               path: str | None) -> list[Snapshot]:
-    """Parse ``count`` entries at ``offset``, validating each before use."""
+               path: str | None) -> tuple[list[Snapshot], int]:
+    """Parse ``count`` entries at ``offset``, validating each before use; returns them
+    and the table's size in bytes."""
     snaps: list[Snapshot] = []
     pos = offset
     for i in range(count):
@@ -110,7 +111,7 @@ def read_table(backend, offset: int, count: int, cluster_size: int, file_size: i
         snaps.append(s)
         pos += HEADER_SIZE + var
         pos += -pos % 8
-    return snaps
+    return snaps, pos - offset
 
 
 def build_table(snaps: list[Snapshot]) -> bytes:
@@ -156,3 +157,148 @@ def new_snapshot(snaps: list[Snapshot], name: str, l1_offset: int, l1_size: int,
     return Snapshot(l1_offset, l1_size, str(max(ids, default=0) + 1), name,
                     date_sec=now // 1_000_000_000, date_nsec=now % 1_000_000_000,
                     disk_size=disk_size, icount=0)
+
+
+# -- operations on an image open for writing ------------------------------------------------
+
+def update_refcounts(dev, l1, addend: int) -> None:
+    """One reference more (+1, now) or less (-1, once the tables are written) for every
+    L2 table and cluster reached from ``l1`` (qemu's qcow2_update_snapshot_refcount)."""
+    from .layout import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED
+    refs, cs = dev.refs, dev.cs
+    step = 2 if dev.extended else 1
+
+    def change(cluster: int, count: int = 1) -> None:
+        if addend > 0:
+            for c in range(cluster, cluster + count):
+                refs.add(c, 1)
+        else:
+            refs.free(cluster, count)
+
+    for e in l1:
+        off = e & L1E_OFFSET_MASK
+        if not off:
+            continue
+        l2 = dev.l2_table(off)
+        for i in range(0, len(l2), step):
+            x = l2[i]
+            if x & QCOW_OFLAG_COMPRESSED:
+                coff, n = dev.geo.compressed_range(x)
+                change(coff // cs, (coff + n - 1) // cs - coff // cs + 1)
+            elif x & L2E_OFFSET_MASK and not dev.has_data_file:
+                change((x & L2E_OFFSET_MASK) // cs)
+        change(off // cs)
+
+
+def fix_copied(dev) -> None:
+    """Make bit 63 of the active L1 and L2 entries say exactly "refcount is 1"."""
+    from .layout import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
+    for i, e in enumerate(dev.l1):
+        off = e & L1E_OFFSET_MASK
+        if not off:
+            continue
+        want = off | (QCOW_OFLAG_COPIED if dev.refs.get(off // dev.cs) == 1 else 0)
+        if want != e:
+            dev.l1[i] = want
+            dev.l1_dirty = True
+        if dev._fix_copied(dev.l2_table(off)):
+            dev.l2_dirty.add(off)
+
+
+def _write_table(dev, snaps: list[Snapshot]) -> None:
+    """Store a new snapshot table and point the header at it; the old one is freed
+    after the header is written."""
+    h, cs = dev.header, dev.cs
+    old_off, old_size = h.snapshots_offset, dev.snapshot_table_size
+    raw = build_table(snaps)
+    if snaps:
+        n = -(-len(raw) // cs)
+        off = dev.refs.alloc(n) * cs
+        dev.backend.pwrite(off, raw)
+    else:
+        off = 0
+    h.snapshots_offset, h.nb_snapshots = off, len(snaps)
+    dev.snapshot_table_size = len(raw)
+    dev.snapshots = snaps
+    dev.header_dirty = True
+    if old_off and old_size:
+        dev.refs.free(old_off // cs, -(-old_size // cs))
+
+
+def _read_l1(dev, s: Snapshot):
+    from .device import be_array
+    return be_array(dev.backend.read_exact(s.l1_table_offset, s.l1_size * 8,
+                                           "snapshot L1 table"))
+
+
+def _no_data_file(dev) -> None:
+    if dev.has_data_file:
+        from ...errors import UnsupportedError
+        raise UnsupportedError("internal snapshots are not possible in an image with an"
+                               " external data file (qcow2.txt)", dev.path)
+
+
+def create(dev, name: str) -> Snapshot:
+    _no_data_file(dev)
+    from .layout import QCOW_MAX_SNAPSHOTS
+    if len(dev.snapshots) >= QCOW_MAX_SNAPSHOTS:
+        raise UsageError(f"the image already has {QCOW_MAX_SNAPSHOTS} snapshots", dev.path)
+    if not name:
+        raise UsageError("a snapshot needs a name", dev.path)
+    dev.flush()
+    from .device import be_bytes
+    cs = dev.cs
+    l1_off = 0
+    if dev.l1_size:
+        l1_off = dev.refs.alloc(-(-dev.l1_size * 8 // cs)) * cs
+        dev.backend.pwrite(l1_off, be_bytes(dev.l1))
+    snap = new_snapshot(dev.snapshots, name, l1_off, dev.l1_size, dev.size)
+    update_refcounts(dev, dev.l1, +1)
+    fix_copied(dev)
+    _write_table(dev, dev.snapshots + [snap])
+    dev.flush()
+    return snap
+
+
+def apply(dev, key: str) -> None:
+    _no_data_file(dev)
+    snap = find(dev.snapshots, key, dev.path)
+    dev.flush()
+    from array import array
+    cs = dev.cs
+    sl1 = _read_l1(dev, snap)
+    update_refcounts(dev, sl1, +1)
+    update_refcounts(dev, dev.l1, -1)
+    if snap.l1_size > dev.l1_size:
+        old_off, old_n = dev.l1_offset, -(-dev.l1_size * 8 // cs)
+        dev.l1_offset = dev.refs.alloc(-(-snap.l1_size * 8 // cs)) * cs
+        dev.l1_size = snap.l1_size
+        if old_n:
+            dev.refs.free(old_off // cs, old_n)
+        dev.header_dirty = True
+    new = array("Q", bytes(8 * dev.l1_size))
+    new[:len(sl1)] = sl1
+    dev.l1 = new
+    dev.l1_dirty = True
+    if snap.disk_size is not None and snap.disk_size != dev.size:
+        dev.size = dev.header.size = snap.disk_size
+        dev.header_dirty = True
+    if dev.bitmaps is not None:
+        dev.bitmaps.mark_all()
+    dev.flush()
+    fix_copied(dev)
+    dev.flush()
+
+
+def delete(dev, key: str) -> None:
+    _no_data_file(dev)
+    snap = find(dev.snapshots, key, dev.path)
+    dev.flush()
+    sl1 = _read_l1(dev, snap)
+    _write_table(dev, [s for s in dev.snapshots if s is not snap])
+    update_refcounts(dev, sl1, -1)
+    if snap.l1_size:
+        dev.refs.free(snap.l1_table_offset // dev.cs, -(-snap.l1_size * 8 // dev.cs))
+    dev.flush()
+    fix_copied(dev)
+    dev.flush()

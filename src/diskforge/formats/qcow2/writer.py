@@ -82,7 +82,7 @@ class Qcow2Writer(ImageWriter):
             self.out.discard()
             raise
         self.l1 = array("Q", bytes(8 * self.l1_size))
-        l1_clusters = max(1, -(-self.l1_size * 8 // cs))
+        l1_clusters = -(-self.l1_size * 8 // cs)
         self.next_cluster = 1 + l1_clusters
         self.cref = array("I", [1]) * self.next_cluster if self.compress else None
         self.cur_l1i = -1
@@ -405,7 +405,8 @@ class Qcow2Writer(ImageWriter):
             self._advance(-(-self.size // cs))
         self._flush_l2()
         self._flush_cbuf()
-        self.out.pwrite(cs, _be(self.l1))
+        if self.l1_size:
+            self.out.pwrite(cs, _be(self.l1))
         used = self.next_cluster
         table, blocks = refcount_layout(used, cs, self.geo.refcount_order)
         total = used + table + blocks

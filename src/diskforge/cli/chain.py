@@ -1,0 +1,99 @@
+"""Subcommands over backing chains: rebase, commit (qemu-img's spellings)."""
+
+from __future__ import annotations
+
+import os
+
+from .image import add_policy_args, open_source, policy_from, progress_for
+
+
+def cmd_rebase(args) -> int:
+    from ..errors import UsageError
+    from ..ops.rebase import rebase
+    from ..registry import open_image
+    if args.b is None:
+        raise UsageError("give the new backing file with -b (-b \"\" removes it)")
+    name = args.b or None
+    image = open_source(args.filename, args.f, args, writable=True)
+    new = None
+    try:
+        fmt = args.F
+        if name and not args.u:
+            # the new name is relative to the image, as it will be stored
+            full = name if os.path.isabs(name) else os.path.join(
+                os.path.dirname(os.path.abspath(args.filename)), name)
+            new = open_image(full, args.F, policy=policy_from(args))
+            fmt = fmt or new.format
+        elif name and not fmt:
+            raise UsageError("-u needs the backing format (-F)")
+        bar = progress_for(args)
+        try:
+            rebase(image, new, name, fmt, unsafe=args.u, progress=bar)
+        finally:
+            bar.close()
+    finally:
+        if new is not None:
+            new.close()
+        image.close()
+    return 0
+
+
+def cmd_commit(args) -> int:
+    from ..errors import UsageError
+    from ..ops.commit import chain_depth, commit
+    from ..registry import open_image
+    top = open_source(args.filename, args.f, args)
+    try:
+        if top.backing is None:
+            raise UsageError("the image has no backing file to commit into", args.filename)
+        if args.b:
+            depth = chain_depth(top, args.b)
+            below = top
+            for _ in range(depth):
+                below = below.backing
+        else:
+            depth, below = 1, top.backing
+        base = open_image(below.path, below.format, writable=True,
+                          policy=policy_from(args))
+        try:
+            bar = progress_for(args)
+            try:
+                commit(top, base, depth, progress=bar)
+            finally:
+                bar.close()
+        finally:
+            base.close()
+    finally:
+        top.close()
+    if not (args.d or args.b):  # -b implies -d: the layers between would show through
+        with open_source(args.filename, args.f, args, writable=True) as dev:
+            dev.make_empty()
+    if not args.q:
+        print("Image committed.")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("rebase", help="change an image's backing file (copying what"
+                       " differs unless -u)")
+    p.add_argument("-f", metavar="FMT", help="image format")
+    p.add_argument("-b", metavar="BACKING", help="new backing file (\"\" for none),"
+                   " relative to the image")
+    p.add_argument("-F", metavar="BACKING_FMT", help="format of the new backing file")
+    p.add_argument("-u", action="store_true", help="unsafe: only change the name")
+    p.add_argument("-p", action="store_true", help="show progress")
+    p.add_argument("-q", action="store_true", help="quiet")
+    add_policy_args(p)
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_rebase)
+
+    p = sub.add_parser("commit", help="write an overlay's changes into its backing file")
+    p.add_argument("-f", metavar="FMT", help="image format")
+    p.add_argument("-b", metavar="BASE", help="commit into BASE, deeper in the chain"
+                   " (implies -d)")
+    p.add_argument("-d", action="store_true", help="do not empty the image afterwards")
+    p.add_argument("-p", action="store_true", help="show progress")
+    p.add_argument("-q", action="store_true", help="quiet")
+    add_policy_args(p)
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_commit)

@@ -1,0 +1,406 @@
+"""``check [-r leaks|all]``: recount every reference and compare with the refcounts,
+as qemu's qcow2_check_refcounts does, with its messages and result fields.
+
+References counted: the header cluster, the active L1 table and every snapshot's,
+each L2 table once per L1 table that reaches it and each data cluster once per L2
+table visit (so clusters shared with snapshots count once per L1), compressed
+clusters for every host cluster their sectors touch, the snapshot table, the
+refcount table and blocks, the bitmap directory, tables and data. On-disk count
+higher than the references: a leak. Lower: corruption. Zero while referenced: the
+refcount structure must be rebuilt. Overlapping metadata shows up as a count that is
+too low. The COPIED flags of the active tables must say exactly "refcount is 1".
+
+Repair (``leaks`` or ``all``) fixes counts in place, or, when a referenced cluster
+has no count at all or the structure itself is broken, writes a new refcount table
+and blocks past the end of the file; ``all`` also fixes COPIED flags and drops L2
+entries that point outside the file or into the header. A second, read-only pass
+then reports what is left, as ``qemu-img check -r`` does.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from ...errors import FormatError
+from ...ops.check import CheckResult
+from .layout import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
+                     L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+                     QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SUBCLUSTERS)
+from .refcount import _BIG_ENDIAN_HOST, decode, refcount_layout
+
+
+class _Counter:
+    """Computed references per cluster: an array inside the file, a dict past it (a
+    hostile table cannot make us allocate for offsets it merely names)."""
+
+    def __init__(self, nb: int, cs: int):
+        self.nb = nb
+        self.cs = cs
+        self.inside = array("I", bytes(4 * nb))
+        self.outside: dict[int, int] = {}
+
+    def add(self, offset: int, length: int, delta: int = 1) -> None:
+        cs = self.cs
+        for c in range(offset // cs, (offset + length - 1) // cs + 1):
+            if c < self.nb:
+                self.inside[c] += delta
+            else:
+                self.outside[c] = self.outside.get(c, 0) + delta
+
+    def get(self, c: int) -> int:
+        return self.inside[c] if c < self.nb else self.outside.get(c, 0)
+
+    def highest(self) -> int:
+        top = max(self.outside, default=-1)
+        if top >= 0:
+            return top
+        for c in range(self.nb - 1, -1, -1):
+            if self.inside[c]:
+                return c
+        return -1
+
+
+def check(dev, repair: str | None = None) -> CheckResult:
+    result = first = _Check(dev, repair).run()
+    if repair and (first.leaks_fixed or first.corruptions_fixed):
+        dev.flush()
+        result = _Check(dev, None).run()
+        result.messages = first.messages + ["Double checking the fixed image now..."] \
+            + result.messages
+        result.leaks_fixed = first.leaks_fixed
+        result.corruptions_fixed = first.corruptions_fixed
+    if repair and not result.corruptions and not result.check_errors:
+        _mark_clean(dev)  # as qemu: a repaired image is neither dirty nor corrupt
+    return result
+
+
+def _mark_clean(dev) -> None:
+    h = dev.header
+    dev.needs_repair = False
+    if h.incompatible_features & (INCOMPAT_CORRUPT | INCOMPAT_DIRTY):
+        h.incompatible_features &= ~(INCOMPAT_CORRUPT | INCOMPAT_DIRTY)
+        dev.flush()
+        dev._write_header()
+        dev._barrier()
+
+
+class _Check:
+    def __init__(self, dev, repair: str | None):
+        self.dev = dev
+        self.repair = repair
+        self.cs = dev.cs
+        self.fsize = dev.backend.size
+        self.nb = -(-self.fsize // self.cs)
+        self.refs = _Counter(self.nb, self.cs)
+        self.res = CheckResult(filename=dev.path, format="qcow2")
+        self.res.total_clusters = -(-dev.header.size // self.cs)
+        self.res.allocated_clusters = self.res.fragmented_clusters = 0
+        self.res.compressed_clusters = 0
+        self.rebuild = self.rebuilt = False
+        self.next_contiguous = 0
+
+    def error(self, msg: str) -> None:
+        self.res.messages.append(msg)
+        self.res.corruptions += 1
+
+    # -- counting references -------------------------------------------------------------
+    def run(self) -> CheckResult:
+        dev, h, cs = self.dev, self.dev.header, self.cs
+        self.refs.add(0, cs)
+        if dev.snapshot is None:
+            active = dev.l1
+        else:
+            active = self._read_l1(h.l1_table_offset, h.l1_size)
+        self.walk_l1(h.l1_table_offset, active, True)
+        for s in dev.snapshots:
+            self.walk_l1(s.l1_table_offset, self._read_l1(s.l1_table_offset, s.l1_size),
+                         False)
+        if h.nb_snapshots:
+            self.refs.add(h.snapshots_offset, dev.snapshot_table_size)
+        self.refs.add(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        self.old_meta = [(h.refcount_table_offset, h.refcount_table_clusters * cs)]
+        table = self._refcount_table()
+        for ti, entry in enumerate(table):
+            off = entry & REFT_OFFSET_MASK
+            if not off:
+                continue
+            if off % cs or off < cs:
+                self.error(f"ERROR refcount block {ti} is not cluster aligned; refcount"
+                           " table entry corrupted")
+                self.rebuild = True
+                table[ti] = 0
+                continue
+            if off + cs > self.fsize:
+                self.error(f"ERROR refcount block {ti} is outside image")
+                self.rebuild = True
+                table[ti] = 0
+                continue
+            self.refs.add(off, cs)
+            self.old_meta.append((off, cs))
+        self._bitmaps()
+        if h.crypto is not None:
+            self.refs.add(h.crypto[0], max(1, h.crypto[1]))
+        self.compare(table)
+        self.check_copied()
+        top = self.refs.highest()
+        self.res.image_end_offset = (top + 1) * cs
+        return self.res
+
+    def _read_l1(self, offset: int, size: int) -> array:
+        from .device import be_array
+        return be_array(self.dev.backend.read_exact(offset, size * 8, "L1 table"))
+
+    def _table_ok(self, off: int) -> bool:
+        return off % self.cs == 0 and off >= self.cs and off + self.cs <= self.fsize
+
+    def walk_l1(self, l1_offset: int, l1: array, active: bool) -> None:
+        dev, cs = self.dev, self.cs
+        if len(l1):
+            self.refs.add(l1_offset, len(l1) * 8)
+        for i, e in enumerate(l1):
+            off = e & L1E_OFFSET_MASK
+            if not off:
+                continue
+            if not self._table_ok(off):
+                self.error(f"ERROR l2_offset={off:x}: Table is not cluster aligned, in the"
+                           " header or past the end of the file; L1 entry corrupted")
+                if active and self.repair == "all":
+                    l1[i] = 0
+                    dev.l1_dirty = True
+                    self.res.corruptions_fixed += 1
+                continue
+            self.refs.add(off, cs)
+            self.walk_l2(off, dev.l2_table(off), active)
+
+    def walk_l2(self, l2_off: int, l2: array, active: bool) -> None:
+        dev, cs, geo = self.dev, self.cs, self.dev.geo
+        ext = dev.extended
+        step = 2 if ext else 1
+        has_df = dev.has_data_file
+        res = self.res
+        fixed = False
+        for i in range(0, len(l2), step):
+            e = l2[i]
+            if not e and (not ext or not l2[i + 1]):
+                continue
+            if e & QCOW_OFLAG_COMPRESSED:
+                if e & QCOW_OFLAG_COPIED:
+                    self.error(f"ERROR: cluster {i // step}: copied flag must never be set"
+                               " for compressed clusters")
+                    if active and self.repair == "all":
+                        l2[i] = e & ~QCOW_OFLAG_COPIED
+                        fixed = True
+                        res.corruptions_fixed += 1
+                if has_df:
+                    self.error("ERROR: compressed cluster in an image with an external"
+                               " data file")
+                    continue
+                if ext and l2[i + 1]:
+                    self.error(f"ERROR: compressed cluster {i // step} has a non-zero"
+                               " subcluster bitmap")
+                off, n = geo.compressed_range(e)
+                if off < cs:
+                    self.error(f"ERROR: compressed cluster {i // step} points into the"
+                               " header")
+                    continue
+                self.refs.add(off, n)
+                if active:
+                    res.allocated_clusters += 1
+                    res.compressed_clusters += 1
+                    res.fragmented_clusters += 1
+                continue
+            host = e & L2E_OFFSET_MASK
+            if ext:
+                bitmap = l2[i + 1]
+                if (bitmap >> SUBCLUSTERS) & bitmap & ((1 << SUBCLUSTERS) - 1):
+                    self.error(f"ERROR: cluster {i // step}: subclusters both allocated"
+                               " and zero")
+                if bitmap & ((1 << SUBCLUSTERS) - 1) and not host and not has_df:
+                    self.error(f"ERROR: cluster {i // step}: allocated subclusters without"
+                               " a host cluster")
+            if not host and not (has_df and e & QCOW_OFLAG_COPIED):
+                continue  # unallocated or a plain zero cluster
+            if not has_df:
+                if host % cs or host < cs:
+                    self.error(f"ERROR offset={host:x}: Cluster is not properly aligned or"
+                               " points into the header; L2 entry corrupted")
+                    if active and self.repair == "all":
+                        l2[i] = QCOW_OFLAG_ZERO if dev.header.version >= 3 and not ext \
+                            else 0
+                        if ext:
+                            l2[i + 1] = 0
+                        fixed = True
+                        res.corruptions_fixed += 1
+                    continue
+                self.refs.add(host, cs)
+            if active:
+                res.allocated_clusters += 1
+                if self.next_contiguous and host != self.next_contiguous:
+                    res.fragmented_clusters += 1
+                self.next_contiguous = host + cs
+        if fixed:
+            dev.l2_dirty.add(l2_off)
+
+    def _bitmaps(self) -> None:
+        dev = self.dev
+        if dev.header.bitmaps is None:
+            return
+        from .bitmaps import BME_TABLE_ENTRY_OFFSET_MASK, read_directory, read_table
+        ext = dev.header.bitmaps
+        self.refs.add(ext.directory_offset, ext.directory_size)
+        try:
+            bitmaps = read_directory(dev)
+        except FormatError as e:
+            self.error(f"ERROR bitmap directory: {e.message}")
+            return
+        for b in bitmaps:
+            if b.table_size:
+                self.refs.add(b.table_offset, b.table_size * 8)
+            for e in read_table(dev, b):
+                off = e & BME_TABLE_ENTRY_OFFSET_MASK
+                if not off:
+                    continue
+                if not self._table_ok(off):
+                    self.error(f"ERROR bitmap '{b.name}': data cluster at {off:#x} is"
+                               " invalid")
+                    continue
+                self.refs.add(off, self.cs)
+
+    # -- comparing with the refcounts ----------------------------------------------------
+    def _refcount_table(self) -> array:
+        h = self.dev.header
+        if self.dev.refs is not None:
+            return array("Q", self.dev.refs.table)
+        raw = self.dev.backend.read_exact(h.refcount_table_offset,
+                                          h.refcount_table_clusters * self.cs,
+                                          "refcount table")
+        a = array("Q", raw)
+        if not _BIG_ENDIAN_HOST:
+            a.byteswap()
+        return a
+
+    def compare(self, table: array) -> None:
+        dev, cs, res = self.dev, self.cs, self.res
+        order = dev.geo.refcount_order
+        epb = dev.geo.refblock_entries
+        top = max(self.nb, self.refs.highest() + 1)
+        ondisk: dict[int, array] = {}
+        for ti, entry in enumerate(table):
+            off = entry & REFT_OFFSET_MASK
+            if off and ti * epb < top:
+                if dev.refs is not None and ti in dev.refs.blocks:
+                    raw = bytes(dev.refs.blocks[ti])
+                else:
+                    raw = dev.backend.read_exact(off, cs, "refcount block")
+                ondisk[ti] = decode(raw, order)
+        self.ondisk = ondisk
+        fix_leaks = self.repair in ("leaks", "all")
+        fix_errors = self.repair == "all"
+        inplace: list[tuple[int, int]] = []
+        for c in range(top):
+            blk = ondisk.get(c // epb)
+            have = blk[c % epb] if blk is not None else 0
+            want = self.refs.get(c)
+            if have == want:
+                continue
+            if have == 0:
+                self.rebuild = True
+                fixable = fix_errors
+            elif have > want:
+                fixable = fix_leaks
+            else:
+                fixable = fix_errors
+            kind = "Repairing" if fixable else ("ERROR" if have < want else "Leaked")
+            res.messages.append(f"{kind} cluster {c} refcount={have} reference={want}")
+            if have < want:
+                res.corruptions += 1
+            else:
+                res.leaks += 1
+            if fixable and have:
+                inplace.append((c, want))
+        if self.rebuild and fix_errors:
+            self._rebuild()
+            res.corruptions_fixed += res.corruptions
+            res.leaks_fixed += res.leaks
+            res.corruptions = res.leaks = 0
+            return
+        for c, want in inplace:
+            blk = ondisk[c // epb]
+            if blk[c % epb] > want:
+                res.leaks_fixed += 1
+                res.leaks -= 1
+            else:
+                res.corruptions_fixed += 1
+                res.corruptions -= 1
+            blk[c % epb] = want
+            dev.refs._set(c, want)
+        if inplace:
+            dev.refs.write_blocks()
+
+    def _rebuild(self) -> None:
+        """New refcount table and blocks past everything in use, holding exactly the
+        computed counts (plus their own); the old structure becomes free space."""
+        from .maintenance import rebuild_refcounts
+        top = max(self.nb, self.refs.highest() + 1)
+        for off, n in self.old_meta:  # the old structure will not be referenced
+            self.refs.add(off, n, -1)
+        rebuild_refcounts(self.dev, self.refs.get, top, self.dev.geo.refcount_order)
+        tc, nb = refcount_layout(top, self.cs, self.dev.geo.refcount_order)
+        for c in range(top, top + tc + nb):
+            self.refs.add(c * self.cs, self.cs)
+        self.rebuilt = True
+
+    def check_copied(self) -> None:
+        """Bit 63 of active L1 and L2 entries must say "refcount is exactly 1"."""
+        dev = self.dev
+        if dev.snapshot is not None:
+            return
+        cs, epb = self.cs, dev.geo.refblock_entries
+
+        def count(c: int) -> int:
+            if self.repair == "all" or self.rebuilt:
+                return self.refs.get(c)
+            blk = self.ondisk.get(c // epb)
+            return blk[c % epb] if blk is not None else 0
+
+        fix = self.repair == "all"
+        step = 2 if dev.extended else 1
+        for i, e in enumerate(dev.l1):
+            off = e & L1E_OFFSET_MASK
+            if not off or not self._table_ok(off):
+                continue
+            rc = count(off // cs)
+            if (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
+                self.error(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x}"
+                           f" refcount={rc}")
+                if fix:
+                    dev.l1[i] = off | (QCOW_OFLAG_COPIED if rc == 1 else 0)
+                    dev.l1_dirty = True
+                    self.res.corruptions_fixed += 1
+                    self.res.corruptions -= 1
+            l2 = dev.l2_table(off)
+            changed = False
+            for j in range(0, len(l2), step):
+                x = l2[j]
+                if x & QCOW_OFLAG_COMPRESSED:
+                    continue
+                host = x & L2E_OFFSET_MASK
+                if dev.has_data_file:
+                    rc = 1 if (host or x & QCOW_OFLAG_COPIED) else 0
+                    if not rc:
+                        continue
+                elif not host or not self._table_ok(host):
+                    continue
+                else:
+                    rc = count(host // cs)
+                if (rc == 1) != bool(x & QCOW_OFLAG_COPIED):
+                    self.error(f"ERROR OFLAG_COPIED data cluster: l2_entry={x:x}"
+                               f" refcount={rc}")
+                    if fix:
+                        l2[j] = (x & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if rc == 1
+                                                            else 0)
+                        changed = True
+                        self.res.corruptions_fixed += 1
+                        self.res.corruptions -= 1
+            if changed:
+                dev.l2_dirty.add(off)

@@ -1,0 +1,339 @@
+"""qcow2 maintenance on an image open for writing: resize, a new backing file name,
+emptying (for commit), amend; and ``measure`` (qemu's formula, so the numbers agree
+with ``qemu-img measure``).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from ...errors import DiskforgeError, UnsupportedError, UsageError
+from ...registry import Measurement
+from .layout import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
+                     INCOMPAT_EXTL2, L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
+                     QCOW_OFLAG_ZERO)
+from .refcount import encode, refcount_layout, refcount_metadata_size
+
+
+# -- measure ---------------------------------------------------------------------------------
+
+def measure(size: int, options, allocated) -> Measurement:
+    """``qemu-img measure``: qcow2_calc_prealloc_size for the fully allocated size;
+    the data clusters the contents touch for the required size."""
+    cs = options.cluster_size
+    order = options.refcount_bits.bit_length() - 1
+    virtual = -(-size // cs) * cs
+    l2e_size = 16 if options.extended_l2 else 8
+    meta = cs                                           # header
+    nl2e = virtual // cs
+    nl2e = -(-nl2e // (cs // l2e_size)) * (cs // l2e_size)
+    meta += nl2e * l2e_size                             # L2 tables
+    nl1e = nl2e * l2e_size // cs
+    nl1e = -(-nl1e // (cs // 8)) * (cs // 8)
+    meta += nl1e * 8                                    # L1 table
+    meta += refcount_metadata_size((meta + virtual) // cs, cs, order)
+    fully = meta + virtual
+    if options.preallocation in ("falloc", "full") or options.backing_file:
+        data = virtual
+    elif allocated is None:
+        data = 0
+    else:
+        data = 0
+        covered = 0  # end of the clusters counted so far
+        for e in allocated:
+            start = max(e.offset - e.offset % cs, covered)
+            end = -(-(e.offset + e.length) // cs) * cs
+            if end > start:
+                data += end - start
+                covered = end
+    return Measurement(required=fully - virtual + data, fully_allocated=fully)
+
+
+# -- resize ----------------------------------------------------------------------------------
+
+def resize(dev, size: int, *, shrink: bool = False) -> None:
+    from .device import K_COMP, K_DATA, K_UNALLOC, K_ZERO
+    old = dev.size
+    if size == old:
+        return
+    if dev.header.bitmaps is not None:
+        raise UnsupportedError("not supported yet: resizing a qcow2 image that has"
+                               " persistent bitmaps", dev.path)
+    dev.flush()
+    cs = dev.cs
+    if size < old:
+        if not shrink:
+            raise UsageError("Use the --shrink option to perform a shrink operation",
+                             dev.path)
+        if dev.snapshots:
+            raise UnsupportedError("cannot shrink an image that has internal snapshots",
+                                   dev.path)
+        for g, n, kind, _ in dev._runs(size, old - size):
+            if kind not in (K_UNALLOC, K_ZERO):
+                raise UsageError(f"shrinking to {size} bytes would cut allocated data at"
+                                 f" offset {g} (+{n}); nothing allocated may be cut",
+                                 dev.path)
+        new_l1 = dev.geo.l1_entries_for(size)
+        first_gone = -(-size // cs)
+        for l1i in range(new_l1, dev.l1_size):
+            off = dev.l1[l1i] & L1E_OFFSET_MASK
+            if off:
+                dev.refs.free(off // cs)
+                dev.l1[l1i] = 0
+                dev.l1_dirty = True
+        if new_l1 and dev.l1[new_l1 - 1] & L1E_OFFSET_MASK:
+            l2off, l2 = dev._l2_for_write(new_l1 - 1)
+            step = 2 if dev.extended else 1
+            base = (new_l1 - 1) << dev.l2_bits
+            for ci in range(max(first_gone, base), base + dev.l2_entries):
+                i = (ci - base) * step
+                if l2[i] or (step == 2 and l2[i + 1]):
+                    l2[i] = 0
+                    if step == 2:
+                        l2[i + 1] = 0
+                    dev.l2_dirty.add(l2off)
+        dev.size = dev.header.size = size
+        dev.header_dirty = True
+        if dev.has_data_file:
+            dev.data.truncate(size)
+        dev.flush()
+        return
+    new_l1 = dev.geo.l1_entries_for(size)
+    if new_l1 > dev.l1_size:
+        from .layout import QCOW_MAX_L1_SIZE
+        if new_l1 * 8 > QCOW_MAX_L1_SIZE:
+            raise UsageError(f"{size} bytes needs an L1 table beyond qemu's limit with"
+                             f" {cs}-byte clusters", dev.path)
+        old_off, old_n = dev.l1_offset, -(-dev.l1_size * 8 // cs)
+        table = array("Q", bytes(8 * new_l1))
+        table[:dev.l1_size] = dev.l1
+        dev.l1_offset = dev.refs.alloc(-(-new_l1 * 8 // cs)) * cs
+        dev.l1, dev.l1_size = table, new_l1
+        dev.l1_dirty = dev.header_dirty = True
+        if old_n:
+            dev.refs.free(old_off // cs, old_n)
+    tail_end = min(size, -(-old // cs) * cs)
+    dev.size = dev.header.size = size
+    dev.header_dirty = True
+    if dev.has_data_file:
+        dev.data.truncate(size)
+    # what lay past the old end inside its last cluster must read as zeros now
+    if tail_end > old:
+        for g, n, kind, _ in list(dev._runs(old, tail_end - old)):
+            if kind in (K_DATA, K_COMP):
+                dev.write(g, bytes(n))
+    # a larger backing file must not show through the new area (qemu does the same)
+    b = dev.backing
+    if b is not None and b.size > old:
+        dev.write_zeroes(old, min(size, b.size) - old)
+    dev.flush()
+
+
+# -- backing file ----------------------------------------------------------------------------
+
+def set_backing(dev, name: str | None, fmt: str | None) -> None:
+    h = dev.header
+    if name and h.data_file_raw:
+        raise UsageError("a raw external data file excludes a backing file", dev.path)
+    dev.flush()
+    h.backing_file = name or None
+    h.backing_format = (fmt or None) if name else None
+    h.build()  # raises before anything is written when it does not fit
+    dev._write_header()
+    dev._barrier()
+    if dev.backing is not None:
+        dev.backing.close()
+        dev.backing = None
+    if name:
+        try:
+            dev._open_backing(name, fmt)
+        except DiskforgeError:
+            dev.backing = None  # rebase -u to a file not there (yet): reopen to read
+
+
+def make_empty(dev) -> None:
+    """Drop every cluster of the active image (after ``commit``): the image then reads
+    through to its backing file."""
+    from .snapshot import update_refcounts
+    dev.flush()
+    update_refcounts(dev, dev.l1, -1)
+    dev.l1 = array("Q", bytes(8 * dev.l1_size))
+    dev.l1_dirty = True
+    if dev.bitmaps is not None:
+        dev.bitmaps.mark_all()
+    dev.flush()
+    dev.l2_cache.clear()
+
+
+# -- refcount structure ----------------------------------------------------------------------
+
+def rebuild_refcounts(dev, counts, top: int, order: int) -> None:
+    """Write a new refcount table and blocks of width ``2**order`` past cluster ``top``
+    holding ``counts(c)`` for every cluster below it plus their own, and point the
+    header at them; the old structure becomes free space."""
+    from .device import be_bytes
+    from .layout import Geometry
+    from .refcount import Refcounts
+    cs = dev.cs
+    geo = Geometry(dev.cluster_bits, order, dev.extended)
+    epb = geo.refblock_entries
+    tc, nb = refcount_layout(top, cs, order)
+    total = top + tc + nb
+    table = array("Q", bytes(tc * cs))
+    limit = geo.refcount_max
+    for i in range(nb):
+        vals = array("Q", (min(counts(c), limit) if c < top else (1 if c < total else 0)
+                           for c in range(i * epb, (i + 1) * epb)))
+        off = (top + tc + i) * cs
+        table[i] = off
+        dev.backend.pwrite(off, encode(vals, order))
+    dev.backend.pwrite(top * cs, be_bytes(table))
+    dev._barrier()
+    dev.header.refcount_order = order
+    dev.geo = geo
+    dev.refs = Refcounts(dev.backend, geo, top * cs, tc, dev.path)
+    dev._write_header()
+    dev._barrier()
+
+
+# -- amend -----------------------------------------------------------------------------------
+
+_FIXED = {"cluster_size": "the cluster size", "extended_l2": "extended L2 entries",
+          "compression_type": "the compression type", "preallocation": "preallocation",
+          "compress": "compression"}
+
+
+def amend(dev, opts, given: set[str]) -> None:
+    """Change in place what qcow2 lets change: compat, lazy_refcounts, refcount_bits,
+    data_file, data_file_raw, backing_file/backing_fmt."""
+    h = dev.header
+    current = {"cluster_size": dev.cs, "extended_l2": h.extended_l2,
+               "compression_type": h.compression_name, "preallocation": "off",
+               "compress": False}
+    for key, what in _FIXED.items():
+        if key in given and getattr(opts, key) != current[key]:
+            raise UnsupportedError(f"changing {what} of an existing qcow2 image is not"
+                                   " possible (convert it instead)", dev.path)
+    dev.flush()
+    version = opts.version if "compat" in given else h.version
+    if "refcount_bits" in given:
+        order = opts.refcount_bits.bit_length() - 1
+        if version < 3 and order != 4:
+            raise UsageError("refcount widths other than 16 bits need compat=1.1",
+                             dev.path)
+        if order != h.refcount_order:
+            _change_refcount_order(dev, order)
+    if version < h.version:
+        _downgrade(dev)
+    elif version > h.version:
+        h.version = 3
+        h.header_length = 112
+    if "lazy_refcounts" in given:
+        if opts.lazy_refcounts and h.version < 3:
+            raise UsageError("lazy refcounts need compat=1.1", dev.path)
+        if opts.lazy_refcounts:
+            h.compatible_features |= COMPAT_LAZY_REFCOUNTS
+        else:
+            h.compatible_features &= ~COMPAT_LAZY_REFCOUNTS
+    if "data_file" in given and opts.data_file != (h.data_file or ""):
+        if not h.has_data_file:
+            raise UsageError("data_file can only be set for an image that already uses"
+                             " an external data file", dev.path)
+        if not opts.data_file:
+            raise UsageError("an image with an external data file must name it", dev.path)
+        h.data_file = opts.data_file
+    if "data_file_raw" in given:
+        if opts.data_file_raw and not h.has_data_file:
+            raise UsageError("data_file_raw needs an external data file", dev.path)
+        if opts.data_file_raw and h.backing_file:
+            raise UsageError("a raw external data file excludes a backing file", dev.path)
+        if opts.data_file_raw:
+            h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW
+        else:
+            h.autoclear_features &= ~AUTOCLEAR_DATA_FILE_RAW
+    h.build()
+    dev._write_header()
+    dev._barrier()
+    if "backing_file" in given or "backing_fmt" in given:
+        name = opts.backing_file if "backing_file" in given else h.backing_file
+        fmt = opts.backing_fmt if "backing_fmt" in given else h.backing_format
+        set_backing(dev, name or None, fmt or None)
+
+
+def _change_refcount_order(dev, order: int) -> None:
+    refs = dev.refs
+    top = max(refs.end, refs._last_used() + 1)
+    limit = (1 << (1 << order)) - 1
+    for c in range(top):
+        n = refs.get(c)
+        if n > limit:
+            raise UsageError(f"cannot decrease the refcount width to {1 << order} bits:"
+                             f" cluster at offset {c * dev.cs:#x} has a refcount of {n}",
+                             dev.path)
+    counts = [refs.get(c) for c in range(top)]
+    # the old table and blocks are not referenced once the header names the new ones
+    from .layout import REFT_OFFSET_MASK
+    cs = dev.cs
+    first = refs.table_offset // cs
+    old = list(range(first, first + refs.table_clusters))
+    old += [(e & REFT_OFFSET_MASK) // cs for e in refs.table if e & REFT_OFFSET_MASK]
+    for c in old:
+        if c < top:
+            counts[c] = 0
+    rebuild_refcounts(dev, counts.__getitem__, top, order)
+
+
+def _downgrade(dev) -> None:
+    """compat=0.10: no zero flags, no v3-only features."""
+    h = dev.header
+    if h.extended_l2 or h.incompatible_features & INCOMPAT_EXTL2:
+        raise UnsupportedError("cannot downgrade an image with extended L2 entries to"
+                               " compat=0.10", dev.path)
+    if h.incompatible_features & INCOMPAT_COMPRESSION:
+        raise UnsupportedError("cannot downgrade an image with zstd compression to"
+                               " compat=0.10", dev.path)
+    if h.has_data_file:
+        raise UnsupportedError("cannot downgrade an image with an external data file to"
+                               " compat=0.10", dev.path)
+    if h.bitmaps is not None:
+        raise UnsupportedError("cannot downgrade an image with persistent bitmaps to"
+                               " compat=0.10", dev.path)
+    if h.refcount_order != 4:
+        raise UsageError("compat=0.10 needs refcount_bits=16 (amend it too)", dev.path)
+    from .snapshot import _read_l1
+    for s in dev.snapshots:
+        for e in _read_l1(dev, s):
+            off = e & L1E_OFFSET_MASK
+            if off and _has_zero(dev, dev.l2_table(off)):
+                raise UnsupportedError("not supported yet: downgrading an image whose"
+                                       " snapshots hold zero clusters", dev.path)
+    # expand the active image's zero clusters: a hole without a backing file, else
+    # real zeros
+    cs = dev.cs
+    for l1i, e in enumerate(dev.l1):
+        off = e & L1E_OFFSET_MASK
+        if not off or not _has_zero(dev, dev.l2_table(off)):
+            continue
+        l2off, l2 = dev._l2_for_write(l1i)
+        for i, x in enumerate(l2):
+            if x & QCOW_OFLAG_COMPRESSED or not x & QCOW_OFLAG_ZERO:
+                continue
+            guest = ((l1i << dev.l2_bits) + i) * cs
+            if guest >= dev.size:
+                l2[i] = 0
+            elif h.backing_file:
+                dev.write(guest, bytes(min(cs, dev.size - guest)))
+            else:
+                dev._release_entry(x)
+                l2[i] = 0
+            dev.l2_dirty.add(l2off)
+    dev.flush()
+    h.version = 2
+    h.header_length = 72
+    h.incompatible_features = h.compatible_features = h.autoclear_features = 0
+    h.compression_type = 0
+    h.extra_header = b""
+
+
+def _has_zero(dev, l2) -> bool:
+    return any(x & QCOW_OFLAG_ZERO and not x & QCOW_OFLAG_COMPRESSED for x in l2)
