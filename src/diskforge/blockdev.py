@@ -89,6 +89,9 @@ def zero_runs(buf, base: int, granularity: int, length: int | None = None,
     if is_zero(buf, start, length):
         yield base, length, True
         return
+    if granularity >= 16384:
+        yield from _zero_runs_by_granule(buf, base, granularity, length, start)
+        return
     gran = granularity
     zg = _zero_granule(gran)
     startswith, find = buf.startswith, buf.find
@@ -135,6 +138,24 @@ def zero_runs(buf, base: int, granularity: int, length: int | None = None,
                     break
                 pos = granule_end(cand)
             yield base + first, pos - first, False
+
+
+def _zero_runs_by_granule(buf, base: int, gran: int, length: int, start: int):
+    """zero_runs for large granules (qcow2 clusters): a batch holds only a few, and one
+    memcmp per granule (which stops at the first non-zero byte) costs less than
+    ``find``, whose two-way search preprocesses its long needle on every call
+    (measured: 0.01 s instead of 0.3 s over the 2 GiB bench disk at 64 KiB)."""
+    startswith = buf.startswith
+    pos, run_start, run_zero = 0, 0, None
+    while pos < length:
+        end = min((base + pos) // gran * gran + gran - base, length)
+        z = startswith(ZEROES[:end - pos], start + pos)
+        if z is not run_zero:
+            if run_zero is not None:
+                yield base + run_start, pos - run_start, run_zero
+            run_start, run_zero = pos, z
+        pos = end
+    yield base + run_start, length - run_start, run_zero
 
 
 _granules: dict[int, bytes] = {}

@@ -59,8 +59,10 @@ def resolve(dev: BlockDevice, offset: int = 0, length: int | None = None,
                 yield MapEntry(e.offset + inside, e.length - inside,
                                depth + (below is not None), False, True, False, None, None)
         elif e.kind is ExtentKind.ZERO:
+            # qemu shows the offset of reserved but unallocated space too (qcow2
+            # subclusters, preallocated clusters): "present" false, "offset" set
             yield MapEntry(e.offset, e.length, depth, e.allocated, True, False,
-                           e.host_offset if e.allocated else None,
+                           e.host_offset,
                            dev.path if e.allocated and e.host_offset is not None else None)
         else:
             yield MapEntry(e.offset, e.length, depth, True, False, True, e.host_offset,

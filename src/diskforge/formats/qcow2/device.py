@@ -31,8 +31,9 @@ from .layout import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, Geometry)
 from .refcount import _BIG_ENDIAN_HOST, Refcounts
 
-# run kinds of _runs()
-K_DATA, K_ZERO, K_ZALLOC, K_UNALLOC, K_COMP = range(5)
+# run kinds of _runs(); K_UALLOC: an unallocated subcluster of a cluster that has a
+# host cluster (extended L2), which qemu's map reports with its offset
+K_DATA, K_ZERO, K_ZALLOC, K_UNALLOC, K_COMP, K_UALLOC = range(6)
 ALL_ALLOC = (1 << SUBCLUSTERS) - 1
 ALL_ZERO = ALL_ALLOC << SUBCLUSTERS
 L2_CACHE_BYTES = 32 << 20
@@ -282,6 +283,8 @@ class Qcow2Device(BlockDevice):
             elif zero:
                 out.append((pos, send - pos, K_ZALLOC, host + pos - cstart) if host
                            else (pos, send - pos, K_ZERO, 0))
+            elif host:
+                out.append((pos, send - pos, K_UALLOC, host + pos - cstart))
             else:
                 out.append((pos, send - pos, K_UNALLOC, 0))
             pos = send
@@ -315,7 +318,8 @@ class Qcow2Device(BlockDevice):
             elif backing:
                 yield Extent(g, n, ExtentKind.BACKING, False, None)
             else:
-                yield Extent(g, n, ExtentKind.ZERO, False, None)
+                yield Extent(g, n, ExtentKind.ZERO, False,
+                             host if kind == K_UALLOC else None)
 
     # -- reading ---------------------------------------------------------------------------
     def readinto(self, offset: int, buf) -> int:
@@ -328,7 +332,7 @@ class Qcow2Device(BlockDevice):
                 got = self.data.readinto(host, dst)
                 if got < k:  # past the end of the file: qemu reads zeros there too
                     zero_fill(dst[got:])
-            elif kind == K_UNALLOC:
+            elif kind == K_UNALLOC or kind == K_UALLOC:
                 self._read_backing(g, dst)
             elif kind == K_COMP:
                 cstart = g >> self.cluster_bits << self.cluster_bits
