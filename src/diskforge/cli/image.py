@@ -55,6 +55,20 @@ def progress_for(args, label: str = ""):
     return ProgressBar(label, force=getattr(args, "p", False), quiet=getattr(args, "q", False))
 
 
+def backing_from_options(name: str | None, fmt: str | None, options):
+    """qemu-img accepts ``-o backing_file=X,backing_fmt=Y`` for ``-b X -F Y``: move
+    them over, so size defaults and copy-on-write work the same either way."""
+    opt_name = getattr(options, "backing_file", "") or None
+    opt_fmt = getattr(options, "backing_fmt", "") or None
+    if opt_name is None and opt_fmt is None:
+        return name, fmt, options
+    if name is not None and opt_name is not None and name != opt_name:
+        from ..errors import UsageError
+        raise UsageError("two different backing files given (-b/-B and -o backing_file)")
+    return name or opt_name, fmt or opt_fmt, options.replace(backing_file="",
+                                                            backing_fmt="")
+
+
 def open_backing(name: str, fmt: str | None, target: str, args):
     """Open ``-B``/``-b NAME`` as qemu-img does: a relative name is relative to the new
     image's directory. The user named it, so the root policy does not apply to it."""
@@ -90,6 +104,7 @@ def cmd_create(args) -> int:
         print(fmt.options.help_text(fmt.name), end="")
         return 0
     options = parse_options(fmt, args.o)
+    args.b, args.F, options = backing_from_options(args.b, args.F, options)
     backing = backing_dev = None
     size = parse_size(args.size, "image size") if args.size is not None else None
     try:
@@ -133,6 +148,7 @@ def cmd_convert(args) -> int:
         print(fmt.options.help_text(fmt.name), end="")
         return 0
     options = parse_options(fmt, args.o)
+    args.B, args.F, options = backing_from_options(args.B, args.F, options)
     if args.c:
         options = fmt.compressed(options)
     src = open_source(args.source, args.f, args, snapshot=args.snapshot)

@@ -123,7 +123,9 @@ class Qcow2Format(Format):
         return Qcow2Writer(path, size, options, backing)
 
     def compressed(self, options: Options) -> Options:
-        return options.replace(compress=True)
+        opts = options.replace(compress=True)
+        opts.validate()
+        return opts
 
     def measure(self, size: int, options: Options, allocated) -> Measurement:
         from .maintenance import measure

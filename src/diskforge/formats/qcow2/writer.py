@@ -106,6 +106,8 @@ class Qcow2Writer(ImageWriter):
     def _l2(self, l1i: int) -> array:
         """The L2 table of ``l1i``, with a host cluster (placed before its data)."""
         if l1i != self.cur_l1i:
+            if l1i < self.cur_l1i:  # tables are filled in order, each exactly once
+                raise AssertionError(f"qcow2 writer went back to L2 table {l1i}")
             self._flush_l2()
             self.cur_l1i = l1i
             self.cur_l2 = array("Q", bytes(self.cs))
@@ -260,8 +262,6 @@ class Qcow2Writer(ImageWriter):
         cs, cb = self.cs, self.cb
         end = pos + len(view)
         c_first, c_last = pos >> cb, (end - 1) >> cb
-        if self.prealloc != "off":
-            self._advance(c_last + 1)
         if self.ext:
             self._data_ext(pos, view)
             return
@@ -269,6 +269,8 @@ class Qcow2Writer(ImageWriter):
         while c <= c_last:
             l1i = c >> self.l2b
             c1 = min(c_last + 1, (l1i + 1) << self.l2b)
+            if self.prealloc != "off":
+                self._advance(c1)
             l2 = self._l2(l1i)
             i0, i1 = c & (self.l2e - 1), ((c1 - 1) & (self.l2e - 1)) + 1
             a, b = (c << cb) - pos, min(end, c1 << cb) - pos
@@ -293,6 +295,8 @@ class Qcow2Writer(ImageWriter):
             c = p >> cb
             cstart = c << cb
             q = min(end, cstart + cs)
+            if self.prealloc != "off":
+                self._advance(c + 1)
             l2 = self._l2(c >> self.l2b)
             i = c & (self.l2e - 1)
             word = l2[2 * i]
@@ -313,9 +317,9 @@ class Qcow2Writer(ImageWriter):
         cs, cb = self.cs, self.cb
         end = pos + n
         c_last = (end - 1) >> cb
-        if self.prealloc != "off":
-            self._advance(c_last + 1)
         if not self.has_backing:
+            if self.prealloc != "off":
+                self._advance(c_last + 1)
             return  # unallocated or freshly preallocated (a hole): reads as zeros
         if self.ext:
             scs = self.geo.subcluster_size
@@ -324,6 +328,8 @@ class Qcow2Writer(ImageWriter):
                 c = p >> cb
                 cstart = c << cb
                 q = min(end, cstart + cs)
+                if self.prealloc != "off":
+                    self._advance(c + 1)
                 l2 = self._l2(c >> self.l2b)
                 i = c & (self.l2e - 1)
                 s0, s1 = (p - cstart) // scs, (q - 1 - cstart) // scs
@@ -331,8 +337,9 @@ class Qcow2Writer(ImageWriter):
                 l2[2 * i + 1] = (l2[2 * i + 1] & ~mask) | (mask << SUBCLUSTERS)
                 p = q
             return
-        if self.prealloc != "off":
-            return  # preallocated host clusters read as zeros
+        if self.prealloc != "off":  # (not reached: preallocation needs extended L2 here)
+            self._advance(c_last + 1)
+            return
         c, c_last1 = pos >> cb, c_last + 1
         while c < c_last1:
             l1i = c >> self.l2b
