@@ -1,0 +1,246 @@
+"""Malformed, hostile and unsupported qcow2 images: one line naming the file and what
+is wrong, a non-zero exit, no traceback, no hang, no large allocation.
+
+Each case runs the CLI in a child process whose address space is capped, so an
+allocation sized by a hostile field would fail loudly instead of passing quietly."""
+
+import os
+import resource
+import struct
+
+import pytest
+from conftest import cli, cli_process, need, one_line_error, run
+
+MIB = 1 << 20
+CAP = 512 * MIB  # address space of the child: plenty for diskforge, not for a bomb
+
+
+def _cap():
+    resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
+
+
+def fails(*argv, expect: str) -> str:
+    proc = cli_process(*argv, preexec_fn=_cap, timeout=60)
+    one_line_error(proc.returncode, proc.stderr)
+    assert expect in proc.stderr, proc.stderr
+    assert "internal error" not in proc.stderr and "MemoryError" not in proc.stderr
+    return proc.stderr
+
+
+@pytest.fixture
+def image(workdir):
+    """A small qcow2 (64 KiB clusters) with data in two places."""
+    need("qemu-img")
+    path = os.path.join(workdir, "m.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, "8M")
+    run("qemu-io", "-c", "write -P 0x11 0 128k", "-c", "write -P 0x22 4M 64k", path)
+    return path
+
+
+def header(path):
+    with open(path, "rb") as f:
+        raw = f.read(104)
+    names = ("magic version backing_file_offset backing_file_size cluster_bits size"
+             " crypt_method l1_size l1_table_offset refcount_table_offset"
+             " refcount_table_clusters nb_snapshots snapshots_offset").split()
+    h = dict(zip(names, struct.unpack(">4sIQIIQIIQQIIQ", raw[:72])))
+    h["incompatible_features"] = struct.unpack(">Q", raw[72:80])[0]
+    return h
+
+
+FIELDS = {"version": (4, ">I"), "backing_file_offset": (8, ">Q"),
+          "backing_file_size": (16, ">I"), "cluster_bits": (20, ">I"), "size": (24, ">Q"),
+          "crypt_method": (32, ">I"), "l1_size": (36, ">I"),
+          "l1_table_offset": (40, ">Q"), "refcount_table_offset": (48, ">Q"),
+          "refcount_table_clusters": (56, ">I"), "nb_snapshots": (60, ">I"),
+          "snapshots_offset": (64, ">Q"), "incompatible_features": (72, ">Q"),
+          "refcount_order": (96, ">I"), "header_length": (100, ">I")}
+
+
+def poke(path, offset, fmt, *values):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, *values))
+
+
+def set_field(path, name, value):
+    off, fmt = FIELDS[name]
+    poke(path, off, fmt, value)
+
+
+def l2_offset(path):
+    h = header(path)
+    with open(path, "rb") as f:
+        f.seek(h["l1_table_offset"])
+        return struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+
+
+@pytest.mark.parametrize("cut,expect", [
+    (0, "too short"), (3, "too short"), (50, "too short"), (90, "version 3 header"),
+    (200, "QCowExtension"), (70000, "past the end of the file"), (200000, "L2 table")])
+def test_truncated_files(workdir, image, cut, expect):
+    with open(image, "r+b") as f:
+        f.truncate(cut)
+    fails("info", "-f", "qcow2", image, expect=expect)
+    fails("convert", "-f", "qcow2", "-O", "raw", image, os.path.join(workdir, "o.raw"),
+          expect=expect)
+    if cut >= 4:  # still recognised as qcow2 without -f
+        fails("info", image, expect=expect)
+    assert not os.path.exists(os.path.join(workdir, "o.raw"))
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("l1_table_offset", 1 << 40, "L1 table"),
+    ("l1_size", 0xFFFFFFFF, "l1_size"),
+    ("l1_size", 0, "cannot map"),
+    ("l1_table_offset", 12345, "not cluster aligned"),
+    ("refcount_table_offset", 1 << 40, "refcount table"),
+    ("refcount_table_clusters", 0xFFFFFFFF, "refcount_table_clusters"),
+    ("refcount_table_clusters", 0, "no refcount table"),
+    ("cluster_bits", 30, "cluster_bits"),
+    ("cluster_bits", 8, "cluster_bits"),
+    ("version", 4, "version 4"),
+    ("size", 1 << 62, "l1_size"),
+    ("nb_snapshots", 0xFFFFFFFF, "nb_snapshots"),
+    ("nb_snapshots", 3, "snapshot"),
+    ("header_length", 0x20000, "header_length"),
+    ("header_length", 50, "header_length"),
+    ("refcount_order", 7, "refcount_order"),
+    ("backing_file_offset", 0x100, "QCowExtension"),
+    ("backing_file_size", 0xFFFFFF, "backing"),
+])
+def test_absurd_header_fields(workdir, image, field, value, expect):
+    set_field(image, field, value)
+    if field == "backing_file_size":
+        set_field(image, "backing_file_offset", 0x200)
+    if field == "nb_snapshots" and value == 3:
+        set_field(image, "snapshots_offset", 0x20000)  # points at the refcount block
+    fails("info", "-f", "qcow2", image, expect=expect)
+    fails("convert", "-f", "qcow2", "-O", "raw", image, os.path.join(workdir, "o.raw"),
+          expect=expect)
+
+
+def test_l2_table_pointing_into_the_header_or_past_eof(workdir, image):
+    h = header(image)
+    for value, expect in ((0x200, "not cluster aligned"), (1 << 45, "past the end"),
+                          (0x8000000000000000 | 0x200, "not cluster aligned")):
+        poke(image, h["l1_table_offset"], ">Q", value)
+        fails("convert", "-O", "raw", image, os.path.join(workdir, "o.raw"), expect=expect)
+        fails("map", image, expect=expect)
+
+
+def test_data_cluster_pointing_into_the_header(workdir, image):
+    l2 = l2_offset(image)
+    for value in (0x8000000000000000 | 0x200, 0x200):
+        poke(image, l2, ">Q", value)
+        err = fails("convert", "-O", "raw", image, os.path.join(workdir, "o.raw"),
+                    expect="m.qcow2")
+        assert "header" in err or "aligned" in err
+
+
+def test_compressed_descriptor_past_eof_or_into_the_header(workdir):
+    need("qemu-img")
+    src = os.path.join(workdir, "s.raw")
+    with open(src, "wb") as f:
+        f.write(b"compress me " * 100000)
+    path = os.path.join(workdir, "c.qcow2")
+    run("qemu-img", "convert", "-c", "-O", "qcow2", src, path)
+    l2 = l2_offset(path)
+    with open(path, "rb") as f:
+        f.seek(l2)
+        entry = struct.unpack(">Q", f.read(8))[0]
+    cs_shift = 62 - (16 - 8)
+    sectors = entry & ~((1 << cs_shift) - 1)
+    for host, expect in ((1 << 40, "past the end"), (100, "into the header")):
+        poke(path, l2, ">Q", sectors | host)
+        fails("convert", "-O", "raw", path, os.path.join(workdir, "o.raw"), expect=expect)
+    # garbage where the compressed bytes should be
+    poke(path, l2, ">Q", entry)
+    off = entry & ((1 << cs_shift) - 1)
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff" * 64)
+    fails("convert", "-O", "raw", path, os.path.join(workdir, "o.raw"), expect="corrupt")
+
+
+def test_backing_loop_and_roots(workdir):
+    need("qemu-img")
+    a = os.path.join(workdir, "a.qcow2")
+    b = os.path.join(workdir, "b.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", a, "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b)
+    run("qemu-img", "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a)  # a -> b -> a
+    fails("info", b, expect="loop")
+    fails("convert", "-O", "raw", a, os.path.join(workdir, "o.raw"), expect="loop")
+    itself = os.path.join(workdir, "self.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", itself, "1M")
+    run("qemu-img", "rebase", "-u", "-b", "self.qcow2", "-F", "qcow2", itself)
+    fails("info", itself, expect="loop")
+    # outside the image's directory
+    outside = os.path.join(os.path.dirname(workdir), "outside-" + os.path.basename(workdir))
+    os.makedirs(outside, exist_ok=True)
+    secret = os.path.join(outside, "secret.raw")
+    with open(secret, "wb") as f:
+        f.write(b"secret" * 1000)
+    top = os.path.join(workdir, "top.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", top, "1M")
+    fails("convert", "-O", "raw", top, os.path.join(workdir, "o.raw"), expect="outside")
+    rel = os.path.join(workdir, "rel.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
+        "../" + os.path.basename(outside) + "/secret.raw", "-F", "raw", rel, "1M")
+    fails("info", rel, expect="outside")
+    assert cli("info", "--allow-root", outside, top)[0] == 0
+    etc = os.path.join(workdir, "etc.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw",
+        etc, "1M")
+    fails("convert", "-O", "raw", etc, os.path.join(workdir, "o.raw"), expect="outside")
+    # a data file outside is refused the same way
+    df = os.path.join(workdir, "df.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={secret}", df, "1M")
+    fails("info", df, expect="outside")
+
+
+def test_unsupported_features_are_named(workdir, image):
+    set_field(image, "incompatible_features", 1 << 20)
+    fails("info", image, expect="not supported: qcow2 incompatible feature(s): unknown"
+          " feature bit 20")
+    set_field(image, "incompatible_features", 0)
+    set_field(image, "crypt_method", 1)
+    fails("info", image, expect="not supported: encrypted qcow2 images (AES encryption)")
+
+
+def test_luks_encryption_is_refused(workdir):
+    need("qemu-img")
+    path = os.path.join(workdir, "luks.qcow2")
+    proc = run("qemu-img", "create", "-q", "--object", "secret,id=s0,data=123456", "-f",
+               "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+               path, "1M", check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"qemu-img cannot make LUKS images here: {proc.stderr.strip()}")
+    fails("info", path, expect="LUKS")
+    fails("convert", "-O", "raw", path, os.path.join(workdir, "o.raw"), expect="LUKS")
+
+
+def test_oversized_extension_and_snapshot_entries(workdir, image):
+    # an extension claiming more bytes than the header cluster holds
+    poke(image, 112, ">II", 0x12345678, 0x7FFFFFFF)
+    fails("info", image, expect="QCowExtension")
+    # restore the end marker, then a snapshot entry with absurd extra data
+    poke(image, 112, ">II", 0, 0)
+    set_field(image, "nb_snapshots", 1)
+    set_field(image, "snapshots_offset", 0x50000)
+    with open(image, "r+b") as f:
+        f.seek(0x50000)
+        f.write(struct.pack(">QIHHIIQII", 0, 0, 1, 1, 0, 0, 0, 0, 0x7FFFFFFF))
+    fails("info", image, expect="extra data")
+
+
+def test_writes_never_touch_a_bad_image(workdir, image):
+    before = open(image, "rb").read()
+    set_field(image, "l1_table_offset", 1 << 40)
+    code, _, err = cli("resize", image, "16M")
+    one_line_error(code, err)
+    code, _, err = cli("snapshot", "-c", "x", image)
+    one_line_error(code, err)
+    after = open(image, "rb").read()
+    assert after[:40] == before[:40] and after[48:] == before[48:]
