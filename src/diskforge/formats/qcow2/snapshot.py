@@ -11,6 +11,7 @@ clusters are counted once per L1 that reaches them.
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass
 
 from construct import Int16ub, Int32ub, Int64ub, Struct
@@ -163,16 +164,21 @@ def new_snapshot(snaps: list[Snapshot], name: str, l1_offset: int, l1_size: int,
 
 def update_refcounts(dev, l1, addend: int) -> None:
     """One reference more (+1, now) or less (-1, once the tables are written) for every
-    L2 table and cluster reached from ``l1`` (qemu's qcow2_update_snapshot_refcount)."""
+    L2 table and cluster reached from ``l1`` (qemu's qcow2_update_snapshot_refcount).
+    Increments are checked against the refcount width first, so a refusal changes
+    nothing."""
+    from ...errors import UnsupportedError
     from .layout import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED
     refs, cs = dev.refs, dev.cs
     step = 2 if dev.extended else 1
+    if addend > 0:
+        counts: dict[int, int] = {}
 
-    def change(cluster: int, count: int = 1) -> None:
-        if addend > 0:
+        def change(cluster: int, count: int = 1) -> None:
             for c in range(cluster, cluster + count):
-                refs.add(c, 1)
-        else:
+                counts[c] = counts.get(c, 0) + 1
+    else:
+        def change(cluster: int, count: int = 1) -> None:
             refs.free(cluster, count)
 
     for e in l1:
@@ -188,6 +194,14 @@ def update_refcounts(dev, l1, addend: int) -> None:
             elif x & L2E_OFFSET_MASK and not dev.has_data_file:
                 change((x & L2E_OFFSET_MASK) // cs)
         change(off // cs)
+    if addend > 0:
+        for c, n in counts.items():
+            if refs.get(c) + n > refs.max:
+                raise UnsupportedError(f"a snapshot needs refcounts above {refs.max}"
+                                       f" (refcount_bits={dev.geo.refcount_bits}); amend"
+                                       " refcount_bits first", dev.path)
+        for c, n in counts.items():
+            refs.add(c, n)
 
 
 def fix_copied(dev) -> None:
@@ -248,12 +262,12 @@ def create(dev, name: str) -> Snapshot:
     dev.flush()
     from .device import be_bytes
     cs = dev.cs
-    l1_off = 0
+    snap = new_snapshot(dev.snapshots, name, 0, dev.l1_size, dev.size)
+    copy = array("Q", dev.l1)
+    update_refcounts(dev, dev.l1, +1)  # first: it may refuse, and then nothing changed
     if dev.l1_size:
-        l1_off = dev.refs.alloc(-(-dev.l1_size * 8 // cs)) * cs
-        dev.backend.pwrite(l1_off, be_bytes(dev.l1))
-    snap = new_snapshot(dev.snapshots, name, l1_off, dev.l1_size, dev.size)
-    update_refcounts(dev, dev.l1, +1)
+        snap.l1_table_offset = dev.refs.alloc(-(-dev.l1_size * 8 // cs)) * cs
+        dev.backend.pwrite(snap.l1_table_offset, be_bytes(copy))
     fix_copied(dev)
     _write_table(dev, dev.snapshots + [snap])
     dev.flush()
@@ -264,7 +278,6 @@ def apply(dev, key: str) -> None:
     _no_data_file(dev)
     snap = find(dev.snapshots, key, dev.path)
     dev.flush()
-    from array import array
     cs = dev.cs
     sl1 = _read_l1(dev, snap)
     update_refcounts(dev, sl1, +1)
