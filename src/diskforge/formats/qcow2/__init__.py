@@ -87,7 +87,7 @@ class Qcow2Options(Options):
 
 class Qcow2Format(Format):
     name = "qcow2"
-    extensions = ("qcow2", "qcow", "qcow3")
+    extensions = ("qcow2",)
     description = ("QEMU copy-on-write v2/v3: compressed (zlib/zstd), extended L2,"
                    " backing chains, snapshots, external data files")
     options = Qcow2Options

@@ -28,8 +28,9 @@ from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKi
 from ...errors import FormatError, SafetyError, UnsupportedError, UsageError
 from . import codec
 from .header import Header, parse as parse_header
-from .layout import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
-                     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, Geometry)
+from .layout import (AUTOCLEAR_KNOWN, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+                     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS,
+                     Geometry)
 from .refcount import _BIG_ENDIAN_HOST, Refcounts
 
 # run kinds of _runs(); K_UALLOC: an unallocated subcluster of a cluster that has a
@@ -545,6 +546,11 @@ class Qcow2Device(BlockDevice):
         if self.header.corrupt:
             raise SafetyError("the image is marked corrupt (by qemu or diskforge); repair"
                               " it with 'diskforge check -r all' before writing", self.path)
+        if self.header.autoclear_features & ~AUTOCLEAR_KNOWN:
+            # qcow2.txt: clear auto-clear bits we do not know before writing
+            self.header.autoclear_features &= AUTOCLEAR_KNOWN
+            self._write_header()
+            self._barrier()
         if self.needs_repair:
             from .check import check
             result = check(self, "all")

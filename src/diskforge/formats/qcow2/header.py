@@ -16,8 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from construct import (Const, Int8ub, Int16ub, Int32ub, Int64ub, PaddedString,
-                       Struct)
+from construct import Const, Int8ub, Int32ub, Int64ub, PaddedString, Struct
 
 from ...errors import FormatError, UnsupportedError
 from .layout import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
@@ -185,7 +184,7 @@ class Header:
             nb_snapshots=self.nb_snapshots, snapshots_offset=self.snapshots_offset)))
         if self.version >= 3:
             extra = self.extra_header
-            length = max(V3_HEADER_LENGTH_WITH_COMPRESSION, V3_HEADER_LENGTH + 8 + len(extra))
+            length = V3_HEADER_LENGTH_WITH_COMPRESSION + len(extra) + (-len(extra) % 8)
             out += QCowHeaderV3.build(dict(
                 incompatible_features=self.incompatible_features,
                 compatible_features=self.compatible_features,

@@ -216,7 +216,8 @@ class Qcow2Writer(ImageWriter):
                 pos = stop
             else:
                 k = min(end, uend) - pos
-                self._part_put(pos, None if view is None else view[pos - offset:pos - offset + k], k)
+                piece = None if view is None else view[pos - offset:pos - offset + k]
+                self._part_put(pos, piece, k)
                 pos += k
 
     def _part_put(self, pos: int, view, k: int) -> None:
