@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -42,13 +43,6 @@ OVMF_PAIRS = (
     ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
     ("/usr/share/edk2/x64/OVMF_CODE.4m.fd", "/usr/share/edk2/x64/OVMF_VARS.4m.fd"),
 )
-
-INTERFACES = {
-    "virtio": "virtio-blk-pci",
-    "ide": "ide-hd",
-    "scsi": "scsi-hd",
-    "none": None,
-}
 
 
 class VMError(DiskforgeError):
@@ -131,7 +125,8 @@ class VMConfig:
     firmware: str = "bios"          # or "uefi"
     accel: str = "auto"             # "kvm", "tcg" or "auto"
     serial: str | None = None       # "stdio", "file:PATH", or None (no serial port)
-    qmp_socket: str | None = None   # default: a private temporary directory
+    qmp_socket: str | None = None   # the monitor for others (default: in a private
+                                    # directory); diskforge keeps its own second one
     display: str = "none"
     net: str = "none"               # or "user"
     paused: bool = False            # -S: do not start the CPUs
@@ -148,6 +143,9 @@ class VM:
         self.proc: subprocess.Popen | None = None
         self.qmp: QMP | None = None
         self.workdir = tempfile.mkdtemp(prefix="diskforge-vm-")
+        # QEMU's QMP socket serves one client at a time: diskforge talks on a private
+        # one, and ``qmp_socket`` stays free for the user (attach, backup, scripts)
+        self.own_socket = os.path.join(self.workdir, "diskforge-qmp.sock")
         self.qmp_socket = config.qmp_socket or os.path.join(self.workdir, "qmp.sock")
         self.stderr_path = os.path.join(self.workdir, "qemu.stderr")
         self.accel = ""
@@ -166,6 +164,7 @@ class VM:
         self.accel = accel
         argv = [binary, "-nodefaults", "-no-user-config", "-machine", c.machine,
                 "-accel", accel, "-display", c.display,
+                "-qmp", f"unix:{_escape(self.own_socket)},server=on,wait=off",
                 "-qmp", f"unix:{_escape(self.qmp_socket)},server=on,wait=off"]
         if c.machine != "none":
             argv += ["-m", str(c.memory), "-smp", str(int(c.cpus))]
@@ -223,14 +222,14 @@ class VM:
                           " package)") from None
         try:
             deadline = time.monotonic() + timeout
-            while not os.path.exists(self.qmp_socket):
+            while not os.path.exists(self.own_socket):
                 if self.proc.poll() is not None:
                     raise VMError(f"QEMU exited at start ({self.proc.returncode}):"
                                   f" {self.stderr_tail()}")
                 if time.monotonic() > deadline:
                     raise VMError(f"QEMU did not open its QMP socket within {timeout:g} s")
                 time.sleep(0.02)
-            self.qmp = QMP(self.qmp_socket, timeout=max(1.0, deadline - time.monotonic()))
+            self.qmp = QMP(self.own_socket, timeout=max(1.0, deadline - time.monotonic()))
         except BaseException:
             self.kill()
             raise
@@ -293,6 +292,12 @@ class VM:
             try:
                 thing.close()
             except Exception:
+                pass
+        if self.config.qmp_socket:  # QEMU leaves its socket file behind
+            try:
+                if stat.S_ISSOCK(os.lstat(self.config.qmp_socket).st_mode):
+                    os.unlink(self.config.qmp_socket)
+            except OSError:
                 pass
         if self.workdir and os.path.isdir(self.workdir):
             shutil.rmtree(self.workdir, ignore_errors=True)
