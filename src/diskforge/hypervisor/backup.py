@@ -243,9 +243,10 @@ def backup(qmp: QMP, node: str, out: str, *, incremental: bool = False,
             _quietly(qmp.execute, "block-dirty-bitmap-remove",
                      {"node": node_name, "name": bitmap})
         _cleanup_file(tmp)
-        if isinstance(e, (QMPError, OSError)) and not isinstance(e, BackupError):
-            raise BackupError(f"backup failed: {e}; nothing was written to {out}, earlier"
-                              " backups are untouched") from None
+        if isinstance(e, (DiskforgeError, OSError)):
+            reason = e.message if isinstance(e, DiskforgeError) else str(e)
+            raise BackupError(f"backup failed: {reason}; nothing was written to {out},"
+                              " earlier backups are untouched") from None
         raise
     copied = int(done.get("current-progress", 0))
     entry = {"file": os.path.basename(out), "kind": "incremental" if incremental else "full",
