@@ -163,7 +163,7 @@ def test_full_and_incremental_backups_restore_each_point(vms, tmp_path):
     bitmaps = disk_info["format-specific"]["data"].get("bitmaps", [])
     assert [b["name"] for b in bitmaps] == [res.bitmap]
     manifest = json.load(open(f"{d}/{B.MANIFEST}"))
-    assert [b["file"] for b in manifest["chains"]["disk0"]["backups"]] == \
+    assert [b["file"] for b in manifest["chains"][disk]["backups"]] == \
         ["full.qcow2", "inc1.qcow2", "inc2.qcow2"]
     assert not [f for f in os.listdir(d) if f.endswith(".diskforge-tmp")]
 

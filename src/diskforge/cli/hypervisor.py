@@ -85,7 +85,11 @@ def cmd_boot(args) -> int:
         code = vm.stop(timeout=args.shutdown_timeout)
     finally:
         vm.kill()  # idempotent: reaps QEMU and closes any NBD export, on every path
-    return 0 if code in (0, None) else 1
+    if code not in (0, None):
+        print(f"diskforge: QEMU exited with status {code}"
+              + (f": {vm.exit_message}" if vm.exit_message else ""), file=sys.stderr)
+        return 1
+    return 0
 
 
 # -- attach / detach -------------------------------------------------------------------------

@@ -10,11 +10,12 @@ the previous backup; QEMU clears the copied bits only when the job succeeds and 
 them (plus newer writes) when it fails, so a failed increment can simply be retried.
 
 Each full backup starts a *chain* with its own bitmap (``diskforge-<random>``), recorded
-with the chain's files in ``diskforge-backup.json`` in the backups' directory; an
-incremental backup extends the chain recorded there for that disk and refuses when the
-bitmap is missing or the disk is another file. Two chains of one disk in two
-directories each keep their own bitmap, so neither corrupts the other; a new full
-backup in a directory removes the bitmap of the chain it replaces.
+with the chain's files in ``diskforge-backup.json`` in the backups' directory, under
+the disk's file name (so any name of the node finds it); an incremental backup extends
+the chain recorded there and refuses when the bitmap or the previous backup is gone.
+Two chains of one disk in two directories each keep their own bitmap, so neither
+corrupts the other; a new full backup in a directory removes the bitmap of the chain it
+replaces. A chain lives in one directory (overlays name their backing file relatively).
 
 Failure handling: nothing appears under ``out`` unless the job succeeded (the finished
 file is linked into place, never over an existing one), the manifest is only rewritten
@@ -181,15 +182,13 @@ def backup(qmp: QMP, node: str, out: str, *, incremental: bool = False,
     bitmaps = {b.get("name") for b in info.get("dirty-bitmaps", [])}
 
     manifest = read_manifest(directory)
-    chain = manifest["chains"].get(node)
+    chain = manifest["chains"].get(source)  # by disk file: any name of the node finds it
     base = None
     if incremental:
         if not chain or not chain.get("backups"):
-            raise BackupError(f"no full backup of '{node}' is recorded in {directory};"
+            raise BackupError(f"no full backup of '{node}' ({source}) is recorded in"
+                              f" {directory};"
                               " take a full backup first (without --incremental)")
-        if chain.get("source") != source:
-            raise BackupError(f"the chain in {directory} is of {chain.get('source')}, but"
-                              f" '{node}' is now {source}; take a full backup")
         bitmap = chain["bitmap"]
         if bitmap not in bitmaps:
             raise BackupError(f"the dirty bitmap '{bitmap}' of this chain is gone from"
@@ -255,7 +254,7 @@ def backup(qmp: QMP, node: str, out: str, *, incremental: bool = False,
         chain["backups"].append(entry)
     else:
         old = chain.get("bitmap") if chain else None
-        manifest["chains"][node] = {"source": source, "bitmap": bitmap,
+        manifest["chains"][source] = {"node": node, "bitmap": bitmap,
                                     "persistent": persistent, "size": size,
                                     "backups": [entry]}
         if old and old != bitmap and old in bitmaps:

@@ -85,9 +85,20 @@ def _qemu_img_info(path: str, chain: bool = False) -> list[dict] | None:
 def plan_image(path: str, fmt: str | None = None, *,
                policy: OpenPolicy | None = None) -> ImagePlan:
     """Decide how QEMU gets ``path``; checks the files it names against ``policy``."""
+    from ..errors import UnknownFormatError
     from ..registry import check_readable, get, probe
     check_readable(path)
-    plugin = get(fmt) if fmt else probe(path)
+    try:
+        plugin = get(fmt) if fmt else probe(path)
+    except UnknownFormatError:
+        qemu_name = QEMU_DRIVERS.get(fmt.lower()) if fmt else None
+        if qemu_name is None and fmt and fmt.lower() in QEMU_DRIVERS.values():
+            qemu_name = fmt.lower()
+        if qemu_name is None:
+            raise
+        # a format QEMU reads that diskforge has no plugin for (yet): QEMU's driver
+        _check_chain(path, fmt, None, policy)
+        return ImagePlan(path, _FROM_QEMU.get(qemu_name, fmt.lower()), qemu_name)
     name = plugin.name
     if name == "raw" and not fmt:
         info = _qemu_img_info(path)

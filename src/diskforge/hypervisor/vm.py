@@ -96,7 +96,7 @@ class Drive:
     media: str = "disk"
 
     def args(self) -> list[str]:
-        opts = [f"if=none", f"id={self.id}", f"file={_escape(self.path)}",
+        opts = ["if=none", f"id={self.id}", f"file={_escape(self.path)}",
                 f"format={self.driver}", f"media={self.media}"]
         if self.read_only:
             opts.append("read-only=on")
@@ -149,6 +149,7 @@ class VM:
         self.qmp_socket = config.qmp_socket or os.path.join(self.workdir, "qmp.sock")
         self.stderr_path = os.path.join(self.workdir, "qemu.stderr")
         self.accel = ""
+        self.exit_message = ""  # QEMU's last stderr lines, kept when it failed
         # things to close after QEMU is reaped (NBD servers feeding its drives)
         self._cleanup = list(cleanup)
 
@@ -229,7 +230,14 @@ class VM:
                 if time.monotonic() > deadline:
                     raise VMError(f"QEMU did not open its QMP socket within {timeout:g} s")
                 time.sleep(0.02)
-            self.qmp = QMP(self.own_socket, timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                self.qmp = QMP(self.own_socket,
+                               timeout=max(1.0, deadline - time.monotonic()))
+            except QMPError:
+                if self.wait(2) is not None:  # QEMU opened the socket, then gave up
+                    raise VMError(f"QEMU exited at start ({self.proc.returncode}):"
+                                  f" {self.stderr_tail()}") from None
+                raise
         except BaseException:
             self.kill()
             raise
@@ -267,7 +275,8 @@ class VM:
                     pass
                 self.wait(10)
         finally:
-            return self.kill()
+            code = self.kill()
+        return code
 
     def kill(self) -> int | None:
         """Terminate (then kill) QEMU if it still runs, reap it, release everything."""
@@ -279,6 +288,8 @@ class VM:
                     if self.wait(5) is None:
                         self.proc.kill()
                 code = self.proc.wait()
+                if code and not self.exit_message:
+                    self.exit_message = self.stderr_tail()
         finally:
             self._release()
         return code
