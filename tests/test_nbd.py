@@ -171,6 +171,22 @@ def test_several_clients_at_once(tmp_path, source, serve):
     assert srv.connections >= 3
 
 
+def test_several_writers_at_once(tmp_path, source, serve):
+    need("qemu-io")
+    srv = serve(source)
+    procs = [subprocess.Popen(["qemu-io", "-f", "raw", "-c",
+                               f"write -P {0x10 + i} {(12 + 2 * i) * MiB} {MiB}",
+                               "-c", "flush", srv.uri], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for i in range(4)]
+    for p in procs:
+        assert p.wait(60) == 0, p.stderr.read()
+    srv.close()
+    want = expected_bytes()
+    for i in range(4):
+        want[(12 + 2 * i) * MiB:(13 + 2 * i) * MiB] = bytes([0x10 + i]) * MiB
+    assert open(source, "rb").read() == bytes(want)
+
+
 # -- a minimal client of our own -----------------------------------------------------
 
 class Client:

@@ -114,5 +114,5 @@ def _nbd_drive(vm: VM, plan, opts: BootOptions, log) -> Drive:
     vm._cleanup.append(server)
     # a format diskforge only reads still boots: the guest's writes go to a
     # temporary overlay (QEMU's snapshot=on), never to the image
-    return Drive(server.uri, "raw", id="disk0", read_only=False,
+    return Drive(server.uri, "raw", id="disk0", read_only=opts.read_only,
                  snapshot=opts.snapshot or plan.read_only_export)

@@ -13,7 +13,8 @@ Decisions:
 - Drives use ``-drive if=none,id=ID`` plus an explicit ``-device``: the BlockBackend
   name is the drive id (what ``blockdev-backup`` and ``qemu-io`` take), ``snapshot=on``
   works per drive, and an NBD URI is just another ``file=``.
-- Accelerator ``auto`` is KVM when ``/dev/kvm`` opens and creates a VM, else TCG.
+- Accelerator ``auto`` is KVM when ``/dev/kvm`` opens, creates a VM and lets QEMU start
+  a vCPU (see ``kvm_usable``), else TCG.
 - UEFI uses the OVMF build found on the system (Debian's ``ovmf`` package); its
   variable store is copied into the VM's private directory, so the system copy is never
   written.
@@ -49,9 +50,12 @@ class VMError(DiskforgeError):
     """QEMU could not be started, or exited with an error."""
 
 
-def kvm_usable(path: str = "/dev/kvm") -> bool:
-    """True when KVM can really be used: the device opens read-write, speaks API
-    version 12 and creates a VM (a container may show /dev/kvm without allowing it)."""
+def kvm_usable(path: str = "/dev/kvm", qemu: str = QEMU_BINARY) -> bool:
+    """True when KVM can really run a guest: the device opens read-write, speaks API
+    version 12 and creates a VM, and then QEMU itself survives starting a vCPU with it
+    for half a second. The last step is there because nested or emulated KVM can pass
+    every ioctl and still abort QEMU at the first vCPU reset (seen: "failed to set MSR
+    0x10a"); the answer is cached per process."""
     import fcntl
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -62,11 +66,37 @@ def kvm_usable(path: str = "/dev/kvm") -> bool:
             return False
         vm = fcntl.ioctl(fd, 0xAE01, 0)  # KVM_CREATE_VM
         os.close(vm)
-        return True
     except OSError:
         return False
     finally:
         os.close(fd)
+    return _qemu_runs_kvm(shutil.which(qemu) or qemu)
+
+
+_kvm_checked: dict[str, bool] = {}
+
+
+def _qemu_runs_kvm(binary: str) -> bool:
+    if binary not in _kvm_checked:
+        try:
+            proc = subprocess.Popen(
+                [binary, "-nodefaults", "-no-user-config", "-machine", "pc", "-accel", "kvm",
+                 "-cpu", "host", "-m", "16M", "-display", "none", "-serial", "none",
+                 "-monitor", "none"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, preexec_fn=_child_setup)
+        except OSError:
+            return False
+        try:
+            proc.wait(0.5)
+            ok = False  # it exited: KVM failed it
+        except subprocess.TimeoutExpired:
+            ok = True
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        _kvm_checked[binary] = ok
+    return _kvm_checked[binary]
 
 
 def find_ovmf() -> tuple[str, str]:
@@ -214,7 +244,7 @@ class VM:
                     argv, stdin=None if stdio else subprocess.DEVNULL,
                     stdout=None if stdio else subprocess.DEVNULL, stderr=err,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent if self.config.die_with_parent else None)
+                    preexec_fn=_child_setup if self.config.die_with_parent else _no_core)
             finally:
                 err.close()
         except FileNotFoundError:
@@ -337,10 +367,21 @@ class VM:
         self.stop()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL QEMU when the thread that started it dies."""
+def _no_core() -> None:
+    """A crashing QEMU would dump all guest RAM as a core file, slowly."""
+    import resource
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError):
+        pass
+
+
+def _child_setup() -> None:
+    """In QEMU's process before exec: no core dump, and die with the thread that
+    started it (PR_SET_PDEATHSIG)."""
     import ctypes
     import signal
+    _no_core()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
