@@ -453,6 +453,7 @@ def test_vm_api_boots_and_queries(vms, tmp_path):
     assert code == 0 and not vm.running
 
 
+@pytest.mark.slow
 def test_uefi_firmware_runs(vms, tmp_path):
     """OVMF under TCG reaches its boot manager, which reports on the serial console."""
     from diskforge.hypervisor.vm import find_ovmf

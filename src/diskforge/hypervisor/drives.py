@@ -22,7 +22,6 @@ otherwise checks the chain ``qemu-img info --backing-chain`` reports.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass

@@ -368,8 +368,11 @@ class _Session:
                 log(f"client {self.cid} dropped: {e}")
             else:
                 log(f"client {self.cid} disconnected")
-        except (OSError, socket.timeout) as e:
+        except OSError as e:
             log(f"client {self.cid} connection lost: {e}")
+        except Exception as e:  # a bug must cost one connection, never the server
+            self.server.dropped += 1
+            log(f"client {self.cid} dropped after an internal error: {e!r}")
 
     # -- socket helpers -----------------------------------------------------------------
     def recv_exact(self, n: int) -> bytes:
