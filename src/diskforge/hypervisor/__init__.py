@@ -36,8 +36,10 @@ Left for later:
   qcow2 plugin lands, ``qemu-img info`` tells a qcow2 from a raw file.
 - Attaching a non-QEMU format by file name (it needs a long-lived export: use
   ``diskforge serve`` and attach the URI); TLS for NBD; QEMU-compatible image locks
-  taken by ``diskforge serve`` itself; restoring a backup chain with diskforge's own
-  ``restore`` (the imaging issue), today done with ``qemu-img convert``.
+  taken by ``diskforge serve`` itself.
+- Restoring a backup chain with ``diskforge restore``/``convert`` needs the qcow2
+  reader; until it lands the tests flatten each chain with ``qemu-img convert`` (they
+  also use diskforge's own as soon as it reads qcow2).
 """
 
 from __future__ import annotations
