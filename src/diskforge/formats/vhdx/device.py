@@ -269,6 +269,7 @@ class VhdxDevice(BlockDevice):
             raise ImageIOError(f"the parent of this differencing disk, {key} '{value}', was"
                                f" not found (looked for: {', '.join(tried)})", self.path)
         self.parent_name = value
+        path = os.path.normpath(path)
         parent = open_image(path, "vhdx", policy=policy)
         try:
             links = {loc.get("parent_linkage", "").lower(), loc.get("parent_linkage2",
