@@ -692,6 +692,13 @@ class VhdxDevice(BlockDevice):
             whole = k == self.block_size or (within == 0 and off + k == self.size)
             if state == PAYLOAD_BLOCK_FULLY_PRESENT:
                 self._zero_file(host + within, k)
+            elif whole and self.differencing and state in (PAYLOAD_BLOCK_NOT_PRESENT,
+                                                           PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+                # over the parent: a new block left sparse, as the writer does (libvhdi
+                # misreads ZERO blocks in differencing disks)
+                self._set_entry(payload_index(block, self.ratio),
+                                PAYLOAD_BLOCK_FULLY_PRESENT,
+                                self._allocate(self.block_size), changed)
             elif whole and state != PAYLOAD_BLOCK_ZERO:
                 self._set_entry(payload_index(block, self.ratio), PAYLOAD_BLOCK_ZERO, 0,
                                 changed)

@@ -7,7 +7,7 @@ FULLY_PRESENT, contiguous (the file stays sparse where the disk is zero, as qemu
 are); dynamic disks allocate a block when the first data for it arrives, so blocks
 appear in disk order and zero blocks stay NOT_PRESENT; differencing disks keep what the
 convert pipeline hands them (data or zeros) and leave the rest to the parent: a block
-covered completely becomes FULLY_PRESENT (or ZERO when it only received zeros), one
+covered completely becomes FULLY_PRESENT (left sparse where it received zeros), one
 covered in part PARTIALLY_PRESENT with its sector bitmap, one not touched NOT_PRESENT.
 
 Everything is written into an AtomicFile; the header section, metadata and BAT are
@@ -27,7 +27,7 @@ from ...errors import UnsupportedError, UsageError
 from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, FILE_SIGNATURE, HEADER_OFFSETS,
                      HEADER_SECTION_SIZE, MAX_DISK_SIZE, METADATA_GUID,
                      PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
-                     PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS, SB_BLOCK_PRESENT,
+                     REGION_TABLE_OFFSETS, SB_BLOCK_PRESENT,
                      SECTOR_BITMAP_BLOCK, ZERO_GUID, align_up, bat_entries, bitmap_index,
                      chunk_ratio, guid_text, payload_index)
 from .tables import Metadata, Region, build_header, build_metadata_region, build_region_table
@@ -157,8 +157,11 @@ class VhdxWriter(ImageWriter):
         for block, within, n in self._pieces(offset, length):
             last = min(g.block_size, g.size - block * g.block_size)
             if within == 0 and n >= last and block not in self.host:
+                # a whole block of zeros over the parent: a FULLY_PRESENT block left
+                # sparse (libvhdi reads ZERO blocks of differencing disks as file data)
                 self._next_block(block)
-                self._set(payload_index(block, g.ratio), PAYLOAD_BLOCK_ZERO, 0)
+                self._set(payload_index(block, g.ratio), PAYLOAD_BLOCK_FULLY_PRESENT,
+                          self._block_host(block))
             else:
                 self._cover(block, within, n)
 
@@ -188,11 +191,8 @@ class VhdxWriter(ImageWriter):
         full = bits[:nbits // 8] == b"\xff" * (nbits // 8) and (
             nbits % 8 == 0 or bits[nbits // 8] & ((1 << nbits % 8) - 1) == (1 << nbits % 8) - 1)
         idx = payload_index(block, g.ratio)
-        if full:
-            if block in self.host:
-                self._set(idx, PAYLOAD_BLOCK_FULLY_PRESENT, self.host[block])
-            else:
-                self._set(idx, PAYLOAD_BLOCK_ZERO, 0)
+        if full:   # zeros where nothing was written: sparse, not ZERO (see zero())
+            self._set(idx, PAYLOAD_BLOCK_FULLY_PRESENT, self._block_host(block))
             return
         self._set(idx, PAYLOAD_BLOCK_PARTIALLY_PRESENT, self._block_host(block))
         chunk = block // g.ratio
