@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from array import array
 
 from construct import Container
@@ -36,8 +35,7 @@ from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE
                      REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, SB_BLOCK_NOT_PRESENT,
                      SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, STATE_NAMES, ZERO_GUID,
                      align_up, bat_entries, bitmap_index, chunk_ratio, guid_text,
-                     payload_index)
-from .log import OverlayIO, build_entry, desc_sectors, find_active
+                     new_guid, payload_index)
 from .tables import build_header, parse_header, parse_metadata, parse_region_table
 
 _ZERO_STATES = (PAYLOAD_BLOCK_UNDEFINED, PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
@@ -162,6 +160,7 @@ class VhdxDevice(BlockDevice):
         self.bat.frombytes(self._read(bat_region.offset, nbytes, "BAT"))
         if sys.byteorder == "big":
             self.bat.byteswap()
+        self.file_size = self.io.size   # kept current by _allocate
         if md.has_parent:
             self._open_parent(policy)
 
@@ -197,6 +196,7 @@ class VhdxDevice(BlockDevice):
             raise FormatError(f"log {h.LogOffset}+{h.LogLength} is outside the file"
                               f" ({size} bytes)", self.path, structure="Header",
                               field="LogLength")
+        from .log import OverlayIO, find_active
         replay = find_active(lambda o, n: self.backend.read_exact(o, n, "log"), h.LogOffset,
                              h.LogLength, h.LogGuid, size, self.path, [])
         self.replayed = replay
@@ -302,9 +302,9 @@ class VhdxDevice(BlockDevice):
                               self.path, structure="BAT", field=f"entry {idx}")
         if state in (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT):
             off = (e >> BAT_OFFSET_SHIFT) << 20
-            if off < HEADER_SECTION_SIZE or off >= self.io.size:
+            if off < HEADER_SECTION_SIZE or off >= self.file_size:
                 raise FormatError(f"payload block {block} at file offset {off} is outside"
-                                  f" the file ({self.io.size} bytes)", self.path,
+                                  f" the file ({self.file_size} bytes)", self.path,
                                   structure="BAT", field=f"entry {idx}")
             return state, off
         return state, 0
@@ -322,9 +322,9 @@ class VhdxDevice(BlockDevice):
             raise FormatError(f"payload block {block} is PARTIALLY_PRESENT but its sector"
                               " bitmap block is not present", self.path, structure="BAT",
                               field=f"entry {idx}")
-        if off < HEADER_SECTION_SIZE or off + SECTOR_BITMAP_BLOCK > self.io.size:
+        if off < HEADER_SECTION_SIZE or off + SECTOR_BITMAP_BLOCK > self.file_size:
             raise FormatError(f"sector bitmap block at file offset {off} is outside the"
-                              f" file ({self.io.size} bytes)", self.path, structure="BAT",
+                              f" file ({self.file_size} bytes)", self.path, structure="BAT",
                               field=f"entry {idx}")
         per = self.block_size // self.lss // 8
         raw = self._read(off + (block % self.ratio) * per, per, "sector bitmap")
@@ -537,7 +537,7 @@ class VhdxDevice(BlockDevice):
             h = Container(self.header)
             h.update(changes)
             if not self._session_header:
-                h.FileWriteGuid = uuid.uuid4().bytes_le
+                h.FileWriteGuid = new_guid()
                 self._session_header = True
             h.SequenceNumber = self.header.SequenceNumber + 1
             slot = 1 - self.current
@@ -551,18 +551,19 @@ class VhdxDevice(BlockDevice):
         if not self.writable:
             raise UnsupportedError("vhdx image is open read-only", self.path)
         if not self._session_data:
-            self._update_header(DataWriteGuid=uuid.uuid4().bytes_le)
+            self._update_header(DataWriteGuid=new_guid())
             self._session_data = True
 
     def _log_commit(self, sectors: dict[int, bytes]) -> None:
         """Write metadata sectors through the log (2.3): log entry, flush, apply, flush.
         Each entry is its own tail, since everything before it is applied already."""
+        from .log import build_entry, desc_sectors
         h = self.header
         if h.LogLength == 0:
             raise UnsupportedError("not supported yet: writing to a VHDX without a log",
                                    self.path)
         if h.LogGuid == ZERO_GUID:
-            self._update_header(LogGuid=uuid.uuid4().bytes_le)
+            self._update_header(LogGuid=new_guid())
             self._log_pos = 0
         items = sorted(sectors.items())
         per_entry = (h.LogLength // LOG_SECTOR - 1) // 2  # descriptors and data fit
@@ -609,6 +610,7 @@ class VhdxDevice(BlockDevice):
         off = self._alloc_end
         self._alloc_end = off + align_up(length)
         self.backend.truncate(self._alloc_end)
+        self.file_size = self._alloc_end
         return off
 
     def _set_entry(self, idx: int, state: int, off: int, changed: dict) -> None:
