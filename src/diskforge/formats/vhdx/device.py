@@ -33,7 +33,7 @@ from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE
                      PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
                      PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095, PAYLOAD_BLOCK_ZERO,
                      REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, SB_BLOCK_NOT_PRESENT,
-                     SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, STATE_NAMES, ZERO_GUID,
+                     SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, ZERO_GUID,
                      align_up, bat_entries, bitmap_index, chunk_ratio, guid_text,
                      new_guid, payload_index)
 from .tables import build_header, parse_header, parse_metadata, parse_region_table
@@ -198,7 +198,7 @@ class VhdxDevice(BlockDevice):
                               field="LogLength")
         from .log import OverlayIO, find_active
         replay = find_active(lambda o, n: self.backend.read_exact(o, n, "log"), h.LogOffset,
-                             h.LogLength, h.LogGuid, size, self.path, [])
+                             h.LogLength, h.LogGuid, size, self.path)
         self.replayed = replay
         self._log_seq = replay.next_sequence
         if not self.writable:
@@ -464,7 +464,6 @@ class VhdxDevice(BlockDevice):
         for i, h in enumerate(self.headers):
             if isinstance(h, str):
                 problems.append(f"header {i + 1}: {h}")
-        from .tables import parse_region_table
         for i, off in enumerate(REGION_TABLE_OFFSETS):
             try:
                 parse_region_table(self._read(off, REGION_TABLE_SIZE), self.path,

@@ -182,7 +182,7 @@ class _Scanner:
 
 
 def find_active(read_log, log_offset: int, log_length: int, log_guid: bytes,
-                file_size: int, path: str, reserved: list[tuple[int, int]]) -> Replay:
+                file_size: int, path: str) -> Replay:
     """Read the log and return its active sequence (2.3.3), or raise when the file is
     corrupt: no valid sequence although LogGuid is set, a truncated file, or a logged
     write that would land on the header section, the log itself, or absurdly far."""
