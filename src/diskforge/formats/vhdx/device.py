@@ -125,10 +125,9 @@ class VhdxDevice(BlockDevice):
         if h.Version != 1:
             raise UnsupportedError(f"not supported yet: VHDX version {h.Version}", path)
         if h.LogGuid != ZERO_GUID:
-            self._replay_log(policy)
-        raw = None
+            self._replay_log()
         problems = []
-        for i, off in enumerate(REGION_TABLE_OFFSETS):
+        for off in REGION_TABLE_OFFSETS:
             try:
                 raw = self._read(off, REGION_TABLE_SIZE, "region table")
                 self.regions = parse_region_table(raw, path, self.io.size)
@@ -189,7 +188,7 @@ class VhdxDevice(BlockDevice):
                               " the header section", self.path, structure="Header",
                               field="LogOffset")
 
-    def _replay_log(self, policy) -> None:
+    def _replay_log(self) -> None:
         h = self.header
         size = self.backend.size
         if h.LogLength == 0 or h.LogOffset + h.LogLength > size:

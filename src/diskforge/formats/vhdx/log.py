@@ -27,7 +27,7 @@ from .layout import (DATA_SIGNATURE, DESC_SIGNATURE, DESCRIPTOR_SIZE, LOG_ENTRY_
                      ZERO_SIGNATURE, DataDescriptor, LogEntryHeader, ZeroDescriptor)
 
 MAX_REPLAY_LOG = 32 << 20       # larger logs are refused rather than read whole
-MAX_FILE_OFFSET = 1 << 48       # no logged write or file extension beyond 256 TiB
+MAX_FILE_OFFSET = 65 << 40      # 64 TiB of blocks plus every structure fits below this
 
 
 @dataclass
