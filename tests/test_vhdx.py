@@ -101,6 +101,36 @@ def test_hyperv_differencing_sample_names_its_missing_parent(workdir):
     assert "not found" in err
 
 
+def test_hyperv_differencing_sample_over_a_stand_in_parent(workdir):
+    """The Hyper-V checkpoint's own sectors (PARTIALLY_PRESENT blocks and their sector
+    bitmaps, as Windows wrote them) read as libvhdi reads them, over an empty parent
+    that carries the DataWriteGuid its parent_linkage names."""
+    pyvhdi = pytest.importorskip("pyvhdi", reason="libvhdi-python (the [test] extra)")
+    from vhdx_helpers import rewrite_headers
+
+    from diskforge.formats.vhdx.layout import guid
+    child = _gunzip("vhdx/dissect_hyperv_differencing.avhdx.gz", workdir)
+    parent = os.path.join(workdir, "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx")
+    assert cli("create", "-q", "-f", "vhdx", parent, "8G")[0] == 0
+    rewrite_headers(parent, DataWriteGuid=guid("ff34003b-11ed-4cf8-a166-b2be05e20b80"))
+    theirs, their_parent = pyvhdi.file(), pyvhdi.file()
+    theirs.open(child)
+    their_parent.open(parent)
+    theirs.set_parent(their_parent)
+    with diskforge.open(child) as dev:
+        assert dev.info().details["subformat"] == "differencing"
+        states = {e & 7 for e in dev.bat}
+        assert 7 in states   # PARTIALLY_PRESENT blocks with sector bitmaps
+        data = 0
+        for e in dev.extents():
+            n = e.length if e.kind is ExtentKind.DATA else min(e.length, MiB)
+            assert dev.read(e.offset, n) == theirs.read_buffer_at_offset(n, e.offset), e
+            data += e.length if e.kind is ExtentKind.DATA else 0
+        assert data > MiB
+    theirs.close()
+    their_parent.close()
+
+
 # -- what diskforge writes ----------------------------------------------------------------
 
 WRITE_CASES = ["subformat=dynamic", "subformat=fixed", "block_size=1M", "block_size=32M",
