@@ -103,6 +103,9 @@ def test_pending_log_reads_as_the_replayed_disk(workdir, wrapped):
         assert sha256_device(dev) == sha256_file(expected)
         assert dev.info().details["log"]["replayed"] == 2
     assert sha256_file(img) == before   # nothing written
+    code, report, _ = cli("check", img)
+    assert code == 0 and "2 pending entries, replayed in memory" in report
+    assert sha256_file(img) == before
     out = os.path.join(workdir, "ours.raw")
     assert cli("convert", "-O", "raw", img, out)[0] == 0
     assert sha256_file(out) == sha256_file(expected)

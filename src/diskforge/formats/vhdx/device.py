@@ -478,6 +478,12 @@ class VhdxDevice(BlockDevice):
         result = CheckResult(self.path, "vhdx")
         result.messages.extend(f"ERROR {p}" for p in self.verify())
         result.corruptions += len(result.messages)
+        if self.replayed is not None:
+            n = len(self.replayed.entries)
+            result.messages.append(
+                f"The log held {n} pending entries: written into the file" if self.writable
+                else f"The log holds {n} pending entries, replayed in memory for reading;"
+                " 'check -r all' writes them into the file")
         used = [(0, HEADER_SECTION_SIZE, "header section")]
         h = self.header
         if h.LogLength:
