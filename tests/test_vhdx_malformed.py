@@ -205,3 +205,15 @@ def test_missing_parent(workdir):
     base, child, _ = _chain(workdir)
     os.unlink(base)
     fails(child, "b.vhdx", "not found")
+
+
+def test_chain_depth_is_limited(workdir):
+    from diskforge.errors import SafetyError
+    from diskforge.policy import OpenPolicy
+    base, child, base_raw = _chain(workdir)
+    grandchild = os.path.join(workdir, "g.avhdx")
+    assert cli("create", "-q", "-b", "c.avhdx", grandchild)[0] == 0
+    with diskforge.open(grandchild) as dev:
+        assert sha256_device(dev) == sha256_file(base_raw)
+    with pytest.raises(SafetyError, match="deeper than 2"):
+        diskforge.open(grandchild, policy=OpenPolicy(max_depth=2))
