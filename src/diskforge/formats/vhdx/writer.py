@@ -91,7 +91,7 @@ class VhdxWriter(ImageWriter):
                 "parent_linkage": "{" + guid_text(parent.header.DataWriteGuid) + "}",
                 "relative_path": _relative_path(backing.name, path),
             }
-        self.bat = array("Q", bytes(8 * (g.bat_length // 8)))
+        self.bat = array("Q", [0]) * (g.bat_length // 8)
         self.next_free = g.data_offset
         self.out = AtomicFile(path)
         try:
@@ -209,7 +209,6 @@ class VhdxWriter(ImageWriter):
 
     # -- the end ------------------------------------------------------------------------------
     def finish(self) -> None:
-        g = self.g
         try:
             if self.cur_block >= 0:
                 self._finish_block()
