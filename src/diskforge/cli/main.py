@@ -13,7 +13,8 @@ import sys
 from ..errors import DiskforgeError
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "maintenance", "chain", "snapshot", "formats_cmd")
+GROUPS = ("image", "maintenance", "chain", "snapshot", "imaging", "formats_cmd",
+          "hypervisor")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -110,15 +110,13 @@ class _Pipeline:
         self.writer.zero(off, n)
         self.stats.bytes_zero += n
 
-    def copy_batch(self, source: BlockDevice, off: int, n: int) -> None:
+    def copy_batch(self, source: BlockDevice, off: int, n: int, tap=None) -> None:
         buf, start = self.buffer()
-        source.readinto(off, memoryview(buf)[start:start + n])
-        self.process_batch(buf, start, off, n)
-
-    def process_batch(self, buf: bytearray, start: int, off: int, n: int) -> None:
-        """Hand ``buf[start:start+n]`` (the disk bytes at ``off``) to the writer."""
         view = memoryview(buf)[start:start + n]
+        source.readinto(off, view)
         self.stats.bytes_read += n
+        if tap:
+            tap(off, view, n)
         if self.base is not None:
             self._differences(buf, start, off, n)
             return
@@ -180,13 +178,18 @@ def _base_zero_ranges(base: BlockDevice, offset: int, length: int):
 
 def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | None = None,
             progress: "Progress | None" = None, batch_size: int = DEFAULT_BATCH,
-            workers: int | None = None) -> ConvertStats:
+            workers: int | None = None, tap=None, start: int = 0,
+            finish: bool = True) -> ConvertStats:
     """Copy ``source`` into ``writer``, then ``writer.finish()``.
 
     ``base``: the image the output will be backed by; only what differs from it is
     written. ``workers``: threads for the writer's ``prepare`` (compression); by default
-    the CPU count when the writer is parallel. On any exception, KeyboardInterrupt
-    included, the writer is aborted (leaving nothing behind) and the exception re-raised.
+    the CPU count when the writer is parallel. ``tap(offset, data, length)`` sees every
+    range of the disk once, in order (``data`` is None for ranges known to be zeros):
+    imaging hashes the disk with it in the same pass. ``start`` skips the disk before
+    that offset (resuming), and ``finish=False`` leaves the writer open for the caller.
+    On any exception, KeyboardInterrupt included, the writer is aborted (leaving
+    nothing behind) and the exception re-raised.
     """
     gran = max(512, writer.granularity)
     batch = max(gran, (batch_size // gran) * gran)
@@ -194,139 +197,36 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
         workers = (os.cpu_count() or 1) if writer.parallel else 0
     pipe = _Pipeline(writer, base, workers, batch)
     pipe.stats.virtual_size = total = source.size
-    done = 0
-    plan = _plan(source, base, batch)
-    # Without a base, the source is read one thread ahead, so that its reads overlap
-    # the writer's writes (the copies into and out of the page cache then run on two
-    # cores: 2 GiB raw -> qcow2 went from 0.9 s to 0.6 s). With a base, reads of the
-    # base and of the source's chain could touch the same device objects: no thread.
-    reader = _ReadAhead(source, plan, pipe) if base is None else None
+    done = start
     try:
-        for kind, off, n, buf in (reader if reader is not None
-                                  else _read_inline(source, plan, pipe)):
-            if kind == "zero":
-                pipe.zero(off, n)
-            elif kind == "skip":
-                pipe.stats.bytes_skipped += n  # reads through the base already
-            else:
-                pipe.process_batch(buf[0], buf[1], off, n)
-                if reader is not None:
-                    reader.recycle(buf)
-            done += n
+        for ext in source.extents(start, total - start):
+            kind = ext.kind
+            if kind is ExtentKind.BACKING:
+                if source.backing is None:
+                    kind = ExtentKind.ZERO
+                elif tap is None and _same_file(source.backing, base):
+                    pipe.stats.bytes_skipped += ext.length  # reads through already
+                    kind = None
+            if kind is ExtentKind.ZERO:
+                if tap:
+                    tap(ext.offset, None, ext.length)
+                pipe.zero(ext.offset, ext.length)
+            elif kind is not None:
+                for off, n in batches(ext.offset, ext.length, batch):
+                    pipe.copy_batch(source, off, n, tap)
+                    done += n
+                    if progress:
+                        progress(done, total)
+                continue
+            done += ext.length
             if progress:
                 progress(done, total)
         pipe.drain()
         pipe.close(cancel=False)
-        writer.finish()
+        if finish:
+            writer.finish()
     except BaseException:
-        if reader is not None:
-            reader.stop()
         pipe.close(cancel=True)
         writer.abort()
         raise
     return pipe.stats
-
-
-def _plan(source: BlockDevice, base: BlockDevice | None, batch: int):
-    """``(kind, offset, length)`` in order: "zero" ranges, "skip" ranges (read through
-    to the base) and "data" batches."""
-    for ext in source.extents():
-        kind = ext.kind
-        if kind is ExtentKind.BACKING:
-            if source.backing is None:
-                kind = ExtentKind.ZERO
-            elif _same_file(source.backing, base):
-                yield "skip", ext.offset, ext.length
-                continue
-        if kind is ExtentKind.ZERO:
-            yield "zero", ext.offset, ext.length
-        else:
-            for off, n in batches(ext.offset, ext.length, batch):
-                yield "data", off, n
-
-
-def _read_inline(source: BlockDevice, plan, pipe: _Pipeline):
-    for kind, off, n in plan:
-        buf = None
-        if kind == "data":
-            buf = pipe.buffer()
-            source.readinto(off, memoryview(buf[0])[buf[1]:buf[1] + n])
-        yield kind, off, n, buf
-
-
-class _ReadAhead:
-    """Runs the plan in a thread that reads data batches into buffers ahead of the
-    consumer (at most DEPTH waiting). Buffers are reused unless the writer is parallel
-    (then a pending prepare may still hold a view of one)."""
-
-    DEPTH = 2
-
-    def __init__(self, source: BlockDevice, plan, pipe: _Pipeline):
-        import queue
-        import threading
-        self.queue: queue.Queue = queue.Queue(self.DEPTH)
-        self.free: queue.Queue | None = None
-        if not pipe.pool:
-            self.free = queue.Queue()
-            for _ in range(self.DEPTH + 2):
-                self.free.put(aligned_buffer(pipe.batch))
-        self.batch = pipe.batch
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(source, plan), daemon=True,
-                                       name="diskforge-read-ahead")
-        self.thread.start()
-
-    def _put(self, item) -> bool:
-        import queue
-        while not self.stopped.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _buffer(self):
-        import queue
-        if self.free is None:
-            return aligned_buffer(self.batch)
-        while not self.stopped.is_set():
-            try:
-                return self.free.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
-
-    def _run(self, source: BlockDevice, plan) -> None:
-        try:
-            for kind, off, n in plan:
-                buf = None
-                if kind == "data":
-                    buf = self._buffer()
-                    if buf is None:
-                        return
-                    source.readinto(off, memoryview(buf[0])[buf[1]:buf[1] + n])
-                if not self._put((kind, off, n, buf)):
-                    return
-            self._put(None)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put(e)
-
-    def recycle(self, buf) -> None:
-        if self.free is not None:
-            self.free.put(buf)
-
-    def __iter__(self):
-        while True:
-            item = self.queue.get()
-            if item is None:
-                self.thread.join()
-                return
-            if isinstance(item, BaseException):
-                self.thread.join()
-                raise item
-            yield item
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join()
