@@ -210,6 +210,7 @@ class _Dir:
     joliet: str
     udf: str
     depth: int
+    ancestors: frozenset = frozenset()   # (st_dev, st_ino) of it and the dirs above
 
 
 def _join(parent: str, name: str) -> str:
@@ -224,7 +225,6 @@ class _Builder:
         self.opts = opts
         self.warn = warn
         self.result = BuildResult()
-        self.seen_dirs: set[tuple[int, int]] = set()
         self.boot_paths: dict[str, str] = {}   # SRC-relative path → ISO 9660 path
         self.wanted = {p for p in (opts.boot, opts.efi_boot) if p}
         cat = opts.boot_catalog
@@ -266,8 +266,8 @@ class _Builder:
     def run(self, iso, ctx: _PycdlibContext) -> None:
         opts = self.opts
         root_st = os.stat(self.src)
-        self.seen_dirs.add((root_st.st_dev, root_st.st_ino))
-        stack = [_Dir("", self.src, "/", "/", "/", 0)]
+        stack = [_Dir("", self.src, "/", "/", "/", 0,
+                      frozenset({(root_st.st_dev, root_st.st_ino)}))]
         while stack:
             d = stack.pop()
             subdirs = self.add_children(iso, ctx, d)
@@ -348,11 +348,10 @@ class _Builder:
             try:
                 if kind == "dir":
                     key = (st.st_dev, st.st_ino)
-                    if key in self.seen_dirs:
-                        self.warn(f"skipped '{rel}': a symlink loop back to a directory"
-                                  " already added")
+                    if key in d.ancestors:
+                        self.warn(f"skipped '{rel}': a symlink loop (it leads back to a"
+                                  " directory above it)")
                         continue
-                    self.seen_dirs.add(key)
                     iso.add_directory(isop, rr_name=rr, joliet_path=jp, udf_path=up,
                                       file_mode=self.mode(st) if opts.rock_ridge else None)
                     self.set_owner(iso, isop, st)
@@ -360,7 +359,7 @@ class _Builder:
                     self.dir_isos[rel] = (isop, jp, up)
                     subdirs.append(_Dir(rel, e.path if not opts.follow_symlinks
                                         else os.path.realpath(e.path), isop, jp, up,
-                                        d.depth + 1))
+                                        d.depth + 1, d.ancestors | {key}))
                 elif kind == "file":
                     if st.st_size >= 1 << 32 and opts.level < 3:
                         raise UsageError(f"'{rel}' is {st.st_size} bytes: files of 4 GiB"
@@ -378,7 +377,9 @@ class _Builder:
                     kw = {}
                     if opts.rock_ridge:
                         kw.update(symlink_path=isop, rr_symlink_name=rr, rr_path=target)
-                    if opts.udf:
+                    if opts.udf and not opts.rock_ridge:
+                        # only where UDF is the sole carrier: 7-Zip refuses a whole UDF
+                        # tree that holds a symlink (file type 12)
                         kw.update(udf_symlink_path=up, udf_target=target)
                     iso.add_symlink(**kw)
                     if opts.rock_ridge:
@@ -509,37 +510,48 @@ def _write(iso, out: AtomicFile, progress: Callable[[int, int], None] | None) ->
 
 
 def _copy_file(path: str, out_fd: int, offset: int, length: int) -> None:
+    """Copy a source file's ``length`` bytes to ``offset`` of the output: its data
+    ranges with ``copy_file_range``, its holes left as holes (the output is a fresh
+    sparse file there)."""
+    from ..blockdev import FileBackend
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise ImageIOError.from_os(e, path) from None
+        src = FileBackend(path)
+    except DiskforgeError:
+        raise
     try:
-        done = 0
-        use_kernel = True
-        while done < length:
-            n = length - done
-            if use_kernel:
-                try:
-                    got = os.copy_file_range(fd, out_fd, min(n, 1 << 30), done, offset + done)
-                except OSError as e:
-                    if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                        use_kernel = False
-                        continue
-                    raise ImageIOError.from_os(e, path) from None
-            else:
-                data = os.pread(fd, min(n, 8 << 20), done)
-                got = len(data)
-                if got:
-                    os.pwrite(out_fd, data, offset + done)
-            if got == 0:
-                raise ImageIOError(f"the file shrank while the ISO was being built"
-                                   f" ({done} of {length} bytes)", path)
-            done += got
-        if os.fstat(fd).st_size != length:
+        for start, n, is_data in src.data_ranges(0, length):
+            if is_data:
+                _copy_range(src.fd, path, out_fd, start, offset + start, n)
+        size = src.size
+        if size != length:
             raise ImageIOError(f"the file changed size while the ISO was being built"
-                               f" ({length} → {os.fstat(fd).st_size} bytes)", path)
+                               f" ({length} → {size} bytes)", path)
     finally:
-        os.close(fd)
+        src.close()
+
+
+def _copy_range(fd: int, path: str, out_fd: int, src: int, dst: int, length: int) -> None:
+    done = 0
+    use_kernel = True
+    while done < length:
+        n = length - done
+        if use_kernel:
+            try:
+                got = os.copy_file_range(fd, out_fd, min(n, 1 << 30), src + done, dst + done)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    use_kernel = False
+                    continue
+                raise ImageIOError.from_os(e, path) from None
+        else:
+            data = os.pread(fd, min(n, 8 << 20), src + done)
+            got = len(data)
+            if got:
+                os.pwrite(out_fd, data, dst + done)
+        if got == 0:
+            raise ImageIOError(f"the file shrank while the ISO was being built (it ends"
+                               f" before byte {src + done + 1} of {src + length})", path)
+        done += got
 
 
 def build(src: str, out: str, options: BuildOptions | None = None, *,
