@@ -380,7 +380,7 @@ def test_build_errors_are_one_line(tmp_path):
     iso = str(tmp_path / "e.iso")
     for args, words in ((["--no-rock-ridge"], "8 levels"),
                         (["-V", "X" * 33], "32 bytes"),
-                        (["--udf", "-V", "Ü" * 16], "UDF")):
+                        (["--udf", "-V", "Ω" * 16], "UDF")):
         code, _, err = cli("iso", "build", *args, src, iso)
         one_line_error(code, err)
         assert words in err
