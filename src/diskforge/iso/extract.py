@@ -88,23 +88,27 @@ def symlink_target(target: str, depth: int, policy: str) -> tuple[str | None, st
 def plan(tree: Tree, paths: list[str] | None) -> list[tuple[tuple[str, ...], Entry]]:
     """(path components under DEST, entry) for everything to extract, parents first.
     ``paths`` selects subtrees (default: everything); the directories above a selected
-    path come along, so it lands at DEST/its/path as tar does."""
+    path come along, so it lands at DEST/its/path as tar does. Two entries of one name
+    in a directory both stay in the plan: extraction refuses the second, visibly."""
     out: list[tuple[tuple[str, ...], Entry]] = []
-    seen: set[tuple[str, ...]] = set()
-    for p in paths or ["/"]:
+    chains: set[tuple[str, ...]] = set()
+    selected: list[tuple[str, ...]] = []
+    def depth(p: str) -> int:
+        return len([c for c in p.split("/") if c and c != "."])
+
+    for p in sorted(paths or ["/"], key=depth):   # parents before what they hold
         chain = tree.resolve(p)
-        parts: tuple[str, ...] = ()
-        for e in chain:
-            parts += (e.name,)
-            if parts not in seen:
-                seen.add(parts)
-                out.append((parts, e))
+        parts = tuple(e.name for e in chain)
+        if any(parts[:len(s)] == s for s in selected):
+            continue   # inside a subtree already selected
+        selected.append(parts)
+        for i, e in enumerate(chain):
+            if parts[:i + 1] not in chains:
+                chains.add(parts[:i + 1])
+                out.append((parts[:i + 1], e))
         top = chain[-1] if chain else tree.root()
         if top.kind == "dir":
-            for sub, child in tree.walk(top, parts):
-                if sub not in seen:
-                    seen.add(sub)
-                    out.append((sub, child))
+            out.extend(tree.walk(top, parts))
     return out
 
 
