@@ -28,6 +28,7 @@ what goes in and how it is named, and writes the result:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -128,16 +129,24 @@ def source_date_epoch_from_env() -> int | None:
 
 class _Clock:
     """Stands in for the ``time`` module inside pycdlib while it builds: ``time()``
-    returns what we set, ``localtime`` is UTC."""
+    returns what we set, ``localtime`` is UTC (memoised: pycdlib asks for the same few
+    dates thousands of times)."""
 
     def __init__(self, now: float):
         self.now = now
+        self._memo: dict[float, _time.struct_time] = {}
 
     def time(self) -> float:
         return self.now
 
     def localtime(self, t: float | None = None):
-        return _time.gmtime(self.now if t is None else t)
+        t = self.now if t is None else t
+        tm = self._memo.get(t)
+        if tm is None:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            tm = self._memo[t] = _time.gmtime(t)
+        return tm
 
     def __getattr__(self, name: str):
         return getattr(_time, name)
@@ -184,6 +193,8 @@ class _PycdlibContext:
                     text = text[:-1]
                 return real_pad(text.encode("utf-8"), length, encoding)
             self._patch(self.utils, "encode_space_pad", pad)
+            # every date is UTC here (localtime is gmtime): the offset is always zero
+            self._patch(self.utils, "gmtoffset_from_tm", lambda tm, localtime: 0)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -209,7 +220,6 @@ class _Dir:
     iso: str          # its ISO 9660 path ("/" for the root)
     joliet: str
     udf: str
-    depth: int
     ancestors: frozenset = frozenset()   # (st_dev, st_ino) of it and the dirs above
 
 
@@ -217,24 +227,35 @@ def _join(parent: str, name: str) -> str:
     return ("" if parent == "/" else parent) + "/" + name
 
 
+def _relative(path: str) -> str:
+    """A path inside SRC_DIR or the ISO, spelled one way ("a/b": no ".", no "//")."""
+    return "/".join(c for c in path.split("/") if c and c != ".")
+
+
 class _Builder:
     def __init__(self, src: str, out: str, opts: BuildOptions,
                  warn: Callable[[str], None]):
         self.src = src
-        self.out_real = os.path.realpath(out)
+        try:
+            st = os.stat(out)
+            self.out_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            self.out_id = None
         self.opts = opts
         self.warn = warn
         self.result = BuildResult()
         self.boot_paths: dict[str, str] = {}   # SRC-relative path → ISO 9660 path
         self.wanted = {p for p in (opts.boot, opts.efi_boot) if p}
-        cat = opts.boot_catalog
-        if cat is None:
-            image = opts.boot or opts.efi_boot or ""
-            cat = "/".join(image.split("/")[:-1] + [CATALOG_NAME])
-        self.catalog = "/".join(c for c in cat.split("/") if c and c != ".")
-        self.catalog_dir, _, self.catalog_name = self.catalog.rpartition("/")
+        self.catalog = self.catalog_dir = self.catalog_name = None
+        if self.wanted:
+            cat = opts.boot_catalog
+            if cat is None:
+                image = opts.boot or opts.efi_boot or ""
+                cat = "/".join(image.split("/")[:-1] + [CATALOG_NAME])
+            self.catalog = _relative(cat)
+            self.catalog_dir, _, self.catalog_name = self.catalog.rpartition("/")
         self.catalog_paths: dict[str, str | None] = {}
-        self.dir_isos: dict[str, tuple] = {"": ("/", "/", "/")}
+        self.dirs: set[str] = {""}
         self.volume_time = 0.0
 
     def fail(self, rel: str, e: Exception) -> DiskforgeError:
@@ -266,7 +287,7 @@ class _Builder:
     def run(self, iso, ctx: _PycdlibContext) -> None:
         opts = self.opts
         root_st = os.stat(self.src)
-        stack = [_Dir("", self.src, "/", "/", "/", 0,
+        stack = [_Dir("", self.src, "/", "/", "/",
                       frozenset({(root_st.st_dev, root_st.st_ino)}))]
         while stack:
             d = stack.pop()
@@ -276,7 +297,7 @@ class _Builder:
         if missing:
             raise UsageError(f"the boot image '{missing[0]}' is not a regular file in the"
                              " source directory", self.src)
-        if self.catalog_name and self.catalog_dir and self.catalog_dir not in self.dir_isos:
+        if self.catalog is not None and self.catalog_dir not in self.dirs:
             raise UsageError(f"the boot catalog's directory '{self.catalog_dir}' is not in"
                              " the source directory", self.src)
         self.add_boot(iso, ctx)
@@ -298,7 +319,7 @@ class _Builder:
             except OSError as err:
                 self.warn(f"skipped '{rel}': {err.strerror}")
                 continue
-            if os.path.realpath(e.path) == self.out_real:
+            if self.out_id == (st.st_dev, st.st_ino):
                 continue  # the output itself, from an earlier run
             if any("\udc80" <= c <= "\udcff" for c in e.name):
                 raise UsageError(f"the file name '{rel!r}' is not valid UTF-8", self.src)
@@ -356,10 +377,10 @@ class _Builder:
                                       file_mode=self.mode(st) if opts.rock_ridge else None)
                     self.set_owner(iso, isop, st)
                     self.result.directories += 1
-                    self.dir_isos[rel] = (isop, jp, up)
+                    self.dirs.add(rel)
                     subdirs.append(_Dir(rel, e.path if not opts.follow_symlinks
                                         else os.path.realpath(e.path), isop, jp, up,
-                                        d.depth + 1, d.ancestors | {key}))
+                                        d.ancestors | {key}))
                 elif kind == "file":
                     if st.st_size >= 1 << 32 and opts.level < 3:
                         raise UsageError(f"'{rel}' is {st.st_size} bytes: files of 4 GiB"
@@ -465,27 +486,30 @@ def _is_pycdlib_error(err: Exception) -> bool:
 def _write(iso, out: AtomicFile, progress: Callable[[int, int], None] | None) -> None:
     """pycdlib writes the metadata; the file data is copied here, in the kernel.
 
-    Uses pycdlib internals (``_reshuffle_extents``, ``inodes``, ``Inode.data_fp``) when
-    they are there, and pycdlib's own (slower, user-space) copy when they are not.
+    This uses pycdlib internals (``_reshuffle_extents``, ``inodes``, ``Inode.data_fp``)
+    when they are there, and pycdlib's own user-space copy when they are not.
     """
     fp = os.fdopen(os.dup(out.fd), "r+b", buffering=1 << 20)
-    ours = []
     try:
-        fast = all(hasattr(iso, a) for a in ("_reshuffle_extents", "_needs_reshuffle",
-                                              "inodes"))
-        if fast:
-            if iso._needs_reshuffle:
-                iso._reshuffle_extents()
-                iso._needs_reshuffle = False
-            ours = [ino for ino in iso.inodes
-                    if getattr(ino, "manage_fp", False) and ino.boot_info_table is None
-                    and isinstance(ino.data_fp, str) and ino.get_data_length() > 0]
+        if not all(hasattr(iso, a) for a in ("_reshuffle_extents", "_needs_reshuffle",
+                                              "inodes")):
+            iso.write_fp(fp, blocksize=1 << 20, progress_cb=None if progress is None
+                         else lambda done, total: progress(done, total))
+            return
+        if iso._needs_reshuffle:
+            iso._reshuffle_extents()
+            iso._needs_reshuffle = False
+        # ours: plain files pycdlib would copy from a path; the boot image (its boot
+        # info table is patched in as it is written) stays with pycdlib
+        ours = [ino for ino in iso.inodes
+                if getattr(ino, "manage_fp", False) and ino.boot_info_table is None
+                and isinstance(ino.data_fp, str) and ino.get_data_length() > 0]
         mine = {id(i) for i in ours}
-        total_hint = [0]
         data_total = sum(i.get_data_length() for i in ours)
+        totals = [0]
 
         def meta_progress(done: int, total: int) -> None:
-            total_hint[0] = total
+            totals[0] = total
             if progress is not None:
                 progress(min(done, max(total - data_total, 0)), total)
 
@@ -496,7 +520,7 @@ def _write(iso, out: AtomicFile, progress: Callable[[int, int], None] | None) ->
         finally:
             iso.inodes = saved
         fp.flush()
-        total = total_hint[0]
+        total = totals[0]
         done = max(total - data_total, 0)
         bs = iso.logical_block_size
         for ino in ours:
@@ -514,10 +538,7 @@ def _copy_file(path: str, out_fd: int, offset: int, length: int) -> None:
     ranges with ``copy_file_range``, its holes left as holes (the output is a fresh
     sparse file there)."""
     from ..blockdev import FileBackend
-    try:
-        src = FileBackend(path)
-    except DiskforgeError:
-        raise
+    src = FileBackend(path)
     try:
         for start, n, is_data in src.data_ranges(0, length):
             if is_data:
@@ -566,10 +587,12 @@ def build(src: str, out: str, options: BuildOptions | None = None, *,
     if not os.path.isdir(src):
         raise ImageIOError("not a directory" if os.path.exists(src) else "no such directory",
                            src)
-    for p in (opts.boot, opts.efi_boot):
+    for p in (opts.boot, opts.efi_boot, opts.boot_catalog):
         if p and (p.startswith("/") or ".." in p.split("/")):
-            raise UsageError(f"boot images are named relative to the source directory:"
-                             f" '{p}'")
+            raise UsageError(f"boot images and the catalog are named relative to the"
+                             f" source directory: '{p}'")
+    opts = dataclasses.replace(opts, boot=_relative(opts.boot) if opts.boot else None,
+                               efi_boot=_relative(opts.efi_boot) if opts.efi_boot else None)
     mbr_code = b""
     if opts.hybrid and opts.boot:
         mbr_path = opts.hybrid_mbr or hybrid.default_mbr()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from construct import Bytes, Const, Int8sl, Int8ul, Int16ul, Int32ub, Int32ul, Struct
+from construct import Bytes, Const, Int8ul, Int16ul, Int32ub, Int32ul, Struct
 
 from ..blockdev import BlockDevice
 from ..errors import FormatError
