@@ -196,12 +196,6 @@ def _read(dev: BlockDevice, offset: int, length: int, what: str) -> bytes:
     return dev.read(offset, length)
 
 
-def looks_like_iso(head: bytes) -> bool:
-    """True when the sector-16 identifier says ISO 9660 or a UDF recognition sequence."""
-    ident = head[VD_START + 1:VD_START + 6]
-    return ident == b"CD001" or ident in VRS_IDENTIFIERS
-
-
 def read_volume_set(dev: BlockDevice) -> VolumeSet:
     """Read and check the volume descriptor set (and the UDF recognition sequence)."""
     path = dev.path
