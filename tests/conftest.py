@@ -111,3 +111,24 @@ def one_line_error(code: int, err: str) -> None:
 @pytest.fixture
 def workdir(tmp_path):
     return str(tmp_path)
+
+
+@pytest.fixture
+def loop_device():
+    """Attach files as loop devices (root and losetup needed; skips otherwise); every
+    device is detached again, whatever the test did."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup for loop devices")
+    attached = []
+
+    def attach(path: str) -> str:
+        proc = subprocess.run(["losetup", "--find", "--show", path], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"loop devices unavailable here: {proc.stderr.strip()}")
+        attached.append(proc.stdout.strip())
+        return attached[-1]
+    yield attach
+    for dev in attached:
+        subprocess.run(["umount", dev], capture_output=True)
+        subprocess.run(["losetup", "-d", dev], capture_output=True)

@@ -171,3 +171,19 @@ def test_progress_silent_when_not_a_tty(image, workdir):
     proc = cli_process("convert", "-p", image, os.path.join(workdir, "p2.raw"))
     assert "100.00/100%" in proc.stderr
     assert stat.S_ISREG(os.stat(os.path.join(workdir, "p2.raw")).st_mode)
+
+
+def test_convert_n_writes_into_an_existing_target(image, workdir):
+    target = os.path.join(workdir, "existing.raw")
+    with open(target, "wb") as f:
+        f.write(b"\xee" * (12 << 20))  # bigger than the source, full of non-zero bytes
+    code, _, err = cli("convert", "-n", "-O", "raw", image, target)
+    assert code == 0, err
+    data = open(target, "rb").read()
+    assert data[:10 << 20] == open(image, "rb").read()   # zeros were written as zeros
+    assert data[10 << 20:] == b"\xee" * (2 << 20)        # beyond the source: untouched
+    small = os.path.join(workdir, "small.raw")
+    open(small, "wb").write(bytes(4096))
+    code, _, err = cli("convert", "-n", "-O", "raw", image, small)
+    one_line_error(code, err)
+    assert "smaller" in err

@@ -403,3 +403,59 @@ def format_human(table: PartitionTable) -> list[str]:
     for problem in table.problems:
         lines.append(f"    problem: {problem}")
     return lines
+
+
+# -- repair ---------------------------------------------------------------------------
+
+def relocate_backup_gpt(dev: BlockDevice) -> int:
+    """Move the backup GPT to the end of a (resized) disk, as ``sgdisk -e`` does: the
+    backup entry array and header go to the last sectors, the primary header's
+    alternate and last-usable LBAs follow, and the protective MBR covers the disk.
+    Returns the new backup header LBA. The disk must be open writable."""
+    from .errors import FormatError
+    table = read_gpt(dev)
+    if table is None:
+        raise FormatError("no GPT on this disk", dev.path)
+    ss = table.sector_size
+    primary, problem = _gpt_header_at(dev, 1, ss)
+    if primary is None:
+        raise FormatError(f"primary GPT header is not valid ({problem}); cannot relocate"
+                          " the backup from it", dev.path)
+    entries, problem = _gpt_entries(dev, primary, ss)
+    if entries is None:
+        raise FormatError(f"primary GPT entries are not valid ({problem})", dev.path)
+    last = dev.size // ss - 1
+    entry_sectors = -(-len(entries) // ss)
+    backup_entries = last - entry_sectors
+    last_usable = backup_entries - 1
+    for p in table.partitions:
+        if (p.start + p.size) // ss - 1 > last_usable:
+            raise FormatError(f"partition {p.number} ends past the new last usable sector"
+                              f" {last_usable}", dev.path)
+    raw = bytearray(dev.read(ss, ss))
+
+    def seal(hdr: bytearray) -> bytes:
+        hdr[16:20] = b"\0\0\0\0"
+        crc = binascii.crc32(bytes(hdr[:primary.header_size]))
+        hdr[16:20] = crc.to_bytes(4, "little")
+        return bytes(hdr)
+
+    hdr = bytearray(raw)
+    hdr[32:40] = last.to_bytes(8, "little")            # alternate_lba
+    hdr[48:56] = last_usable.to_bytes(8, "little")     # last_usable_lba
+    new_primary = seal(hdr)
+    backup = bytearray(hdr)
+    backup[24:32] = last.to_bytes(8, "little")         # my_lba
+    backup[32:40] = (1).to_bytes(8, "little")          # alternate_lba
+    backup[72:80] = backup_entries.to_bytes(8, "little")  # partition_entry_lba
+    new_backup = seal(backup)
+    padded = entries + bytes(entry_sectors * ss - len(entries))
+    dev.write(backup_entries * ss, padded)
+    dev.write(last * ss, new_backup)
+    dev.write(ss, new_primary)
+    mbr = bytearray(dev.read(0, 512))
+    if mbr[510:512] == MBR_SIGNATURE and mbr[446 + 4] == 0xEE:
+        mbr[446 + 12:446 + 16] = min(dev.size // 512 - 1, 0xFFFFFFFF).to_bytes(4, "little")
+        dev.write(0, bytes(mbr))
+    dev.flush()
+    return last

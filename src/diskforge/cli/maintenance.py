@@ -7,11 +7,11 @@ from .image import add_policy_args, open_source
 
 def cmd_check(args) -> int:
     from ..errors import UnsupportedError
-    from ..ops.check import EXIT_UNSUPPORTED
+    from ..ops.check import EXIT_UNSUPPORTED, check_image
     writable = args.r is not None
     try:
         with open_source(args.filename, args.f, args, writable=writable) as dev:
-            result = dev.check(args.r)
+            result = check_image(dev, args.r)
     except UnsupportedError as e:
         if "does not support checks" not in str(e):
             raise
@@ -38,9 +38,13 @@ def cmd_resize(args) -> int:
             raise UsageError("Use the --shrink option to perform a shrink operation",
                              args.filename)
         dev.resize(new, shrink=args.shrink)
+        if args.fix_gpt:
+            from ..partitions import relocate_backup_gpt
+            relocate_backup_gpt(dev)
         dev.flush()
     if not args.q:
-        print("Image resized.")
+        print("Image resized." + (" Backup GPT moved to the new end." if args.fix_gpt
+                                  else ""))
     return 0
 
 
@@ -57,6 +61,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("resize", help="change an image's virtual size")
     p.add_argument("-f", metavar="FMT")
     p.add_argument("--shrink", action="store_true", help="allow making the image smaller")
+    p.add_argument("--fix-gpt", action="store_true",
+                   help="move the backup GPT to the new end of the disk (like sgdisk -e)")
     p.add_argument("-q", action="store_true")
     add_policy_args(p)
     p.add_argument("filename")

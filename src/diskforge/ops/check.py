@@ -87,3 +87,26 @@ class CheckResult:
 
     def format_json(self) -> str:
         return json.dumps(self.to_json(), indent=4)
+
+
+def check_image(dev, repair: str | None = None) -> CheckResult:
+    """The format's own check (when it has one) plus the partition table's: a corrupt
+    primary GPT, entries past the end, a looping EBR chain are corruptions too.
+
+    Raises UnsupportedError only when there is nothing at all to check."""
+    from ..errors import UnsupportedError
+    from ..partitions import read_partitions
+    try:
+        result = dev.check(repair)
+    except UnsupportedError:
+        result = None
+    table = read_partitions(dev)
+    if result is None:
+        if table is None:
+            raise UnsupportedError("This image format does not support checks", dev.path)
+        result = CheckResult(filename=dev.path or "", format=dev.format)
+    if table is not None:
+        for problem in table.problems:
+            result.messages.append(f"ERROR partition table ({table.scheme}): {problem}")
+            result.corruptions += 1
+    return result

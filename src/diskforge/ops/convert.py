@@ -110,11 +110,13 @@ class _Pipeline:
         self.writer.zero(off, n)
         self.stats.bytes_zero += n
 
-    def copy_batch(self, source: BlockDevice, off: int, n: int) -> None:
+    def copy_batch(self, source: BlockDevice, off: int, n: int, tap=None) -> None:
         buf, start = self.buffer()
         view = memoryview(buf)[start:start + n]
         source.readinto(off, view)
         self.stats.bytes_read += n
+        if tap:
+            tap(off, view, n)
         if self.base is not None:
             self._differences(buf, start, off, n)
             return
@@ -176,13 +178,18 @@ def _base_zero_ranges(base: BlockDevice, offset: int, length: int):
 
 def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | None = None,
             progress: "Progress | None" = None, batch_size: int = DEFAULT_BATCH,
-            workers: int | None = None) -> ConvertStats:
+            workers: int | None = None, tap=None, start: int = 0,
+            finish: bool = True) -> ConvertStats:
     """Copy ``source`` into ``writer``, then ``writer.finish()``.
 
     ``base``: the image the output will be backed by; only what differs from it is
     written. ``workers``: threads for the writer's ``prepare`` (compression); by default
-    the CPU count when the writer is parallel. On any exception, KeyboardInterrupt
-    included, the writer is aborted (leaving nothing behind) and the exception re-raised.
+    the CPU count when the writer is parallel. ``tap(offset, data, length)`` sees every
+    range of the disk once, in order (``data`` is None for ranges known to be zeros):
+    imaging hashes the disk with it in the same pass. ``start`` skips the disk before
+    that offset (resuming), and ``finish=False`` leaves the writer open for the caller.
+    On any exception, KeyboardInterrupt included, the writer is aborted (leaving
+    nothing behind) and the exception re-raised.
     """
     gran = max(512, writer.granularity)
     batch = max(gran, (batch_size // gran) * gran)
@@ -190,21 +197,23 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
         workers = (os.cpu_count() or 1) if writer.parallel else 0
     pipe = _Pipeline(writer, base, workers, batch)
     pipe.stats.virtual_size = total = source.size
-    done = 0
+    done = start
     try:
-        for ext in source.extents():
+        for ext in source.extents(start, total - start):
             kind = ext.kind
             if kind is ExtentKind.BACKING:
                 if source.backing is None:
                     kind = ExtentKind.ZERO
-                elif _same_file(source.backing, base):
+                elif tap is None and _same_file(source.backing, base):
                     pipe.stats.bytes_skipped += ext.length  # reads through already
                     kind = None
             if kind is ExtentKind.ZERO:
+                if tap:
+                    tap(ext.offset, None, ext.length)
                 pipe.zero(ext.offset, ext.length)
             elif kind is not None:
                 for off, n in batches(ext.offset, ext.length, batch):
-                    pipe.copy_batch(source, off, n)
+                    pipe.copy_batch(source, off, n, tap)
                     done += n
                     if progress:
                         progress(done, total)
@@ -214,7 +223,8 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
                 progress(done, total)
         pipe.drain()
         pipe.close(cancel=False)
-        writer.finish()
+        if finish:
+            writer.finish()
     except BaseException:
         pipe.close(cancel=True)
         writer.abort()

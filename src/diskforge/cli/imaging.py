@@ -1,0 +1,161 @@
+"""Subcommands for backing up and restoring disks: image, restore, verify."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .image import add_policy_args, open_backing, open_source, parse_options, progress_for
+
+DEFAULT_IMAGE_FORMAT = "qcow2"
+
+
+def cmd_image(args) -> int:
+    from ..atomic import refuse_overwrite
+    from ..errors import UnsupportedError
+    from ..ops.imaging import badmap_path, image
+    from ..registry import by_extension, get
+    fmt = get(args.O) if args.O else (by_extension(args.output) or get(DEFAULT_IMAGE_FORMAT))
+    options = parse_options(fmt, args.o)
+    if not args.no_compress:
+        try:
+            options = fmt.compressed(options)
+        except UnsupportedError:
+            pass  # formats without compression image uncompressed
+    src = open_source(args.source, args.f, args)
+    base = None
+    try:
+        backing = None
+        if args.base:
+            # the user names BASE from here; the image records it relative to itself
+            rel = os.path.relpath(os.path.abspath(args.base),
+                                  os.path.dirname(os.path.abspath(args.output)))
+            base, backing = open_backing(rel, args.F, args.output, args)
+        refuse_overwrite(args.output, src.files(), "the source")
+        if base is not None:
+            refuse_overwrite(args.output, base.files(), "the base image")
+        writer = fmt.writer(args.output, src.size, options, backing=backing)
+        bar = progress_for(args)
+        try:
+            result = image(src, writer, args.output, fmt_name=fmt.name, base=base,
+                           progress=bar, workers=args.m, retries=args.retries,
+                           source_name=args.source)
+        finally:
+            bar.close()
+    finally:
+        src.close()
+        if base is not None:
+            base.close()
+    if not args.q:
+        s = result.stats
+        kind = "differential image" if args.base else "image"
+        print(f"{kind} {args.output}: {s.virtual_size} bytes, {s.bytes_written} written,"
+              f" {s.bytes_zero} zero, {s.bytes_skipped} unchanged; sha256 {result.sha256}")
+        print(f"integrity record: {result.record_path}")
+    if result.bad_ranges:
+        total = sum(n for _, n in result.bad_ranges)
+        print(f"diskforge: {args.source}: {len(result.bad_ranges)} unreadable ranges"
+              f" ({total} bytes) read as zeros; map in {badmap_path(args.output)}",
+              file=sys.stderr)
+        if not args.allow_bad_sectors:
+            return 1
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from ..ops.restore import restore
+    with open_source(args.image, args.f, args) as img:
+        bar = progress_for(args)
+        try:
+            result = restore(img, args.target, force=args.force, verify=not args.no_verify,
+                             progress=bar, workers=args.m)
+        finally:
+            bar.close()
+    if not args.q:
+        state = "verified by read-back" if result.verified else "not verified"
+        print(f"restored {args.image} to {args.target}: sha256 {result.sha256} ({state})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """The format's own checksums (when it has any) and the integrity record (when the
+    image has one); at least one of the two must exist."""
+    from ..errors import UnsupportedError
+    from ..ops.imaging import IntegrityRecord, record_path, verify_record
+    problems: list[str] = []
+    checked = []
+    rec_file = args.record or record_path(args.filename)
+    with open_source(args.filename, args.f, args) as dev:
+        try:
+            problems += dev.verify()
+            checked.append(f"{dev.format} checksums")
+        except UnsupportedError:
+            pass
+        if os.path.exists(rec_file):
+            bar = progress_for(args)
+            try:
+                result = verify_record(dev, IntegrityRecord.load(rec_file), progress=bar)
+            finally:
+                bar.close()
+            problems += result.problems
+            checked.append(f"integrity record {os.path.basename(rec_file)}")
+    if not checked:
+        from ..errors import UnsupportedError as U
+        raise U("nothing to verify: the format has no checksums and there is no"
+                f" integrity record ({rec_file})", args.filename)
+    for p in problems:
+        print(f"{args.filename}: {p}")
+    if not args.q:
+        verdict = "FAILED" if problems else "passed"
+        print(f"verify {verdict} ({', '.join(checked)})")
+    return 1 if problems else 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("image", help="image a disk or image (full, or differential with"
+                       " --base), with an integrity record")
+    p.add_argument("-f", metavar="FMT", help="source format (a device reads as raw)")
+    p.add_argument("-O", metavar="FMT", help="output format (default: from the extension,"
+                   f" else {DEFAULT_IMAGE_FORMAT})")
+    p.add_argument("-o", action="append", default=[], metavar="OPTIONS")
+    p.add_argument("--base", metavar="BASE", help="differential: store only what differs"
+                   " from BASE, in an overlay backed by it")
+    p.add_argument("-F", metavar="BASE_FMT", help="format of BASE")
+    p.add_argument("--no-compress", action="store_true",
+                   help="do not compress (compression is on where the format has it)")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="retries of a failed read before a sector counts as bad")
+    p.add_argument("--allow-bad-sectors", action="store_true",
+                   help="exit 0 even when some sectors could not be read")
+    p.add_argument("-m", type=int, metavar="N", help="compression threads")
+    p.add_argument("-p", action="store_true")
+    p.add_argument("-q", action="store_true")
+    add_policy_args(p)
+    p.add_argument("source")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_image)
+
+    p = sub.add_parser("restore", help="write an image (its whole chain) to a device or"
+                       " file, then verify it by reading back")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite even a mounted or busy device")
+    p.add_argument("--no-verify", action="store_true", help="skip the read-back check")
+    p.add_argument("-m", type=int, metavar="N")
+    p.add_argument("-p", action="store_true")
+    p.add_argument("-q", action="store_true")
+    add_policy_args(p)
+    p.add_argument("image")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("verify", help="verify an image's own checksums and its integrity"
+                       " record (exit 0 intact, 1 not)")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument("--record", metavar="FILE", help="integrity record (default:"
+                   " IMAGE.integrity.json)")
+    p.add_argument("-p", action="store_true")
+    p.add_argument("-q", action="store_true")
+    add_policy_args(p)
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_verify, error_status=2)

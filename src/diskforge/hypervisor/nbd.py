@@ -1,0 +1,749 @@
+"""An NBD server over any diskforge BlockDevice (``diskforge serve``).
+
+Protocol: the NBD protocol document (github.com/NetworkBlockDevice/nbd, doc/proto.md).
+Implemented: the fixed newstyle handshake (``NBD_FLAG_FIXED_NEWSTYLE``,
+``NBD_FLAG_NO_ZEROES``); options ``EXPORT_NAME``, ``ABORT``, ``LIST``, ``INFO``, ``GO``,
+``STRUCTURED_REPLY``, ``LIST_META_CONTEXT`` and ``SET_META_CONTEXT`` (``STARTTLS`` and
+extended headers are answered ``NBD_REP_ERR_UNSUP``); commands ``READ`` (structured
+replies send holes as ``OFFSET_HOLE`` chunks), ``WRITE`` (with ``FUA``), ``FLUSH``,
+``TRIM``, ``WRITE_ZEROES``, ``BLOCK_STATUS`` for the ``base:allocation`` context (built
+from ``BlockDevice.extents()``, backing layers resolved, so clients such as ``qemu-img
+map`` see the holes) and ``DISC``.
+
+Safety, the reason most of this module exists:
+- One thread per client, at most ``max_clients`` at once; a client that sends garbage
+  (a bad magic number, a malformed option, an oversized request) is disconnected and
+  nobody else notices. Payloads are bounded (``MAX_PAYLOAD``, advertised through
+  ``NBD_INFO_BLOCK_SIZE``; options ``MAX_OPTION``); the handshake has a time limit.
+- Every device call goes through one lock per export, and a write is applied only after
+  its whole payload has arrived: a client vanishing mid-request never leaves a torn
+  write, and formats whose writers are not thread-safe stay consistent.
+- Listening is on a Unix socket, or TCP on loopback unless another address is named.
+
+Not implemented: TLS, ``NBD_CMD_CACHE``, ``NBD_CMD_RESIZE``, extended headers, the
+``qemu:`` meta contexts; several exports per server.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+
+from ..blockdev import BlockDevice, Extent, ExtentKind
+from ..errors import DiskforgeError, UsageError
+
+# -- protocol constants (proto.md) -------------------------------------------------------
+NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054          # "IHAVEOPT"
+REPLY_MAGIC = 0x3E889045565A9          # option replies
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+FLAG_FIXED_NEWSTYLE = 1 << 0           # handshake flags
+FLAG_NO_ZEROES = 1 << 1
+FLAG_C_FIXED_NEWSTYLE = 1 << 0         # client flags
+FLAG_C_NO_ZEROES = 1 << 1
+
+# transmission flags
+FLAG_HAS_FLAGS = 1 << 0
+FLAG_READ_ONLY = 1 << 1
+FLAG_SEND_FLUSH = 1 << 2
+FLAG_SEND_FUA = 1 << 3
+FLAG_SEND_TRIM = 1 << 5
+FLAG_SEND_WRITE_ZEROES = 1 << 6
+FLAG_CAN_MULTI_CONN = 1 << 8
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_POLICY = (1 << 31) + 2
+REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_UNKNOWN = (1 << 31) + 6
+REP_ERR_TOO_BIG = (1 << 31) + 9
+
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+KNOWN_CMD_FLAGS = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE
+
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+
+STATE_HOLE = 1 << 0                    # base:allocation
+STATE_ZERO = 1 << 1
+
+EPERM, EIO, EINVAL, ENOSPC, EOVERFLOW = 1, 5, 22, 28, 75  # NBD error numbers
+
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1
+
+# -- limits ------------------------------------------------------------------------------
+MAX_PAYLOAD = 32 << 20                 # largest READ/WRITE, as QEMU's own NBD server
+MAX_OPTION = 64 << 10                  # largest option payload we read
+MAX_OPTIONS = 256                      # options per handshake
+MAX_DESCRIPTORS = 8192                 # block status descriptors per reply
+PREFERRED_BLOCK = 4096
+
+_REQUEST = struct.Struct(">IHHQQI")    # magic, flags, type, cookie, offset, length
+_OPTION = struct.Struct(">QII")        # IHAVEOPT, option, length
+_OPT_REPLY = struct.Struct(">QIII")    # magic, option, reply type, length
+_SIMPLE = struct.Struct(">IIQ")        # magic, error, cookie
+_CHUNK = struct.Struct(">IHHQI")       # magic, flags, type, cookie, length
+
+
+class _Disconnect(Exception):
+    """End this client's session (EOF, garbage, or the server closing)."""
+
+
+def flat_extents(dev: BlockDevice, offset: int, length: int) -> Iterator[Extent]:
+    """The extents of what a reader of ``dev`` sees: BACKING runs are resolved through
+    the backing chain (beyond a shorter backing image, and with none, they read as
+    zeros). Clipped to ``[offset, offset+length)`` whatever the plugin returns."""
+    end = offset + length
+    pos = offset
+    for e in dev.extents(offset, length):
+        start, stop = max(e.offset, pos), min(e.end, end)
+        if stop <= start:
+            continue
+        pos = stop
+        if e.kind is ExtentKind.BACKING:
+            b = dev.backing
+            inside = 0 if b is None else max(0, min(stop, b.size) - start)
+            if inside:
+                yield from flat_extents(b, start, inside)
+            if start + inside < stop:
+                yield Extent(start + inside, stop - start - inside, ExtentKind.ZERO, False)
+        else:
+            yield Extent(start, stop - start, e.kind, e.allocated)
+        if pos >= end:
+            return
+    if pos < end:  # a plugin that stopped short: claim data (always safe)
+        yield Extent(pos, end - pos, ExtentKind.DATA)
+
+
+class NBDServer:
+    """Serve one BlockDevice as one NBD export. ``start()`` listens in a background
+    thread; ``close()`` stops accepting, disconnects every client and joins its thread.
+
+    The device stays owned by the caller (it is not closed here).
+    """
+
+    def __init__(self, device: BlockDevice, *, socket_path: str | None = None,
+                 host: str = "127.0.0.1", port: int | None = None,
+                 read_only: bool = False, export_name: str = "",
+                 description: str | None = None, max_clients: int = 16,
+                 handshake_timeout: float = 30.0, request_timeout: float = 60.0,
+                 log: Callable[[str], None] | None = None):
+        if socket_path is None and port is None:
+            raise UsageError("NBD server: give a Unix socket path or a TCP port")
+        if not read_only and not device.writable:
+            raise UsageError("NBD server: the device is open read-only; serve it with"
+                             " read_only=True", device.path)
+        self.device = device
+        self.socket_path = socket_path
+        self.host = host
+        self.port = port
+        self.read_only = read_only
+        self.export_name = export_name
+        self.description = description or ""
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self.request_timeout = request_timeout
+        self.log = log or (lambda msg: None)
+        self.lock = threading.Lock()  # every device call, from every client
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._clients: dict[int, tuple[threading.Thread, socket.socket]] = {}
+        self._clients_lock = threading.Lock()
+        self._closing = False
+        self._next_id = 0
+        self.connections = 0           # accepted so far
+        self.dropped = 0               # disconnected for a protocol violation
+
+    # -- addresses ----------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        name = self.export_name
+        if self.socket_path:
+            return f"nbd+unix:///{name}?socket={os.path.abspath(self.socket_path)}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{name}"
+
+    @property
+    def transmission_flags(self) -> int:
+        flags = FLAG_HAS_FLAGS | FLAG_CAN_MULTI_CONN
+        if self.read_only:
+            return flags | FLAG_READ_ONLY
+        return (flags | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM
+                | FLAG_SEND_WRITE_ZEROES)
+
+    # -- lifetime -----------------------------------------------------------------------
+    def start(self) -> "NBDServer":
+        if self.socket_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            _remove_stale_socket(self.socket_path)
+            try:
+                sock.bind(self.socket_path)
+            except OSError as e:
+                sock.close()
+                raise DiskforgeError(f"cannot listen: {e.strerror or e}",
+                                     self.socket_path) from None
+        else:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, self.port))
+            except OSError as e:
+                sock.close()
+                raise DiskforgeError(f"cannot listen on {self.host}:{self.port}:"
+                                     f" {e.strerror or e}") from None
+            self.port = sock.getsockname()[1]
+        sock.listen(16)
+        sock.setblocking(False)
+        self._listener = sock
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._accept_loop, name="nbd-accept",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop: no new clients, current ones disconnected (a request being applied
+        finishes first: the lock is taken by it), all threads joined."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(10)
+        with self._clients_lock:
+            clients = list(self._clients.values())
+        for _, sock in clients:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread, _ in clients:
+            thread.join(30)
+        if self._listener is not None:
+            self._listener.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if self.socket_path:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "NBDServer":
+        if self._listener is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def active_clients(self) -> int:
+        with self._clients_lock:
+            return len(self._clients)
+
+    # -- accepting ----------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._closing:
+                for key, _ in sel.select():
+                    if key.fileobj is not self._listener or self._closing:
+                        continue
+                    try:
+                        conn, addr = self._listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as e:  # EMFILE and friends: keep serving others
+                        self.log(f"accept failed: {e}")
+                        continue
+                    self._admit(conn, addr)
+        finally:
+            sel.close()
+
+    def _admit(self, conn: socket.socket, addr) -> None:
+        conn.setblocking(True)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._clients_lock:
+            if len(self._clients) >= self.max_clients:
+                self.log(f"refused a client: {self.max_clients} already connected")
+                conn.close()
+                return
+            self._next_id += 1
+            cid = self._next_id
+            self.connections += 1
+            thread = threading.Thread(target=self._run_client, args=(cid, conn),
+                                      name=f"nbd-client-{cid}", daemon=True)
+            self._clients[cid] = (thread, conn)
+        thread.start()
+
+    def _run_client(self, cid: int, conn: socket.socket) -> None:
+        session = _Session(self, conn, cid)
+        try:
+            session.run()
+        finally:
+            try:
+                conn.close()
+            finally:
+                with self._clients_lock:
+                    self._clients.pop(cid, None)
+
+
+class _Session:
+    """One client connection: handshake, then requests until it leaves."""
+
+    def __init__(self, server: NBDServer, sock: socket.socket, cid: int):
+        self.server = server
+        self.dev = server.device
+        self.sock = sock
+        self.cid = cid
+        self.structured = False
+        self.meta_allocation = False
+        self.no_zeroes = False
+        self.buf = bytearray()
+        self.bufview = memoryview(self.buf)
+
+    def run(self) -> None:
+        log = self.server.log
+        log(f"client {self.cid} connected")
+        try:
+            self.sock.settimeout(self.server.handshake_timeout)
+            if self.handshake():
+                self.sock.settimeout(None)
+                self.transmission()
+            log(f"client {self.cid} disconnected")
+        except _Disconnect as e:
+            if str(e):
+                self.server.dropped += 1
+                log(f"client {self.cid} dropped: {e}")
+            else:
+                log(f"client {self.cid} disconnected")
+        except OSError as e:
+            log(f"client {self.cid} connection lost: {e}")
+        except Exception as e:  # a bug must cost one connection, never the server
+            self.server.dropped += 1
+            log(f"client {self.cid} dropped after an internal error: {e!r}")
+
+    # -- socket helpers -----------------------------------------------------------------
+    def recv_exact(self, n: int) -> bytes:
+        data = bytearray(n)
+        self.recv_into(memoryview(data))
+        return bytes(data)
+
+    def recv_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            k = self.sock.recv_into(view[got:])
+            if k == 0:
+                raise _Disconnect()
+            got += k
+
+    def send(self, *parts) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while sent and views:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def buffer(self, n: int) -> memoryview:
+        if len(self.buf) < n:
+            self.buf = bytearray(max(n, PREFERRED_BLOCK))
+            self.bufview = memoryview(self.buf)
+        return self.bufview[:n]
+
+    # -- handshake ------------------------------------------------------------------------
+    def handshake(self) -> bool:
+        """Negotiate; True when transmission starts, False when the client aborted."""
+        self.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
+                              FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        (cflags,) = struct.unpack(">I", self.recv_exact(4))
+        if cflags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+            raise _Disconnect(f"unknown client flags {cflags:#x}")
+        self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
+        for _ in range(MAX_OPTIONS):
+            magic, opt, length = _OPTION.unpack(self.recv_exact(_OPTION.size))
+            if magic != IHAVEOPT:
+                raise _Disconnect(f"bad option magic {magic:#x}")
+            if length > MAX_OPTION:
+                raise _Disconnect(f"option {opt} of {length} bytes is too large")
+            data = self.recv_exact(length)
+            if opt == OPT_EXPORT_NAME:
+                if data.decode("utf-8", "replace") != self.server.export_name:
+                    raise _Disconnect("unknown export name")
+                tail = b"" if self.no_zeroes else bytes(124)
+                self.send(struct.pack(">QH", self.dev.size,
+                                      self.server.transmission_flags), tail)
+                return True
+            if opt == OPT_ABORT:
+                self.reply(opt, REP_ACK)
+                return False
+            if opt in (OPT_INFO, OPT_GO):
+                if self.info_or_go(opt, data):
+                    return True
+            elif opt == OPT_LIST:
+                if data:
+                    self.reply_error(opt, REP_ERR_INVALID, "LIST takes no data")
+                    continue
+                name = self.server.export_name.encode()
+                self.reply(opt, REP_SERVER, struct.pack(">I", len(name)) + name)
+                self.reply(opt, REP_ACK)
+            elif opt == OPT_STRUCTURED_REPLY:
+                if data:
+                    self.reply_error(opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                    continue
+                self.structured = True
+                self.reply(opt, REP_ACK)
+            elif opt in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+                self.meta_context(opt, data)
+            elif opt == OPT_STARTTLS:
+                self.reply_error(opt, REP_ERR_UNSUP, "TLS is not supported")
+            else:
+                self.reply_error(opt, REP_ERR_UNSUP, f"option {opt} is not supported")
+        raise _Disconnect(f"more than {MAX_OPTIONS} options")
+
+    def reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
+        self.send(_OPT_REPLY.pack(REPLY_MAGIC, opt, rtype, len(data)), data)
+
+    def reply_error(self, opt: int, rtype: int, message: str) -> None:
+        self.reply(opt, rtype, message.encode())
+
+    def parse_name(self, data: bytes, opt: int) -> tuple[str, int] | None:
+        if len(data) < 4:
+            self.reply_error(opt, REP_ERR_INVALID, "option data too short")
+            return None
+        (n,) = struct.unpack_from(">I", data)
+        if 4 + n > len(data):
+            self.reply_error(opt, REP_ERR_INVALID, "export name runs past the option")
+            return None
+        return data[4:4 + n].decode("utf-8", "replace"), 4 + n
+
+    def info_or_go(self, opt: int, data: bytes) -> bool:
+        parsed = self.parse_name(data, opt)
+        if parsed is None:
+            return False
+        name, pos = parsed
+        if pos + 2 > len(data):
+            self.reply_error(opt, REP_ERR_INVALID, "information request count missing")
+            return False
+        (count,) = struct.unpack_from(">H", data, pos)
+        pos += 2
+        if pos + 2 * count != len(data):
+            self.reply_error(opt, REP_ERR_INVALID, "information requests do not match"
+                             " the option length")
+            return False
+        requests = set(struct.unpack_from(f">{count}H", data, pos))
+        if name != self.server.export_name:
+            self.reply_error(opt, REP_ERR_UNKNOWN, f"no export named '{name}'")
+            return False
+        self.reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.dev.size,
+                                              self.server.transmission_flags))
+        if INFO_NAME in requests:
+            self.reply(opt, REP_INFO, struct.pack(">H", INFO_NAME) + name.encode())
+        if INFO_DESCRIPTION in requests and self.server.description:
+            self.reply(opt, REP_INFO, struct.pack(">H", INFO_DESCRIPTION)
+                       + self.server.description.encode()[:4096])
+        if INFO_BLOCK_SIZE in requests:
+            self.reply(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1,
+                                                  PREFERRED_BLOCK, MAX_PAYLOAD))
+        self.reply(opt, REP_ACK)
+        return opt == OPT_GO
+
+    def meta_context(self, opt: int, data: bytes) -> None:
+        if opt == OPT_SET_META_CONTEXT and not self.structured:
+            self.reply_error(opt, REP_ERR_INVALID, "negotiate structured replies first")
+            return
+        parsed = self.parse_name(data, opt)
+        if parsed is None:
+            return
+        name, pos = parsed
+        if pos + 4 > len(data):
+            self.reply_error(opt, REP_ERR_INVALID, "query count missing")
+            return
+        (count,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            if pos + 4 > len(data):
+                self.reply_error(opt, REP_ERR_INVALID, "query runs past the option")
+                return
+            (n,) = struct.unpack_from(">I", data, pos)
+            if pos + 4 + n > len(data):
+                self.reply_error(opt, REP_ERR_INVALID, "query runs past the option")
+                return
+            queries.append(data[pos + 4:pos + 4 + n].decode("utf-8", "replace"))
+            pos += 4 + n
+        if pos != len(data):
+            self.reply_error(opt, REP_ERR_INVALID, "trailing bytes after the queries")
+            return
+        if name != self.server.export_name:
+            self.reply_error(opt, REP_ERR_UNKNOWN, f"no export named '{name}'")
+            return
+        if opt == OPT_SET_META_CONTEXT:
+            chosen = BASE_ALLOCATION in queries
+            self.meta_allocation = chosen
+        else:
+            chosen = not queries or any(q in (BASE_ALLOCATION, "base:") for q in queries)
+        if chosen:
+            self.reply(opt, REP_META_CONTEXT, struct.pack(">I", BASE_ALLOCATION_ID)
+                       + BASE_ALLOCATION.encode())
+        self.reply(opt, REP_ACK)
+
+    # -- transmission ------------------------------------------------------------------
+    def transmission(self) -> None:
+        server = self.server
+        header = bytearray(_REQUEST.size)
+        hview = memoryview(header)
+        while not server._closing:
+            self.recv_into(hview)
+            magic, flags, cmd, cookie, offset, length = _REQUEST.unpack(header)
+            if magic != REQUEST_MAGIC:
+                raise _Disconnect(f"bad request magic {magic:#x}")
+            if cmd == CMD_DISC:
+                return
+            if cmd == CMD_WRITE:
+                self.do_write(flags, cookie, offset, length)
+                continue
+            if flags & ~KNOWN_CMD_FLAGS:
+                self.error(cookie, EINVAL, "unknown command flags")
+                continue
+            if cmd == CMD_READ:
+                self.do_read(flags, cookie, offset, length)
+            elif cmd == CMD_FLUSH:
+                self.apply(cookie, lambda: None if server.read_only else self.dev.flush())
+            elif cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
+                if server.read_only:
+                    self.error(cookie, EPERM, "the export is read-only")
+                elif not self.in_range(offset, length):
+                    self.error(cookie, ENOSPC, "range is beyond the end of the export")
+                else:
+                    self.apply(cookie, lambda: self.zero(offset, length, flags))
+            elif cmd == CMD_BLOCK_STATUS:
+                self.do_block_status(flags, cookie, offset, length)
+            else:
+                self.error(cookie, EINVAL, f"command {cmd} is not supported")
+
+    def in_range(self, offset: int, length: int) -> bool:
+        return offset + length <= self.dev.size
+
+    def zero(self, offset: int, length: int, flags: int) -> None:
+        if length:
+            self.dev.write_zeroes(offset, length)
+        if flags & CMD_FLAG_FUA:
+            self.dev.flush()
+
+    def apply(self, cookie: int, fn) -> None:
+        """Run a device call under the export lock; answer success or EIO."""
+        try:
+            with self.server.lock:
+                fn()
+        except (DiskforgeError, OSError) as e:
+            self.server.log(f"client {self.cid}: I/O error: {e}")
+            self.error(cookie, EIO, str(e))
+            return
+        self.ok(cookie)
+
+    def ok(self, cookie: int) -> None:
+        if self.structured:
+            self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE,
+                                  cookie, 0))
+        else:
+            self.send(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def error(self, cookie: int, err: int, message: str) -> None:
+        if self.structured:
+            msg = message.encode()[:1024]
+            payload = struct.pack(">IH", err, len(msg)) + msg
+            self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                  REPLY_TYPE_ERROR, cookie, len(payload)), payload)
+        else:
+            self.send(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, err, cookie))
+
+    def do_write(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        if length > MAX_PAYLOAD:
+            # the payload cannot be skipped in bounded memory and time: say why, leave
+            self.error(cookie, EOVERFLOW, f"write of {length} bytes is over the"
+                       f" {MAX_PAYLOAD}-byte limit")
+            raise _Disconnect(f"write of {length} bytes is over the limit")
+        view = self.buffer(length)
+        self.sock.settimeout(self.server.request_timeout)
+        try:
+            self.recv_into(view)  # all of it before anything touches the disk
+        finally:
+            self.sock.settimeout(None)
+        if flags & ~KNOWN_CMD_FLAGS:
+            self.error(cookie, EINVAL, "unknown command flags")
+        elif self.server.read_only:
+            self.error(cookie, EPERM, "the export is read-only")
+        elif not self.in_range(offset, length):
+            self.error(cookie, ENOSPC, "write is beyond the end of the export")
+        else:
+            def write():
+                self.dev.write(offset, view)
+                if flags & CMD_FLAG_FUA:
+                    self.dev.flush()
+            self.apply(cookie, write)
+
+    def do_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        if length > MAX_PAYLOAD:
+            self.error(cookie, EOVERFLOW if self.structured else EINVAL,
+                       f"read of {length} bytes is over the {MAX_PAYLOAD}-byte limit")
+            return
+        if length == 0 or not self.in_range(offset, length):
+            self.error(cookie, EINVAL, "read range is empty or beyond the end")
+            return
+        view = self.buffer(length)
+        try:
+            with self.server.lock:
+                if self.structured and not flags & CMD_FLAG_DF:
+                    pieces = self.read_pieces(offset, length, view)
+                else:
+                    self.dev.readinto(offset, view)
+                    pieces = None
+        except (DiskforgeError, OSError) as e:
+            self.server.log(f"client {self.cid}: read error: {e}")
+            self.error(cookie, EIO, str(e))
+            return
+        if not self.structured:
+            self.send(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie), view)
+            return
+        if pieces is None:
+            pieces = [(offset, length, True)]
+        last = len(pieces) - 1
+        for i, (off, n, data) in enumerate(pieces):
+            done = REPLY_FLAG_DONE if i == last else 0
+            if data:
+                rel = off - offset
+                self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, done, REPLY_TYPE_OFFSET_DATA,
+                                      cookie, 8 + n), struct.pack(">Q", off),
+                          view[rel:rel + n])
+            else:
+                self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, done, REPLY_TYPE_OFFSET_HOLE,
+                                      cookie, 12), struct.pack(">QI", off, n))
+
+    def read_pieces(self, offset: int, length: int, view: memoryview):
+        """Read the data runs into ``view``; (offset, length, is_data) per run, with
+        zero runs left as holes (not read, not sent)."""
+        pieces: list[list] = []
+        for e in flat_extents(self.dev, offset, length):
+            data = e.kind is not ExtentKind.ZERO
+            if pieces and pieces[-1][2] == data:
+                pieces[-1][1] += e.length
+            else:
+                pieces.append([e.offset, e.length, data])
+        for off, n, data in pieces:
+            if data:
+                rel = off - offset
+                self.dev.readinto(off, view[rel:rel + n])
+        return [tuple(p) for p in pieces]
+
+    def do_block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        if not self.structured or not self.meta_allocation:
+            self.error(cookie, EINVAL, "block status needs structured replies and the"
+                       " base:allocation context")
+            return
+        if length == 0 or not self.in_range(offset, length):
+            self.error(cookie, EINVAL, "block status range is empty or beyond the end")
+            return
+        descriptors = bytearray()
+        count = 0
+        limit = 1 if flags & CMD_FLAG_REQ_ONE else MAX_DESCRIPTORS
+        try:
+            with self.server.lock:
+                prev_state, prev_len = None, 0
+                for e in flat_extents(self.dev, offset, length):
+                    state = STATE_HOLE | STATE_ZERO if e.kind is ExtentKind.ZERO else 0
+                    if state == prev_state:
+                        prev_len += e.length
+                        continue
+                    if prev_state is not None:
+                        descriptors += struct.pack(">II", prev_len, prev_state)
+                        count += 1
+                        if count >= limit:
+                            prev_state = None
+                            break
+                    prev_state, prev_len = state, e.length
+                if prev_state is not None:
+                    descriptors += struct.pack(">II", prev_len, prev_state)
+        except (DiskforgeError, OSError) as e:
+            self.error(cookie, EIO, str(e))
+            return
+        payload = struct.pack(">I", BASE_ALLOCATION_ID) + descriptors
+        self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                              REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)), payload)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Replace a socket file nobody listens on; refuse anything else."""
+    import stat
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DiskforgeError("exists and is not a socket; refusing to replace it", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            return
+        raise DiskforgeError(f"cannot tell whether the socket is in use: {e}", path) from None
+    finally:
+        probe.close()
+    raise DiskforgeError("another server is listening on this socket", path)

@@ -1,0 +1,233 @@
+"""Imaging: full images with integrity records, restore, verify, bad sectors."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import cli, need, one_line_error, run, sha256_file
+
+import diskforge
+from diskforge import registry
+from diskforge.blockdev import BlockDevice, ExtentKind
+from diskforge.errors import ImageIOError
+from diskforge.ops.imaging import RescueReader, image, record_path
+
+
+def gpt_disk(path, size=64 << 20):
+    """A GPT disk with two partitions and recognisable bytes in each (sgdisk)."""
+    need("sgdisk")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    run("sgdisk", "-n", "1:2048:+8M", "-t", "1:ef00", "-c", "1:EFI",
+        "-n", "2:0:+24M", "-t", "2:8300", "-c", "2:data", path)
+    with open(path, "r+b") as f:
+        f.write(b"\xeb\x63\x90BOOTCODE")  # boot code in the protective MBR's first bytes
+        for off in (1 << 20, 9 << 20, 20 << 20):
+            f.seek(off)
+            f.write(os.urandom(300_000))
+    return path
+
+
+def test_image_a_loop_device_and_restore_to_another(workdir, loop_device):
+    src_file = gpt_disk(os.path.join(workdir, "disk.raw"))
+    dst_file = os.path.join(workdir, "target.raw")
+    with open(dst_file, "wb") as f:
+        f.truncate(80 << 20)
+    src, dst = loop_device(src_file), loop_device(dst_file)
+    out = os.path.join(workdir, "backup.raw")
+    code, stdout, err = cli("image", "-O", "raw", src, out)
+    assert code == 0, err
+    rec = json.load(open(record_path(out)))
+    assert rec["sha256"] == sha256_file(src_file) and rec["bad-ranges"] == []
+    code, _, err = cli("restore", out, dst)
+    assert code == 0, err
+    with open(dst, "rb") as f:
+        restored = f.read(64 << 20)
+    assert restored == open(src_file, "rb").read()  # boot sector, both GPTs, partitions
+    assert "verified by read-back" in cli("restore", out, dst)[1]
+
+
+def test_restore_refuses_small_mounted_and_self_targets(workdir, loop_device):
+    need("mkfs.ext4")
+    img = gpt_disk(os.path.join(workdir, "disk.raw"), 40 << 20)
+    small = os.path.join(workdir, "small.raw")
+    with open(small, "wb") as f:
+        f.truncate(16 << 20)
+    code, _, err = cli("restore", img, loop_device(small))
+    one_line_error(code, err)
+    assert "smaller" in err
+    fs = os.path.join(workdir, "fs.raw")
+    with open(fs, "wb") as f:
+        f.truncate(48 << 20)
+    run("mkfs.ext4", "-q", "-F", fs)
+    dev = loop_device(fs)
+    mnt = os.path.join(workdir, "mnt")
+    os.mkdir(mnt)
+    if subprocess.run(["mount", dev, mnt], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount ext4 here")
+    try:
+        code, _, err = cli("restore", img, dev)
+        one_line_error(code, err)
+        assert "mounted on" in err
+    finally:
+        subprocess.run(["umount", mnt])
+    with open(fs, "rb") as f:  # (mounting rewrote the ext4 superblock, so compare ours)
+        head = f.read(1024)
+    assert b"BOOTCODE" not in head and b"EFI PART" not in head
+    code, _, err = cli("restore", img, img)
+    one_line_error(code, err)
+
+
+def test_restore_to_a_file_is_sparse_and_exact(workdir):
+    img = gpt_disk(os.path.join(workdir, "disk.raw"))
+    out = os.path.join(workdir, "restored.raw")
+    assert cli("restore", img, out)[0] == 0
+    assert sha256_file(out) == sha256_file(img)
+    assert os.stat(out).st_blocks * 512 < 4 << 20
+
+
+def test_verify_passes_untouched_and_fails_on_one_flipped_byte(workdir):
+    img = gpt_disk(os.path.join(workdir, "disk.raw"))
+    out = os.path.join(workdir, "b.raw")
+    assert cli("image", "-O", "raw", img, out)[0] == 0
+    code, stdout, _ = cli("verify", out)
+    assert code == 0 and "verify passed" in stdout
+    with open(out, "r+b") as f:
+        f.seek(20 << 20)
+        byte = f.read(1)
+        f.seek(20 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    code, stdout, _ = cli("verify", out)
+    assert code == 1 and "bytes 0-67108863 differ" in stdout
+    code, _, err = cli("verify", img)  # raw without a record: nothing to verify
+    one_line_error(code, err)
+    assert code == 2
+
+
+class FailingDisk(BlockDevice):
+    """A disk whose listed sectors fail with EIO, like a dying drive."""
+
+    format = "raw"
+
+    def __init__(self, data, bad_sectors, sector=512):
+        self.data, self.size, self.path = data, len(data), None
+        self.bad, self.sector = set(bad_sectors), sector
+        self.reads = 0
+
+    def readinto(self, offset, buf):
+        self.reads += 1
+        first, last = offset // self.sector, (offset + len(buf) - 1) // self.sector
+        if any(s in self.bad for s in range(first, last + 1)):
+            e = ImageIOError("Input/output error", "/dev/fake")
+            e.errno = errno.EIO
+            raise e
+        buf[:] = self.data[offset:offset + len(buf)]
+        return len(buf)
+
+
+def test_bad_sectors_are_reported_exactly_and_the_rest_is_intact(workdir):
+    data = bytearray(os.urandom(8 << 20))
+    bad = {100, 101, 102, 5000, 16383}
+    disk = FailingDisk(bytes(data), bad)
+    raw = registry.get("raw")
+    out = os.path.join(workdir, "rescued.raw")
+    result = image(disk, raw.writer(out, disk.size, raw.options.parse("")), out,
+                   fmt_name="raw", retries=1)
+    assert result.bad_ranges == [(100 * 512, 3 * 512), (5000 * 512, 512),
+                                 (16383 * 512, 512)]
+    expected = bytearray(data)
+    for s in bad:
+        expected[s * 512:(s + 1) * 512] = bytes(512)
+    assert open(out, "rb").read() == bytes(expected)
+    mapfile = open(out + ".badmap").read().splitlines()
+    assert "0x0000C800  0x00000600  -" in mapfile and mapfile[-1].endswith("+") is False
+    rec = json.load(open(record_path(out)))
+    assert rec["bad-ranges"] == [[51200, 1536], [2560000, 512], [8388096, 512]]
+
+
+def test_bad_sector_cli_exit_status(workdir, monkeypatch):
+    """Through the CLI: non-zero unless --allow-bad-sectors, the image written either way."""
+    data = os.urandom(2 << 20)
+    src = os.path.join(workdir, "dying.raw")
+    open(src, "wb").write(data)
+
+    class Dying(registry.Format):
+        name = "dying"
+
+        def open(self, path, *, writable=False, policy=None):
+            return FailingDisk(open(path, "rb").read(), {7})
+    monkeypatch.setitem(registry._loaded, "dying", Dying())
+    out = os.path.join(workdir, "o.raw")
+    code, _, err = cli("image", "-f", "dying", "-O", "raw", src, out)
+    assert code == 1 and "1 unreadable ranges (512 bytes)" in err and os.path.exists(out)
+    code, _, err = cli("image", "-f", "dying", "-O", "raw", "--allow-bad-sectors", src, out)
+    assert code == 0
+
+
+def test_rescue_reader_passes_other_errors_through():
+    class Broken(FailingDisk):
+        def readinto(self, offset, buf):
+            raise ValueError("a bug, not a bad sector")
+    with pytest.raises(ValueError):
+        RescueReader(Broken(bytes(4096), set())).read(0, 4096)
+
+
+def test_device_mapper_error_target(workdir, loop_device):
+    """The same with a real kernel block device failing on given sectors."""
+    if shutil.which("dmsetup") is None or not os.path.exists("/dev/mapper/control"):
+        pytest.skip("device-mapper is not available (dmsetup or /dev/mapper/control)")
+    probe = subprocess.run(["dmsetup", "version"], capture_output=True, text=True)
+    if probe.returncode != 0 or "Driver version" not in probe.stdout:
+        pytest.skip("device-mapper is not available in this kernel")
+    backing = os.path.join(workdir, "dm.raw")
+    open(backing, "wb").write(os.urandom(4 << 20))
+    lo = loop_device(backing)
+    table = f"0 2048 linear {lo} 0\n2048 8 error\n2056 6136 linear {lo} 2056\n"
+    run("dmsetup", "create", "diskforge-test-err", input=table)
+    try:
+        out = os.path.join(workdir, "dm-out.raw")
+        code, _, err = cli("image", "-O", "raw", "--retries", "0",
+                           "/dev/mapper/diskforge-test-err", out)
+        assert code == 1
+        assert json.load(open(record_path(out)))["bad-ranges"] == [[2048 * 512, 8 * 512]]
+    finally:
+        run("dmsetup", "remove", "diskforge-test-err", check=False)
+
+
+def test_resize_fix_gpt_matches_sgdisk(workdir):
+    img = gpt_disk(os.path.join(workdir, "g.raw"))
+    assert cli("resize", "--fix-gpt", img, "+32M")[0] == 0
+    out = run("sgdisk", "-v", img).stdout
+    assert "No problems found" in out
+    assert cli("check", img)[0] == 0
+    with open(img, "r+b") as f:  # break the primary header: check says so, exit 2
+        f.seek(512 + 24)
+        f.write(b"\xff")
+    code, out, _ = cli("check", img)
+    assert code == 2 and "primary GPT is corrupt" in out
+
+
+def test_image_of_an_image_skips_known_zeros(workdir):
+    img = gpt_disk(os.path.join(workdir, "disk.raw"))
+    with diskforge.open(img) as dev:
+        zero = sum(e.length for e in dev.extents() if e.kind is ExtentKind.ZERO)
+    out = os.path.join(workdir, "b.raw")
+    code, stdout, _ = cli("image", "-O", "raw", img, out)
+    assert code == 0 and zero > 32 << 20
+    assert sha256_file(out) == sha256_file(img)
+
+
+def test_restore_refuses_a_corrupted_image(workdir):
+    img = gpt_disk(os.path.join(workdir, "disk.raw"))
+    out = os.path.join(workdir, "b.raw")
+    assert cli("image", "-O", "raw", img, out)[0] == 0
+    with open(out, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"rot")
+    code, _, err = cli("restore", out, os.path.join(workdir, "r.raw"))
+    one_line_error(code, err)
+    assert "no longer matches its integrity record" in err
+    assert not os.path.exists(os.path.join(workdir, "r.raw"))

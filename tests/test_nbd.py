@@ -1,0 +1,443 @@
+"""diskforge's NBD server, checked with QEMU's NBD client (qemu-img, qemu-io) and with a
+small hand-written client for the protocol corners and for hostile clients.
+
+Formats: every entry of FORMATS is served and read back through ``qemu-img``. Today only
+raw is a diskforge format on this branch; adding one (qcow2, VHDX, DMG...) is one
+``pytest.param`` whose builder turns a raw file into that format with its reference tool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import cli_process, make_sparse, need, run, sha256_file
+
+import diskforge
+from diskforge.blockdev import BlockDevice, Extent, ExtentKind
+from diskforge.hypervisor import nbd as N
+from diskforge.hypervisor.nbd import NBDServer, flat_extents
+
+MiB = 1 << 20
+SIZE = 24 * MiB
+# (offset, bytes) written into the test disk; everything else is a hole
+LAYOUT = [(0, b"\xeb\x3c\x90" + os.urandom(509)), (1 * MiB, os.urandom(3 * MiB)),
+          (8 * MiB + 4096, b"text " * 3000), (SIZE - 64 * 1024, os.urandom(64 * 1024))]
+
+
+def build_raw(raw: str, workdir: str) -> tuple[str, str]:
+    return raw, "raw"
+
+
+# Each entry: (format name, builder(raw_path, workdir) -> (image path, format name)).
+# A writable entry's image is also written through NBD and checked afterwards.
+FORMATS = [
+    pytest.param("raw", build_raw, id="raw"),
+    # pytest.param("qcow2", lambda raw, d: (qemu_img_convert(raw, d, "qcow2"), "qcow2")),
+]
+
+
+def expected_bytes() -> bytearray:
+    buf = bytearray(SIZE)
+    for off, data in LAYOUT:
+        buf[off:off + len(data)] = data
+    return buf
+
+
+def data_ranges(buf: bytes, gran: int = 4096) -> list[tuple[int, int]]:
+    """Runs of granules that hold a non-zero byte, coalesced."""
+    out: list[list[int]] = []
+    zero = bytes(gran)
+    for off in range(0, len(buf), gran):
+        if buf[off:off + gran] != zero:
+            if out and out[-1][1] == off:
+                out[-1][1] = off + gran
+            else:
+                out.append([off, off + gran])
+    return [tuple(r) for r in out]
+
+
+@pytest.fixture
+def source(tmp_path):
+    raw = make_sparse(str(tmp_path / "disk.raw"), SIZE, LAYOUT)
+    return raw
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(path, fmt, read_only=...) -> NBDServer listening on a Unix socket; every
+    server and device is closed (and its threads joined) when the test ends."""
+    opened = []
+
+    def start(path, fmt="raw", *, read_only=False, **kw):
+        dev = diskforge.open(path, fmt, writable=not read_only)
+        sock = str(tmp_path / f"nbd{len(opened)}.sock")
+        srv = NBDServer(dev, socket_path=sock, read_only=read_only, **kw).start()
+        opened.append((srv, dev))
+        return srv
+
+    yield start
+    for srv, dev in opened:
+        srv.close()
+        dev.close()
+    for srv, _ in opened:
+        assert srv.active_clients == 0
+
+
+def map_json(uri: str) -> list[dict]:
+    return json.loads(run("qemu-img", "map", "-f", "raw", "--output", "json", uri).stdout)
+
+
+# -- with QEMU's client --------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,build", FORMATS)
+def test_qemu_img_reads_contents_and_holes(tmp_path, source, serve, fmt, build):
+    need("qemu-img")
+    image, name = build(source, str(tmp_path))
+    srv = serve(image, name, read_only=True)
+    info = json.loads(run("qemu-img", "info", "--output", "json", srv.uri).stdout)
+    assert info["virtual-size"] == SIZE
+    out = str(tmp_path / "copy.raw")
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri, out)
+    assert open(out, "rb").read() == bytes(expected_bytes())
+    # qemu-img map over NBD: data exactly where the image holds data, holes elsewhere
+    mapped = [(e["start"], e["start"] + e["length"]) for e in map_json(srv.uri) if e["data"]]
+    want = data_ranges(expected_bytes())
+    assert _merge(mapped) == want
+    zero = [e for e in map_json(srv.uri) if not e["data"]]
+    assert zero and all(e["zero"] for e in zero)
+
+
+def _merge(ranges):
+    out = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+@pytest.mark.parametrize("fmt,build", FORMATS)
+def test_writes_through_nbd_land(tmp_path, source, serve, fmt, build):
+    need("qemu-io")
+    image, name = build(source, str(tmp_path))
+    srv = serve(image, name)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 2M 1M", "-c", "write -z 1M 64k",
+        "-c", "discard 3M 512k", "-c", "write -f -P 0x33 5M 4k",  # -f: FUA
+        "-c", "flush", srv.uri)
+    want = expected_bytes()
+    want[2 * MiB:3 * MiB] = b"\x5a" * MiB
+    want[1 * MiB:1 * MiB + 65536] = bytes(65536)
+    want[3 * MiB:3 * MiB + 512 * 1024] = bytes(512 * 1024)
+    want[5 * MiB:5 * MiB + 4096] = b"\x33" * 4096
+    copy = str(tmp_path / "after.raw")
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri, copy)
+    assert open(copy, "rb").read() == bytes(want)
+    srv.close()
+    if name != "raw":  # the image itself must stay valid for its reference tool
+        run("qemu-img", "check", "-f", name, image)
+    run("qemu-img", "convert", "-f", name, "-O", "raw", image, copy)
+    assert open(copy, "rb").read() == bytes(want)
+
+
+def test_read_only_export_refuses_writes(source, serve):
+    need("qemu-io")
+    before = sha256_file(source)
+    srv = serve(source, read_only=True)
+    proc = run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", srv.uri, check=False)
+    assert proc.returncode != 0 or "failed" in (proc.stdout + proc.stderr).lower()
+    assert sha256_file(source) == before
+
+
+def test_several_clients_at_once(tmp_path, source, serve):
+    need("qemu-img")
+    srv = serve(source, read_only=True)
+    outs = [str(tmp_path / f"c{i}.raw") for i in range(3)]
+    procs = [subprocess.Popen(["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri, o],
+                              stderr=subprocess.PIPE) for o in outs]
+    for p in procs:
+        assert p.wait(60) == 0, p.stderr.read()
+    want = sha256_file(source)
+    assert all(sha256_file(o) == want for o in outs)
+    assert srv.connections >= 3
+
+
+def test_several_writers_at_once(tmp_path, source, serve):
+    need("qemu-io")
+    srv = serve(source)
+    procs = [subprocess.Popen(["qemu-io", "-f", "raw", "-c",
+                               f"write -P {0x10 + i} {(12 + 2 * i) * MiB} {MiB}",
+                               "-c", "flush", srv.uri], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for i in range(4)]
+    for p in procs:
+        assert p.wait(60) == 0, p.stderr.read()
+    srv.close()
+    want = expected_bytes()
+    for i in range(4):
+        want[(12 + 2 * i) * MiB:(13 + 2 * i) * MiB] = bytes([0x10 + i]) * MiB
+    assert open(source, "rb").read() == bytes(want)
+
+
+# -- a minimal client of our own -----------------------------------------------------
+
+class Client:
+    """Just enough NBD to negotiate and issue requests (or misbehave on purpose)."""
+
+    def __init__(self, path: str):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(10)
+        self.s.connect(path)
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            k = self.s.recv(n - len(buf))
+            if not k:
+                raise EOFError(f"closed after {len(buf)} of {n} bytes")
+            buf += k
+        return buf
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.s.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def greet(self) -> None:
+        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt) == (N.NBDMAGIC, N.IHAVEOPT)
+        assert flags & N.FLAG_FIXED_NEWSTYLE
+        self.s.sendall(struct.pack(">I", N.FLAG_C_FIXED_NEWSTYLE | N.FLAG_C_NO_ZEROES))
+
+    def option(self, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        self.s.sendall(struct.pack(">QII", N.IHAVEOPT, opt, len(data)) + data)
+        replies = []
+        while True:
+            magic, o, rtype, n = struct.unpack(">QIII", self.recv(20))
+            assert magic == N.REPLY_MAGIC and o == opt
+            replies.append((rtype, self.recv(n)))
+            if rtype == N.REP_ACK or rtype & (1 << 31):
+                return replies
+
+    def go(self, name: str = "", structured: bool = True, meta: bool = True) -> None:
+        self.greet()
+        if structured:
+            assert self.option(N.OPT_STRUCTURED_REPLY)[-1][0] == N.REP_ACK
+        if meta:
+            q = N.BASE_ALLOCATION.encode()
+            self.option(N.OPT_SET_META_CONTEXT, struct.pack(">I", 0) + struct.pack(">I", 1)
+                        + struct.pack(">I", len(q)) + q)
+        replies = self.option(N.OPT_GO, struct.pack(">I", len(name)) + name.encode()
+                              + struct.pack(">HH", 1, N.INFO_BLOCK_SIZE))
+        assert replies[-1][0] == N.REP_ACK, replies
+
+    def request(self, cmd: int, offset: int, length: int, flags: int = 0,
+                payload: bytes = b"", cookie: int = 7) -> None:
+        self.s.sendall(struct.pack(">IHHQQI", N.REQUEST_MAGIC, flags, cmd, cookie, offset,
+                                   length) + payload)
+
+    def chunks(self) -> list[tuple[int, bytes]]:
+        out = []
+        while True:
+            magic, flags, rtype, cookie, n = struct.unpack(">IHHQI", self.recv(20))
+            assert magic == N.STRUCTURED_REPLY_MAGIC
+            out.append((rtype, self.recv(n)))
+            if flags & N.REPLY_FLAG_DONE:
+                return out
+
+
+def test_structured_read_sends_holes_and_block_status(source, serve):
+    srv = serve(source, read_only=True)
+    c = Client(srv.socket_path)
+    c.go()
+    c.request(N.CMD_READ, 4 * MiB - 4096, 8192)  # 4 KiB of data, then 4 KiB of hole
+    chunks = c.chunks()
+    kinds = [t for t, _ in chunks]
+    assert kinds == [N.REPLY_TYPE_OFFSET_DATA, N.REPLY_TYPE_OFFSET_HOLE]
+    off = struct.unpack(">Q", chunks[0][1][:8])[0]
+    assert off == 4 * MiB - 4096 and chunks[0][1][8:] == bytes(expected_bytes()[off:off + 4096])
+    assert struct.unpack(">QI", chunks[1][1]) == (4 * MiB, 4096)
+    c.request(N.CMD_BLOCK_STATUS, 0, 8 * MiB)
+    [(t, payload)] = c.chunks()
+    assert t == N.REPLY_TYPE_BLOCK_STATUS
+    ctx, *desc = struct.unpack(f">I{(len(payload) - 4) // 4}I", payload)
+    pairs = list(zip(desc[::2], desc[1::2]))
+    assert ctx == N.BASE_ALLOCATION_ID
+    assert sum(n for n, _ in pairs) == 8 * MiB
+    assert pairs[0] == (4096, 0) and pairs[1][1] == N.STATE_HOLE | N.STATE_ZERO
+    c.request(N.CMD_BLOCK_STATUS, 0, 8 * MiB, flags=N.CMD_FLAG_REQ_ONE)
+    [(t, payload)] = c.chunks()
+    assert len(payload) == 12
+    c.request(N.CMD_DISC, 0, 0)
+    assert c.closed_by_server()
+
+
+def test_protocol_errors_keep_the_session(source, serve):
+    srv = serve(source, read_only=True)
+    c = Client(srv.socket_path)
+    c.greet()
+    assert c.option(N.OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0)
+                    )[-1][0] == N.REP_ERR_UNKNOWN
+    assert c.option(N.OPT_INFO, b"\0\0")[-1][0] == N.REP_ERR_INVALID  # truncated
+    assert c.option(N.OPT_STARTTLS)[-1][0] == N.REP_ERR_UNSUP
+    assert c.option(99)[-1][0] == N.REP_ERR_UNSUP
+    listed = c.option(N.OPT_LIST)
+    assert listed[0][0] == N.REP_SERVER and listed[-1][0] == N.REP_ACK
+    # the same connection can still negotiate after all those errors
+    assert c.option(N.OPT_STRUCTURED_REPLY)[-1][0] == N.REP_ACK
+    assert c.option(N.OPT_GO, struct.pack(">IH", 0, 0))[-1][0] == N.REP_ACK
+    c.request(N.CMD_READ, SIZE - 512, 1024)  # past the end
+    [(t, payload)] = c.chunks()
+    assert t == N.REPLY_TYPE_ERROR and struct.unpack_from(">I", payload)[0] == N.EINVAL
+    c.request(N.CMD_WRITE, 0, 4, payload=b"abcd")  # read-only export
+    [(t, payload)] = c.chunks()
+    assert t == N.REPLY_TYPE_ERROR and struct.unpack_from(">I", payload)[0] == N.EPERM
+    c.request(N.CMD_READ, 0, N.MAX_PAYLOAD + 1)  # over the advertised maximum
+    [(t, payload)] = c.chunks()
+    assert t == N.REPLY_TYPE_ERROR
+    c.request(42, 0, 512)  # unknown command
+    [(t, _)] = c.chunks()
+    assert t == N.REPLY_TYPE_ERROR
+    c.request(N.CMD_READ, 0, 512)  # and the session still works
+    [(t, payload)] = c.chunks()
+    assert t == N.REPLY_TYPE_OFFSET_DATA and payload[8:] == bytes(expected_bytes()[:512])
+
+
+def test_garbage_clients_are_dropped_and_others_carry_on(tmp_path, source, serve):
+    need("qemu-img")
+    before = sha256_file(source)
+    srv = serve(source, handshake_timeout=2.0)
+    # a client idling in the middle of the handshake holds nobody up
+    idle = Client(srv.socket_path)
+    # garbage instead of client flags
+    g1 = Client(srv.socket_path)
+    g1.recv(18)
+    g1.s.sendall(b"\xff" * 64)
+    assert g1.closed_by_server()
+    # garbage instead of a request, after a proper negotiation
+    g2 = Client(srv.socket_path)
+    g2.go()
+    g2.s.sendall(os.urandom(28))
+    assert g2.closed_by_server()
+    # an option claiming a huge length
+    g3 = Client(srv.socket_path)
+    g3.greet()
+    g3.s.sendall(struct.pack(">QII", N.IHAVEOPT, N.OPT_GO, 1 << 30))
+    assert g3.closed_by_server()
+    # a write announcing more than the maximum payload
+    g4 = Client(srv.socket_path)
+    g4.go()
+    g4.request(N.CMD_WRITE, 0, 1 << 30, payload=b"\x01" * 4096)
+    chunks = g4.chunks()
+    assert chunks[-1][0] == N.REPLY_TYPE_ERROR
+    assert g4.closed_by_server()
+    # a client vanishing half-way through a write payload: nothing is written
+    g5 = Client(srv.socket_path)
+    g5.go()
+    g5.request(N.CMD_WRITE, 0, 65536, payload=b"\x77" * 1000)
+    g5.s.close()
+    # meanwhile a well-behaved client reads everything correctly
+    out = str(tmp_path / "good.raw")
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri, out)
+    assert sha256_file(out) == before
+    idle.recv(18)  # the greeting, then nothing: the handshake time limit ends it
+    assert idle.closed_by_server()
+    deadline = time.monotonic() + 5
+    while srv.active_clients and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.active_clients == 0
+    assert srv.dropped >= 4
+    srv.close()
+    assert sha256_file(source) == before
+
+
+def test_max_clients(source, serve):
+    srv = serve(source, read_only=True, max_clients=2)
+    a, b = Client(srv.socket_path), Client(srv.socket_path)
+    a.recv(18), b.recv(18)
+    c = Client(srv.socket_path)
+    assert c.closed_by_server()
+    a.s.close()
+    deadline = time.monotonic() + 5
+    while srv.active_clients > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    d = Client(srv.socket_path)
+    d.go()
+
+
+# -- flat_extents ------------------------------------------------------------------------
+
+class _Layer(BlockDevice):
+    """A device whose extents are given, with a backing device under it."""
+
+    def __init__(self, size, extents, backing=None):
+        self.size, self._ext, self.backing = size, extents, backing
+
+    def readinto(self, offset, buf):
+        return len(buf)
+
+    def extents(self, offset=0, length=None):
+        return iter(self._ext)
+
+
+def test_flat_extents_resolves_backing():
+    base = _Layer(8192, [Extent(0, 4096, ExtentKind.DATA), Extent(4096, 4096, ExtentKind.ZERO)])
+    top = _Layer(16384, [Extent(0, 2048, ExtentKind.DATA),
+                         Extent(2048, 14336, ExtentKind.BACKING)], backing=base)
+    got = [(e.offset, e.length, e.kind) for e in flat_extents(top, 1024, 15360)]
+    assert got == [(1024, 1024, ExtentKind.DATA), (2048, 2048, ExtentKind.DATA),
+                   (4096, 4096, ExtentKind.ZERO), (8192, 8192, ExtentKind.ZERO)]
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+def _start_serve(*argv):
+    proc = subprocess.Popen([sys.executable, "-m", "diskforge", "serve", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    return proc, line
+
+
+def test_cli_serve_unix_and_tcp(tmp_path, source):
+    need("qemu-img")
+    sock = str(tmp_path / "s.sock")
+    proc, line = _start_serve(source, "--socket", sock, "--read-only")
+    try:
+        assert f"nbd+unix:///?socket={sock}" in line, line + proc.stderr.read()
+        out = str(tmp_path / "u.raw")
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={sock}", out)
+        assert sha256_file(out) == sha256_file(source)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert not os.path.exists(sock)
+
+    proc, line = _start_serve(source, "--port", "0", "--read-only", "--export-name", "d")
+    try:
+        uri = line.split(" at ")[-1].strip()
+        assert uri.startswith("nbd://127.0.0.1:") and uri.endswith("/d"), line
+        info = json.loads(run("qemu-img", "info", "--output", "json", uri).stdout)
+        assert info["virtual-size"] == SIZE
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+
+
+def test_cli_serve_refuses_to_replace_a_file(tmp_path, source):
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    proc = cli_process("serve", source, "--socket", str(victim))
+    assert proc.returncode == 1 and "not a socket" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert victim.read_text() == "keep me"
+    proc = cli_process("serve", source)
+    assert proc.returncode != 0 and "--socket" in proc.stderr
