@@ -363,9 +363,12 @@ def test_memory_follows_the_listing_not_the_data(tmp_path):
     with open(os.path.join(src, "data.bin"), "wb") as f:
         for _ in range(96):
             f.write(os.urandom(1 << 20))
-    code = ("import resource, sys; from diskforge.cli.main import main;"
+    # VmHWM, not ru_maxrss: the latter also counts the parent's memory when the child
+    # was started with vfork (as subprocess does), and this pytest worker may be large
+    code = ("import re, sys; from diskforge.cli.main import main;"
             "rc = main(['iso', 'build', '-q', sys.argv[1], sys.argv[2]]);"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]);"
+            "sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, src, str(tmp_path / "m.iso")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
