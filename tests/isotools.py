@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import select
 import shutil
 import stat
@@ -153,7 +154,7 @@ def qemu_boot(drive_args: list[str], marker: str, *, timeout: float = 60,
     out = b""
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and marker.encode() not in out:
+        while time.monotonic() < deadline and marker.encode() not in _plain(out):
             ready, _, _ = select.select([proc.stdout], [], [], 0.5)
             if ready:
                 chunk = os.read(proc.stdout.fileno(), 65536)
@@ -164,8 +165,14 @@ def qemu_boot(drive_args: list[str], marker: str, *, timeout: float = 60,
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    text = out.decode("latin-1")
+    text = _plain(out).decode("latin-1")
     return marker in text, text[-2000:]
+
+
+def _plain(out: bytes) -> bytes:
+    """Serial output without ANSI control sequences: SeaBIOS's serial console moves the
+    cursor with them, even in the middle of text a boot loader prints."""
+    return re.sub(rb"\x1b(\[[0-9;?=]*[A-Za-z]|c)", b"", out)
 
 
 def ovmf() -> str | None:

@@ -213,7 +213,9 @@ def extract(tree: Tree, dest: str, paths: list[str] | None = None, *,
         raise ImageIOError.from_os(e, dest) from None
     copier = _Copier(tree)
     dirs: dict[tuple[str, ...], int] = {(): root_fd}
-    finished_dirs: list[tuple[tuple[str, ...], Entry]] = []
+    finished_dirs: list[tuple[tuple[str, ...], Entry, bool]] = []
+    _UMASK[0] = os.umask(0o022)   # read it (there is no other way), then put it back
+    os.umask(_UMASK[0])
     bad: set[tuple[str, ...]] = set()
     try:
         for parts, e in items:
@@ -231,9 +233,9 @@ def extract(tree: Tree, dest: str, paths: list[str] | None = None, *,
             name = parts[-1]
             try:
                 if e.kind == "dir":
-                    fd = _make_dir(parent, name)
+                    fd, settled = _make_dir(parent, name, _final_mode(e, same_owner, 0o755))
                     dirs[parts] = fd
-                    finished_dirs.append((parts, e))
+                    finished_dirs.append((parts, e, settled))
                     result.directories += 1
                 elif e.kind == "file":
                     _write_file(parent, name, e, copier, overwrite, same_owner, advance)
@@ -263,28 +265,37 @@ def extract(tree: Tree, dest: str, paths: list[str] | None = None, *,
                     continue
                 raise ImageIOError.from_os(err, os.path.join(dest, shown)) from None
         # directories last, deepest first: their modes may forbid writing into them
-        for parts, e in reversed(finished_dirs):
-            fd = dirs[parts]
-            _apply_attrs(fd, e, same_owner, default_mode=0o755)
+        for parts, e, settled in reversed(finished_dirs):
+            _apply_attrs(dirs[parts], e, same_owner, _final_mode(e, same_owner, 0o755),
+                         chmod=not settled)
     finally:
         for fd in dirs.values():
             os.close(fd)
     return result
 
 
-def _make_dir(parent: int, name: str) -> int:
+def _make_dir(parent: int, name: str, mode: int) -> tuple[int, bool]:
+    """(descriptor, whether its final mode is already set)."""
+    # created with its final mode when that still lets us write into it and the umask
+    # keeps it whole; else 0700 now and the mode at the end
+    settled = mode & 0o7700 == 0o700 and mode & _UMASK[0] == 0
     try:
-        os.mkdir(name, 0o700, dir_fd=parent)
+        os.mkdir(name, mode if settled else 0o700, dir_fd=parent)
     except FileExistsError:
-        pass
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        settled = False
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent), settled
 
 
 def _write_file(parent: int, name: str, e: Entry, copier: _Copier, overwrite: bool,
                 same_owner: bool, advance) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    mode = _final_mode(e, same_owner, 0o644)
+    # created with its mode (permissions are checked at open only, so even a read-only
+    # mode can be written through this descriptor); fchmod only when the umask or
+    # set-id bits need it: each extra inode update costs a journal transaction
+    create = mode & 0o777
     try:
-        fd = os.open(name, flags, 0o600, dir_fd=parent)
+        fd = os.open(name, flags, create, dir_fd=parent)
     except FileExistsError:
         if not overwrite:
             raise
@@ -292,11 +303,13 @@ def _write_file(parent: int, name: str, e: Entry, copier: _Copier, overwrite: bo
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory") from None
         os.unlink(name, dir_fd=parent)
-        fd = os.open(name, flags, 0o600, dir_fd=parent)
+        fd = os.open(name, flags, create, dir_fd=parent)
     try:
         copier.copy(e.extents, fd, advance)
-        os.ftruncate(fd, e.size)
-        _apply_attrs(fd, e, same_owner, default_mode=0o644)
+        if os.fstat(fd).st_size != e.size:   # trailing holes (or nothing written)
+            os.ftruncate(fd, e.size)
+        _apply_attrs(fd, e, same_owner, mode,
+                     chmod=mode != create or create & _UMASK[0] != 0)
     finally:
         os.close(fd)
 
@@ -319,16 +332,24 @@ def _make_symlink(parent: int, name: str, target: str, e: Entry, overwrite: bool
             pass
 
 
-def _apply_attrs(fd: int, e: Entry, same_owner: bool, default_mode: int) -> None:
-    """Mode (without set-id bits unless keeping owners), owner (only when asked and
-    allowed), and the modification time."""
+_UMASK = [0o022]
+
+
+def _final_mode(e: Entry, same_owner: bool, default_mode: int) -> int:
+    """The recorded mode, without set-id and sticky bits unless keeping owners."""
+    return default_mode if e.mode is None else e.mode & (0o7777 if same_owner else 0o777)
+
+
+def _apply_attrs(fd: int, e: Entry, same_owner: bool, mode: int, *,
+                 chmod: bool = True) -> None:
+    """Owner (only when asked and allowed), mode, and the modification time."""
     if same_owner and e.uid is not None and e.gid is not None:
         try:
             os.fchown(fd, e.uid, e.gid)
         except PermissionError:
             pass
-    mode = default_mode if e.mode is None else e.mode & (0o7777 if same_owner else 0o777)
-    os.fchmod(fd, mode)
+    if chmod:
+        os.fchmod(fd, mode)
     if e.mtime is not None:
         try:
             os.utime(fd, (e.mtime, e.mtime))
