@@ -21,11 +21,14 @@ import unicodedata
 
 D_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 JOLIET_FORBIDDEN = frozenset("*/:;?\\")
+_TO_D_CHARS = {c: "_" for c in range(128) if chr(c) not in D_CHARS}
 
 
 def _d_chars(text: str) -> str:
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return "".join(c if c in D_CHARS else "_" for c in ascii_text.upper())
+    """Upper case, accents folded (NFKD), anything else outside A-Z 0-9 _ as "_"."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return text.upper().translate(_TO_D_CHARS)
 
 
 def iso9660_names(names: list[tuple[str, bool]], level: int,
