@@ -1,5 +1,5 @@
 """ISO rows: building an ISO from a tree of 1,000 files (300 MB) beside xorriso and
-genisoimage, and extracting one beside xorriso and 7-Zip.
+genisoimage, and extracting one beside xorriso and 7-Zip (7zz).
 
 The tree is made once under the bench directory (``iso-tree``, deterministic sizes,
 random contents) and reused. Every builder writes Rock Ridge + Joliet (diskforge's
@@ -77,8 +77,8 @@ CASES = [
                                             c.path("iso-ref.iso"), "-extract", "/",
                                             c.path("iso-out-x")],
              out("iso-out-x"), have("xorriso")),
-        Tool("7z x", lambda c: ["7z", "x", "-y", "-bso0", "-bsp0", f"-o{c.path('iso-out-7')}",
-                                c.path("iso-ref.iso")],
-             out("iso-out-7"), have("7z")),
+        Tool("7zz x", lambda c: ["7zz", "x", "-y", "-bso0", "-bsp0",
+                                 f"-o{c.path('iso-out-7')}", c.path("iso-ref.iso")],
+             out("iso-out-7"), have("7zz")),
     ], setup=make_iso, bytes_of=lambda c: TOTAL),
 ]

@@ -39,7 +39,7 @@ def xorriso_extract(iso: str, dest: str) -> str:
 
 
 def seven_extract(iso: str, dest: str, *args: str) -> str:
-    seven = need("7z")
+    seven = need("7zz")
     run(seven, "x", "-y", *args, f"-o{dest}", iso)
     shutil.rmtree(os.path.join(dest, "[BOOT]"), ignore_errors=True)
     return dest
@@ -244,8 +244,8 @@ def test_files_over_4_gib_are_multi_extent(tmp_path):
     if shutil.which("xorriso"):
         out = run("xorriso", "-indev", iso, "-lsl", "/big.img").stdout
         assert f" {size} " in out
-    if shutil.which("7z"):
-        out = run("7z", "l", iso).stdout
+    if shutil.which("7zz"):
+        out = run("7zz", "l", iso).stdout
         assert str(size) in out
     dest = str(tmp_path / "x")
     assert cli("iso", "extract", "-q", iso, dest)[0] == 0

@@ -226,7 +226,7 @@ def test_real_samples(rel, namespace, auto, tmp_path):
     """Each sample extracts to what 7-Zip extracts (in the namespace 7-Zip reads), and
     as a block device it is its own bytes (SOURCES.tsv sha256)."""
     path = need_real(rel)
-    seven = need("7z")
+    seven = need("7zz")
     if path.endswith(".gz"):
         plain = str(tmp_path / "sample.iso")
         with gzip.open(path) as f, open(plain, "wb") as g:

@@ -1,0 +1,741 @@
+"""Opening a VHDX file as a BlockDevice: headers, log replay, regions, metadata, BAT,
+differencing parents, and random-access writes.
+
+Reading: every payload block is translated through the BAT. FULLY_PRESENT blocks are
+read from the file (and host-file holes inside them are reported as zeros, so convert
+does not read them); NOT_PRESENT blocks read from the parent in a differencing disk and
+as zeros otherwise; ZERO, UNDEFINED and UNMAPPED blocks read as zeros (the specification
+allows zeros for all three, and it is what qemu does); PARTIALLY_PRESENT blocks are
+split by their sector bitmap between this file and the parent.
+
+Writing (``open(writable=True)``) follows the specification's ordering: the headers are
+updated first (new FileWriteGuid, then a new DataWriteGuid before the first change a
+reader could see); payload data goes to newly allocated space past the end of the file
+and is flushed; then every metadata change (BAT entries, sector bitmaps) is written as a
+log entry, flushed, applied and flushed; on close the log is emptied (LogGuid zero). A
+crash at any point leaves a file that opens as either the old or the new state.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from array import array
+
+from construct import Container
+
+from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
+                         FileBackend, ImageInfo, coalesce)
+from ...errors import FormatError, ImageIOError, SafetyError, UnsupportedError
+from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE_SIGNATURE,
+                     HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIZE, LOG_SECTOR,
+                     METADATA_GUID, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
+                     PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
+                     PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095, PAYLOAD_BLOCK_ZERO,
+                     REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, SB_BLOCK_NOT_PRESENT,
+                     SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, ZERO_GUID,
+                     align_up, bat_entries, bitmap_index, chunk_ratio, guid_text,
+                     new_guid, payload_index)
+from .tables import build_header, parse_header, parse_metadata, parse_region_table
+
+_ZERO_STATES = (PAYLOAD_BLOCK_UNDEFINED, PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
+                PAYLOAD_BLOCK_UNMAPPED_V095)
+_VALID_STATES = (PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_FULLY_PRESENT,
+                 PAYLOAD_BLOCK_PARTIALLY_PRESENT) + _ZERO_STATES
+
+
+def _fill_zero(mv, start: int, end: int) -> None:
+    while start < end:
+        n = min(end - start, ZERO_BUFFER_SIZE)
+        mv[start:start + n] = ZEROES[:n]
+        start += n
+
+
+def bit_runs(bitmap: bytes, first: int, count: int):
+    """``(start, length, bit)`` runs of the ``count`` bits from bit ``first`` (bit 0 of
+    byte 0 is sector 0, 2.4)."""
+    v = int.from_bytes(bitmap, "little") >> first
+    pos = 0
+    while pos < count:
+        if v & 1:
+            n = ((~v) & (v + 1)).bit_length() - 1   # trailing ones
+            bit = True
+        else:
+            n = (v & -v).bit_length() - 1 if v else count - pos  # trailing zeros
+            bit = False
+        n = min(n, count - pos)
+        yield first + pos, n, bit
+        v >>= n
+        pos += n
+
+
+def set_bits(bitmap: bytearray, first: int, count: int) -> None:
+    end = first + count
+    while first < end and first % 8:
+        bitmap[first // 8] |= 1 << (first % 8)
+        first += 1
+    full = (end - first) // 8
+    if full:
+        bitmap[first // 8:first // 8 + full] = b"\xff" * full
+        first += full * 8
+    while first < end:
+        bitmap[first // 8] |= 1 << (first % 8)
+        first += 1
+
+
+class VhdxDevice(BlockDevice):
+    format = "vhdx"
+
+    def __init__(self, path: str, *, writable: bool = False, policy=None):
+        self.path = path
+        self.writable = writable
+        self.backend = FileBackend(path, writable=writable)
+        self.io = self.backend
+        self.parent = None
+        self._session_header = False   # FileWriteGuid changed this session
+        self._session_data = False      # DataWriteGuid changed this session
+        self._log_pos = 0
+        self._log_seq = 1
+        self._alloc_end = None
+        self._bitmaps: dict[int, bytes] = {}
+        self.replayed = None            # the log replay done at open, if any
+        try:
+            self._open(policy)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening --------------------------------------------------------------------------
+    def _read(self, offset: int, length: int, what: str = "data") -> bytes:
+        return self.io.read_exact(offset, length, what)
+
+    def _open(self, policy) -> None:
+        path = self.path
+        size = self.backend.size
+        if size < HEADER_SECTION_SIZE:
+            raise FormatError(f"the file is {size} bytes, shorter than the 1 MiB VHDX header"
+                              " section: truncated", path)
+        ident = self.backend.read_exact(0, 520, "file type identifier")
+        if ident[:8] != FILE_SIGNATURE:
+            raise FormatError(f"signature is {ident[:8]!r}, not b'vhdxfile'", path,
+                              structure="FileTypeIdentifier", field="Signature")
+        self.creator = ident[8:520].decode("utf-16-le", "replace").split("\0")[0]
+        self._read_headers()
+        h = self.header
+        if h.Version != 1:
+            raise UnsupportedError(f"not supported yet: VHDX version {h.Version}", path)
+        if h.LogGuid != ZERO_GUID:
+            self._replay_log()
+        problems = []
+        for off in REGION_TABLE_OFFSETS:
+            try:
+                raw = self._read(off, REGION_TABLE_SIZE, "region table")
+                self.regions = parse_region_table(raw, path, self.io.size)
+                break
+            except FormatError as e:
+                problems.append(e)
+        else:
+            raise problems[0]
+        bat_region = self.regions[BAT_GUID]
+        meta_region = self.regions[METADATA_GUID]
+        self.md = md = parse_metadata(self._read, meta_region, path)
+        self.size = md.virtual_size
+        self.block_size = md.block_size
+        self.lss = md.logical_sector_size
+        self.differencing = md.has_parent
+        self.ratio = chunk_ratio(md.block_size, md.logical_sector_size)
+        self.nblocks = -(-md.virtual_size // md.block_size)
+        need = bat_entries(md.virtual_size, md.block_size, md.logical_sector_size,
+                           md.has_parent)
+        if need * 8 > bat_region.length:
+            raise FormatError(f"the BAT region holds {bat_region.length // 8} entries, the"
+                              f" disk needs {need}", path, structure="RegionTableEntry",
+                              field="Length")
+        # entries up to the end of the 4 KiB sector holding the last one: the unit of
+        # logged updates
+        nbytes = min(bat_region.length, align_up(need * 8, LOG_SECTOR))
+        self.bat_offset = bat_region.offset
+        self.bat = array("Q")
+        self.bat.frombytes(self._read(bat_region.offset, nbytes, "BAT"))
+        if sys.byteorder == "big":
+            self.bat.byteswap()
+        self.file_size = self.io.size   # kept current by _allocate
+        if md.has_parent:
+            self._open_parent(policy)
+
+    def _read_headers(self) -> None:
+        """2.2.2: the valid header with the greater SequenceNumber is current."""
+        self.headers = [parse_header(self.backend.read_exact(off, HEADER_SIZE, "header"))
+                        for off in HEADER_OFFSETS]
+        valid = [i for i, h in enumerate(self.headers) if not isinstance(h, str)]
+        if not valid:
+            raise FormatError(f"neither header is valid (header 1: {self.headers[0]};"
+                              f" header 2: {self.headers[1]}): corrupt", self.path,
+                              structure="Header")
+        if len(valid) == 2:
+            s0, s1 = (h.SequenceNumber for h in self.headers)
+            self.current = 0 if s0 > s1 else 1
+        else:
+            self.current = valid[0]
+        self.header = self.headers[self.current]
+        h = self.header
+        if h.LogGuid != ZERO_GUID and h.LogVersion != 0:
+            raise UnsupportedError(f"not supported yet: log version {h.LogVersion}",
+                                   self.path)
+        if h.LogLength % ALIGNMENT or h.LogOffset % ALIGNMENT or (
+                h.LogLength and h.LogOffset < HEADER_SECTION_SIZE):
+            raise FormatError(f"log {h.LogOffset}+{h.LogLength} is not 1 MiB aligned past"
+                              " the header section", self.path, structure="Header",
+                              field="LogOffset")
+
+    def _replay_log(self) -> None:
+        h = self.header
+        size = self.backend.size
+        if h.LogLength == 0 or h.LogOffset + h.LogLength > size:
+            raise FormatError(f"log {h.LogOffset}+{h.LogLength} is outside the file"
+                              f" ({size} bytes)", self.path, structure="Header",
+                              field="LogLength")
+        from .log import OverlayIO, find_active
+        replay = find_active(lambda o, n: self.backend.read_exact(o, n, "log"), h.LogOffset,
+                             h.LogLength, h.LogGuid, size, self.path)
+        self.replayed = replay
+        self._log_seq = replay.next_sequence
+        if not self.writable:
+            self.io = OverlayIO(self.backend, replay)
+            return
+        # 2.2.2.1 / 2.3.3: headers first, then the replay, then an empty log
+        self._update_header()
+        for kind, off, arg in replay.ops:
+            if kind == "data":
+                self.backend.pwrite(off, arg)
+            else:
+                self._zero_file(off, arg)
+        if self.backend.size < replay.head.last_file_offset:
+            self.backend.truncate(replay.head.last_file_offset)
+        self.backend.flush()
+        self._update_header(LogGuid=ZERO_GUID)
+
+    def _zero_file(self, off: int, n: int) -> None:
+        end = off + n
+        size = self.backend.size
+        if end > size:
+            self.backend.truncate(end)
+            end = min(end, size)
+        if end > off and not self.backend.punch_hole(off, end - off):
+            while off < end:
+                k = min(end - off, ZERO_BUFFER_SIZE)
+                self.backend.pwrite(off, ZEROES[:k])
+                off += k
+
+    def _open_parent(self, policy) -> None:
+        """2.6.2.6.3: relative_path, volume_path, then absolute_win32_path. Windows
+        absolute paths cannot be opened here, so those are looked for beside this file
+        by their file name. Every candidate goes through the open policy."""
+        from ...policy import OpenPolicy
+        from ...registry import open_image
+        loc = self.md.parent_locator or {}
+        if policy is None:
+            policy = OpenPolicy().descend(self.path)
+        candidates = []
+        for key in ("relative_path", "volume_path", "absolute_win32_path"):
+            value = loc.get(key)
+            if not value:
+                continue
+            local = value.replace("\\", "/")
+            if key != "relative_path":
+                local = local.rsplit("/", 1)[-1]
+            candidates.append((key, value, local))
+        if not candidates:
+            raise FormatError("the parent locator names no path (relative_path,"
+                              " volume_path or absolute_win32_path)", self.path,
+                              structure="ParentLocator")
+        safety, tried = None, []
+        for key, value, local in candidates:
+            try:
+                path = policy.resolve(self.path, local, "parent")
+            except SafetyError as e:
+                safety = safety or e
+                continue
+            if os.path.exists(path):
+                break
+            path = os.path.normpath(path)
+            if path not in tried:
+                tried.append(path)
+        else:
+            if safety is not None and not tried:
+                raise safety
+            key, value, _ = candidates[0]
+            raise ImageIOError(f"the parent of this differencing disk, {key} '{value}', was"
+                               f" not found (looked for: {', '.join(tried)})", self.path)
+        self.parent_name = value
+        path = os.path.normpath(path)
+        parent = open_image(path, "vhdx", policy=policy)
+        try:
+            links = {loc.get("parent_linkage", "").lower(), loc.get("parent_linkage2",
+                                                                     "").lower()}
+            have = "{" + guid_text(parent.header.DataWriteGuid) + "}"
+            if have not in links:
+                raise FormatError(f"parent {path} has DataWriteGuid {have}, not the"
+                                  f" parent_linkage {loc.get('parent_linkage')} recorded"
+                                  " here: the parent changed after this differencing disk"
+                                  " was made", self.path, structure="ParentLocator",
+                                  field="parent_linkage")
+            if parent.lss != self.lss:
+                raise FormatError(f"parent {path} has {parent.lss}-byte logical sectors,"
+                                  f" this disk {self.lss}", self.path,
+                                  structure="LogicalSectorSize")
+        except BaseException:
+            parent.close()
+            raise
+        self.parent = self.backing = parent
+
+    # -- translation ----------------------------------------------------------------------
+    def _entry(self, block: int) -> tuple[int, int]:
+        """(state, file offset) of payload block ``block``, validated."""
+        idx = payload_index(block, self.ratio)
+        e = self.bat[idx]
+        state = e & BAT_STATE_MASK
+        if state not in _VALID_STATES or (state == PAYLOAD_BLOCK_PARTIALLY_PRESENT
+                                          and not self.differencing):
+            raise FormatError(f"payload block {block} has the invalid state {state}",
+                              self.path, structure="BAT", field=f"entry {idx}")
+        if state in (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+            off = (e >> BAT_OFFSET_SHIFT) << 20
+            if off < HEADER_SECTION_SIZE or off >= self.file_size:
+                raise FormatError(f"payload block {block} at file offset {off} is outside"
+                                  f" the file ({self.file_size} bytes)", self.path,
+                                  structure="BAT", field=f"entry {idx}")
+            return state, off
+        return state, 0
+
+    def _bitmap(self, block: int) -> bytes:
+        """The sector bitmap bits of payload block ``block`` (block_size/lss bits)."""
+        got = self._bitmaps.get(block)
+        if got is not None:
+            return got
+        chunk = block // self.ratio
+        idx = bitmap_index(chunk, self.ratio)
+        e = self.bat[idx] if idx < len(self.bat) else 0
+        off = (e >> BAT_OFFSET_SHIFT) << 20
+        if e & BAT_STATE_MASK != SB_BLOCK_PRESENT:
+            raise FormatError(f"payload block {block} is PARTIALLY_PRESENT but its sector"
+                              " bitmap block is not present", self.path, structure="BAT",
+                              field=f"entry {idx}")
+        if off < HEADER_SECTION_SIZE or off + SECTOR_BITMAP_BLOCK > self.file_size:
+            raise FormatError(f"sector bitmap block at file offset {off} is outside the"
+                              f" file ({self.file_size} bytes)", self.path, structure="BAT",
+                              field=f"entry {idx}")
+        per = self.block_size // self.lss // 8
+        raw = self._read(off + (block % self.ratio) * per, per, "sector bitmap")
+        if len(self._bitmaps) > 64:
+            self._bitmaps.clear()
+        self._bitmaps[block] = raw
+        return raw
+
+    def _pieces(self, offset: int, length: int):
+        """(virtual offset, length, block, offset in block) per block touched."""
+        bs = self.block_size
+        end = offset + length
+        while offset < end:
+            block = offset // bs
+            within = offset - block * bs
+            n = min(end - offset, bs - within)
+            yield offset, n, block, within
+            offset += n
+
+    def _file_read(self, host: int, mv) -> None:
+        got = self.io.readinto(host, mv)
+        if got < len(mv):   # a block cut short by the end of the file reads as zeros
+            _fill_zero(mv, got, len(mv))
+
+    def _parent_read(self, off: int, mv) -> None:
+        n = len(mv)
+        inside = 0 if self.parent is None else max(0, min(n, self.parent.size - off))
+        if inside:
+            self.parent.readinto(off, mv[:inside])
+        _fill_zero(mv, inside, n)
+
+    def readinto(self, offset: int, buf) -> int:
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
+        self.check_range(offset, n)
+        pos = 0
+        for off, k, block, within in self._pieces(offset, n):
+            view = mv[pos:pos + k]
+            state, host = self._entry(block)
+            if state == PAYLOAD_BLOCK_FULLY_PRESENT:
+                self._file_read(host + within, view)
+            elif state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                self._read_partial(block, host, off, within, view)
+            elif state == PAYLOAD_BLOCK_NOT_PRESENT and self.differencing:
+                self._parent_read(off, view)
+            else:
+                _fill_zero(view, 0, k)
+            pos += k
+        return n
+
+    def _sector_runs(self, block: int, within: int, k: int):
+        """(offset in block, length, present) runs for bytes [within, within+k)."""
+        lss = self.lss
+        s0, s1 = within // lss, -(-(within + k) // lss)
+        for s, c, bit in bit_runs(self._bitmap(block), s0, s1 - s0):
+            a, b = max(s * lss, within), min((s + c) * lss, within + k)
+            yield a, b - a, bit
+
+    def _read_partial(self, block, host, off, within, view) -> None:
+        for a, n, present in self._sector_runs(block, within, len(view)):
+            part = view[a - within:a - within + n]
+            if present:
+                self._file_read(host + a, part)
+            else:
+                self._parent_read(off + a - within, part)
+
+    def extents(self, offset: int = 0, length: int | None = None):
+        if length is None:
+            length = self.size - offset
+        self.check_range(offset, length)
+        return coalesce(self._refine(coalesce(self._raw_extents(offset, length))))
+
+    def _raw_extents(self, offset: int, length: int):
+        for off, k, block, within in self._pieces(offset, length):
+            state, host = self._entry(block)
+            if state == PAYLOAD_BLOCK_FULLY_PRESENT:
+                yield Extent(off, k, ExtentKind.DATA, True, host + within)
+            elif state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                for a, n, present in self._sector_runs(block, within, k):
+                    o = off + a - within
+                    yield (Extent(o, n, ExtentKind.DATA, True, host + a) if present
+                           else Extent(o, n, ExtentKind.BACKING, False))
+            elif state == PAYLOAD_BLOCK_NOT_PRESENT and self.differencing:
+                yield Extent(off, k, ExtentKind.BACKING, False)
+            else:
+                yield Extent(off, k, ExtentKind.ZERO, state == PAYLOAD_BLOCK_ZERO)
+
+    def _refine(self, extents):
+        """Split DATA extents by the host file's holes: a hole reads as zeros."""
+        for e in extents:
+            if e.kind is not ExtentKind.DATA:
+                yield e
+                continue
+            for h, n, data in self.io.data_ranges(e.host_offset, e.host_offset + e.length):
+                yield Extent(e.offset + h - e.host_offset, n,
+                             ExtentKind.DATA if data else ExtentKind.ZERO, True, h)
+
+    # -- facts ----------------------------------------------------------------------------
+    @property
+    def subformat(self) -> str:
+        if self.differencing:
+            return "differencing"
+        return "fixed" if self.md.leave_blocks_allocated else "dynamic"
+
+    def info(self) -> ImageInfo:
+        h, md = self.header, self.md
+        details = {
+            "subformat": self.subformat,
+            "block-size": md.block_size,
+            "logical-sector-size": md.logical_sector_size,
+            "physical-sector-size": md.physical_sector_size,
+            "creator": self.creator,
+            "virtual-disk-id": guid_text(md.virtual_disk_id) if md.virtual_disk_id else None,
+            "current-header": self.current + 1,
+            "sequence-number": h.SequenceNumber,
+            "file-write-guid": guid_text(h.FileWriteGuid),
+            "data-write-guid": guid_text(h.DataWriteGuid),
+            "log": {"offset": h.LogOffset, "length": h.LogLength,
+                    "replayed": len(self.replayed.entries) if self.replayed else 0},
+        }
+        bad = [i + 1 for i, x in enumerate(self.headers) if isinstance(x, str)]
+        if bad:
+            details["damaged-headers"] = bad
+        info = ImageInfo(filename=self.path, format="vhdx", virtual_size=self.size,
+                         actual_size=self.backend.allocated_bytes(),
+                         cluster_size=md.block_size, details=details)
+        if self.differencing:
+            details["parent-locator"] = dict(md.parent_locator or {})
+            if self.parent is not None:
+                info.backing_filename = self.parent_name
+                info.full_backing_filename = self.parent.path
+                info.backing_format = "vhdx"
+        return info
+
+    def verify(self) -> list[str]:
+        problems = []
+        for i, h in enumerate(self.headers):
+            if isinstance(h, str):
+                problems.append(f"header {i + 1}: {h}")
+        for i, off in enumerate(REGION_TABLE_OFFSETS):
+            try:
+                parse_region_table(self._read(off, REGION_TABLE_SIZE), self.path,
+                                   self.io.size)
+            except FormatError as e:
+                problems.append(f"region table {i + 1}: {e.message}")
+        return problems
+
+    def check(self, repair: str | None = None):
+        """BAT entries: valid states, inside the file, not overlapping each other nor the
+        header section, log, BAT or metadata regions; sector bitmaps where needed."""
+        from ...ops.check import CheckResult
+        result = CheckResult(self.path, "vhdx")
+        result.messages.extend(f"ERROR {p}" for p in self.verify())
+        result.corruptions += len(result.messages)
+        if self.replayed is not None:
+            n = len(self.replayed.entries)
+            result.messages.append(
+                f"The log held {n} pending entries: written into the file" if self.writable
+                else f"The log holds {n} pending entries, replayed in memory for reading;"
+                " 'check -r all' writes them into the file")
+        used = [(0, HEADER_SECTION_SIZE, "header section")]
+        h = self.header
+        if h.LogLength:
+            used.append((h.LogOffset, h.LogOffset + h.LogLength, "log"))
+        for r in self.regions.values():
+            used.append((r.offset, r.offset + r.length, "region"))
+        allocated = 0
+        for idx, e in enumerate(self.bat):
+            state, off = e & BAT_STATE_MASK, (e >> BAT_OFFSET_SHIFT) << 20
+            is_bitmap = (idx + 1) % (self.ratio + 1) == 0
+            what = "sector bitmap" if is_bitmap else "payload block"
+            if is_bitmap:
+                ok = state in (SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT)
+                present = state == SB_BLOCK_PRESENT
+                length = SECTOR_BITMAP_BLOCK
+            else:
+                ok = state in _VALID_STATES and (self.differencing or
+                                                 state != PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+                present = state in (PAYLOAD_BLOCK_FULLY_PRESENT,
+                                    PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+                length = self.block_size
+            if not ok:
+                if not is_bitmap or self.differencing:
+                    result.corruptions += 1
+                    result.messages.append(f"ERROR BAT entry {idx}: invalid {what} state"
+                                           f" {state}")
+                continue
+            if not present:
+                continue
+            if off < HEADER_SECTION_SIZE or off >= self.io.size:
+                result.corruptions += 1
+                result.messages.append(f"ERROR BAT entry {idx}: {what} at {off} is outside"
+                                       f" the file ({self.io.size} bytes)")
+                continue
+            allocated += not is_bitmap
+            used.append((off, off + length, f"{what} (BAT entry {idx})"))
+        used.sort()
+        for (a0, a1, an), (b0, b1, bn) in zip(used, used[1:]):
+            if b0 < a1:
+                result.corruptions += 1
+                result.messages.append(f"ERROR {bn} at {b0} overlaps {an} at {a0}")
+        result.total_clusters = self.nblocks
+        result.allocated_clusters = allocated
+        result.image_end_offset = self.backend.size
+        return result
+
+    def files(self) -> list[str]:
+        return [self.path] + (self.parent.files() if self.parent is not None else [])
+
+    # -- writing --------------------------------------------------------------------------
+    def _update_header(self, **changes) -> None:
+        """2.2.2.1: write the non-current header with SequenceNumber + 1 and flush; twice,
+        so that both copies are up to date."""
+        for _ in range(2):
+            h = Container(self.header)
+            h.update(changes)
+            if not self._session_header:
+                h.FileWriteGuid = new_guid()
+                self._session_header = True
+            h.SequenceNumber = self.header.SequenceNumber + 1
+            slot = 1 - self.current
+            self.backend.pwrite(HEADER_OFFSETS[slot], build_header(h))
+            self.backend.flush()
+            self.headers[slot] = h
+            self.current, self.header = slot, h
+            changes = {}
+
+    def _begin_write(self) -> None:
+        if not self.writable:
+            raise UnsupportedError("vhdx image is open read-only", self.path)
+        if not self._session_data:
+            self._update_header(DataWriteGuid=new_guid())
+            self._session_data = True
+
+    def _log_commit(self, sectors: dict[int, bytes]) -> None:
+        """Write metadata sectors through the log (2.3): log entry, flush, apply, flush.
+        Each entry is its own tail, since everything before it is applied already."""
+        from .log import build_entry, desc_sectors
+        h = self.header
+        if h.LogLength == 0:
+            raise UnsupportedError("not supported yet: writing to a VHDX without a log",
+                                   self.path)
+        if h.LogGuid == ZERO_GUID:
+            self._update_header(LogGuid=new_guid())
+            self._log_pos = 0
+        items = sorted(sectors.items())
+        per_entry = (h.LogLength // LOG_SECTOR - 1) // 2  # descriptors and data fit
+        for i in range(0, len(items), per_entry):
+            part = items[i:i + per_entry]
+            length = (desc_sectors(len(part)) + len(part)) * LOG_SECTOR
+            if self._log_pos + length > h.LogLength:
+                self._log_pos = 0
+            size = self.backend.size
+            entry = build_entry(sequence=self._log_seq, tail=self._log_pos,
+                                log_guid=self.header.LogGuid, flushed_file_offset=size,
+                                last_file_offset=size, data=part)
+            self.backend.pwrite(h.LogOffset + self._log_pos, entry)
+            self.backend.flush()
+            for off, sector in part:
+                self.backend.pwrite(off, sector)
+            self.backend.flush()
+            self._log_pos += length
+            self._log_seq += 1
+
+    def _bat_sector(self, idx: int) -> tuple[int, bytes]:
+        first = idx // 512 * 512
+        chunk = self.bat[first:first + 512]
+        if sys.byteorder == "big":
+            chunk.byteswap()
+        raw = chunk.tobytes()
+        return self.bat_offset + first * 8, raw + bytes(LOG_SECTOR - len(raw))
+
+    def _allocate(self, length: int) -> int:
+        """Space for a new block past every structure, 1 MiB aligned, zero-filled."""
+        if self._alloc_end is None:
+            end = self.backend.size
+            h = self.header
+            end = max(end, h.LogOffset + h.LogLength)
+            for r in self.regions.values():
+                end = max(end, r.offset + r.length)
+            for idx, e in enumerate(self.bat):
+                if e & BAT_STATE_MASK in (PAYLOAD_BLOCK_FULLY_PRESENT,
+                                          PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_PRESENT):
+                    is_bitmap = (idx + 1) % (self.ratio + 1) == 0
+                    n = SECTOR_BITMAP_BLOCK if is_bitmap else self.block_size
+                    end = max(end, ((e >> BAT_OFFSET_SHIFT) << 20) + n)
+            self._alloc_end = align_up(end)
+        off = self._alloc_end
+        self._alloc_end = off + align_up(length)
+        self.backend.truncate(self._alloc_end)
+        self.file_size = self._alloc_end
+        return off
+
+    def _set_entry(self, idx: int, state: int, off: int, changed: dict) -> None:
+        self.bat[idx] = (off >> 20) << BAT_OFFSET_SHIFT | state
+        so, raw = self._bat_sector(idx)
+        changed[so] = raw
+
+    def write(self, offset: int, data) -> None:
+        self._begin_write()
+        mv = memoryview(data).cast("B")
+        self.check_range(offset, len(mv))
+        pos = 0
+        for off, k, block, within in self._pieces(offset, len(mv)):
+            self._write_block(block, within, off, mv[pos:pos + k])
+            pos += k
+
+    def _write_block(self, block: int, within: int, off: int, data) -> None:
+        state, host = self._entry(block)
+        if state == PAYLOAD_BLOCK_FULLY_PRESENT:
+            self.backend.pwrite(host + within, data)
+            return
+        changed: dict[int, bytes] = {}
+        if self.differencing and state in (PAYLOAD_BLOCK_NOT_PRESENT,
+                                           PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+            lss = self.lss
+            a = within // lss * lss
+            b = min(-(-(within + len(data)) // lss) * lss, self.block_size)
+            if (a, b) != (within, within + len(data)):   # whole sectors only
+                buf = bytearray(b - a)
+                base = off - within
+                inside = max(0, min(b, self.size - base) - a)
+                self.readinto(base + a, memoryview(buf)[:inside])
+                buf[within - a:within - a + len(data)] = data
+                data, within = buf, a
+            if state == PAYLOAD_BLOCK_NOT_PRESENT:
+                host = self._allocate(self.block_size)
+            self.backend.pwrite(host + within, data)
+            self.backend.flush()
+            changed.update(self._set_bitmap_bits(block, within // lss,
+                                                 -(-len(data) // lss)))
+            if state == PAYLOAD_BLOCK_NOT_PRESENT:
+                self._set_entry(payload_index(block, self.ratio),
+                                PAYLOAD_BLOCK_PARTIALLY_PRESENT, host, changed)
+        else:   # a block that reads as zeros: allocate it (zero-filled) and write into it
+            host = self._allocate(self.block_size)
+            self.backend.pwrite(host + within, data)
+            self.backend.flush()
+            self._set_entry(payload_index(block, self.ratio), PAYLOAD_BLOCK_FULLY_PRESENT,
+                            host, changed)
+        self._log_commit(changed)
+
+    def _set_bitmap_bits(self, block: int, first: int, count: int) -> dict[int, bytes]:
+        chunk = block // self.ratio
+        idx = bitmap_index(chunk, self.ratio)
+        e = self.bat[idx]
+        changed: dict[int, bytes] = {}
+        if e & BAT_STATE_MASK != SB_BLOCK_PRESENT:
+            sb = self._allocate(SECTOR_BITMAP_BLOCK)
+            self._set_entry(idx, SB_BLOCK_PRESENT, sb, changed)
+        else:
+            sb = (e >> BAT_OFFSET_SHIFT) << 20
+        bits_per_block = self.block_size // self.lss
+        bit0 = (block % self.ratio) * bits_per_block + first
+        s_first = bit0 // 8 // LOG_SECTOR
+        s_last = (bit0 + count - 1) // 8 // LOG_SECTOR
+        for s in range(s_first, s_last + 1):
+            sector = bytearray(self._read(sb + s * LOG_SECTOR, LOG_SECTOR, "sector bitmap"))
+            lo = max(bit0, s * LOG_SECTOR * 8)
+            hi = min(bit0 + count, (s + 1) * LOG_SECTOR * 8)
+            set_bits(sector, lo - s * LOG_SECTOR * 8, hi - lo)
+            changed[sb + s * LOG_SECTOR] = bytes(sector)
+        self._bitmaps.pop(block, None)
+        return changed
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._begin_write()
+        self.check_range(offset, length)
+        changed: dict[int, bytes] = {}
+        for off, k, block, within in self._pieces(offset, length):
+            state, host = self._entry(block)
+            whole = k == self.block_size or (within == 0 and off + k == self.size)
+            if state == PAYLOAD_BLOCK_FULLY_PRESENT:
+                self._zero_file(host + within, k)
+            elif whole and self.differencing and state in (PAYLOAD_BLOCK_NOT_PRESENT,
+                                                           PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+                # over the parent: a new block left sparse, as the writer does (libvhdi
+                # misreads ZERO blocks in differencing disks)
+                self._set_entry(payload_index(block, self.ratio),
+                                PAYLOAD_BLOCK_FULLY_PRESENT,
+                                self._allocate(self.block_size), changed)
+            elif whole and state != PAYLOAD_BLOCK_ZERO:
+                self._set_entry(payload_index(block, self.ratio), PAYLOAD_BLOCK_ZERO, 0,
+                                changed)
+            elif self.differencing and state in (PAYLOAD_BLOCK_NOT_PRESENT,
+                                                 PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+                if changed:
+                    self._log_commit(changed)
+                    changed = {}
+                done = 0
+                while done < k:
+                    n = min(k - done, ZERO_BUFFER_SIZE)
+                    self._write_block(block, within + done, off + done, ZEROES[:n])
+                    done += n
+            # else: the block already reads as zeros
+        if changed:
+            self._log_commit(changed)
+
+    def flush(self) -> None:
+        if self.writable:
+            self.backend.flush()
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if (self.writable and getattr(self, "header", None) is not None
+                    and self.header.LogGuid != ZERO_GUID and self.backend.fd >= 0):
+                self.backend.flush()
+                self._update_header(LogGuid=ZERO_GUID)   # every entry is applied: empty
+        finally:
+            self.backend.close()
+            super().close()
+
