@@ -14,7 +14,7 @@ from ..errors import DiskforgeError
 
 # subcommand group modules, each with add_parsers(subparsers)
 GROUPS = ("image", "maintenance", "chain", "snapshot", "imaging", "formats_cmd",
-          "hypervisor")
+          "hypervisor", "iso")
 
 
 class OneLineParser(argparse.ArgumentParser):
