@@ -102,6 +102,7 @@ def test_compression_runs_in_several_threads(workdir, source, monkeypatch):
     import threading
 
     import collections
+    import time
 
     from diskforge.formats.qcow2 import codec
     calls = collections.Counter()
@@ -109,6 +110,7 @@ def test_compression_runs_in_several_threads(workdir, source, monkeypatch):
 
     def spy(ctype, data):
         calls[threading.get_ident()] += 1
+        time.sleep(0.002)  # long enough for the pipeline to hand work to other threads
         return real(ctype, data)
     monkeypatch.setattr(codec, "compress", spy)
     out = os.path.join(workdir, "c.qcow2")
