@@ -112,8 +112,12 @@ class _Pipeline:
 
     def copy_batch(self, source: BlockDevice, off: int, n: int, tap=None) -> None:
         buf, start = self.buffer()
+        source.readinto(off, memoryview(buf)[start:start + n])
+        self.process_batch(buf, start, off, n, tap)
+
+    def process_batch(self, buf: bytearray, start: int, off: int, n: int, tap=None) -> None:
+        """Hand ``buf[start:start+n]`` (the disk bytes at ``off``) to the writer."""
         view = memoryview(buf)[start:start + n]
-        source.readinto(off, view)
         self.stats.bytes_read += n
         if tap:
             tap(off, view, n)
@@ -198,27 +202,26 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
     pipe = _Pipeline(writer, base, workers, batch)
     pipe.stats.virtual_size = total = source.size
     done = start
+    plan = _plan(source, base, batch, start, tap)
+    # Without a base, the source is read by a second thread, one batch or two ahead,
+    # so that its reads overlap the writer's writes: the copies into and out of the
+    # page cache then run on two cores. With a base, the base and the source's chain
+    # could share device objects, so everything stays on this thread.
+    reader = _ReadAhead(source, plan, pipe) if base is None and READ_AHEAD else None
     try:
-        for ext in source.extents(start, total - start):
-            kind = ext.kind
-            if kind is ExtentKind.BACKING:
-                if source.backing is None:
-                    kind = ExtentKind.ZERO
-                elif tap is None and _same_file(source.backing, base):
-                    pipe.stats.bytes_skipped += ext.length  # reads through already
-                    kind = None
-            if kind is ExtentKind.ZERO:
+        for kind, off, n, buf in (reader if reader is not None
+                                  else _read_inline(source, plan, pipe)):
+            if kind == "zero":
                 if tap:
-                    tap(ext.offset, None, ext.length)
-                pipe.zero(ext.offset, ext.length)
-            elif kind is not None:
-                for off, n in batches(ext.offset, ext.length, batch):
-                    pipe.copy_batch(source, off, n, tap)
-                    done += n
-                    if progress:
-                        progress(done, total)
-                continue
-            done += ext.length
+                    tap(off, None, n)
+                pipe.zero(off, n)
+            elif kind == "skip":
+                pipe.stats.bytes_skipped += n  # reads through to the base already
+            else:
+                pipe.process_batch(buf[0], buf[1], off, n, tap)
+                if reader is not None:
+                    reader.recycle(buf)
+            done += n
             if progress:
                 progress(done, total)
         pipe.drain()
@@ -226,7 +229,119 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
         if finish:
             writer.finish()
     except BaseException:
+        if reader is not None:
+            reader.stop()
         pipe.close(cancel=True)
         writer.abort()
         raise
     return pipe.stats
+
+
+# the read-ahead thread (off: everything on the caller's thread, for comparisons)
+READ_AHEAD = True
+
+
+def _plan(source: BlockDevice, base: BlockDevice | None, batch: int, start: int, tap):
+    """``(kind, offset, length)`` in order from ``start``: "zero" ranges, "skip" ranges
+    (reading through to the base already) and "data" batches."""
+    for ext in source.extents(start, source.size - start):
+        kind = ext.kind
+        if kind is ExtentKind.BACKING:
+            if source.backing is None:
+                kind = ExtentKind.ZERO
+            elif tap is None and _same_file(source.backing, base):
+                yield "skip", ext.offset, ext.length
+                continue
+        if kind is ExtentKind.ZERO:
+            yield "zero", ext.offset, ext.length
+        else:
+            for off, n in batches(ext.offset, ext.length, batch):
+                yield "data", off, n
+
+
+def _read_inline(source: BlockDevice, plan, pipe: _Pipeline):
+    for kind, off, n in plan:
+        buf = None
+        if kind == "data":
+            buf = pipe.buffer()
+            source.readinto(off, memoryview(buf[0])[buf[1]:buf[1] + n])
+        yield kind, off, n, buf
+
+
+class _ReadAhead:
+    """Runs the plan in a thread that reads data batches into buffers ahead of the
+    consumer (at most DEPTH waiting); an exception there is raised in the consumer.
+    Buffers are reused unless the writer is parallel (then a pending ``prepare`` may
+    still hold a view of one)."""
+
+    DEPTH = 2
+
+    def __init__(self, source: BlockDevice, plan, pipe: _Pipeline):
+        import queue
+        import threading
+        self.queue: queue.Queue = queue.Queue(self.DEPTH)
+        self.free: queue.Queue | None = None
+        if not pipe.pool:
+            self.free = queue.Queue()
+            for _ in range(self.DEPTH + 2):
+                self.free.put(aligned_buffer(pipe.batch))
+        self.batch = pipe.batch
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(source, plan), daemon=True,
+                                       name="diskforge-read-ahead")
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _buffer(self):
+        import queue
+        if self.free is None:
+            return aligned_buffer(self.batch)
+        while not self.stopped.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def _run(self, source: BlockDevice, plan) -> None:
+        try:
+            for kind, off, n in plan:
+                buf = None
+                if kind == "data":
+                    buf = self._buffer()
+                    if buf is None:
+                        return
+                    source.readinto(off, memoryview(buf[0])[buf[1]:buf[1] + n])
+                if not self._put((kind, off, n, buf)):
+                    return
+            self._put(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def recycle(self, buf) -> None:
+        if self.free is not None:
+            self.free.put(buf)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                self.thread.join()
+                return
+            if isinstance(item, BaseException):
+                self.thread.join()
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
