@@ -429,21 +429,32 @@ class VhdDevice(BlockDevice):
             off = offset + at
             entry = self.bat[blk]
             if entry == UNUSED:
+                # qemu calls an unallocated block of a dynamic disk "present", zero
                 yield (Extent(off, cnt, ExtentKind.BACKING, False) if diff
-                       else Extent(off, cnt, ExtentKind.ZERO, False))
+                       else Extent(off, cnt, ExtentKind.ZERO, True))
                 continue
             host = entry * SECTOR + self.bitmap_size
+            base = off - inb
             if not diff:
-                yield Extent(off, cnt, ExtentKind.DATA, True, host + inb)
+                yield from self._stored(base, host, inb, inb + cnt)
                 continue
             s0 = inb // SECTOR
             s1 = -(-(inb + cnt) // SECTOR)
             for sec, k, is_set in bitmap_runs(self._bitmap(blk), s0, s1 - s0):
                 a = max(sec * SECTOR, inb)
                 b = min((sec + k) * SECTOR, inb + cnt)
-                base = off - inb
-                yield (Extent(base + a, b - a, ExtentKind.DATA, True, host + a) if is_set
-                       else Extent(base + a, b - a, ExtentKind.BACKING, False))
+                if is_set:
+                    yield from self._stored(base, host, a, b)
+                else:
+                    yield Extent(base + a, b - a, ExtentKind.BACKING, False)
+
+    def _stored(self, base: int, host: int, a: int, b: int):
+        """Extents of bytes ``a..b`` of a block stored at ``host``: where the host file
+        has a hole they read as zeros, and are not read at all by convert or compare
+        (qemu's map calls a whole allocated block data)."""
+        for o, n, data in self.backend.data_ranges(host + a, host + b):
+            yield Extent(base + o - host, n, ExtentKind.DATA if data else ExtentKind.ZERO,
+                         True, o)
 
     # -- writing ---------------------------------------------------------------------------
     def _check_writable(self, offset: int, length: int) -> None:
