@@ -128,6 +128,9 @@ class VhdDevice(BlockDevice):
 
     # -- opening ------------------------------------------------------------------------
     def _err(self, message: str, structure: str, field: str | None = None):
+        if self.fatal:  # say so when a checksum already failed: the bytes are damaged
+            s, f, _ = self.fatal[0]
+            message += f" (and {s}.{f} does not match: the file is damaged)"
         return FormatError(message, self.path, structure=structure, field=field)
 
     def _load(self, policy) -> None:
@@ -259,19 +262,20 @@ class VhdDevice(BlockDevice):
             raise self._err(f"BAT entry {i} puts block {i} at offset {bat[i] * SECTOR},"
                             f" past the end of the file ({self.file_size} bytes)", "BAT",
                             f"entry[{i}]")
-        meta_end = max(hoff + HEADER_SIZE, bat_at + -(-mte * 4 // SECTOR) * SECTOR,
-                       FOOTER_SIZE)
         self.locator_entries = self._read_locators(hd)
-        for _, _, off, length in self.locator_entries:
-            meta_end = max(meta_end, off + length)
-        self.meta_end = meta_end
-        self.data_end = max([meta_end] + [e * SECTOR + span for e in used])
+        self.data_end = max([end for _, _, end in self._metadata()]
+                            + [off + reserved for _, _, off, _, reserved in
+                               self.locator_entries]
+                            + [e * SECTOR + span for e in used])
         if self.disk_type == DIFFERENCING and not self.fatal:
             # (with a bad checksum nothing is read anyway: check needs no parent)
             self._open_parent(policy)
 
-    def _read_locators(self, hd) -> list[tuple[bytes, str, int, int]]:
-        """``(platform code, text, offset, length)`` of each locator in use."""
+    def _read_locators(self, hd) -> list[tuple[bytes, str, int, int, int]]:
+        """``(platform code, text, offset, length, reserved)`` of each locator in use.
+        The reserved space is the data space in bytes (Windows) or sectors (the
+        specification): whichever covers the data, so a new block never lands in
+        space a locator may grow into."""
         out = []
         for i, e in enumerate(hd.parent_locator_entries):
             code = e.platform_code
@@ -284,7 +288,10 @@ class VhdDevice(BlockDevice):
                                 "ParentLocatorEntry", "platform_data_length")
             text = loc.decode(code, self.backend.read_exact(off, n, "parent locator")) \
                 if code in loc.PLATFORM_NAMES else ""
-            out.append((code, text, off, n))
+            space = e.platform_data_space
+            if space < n:
+                space *= SECTOR
+            out.append((code, text, off, n, max(n, min(space, loc.MAX_LOCATOR_BYTES))))
         return out
 
     def _open_parent(self, policy) -> None:
@@ -294,9 +301,10 @@ class VhdDevice(BlockDevice):
         hd = self.header
         name = _utf16be(hd.parent_unicode_name)
         tried, refused = [], None
-        for cand in loc.candidates([(c, t) for c, t, _, _ in self.locator_entries], name):
+        for cand in loc.candidates([(c, t) for c, t, *_ in self.locator_entries], name):
             try:
-                path = policy.resolve(self.path, cand.path, f"parent locator {cand.platform}")
+                path = os.path.normpath(policy.resolve(self.path, cand.path,
+                                                       f"parent locator {cand.platform}"))
             except SafetyError as e:
                 refused = refused or e
                 continue
@@ -584,7 +592,7 @@ class VhdDevice(BlockDevice):
                     self.backend.pwrite(end, self.footer_raw)
                     self.footer_at = end
                     self.file_size = max(self.file_size, end + FOOTER_SIZE)
-                self.data_end = self.meta_end = max(self.meta_end, end)
+                self.data_end = max(self.data_end, end)
                 raw = build_header(
                     table_offset=hd.table_offset, max_table_entries=hd.max_table_entries,
                     block_size=hd.block_size,
@@ -647,20 +655,29 @@ class VhdDevice(BlockDevice):
         res.messages = msgs + [f"Warning: {n}" for n in self.notes]
         return res
 
+    def _metadata(self) -> list[tuple[str, int, int]]:
+        """``(name, start, end)`` of every structure besides the blocks."""
+        regions = [("the footer copy", 0, FOOTER_SIZE),
+                   ("the dynamic disk header", self.header_at, self.header_at + HEADER_SIZE),
+                   ("the BAT", self.bat_at,
+                    self.bat_at + -(-self.max_table_entries * 4 // SECTOR) * SECTOR)]
+        for code, _, off, n, _ in self.locator_entries:
+            regions.append((f"parent locator {code.decode('latin-1')}", off, off + n))
+        return regions
+
     def _check_blocks(self) -> list[str]:
         """Blocks that overlap the metadata or each other."""
-        out = []
         span = self.bitmap_size + self.block_size
-        placed = sorted((e * SECTOR, i) for i, e in enumerate(self.bat) if e != UNUSED)
-        prev_end, prev_i = 0, None
-        for start, i in placed:
-            if start < self.meta_end:
-                out.append(f"BAT entry {i}: block at offset {start} overlaps the headers,"
-                           f" BAT or parent locators (which end at {self.meta_end})")
-            elif prev_i is not None and start < prev_end:
-                out.append(f"BAT entry {i}: block at offset {start} overlaps block"
-                           f" {prev_i}")
-            prev_end, prev_i = start + span, i
+        regions = self._metadata() + [(f"block {i}", e * SECTOR, e * SECTOR + span)
+                                      for i, e in enumerate(self.bat) if e != UNUSED]
+        regions.sort(key=lambda r: r[1])
+        out = []
+        last_name, last_end = None, 0
+        for name, start, end in regions:
+            if last_name is not None and start < last_end:
+                out.append(f"{name} at offset {start} overlaps {last_name}")
+            if end > last_end:
+                last_name, last_end = name, end
         return out
 
     def _repair_footer_copies(self) -> int:
@@ -707,7 +724,7 @@ class VhdDevice(BlockDevice):
             details["parent-name"] = _utf16be(hd.parent_unicode_name)
             details["parent-locators"] = [
                 {"platform": loc.PLATFORM_NAMES.get(c, c.decode("latin-1")), "path": t}
-                for c, t, _, _ in self.locator_entries]
+                for c, t, *_ in self.locator_entries]
             if self.parent_locator is not None:
                 info.backing_filename = self.parent_locator.text
             if self.backing is not None:
