@@ -423,3 +423,14 @@ def test_copy_to_and_from_other_tools_byte_for_byte(workdir):
     b = os.path.join(workdir, "b.vhd")
     run("qemu-img", "convert", "-f", "vpc", "-O", "vpc", "-o", "force_size=on", a, b)
     assert read_all(b) == content
+
+
+def test_probe_sees_the_footer_of_a_fixed_disk_between_64_and_128_kib(workdir):
+    """The probe window's tail must be the file's last bytes (it once came from the
+    64 KiB head for files under 128 KiB)."""
+    src = make_sparse(os.path.join(workdir, "s.raw"), 34817, [(0, b"small")])
+    vhd = os.path.join(workdir, "small.vhd")
+    assert cli("convert", "-O", "vpc", "-o", "subformat=fixed,force_size=off", src,
+               vhd)[0] == 0
+    assert 64 << 10 < os.path.getsize(vhd) < 128 << 10
+    assert probe(vhd).name == "vpc"
