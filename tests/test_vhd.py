@@ -400,18 +400,6 @@ def test_info_json_names(workdir):
     assert d["diskforge"]["creator-application"] == "dskf"
 
 
-def test_shipped_fixture_recipe_manifest():
-    """The recipe's qemu-made fixtures read as MANIFEST.tsv records them."""
-    manifest = os.path.join(os.path.dirname(FIXTURES), "MANIFEST.tsv")
-    rows = [line.split("\t") for line in open(manifest).read().splitlines()[1:]]
-    rows = [r for r in rows if r[1] == "vpc"]
-    assert rows, "no vpc rows in fixtures/MANIFEST.tsv"
-    for file, _, size, digest, _ in rows:
-        with diskforge.open(os.path.join(os.path.dirname(FIXTURES), file)) as dev:
-            assert dev.size == int(size)
-            assert sha256(dev.read(0, dev.size)) == digest
-
-
 def test_copy_to_and_from_other_tools_byte_for_byte(workdir):
     """qemu-img reads a diskforge VHD and writes one diskforge reads: raw → ours →
     qemu vpc → ours raw."""
