@@ -40,13 +40,13 @@ from . import locators as loc
 from .structs import (DIFFERENCING, DISK_TYPES, DYNAMIC, FIXED, FOOTER_CHECKSUM_AT,
                       FOOTER_COOKIE, FOOTER_SIZE, FORMAT_VERSION, HEADER_CHECKSUM_AT,
                       HEADER_COOKIE, HEADER_SIZE, SECTOR, UNUSED, VhdDynamicDiskHeader,
-                      VhdFooter, bitmap_size, build_footer, checksum, vhd_time,
+                      VhdFooter, bitmap_size, checksum, vhd_time,
                       with_checksum)
 
 MIN_BLOCK = SECTOR
 MAX_BLOCK = 256 << 20       # a 64 KiB bitmap; Windows writes 2 MiB (and 512 KiB)
 DATA_ALIGN = 4096           # where new block data starts, as Windows places it
-_BITMAP_CACHE = 4096        # parsed bitmaps kept per device
+_BITMAP_CACHE = 4096        # sector bitmaps kept in memory per device
 
 
 def _utf16be(raw: bytes) -> str:
@@ -110,8 +110,10 @@ def set_bits(bitmap: bytearray, first: int, end: int) -> None:
 class VhdDevice(BlockDevice):
     format = "vpc"
 
-    def __init__(self, path: str, *, writable: bool = False, policy=None):
+    def __init__(self, path: str, *, writable: bool = False, policy=None,
+                 open_parent: bool = True):
         self.path = path
+        self._open_parent_too = open_parent
         self.writable = writable
         self.backend = FileBackend(path, writable=writable)
         self.backing = None
@@ -267,7 +269,7 @@ class VhdDevice(BlockDevice):
                             + [off + reserved for _, _, off, _, reserved in
                                self.locator_entries]
                             + [e * SECTOR + span for e in used])
-        if self.disk_type == DIFFERENCING and not self.fatal:
+        if self.disk_type == DIFFERENCING and not self.fatal and self._open_parent_too:
             # (with a bad checksum nothing is read anyway: check needs no parent)
             self._open_parent(policy)
 

@@ -29,7 +29,7 @@ from array import array
 
 from ...atomic import AtomicFile
 from ...blockdev import ImageWriter
-from ...errors import UnsupportedError, UsageError
+from ...errors import DiskforgeError, UnsupportedError, UsageError
 from . import geometry as geo
 from . import locators as loc
 from .structs import (DIFFERENCING, DYNAMIC, FIXED, FOOTER_SIZE, HEADER_SIZE, NO_OFFSET,
@@ -114,10 +114,11 @@ class VhdWriter(ImageWriter):
         dev = backing.device
         opened = None
         if not isinstance(dev, VhdDevice):
-            # create -u: the parent's footer is still needed for its unique id
+            # create -u: the parent's footer is still needed for its unique id (its own
+            # parent is not looked for)
             try:
-                dev = opened = VhdDevice(parent_path)
-            except Exception as e:
+                dev = opened = VhdDevice(parent_path, open_parent=False)
+            except DiskforgeError as e:
                 raise UsageError(f"a VHD differencing disk records its parent's unique id,"
                                  f" so the parent must be readable: {e}", path) from None
         try:
