@@ -23,7 +23,6 @@ A fixed disk is the disk bytes followed by the footer; zeros stay holes.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from array import array
 
@@ -87,12 +86,6 @@ class VhdWriter(ImageWriter):
             self.original_size = self.current_size
         self.disk_type = FIXED if self.subformat == "fixed" else \
             DIFFERENCING if parent else DYNAMIC
-        # Fixed and dynamic disks store each batch independently (block allocation
-        # under a lock), so convert's worker threads write them while its main thread
-        # reads the next: reads and writes overlap, as in qemu-img's thread pool. A
-        # differencing disk builds each block's bitmap in order: serial.
-        self.parallel = self.disk_type != DIFFERENCING
-        self._lock = threading.Lock()
         self.parent = parent
         self.out = AtomicFile(path)
         try:
@@ -157,17 +150,13 @@ class VhdWriter(ImageWriter):
         entry = self.bat[blk]
         if entry != UNUSED:
             return entry * SECTOR + self.bitmap_size
-        with self._lock:
-            entry = self.bat[blk]
-            if entry != UNUSED:  # another thread was first
-                return entry * SECTOR + self.bitmap_size
-            data_at = -(-(self.data_end + self.bitmap_size) // self.align) * self.align
-            at = data_at - self.bitmap_size
-            self.data_end = data_at + self.block_size
-            if self.disk_type == DYNAMIC:
-                self.out.pwrite(at, self.ones)
-            self.bat[blk] = at // SECTOR
-            return data_at
+        data_at = -(-(self.data_end + self.bitmap_size) // self.align) * self.align
+        at = data_at - self.bitmap_size
+        self.data_end = data_at + self.block_size
+        if self.disk_type == DYNAMIC:
+            self.out.pwrite(at, self.ones)
+        self.bat[blk] = at // SECTOR
+        return data_at
 
     def _mark(self, blk: int, first: int, end: int) -> None:
         """Differencing: these bytes of block ``blk`` are now this disk's."""
@@ -183,15 +172,7 @@ class VhdWriter(ImageWriter):
             self.cur_blk = -1
 
     # -- the ImageWriter contract ----------------------------------------------------------
-    def prepare(self, offset: int, data) -> None:
-        """In a worker thread: store the batch (positional writes; thread-safe)."""
-        self._store(offset, data)
-
-    def write_prepared(self, offset: int, prepared) -> None:
-        if prepared is not None:  # (prepare stored it already)
-            self._store(offset, prepared)
-
-    def _store(self, offset: int, data) -> None:
+    def write_prepared(self, offset: int, data) -> None:
         if self.disk_type == FIXED:
             self.out.pwrite(offset, data)
             return
