@@ -79,3 +79,20 @@ def test_differencing_round_trip(workdir, base_exts, new_exts, block_size):
         convert(src, writer, base=pdev)
     with diskforge.open(child) as dev:
         assert dev.read(0, dev.size) == new_content
+
+
+@given(bitmap=st.binary(min_size=1, max_size=64), data=st.data())
+def test_bitmap_runs_and_set_bits(bitmap, data):
+    """Sector bitmaps: bit n is the (n % 8)-th most significant bit of byte n // 8."""
+    from diskforge.formats.vhd.device import bitmap_runs, set_bits
+    nbits = len(bitmap) * 8
+    first = data.draw(st.integers(0, nbits - 1))
+    count = data.draw(st.integers(1, nbits - first))
+    bit = [bool(bitmap[i >> 3] & (0x80 >> (i & 7))) for i in range(nbits)]
+    runs = list(bitmap_runs(bitmap, first, count))
+    assert [b for s, n, b in runs for _ in range(n)] == bit[first:first + count]
+    assert all(a[2] != b[2] for a, b in zip(runs, runs[1:]))  # coalesced
+    bm = bytearray(bitmap)
+    set_bits(bm, first, first + count)
+    assert [bool(bm[i >> 3] & (0x80 >> (i & 7))) for i in range(nbits)] == \
+        [bit[i] or first <= i < first + count for i in range(nbits)]
