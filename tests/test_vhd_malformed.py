@@ -118,11 +118,15 @@ def test_bat_too_small_or_huge(dynamic):
     patch_header(dynamic, max_table_entries=0xFFFFFFFF)
     tracemalloc.start()
     try:
-        with diskforge.open(dynamic) as dev:
+        with diskforge.open(dynamic, writable=True) as dev:
             assert dev.read(0, 5000) == b"a" * 5000
+            dev.write(900 << 10, b"new")  # lands after the blocks, not 16 GiB away
         assert tracemalloc.get_traced_memory()[1] < 16 << 20
     finally:
         tracemalloc.stop()
+    assert os.path.getsize(dynamic) < 2 << 20
+    code, out, _ = cli("check", dynamic)
+    assert code == 0 and "more than the file holds" in out
 
 
 def test_header_and_table_offsets_outside_the_file(dynamic):

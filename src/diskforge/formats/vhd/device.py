@@ -249,6 +249,13 @@ class VhdDevice(BlockDevice):
                             f" past the end of the file ({self.file_size} bytes)",
                             "VhdDynamicDiskHeader", "table_offset")
         self.max_table_entries = mte
+        # the BAT's extent in the file: all its entries, unless the count is absurd (only
+        # the entries the disk needs are ever read)
+        self.bat_bytes = mte * 4 if bat_at + mte * 4 <= self.file_size else \
+            self.nblocks * 4
+        if mte * 4 != self.bat_bytes:
+            self.notes.append(f"the dynamic header claims {mte} BAT entries, more than the"
+                              f" file holds; the {self.nblocks} the disk needs are used")
         bat = array("I")
         bat.frombytes(f.read_exact(bat_at, self.nblocks * 4, "BAT"))
         if bat.itemsize != 4:  # pragma: no cover - every supported platform
@@ -662,7 +669,7 @@ class VhdDevice(BlockDevice):
         regions = [("the footer copy", 0, FOOTER_SIZE),
                    ("the dynamic disk header", self.header_at, self.header_at + HEADER_SIZE),
                    ("the BAT", self.bat_at,
-                    self.bat_at + -(-self.max_table_entries * 4 // SECTOR) * SECTOR)]
+                    self.bat_at + -(-self.bat_bytes // SECTOR) * SECTOR)]
         for code, _, off, n, _ in self.locator_entries:
             regions.append((f"parent locator {code.decode('latin-1')}", off, off + n))
         return regions
