@@ -37,7 +37,7 @@ def test_names_and_extensions():
 
 # -- reading what qemu-img makes -------------------------------------------------------------
 
-QEMU_SIZES = [1_000_000, 10 * 1000 * 1000 + 1234, 37 << 20, (5 << 20) + 512]
+QEMU_SIZES = [1_000_000, 10 * 1000 * 1000 + 1234, 13 << 20, (5 << 20) + 512]
 
 
 @pytest.mark.parametrize("opts", ["subformat=dynamic", "subformat=fixed",
