@@ -25,7 +25,6 @@ from __future__ import annotations
 import ntpath
 import os
 import posixpath
-import urllib.parse
 from dataclasses import dataclass
 
 MAX_LOCATOR_BYTES = 65536  # a Windows path is at most 32767 UTF-16 units
@@ -66,7 +65,8 @@ def local_path(platform: bytes, text: str) -> str:
         rest = text[len("file://"):]
         if rest.startswith("localhost/"):
             rest = rest[len("localhost"):]
-        return urllib.parse.unquote(rest)
+        from urllib.parse import unquote  # only Mac X locators need it
+        return unquote(rest)
     if _is_windows_absolute(text):
         return ""  # "C:\..." or "\\server\share": not a path here
     return text.replace("\\", "/")

@@ -23,7 +23,6 @@ A fixed disk is the disk bytes followed by the footer; zeros stay holes.
 from __future__ import annotations
 
 import os
-import uuid
 from array import array
 
 from ...atomic import AtomicFile
@@ -123,7 +122,10 @@ class VhdWriter(ImageWriter):
                 opened.close()
 
     def _layout(self) -> None:
-        self.uuid = uuid.uuid4().bytes
+        uid = bytearray(os.urandom(16))  # a random (version 4) UUID, as qemu makes one
+        uid[6] = uid[6] & 0x0F | 0x40
+        uid[8] = uid[8] & 0x3F | 0x80
+        self.uuid = bytes(uid)
         self.stamp = vhd_time()
         if self.disk_type == FIXED:
             self.out.truncate(self.current_size)
