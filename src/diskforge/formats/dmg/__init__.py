@@ -1,0 +1,56 @@
+"""Apple disk images: UDIF (.dmg), sparse images (.sparseimage) and sparse bundles.
+
+Three plugins share this package because they share Apple's conventions, not code
+paths: ``dmg`` reads every UDIF variant hdiutil makes (UDRO, UDRW, UDCO, UDZO, UDBZ,
+ULFO, ULMO) and writes UDRO/UDRW/UDZO/UDBZ/ULFO/ULMO (writer.py); ``sparseimage``
+(UDSP) and ``sparsebundle`` (UDSB, a directory of bands) are read-only block devices
+(sparse.py). Encrypted images (``encrcdsa``/``cdsaencr`` wrappers, Apple Encrypted
+Archives) are recognised and refused with a plain message. The layout as implemented
+and the quirks met in real files are in ``formats/dmg.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ...errors import UnsupportedError
+from ...registry import Format
+
+ENCRYPTED_MAGICS = (b"encrcdsa", b"AEA1")
+
+
+def _encrypted(head: bytes, tail: bytes) -> str | None:
+    if head.startswith(b"encrcdsa"):
+        return "encrcdsa v2"
+    if tail[-8:] == b"cdsaencr":
+        return "cdsaencr v1"
+    if head.startswith(b"AEA1"):
+        return "Apple Encrypted Archive"
+    return None
+
+
+class DmgFormat(Format):
+    name = "dmg"
+    extensions = ("dmg", "udif")
+    description = ("Apple UDIF disk image (hdiutil UDRO/UDRW/UDCO/UDZO/UDBZ/ULFO/ULMO);"
+                   " writes UDRO/UDRW/UDZO/UDBZ/ULFO/ULMO")
+
+    def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
+        if file_size >= 512 and tail[-512:-508] == b"koly":
+            return 100
+        if _encrypted(head, tail):
+            return 90
+        return 0
+
+    def open(self, path: str, *, writable: bool = False, policy=None):
+        from ...registry import read_probe_window
+        head, tail, _ = read_probe_window(path)
+        kind = _encrypted(head, tail)
+        if kind is not None and tail[-512:-508] != b"koly":
+            raise UnsupportedError(f"encrypted DMG is not supported ({kind}); decrypt it"
+                                   " first (hdiutil convert -format UDZO)", path)
+        from .reader import DmgDevice
+        return DmgDevice(os.fspath(path))
+
+
+FORMAT = DmgFormat()
