@@ -11,9 +11,11 @@ and the quirks met in real files are in ``formats/dmg.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from ...errors import UnsupportedError
+from ...errors import UnsupportedError, UsageError
+from ...options import Options, option
 from ...registry import Format
 
 ENCRYPTED_MAGICS = (b"encrcdsa", b"AEA1")
@@ -29,9 +31,20 @@ def _encrypted(head: bytes, tail: bytes) -> str | None:
     return None
 
 
+@dataclasses.dataclass
+class DmgOptions(Options):
+    format: str = option("UDZO", "hdiutil's image format: UDZO zlib, UDBZ bzip2, ULFO"
+                         " LZFSE, ULMO LZMA, UDRO raw chunks (read-only), UDRW every"
+                         " sector stored raw (read-write)",
+                         choices=("UDZO", "UDBZ", "ULFO", "ULMO", "UDRO", "UDRW"))
+    zlib_level: int = option(1, "zlib level for UDZO (hdiutil's default is 1)",
+                             minimum=1, maximum=9)
+
+
 class DmgFormat(Format):
     name = "dmg"
     extensions = ("dmg", "udif")
+    options = DmgOptions
     description = ("Apple UDIF disk image (hdiutil UDRO/UDRW/UDCO/UDZO/UDBZ/ULFO/ULMO);"
                    " writes UDRO/UDRW/UDZO/UDBZ/ULFO/ULMO")
 
@@ -51,6 +64,20 @@ class DmgFormat(Format):
                                    " first (hdiutil convert -format UDZO)", path)
         from .reader import DmgDevice
         return DmgDevice(os.fspath(path))
+
+    def writer(self, path: str, size: int, options: Options, *, backing=None):
+        if backing is not None:
+            raise UnsupportedError("dmg images cannot have a backing file", path)
+        if not isinstance(options, DmgOptions):
+            raise UsageError("internal: dmg writer given foreign options", path)
+        from .writer import DmgWriter
+        return DmgWriter(os.fspath(path), size, options.format, options.zlib_level)
+
+    def compressed(self, options: Options) -> Options:
+        """``convert -c``: UDZO unless a compressed format was asked for."""
+        if options.format in ("UDRO", "UDRW"):
+            return options.replace(format="UDZO")
+        return options
 
 
 FORMAT = DmgFormat()

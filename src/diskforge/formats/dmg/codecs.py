@@ -132,7 +132,7 @@ def compressor(kind: int, level: int):
     if kind == ZLIB:
         return lambda data: zlib.compress(data, level)
     if kind == BZIP2:
-        return lambda data: bz2.compress(data, 9)
+        return lambda data: bz2.compress(data, 1)  # 100 kB blocks: chunks are smaller
     if kind == LZMA:
         return lambda data: lzma.compress(data, format=lzma.FORMAT_XZ,
                                           check=lzma.CHECK_NONE, preset=level)
