@@ -13,7 +13,7 @@ import sys
 from ..errors import DiskforgeError
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "maintenance", "formats_cmd")
+GROUPS = ("image", "maintenance", "verify", "formats_cmd")
 
 
 class OneLineParser(argparse.ArgumentParser):
