@@ -53,6 +53,8 @@ class DmgFormat(Format):
             return 100
         if _encrypted(head, tail):
             return 90
+        if b"koly" in tail[-512:] and b"</plist>" in tail:
+            return 50  # a trailer cut short: open() says so, rather than "raw"
         return 0
 
     def open(self, path: str, *, writable: bool = False, policy=None):
@@ -80,4 +82,39 @@ class DmgFormat(Format):
         return options
 
 
+class SparseImageFormat(Format):
+    name = "sparseimage"
+    extensions = ("sparseimage",)
+    description = "Apple sparse disk image (hdiutil UDSP), read-only"
+
+    def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
+        return 100 if head[:4] == b"sprs" and file_size >= 4096 else 0
+
+    def open(self, path: str, *, writable: bool = False, policy=None):
+        from .sparse import SparseImageDevice
+        return SparseImageDevice(os.fspath(path))
+
+
+class SparseBundleFormat(Format):
+    name = "sparsebundle"
+    extensions = ("sparsebundle",)
+    description = "Apple sparse bundle directory (hdiutil UDSB), read-only"
+
+    def probe_directory(self, path: str) -> bool:
+        try:
+            with open(os.path.join(path, "Info.plist"), "rb") as f:
+                return b"com.apple.diskimage.sparsebundle" in f.read(64 << 10)
+        except OSError:
+            return False
+
+    def open(self, path: str, *, writable: bool = False, policy=None):
+        from .sparse import SparseBundleDevice
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise UsageError("a sparse bundle is a directory", path)
+        return SparseBundleDevice(path, policy)
+
+
 FORMAT = DmgFormat()
+SPARSEIMAGE = SparseImageFormat()
+SPARSEBUNDLE = SparseBundleFormat()

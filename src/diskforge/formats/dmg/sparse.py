@@ -28,7 +28,6 @@ from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKi
                          FileBackend, ImageInfo, coalesce)
 from ...errors import FormatError, ImageIOError, UnsupportedError
 from ...policy import OpenPolicy
-from ...registry import Format
 
 SECTOR = 512
 HEADER_SIZE = 4096
@@ -292,38 +291,3 @@ class SparseBundleDevice(_Banded):
                 f.close()
             self._open.clear()
         super().close()
-
-
-class SparseImageFormat(Format):
-    name = "sparseimage"
-    extensions = ("sparseimage",)
-    description = "Apple sparse disk image (hdiutil UDSP), read-only"
-
-    def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
-        return 100 if head[:4] == b"sprs" and file_size >= HEADER_SIZE else 0
-
-    def open(self, path: str, *, writable: bool = False, policy=None) -> SparseImageDevice:
-        return SparseImageDevice(os.fspath(path))
-
-
-class SparseBundleFormat(Format):
-    name = "sparsebundle"
-    extensions = ("sparsebundle",)
-    description = "Apple sparse bundle directory (hdiutil UDSB), read-only"
-
-    def probe_directory(self, path: str) -> bool:
-        try:
-            with open(os.path.join(path, "Info.plist"), "rb") as f:
-                return BUNDLE_TYPE.encode() in f.read(64 << 10)
-        except OSError:
-            return False
-
-    def open(self, path: str, *, writable: bool = False, policy=None) -> SparseBundleDevice:
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FormatError("a sparse bundle is a directory", path)
-        return SparseBundleDevice(path, policy)
-
-
-SPARSEIMAGE = SparseImageFormat()
-SPARSEBUNDLE = SparseBundleFormat()

@@ -115,6 +115,10 @@ def make_checksum(crc: int) -> dict:
 def parse_trailer(raw: bytes, file_size: int, path: str):
     """The validated ``koly`` trailer (a construct Container)."""
     if len(raw) < KOLY_SIZE or raw[:4] != b"koly":
+        at = raw.find(b"koly")
+        if at > 0:
+            raise FormatError(f"the trailer is cut off ({at} bytes missing at the end of"
+                              " the file): truncated", path, structure="UDIFResourceFile")
         raise FormatError("no UDIF trailer ('koly') in the last 512 bytes: truncated or"
                           " not a DMG", path, structure="UDIFResourceFile")
     koly = UDIFResourceFile.parse(raw)

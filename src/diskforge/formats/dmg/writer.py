@@ -6,7 +6,8 @@ the XML property list (``blkx`` entries, then ``plst``), the 512-byte ``koly`` t
 - 512-byte sectors; chunks of at most 2048 sectors (1 MiB; 128 sectors for bzip2, see
   BZIP2_CHUNK_BYTES), cut at absolute multiples of that size and at blkx boundaries;
   zero runs become zero-fill chunks (merged, at most 131072 sectors each, qemu's
-  limit); a chunk that does not shrink when compressed is stored raw, as hdiutil does.
+  limit); a chunk that does not shrink when compressed is stored raw, as hdiutil does,
+  and one whose samples do not shrink is stored raw without trying (_incompressible).
 - One blkx entry per partition-map structure, partition and gap when the disk has a
   partition table, else one whole-disk entry (layout.py).
 - Checksums: each blkx carries the CRC-32 of its decompressed stored chunks (zero-fill
@@ -43,6 +44,7 @@ CHUNK_BYTES = 1 << 20               # hdiutil's chunk: 2048 sectors
 BZIP2_CHUNK_BYTES = 64 << 10
 MAX_ZERO_SECTORS = 131072           # qemu's DMG_SECTORCOUNTS_MAX (64 MiB)
 HEAD_BYTES = 1 << 20                # where partition tables live
+PROBE_STEP, PROBE_BYTES = 64 << 10, 2048  # the incompressibility probe (_incompressible)
 VARIANTS = {"UDRO": codecs.RAW, "UDRW": codecs.RAW, "UDZO": codecs.ZLIB,
             "UDBZ": codecs.BZIP2, "ULFO": codecs.LZFSE, "ULMO": codecs.LZMA}
 LZMA_PRESET = 6
@@ -128,7 +130,7 @@ class DmgWriter(ImageWriter):
 
     def _piece(self, offset: int, view) -> _Piece:
         crc = zlib.crc32(view)
-        if self.compress is not None:
+        if self.compress is not None and not _incompressible(view):
             packed = self.compress(view)
             if len(packed) < len(view):
                 return _Piece(offset, len(view), self.kind, packed, crc)
@@ -323,6 +325,21 @@ class DmgWriter(ImageWriter):
 
     def abort(self) -> None:
         self.out.discard()
+
+
+def _incompressible(view) -> bool:
+    """True when every 2 KiB sample, one per 64 KiB, fails to shrink by a tenth under
+    zlib level 1: then the chunk is stored raw without compressing it whole (compressing
+    random data costs 3x compressing text, for nothing). A compressible extent of 64 KiB
+    or more always contains a sample, so at most a smaller one loses its compression."""
+    n = len(view)
+    if n < PROBE_STEP:
+        return False
+    for off in range(0, n, PROBE_STEP):
+        sample = view[off:off + PROBE_BYTES]
+        if len(zlib.compress(sample, 1)) < len(sample) * 9 // 10:
+            return False
+    return True
 
 
 def _resource(data: bytes, name: str, ident: str, *, cfname: bool) -> list[str]:
