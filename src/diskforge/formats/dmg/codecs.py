@@ -43,8 +43,8 @@ class ChunkError(ValueError):
     """One chunk does not decode to its declared size (the reader adds where)."""
 
 
-def decompress(kind: int, data: bytes, size: int) -> bytes:
-    """The ``size`` bytes chunk ``data`` of type ``kind`` decodes to."""
+def decompress(kind: int, data, size: int) -> bytes:
+    """The ``size`` bytes chunk ``data`` (any buffer) of type ``kind`` decodes to."""
     try:
         if kind == ZLIB:
             d = zlib.decompressobj()
@@ -65,7 +65,7 @@ def decompress(kind: int, data: bytes, size: int) -> bytes:
                 raise ChunkError(f"LZFSE blocks declare {declared} bytes, more than the"
                                  f" chunk's {size}")
             import lzfse
-            out = lzfse.decompress(data)
+            out = lzfse.decompress(bytes(data))  # it takes read-only buffers only
             done = True
         elif kind == ADC:
             return adc_decompress(data, size)

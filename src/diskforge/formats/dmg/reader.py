@@ -98,7 +98,10 @@ class DmgDevice(BlockDevice):
     def _decode(self, i: int) -> bytes:
         m = self.map
         size = m.start[i + 1] - m.start[i]
-        src = self.backend.read_exact(m.offset[i], m.length[i], "chunk data")
+        src = bytearray(m.length[i])  # decoded from in place: no bytes() copy
+        if self.backend.readinto(m.offset[i], src) != len(src):
+            raise FormatError(f"chunk data at file offset {m.offset[i]} (+{len(src)}) is"
+                              " past the end of the file: truncated", self.path)
         try:
             return codecs.decompress(m.kind[i], src, size)
         except codecs.ChunkError as e:
