@@ -276,3 +276,15 @@ def test_a_dmg_between_64_and_128_kib_is_recognised(tmp_path):
     assert 64 << 10 < os.path.getsize(dmg) < 128 << 10
     with diskforge.open(dmg) as dev:
         assert dev.format == "dmg"
+
+
+def test_layout_falls_back_to_whole_disk_for_tables_it_cannot_follow():
+    from diskforge.formats.dmg import layout
+    from diskforge.partitions import Partition, PartitionTable
+    gpt4k = PartitionTable("gpt", 4096)  # a DMG counts 512-byte sectors
+    overlapping = PartitionTable("mbr", 512, partitions=[
+        Partition(1, 512 * 10, 512 * 100, "0x83"), Partition(2, 512 * 50, 512 * 10, "0x83")])
+    beyond = PartitionTable("mbr", 512, partitions=[Partition(1, 512, 512 * 5000, "0x83")])
+    for table in (gpt4k, overlapping, beyond, None):
+        regions = layout.plan(table, bytes(1024), 1000).regions
+        assert [r.name for r in regions] == ["whole disk (unknown : 0)"]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from construct import ConstructError
+
 SECTOR = 512
 
 _GPT_NAMES = {
@@ -74,12 +76,14 @@ class Layout:
 def plan(table, head: bytes, sectors: int) -> Layout:
     """The blkx regions for a disk of ``sectors`` sectors whose partition table is
     ``table`` (partitions.PartitionTable or None); ``head`` holds the disk's first bytes
-    (the GPT header is read from it). Anything inconsistent gives the whole-disk layout."""
+    (the GPT header is read from it). Anything inconsistent, and tables in 4 KiB sectors
+    (a DMG counts 512-byte sectors), give the whole-disk layout."""
     parts = None
-    if table is not None and not (table.scheme == "gpt" and not table.primary_ok):
+    if table is not None and table.sector_size == SECTOR \
+            and not (table.scheme == "gpt" and not table.primary_ok):
         try:
             parts = _structures(table, head, sectors)
-        except ValueError:
+        except (ValueError, ConstructError):
             parts = None
     if parts is None:
         return Layout([Region(0, sectors, "whole disk (unknown", "whole disk (unknown : 0)",
