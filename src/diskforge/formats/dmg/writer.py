@@ -73,11 +73,15 @@ class _Head(BlockDevice):
 
 
 class _Piece:
-    __slots__ = ("offset", "length", "kind", "payload", "crc")
+    """One chunk as prepared: where, its type, the bytes to store, the CRC-32 of its
+    data (for the blkx checksum) and of the stored bytes (for the data-fork checksum),
+    both computed in the worker thread."""
+    __slots__ = ("offset", "length", "kind", "payload", "crc", "stored_crc")
 
-    def __init__(self, offset: int, length: int, kind: int, payload, crc: int):
-        self.offset, self.length, self.kind, self.payload, self.crc = \
-            offset, length, kind, payload, crc
+    def __init__(self, offset: int, length: int, kind: int, payload, crc: int,
+                 stored_crc: int):
+        self.offset, self.length, self.kind, self.payload, self.crc, self.stored_crc = \
+            offset, length, kind, payload, crc, stored_crc
 
 
 class DmgWriter(ImageWriter):
@@ -133,9 +137,9 @@ class DmgWriter(ImageWriter):
         if self.compress is not None and not _incompressible(view):
             packed = self.compress(view)
             if len(packed) < len(view):
-                return _Piece(offset, len(view), self.kind, packed, crc)
+                return _Piece(offset, len(view), self.kind, packed, crc, zlib.crc32(packed))
             view = bytes(view)
-        return _Piece(offset, len(view), codecs.RAW, view, crc)
+        return _Piece(offset, len(view), codecs.RAW, view, crc, crc)
 
     # -- the ordered side ------------------------------------------------------------------
     def write_prepared(self, offset: int, pieces) -> None:
@@ -223,7 +227,7 @@ class DmgWriter(ImageWriter):
         self._flush_zero_run()
         region = self.layout.regions[self.r]
         self.out.pwrite(self.data_pos, p.payload)
-        self.data_crc = zlib.crc32(p.payload, self.data_crc)
+        self.data_crc = crc32_combine(self.data_crc, p.stored_crc, len(p.payload))
         self._entry(p.kind, p.offset // udif.SECTOR - region.start, p.length // udif.SECTOR,
                     self.data_pos, len(p.payload))
         self.data_pos += len(p.payload)
