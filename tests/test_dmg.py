@@ -3,9 +3,9 @@ every chunk type is met, extents stay sparse, reads touch only their chunks, ver
 checks the three kinds of checksum, and malformed or hostile files fail in one line."""
 
 import csv
-import hashlib
 import json
 import os
+import random
 import resource
 import shutil
 
@@ -94,6 +94,19 @@ def test_random_reads_decompress_only_the_chunks_they_touch(workdir, monkeypatch
         for off, n in [(0, 512), (511, 2), (17407, 3000), (1 << 20, 1 << 20),
                        (len(data) - 700, 700), (3, len(data) - 3)]:
             assert dev.read(off, n) == data[off:off + n]
+
+
+def test_reads_from_several_threads_at_once(workdir):
+    from concurrent.futures import ThreadPoolExecutor
+    path = fixture_path("dmg/keramics_hfsplus_adc_UDCO.dmg", workdir)
+    flat = os.path.join(workdir, "flat.raw")
+    assert cli("convert", "-O", "raw", path, flat)[0] == 0
+    data = open(flat, "rb").read()
+    rng = random.Random(4)
+    ranges = [(rng.randrange(len(data) - 70000), rng.randrange(1, 70000)) for _ in range(200)]
+    with diskforge.open(path) as dev, ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda r: dev.read(r[0], r[1]), ranges))
+    assert all(g == data[o:o + n] for g, (o, n) in zip(got, ranges))
 
 
 def test_info_lists_blkx_partitions_and_the_partition_map(workdir):

@@ -110,20 +110,27 @@ class DmgDevice(BlockDevice):
                               structure="BLKXChunkEntry") from None
 
     def _chunk(self, i: int) -> bytes:
+        """Chunk ``i`` decoded: from the cache, from read-ahead, or decoded now. The
+        lock guards the cache and the read-ahead state (a device may be read from
+        several threads, e.g. when served over NBD); decoding runs outside it."""
+        fut = None
         with self._lock:
             data = self._cache.get(i)
             if data is not None:
                 self._cache.move_to_end(i)
-        if data is None:
+                return data
             fut = self._ahead.pop(i, None)
             if fut is not None:
                 self._ahead_bytes -= self._run_size(i)
-                data = fut.result()
-                if isinstance(data, _Failed):
-                    raise data.exc
-            else:
-                data = self._decode(i)
-            self._remember(i, data)
+        data = fut.result() if fut is not None else self._decode(i)
+        if isinstance(data, _Failed):
+            raise data.exc
+        with self._lock:
+            self._cache[i] = data
+            self._cache_bytes += len(data)
+            while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= len(old)
             last, self._last_run = self._last_run, i
             if fut is not None or 0 < i - last <= 16:
                 self._read_ahead(i)
@@ -133,14 +140,6 @@ class DmgDevice(BlockDevice):
 
     def _run_size(self, i: int) -> int:
         return self.map.start[i + 1] - self.map.start[i]
-
-    def _remember(self, i: int, data: bytes) -> None:
-        with self._lock:
-            self._cache[i] = data
-            self._cache_bytes += len(data)
-            while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cache_bytes -= len(old)
 
     def _read_ahead(self, i: int) -> None:
         """Start decompressing the next compressed runs after ``i`` (the reader walks
