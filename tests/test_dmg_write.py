@@ -173,7 +173,7 @@ def test_options_compress_flag_and_defaults(gpt_disk, tmp_path):
 
 
 def test_disk_without_partition_table_is_one_whole_disk_entry(tmp_path):
-    raw = make_sparse(str(tmp_path / "d.raw"), 3 * MIB, [(12345 * 0 + 4096, TEXT[:9000])])
+    raw = make_sparse(str(tmp_path / "d.raw"), 3 * MIB, [(4096, TEXT[:9000])])
     dmg = str(tmp_path / "d.dmg")
     assert cli("convert", raw, dmg)[0] == 0
     _, koly, plist = read_dmg(dmg)
@@ -220,10 +220,6 @@ try:
     from hypothesis import strategies as st
 except ImportError:  # pragma: no cover
     given = None
-
-
-def _contents(draw_sectors, pieces):
-    return pieces
 
 
 if given is not None:

@@ -18,7 +18,6 @@ open policy (a band symlinked outside the bundle is refused) and a few at a time
 
 from __future__ import annotations
 
-import bisect
 import collections
 import os
 

@@ -27,7 +27,6 @@ a blkx boundary is decompressed and split (only possible in the first few MiB).
 from __future__ import annotations
 
 import base64
-import os
 import uuid
 import zlib
 from xml.sax.saxutils import escape
