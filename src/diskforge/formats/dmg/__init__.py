@@ -18,9 +18,6 @@ from ...errors import UnsupportedError, UsageError
 from ...options import Options, option
 from ...registry import Format
 
-ENCRYPTED_MAGICS = (b"encrcdsa", b"AEA1")
-
-
 def _encrypted(head: bytes, tail: bytes) -> str | None:
     if head.startswith(b"encrcdsa"):
         return "encrcdsa v2"
@@ -43,7 +40,7 @@ class DmgOptions(Options):
 
 class DmgFormat(Format):
     name = "dmg"
-    extensions = ("dmg", "udif")
+    extensions = ("dmg",)
     options = DmgOptions
     description = ("Apple UDIF disk image (hdiutil UDRO/UDRW/UDCO/UDZO/UDBZ/ULFO/ULMO);"
                    " writes UDRO/UDRW/UDZO/UDBZ/ULFO/ULMO")
