@@ -13,7 +13,7 @@ import sys
 from ..errors import DiskforgeError
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "maintenance", "imaging", "formats_cmd", "hypervisor", "iso")
+GROUPS = ("image", "maintenance", "imaging", "verify", "formats_cmd", "hypervisor", "iso")
 
 
 class OneLineParser(argparse.ArgumentParser):
