@@ -132,8 +132,9 @@ def split_option_string(spec: str | None) -> dict[str, str]:
         if not part:
             continue
         if "=" not in part:
-            raise UsageError(f"invalid option '{part}': expected key=value")
-        k, v = part.split("=", 1)
+            k, v = part, "on"  # a bare key is a flag set on, as in qemu-img
+        else:
+            k, v = part.split("=", 1)
         out[k.strip()] = v
     return out
 

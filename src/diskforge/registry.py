@@ -250,8 +250,11 @@ def read_probe_window(path: str) -> tuple[bytes, bytes, int]:
         size = f.size
         head = f.pread(0, min(size, PROBE_BYTES))
         tail_start = max(0, size - PROBE_BYTES)
-        tail = head[tail_start:] if tail_start < len(head) else f.pread(tail_start,
-                                                                       size - tail_start)
+        # the head holds the tail only when it holds the whole file (a file between 64
+        # and 128 KiB would otherwise lose its last bytes, where fixed VHDs keep
+        # their footer)
+        tail = head[tail_start:] if size <= len(head) else f.pread(tail_start,
+                                                                  size - tail_start)
     return head, tail, size
 
 

@@ -13,7 +13,7 @@ import sys
 from ..errors import DiskforgeError
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "maintenance", "chain", "snapshot", "imaging", "formats_cmd",
+GROUPS = ("image", "maintenance", "chain", "snapshot", "imaging", "verify", "formats_cmd",
           "hypervisor", "iso")
 
 

@@ -94,13 +94,21 @@ def check_image(dev, repair: str | None = None) -> CheckResult:
     primary GPT, entries past the end, a looping EBR chain are corruptions too.
 
     Raises UnsupportedError only when there is nothing at all to check."""
-    from ..errors import UnsupportedError
+    from ..errors import DiskforgeError, UnsupportedError
     from ..partitions import read_partitions
     try:
         result = dev.check(repair)
     except UnsupportedError:
         result = None
-    table = read_partitions(dev)
+    try:
+        table = read_partitions(dev)
+    except DiskforgeError as e:
+        if result is None:
+            raise
+        if not result.corruptions:  # unreadable although the format found nothing wrong
+            result.messages.append(f"ERROR reading the partition table: {e}")
+            result.check_errors += 1
+        table = None
     if result is None:
         if table is None:
             raise UnsupportedError("This image format does not support checks", dev.path)

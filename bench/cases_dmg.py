@@ -1,0 +1,58 @@
+"""DMG rows: DMG -> raw beside dmg2img and qemu-img; raw -> UDZO and ULFO throughput,
+each beside the same conversion on one thread (``-m 1``: the parallel speed-up is
+1 / the ratio column), and qemu-img's compressed qcow2 as a familiar reference."""
+
+import os
+import subprocess
+
+from run import Case, Context, Tool, diskforge_cmd, have
+
+
+def out(name):
+    # a "dmg-" prefix: the bench directory is shared with other formats' rows
+    return lambda ctx: ctx.path(f"dmg-{name}")
+
+
+def make_udzo(ctx: Context) -> None:
+    """The input of the DMG -> raw row: the mixed disk as UDZO, written by diskforge
+    (no tool here writes DMG), rebuilt when the disk is newer."""
+    dmg = ctx.path(f"dmg-input-{ctx.size}.dmg")
+    if not os.path.exists(dmg) or os.path.getmtime(dmg) < os.path.getmtime(ctx.source):
+        subprocess.run(diskforge_cmd() + ["convert", "-O", "dmg", ctx.source, dmg],
+                       check=True)
+    ctx.cache["udzo"] = dmg
+
+
+def dmg_in(ctx: Context) -> str:
+    return ctx.cache["udzo"]
+
+
+def to_dmg(fmt: str, workers: list[str]):
+    return lambda c: diskforge_cmd() + ["convert", *workers, "-O", "dmg", "-o",
+                                        f"format={fmt}", c.source,
+                                        c.path(f"dmg-out-{fmt}.dmg")]
+
+
+CASES = [
+    Case("dmg(UDZO)->raw", [
+        Tool("diskforge", lambda c: diskforge_cmd() + ["convert", "-O", "raw", dmg_in(c),
+                                                       c.path("dmg-out-df.raw")],
+             out("out-df.raw")),
+        Tool("dmg2img", lambda c: ["dmg2img", "-s", dmg_in(c), c.path("dmg-out-d2i.raw")],
+             out("out-d2i.raw"), have("dmg2img")),
+        Tool("qemu-img", lambda c: ["qemu-img", "convert", "-f", "dmg", "-O", "raw",
+                                    dmg_in(c), c.path("dmg-out-qi.raw")], out("out-qi.raw"),
+             have("qemu-img")),
+    ], setup=make_udzo),
+    Case("raw->dmg UDZO", [
+        Tool("diskforge", to_dmg("UDZO", []), out("out-UDZO.dmg")),
+        Tool("diskforge -m 1", to_dmg("UDZO", ["-m", "1"]), out("out-UDZO.dmg")),
+        Tool("qemu-img qcow2 -c", lambda c: ["qemu-img", "convert", "-c", "-O", "qcow2",
+                                             c.source, c.path("dmg-out-qi.qcow2")],
+             out("out-qi.qcow2"), have("qemu-img")),
+    ]),
+    Case("raw->dmg ULFO", [
+        Tool("diskforge", to_dmg("ULFO", []), out("out-ULFO.dmg")),
+        Tool("diskforge -m 1", to_dmg("ULFO", ["-m", "1"]), out("out-ULFO.dmg")),
+    ]),
+]

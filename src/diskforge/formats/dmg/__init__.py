@@ -1,0 +1,117 @@
+"""Apple disk images: UDIF (.dmg), sparse images (.sparseimage) and sparse bundles.
+
+Three plugins share this package because they share Apple's conventions, not code
+paths: ``dmg`` reads every UDIF variant hdiutil makes (UDRO, UDRW, UDCO, UDZO, UDBZ,
+ULFO, ULMO) and writes UDRO/UDRW/UDZO/UDBZ/ULFO/ULMO (writer.py); ``sparseimage``
+(UDSP) and ``sparsebundle`` (UDSB, a directory of bands) are read-only block devices
+(sparse.py). Encrypted images (``encrcdsa``/``cdsaencr`` wrappers, Apple Encrypted
+Archives) are recognised and refused with a plain message. The layout as implemented
+and the quirks met in real files are in ``formats/dmg.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ...errors import UnsupportedError, UsageError
+from ...options import Options, option
+from ...registry import Format
+
+def _encrypted(head: bytes, tail: bytes) -> str | None:
+    if head.startswith(b"encrcdsa"):
+        return "encrcdsa v2"
+    if tail[-8:] == b"cdsaencr":
+        return "cdsaencr v1"
+    if head.startswith(b"AEA1"):
+        return "Apple Encrypted Archive"
+    return None
+
+
+@dataclasses.dataclass
+class DmgOptions(Options):
+    format: str = option("UDZO", "hdiutil's image format: UDZO zlib, UDBZ bzip2, ULFO"
+                         " LZFSE, ULMO LZMA, UDRO raw chunks (read-only), UDRW every"
+                         " sector stored raw (read-write)",
+                         choices=("UDZO", "UDBZ", "ULFO", "ULMO", "UDRO", "UDRW"))
+    zlib_level: int = option(1, "zlib level for UDZO (hdiutil's default is 1)",
+                             minimum=1, maximum=9)
+
+
+class DmgFormat(Format):
+    name = "dmg"
+    extensions = ("dmg",)
+    options = DmgOptions
+    description = ("Apple UDIF disk image (hdiutil UDRO/UDRW/UDCO/UDZO/UDBZ/ULFO/ULMO);"
+                   " writes UDRO/UDRW/UDZO/UDBZ/ULFO/ULMO")
+
+    def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
+        if file_size >= 512 and tail[-512:-508] == b"koly":
+            return 100
+        if _encrypted(head, tail):
+            return 90
+        if b"koly" in tail[-512:] and b"</plist>" in tail:
+            return 50  # a trailer cut short: open() says so, rather than "raw"
+        return 0
+
+    def open(self, path: str, *, writable: bool = False, policy=None):
+        from ...registry import read_probe_window
+        head, tail, _ = read_probe_window(path)
+        kind = _encrypted(head, tail)
+        if kind is not None and tail[-512:-508] != b"koly":
+            raise UnsupportedError(f"encrypted DMG is not supported ({kind}); decrypt it"
+                                   " first (hdiutil convert -format UDZO)", path)
+        from .reader import DmgDevice
+        return DmgDevice(os.fspath(path))
+
+    def writer(self, path: str, size: int, options: Options, *, backing=None):
+        if backing is not None:
+            raise UnsupportedError("dmg images cannot have a backing file", path)
+        if not isinstance(options, DmgOptions):
+            raise UsageError("internal: dmg writer given foreign options", path)
+        from .writer import DmgWriter
+        return DmgWriter(os.fspath(path), size, options.format, options.zlib_level)
+
+    def compressed(self, options: Options) -> Options:
+        """``convert -c``: UDZO unless a compressed format was asked for."""
+        if options.format in ("UDRO", "UDRW"):
+            return options.replace(format="UDZO")
+        return options
+
+
+class SparseImageFormat(Format):
+    name = "sparseimage"
+    extensions = ("sparseimage",)
+    description = "Apple sparse disk image (hdiutil UDSP), read-only"
+
+    def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
+        return 100 if head[:4] == b"sprs" and file_size >= 4096 else 0
+
+    def open(self, path: str, *, writable: bool = False, policy=None):
+        from .sparse import SparseImageDevice
+        return SparseImageDevice(os.fspath(path))
+
+
+class SparseBundleFormat(Format):
+    name = "sparsebundle"
+    extensions = ("sparsebundle",)
+    description = "Apple sparse bundle directory (hdiutil UDSB), read-only"
+
+    def probe_directory(self, path: str) -> bool:
+        try:
+            with open(os.path.join(path, "Info.plist"), "rb") as f:
+                return b"com.apple.diskimage.sparsebundle" in f.read(64 << 10)
+        except OSError:
+            return False
+
+    def open(self, path: str, *, writable: bool = False, policy=None):
+        from .sparse import SparseBundleDevice
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise UsageError("a sparse bundle is a directory", path)
+        return SparseBundleDevice(path, policy)
+
+
+FORMAT = DmgFormat()
+SPARSEIMAGE = SparseImageFormat()
+SPARSEBUNDLE = SparseBundleFormat()

@@ -1,0 +1,142 @@
+"""UDIF chunk types, and bounded decompression / compression of one chunk.
+
+Every decoder here is given the size the chunk table declares and refuses to produce
+more (a decompression bomb costs at most that much memory) or less. The declared size
+itself is bounded by the reader (``MAX_CHUNK_BYTES``) before anything is decoded.
+
+Chunk types (the ``EntryType`` of a BLKXChunkEntry), as hdiutil writes them:
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import struct
+import zlib
+
+from .adc import AdcError, adc_decompress
+
+ZERO_FILL = 0x00000000   # sectors read as zeros, nothing stored
+RAW = 0x00000001         # stored as they are (UDRO, UDRW; incompressible chunks)
+IGNORE = 0x00000002      # free space: reads as zeros, nothing stored
+ADC = 0x80000004         # UDCO
+ZLIB = 0x80000005        # UDZO
+BZIP2 = 0x80000006       # UDBZ
+LZFSE = 0x80000007       # ULFO
+LZMA = 0x80000008        # ULMO (an .xz stream without integrity check)
+COMMENT = 0x7FFFFFFE     # no sectors; hdiutil's annotations
+TERMINATOR = 0xFFFFFFFF  # ends a chunk table
+
+NAMES = {ZERO_FILL: "zero-fill", RAW: "raw", IGNORE: "ignore", ADC: "adc", ZLIB: "zlib",
+         BZIP2: "bzip2", LZFSE: "lzfse", LZMA: "lzma", COMMENT: "comment",
+         TERMINATOR: "terminator"}
+COMPRESSED = frozenset({ADC, ZLIB, BZIP2, LZFSE, LZMA})
+STORED = COMPRESSED | {RAW}
+NO_DATA = frozenset({ZERO_FILL, IGNORE})
+MARKERS = frozenset({COMMENT, TERMINATOR})
+
+# xz of hdiutil's ULMO chunks needs a few MiB; refuse streams asking for much more
+LZMA_MEMLIMIT = 256 << 20
+
+
+class ChunkError(ValueError):
+    """One chunk does not decode to its declared size (the reader adds where)."""
+
+
+def decompress(kind: int, data, size: int) -> bytes:
+    """The ``size`` bytes chunk ``data`` (any buffer) of type ``kind`` decodes to."""
+    try:
+        if kind == ZLIB:
+            d = zlib.decompressobj()
+            out = d.decompress(data, size)
+            if not d.eof and d.decompress(d.unconsumed_tail, 1):
+                raise ChunkError(f"decompresses to more than its declared {size} bytes")
+            done = d.eof
+        elif kind in (BZIP2, LZMA):
+            d = bz2.BZ2Decompressor() if kind == BZIP2 else \
+                lzma.LZMADecompressor(lzma.FORMAT_AUTO, memlimit=LZMA_MEMLIMIT)
+            out = d.decompress(data, size)
+            if not d.eof and not d.needs_input and d.decompress(b"", 1):
+                raise ChunkError(f"decompresses to more than its declared {size} bytes")
+            done = d.eof
+        elif kind == LZFSE:
+            declared = lzfse_raw_size(data)
+            if declared > size:
+                raise ChunkError(f"LZFSE blocks declare {declared} bytes, more than the"
+                                 f" chunk's {size}")
+            import lzfse
+            out = lzfse.decompress(bytes(data))  # it takes read-only buffers only
+            done = True
+        elif kind == ADC:
+            return adc_decompress(data, size)
+        else:
+            raise ChunkError(f"chunk type 0x{kind:08x} is not compressed")
+    except (zlib.error, OSError, EOFError, lzma.LZMAError, AdcError) as e:
+        raise ChunkError(f"corrupt {NAMES.get(kind, hex(kind))} data ({e})") from None
+    except Exception as e:  # lzfse.error is a plain Exception subclass
+        if type(e).__name__ != "error":
+            raise
+        raise ChunkError(f"corrupt lzfse data ({e or 'decoder failed'})") from None
+    if len(out) != size:
+        raise ChunkError(f"decompresses to {len(out)} bytes, not the declared {size}")
+    if not done:
+        raise ChunkError(f"{NAMES[kind]} stream is truncated")
+    return out
+
+
+# LZFSE block magics (lzfse_internal.h), little-endian
+_BVX_END, _BVX_RAW, _BVX_V1, _BVX_V2, _BVX_LZVN = b"bvx$", b"bvx-", b"bvx1", b"bvx2", b"bvxn"
+_V1_HEADER_SIZE = 772  # sizeof(lzfse_compressed_block_header_v1)
+
+
+def lzfse_raw_size(data: bytes) -> int:
+    """Sum of the ``n_raw_bytes`` the blocks of an LZFSE stream declare.
+
+    The ``lzfse`` package grows its output buffer until the stream fits, so a hostile
+    chunk could make it allocate gigabytes; walking the block headers first tells what
+    the stream will produce before anything is decoded.
+    """
+    pos, total, n = 0, 0, len(data)
+    while True:
+        if pos + 4 > n:
+            raise ChunkError("LZFSE stream has no end-of-stream block (truncated)")
+        magic = data[pos:pos + 4]
+        if magic == _BVX_END:
+            return total
+        if magic == _BVX_RAW and pos + 8 <= n:
+            raw = struct.unpack_from("<I", data, pos + 4)[0]
+            size = 8 + raw
+        elif magic == _BVX_LZVN and pos + 12 <= n:
+            raw, payload = struct.unpack_from("<II", data, pos + 4)
+            size = 12 + payload
+        elif magic == _BVX_V1 and pos + _V1_HEADER_SIZE <= n:
+            raw = struct.unpack_from("<I", data, pos + 4)[0]
+            lit, lmd = struct.unpack_from("<II", data, pos + 20)
+            size = _V1_HEADER_SIZE + lit + lmd
+        elif magic == _BVX_V2 and pos + 32 <= n:
+            raw, v0, v1, v2 = struct.unpack_from("<IQQQ", data, pos + 4)
+            size = (v2 & 0xFFFFFFFF) + ((v0 >> 20) & 0xFFFFF) + ((v1 >> 40) & 0xFFFFF)
+        else:
+            raise ChunkError(f"not an LZFSE block at chunk offset {pos}")
+        total += raw
+        if size <= 0 or pos + size > n:
+            raise ChunkError(f"LZFSE block at chunk offset {pos} runs past the chunk")
+        pos += size
+
+
+# -- compression (the writer) --------------------------------------------------------------
+
+def compressor(kind: int, level: int):
+    """A function ``data -> compressed bytes`` for chunk type ``kind`` (thread-safe:
+    every call makes its own compressor state)."""
+    if kind == ZLIB:
+        return lambda data: zlib.compress(data, level)
+    if kind == BZIP2:
+        return lambda data: bz2.compress(data, 1)  # 100 kB blocks: chunks are smaller
+    if kind == LZMA:
+        return lambda data: lzma.compress(data, format=lzma.FORMAT_XZ,
+                                          check=lzma.CHECK_NONE, preset=level)
+    if kind == LZFSE:
+        import lzfse
+        return lambda data: lzfse.compress(bytes(data))
+    raise ValueError(f"cannot compress chunk type 0x{kind:08x}")

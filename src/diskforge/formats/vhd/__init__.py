@@ -1,0 +1,92 @@
+"""vpc: Microsoft's Virtual Hard Disk (VHD), as Virtual PC, Hyper-V, Azure and qemu use it.
+
+Named ``vpc`` as qemu-img names it, ``vhd`` accepted too. Reads and writes fixed,
+dynamic and differencing disks; opens dynamic and differencing disks for writing in
+place. The layout as implemented, the size rules and the quirks of real files are in
+``formats/vhd.md``; the modules here:
+
+- ``structs``: the footer, dynamic disk header and parent locator entries;
+- ``geometry``: CHS geometry and which size a reader believes (qemu's rules);
+- ``locators``: parent locators and how a parent is found;
+- ``device``: the BlockDevice (reading, extents, check, writing in place);
+- ``writer``: the ImageWriter (new fixed, dynamic and differencing disks).
+
+This module stays light: probing imports nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...errors import UsageError
+from ...options import Options, option
+from ...registry import Format, Measurement
+
+_COOKIE = b"conectix"
+
+
+@dataclasses.dataclass
+class VhdOptions(Options):
+    subformat: str = option("dynamic", "dynamic: grows as data is written; fixed: the"
+                            " disk bytes then a footer (what Azure requires)",
+                            choices=("dynamic", "fixed"))
+    force_size: str = option(
+        "auto", "auto: round the size up to a whole MiB (Azure requires it, Hyper-V"
+        " accepts it); on: exactly the size given, as qemu's force_size; off: round up"
+        " to a CHS geometry, as qemu-img does by default (Virtual PC reads the"
+        " geometry)", choices=("auto", "on", "off"))
+    block_size: int = option(2 << 20, "bytes per dynamic block (Hyper-V and qemu use 2"
+                             " MiB)", kind="size", minimum=4096, maximum=256 << 20,
+                             power_of_two=True)
+
+    def validate(self) -> None:
+        if self.subformat == "fixed" and self.block_size != 2 << 20:
+            raise UsageError("block_size applies to dynamic VHDs only")
+
+
+class VhdFormat(Format):
+    name = "vpc"
+    aliases = ("vhd",)
+    extensions = ("vhd", "vpc", "avhd")
+    description = "Virtual Hard Disk (Virtual PC, Hyper-V, Azure): fixed, dynamic," \
+                  " differencing"
+    options = VhdOptions
+    random_write = True
+
+    def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
+        if head[:8] == _COOKIE:
+            return 100
+        # a fixed disk has its footer only at the end (qemu does not probe these); the
+        # 511-byte footer is Virtual PC's before 2004
+        if tail[-512:-504] == _COOKIE or tail[-511:-503] == _COOKIE:
+            return 90
+        return 0
+
+    def open(self, path: str, *, writable: bool = False, policy=None):
+        from .device import VhdDevice
+        return VhdDevice(path, writable=writable, policy=policy)
+
+    def writer(self, path: str, size: int, options: Options, *, backing=None):
+        from .writer import VhdWriter
+        if not isinstance(options, VhdOptions):
+            raise UsageError("internal: vpc writer given foreign options", path)
+        return VhdWriter(path, size, options, backing)
+
+    def measure(self, size: int, options: Options, allocated) -> Measurement:
+        from .geometry import plan_size
+        from .structs import bitmap_size
+        current, _ = plan_size(size, options.force_size)
+        if options.subformat == "fixed":
+            return Measurement(required=current + 512, fully_allocated=current + 512)
+        bs = options.block_size
+        nblocks = -(-current // bs)
+        meta = 512 + 1024 + -(-nblocks * 4 // 512) * 512 + 512
+        per_block = -(-bitmap_size(bs) // min(4096, bs)) * min(4096, bs) + bs
+        blocks: set[int] = set()
+        for e in allocated or ():
+            blocks.update(range(e.offset // bs, -(-(e.offset + e.length) // bs)))
+        return Measurement(required=meta + len(blocks) * per_block,
+                           fully_allocated=meta + nblocks * per_block)
+
+
+FORMAT = VhdFormat()
