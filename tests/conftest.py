@@ -20,8 +20,19 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "fixtures")
 # Real images made by tools we cannot run here (GPL samples stay there; see DESIGN.md).
-REAL = os.environ.get("DISKFORGE_REAL_FIXTURES",
-                      os.path.join(os.path.dirname(REPO), "shared", "fixtures-real"))
+def _find_real() -> str:
+    """``shared/fixtures-real`` beside the checkout (or beside any folder above it, so a
+    git worktree nested elsewhere finds it too)."""
+    folder = REPO
+    while True:
+        parent = os.path.dirname(folder)
+        candidate = os.path.join(parent, "shared", "fixtures-real")
+        if os.path.isdir(candidate) or parent == folder:
+            return candidate
+        folder = parent
+
+
+REAL = os.environ.get("DISKFORGE_REAL_FIXTURES") or _find_real()
 
 
 def need(tool: str) -> str:

@@ -1,4 +1,5 @@
-"""Subcommands for backing up and restoring disks: image, restore, verify."""
+"""Subcommands for backing up and restoring disks: image, restore (verify is in
+verify.py)."""
 
 from __future__ import annotations
 
@@ -77,40 +78,6 @@ def cmd_restore(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
-    """The format's own checksums (when it has any) and the integrity record (when the
-    image has one); at least one of the two must exist."""
-    from ..errors import UnsupportedError
-    from ..ops.imaging import IntegrityRecord, record_path, verify_record
-    problems: list[str] = []
-    checked = []
-    rec_file = args.record or record_path(args.filename)
-    with open_source(args.filename, args.f, args) as dev:
-        try:
-            problems += dev.verify()
-            checked.append(f"{dev.format} checksums")
-        except UnsupportedError:
-            pass
-        if os.path.exists(rec_file):
-            bar = progress_for(args)
-            try:
-                result = verify_record(dev, IntegrityRecord.load(rec_file), progress=bar)
-            finally:
-                bar.close()
-            problems += result.problems
-            checked.append(f"integrity record {os.path.basename(rec_file)}")
-    if not checked:
-        from ..errors import UnsupportedError as U
-        raise U("nothing to verify: the format has no checksums and there is no"
-                f" integrity record ({rec_file})", args.filename)
-    for p in problems:
-        print(f"{args.filename}: {p}")
-    if not args.q:
-        verdict = "FAILED" if problems else "passed"
-        print(f"verify {verdict} ({', '.join(checked)})")
-    return 1 if problems else 0
-
-
 def add_parsers(sub) -> None:
     p = sub.add_parser("image", help="image a disk or image (full, or differential with"
                        " --base), with an integrity record")
@@ -148,14 +115,3 @@ def add_parsers(sub) -> None:
     p.add_argument("image")
     p.add_argument("target")
     p.set_defaults(func=cmd_restore)
-
-    p = sub.add_parser("verify", help="verify an image's own checksums and its integrity"
-                       " record (exit 0 intact, 1 not)")
-    p.add_argument("-f", metavar="FMT")
-    p.add_argument("--record", metavar="FILE", help="integrity record (default:"
-                   " IMAGE.integrity.json)")
-    p.add_argument("-p", action="store_true")
-    p.add_argument("-q", action="store_true")
-    add_policy_args(p)
-    p.add_argument("filename")
-    p.set_defaults(func=cmd_verify, error_status=2)
