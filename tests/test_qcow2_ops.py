@@ -302,8 +302,7 @@ def test_check_and_repair_corruption(workdir):
     code, text, _ = cli("check", "--output", "json", path)
     assert code == theirs.returncode == 2
     assert json.loads(text)["corruptions"] == json.loads(theirs.stdout)["corruptions"]
-    # writing is refused until repaired? No: refcounts lie, writes would reuse the
-    # cluster. check -r all rebuilds the refcounts.
+    # the count of zero would let a write reuse the cluster: -r all rebuilds the counts
     code, text, _ = cli("check", "-r", "all", path)
     assert code == 0, text
     clean(path)

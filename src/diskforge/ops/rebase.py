@@ -9,6 +9,7 @@ copied into the overlay first; then the header names the new file. Unsafe mode
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from ..blockdev import BlockDevice, ExtentKind
@@ -35,7 +36,8 @@ def rebase(image: BlockDevice, new_backing: BlockDevice | None, name: str | None
     """Point ``image`` (open writable, with its current backing chain) at
     ``new_backing`` (recorded as ``name``/``fmt``; None: no backing file). Returns the
     bytes copied into the image."""
-    if new_backing is not None and image.path in new_backing.files():
+    if new_backing is not None and image.path and os.path.realpath(image.path) in {
+            os.path.realpath(f) for f in new_backing.files()}:
         raise SafetyError("the new backing file chain contains the image itself",
                           image.path)
     copied = 0
