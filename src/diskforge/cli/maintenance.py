@@ -52,13 +52,15 @@ def cmd_amend(args) -> int:
     from ..errors import UsageError
     from ..options import merge_option_strings, split_option_string
     from .image import wants_option_help
+    from ..registry import get
     spec = merge_option_strings(*args.o)
+    if wants_option_help(args.o):
+        with open_source(args.filename, args.f, args) as dev:
+            fmt = get(dev.format)
+        print(fmt.options.help_text(fmt.name), end="")
+        return 0
     with open_source(args.filename, args.f, args, writable=True) as dev:
-        from ..registry import get
         fmt = get(dev.format)
-        if wants_option_help(args.o):
-            print(fmt.options.help_text(fmt.name), end="")
-            return 0
         given = set(split_option_string(spec))
         if not given:
             raise UsageError("give the options to change with -o KEY=VALUE,...")
