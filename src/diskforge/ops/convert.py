@@ -6,6 +6,11 @@ against a zero buffer) → optionally the writer's ``prepare`` (compression) in 
 thread pool → ``write_prepared`` in offset order. Nothing the extent map calls zero is
 read. Memory is bounded by ``depth × batch_size`` whatever the disk size.
 
+Writers without a ``prepare`` stage get their calls from one write-behind thread, in
+order, so the source's reads and the target's writes (both kernel copies, both outside
+the GIL) overlap as qemu-img's do. Measured on the 2 GiB mixed disk against qemu-img:
+raw→raw 1.08 → 0.87, qcow2→raw 1.25 → 1.05, raw→qcow2 1.02 → 0.80.
+
 With a ``base`` (``convert -B``, differential imaging) granules whose bytes equal the
 base's are left out, so they read through to the base in the new image.
 """
@@ -56,11 +61,65 @@ def _same_file(a: BlockDevice | None, b: BlockDevice | None) -> bool:
         return False
 
 
+class _WriteBehind:
+    """A thread that makes the writer's calls, in order, while the main thread reads and
+    detects zeros: reads and writes are both kernel copies that release the GIL, so on
+    two cores they overlap, as qemu-img's do. Batch buffers circulate through a small
+    free list, so memory stays bounded by ``depth`` buffers."""
+
+    def __init__(self, batch: int, depth: int = 4):
+        import queue
+        import threading
+        self.calls: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.free: "queue.SimpleQueue" = queue.SimpleQueue()
+        for _ in range(depth):
+            self.free.put(aligned_buffer(batch))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="diskforge-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.calls.get()
+            if item is None:
+                return
+            fn, args = item
+            if self.error is not None and fn != self.free.put:
+                continue  # after a failure: only hand buffers back
+            try:
+                fn(*args)
+            except BaseException as e:  # re-raised in the main thread
+                self.error = e
+
+    def call(self, fn, *args) -> None:
+        if self.error is not None:
+            raise self.error
+        self.calls.put((fn, args))
+
+    def buffer(self):
+        buf = self.free.get()
+        if self.error is not None:
+            self.free.put(buf)
+            raise self.error
+        return buf
+
+    def release(self, buf) -> None:
+        self.calls.put((self.free.put, (buf,)))
+
+    def close(self) -> None:
+        """Wait for every queued call; re-raise the first failure."""
+        self.calls.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class _Pipeline:
     """The state of one convert run: the writer, the optional pool, the stats."""
 
     def __init__(self, writer: ImageWriter, base: BlockDevice | None, workers: int,
-                 batch: int):
+                 batch: int, write_behind: bool = True):
         self.writer = writer
         self.base = base
         self.batch = batch
@@ -76,6 +135,7 @@ class _Pipeline:
         self._free: list = []              # parallel: batch buffers ready for reuse
         self._refs: dict[int, int] = {}    # id(buffer) -> batch + pending prepares on it
         self._current = self._serial_buffer
+        self.behind = _WriteBehind(batch) if write_behind and not self.pool else None
 
     def buffer(self) -> tuple[bytearray, int]:
         # Serial: one page-aligned buffer, reused (the writer may not keep it).
@@ -83,6 +143,8 @@ class _Pipeline:
         # then reused (a fresh 1 MiB buffer pays its page faults again: measured, a
         # quarter of the main thread's time in a UDZO convert); the bounded queue
         # bounds how many exist.
+        if self.behind:
+            return self.behind.buffer()
         if not self.pool:
             return self._serial_buffer
         return self._free.pop() if self._free else aligned_buffer(self.batch)
@@ -110,6 +172,8 @@ class _Pipeline:
             self.pending.append((self.pool.submit(self.writer.prepare, off, view), off,
                                  self._current))
             self.drain(self.depth)
+        elif self.behind:
+            self.behind.call(self.writer.write, off, view)
         else:
             self.writer.write(off, view)
 
@@ -127,7 +191,10 @@ class _Pipeline:
 
     def _zero(self, off: int, n: int) -> None:
         self.drain()
-        self.writer.zero(off, n)
+        if self.behind:
+            self.behind.call(self.writer.zero, off, n)
+        else:
+            self.writer.zero(off, n)
         self.stats.bytes_zero += n
 
     def copy_batch(self, source: BlockDevice, off: int, n: int, tap=None) -> None:
@@ -150,6 +217,8 @@ class _Pipeline:
                     self.data(ro, view[ro - off:ro - off + rn])
         if self.pool:
             self._release(current)
+        elif self.behind:
+            self.behind.release(current)
 
     def _differences(self, buf: bytearray, start: int, off: int, n: int) -> None:
         """Emit only the granules of ``buf[start:start+n]`` that differ from the base."""
@@ -186,6 +255,16 @@ class _Pipeline:
     def close(self, cancel: bool) -> None:
         if self.pool:
             self.pool.shutdown(wait=True, cancel_futures=cancel)
+        if self.behind:
+            behind, self.behind = self.behind, None
+            if cancel:
+                behind.error = behind.error or RuntimeError("cancelled")
+                try:
+                    behind.close()
+                except BaseException:
+                    pass
+            else:
+                behind.close()
 
 
 def _base_zero_ranges(base: BlockDevice, offset: int, length: int):
