@@ -1,10 +1,11 @@
 """QEMU integration: boot, QMP, hot-plug and live backups against qemu-system-x86_64 under
 software emulation (TCG), no guest OS needed.
 
-Backups are checked with QEMU's own tools: each backup point is flattened with
-``qemu-img convert -O raw`` (which follows the qcow2 backing chain) and compared with
-the disk's bytes at backup time; ``qemu-img map`` shows which clusters an increment
-holds; ``qemu-img check`` that every file QEMU wrote is consistent. The disk's bytes at
+Backups are checked with QEMU's own tools and with diskforge: each backup point is
+flattened with ``qemu-img convert -O raw`` and with ``diskforge restore`` and
+``diskforge convert`` (all following the qcow2 backing chain) and compared with the
+disk's bytes at backup time; ``qemu-img map`` shows which clusters an increment holds;
+``qemu-img check`` that every file QEMU wrote is consistent. The disk's bytes at
 each time come from a model of the writes, which is itself checked against the real
 disk once QEMU has stopped.
 
@@ -101,24 +102,16 @@ def own_clusters(path: str) -> set[int]:
     return out
 
 
-def check_with_diskforge(path: str, want: bytes, tmp_path) -> None:
-    """Also restore the backup point with diskforge itself (convert, and the imaging
-    issue's restore) once it has a reader for qcow2; on this branch it has not yet."""
-    import diskforge
-    from diskforge import registry
-    from diskforge.ops.restore import restore
-    plugin = registry.all_formats().get("qcow2")
-    if plugin is None or not plugin.can_read:
-        return
-    for how in ("convert", "restore"):
-        out = str(tmp_path / f"df-{how}.raw")
-        if os.path.exists(out):
-            os.unlink(out)
-        if how == "convert":
-            diskforge.convert(path, out, target_fmt="raw")
-        else:
-            with diskforge.open(path) as dev:
-                restore(dev, out)
+def restore_with_diskforge(path: str, want: bytes, tmp_path) -> None:
+    """The backup point, flattened through its qcow2 chain by diskforge itself: the
+    imaging issue's ``restore`` (which reads the target back and verifies it) and a
+    plain ``convert``."""
+    for how in ("restore", "convert"):
+        out = str(tmp_path / f"df-{how}-{os.path.basename(path)}.raw")
+        argv = ("restore", "-q", path, out) if how == "restore" else \
+            ("convert", "-O", "raw", path, out)
+        code, _, err = cli(*argv)
+        assert code == 0, err
         assert open(out, "rb").read() == want, f"diskforge {how} of {path}"
 
 
@@ -160,7 +153,7 @@ def test_full_and_incremental_backups_restore_each_point(vms, tmp_path):
         run("qemu-img", "check", "-q", path)
         got = flatten(path, f"{d}/point{i}.raw")
         assert got == want, f"{os.path.basename(path)} does not restore its point"
-        check_with_diskforge(path, want, tmp_path)
+        restore_with_diskforge(path, want, tmp_path)
         if i:
             assert own_clusters(path) == dirty, f"{path} holds more than the dirty clusters"
     info = json.loads(run("qemu-img", "info", "--output", "json", f"{d}/inc2.qcow2").stdout)
@@ -237,6 +230,7 @@ def test_cancelled_increment_keeps_the_chain_and_the_bitmap(vms, tmp_path):
     res = B.backup(vm.qmp, "disk0", f"{d}/inc.qcow2", incremental=True)
     want, dirty = m.snapshot()
     assert flatten(res.path, f"{d}/inc.raw") == want
+    restore_with_diskforge(res.path, want, tmp_path)
     assert own_clusters(res.path) == dirty
 
 
@@ -270,6 +264,7 @@ def test_killing_qemu_mid_backup_leaves_earlier_backups(vms, tmp_path):
     assert not [f for f in os.listdir(d) if f.endswith(".diskforge-tmp")]
     run("qemu-img", "check", "-q", f"{d}/full.qcow2")
     assert flatten(f"{d}/full.qcow2", f"{d}/full.raw") == full_point
+    restore_with_diskforge(f"{d}/full.qcow2", full_point, tmp_path)
 
 
 def test_raw_disk_gets_a_non_persistent_bitmap(vms, tmp_path):

@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import struct
+import uuid
 
 import pytest
 from conftest import make_sparse
@@ -119,3 +120,57 @@ def metadata_item(path: str, guid: bytes) -> int:
         if e[:16] == guid:
             return base + struct.unpack_from("<I", e, 16)[0]
     raise KeyError(guid)
+
+
+def pending_log(img, *, wrapped=False, extras=True, seed=0):
+    """Leave a two-entry active sequence in the log: entry A maps a new block (its
+    data appended past the end, as payload is never logged) by rewriting a BAT sector;
+    entry B zeroes 8 KiB and rewrites 4 KiB inside block 0's data. After them, an
+    entry with another LogGuid and a torn entry, which must both be ignored.
+    ``wrapped`` puts A across the end of the circular log."""
+    import diskforge
+    from diskforge.formats.vhdx.layout import LOG_SECTOR
+    from diskforge.formats.vhdx.log import build_entry
+    rnd = random.Random(seed)
+    with diskforge.open(img) as dev:
+        bat = list(dev.bat)
+        host0 = (bat[0] >> 20) << 20
+        log_off, log_len = dev.header.LogOffset, dev.header.LogLength
+        free = next(i for i in range(dev.nblocks) if bat[i] & 7 != 6)
+    size = os.path.getsize(img)
+    new = -(-size // MiB) * MiB
+    with open(img, "r+b") as f:
+        f.truncate(new + MiB)
+        f.seek(new)
+        f.write(rnd.randbytes(MiB))
+    bat[free] = (new >> 20) << 20 | 6
+    sector = struct.pack("<512Q", *(bat + [0] * 512)[:512])
+    guid = uuid.UUID(int=rnd.getrandbits(128)).bytes_le
+    a_pos = log_len - LOG_SECTOR if wrapped else 2 * LOG_SECTOR
+    a = build_entry(sequence=10, tail=a_pos, log_guid=guid, flushed_file_offset=new + MiB,
+                    last_file_offset=new + MiB, data=[(bat_offset(img), sector)])
+    b_pos = (a_pos + len(a)) % log_len
+    b = build_entry(sequence=11, tail=a_pos, log_guid=guid, flushed_file_offset=new + MiB,
+                    last_file_offset=new + MiB, zeros=[(host0 + 8192, 8192)],
+                    data=[(host0 + 65536, rnd.randbytes(LOG_SECTOR))])
+    log = bytearray(read_at(img, log_off, log_len))
+
+    def put(pos, entry):
+        for i in range(0, len(entry), LOG_SECTOR):
+            p = (pos + i) % log_len
+            log[p:p + LOG_SECTOR] = entry[i:i + LOG_SECTOR]
+    put(a_pos, a)
+    put(b_pos, b)
+    c_pos = (b_pos + len(b)) % log_len
+    if extras:
+        stale = build_entry(sequence=12, tail=c_pos, log_guid=uuid.uuid4().bytes_le,
+                            flushed_file_offset=0, last_file_offset=0,
+                            zeros=[(host0, MiB)])
+        put(c_pos, stale)
+        torn = bytearray(build_entry(sequence=12, tail=a_pos, log_guid=guid,
+                                     flushed_file_offset=0, last_file_offset=0,
+                                     zeros=[(host0, MiB)]))
+        torn[100] ^= 1
+        put((c_pos + len(stale)) % log_len, torn)
+    write_at(img, log_off, bytes(log))
+    rewrite_headers(img, LogGuid=guid)

@@ -77,6 +77,16 @@ class Format:
         (None: measure an empty disk)."""
         raise UnsupportedError(f"not supported yet: measure for {self.name}")
 
+    def qemu_driver(self, device: "BlockDevice") -> str | None:
+        """QEMU's block driver for this opened image ("qcow2", "vpc") when QEMU reads
+        the file exactly as diskforge does, so ``diskforge boot``/``attach`` hand it
+        to QEMU directly; None (the default) serves it through diskforge's NBD export
+        instead. Decided per file, because QEMU misreads or refuses some files of
+        formats it otherwise reads (a VHDX with a pending log, a DMG with LZFSE
+        chunks); only the image itself is asked, ``hypervisor.drives`` asks each
+        layer of a backing chain."""
+        return None
+
     # -- capabilities, derived from the overrides ------------------------------------
     def _overrides(self, method: str) -> bool:
         return getattr(type(self), method) is not getattr(Format, method)

@@ -79,5 +79,8 @@ class IsoFormat(Format):
     def open(self, path: str, *, writable: bool = False, policy=None) -> IsoDevice:
         return IsoDevice(path)
 
+    def qemu_driver(self, device) -> str:
+        return "raw"  # the disc's bytes as they are
+
 
 FORMAT = IsoFormat()

@@ -186,6 +186,9 @@ class RawFormat(Format):
     def open(self, path: str, *, writable: bool = False, policy=None) -> RawDevice:
         return RawDevice(path, writable=writable)
 
+    def qemu_driver(self, device) -> str:
+        return "raw"
+
     def writer(self, path: str, size: int, options: Options, *, backing=None) -> RawWriter:
         if backing is not None:
             raise UnsupportedError("raw images cannot have a backing file", path)

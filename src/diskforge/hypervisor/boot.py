@@ -80,8 +80,11 @@ def build_vm(opts: BootOptions, *, log=None) -> VM:
             if opts.via == "nbd" or plan.qemu_driver is None:
                 drive = _nbd_drive(vm, plan, opts, log)
             else:
+                # a format neither diskforge nor QEMU writes (dmg) still boots: the
+                # guest's writes go to a temporary overlay (snapshot=on)
                 drive = Drive(os.path.abspath(opts.image), plan.qemu_driver, id="disk0",
-                              read_only=opts.read_only or cdrom, snapshot=opts.snapshot)
+                              read_only=opts.read_only or cdrom,
+                              snapshot=opts.snapshot or (plan.read_only and not cdrom))
             drive.device = device
             drive.media = "cdrom" if cdrom else "disk"
             drive.bootindex = boot_index
@@ -105,7 +108,7 @@ def _nbd_drive(vm: VM, plan, opts: BootOptions, log) -> Drive:
     """Export the image from this process and point QEMU at the socket."""
     from ..registry import open_image
     from .nbd import NBDServer
-    read_only = opts.read_only or opts.snapshot or plan.read_only_export
+    read_only = opts.read_only or opts.snapshot or plan.read_only
     dev = open_image(plan.path, plan.format, writable=not read_only, policy=opts.policy)
     vm._cleanup.append(dev)
     server = NBDServer(dev, socket_path=os.path.join(vm.workdir, "disk0.nbd"),
@@ -115,4 +118,4 @@ def _nbd_drive(vm: VM, plan, opts: BootOptions, log) -> Drive:
     # a format diskforge only reads still boots: the guest's writes go to a
     # temporary overlay (QEMU's snapshot=on), never to the image
     return Drive(server.uri, "raw", id="disk0", read_only=opts.read_only,
-                 snapshot=opts.snapshot or plan.read_only_export)
+                 snapshot=opts.snapshot or plan.read_only)

@@ -1,18 +1,17 @@
 """How an image reaches QEMU: its own format driver, or diskforge's NBD export.
 
-QEMU reads raw, qcow2, VHD (``vpc``), VHDX, VMDK and VDI itself; those are attached
-directly (fastest, and QEMU's image locking applies). Anything else diskforge reads —
-or a file of a QEMU format that QEMU would mishandle — is served over NBD from a
-Unix socket by this process and attached as ``driver=nbd``.
+QEMU reads raw, qcow2, VHD (``vpc``), VHDX, VMDK, VDI and some DMGs itself; those are
+attached directly (fastest, and QEMU's image locking applies). Anything else diskforge
+reads — or a file of a QEMU format that QEMU would misread or refuse — is served over
+NBD from a Unix socket by this process and attached as ``driver=nbd``.
 
-A format plugin can override the choice per file with a ``qemu_driver(path)`` method
-returning QEMU's driver name, or None for "export it over NBD" (e.g. a VHDX whose log
-must be replayed, a DMG that QEMU's dmg driver cannot decompress). Plugins without that
-method use ``QEMU_DRIVERS`` by name.
+The choice is the format plugin's, per file: ``Format.qemu_driver(device)`` returns
+QEMU's driver name for the opened image, or None for "export it over NBD" (a VHDX with
+a pending log, a differencing VHD, a DMG with LZFSE chunks; see each plugin). Every
+layer of a backing chain must be readable by QEMU for the image to go direct.
 
-Until every format plugin is merged, a file the registry can only call ``raw`` (its
-fallback) is also shown to ``qemu-img info`` when that is installed, so that a qcow2
-made by QEMU is not handed to a guest as raw bytes.
+Formats diskforge has no plugin for yet (``vmdk``, ``vdi``) go to QEMU's driver when
+named with ``-f``; unnamed, such a file probes as raw here as everywhere in diskforge.
 
 Files an image names (backing files) are checked against the open policy before QEMU
 is let near them: diskforge opens the chain itself when it reads the format, and
@@ -30,11 +29,8 @@ from urllib.parse import parse_qs, urlparse
 from ..errors import DiskforgeError, UsageError
 from ..policy import OpenPolicy
 
-# diskforge format name -> QEMU block driver, for formats QEMU reads correctly
-QEMU_DRIVERS = {"raw": "raw", "qcow2": "qcow2", "vhd": "vpc", "vpc": "vpc",
-                "vhdx": "vhdx", "vmdk": "vmdk", "vdi": "vdi", "iso": "raw"}
-# QEMU's format names back to diskforge's, for the qemu-img fallback
-_FROM_QEMU = {"vpc": "vhd"}
+# formats QEMU reads that diskforge has no plugin for (yet): attached with QEMU's driver
+QEMU_ONLY_FORMATS = ("vmdk", "vdi")
 
 
 @dataclass
@@ -42,7 +38,7 @@ class ImagePlan:
     path: str
     format: str                 # diskforge's name for the format
     qemu_driver: str | None     # None: serve over NBD
-    read_only_export: bool = False  # only for NBD: diskforge cannot write this format
+    read_only: bool = False     # neither diskforge nor QEMU can write this image
 
 
 def is_nbd_uri(text: str) -> bool:
@@ -69,12 +65,12 @@ def nbd_blockdev(uri: str) -> dict:
     return opts
 
 
-def _qemu_img_info(path: str, chain: bool = False) -> list[dict] | None:
+def _qemu_img_chain(path: str, fmt: str) -> list[dict] | None:
     exe = shutil.which("qemu-img")
     if exe is None:
         return None
-    argv = [exe, "info", "-U", "--output", "json"] + (["--backing-chain"] if chain else [])
-    proc = subprocess.run(argv + [path], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([exe, "info", "-U", "--output", "json", "--backing-chain",
+                           "-f", fmt, path], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         return None
     data = json.loads(proc.stdout)
@@ -85,44 +81,40 @@ def plan_image(path: str, fmt: str | None = None, *,
                policy: OpenPolicy | None = None) -> ImagePlan:
     """Decide how QEMU gets ``path``; checks the files it names against ``policy``."""
     from ..errors import UnknownFormatError
-    from ..registry import check_readable, get, probe
+    from ..registry import check_readable, get, open_image, probe
     check_readable(path)
     try:
         plugin = get(fmt) if fmt else probe(path)
     except UnknownFormatError:
-        qemu_name = QEMU_DRIVERS.get(fmt.lower()) if fmt else None
-        if qemu_name is None and fmt and fmt.lower() in QEMU_DRIVERS.values():
-            qemu_name = fmt.lower()
-        if qemu_name is None:
+        if fmt is None or fmt.lower() not in QEMU_ONLY_FORMATS:
             raise
-        # a format QEMU reads that diskforge has no plugin for (yet): QEMU's driver
-        _check_chain(path, fmt, None, policy)
-        return ImagePlan(path, _FROM_QEMU.get(qemu_name, fmt.lower()), qemu_name)
-    name = plugin.name
-    if name == "raw" and not fmt:
-        info = _qemu_img_info(path)
-        if info and info[0].get("format") not in (None, "raw"):
-            name = _FROM_QEMU.get(info[0]["format"], info[0]["format"])
-    chooser = getattr(plugin, "qemu_driver", None) if plugin.name == name else None
-    driver = chooser(path) if chooser is not None else QEMU_DRIVERS.get(name)
-    _check_chain(path, name, plugin if plugin.name == name else None, policy)
-    if driver is None:
-        if plugin.name != name or not plugin.can_read:
-            raise DiskforgeError(f"not supported yet: {name} images (QEMU cannot read this"
-                                 " one and diskforge has no reader for it)", path)
-        return ImagePlan(path, name, None, read_only_export=not plugin.random_write)
-    return ImagePlan(path, name, driver)
+        _check_chain(path, fmt.lower(), policy or OpenPolicy())
+        return ImagePlan(path, fmt.lower(), fmt.lower())
+    if not plugin.can_read:
+        raise DiskforgeError(f"not supported yet: {plugin.name} images (QEMU cannot read"
+                             " this one and diskforge has no reader for it)", path)
+    # opening walks (and checks) the whole backing chain
+    with open_image(path, plugin.name, policy=policy) as dev:
+        driver = qemu_driver(dev)
+    return ImagePlan(path, plugin.name, driver, read_only=not plugin.random_write)
 
 
-def _check_chain(path: str, name: str, plugin, policy: OpenPolicy | None) -> None:
-    """Refuse images whose backing files resolve outside the allowed roots."""
-    policy = policy or OpenPolicy()
-    if plugin is not None and plugin.can_read:
-        from ..registry import open_image
-        with open_image(path, plugin.name, policy=policy):
-            return  # opening walks (and checks) the whole chain
-    info = _qemu_img_info(path, chain=True)
-    for layer in info or []:
+def qemu_driver(dev) -> str | None:
+    """QEMU's driver for an opened image, or None when QEMU cannot read it or any
+    layer of its backing chain as diskforge does."""
+    from ..registry import get
+    layer = dev.backing
+    while layer is not None:
+        if get(layer.format).qemu_driver(layer) is None:
+            return None
+        layer = layer.backing
+    return get(dev.format).qemu_driver(dev)
+
+
+def _check_chain(path: str, fmt: str, policy: OpenPolicy) -> None:
+    """Refuse images of QEMU-only formats whose backing files resolve outside the
+    allowed roots."""
+    for layer in _qemu_img_chain(path, fmt) or []:
         backing = layer.get("backing-filename")
         if backing:
             policy.resolve(layer.get("filename", path), backing)

@@ -54,6 +54,9 @@ def attach(qmp: QMP, image: str, *, fmt: str | None = None, read_only: bool = Tr
                 f"not supported yet: attaching {plan.format} images directly (QEMU cannot"
                 " read them); export it with 'diskforge serve IMAGE --socket SOCK' and"
                 " attach nbd+unix:///?socket=SOCK", image)
+        if plan.read_only and not read_only:
+            raise UnsupportedError(f"{plan.format} images cannot be written; attach it"
+                                   " read-only", image)
         opts = {"driver": plan.qemu_driver,
                 "file": {"driver": "file", "filename": os.path.abspath(image)}}
     opts.update({"node-name": node, "read-only": read_only})

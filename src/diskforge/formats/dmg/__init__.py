@@ -64,6 +64,21 @@ class DmgFormat(Format):
         from .reader import DmgDevice
         return DmgDevice(os.fspath(path))
 
+    def qemu_driver(self, device) -> str | None:
+        """QEMU's dmg driver (read-only) reads zero-fill, ignore, raw and zlib chunks;
+        its bzip2 and LZFSE decoders are loadable modules Debian ships apart
+        (qemu-block-extra) and it has no ADC or LZMA at all, so UDBZ, ULFO, ULMO and
+        UDCO images, and any with a chunk over its 64 MiB limit or sectors no chunk
+        describes, go through diskforge's NBD export."""
+        from . import codecs, udif
+        m = device.map
+        readable = (codecs.ZERO_FILL, codecs.IGNORE, codecs.RAW, codecs.ZLIB)
+        for i in range(len(m)):
+            if m.kind[i] not in readable or \
+                    m.start[i + 1] - m.start[i] > udif.MAX_CHUNK_BYTES:
+                return None
+        return "dmg"
+
     def writer(self, path: str, size: int, options: Options, *, backing=None):
         if backing is not None:
             raise UnsupportedError("dmg images cannot have a backing file", path)

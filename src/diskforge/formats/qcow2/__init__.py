@@ -105,6 +105,9 @@ class Qcow2Format(Format):
         from .device import Qcow2Device
         return Qcow2Device(path, writable=writable, policy=policy, snapshot=snapshot)
 
+    def qemu_driver(self, device) -> str:
+        return "qcow2"  # QEMU's own format: every file diskforge opens, QEMU reads
+
     def writer(self, path: str, size: int, options: Options, *, backing=None):
         from .writer import Qcow2Writer
         if not isinstance(options, Qcow2Options):

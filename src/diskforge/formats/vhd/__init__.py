@@ -66,6 +66,20 @@ class VhdFormat(Format):
         from .device import VhdDevice
         return VhdDevice(path, writable=writable, policy=policy)
 
+    def qemu_driver(self, device) -> str | None:
+        """QEMU's vpc driver reads fixed and dynamic disks as diskforge does (the size
+        rules are the same, see geometry.py; a 511-byte footer too), but not a
+        differencing disk (it reads the parent's sectors as zeros) nor a dynamic disk
+        whose footer copy at offset 0 is damaged (QEMU reads only that copy and
+        refuses the file; diskforge uses the footer at the end)."""
+        from .structs import DIFFERENCING, FOOTER_SIZE
+        if device.disk_type == DIFFERENCING:
+            return None
+        if device.footer_copy_at is not None and \
+                device.backend.pread(0, FOOTER_SIZE) != device.footer_raw:
+            return None
+        return "vpc"
+
     def writer(self, path: str, size: int, options: Options, *, backing=None):
         from .writer import VhdWriter
         if not isinstance(options, VhdOptions):

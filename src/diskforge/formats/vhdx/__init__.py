@@ -59,6 +59,17 @@ class VhdxFormat(Format):
         from .device import VhdxDevice
         return VhdxDevice(path, writable=writable, policy=policy)
 
+    def qemu_driver(self, device) -> str | None:
+        """QEMU's vhdx driver reads dynamic and fixed disks of 512-byte logical
+        sectors; it refuses 4096-byte sectors and differencing disks, and a file whose
+        log holds pending entries (opened read-only, as ``--snapshot`` and ``attach``
+        do, it refuses; read-write it replays the log into the file, and for a log
+        that wraps around its end it replays the wrong entries, formats/vhdx.md)."""
+        if device.lss != 512 or device.differencing or (
+                device.replayed is not None and device.replayed.entries):
+            return None
+        return "vhdx"
+
     def writer(self, path: str, size: int, options: Options, *, backing=None):
         from .writer import VhdxWriter
         if not isinstance(options, VhdxOptions):
