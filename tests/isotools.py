@@ -14,7 +14,8 @@ import struct
 import subprocess
 import time
 
-from conftest import run
+import pytest
+from conftest import cli, need, run
 
 MTIME = 1_600_000_000   # 2020-09-13: every file of the sample tree has this mtime
 
@@ -154,7 +155,7 @@ def qemu_boot(drive_args: list[str], marker: str, *, timeout: float = 60,
     out = b""
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and marker.encode() not in _plain(out):
+        while time.monotonic() < deadline and marker.encode() not in serial_text(out):
             ready, _, _ = select.select([proc.stdout], [], [], 0.5)
             if ready:
                 chunk = os.read(proc.stdout.fileno(), 65536)
@@ -165,11 +166,11 @@ def qemu_boot(drive_args: list[str], marker: str, *, timeout: float = 60,
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    text = _plain(out).decode("latin-1")
+    text = serial_text(out).decode("latin-1")
     return marker in text, text[-2000:]
 
 
-def _plain(out: bytes) -> bytes:
+def serial_text(out: bytes) -> bytes:
     """Serial output without ANSI control sequences: SeaBIOS's serial console moves the
     cursor with them, even in the middle of text a boot loader prints."""
     return re.sub(rb"\x1b(\[[0-9;?=]*[A-Za-z]|c)", b"", out)
@@ -203,3 +204,29 @@ def copy_isolinux(dest_dir: str) -> None:
     os.makedirs(dest_dir, exist_ok=True)
     shutil.copy("/usr/lib/ISOLINUX/isolinux.bin", dest_dir)
     shutil.copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", dest_dir)
+
+
+def boot_iso(workdir: str, bios_marker: str, uefi_marker: str | None = None) -> str:
+    """A hybrid ISO made with ``diskforge iso build``: isolinux, whose configuration
+    prints ``bios_marker`` on the serial port, and with ``uefi_marker`` also a UEFI El
+    Torito image whose application prints that. Skips when syslinux (or, for UEFI,
+    dosfstools and mtools) is missing."""
+    if not os.path.exists("/usr/lib/ISOLINUX/isolinux.bin"):
+        pytest.skip("isolinux is not installed (.ci/run installs it)")
+    src = make_tree(os.path.join(workdir, "src"), deep=False)
+    copy_isolinux(os.path.join(src, "isolinux"))
+    with open(os.path.join(src, "isolinux", "isolinux.cfg"), "w") as f:
+        # isolinux prints on the serial port itself (and not on the BIOS console, which
+        # SeaBIOS would mirror there too, interleaved)
+        f.write(f"SERIAL 0 115200\nCONSOLE 0\nSAY {bios_marker}\n")
+    argv = ["iso", "build", "-q", "-V", "BOOTTEST", "--boot", "isolinux/isolinux.bin"]
+    if uefi_marker is not None:
+        need("mkfs.vfat")
+        need("mcopy")
+        os.makedirs(os.path.join(src, "boot"))
+        esp_image(os.path.join(src, "boot", "efi.img"), efi_app(uefi_marker))
+        argv += ["--efi-boot", "boot/efi.img"]
+    iso = os.path.join(workdir, "boot.iso")
+    code, _, err = cli(*argv, "--hybrid", src, iso)
+    assert code == 0, err
+    return iso

@@ -22,13 +22,16 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
 from conftest import cli, need, one_line_error, run
+from isotools import boot_iso, serial_text
 
 from diskforge.hypervisor import backup as B
 from diskforge.hypervisor.boot import hotplug_args
+from diskforge.hypervisor.drives import plan_image
 from diskforge.hypervisor.qmp import QMP
 from diskforge.hypervisor.vm import VM, Drive, VMConfig, kvm_usable
 
@@ -391,10 +394,10 @@ def bootable_disk(d: str) -> tuple[str, str]:
     return raw, qcow2
 
 
-def wait_for_marker(path: str, timeout: float = 60) -> bool:
+def wait_for_marker(path: str, timeout: float = 60, marker: bytes = MARKER) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if os.path.exists(path) and MARKER in open(path, "rb").read():
+        if os.path.exists(path) and marker in serial_text(open(path, "rb").read()):
             return True
         time.sleep(0.1)
     return False
@@ -417,17 +420,27 @@ def _pid_gone(pid: int, timeout: float = 5) -> bool:
     return False
 
 
-@pytest.mark.parametrize("via", ["direct", "nbd"])
-def test_boot_qcow2_disk_prints_marker(tmp_path, via):
-    need("qemu-system-x86_64")
-    need("qemu-img")
-    raw, qcow2 = bootable_disk(str(tmp_path))
-    image = qcow2 if via == "direct" else raw  # NBD: a diskforge-read format (raw today)
-    before = open(image, "rb").read()
-    log = str(tmp_path / "serial.log")
-    proc = _boot(image, "--serial", log, "--via", via, "--snapshot", "--timeout", "90")
+def _bottom_images(qmp_socket: str) -> dict[str, dict]:
+    """Per drive, the image at the bottom of its chain (below a snapshot=on overlay):
+    what QEMU really reads, with which driver."""
+    with QMP(qmp_socket) as qmp:
+        blocks = qmp.execute("query-block")
+    out = {}
+    for b in blocks:
+        image = (b.get("inserted") or {}).get("image")
+        while image and image.get("backing-image"):
+            image = image["backing-image"]
+        if image:
+            out[b["device"]] = image
+    return out
+
+
+def _booted(proc: subprocess.Popen, log: str, qmp_socket: str, marker: bytes = MARKER):
+    """Wait for the marker, look at the drives, stop diskforge boot (SIGINT); always
+    reaped. (marker seen, bottom images, diskforge's stderr)."""
     try:
-        found = wait_for_marker(log)
+        found = wait_for_marker(log, marker=marker)
+        images = _bottom_images(qmp_socket) if found else {}
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -437,8 +450,55 @@ def test_boot_qcow2_disk_prints_marker(tmp_path, via):
     assert proc.returncode == 0, err
     pid = int(re.search(r"QEMU (\d+) running \(tcg\)", err).group(1))
     assert _pid_gone(pid)
+    return images, err
+
+
+@pytest.mark.parametrize("fmt,driver", [("qcow2", "qcow2"), ("dmg-UDZO", "dmg"),
+                                        ("dmg-ULFO", None)])
+def test_boot_disk_prints_marker(tmp_path, fmt, driver):
+    """A qcow2 and a UDZO DMG boot with QEMU's own drivers; a ULFO DMG (LZFSE, which
+    Debian's QEMU lacks) through diskforge's NBD export, chosen automatically. A DMG is
+    read-only, so its guest writes to a temporary overlay even without --snapshot."""
+    need("qemu-system-x86_64")
+    need("qemu-img")
+    raw, qcow2 = bootable_disk(str(tmp_path))
+    image = qcow2
+    if fmt.startswith("dmg"):
+        image = str(tmp_path / "boot.dmg")
+        code, _, err = cli("convert", "-O", "dmg", "-o", f"format={fmt[4:]}", raw, image)
+        assert code == 0, err
+    assert plan_image(image).qemu_driver == driver
+    before = open(image, "rb").read()
+    log, sock = str(tmp_path / "serial.log"), str(tmp_path / "qmp.sock")
+    proc = _boot(image, "--serial", log, "--qmp", sock, "--timeout", "90",
+                 *(["--snapshot"] if fmt == "qcow2" else []))
+    images, err = _booted(proc, log, sock)
     assert "QMP socket:" in err
-    assert open(image, "rb").read() == before  # --snapshot: the image is untouched
+    disk = images["disk0"]
+    if driver is None:
+        assert disk["format"] == "raw" and disk["filename"].startswith("nbd+unix://")
+    else:
+        assert disk["format"] == driver and disk["filename"] == image
+    assert open(image, "rb").read() == before  # the image is untouched
+
+
+def test_boot_hybrid_iso_with_a_qcow2_disk(tmp_path):
+    """``diskforge boot DISK --cdrom ISO``: the ISO issue's hybrid ISO (isolinux, its
+    configuration printing a marker on the serial port) boots from the CD-ROM, with an
+    empty qcow2 disk attached read-write with QEMU's qcow2 driver."""
+    need("qemu-system-x86_64")
+    need("qemu-img")
+    marker = f"DISKFORGE-ISO-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp_path / "iso")
+    iso = boot_iso(str(tmp_path / "iso"), marker)
+    disk = qcow2_disk(str(tmp_path / "disk.qcow2"), 16 * MiB)
+    log, sock = str(tmp_path / "serial.log"), str(tmp_path / "qmp.sock")
+    proc = _boot(disk, "--cdrom", iso, "--memory", "128M", "--serial", log, "--qmp", sock,
+                 "--timeout", "90")
+    images, err = _booted(proc, log, sock, marker.encode())
+    assert images["disk0"]["format"] == "qcow2" and images["disk0"]["filename"] == disk
+    assert images["cd0"]["format"] == "raw" and images["cd0"]["filename"] == iso
+    run("qemu-img", "check", "-q", disk)
 
 
 def test_vm_api_boots_and_queries(vms, tmp_path):

@@ -22,24 +22,19 @@ stop, reap; KVM/TCG, BIOS/UEFI), ``drives`` (which QEMU driver reads an image, o
 ``backup`` (live full/incremental backups), ``nbd`` (the NBD server: ``diskforge serve``).
 
 Status — done: everything above, tested against qemu-system-x86_64 (TCG), qemu-img,
-qemu-io and QEMU's NBD client, with raw images (diskforge's only format on this branch)
-and qcow2 files made and read by QEMU's tools.
+qemu-io and QEMU's NBD client: NBD export of raw, qcow2 (backing chains too), VHDX,
+VHD and DMG (UDZO, ULFO) images read by ``qemu-img`` with their holes, and written
+through NBD (raw, qcow2, VHDX, VHD); per-file driver choice (``drives``: QEMU's driver
+where it reads the file as diskforge does, the NBD export otherwise); booting a
+qcow2, a DMG and the ISO issue's hybrid ISO; backup chains restored with
+``diskforge restore``/``convert`` as well as ``qemu-img``.
 
 Left for later:
-- NBD export of qcow2, VHD, VHDX and DMG images: the server works over any BlockDevice,
-  so it serves them as soon as their plugins land; the tests then need one
-  ``pytest.param`` each in ``tests/test_nbd.py``'s FORMATS.
-- Booting the ISO issue's hybrid ISO (images whose format is ``iso`` attach as a CD-ROM;
-  the test waits for that plugin).
-- Per-file driver choices (a VHDX with a pending log, a ULFO DMG -> NBD) come from a
-  ``qemu_driver(path)`` method of the format plugins, which none has yet; until the
-  qcow2 plugin lands, ``qemu-img info`` tells a qcow2 from a raw file.
 - Attaching a non-QEMU format by file name (it needs a long-lived export: use
   ``diskforge serve`` and attach the URI); TLS for NBD; QEMU-compatible image locks
   taken by ``diskforge serve`` itself.
-- Restoring a backup chain with ``diskforge restore``/``convert`` needs the qcow2
-  reader; until it lands the tests flatten each chain with ``qemu-img convert`` (they
-  also use diskforge's own as soon as it reads qcow2).
+- vmdk and vdi files (no diskforge plugin yet) reach QEMU's driver only when named
+  (``-f vmdk``); unnamed they probe as raw, as everywhere in diskforge.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Decisions:
 - UEFI uses the OVMF build found on the system (Debian's ``ovmf`` package); its
   variable store is copied into the VM's private directory, so the system copy is never
   written.
+- With no display and a serial console, the machine gets ``graphics=off`` (what
+  ``-nographic`` sets): SeaBIOS then mirrors its console, and with it what boot
+  loaders print through the BIOS (isolinux's ``SAY``), to the serial port.
 - Networking is off unless asked (``net="user"``: QEMU's user-mode stack, with a
   virtio NIC without an option ROM so that no iPXE package is needed).
 """
@@ -193,7 +196,12 @@ class VM:
         if accel not in ("kvm", "tcg"):
             raise UsageError(f"unknown accelerator '{c.accel}' (kvm, tcg or auto)")
         self.accel = accel
-        argv = [binary, "-nodefaults", "-no-user-config", "-machine", c.machine,
+        machine = c.machine
+        if c.display == "none" and c.serial is not None and machine != "none":
+            # as -nographic: with no screen, the firmware's console (SeaBIOS's, and so a
+            # boot loader's BIOS output) goes to the serial port too
+            machine += ",graphics=off"
+        argv = [binary, "-nodefaults", "-no-user-config", "-machine", machine,
                 "-accel", accel, "-display", c.display,
                 "-qmp", f"unix:{_escape(self.own_socket)},server=on,wait=off",
                 "-qmp", f"unix:{_escape(self.qmp_socket)},server=on,wait=off"]
