@@ -439,6 +439,25 @@ def test_max_clients(source, serve):
     d.go()
 
 
+def test_session_buffer_is_page_aligned_and_reused(source, serve):
+    """Reads land in (and writes arrive into) one page-aligned buffer per client,
+    grown when a request needs more: the copy from the page cache into it is several
+    times faster than into a bytearray at malloc's offset (bench/cases_nbd.py)."""
+    import ctypes
+    srv = serve(source, read_only=True)
+    session = N._Session(srv, None, 0)
+
+    def address(view):
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+    small = session.buffer(5000)
+    assert len(small) == 5000 and address(small) % 4096 == 0
+    assert address(session.buffer(1 << 20)) == address(small)  # reused
+    big = session.buffer(3 << 20)
+    assert len(big) == 3 << 20 and address(big) % 4096 == 0
+    assert address(session.buffer(512)) == address(big)
+
+
 # -- flat_extents ------------------------------------------------------------------------
 
 class _Layer(BlockDevice):
