@@ -324,6 +324,23 @@ def test_attach_and_detach_show_in_query_block(vms, tmp_path):
     one_line_error(code, err)
     assert "guest has not released" in err
     assert disk in _attached_files(vm)
+    # a DMG: UDZO with QEMU's read-only dmg driver; ULFO (LZFSE) needs an export
+    raw = str(tmp_path / "d.raw")
+    with open(raw, "wb") as f:
+        f.write(b"dmg " * (1 << 18))
+    for variant in ("UDZO", "ULFO"):
+        assert cli("convert", "-O", "dmg", "-o", f"format={variant}", raw,
+                   str(tmp_path / f"{variant}.dmg"))[0] == 0
+    udzo, ulfo = str(tmp_path / "UDZO.dmg"), str(tmp_path / "ULFO.dmg")
+    code, out, err = cli("attach", "--qmp", vm.qmp_socket, "--device", "scsi", "--rw", udzo)
+    one_line_error(code, err)
+    assert "cannot be written" in err
+    code, out, err = cli("attach", "--qmp", vm.qmp_socket, "--device", "scsi", udzo)
+    assert code == 0, err
+    assert _attached_files(vm)[udzo]["inserted"]["drv"] == "dmg"
+    code, out, err = cli("attach", "--qmp", vm.qmp_socket, "--device", "scsi", ulfo)
+    one_line_error(code, err)
+    assert "diskforge serve" in err and ulfo not in _attached_files(vm)
 
 
 def test_attach_refuses_an_image_another_qemu_writes(vms, tmp_path):
@@ -542,6 +559,12 @@ def test_boot_errors_are_one_line(tmp_path):
                          "0.5", str(tmp_path / "x"))
     one_line_error(code, err)
     assert "QMP" in err
+    raw, _ = bootable_disk(str(tmp_path))
+    ulfo = str(tmp_path / "boot.dmg")
+    assert cli("convert", "-O", "dmg", "-o", "format=ULFO", raw, ulfo)[0] == 0
+    code, out, err = cli("boot", ulfo, "--via", "direct", "--serial", "none")
+    one_line_error(code, err)
+    assert "QEMU cannot read this dmg image" in err and "--via nbd" in err
 
 
 def test_kvm_detection_is_a_bool():

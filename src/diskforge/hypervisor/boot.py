@@ -76,7 +76,8 @@ def build_vm(opts: BootOptions, *, log=None) -> VM:
             cdrom = plan.format in CDROM_FORMATS
             device = "ide-cd" if cdrom else INTERFACES[opts.interface]
             if opts.via == "direct" and plan.qemu_driver is None:
-                raise UsageError(f"QEMU cannot read {plan.format} images; use --via nbd")
+                raise UsageError(f"QEMU cannot read this {plan.format} image as diskforge"
+                                 " does; use --via nbd (or auto)")
             if opts.via == "nbd" or plan.qemu_driver is None:
                 drive = _nbd_drive(vm, plan, opts, log)
             else:

@@ -51,9 +51,9 @@ def attach(qmp: QMP, image: str, *, fmt: str | None = None, read_only: bool = Tr
         plan = plan_image(image, fmt, policy=policy)
         if plan.qemu_driver is None:
             raise UnsupportedError(
-                f"not supported yet: attaching {plan.format} images directly (QEMU cannot"
-                " read them); export it with 'diskforge serve IMAGE --socket SOCK' and"
-                " attach nbd+unix:///?socket=SOCK", image)
+                f"not supported yet: attaching this {plan.format} image directly (QEMU"
+                " cannot read it as diskforge does); export it with 'diskforge serve"
+                " IMAGE --socket SOCK' and attach nbd+unix:///?socket=SOCK", image)
         if plan.read_only and not read_only:
             raise UnsupportedError(f"{plan.format} images cannot be written; attach it"
                                    " read-only", image)
