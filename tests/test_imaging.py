@@ -38,8 +38,8 @@ def test_image_a_loop_device_and_restore_to_another(workdir, loop_device):
     with open(dst_file, "wb") as f:
         f.truncate(80 << 20)
     src, dst = loop_device(src_file), loop_device(dst_file)
-    out = os.path.join(workdir, "backup.raw")
-    code, stdout, err = cli("image", "-O", "raw", src, out)
+    out = os.path.join(workdir, "backup.qcow2")  # the default: compressed qcow2
+    code, stdout, err = cli("image", src, out)
     assert code == 0, err
     rec = json.load(open(record_path(out)))
     assert rec["sha256"] == sha256_file(src_file) and rec["bad-ranges"] == []
