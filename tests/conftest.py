@@ -143,3 +143,25 @@ def loop_device():
     for dev in attached:
         subprocess.run(["umount", dev], capture_output=True)
         subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def libvhdi_sha256(path: str, parents=()) -> tuple[int, str]:
+    """(media size, sha256) of a VHD or VHDX as libvhdi (pyvhdi, from the [test] extra)
+    reads it — an independent reader — with ``parents`` (nearest first) as its chain."""
+    pyvhdi = pytest.importorskip("pyvhdi", reason="libvhdi-python (the [test] extra)")
+    files = []
+    for p in (path, *parents):
+        f = pyvhdi.file()
+        f.open(p)
+        files.append(f)
+    for child, parent in reversed(list(zip(files, files[1:]))):  # from the bottom up
+        child.set_parent(parent)
+    top = files[0]
+    size, off, h = top.get_media_size(), 0, hashlib.sha256()
+    while off < size:
+        n = min(1 << 20, size - off)
+        h.update(top.read_buffer_at_offset(n, off))
+        off += n
+    for f in files:
+        f.close()
+    return size, h.hexdigest()

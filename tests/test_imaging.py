@@ -14,6 +14,7 @@ from diskforge import registry
 from diskforge.blockdev import BlockDevice, ExtentKind
 from diskforge.errors import ImageIOError
 from diskforge.ops.imaging import RescueReader, image, record_path
+from diskforge.ops.map import map_image
 
 
 def gpt_disk(path, size=64 << 20):
@@ -37,8 +38,8 @@ def test_image_a_loop_device_and_restore_to_another(workdir, loop_device):
     with open(dst_file, "wb") as f:
         f.truncate(80 << 20)
     src, dst = loop_device(src_file), loop_device(dst_file)
-    out = os.path.join(workdir, "backup.raw")
-    code, stdout, err = cli("image", "-O", "raw", src, out)
+    out = os.path.join(workdir, "backup.qcow2")  # the default: compressed qcow2
+    code, stdout, err = cli("image", src, out)
     assert code == 0, err
     rec = json.load(open(record_path(out)))
     assert rec["sha256"] == sha256_file(src_file) and rec["bad-ranges"] == []
@@ -231,3 +232,167 @@ def test_restore_refuses_a_corrupted_image(workdir):
     one_line_error(code, err)
     assert "no longer matches its integrity record" in err
     assert not os.path.exists(os.path.join(workdir, "r.raw"))
+
+
+# -- compressed qcow2 by default, differential chains, resume ---------------------------
+
+def change_blocks(path, fraction, seed, block=4096):
+    """Overwrite a fraction of the disk's 4 KiB blocks with new random bytes; returns the
+    set of 64 KiB clusters touched."""
+    import random
+    rng = random.Random(seed)
+    size = os.path.getsize(path)
+    touched = set()
+    with open(path, "r+b") as f:
+        for _ in range(int(size // block * fraction)):
+            off = rng.randrange(size // block) * block
+            f.seek(off)
+            f.write(rng.randbytes(block))
+            touched.add(off // 65536)
+    return touched
+
+
+def qemu_map_clusters(path):
+    """64 KiB clusters qemu-img says the top layer itself stores (depth 0, data)."""
+    entries = json.loads(run("qemu-img", "map", "--output", "json", path).stdout)
+    clusters = set()
+    for e in entries:
+        if e["depth"] == 0 and e["data"]:
+            clusters.update(range(e["start"] // 65536, (e["start"] + e["length"]) // 65536))
+    return clusters
+
+
+def test_default_image_is_compressed_qcow2(workdir):
+    need("qemu-img")
+    img = gpt_disk(os.path.join(workdir, "disk.raw"))
+    with open(img, "r+b") as f:  # something compressible too
+        f.seek(30 << 20)
+        f.write(b"compress me " * 200_000)
+    out = os.path.join(workdir, "backup.img.qcow2")
+    assert cli("image", img, out)[0] == 0
+    check = json.loads(run("qemu-img", "check", "--output", "json", out).stdout)
+    assert check["check-errors"] == 0 and check.get("compressed-clusters", 0) > 0
+    assert run("qemu-img", "compare", "-f", "raw", img, out).returncode == 0
+    assert os.path.getsize(out) < (3 << 20)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vpc", "vhdx"])
+def test_full_then_two_differentials_restore_each_point(workdir, fmt):
+    """full -> diff1 -> diff2 of a disk changed between runs: each differential holds only
+    the changed blocks, and restoring each point gives that point's exact bytes."""
+    need("qemu-img")
+    disk = gpt_disk(os.path.join(workdir, "disk.raw"))
+    ext = {"qcow2": "qcow2", "vpc": "vhd", "vhdx": "vhdx"}[fmt]
+    points = []
+    full = os.path.join(workdir, f"full.{ext}")
+    assert cli("image", "-O", fmt, disk, full)[0] == 0
+    points.append((full, sha256_file(disk)))
+    base = full
+    for i in (1, 2):
+        before = open(disk, "rb").read()
+        touched = change_blocks(disk, 0.05, seed=i)
+        after = open(disk, "rb").read()
+        touched_blocks = {b for b in range(len(after) // 4096)
+                          if before[b * 4096:(b + 1) * 4096] != after[b * 4096:(b + 1) * 4096]}
+        diff = os.path.join(workdir, f"diff{i}.{ext}")
+        code, out, err = cli("image", "-O", fmt, "--base", base, disk, diff)
+        assert code == 0, err
+        points.append((diff, sha256_file(disk)))
+        if fmt == "qcow2":  # exactly the changed clusters, as qemu-img sees them
+            assert qemu_map_clusters(diff) == touched
+            run("qemu-img", "check", diff)
+        else:  # differencing disks allocate whole blocks and mark changed sectors in
+            # each block's bitmap: the top layer must present exactly the changed blocks
+            with diskforge.open(diff) as dev:
+                present = {e.start // 4096 + k for e in map_image(dev)
+                           if e.depth == 0 and e.data for k in range(e.length // 4096)}
+            assert present == touched_blocks
+        base = diff
+    for i, (image_path, expected) in enumerate(points):
+        target = os.path.join(workdir, f"restored{i}.raw")
+        code, _, err = cli("restore", image_path, target)
+        assert code == 0, err
+        assert sha256_file(target) == expected
+        assert cli("verify", image_path)[0] == 0
+        if fmt == "qcow2":  # an independent reader composes our chain the same way
+            flat = os.path.join(workdir, f"qemu{i}.raw")
+            run("qemu-img", "convert", "-O", "raw", image_path, flat)
+            assert sha256_file(flat) == expected
+
+
+class _Reads:
+    """A raw source that records the offsets read and can be told to stop mid-way."""
+    offsets: list = []
+    stop_at: int | None = None
+
+
+@pytest.fixture
+def counting_format(monkeypatch):
+    from diskforge.formats.raw import RawDevice
+
+    class CountingDevice(RawDevice):
+        def readinto(self, offset, buf):
+            if _Reads.stop_at is not None and offset >= _Reads.stop_at:
+                raise KeyboardInterrupt
+            _Reads.offsets.append((offset, len(buf)))
+            return super().readinto(offset, buf)
+
+    class Counting(registry.Format):
+        name = "counting"
+
+        def open(self, path, *, writable=False, policy=None):
+            return CountingDevice(path)
+    monkeypatch.setitem(registry._loaded, "counting", Counting())
+    import diskforge.ops.imaging as imaging
+    monkeypatch.setattr(imaging, "CHECKPOINT", 64 << 20)
+    _Reads.offsets, _Reads.stop_at = [], None
+    return _Reads
+
+
+@pytest.mark.parametrize("fmt,ext", [("qcow2", "qcow2"), ("raw", "raw")])
+def test_interrupted_image_resumes_without_rereading(workdir, counting_format, fmt, ext):
+    need("qemu-img")
+    disk = os.path.join(workdir, "disk.raw")
+    with open(disk, "wb") as f:
+        for i in range(0, 200 << 20, 8 << 20):
+            f.seek(i)
+            f.write(os.urandom(1 << 20) + b"text " * 100_000)
+    out = os.path.join(workdir, f"out.{ext}")
+    counting_format.stop_at = 150 << 20
+    code, _, err = cli("image", "-f", "counting", "-O", fmt, disk, out)
+    assert code == 130 and "--resume" in err
+    assert not os.path.exists(out) and os.path.exists(out + ".resume.json")
+    counting_format.stop_at, counting_format.offsets = None, []
+    code, stdout, err = cli("image", "-f", "counting", "-O", fmt, "--resume", disk, out)
+    assert code == 0, err
+    assert "resumed at 134217728" in stdout                   # the last checkpoint (128 MiB)
+    early = [r for r in counting_format.offsets if r[0] < 128 << 20]
+    assert early == [(0, 65536)]  # only the identity check of the first 64 KiB
+    assert not os.path.exists(out + ".resume.json")
+    assert not [n for n in os.listdir(workdir) if n.endswith(".diskforge-tmp")]
+    assert run("qemu-img", "compare", "-f", "raw", "-F", fmt, disk, out).returncode == 0
+    if fmt == "qcow2":
+        run("qemu-img", "check", out)
+    assert json.load(open(record_path(out)))["sha256"] == sha256_file(disk)
+    assert cli("verify", out)[0] == 0
+
+
+def test_resume_refuses_a_changed_source_and_a_fresh_run_discards_it(workdir,
+                                                                      counting_format):
+    disk = os.path.join(workdir, "disk.raw")
+    with open(disk, "wb") as f:
+        f.write(os.urandom(150 << 20))
+    out = os.path.join(workdir, "out.qcow2")
+    counting_format.stop_at = 100 << 20
+    assert cli("image", "-f", "counting", disk, out)[0] == 130
+    with open(disk, "r+b") as f:
+        f.write(b"changed")
+    counting_format.stop_at = None
+    code, _, err = cli("image", "-f", "counting", "--resume", disk, out)
+    one_line_error(code, err)
+    assert "not what the interrupted run was reading" in err
+    assert cli("image", "-f", "counting", disk, out)[0] == 0   # a fresh run starts over
+    assert not [n for n in os.listdir(workdir) if n.endswith((".diskforge-tmp", ".resume.json"))]
+    code, _, err = cli("image", "--resume", disk, out)
+    one_line_error(code, err)
+    assert "nothing to resume" in err

@@ -220,3 +220,22 @@ def test_measure_agrees_with_qemu(workdir, source, opts):
     assert cli("convert", "-O", "qcow2", *args, source, out)[0] == 0
     assert os.stat(out).st_blocks * 512 <= ours["required"] + 65536 or \
         "prealloc" in opts
+
+
+def test_a_disk_size_not_a_multiple_of_512_loses_nothing_in_qemu(workdir):
+    """qemu floors a qcow2's size to whole sectors, so the writer rounds up as qemu-img
+    does (the padding reads as zeros) instead of storing the odd size."""
+    need("qemu-img")
+    src = os.path.join(workdir, "odd.raw")
+    tail = os.urandom(288)
+    with open(src, "wb") as f:
+        f.truncate(5 << 20)
+        f.seek(5 << 20)
+        f.write(tail)  # 5 MiB + 288 bytes
+    out = os.path.join(workdir, "odd.qcow2")
+    assert cli("convert", "-O", "qcow2", src, out)[0] == 0
+    info = json.loads(run("qemu-img", "info", "--output", "json", out).stdout)
+    assert info["virtual-size"] == (5 << 20) + 512
+    flat = os.path.join(workdir, "flat.raw")
+    run("qemu-img", "convert", "-O", "raw", out, flat)
+    assert open(flat, "rb").read() == bytes(5 << 20) + tail + bytes(224)

@@ -23,7 +23,7 @@ def read_all(path, **kw) -> bytes:
 
 def need_pyvhdi():
     if not have_pyvhdi():
-        pytest.skip("python3-libvhdi (pyvhdi for /usr/bin/python3) is not installed")
+        pytest.skip("libvhdi-python (pyvhdi, the [test] extra) is not installed")
 
 
 # -- naming ---------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from diskforge.formats.vhd.structs import (FOOTER_CHECKSUM_AT, HEADER_CHECKSUM_A
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(os.path.dirname(HERE), "fixtures", "vhd")
-PYTHON3 = "/usr/bin/python3"  # Debian's Python, where python3-libvhdi (pyvhdi) lives
 
 
 def gunzip(src: str, dst: str) -> str:
@@ -67,33 +66,17 @@ def qemu_raw(path: str, fmt: str = "vpc") -> bytes:
 
 
 def have_pyvhdi() -> bool:
-    if not os.path.exists(PYTHON3):
+    try:
+        import pyvhdi  # noqa: F401
+    except ImportError:
         return False
-    return subprocess.run([PYTHON3, "-c", "import pyvhdi"], capture_output=True
-                          ).returncode == 0
+    return True
 
 
 def pyvhdi_sha256(path: str, parents: list[str] = ()) -> tuple[int, str]:
-    """(media size, sha256) as libvhdi reads ``path``, with ``parents`` (nearest first)
-    set as its chain: an independent reader, run in Debian's Python."""
-    code = """
-import hashlib, sys, pyvhdi
-files = []
-for p in sys.argv[1:]:
-    f = pyvhdi.file(); f.open(p); files.append(f)
-for child, parent in reversed(list(zip(files, files[1:]))):
-    child.set_parent(parent)
-f = files[0]
-h = hashlib.sha256(); off = 0; size = f.media_size
-while off < size:
-    b = f.read_buffer_at_offset(min(1 << 20, size - off), off); h.update(b); off += len(b)
-print(size, h.hexdigest())
-"""
-    chain = [path, *parents]
-    # libvhdi sets parents from the bottom up
-    out = subprocess.run([PYTHON3, "-c", code, *chain], capture_output=True, text=True,
-                         check=True).stdout.split()
-    return int(out[0]), out[1]
+    """(media size, sha256) as libvhdi reads ``path`` with ``parents`` (nearest first)."""
+    from conftest import libvhdi_sha256
+    return libvhdi_sha256(path, parents)
 
 
 # -- surgery --------------------------------------------------------------------------------

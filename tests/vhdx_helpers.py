@@ -32,23 +32,8 @@ def sha_of_bytes(data: bytes) -> str:
 
 def libvhdi_sha(path: str, parents: tuple[str, ...] = ()) -> tuple[int, str]:
     """Size and sha256 of the disk as libvhdi (pyvhdi) reads it, parents chained."""
-    pyvhdi = pytest.importorskip("pyvhdi", reason="libvhdi-python (the [test] extra)")
-    files = [pyvhdi.file()]
-    files[0].open(path)
-    for p in parents:
-        f = pyvhdi.file()
-        f.open(p)
-        files[-1].set_parent(f)
-        files.append(f)
-    top = files[0]
-    n, off, h = top.get_media_size(), 0, hashlib.sha256()
-    while off < n:
-        k = min(MiB, n - off)
-        h.update(top.read_buffer_at_offset(k, off))
-        off += k
-    for f in files:
-        f.close()
-    return n, h.hexdigest()
+    from conftest import libvhdi_sha256
+    return libvhdi_sha256(path, parents)
 
 
 def padded_sha(path: str, size: int) -> str:

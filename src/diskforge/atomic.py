@@ -59,6 +59,32 @@ class AtomicFile(FileBackend):
         self.committed = False
         super().__init__(tmp, writable=True, fd=fd)
 
+    @classmethod
+    def reopen(cls, target: str | os.PathLike, tmp_path: str) -> "AtomicFile":
+        """The temporary file of an interrupted run, opened again to continue it
+        (resumable imaging). It must sit beside ``target`` under our naming scheme."""
+        self = cls.__new__(cls)
+        self.target = final_path(target)
+        directory, name = os.path.split(os.path.abspath(self.target))
+        tmp_dir, tmp_name = os.path.split(os.path.abspath(tmp_path))
+        if tmp_dir != directory or not (tmp_name.startswith(f".{name}.")
+                                        and tmp_name.endswith(".diskforge-tmp")):
+            from .errors import SafetyError
+            raise SafetyError(f"'{tmp_path}' is not a partial output of this target",
+                              self.target)
+        try:
+            fd = os.open(tmp_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise ImageIOError.from_os(e, tmp_path) from None
+        self.tmp_path = os.path.join(directory, tmp_name)
+        self.committed = False
+        FileBackend.__init__(self, self.tmp_path, writable=True, fd=fd)
+        return self
+
+    def detach(self) -> None:
+        """Close, keeping the temporary file for a later ``reopen`` (resume)."""
+        self.close()
+
     def commit(self, *, durable: bool | None = None) -> None:
         """Close and rename into place (syncing first when durability is on)."""
         try:

@@ -441,6 +441,19 @@ class ImageWriter(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None: ...
 
+    # -- optional: resumable output (imaging) ------------------------------------------
+    def checkpoint(self) -> dict:
+        """Make everything written so far durable in the partial output and return the
+        writer's state (JSON-able, naming the partial file) from which
+        ``Format.resume_writer`` can continue after an interruption. Called only
+        between calls, at an offset everything before which has been written."""
+        raise UnsupportedError("not supported yet: resumable output for this format")
+
+    def suspend(self) -> None:
+        """Stop after a failure or interruption, keeping the output of the last
+        checkpoint for a resume (writers that cannot resume just abort)."""
+        self.abort()
+
     def __enter__(self):
         return self
 

@@ -67,6 +67,13 @@ class Format:
                backing: "Backing | None" = None) -> "ImageWriter":
         raise UnsupportedError(f"not supported yet: writing {self.name} images", path)
 
+    def resume_writer(self, path: str, size: int, options: Options, *,
+                      backing: "Backing | None" = None,
+                      state: dict) -> "ImageWriter":
+        """A writer continuing an interrupted output from ``state`` (what the writer's
+        ``checkpoint()`` returned); everything after that checkpoint is discarded."""
+        raise UnsupportedError(f"not supported yet: resuming {self.name} output", path)
+
     def compressed(self, options: Options) -> Options:
         """What ``convert -c`` means for this format (qcow2: compressed clusters)."""
         raise UnsupportedError(f"{self.name} images cannot be compressed (-c)")

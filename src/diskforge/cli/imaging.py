@@ -6,18 +6,38 @@ from __future__ import annotations
 import os
 import sys
 
-from .image import add_policy_args, open_backing, open_source, parse_options, progress_for
+from .image import add_policy_args, open_backing, open_source, progress_for
 
 DEFAULT_IMAGE_FORMAT = "qcow2"
 
 
 def cmd_image(args) -> int:
     from ..atomic import refuse_overwrite
-    from ..errors import UnsupportedError
-    from ..ops.imaging import badmap_path, image
+    from ..errors import UnsupportedError, UsageError
+    from ..ops.imaging import badmap_path, discard_resume, image, load_resume, resume_path
+    from ..options import merge_option_strings
     from ..registry import by_extension, get
-    fmt = get(args.O) if args.O else (by_extension(args.output) or get(DEFAULT_IMAGE_FORMAT))
-    options = parse_options(fmt, args.o)
+    state = None
+    if args.resume:
+        state = load_resume(args.output)
+        fmt = get(state["format"])
+        if (args.O and get(args.O) is not fmt) or (args.o and merge_option_strings(
+                *args.o) != state["options"]):
+            raise UsageError("--resume continues with the interrupted run's format and"
+                             " options; leave -O and -o out", args.output)
+        option_text = state["options"]
+        base_name = state["base"]
+        if args.base and os.path.abspath(args.base) != os.path.abspath(base_name or ""):
+            raise UsageError("--resume continues with the interrupted run's base",
+                             args.output)
+    else:
+        fmt = get(args.O) if args.O else (by_extension(args.output)
+                                          or get(DEFAULT_IMAGE_FORMAT))
+        option_text = merge_option_strings(*args.o)
+        base_name = os.path.abspath(args.base) if args.base else None
+        if os.path.exists(resume_path(args.output)):
+            discard_resume(args.output)  # a fresh run replaces an interrupted one
+    options = fmt.options.parse(option_text, format_name=fmt.name)
     if not args.no_compress:
         try:
             options = fmt.compressed(options)
@@ -27,20 +47,29 @@ def cmd_image(args) -> int:
     base = None
     try:
         backing = None
-        if args.base:
+        if base_name:
             # the user names BASE from here; the image records it relative to itself
-            rel = os.path.relpath(os.path.abspath(args.base),
-                                  os.path.dirname(os.path.abspath(args.output)))
+            rel = os.path.relpath(base_name, os.path.dirname(os.path.abspath(args.output)))
             base, backing = open_backing(rel, args.F, args.output, args)
         refuse_overwrite(args.output, src.files(), "the source")
         if base is not None:
             refuse_overwrite(args.output, base.files(), "the base image")
-        writer = fmt.writer(args.output, src.size, options, backing=backing)
+        if state is not None:
+            writer = fmt.resume_writer(args.output, src.size, options, backing=backing,
+                                       state=state["writer"])
+        else:
+            writer = fmt.writer(args.output, src.size, options, backing=backing)
         bar = progress_for(args)
         try:
-            result = image(src, writer, args.output, fmt_name=fmt.name, base=base,
-                           progress=bar, workers=args.m, retries=args.retries,
-                           source_name=args.source)
+            result = image(src, writer, args.output, fmt_name=fmt.name,
+                           options=option_text, base=base, progress=bar, workers=args.m,
+                           retries=args.retries, source_name=args.source, resume=state)
+        except KeyboardInterrupt:
+            if os.path.exists(resume_path(args.output)):
+                print(f"diskforge: interrupted; continue with: diskforge image --resume"
+                      f" {args.source} {args.output}", file=sys.stderr)
+                return 130
+            raise
         finally:
             bar.close()
     finally:
@@ -49,9 +78,11 @@ def cmd_image(args) -> int:
             base.close()
     if not args.q:
         s = result.stats
-        kind = "differential image" if args.base else "image"
-        print(f"{kind} {args.output}: {s.virtual_size} bytes, {s.bytes_written} written,"
-              f" {s.bytes_zero} zero, {s.bytes_skipped} unchanged; sha256 {result.sha256}")
+        kind = "differential image" if base_name else "image"
+        resumed = f" (resumed at {result.resumed_from})" if result.resumed_from else ""
+        print(f"{kind} {args.output}{resumed}: {s.virtual_size} bytes, {s.bytes_written}"
+              f" written, {s.bytes_zero} zero, {s.bytes_skipped} unchanged;"
+              f" sha256 {result.sha256}")
         print(f"integrity record: {result.record_path}")
     if result.bad_ranges:
         total = sum(n for _, n in result.bad_ranges)
@@ -94,6 +125,8 @@ def add_parsers(sub) -> None:
                    help="retries of a failed read before a sector counts as bad")
     p.add_argument("--allow-bad-sectors", action="store_true",
                    help="exit 0 even when some sectors could not be read")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint")
     p.add_argument("-m", type=int, metavar="N", help="compression threads")
     p.add_argument("-p", action="store_true")
     p.add_argument("-q", action="store_true")

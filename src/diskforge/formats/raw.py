@@ -116,11 +116,15 @@ class RawDevice(BlockDevice):
 class RawWriter(ImageWriter):
     granularity = 4096
 
-    def __init__(self, path: str, size: int, options: RawOptions):
+    def __init__(self, path: str, size: int, options: RawOptions,
+                 resume_from: str | None = None):
         self.size = size
         self.options = options
         self.in_place = is_block_device(path)
-        if self.in_place:
+        if resume_from is not None:  # an interrupted run's partial file, as it was
+            self.out = AtomicFile.reopen(path, resume_from)
+            self.out.truncate(size)
+        elif self.in_place:
             self.out: FileBackend = FileBackend(path, writable=True)
             if self.out.size < size:
                 self.out.close()
@@ -164,6 +168,16 @@ class RawWriter(ImageWriter):
         else:
             self.out.discard()
 
+    def checkpoint(self) -> dict:
+        self.out.flush(durable=True)
+        return {"partial": None if self.in_place else self.out.tmp_path}
+
+    def suspend(self) -> None:
+        if self.in_place:
+            self.out.close()
+        else:
+            self.out.detach()
+
 
 def _write_zeros(out: FileBackend, offset: int, length: int) -> None:
     end = offset + length
@@ -195,6 +209,13 @@ class RawFormat(Format):
         if not isinstance(options, RawOptions):
             raise UsageError("internal: raw writer given foreign options", path)
         return RawWriter(os.fspath(path), size, options)
+
+    def resume_writer(self, path: str, size: int, options: Options, *, backing=None,
+                      state: dict) -> RawWriter:
+        partial = state.get("partial")
+        if partial is None and not is_block_device(path):
+            raise UsageError("the saved state names no partial file", path)
+        return RawWriter(os.fspath(path), size, options, resume_from=partial)
 
     def measure(self, size: int, options: Options, allocated) -> Measurement:
         return Measurement(required=size, fully_allocated=size)

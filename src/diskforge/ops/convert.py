@@ -183,11 +183,26 @@ class _Pipeline:
         if self.base is not None:
             for zo, zn in _base_zero_ranges(self.base, off, n):
                 if zo > off:
-                    self._zero(off, zo - off)
+                    self._zero_over_base(off, zo - off)
                 self.stats.bytes_skipped += zn
                 off = zo + zn
-        if end > off:
+            if end > off:
+                self._zero_over_base(off, end - off)
+        elif end > off:
             self._zero(off, end - off)
+
+    def _zero_over_base(self, off: int, n: int) -> None:
+        """Zeros where the base's extent map says it holds data: its map is coarse (a
+        compressed cluster whose tail is zeros is one DATA extent), so read it and
+        write zeros only over the granules where the base has non-zero bytes."""
+        buf = bytearray(min(n, self.batch))
+        for bo, bn in batches(off, n, self.batch):
+            self.base.readinto(bo, memoryview(buf)[:bn])
+            for ro, rn, z in zero_runs(buf, bo, self.gran, bn):
+                if z:
+                    self.stats.bytes_skipped += rn
+                else:
+                    self._zero(ro, rn)
 
     def _zero(self, off: int, n: int) -> None:
         self.drain()
@@ -283,15 +298,16 @@ def _base_zero_ranges(base: BlockDevice, offset: int, length: int):
 def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | None = None,
             progress: "Progress | None" = None, batch_size: int = DEFAULT_BATCH,
             workers: int | None = None, tap=None, start: int = 0,
-            finish: bool = True) -> ConvertStats:
+            end: int | None = None, finish: bool = True) -> ConvertStats:
     """Copy ``source`` into ``writer``, then ``writer.finish()``.
 
     ``base``: the image the output will be backed by; only what differs from it is
     written. ``workers``: threads for the writer's ``prepare`` (compression); by default
     the CPU count when the writer is parallel. ``tap(offset, data, length)`` sees every
     range of the disk once, in order (``data`` is None for ranges known to be zeros):
-    imaging hashes the disk with it in the same pass. ``start`` skips the disk before
-    that offset (resuming), and ``finish=False`` leaves the writer open for the caller.
+    imaging hashes the disk with it in the same pass. ``start``/``end`` limit the run to
+    part of the disk (imaging runs in segments, and resumes), and ``finish=False``
+    leaves the writer open for the caller.
     On any exception, KeyboardInterrupt included, the writer is aborted (leaving
     nothing behind) and the exception re-raised.
     """
@@ -301,9 +317,10 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
         workers = (os.cpu_count() or 1) if writer.parallel else 0
     pipe = _Pipeline(writer, base, workers, batch)
     pipe.stats.virtual_size = total = source.size
+    stop = total if end is None else min(end, total)
     done = start
     try:
-        for ext in source.extents(start, total - start):
+        for ext in source.extents(start, stop - start):
             kind = ext.kind
             if kind is ExtentKind.BACKING:
                 if source.backing is None:

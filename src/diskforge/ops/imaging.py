@@ -13,6 +13,14 @@ format (``IMAGE.badmap``), which ddrescue and its viewers understand.
 
 A differential image is the same run with a ``base``: the pipeline writes only what
 differs from the base, into an overlay whose backing file is the base.
+
+A run is resumable where the output format's writer can checkpoint (raw, qcow2): every
+1 GiB the writer makes its partial output durable and the run's state (offset, chunk
+hashes, bad ranges, the writer's counters, the source's identity) goes into
+``IMAGE.resume.json``. Interrupted, the partial output stays; ``--resume`` continues from
+the last checkpoint without reading the source before it. The whole-disk hash cannot
+be carried across processes, so a resumed run computes it by reading the finished image
+once, and checks that image's chunk hashes against those taken from the source.
 """
 
 from __future__ import annotations
@@ -21,16 +29,20 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
 from ..blockdev import ZERO_BUFFER_SIZE, ZEROES, BlockDevice, ImageWriter
-from ..errors import FormatError, ImageIOError, UsageError
+from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from .convert import ConvertStats, convert
 
 CHUNK = 64 << 20
+CHECKPOINT = 1 << 30  # a multiple of CHUNK: checkpoints fall on chunk boundaries
 RECORD_SUFFIX = ".integrity.json"
 BADMAP_SUFFIX = ".badmap"
+RESUME_SUFFIX = ".resume.json"
+RESUME_VERSION = 1
 RECORD_VERSION = 1
 SECTOR = 512
 # errno values that mean "the medium could not deliver these bytes", not a bug of ours
@@ -44,6 +56,10 @@ def record_path(image_path: str) -> str:
 
 def badmap_path(image_path: str) -> str:
     return os.fspath(image_path) + BADMAP_SUFFIX
+
+
+def resume_path(image_path: str) -> str:
+    return os.fspath(image_path) + RESUME_SUFFIX
 
 
 def _is_media_error(exc: BaseException) -> bool:
@@ -169,6 +185,41 @@ def hash_device(dev: BlockDevice, *, chunk: int = CHUNK, progress=None,
     return hasher.finish()
 
 
+class Prefix(BlockDevice):
+    """The first ``size`` bytes of a larger device: a disk restored onto a bigger drive,
+    or an image whose format rounded the size up (qcow2 to whole sectors)."""
+
+    def __init__(self, inner: BlockDevice, size: int):
+        self.inner, self.size, self.format, self.path = inner, size, inner.format, inner.path
+
+    def readinto(self, offset: int, buf) -> int:
+        return self.inner.readinto(offset, buf)
+
+    def extents(self, offset: int = 0, length: int | None = None):
+        """The inner device's extents, its backing chain folded in: this view reads
+        through ``inner.readinto``, which composes the chain, so what a backing file
+        supplies is data here (it has no backing of its own to defer to)."""
+        from ..blockdev import Extent, ExtentKind
+        if length is None:
+            length = self.size - offset
+        for e in self.inner.extents(offset, length):
+            if e.kind is ExtentKind.BACKING and self.inner.backing is not None:
+                yield Extent(e.offset, e.length, ExtentKind.DATA, False)
+            else:
+                yield e
+
+
+def padding_problem(dev: BlockDevice, size: int) -> str | None:
+    """Bytes past ``size`` that a format's rounding added must read as zeros."""
+    if dev.size < size:
+        return f"virtual size is {dev.size}, the record says {size}"
+    if dev.size - size > 1 << 20:
+        return f"virtual size is {dev.size}, far beyond the recorded {size}"
+    if dev.size > size and any(dev.read(size, dev.size - size)):
+        return f"bytes past the recorded size {size} are not zero"
+    return None
+
+
 @dataclass
 class IntegrityRecord:
     """What an image held when it was made (``IMAGE.integrity.json``)."""
@@ -248,21 +299,161 @@ class ImageResult:
     sha256: str
     bad_ranges: list[tuple[int, int]]
     record_path: str
+    resumed_from: int = 0
+
+
+def source_identity(source: BlockDevice, name: str) -> dict:
+    """What must not have changed for a resume to be honest: size, the file's inode and
+    modification time (regular files), and a hash of the first 64 KiB (any source)."""
+    ident: dict = {"name": name, "size": source.size}
+    if source.path:
+        try:
+            st = os.stat(source.path)
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISBLK(st.st_mode):
+            ident.update(dev=st.st_dev, ino=st.st_ino, mtime_ns=st.st_mtime_ns)
+    head = min(source.size, 65536)
+    try:
+        ident["head-sha256"] = hashlib.sha256(source.read(0, head)).hexdigest()
+    except (ImageIOError, OSError):
+        ident["head-sha256"] = None  # unreadable start: size and inode must do
+    return ident
+
+
+def load_resume(out_path: str) -> dict:
+    path = resume_path(out_path)
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read(64 << 20))
+    except FileNotFoundError:
+        raise UsageError("nothing to resume: no interrupted run of this image (no"
+                         f" {os.path.basename(path)})", out_path) from None
+    except (OSError, ValueError) as e:
+        raise FormatError(f"unreadable resume state: {e}", path) from None
+    if not isinstance(state, dict) or state.get("diskforge-resume") != RESUME_VERSION:
+        raise FormatError("not a resume state of this diskforge version", path)
+    return state
+
+
+def discard_resume(out_path: str) -> None:
+    """Forget an interrupted run: its partial output and its state file."""
+    path = resume_path(out_path)
+    try:
+        state = load_resume(out_path)
+        partial = (state.get("writer") or {}).get("partial")
+        if partial and os.path.basename(partial).endswith(".diskforge-tmp") and \
+                os.path.dirname(os.path.abspath(partial)) == \
+                os.path.dirname(os.path.abspath(out_path)):
+            os.unlink(partial)
+    except (OSError, DiskforgeError):
+        pass
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _Suspending(ImageWriter):
+    """Hands every call to the real writer, but after a checkpoint an abort suspends
+    instead (the partial output is kept for ``--resume``)."""
+
+    def __init__(self, inner: ImageWriter):
+        self.inner = inner
+        self.granularity, self.parallel = inner.granularity, inner.parallel
+        self.checkpointed = False
+
+    def prepare(self, offset, data):
+        return self.inner.prepare(offset, data)
+
+    def write_prepared(self, offset, prepared) -> None:
+        self.inner.write_prepared(offset, prepared)
+
+    def write(self, offset, data) -> None:
+        self.inner.write(offset, data)
+
+    def zero(self, offset, length) -> None:
+        self.inner.zero(offset, length)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def abort(self) -> None:
+        if self.checkpointed:
+            self.inner.suspend()
+        else:
+            self.inner.abort()
+
+    def checkpoint(self) -> dict:
+        state = self.inner.checkpoint()
+        self.checkpointed = True
+        return state
 
 
 def image(source: BlockDevice, writer: ImageWriter, out_path: str, *, fmt_name: str,
-          base: BlockDevice | None = None, progress=None, workers: int | None = None,
-          retries: int = 2, chunk: int = CHUNK, source_name: str = "") -> ImageResult:
+          options: str = "", base: BlockDevice | None = None, progress=None,
+          workers: int | None = None, retries: int = 2, chunk: int = CHUNK,
+          source_name: str = "", resume: dict | None = None,
+          checkpoint_every: int | None = None) -> ImageResult:
     """Image ``source`` into ``writer`` (whose final name is ``out_path``), then write the
-    integrity record and, when sectors could not be read, the bad-range map."""
+    integrity record and, when sectors could not be read, the bad-range map.
+
+    ``resume``: the state an interrupted run left (``load_resume``), with ``writer``
+    made by the format's ``resume_writer`` from it."""
     if base is not None and base.size != source.size:
         raise UsageError(f"the base is {base.size} bytes but the source is {source.size}:"
                          " not the same disk", out_path)
+    if checkpoint_every is None:
+        checkpoint_every = CHECKPOINT
+    if checkpoint_every % chunk:
+        raise UsageError("checkpoints must fall on chunk boundaries")
+    name = source_name or (source.path or "")
+    identity = source_identity(source, name)
     rescue = RescueReader(source, retries=retries)
     hasher = DiskHasher(chunk)
-    stats = convert(rescue, writer, base=base, progress=progress, workers=workers,
-                    tap=hasher.feed)
+    start = 0
+    if resume is not None:
+        if resume.get("source") != identity:
+            raise UsageError("the source is not what the interrupted run was reading"
+                             " (size, file or first bytes changed); start again without"
+                             " --resume", name)
+        start = int(resume["offset"])
+        hasher.position, hasher.chunks = start, list(resume["chunks"])
+        rescue.bad = [(int(a), int(b)) for a, b in resume.get("bad-ranges", [])]
+    proxy = _Suspending(writer)
+    proxy.checkpointed = resume is not None
+    resumable = True
+    stats = ConvertStats(virtual_size=source.size)
+    pos = start
+    while True:
+        end = min(source.size, (pos // checkpoint_every + 1) * checkpoint_every)
+        seg = convert(rescue, proxy, base=base, progress=progress, workers=workers,
+                      tap=hasher.feed, start=pos, end=end, finish=False)
+        for f in ("bytes_read", "bytes_written", "bytes_zero", "bytes_skipped"):
+            setattr(stats, f, getattr(stats, f) + getattr(seg, f))
+        pos = end
+        if pos >= source.size:
+            break
+        if resumable:
+            try:
+                state = proxy.checkpoint()
+            except UnsupportedError:
+                resumable = False  # this format cannot resume: the run just goes on
+                continue
+            _save_resume(out_path, {
+                "diskforge-resume": RESUME_VERSION, "format": fmt_name,
+                "options": options, "base": None if base is None else base.path,
+                "source": identity, "offset": pos, "chunk-size": chunk,
+                "chunks": hasher.chunks, "bad-ranges": [list(r) for r in rescue.bad],
+                "writer": state})
+    try:
+        proxy.finish()
+    except BaseException:
+        proxy.abort()
+        raise
     digest, chunks = hasher.finish()
+    if resume is not None:
+        digest = _check_resumed(out_path, fmt_name, chunks, chunk, source.size)
     base_info = None
     if base is not None:
         base_info = {"image": base.path, "format": base.format}
@@ -273,14 +464,40 @@ def image(source: BlockDevice, writer: ImageWriter, out_path: str, *, fmt_name: 
         int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))))
     rec = IntegrityRecord(image=os.path.basename(out_path), format=fmt_name,
                           virtual_size=source.size, sha256=digest, chunk_size=chunk,
-                          chunks=chunks, source=source_name or (source.path or ""),
-                          created=created, bad_ranges=rescue.bad, base=base_info)
+                          chunks=chunks, source=name, created=created,
+                          bad_ranges=rescue.bad, base=base_info)
     rec.save(record_path(out_path))
     if rescue.bad:
         write_badmap(badmap_path(out_path), source.size, rescue.bad)
     elif os.path.exists(badmap_path(out_path)):
         os.unlink(badmap_path(out_path))  # a stale map from an earlier run would mislead
-    return ImageResult(stats, digest, rescue.bad, record_path(out_path))
+    if os.path.exists(resume_path(out_path)):
+        os.unlink(resume_path(out_path))
+    return ImageResult(stats, digest, rescue.bad, record_path(out_path), start)
+
+
+def _save_resume(out_path: str, state: dict) -> None:
+    from ..atomic import AtomicFile
+    with AtomicFile(resume_path(out_path)) as f:
+        f.pwrite(0, json.dumps(state).encode())
+        f.commit(durable=True)
+
+
+def _check_resumed(out_path: str, fmt_name: str, chunks: list[str], chunk: int,
+                   size: int) -> str:
+    """The finished image, read once: its chunk hashes must be those taken from the
+    source (before and after the interruption); returns its whole-disk sha256."""
+    from ..registry import open_image
+    with open_image(out_path, fmt_name) as dev:
+        problem = padding_problem(dev, size)
+        if problem:
+            raise ImageIOError(f"after resuming: {problem}", out_path)
+        digest, ours = hash_device(Prefix(dev, size), chunk=chunk)
+    for i, (a, b) in enumerate(zip(ours, chunks)):
+        if a != b:
+            raise ImageIOError(f"after resuming, chunk {i} of the image differs from what"
+                               " was read from the source", out_path)
+    return digest
 
 
 @dataclass
@@ -293,10 +510,11 @@ class VerifyResult:
 def verify_record(dev: BlockDevice, rec: IntegrityRecord, *, progress=None) -> VerifyResult:
     """Re-hash the image's virtual disk and compare with its integrity record."""
     problems = []
-    if dev.size != rec.virtual_size:
-        return VerifyResult(False, [f"virtual size is {dev.size}, the record says"
-                                    f" {rec.virtual_size}"])
-    digest, chunks = hash_device(dev, chunk=rec.chunk_size, progress=progress)
+    problem = padding_problem(dev, rec.virtual_size)
+    if problem:
+        return VerifyResult(False, [problem])
+    digest, chunks = hash_device(Prefix(dev, rec.virtual_size), chunk=rec.chunk_size,
+                                 progress=progress)
     for i, (ours, theirs) in enumerate(zip(chunks, rec.chunks)):
         if ours != theirs:
             start = i * rec.chunk_size

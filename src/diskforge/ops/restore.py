@@ -14,10 +14,10 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ..blockdev import BlockDevice, Extent, FileBackend
+from ..blockdev import BlockDevice, FileBackend
 from ..errors import ImageIOError, SafetyError, UsageError
 from .convert import ConvertStats, convert
-from .imaging import CHUNK, DiskHasher, IntegrityRecord, hash_device, record_path
+from .imaging import CHUNK, DiskHasher, IntegrityRecord, Prefix, hash_device, record_path
 
 
 @dataclass
@@ -97,24 +97,8 @@ def read_back_hash(path: str, size: int, *, chunk: int = CHUNK) -> str:
             pass
         os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
     with get("raw").open(path) as dev:
-        view = _Prefix(dev, size)
+        view = Prefix(dev, size)
         return hash_device(view, chunk=chunk)[0]
-
-
-class _Prefix(BlockDevice):
-    """The first ``size`` bytes of a larger device (a restored disk on a bigger drive)."""
-
-    def __init__(self, inner: BlockDevice, size: int):
-        self.inner, self.size, self.format, self.path = inner, size, inner.format, inner.path
-
-    def readinto(self, offset: int, buf) -> int:
-        return self.inner.readinto(offset, buf)
-
-    def extents(self, offset: int = 0, length: int | None = None):
-        if length is None:
-            length = self.size - offset
-        for e in self.inner.extents(offset, length):
-            yield Extent(e.offset, e.length, e.kind, e.allocated, e.host_offset)
 
 
 def restore(image: BlockDevice, target: str, *, force: bool = False, verify: bool = True,

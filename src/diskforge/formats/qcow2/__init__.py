@@ -108,7 +108,15 @@ class Qcow2Format(Format):
     def qemu_driver(self, device) -> str:
         return "qcow2"  # QEMU's own format: every file diskforge opens, QEMU reads
 
-    def writer(self, path: str, size: int, options: Options, *, backing=None):
+    def resume_writer(self, path: str, size: int, options: Options, *, backing=None,
+                      state: dict):
+        from .writer import Qcow2Writer
+        writer = self.writer(path, size, options, backing=backing, _resume=state)
+        assert isinstance(writer, Qcow2Writer)
+        return writer
+
+    def writer(self, path: str, size: int, options: Options, *, backing=None,
+               _resume: dict | None = None):
         from .writer import Qcow2Writer
         if not isinstance(options, Qcow2Options):
             raise UsageError("internal: qcow2 writer given foreign options", path)
@@ -123,7 +131,7 @@ class Qcow2Format(Format):
             if options.preallocation != "off" and not options.extended_l2:
                 raise UsageError("backing file and preallocation can only be used at the"
                                  " same time if extended_l2 is on", path)
-        return Qcow2Writer(path, size, options, backing)
+        return Qcow2Writer(path, size, options, backing, _resume)
 
     def compressed(self, options: Options) -> Options:
         opts = options.replace(compress=True)

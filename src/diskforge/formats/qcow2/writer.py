@@ -46,9 +46,13 @@ def _be(a: array) -> bytes:
 
 
 class Qcow2Writer(ImageWriter):
-    def __init__(self, path: str, size: int, opts, backing: Backing | None):
+    def __init__(self, path: str, size: int, opts, backing: Backing | None,
+                 resume: dict | None = None):
         self.path = path
-        self.size = size
+        # qemu reads a qcow2's size in whole 512-byte sectors (it floors), and rounds
+        # sizes up when it writes one; do the same, or a disk whose size is not a
+        # multiple of 512 would lose its last bytes in qemu
+        self.size = size = -(-size // 512) * 512
         self.opts = opts
         self.backing = backing
         self.version = opts.version
@@ -69,7 +73,11 @@ class Qcow2Writer(ImageWriter):
             raise UsageError(f"a {size}-byte disk needs an L1 table larger than qemu's"
                              f" {QCOW_MAX_L1_SIZE >> 20} MiB limit with {cs}-byte"
                              " clusters; use a larger cluster_size", path)
-        self.out = AtomicFile(path)
+        if resume is not None and (opts.data_file or opts.preallocation != "off"):
+            raise UnsupportedError("not supported yet: resuming qcow2 output with a data"
+                                   " file or preallocation", path)
+        self.out = AtomicFile.reopen(path, resume["partial"]) if resume is not None \
+            else AtomicFile(path)
         self.data = self.out
         self.data_name = opts.data_file or None
         try:
@@ -94,6 +102,8 @@ class Qcow2Writer(ImageWriter):
         self.part: tuple[int, bytearray] | None = None
         self.adv = 0                    # preallocation: clusters given a host so far
         self.has_backing = backing is not None
+        if resume is not None:
+            self._restore(resume)
 
     # -- host allocation ------------------------------------------------------------------
     def _alloc(self, n: int, count: int = 1) -> int:
@@ -397,6 +407,68 @@ class Qcow2Writer(ImageWriter):
         if self.cbuf:
             self.out.pwrite(self.cbuf_off, self.cbuf)
         self.cbuf = bytearray()
+
+    # -- resumable output (imaging) ---------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """Write out what only memory holds (the partial unit, compressed bytes, the L2
+        table being filled, L1), sync, and return the counters that rebuild the rest:
+        clusters are handed out in order, so the file up to ``next_cluster`` is
+        everything a resumed writer needs."""
+        if self.data_name or self.prealloc != "off":
+            raise UnsupportedError("not supported yet: resuming qcow2 output with a data"
+                                   " file or preallocation", self.path)
+        import base64
+        import zlib
+        self._flush_part()
+        self._flush_cbuf()
+        if self.cur_l2 is not None and self.cur_l2_off:
+            self.out.pwrite(self.cur_l2_off, _be(self.cur_l2))
+        if self.l1_size:
+            self.out.pwrite(self.cs, _be(self.l1))
+        self.out.flush(durable=True)
+        cref = None
+        if self.cref is not None:
+            cref = base64.b64encode(zlib.compress(self.cref.tobytes())).decode()
+        return {"partial": self.out.tmp_path, "next_cluster": self.next_cluster,
+                "cbyte": self.cbyte, "cur_l1i": self.cur_l1i,
+                "cur_l2_off": self.cur_l2_off, "cref": cref}
+
+    def _restore(self, state: dict) -> None:
+        import base64
+        import zlib
+        from ...errors import FormatError
+        try:
+            nxt, cbyte = int(state["next_cluster"]), int(state["cbyte"])
+            l1i, l2_off = int(state["cur_l1i"]), int(state["cur_l2_off"])
+            cref = state.get("cref")
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"resume state is incomplete: {e}", self.path) from None
+        file_clusters = -(-self.out.size // self.cs)
+        if not 1 <= nxt <= file_clusters or not -1 <= l1i < self.l1_size \
+                or l2_off % self.cs or not 0 <= l2_off < nxt * self.cs \
+                or not 0 <= cbyte <= nxt * self.cs:
+            raise FormatError("resume state does not fit the partial file", self.path)
+        self.out.truncate(nxt * self.cs)  # whatever came after the checkpoint is gone
+        if self.l1_size:
+            self.l1 = array("Q", self.out.read_exact(self.cs, 8 * self.l1_size, "L1"))
+            if not _BIG_ENDIAN_HOST:
+                self.l1.byteswap()
+        self.next_cluster, self.cbyte = nxt, cbyte
+        if l1i >= 0 and l2_off:
+            self.cur_l1i, self.cur_l2_off = l1i, l2_off
+            self.cur_l2 = array("Q", self.out.read_exact(l2_off, self.cs, "L2 table"))
+            if not _BIG_ENDIAN_HOST:
+                self.cur_l2.byteswap()
+        if self.compress:
+            if not cref:
+                raise FormatError("resume state lacks the compressed refcounts", self.path)
+            self.cref = array("I")
+            self.cref.frombytes(zlib.decompress(base64.b64decode(cref)))
+            if len(self.cref) != nxt:
+                raise FormatError("resume state's refcounts do not fit", self.path)
+
+    def suspend(self) -> None:
+        self.out.detach()
 
     # -- finishing -----------------------------------------------------------------------
     def finish(self) -> None:
