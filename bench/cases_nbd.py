@@ -10,16 +10,20 @@ runs, on sockets named for this process, and stopped when the benchmark exits.
 Measured on the 2 GiB mixed disk (``python bench/run.py --dir /tmp/dfbench -k nbd
 --repeat 5``, 2 shared cores), best of 5, diskforge/tool in brackets:
 
-    raw    diskforge serve 1.07 s   qemu-nbd 2.39 s (0.45)   qemu-img on the file 0.61 s (1.77)
-    qcow2  diskforge serve 0.88 s   qemu-nbd 1.95 s (0.45)   qemu-img on the file 0.52 s (1.70)
+    raw    diskforge serve 0.73 s   qemu-nbd 1.54 s (0.47)   qemu-img on the file 0.36 s (1.99)
+    qcow2  diskforge serve 0.62 s   qemu-nbd 1.09 s (0.57)   qemu-img on the file 0.36 s (1.71)
 
-The server's reads go into one page-aligned buffer per client: that cut its CPU time
-for a client's first pass over the raw disk from 1.15 s to 0.5 s (wall 1.84 s to
-1.26 s; qcow2: 0.75 s to 0.35 s CPU). Best-of-5 rows hardly move, because later clients
-of the old server often got a well-placed buffer from malloc. What remains is the
-client's side and the copy through the socket (cProfile of the server: sendmsg then
-preadv, its own Python a few percent), so os.sendfile, which would save the server
-only the copy into that buffer, was not taken.
+(an earlier, busier run: raw 1.07 / 2.39 / 0.61 s, qcow2 0.88 / 1.95 / 0.52 s; the
+ratios held).
+
+The server reads into one page-aligned buffer per client. That cut its CPU time for a
+client's first pass over the raw disk from 1.15 s to 0.5 s (wall 1.84 s to 1.26 s,
+busy machine; qcow2: 0.75 s to 0.35 s of CPU). Best-of-5 rows move less (raw 0.79 ->
+0.73 s, qcow2 0.76 -> 0.62 s, old and new in one quiet spell): later clients of the
+old server often got a well-placed buffer from malloc. What remains is the client's
+side and the copy through the socket (cProfile of the server: sendmsg, then preadv,
+its own Python a few percent), so os.sendfile, which would only save the server the
+copy into that buffer, was not taken.
 """
 
 import atexit
