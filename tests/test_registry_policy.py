@@ -79,3 +79,32 @@ def test_policy_refuses_loops_and_deep_chains(tmp_path):
         p.descend(a)
     with pytest.raises(SafetyError, match="deeper"):
         p.descend(str(tmp_path / "c")).descend(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("relpath,name", [
+    ("vmdk/dfvfs_qemu_ext2_monolithicSparse.vmdk", "VMDK (sparse extent)"),
+    ("vmdk/monolithicFlat/monolithicFlat.vmdk", "VMDK (descriptor)"),
+    ("vmdk/dissect_esxi_sesparse.vmdk.gz", "VMDK (seSparse extent)"),
+    ("vdi/dissect_qemu_basic.vdi.gz", "VDI (VirtualBox)"),
+    ("generated-local/qemu72_basic.qed.gz", "QED"),
+    ("generated-local/qemu72_v1.qcow.gz", "qcow version 1"),
+    ("parallels/expanding.hdd/expanding.hdd.0.{5fbaabe3-6958-40ff-92a7-860e329aab41}.hds.gz",
+     "Parallels"),
+    ("asif/dissect_basic.asif.gz", "Apple ASIF"),
+])
+def test_recognised_but_unread_formats_are_refused_not_read_as_raw(tmp_path, relpath, name):
+    """Real samples of formats without a plugin: a clear "not supported yet", never a
+    silent raw reading of the container (which a booted VM could then write into)."""
+    import gzip
+    import shutil
+
+    from conftest import cli, need_real, one_line_error
+    src = need_real(relpath)
+    path = str(tmp_path / os.path.basename(relpath).removesuffix(".gz"))
+    with (gzip.open(src) if src.endswith(".gz") else open(src, "rb")) as f, \
+            open(path, "wb") as out:
+        shutil.copyfileobj(f, out)
+    code, _, err = cli("info", path)
+    one_line_error(code, err)
+    assert f"not supported yet: {name} images" in err
+    assert cli("info", "-f", "raw", path)[0] == 0

@@ -275,6 +275,31 @@ def read_probe_window(path: str) -> tuple[bytes, bytes, int]:
     return head, tail, size
 
 
+# Formats diskforge recognises but cannot read yet. Falling back to raw for them would
+# show the container instead of the disk inside it, and a VM booted on it would write
+# into the container: so probing refuses them, and ``-f raw`` reads the bytes on purpose.
+UNREAD_SIGNATURES = (
+    (0, b"KDMV", "VMDK (sparse extent)"),
+    (0, b"COWD", "VMDK (ESX COWD extent)"),
+    (0, b"# Disk DescriptorFile", "VMDK (descriptor)"),
+    (0, b"\xbe\xba\xfe\xca\x00\x00\x00\x00", "VMDK (seSparse extent)"),
+    (0x40, b"\x7f\x10\xda\xbe", "VDI (VirtualBox)"),
+    (0, b"QED\x00", "QED"),
+    (0, b"QFI\xfb\x00\x00\x00\x01", "qcow version 1"),
+    (0, b"WithoutFreeSpace", "Parallels"),
+    (0, b"WithouFreSpacExt", "Parallels"),
+    (0, b"shdw", "Apple ASIF"),
+)
+
+
+def unread_format(head: bytes) -> str | None:
+    """The name of a recognised format diskforge has no reader for, or None."""
+    for offset, magic, name in UNREAD_SIGNATURES:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    return None
+
+
 def probe(path: str) -> Format:
     """Guess the format of an existing file (highest confidence wins; raw is the fallback)."""
     check_readable(path)
@@ -294,7 +319,12 @@ def probe(path: str) -> Format:
         score = plugin.probe(head, tail, size)
         if score > best_score:
             best, best_score = plugin, score
-    if best is None:
+    if best is None or best.name == "raw":
+        unread = unread_format(head)
+        if unread:
+            raise UnsupportedError(f"not supported yet: {unread} images (recognised by"
+                                   " their header); give -f raw to read the file's bytes"
+                                   " as a raw disk", path)
         return get("raw")
     return best
 
@@ -302,6 +332,8 @@ def probe(path: str) -> Format:
 def _probe_directory(path: str) -> Format | None:
     """Some formats are directories (DMG sparse bundles): plugins probe them by a
     ``probe_directory(path)`` method when they have one."""
+    if os.path.exists(os.path.join(path, "DiskDescriptor.xml")):
+        raise UnsupportedError("not supported yet: Parallels disk bundles", path)
     for plugin in all_formats().values():
         fn = getattr(plugin, "probe_directory", None)
         if fn is not None and fn(path):
