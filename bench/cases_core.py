@@ -1,6 +1,6 @@
 """Core rows: raw → raw beside qemu-img and cp, and CLI start-up time."""
 
-from run import Case, Context, Tool, diskforge_cmd, have
+from run import Case, Tool, diskforge_cmd, have
 
 
 def out(name):

@@ -165,7 +165,7 @@ def test_resize_grow_and_shrink(workdir):
         code, _, err = cli("resize", path, str(2 * MIB))
         one_line_error(code, err)
     # growing an overlay whose backing file is larger: the new area reads zeros
-    big = raw_of(workdir, "big.raw", b"\xee" * (4 * MIB))
+    raw_of(workdir, "big.raw", b"\xee" * (4 * MIB))
     top = os.path.join(workdir, "top.qcow2")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "big.raw", "-F", "raw", top, "1M")
     assert cli("resize", top, "3M")[0] == 0

@@ -265,7 +265,7 @@ def test_create_overlay_reads_as_its_parent(workdir):
 
 
 def test_differencing_needs_a_vhdx_parent(workdir):
-    raw = make_sparse(os.path.join(workdir, "b.raw"), MiB, [])
+    make_sparse(os.path.join(workdir, "b.raw"), MiB, [])
     code, _, err = cli("create", "-f", "vhdx", "-b", "b.raw", os.path.join(workdir, "c.vhdx"))
     one_line_error(code, err)
     assert "VHDX parent" in err

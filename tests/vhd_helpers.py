@@ -66,11 +66,8 @@ def qemu_raw(path: str, fmt: str = "vpc") -> bytes:
 
 
 def have_pyvhdi() -> bool:
-    try:
-        import pyvhdi  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+    return importlib.util.find_spec("pyvhdi") is not None
 
 
 def pyvhdi_sha256(path: str, parents: list[str] = ()) -> tuple[int, str]:

@@ -9,7 +9,6 @@ import random
 import struct
 import uuid
 
-import pytest
 from conftest import make_sparse
 
 MiB = 1 << 20

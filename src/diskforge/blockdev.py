@@ -402,6 +402,42 @@ class BlockDevice(abc.ABC):
                              f"({self.size} bytes)", self.path)
 
 
+class FileBytesDevice(BlockDevice):
+    """A device whose virtual disk is a file's own bytes (raw files and devices, ISOs):
+    holes are ZERO extents with their file offset, as qemu's file driver shows them."""
+
+    def __init__(self, path: str, *, writable: bool = False):
+        self.backend = FileBackend(path, writable=writable)
+        self.path = path
+        self.writable = writable
+        self.size = self.backend.size
+
+    def readinto(self, offset: int, buf) -> int:
+        n = len(buf)
+        self.check_range(offset, n)
+        got = self.backend.readinto(offset, buf)
+        if got < n:  # the file shrank under us: what is gone reads as zeros
+            view = memoryview(buf).cast("B")
+            while got < n:
+                k = min(n - got, ZERO_BUFFER_SIZE)
+                view[got:got + k] = ZEROES[:k]
+                got += k
+        return n
+
+    def extents(self, offset: int = 0, length: int | None = None):
+        if length is None:
+            length = self.size - offset
+        self.check_range(offset, length)
+        return coalesce(
+            Extent(o, n, ExtentKind.DATA if data else ExtentKind.ZERO, True, o)
+            for o, n, data in self.backend.data_ranges(offset, offset + length))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.backend.close()
+        super().close()
+
+
 class ImageWriter(abc.ABC):
     """The sink every format offers: one writer serves convert, create and imaging.
 

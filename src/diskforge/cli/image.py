@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:

@@ -14,19 +14,17 @@ writer and ``convert -O iso`` says "not supported yet".
 
 from __future__ import annotations
 
-from ..blockdev import BlockDevice, Extent, ExtentKind, FileBackend, ImageInfo, coalesce
+from ..blockdev import FileBytesDevice, ImageInfo
 from ..registry import Format
 
 VRS_IDENTIFIERS = (b"BEA01", b"NSR02", b"NSR03", b"TEA01", b"BOOT2", b"CDW02")
 
 
-class IsoDevice(BlockDevice):
+class IsoDevice(FileBytesDevice):
     format = "iso"
 
     def __init__(self, path: str):
-        self.backend = FileBackend(path)
-        self.path = path
-        self.size = self.backend.size
+        super().__init__(path)
         try:
             from ..iso.volume import read_volume_set
             read_volume_set(self)   # refuse what is not an ISO (one-line error)
@@ -34,32 +32,11 @@ class IsoDevice(BlockDevice):
             self.backend.close()
             raise
 
-    def readinto(self, offset: int, buf) -> int:
-        n = len(buf)
-        self.check_range(offset, n)
-        got = self.backend.readinto(offset, buf)
-        if got < n:  # the file shrank under us: what is gone reads as zeros
-            memoryview(buf).cast("B")[got:] = bytes(n - got)
-        return n
-
-    def extents(self, offset: int = 0, length: int | None = None):
-        if length is None:
-            length = self.size - offset
-        self.check_range(offset, length)
-        return coalesce(
-            Extent(o, n, ExtentKind.DATA if data else ExtentKind.ZERO, True, o)
-            for o, n, data in self.backend.data_ranges(offset, offset + length))
-
     def info(self) -> ImageInfo:
         from ..iso.volume import describe
         facts = describe(self)
         return ImageInfo(filename=self.path, format="iso", virtual_size=self.size,
                          actual_size=self.backend.allocated_bytes(), format_specific=facts)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.backend.close()
-        super().close()
 
 
 class IsoFormat(Format):

@@ -14,8 +14,8 @@ import dataclasses
 import os
 
 from ..atomic import AtomicFile, is_block_device
-from ..blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                        FileBackend, ImageInfo, ImageWriter, coalesce)
+from ..blockdev import (ZERO_BUFFER_SIZE, ZEROES, FileBackend, FileBytesDevice, ImageInfo,
+                        ImageWriter)
 from ..errors import ImageIOError, UnsupportedError, UsageError
 from ..options import Options, option
 from ..registry import Format, Measurement
@@ -44,38 +44,11 @@ def _zero_out(backend: FileBackend, offset: int, length: int) -> None:
             pass
     elif backend.punch_hole(offset, length):
         return
-    end = offset + length
-    while offset < end:
-        n = min(end - offset, ZERO_BUFFER_SIZE)
-        backend.pwrite(offset, ZEROES[:n])
-        offset += n
+    _write_zeros(backend, offset, length)
 
 
-class RawDevice(BlockDevice):
+class RawDevice(FileBytesDevice):
     format = "raw"
-
-    def __init__(self, path: str, *, writable: bool = False):
-        self.backend = FileBackend(path, writable=writable)
-        self.path = path
-        self.writable = writable
-        self.size = self.backend.size
-
-    def readinto(self, offset: int, buf) -> int:
-        n = len(buf)
-        self.check_range(offset, n)
-        got = self.backend.readinto(offset, buf)
-        if got < n:  # the file shrank under us: what is gone reads as zeros
-            memoryview(buf).cast("B")[got:] = ZEROES[:n - got] if n - got <= ZERO_BUFFER_SIZE \
-                else bytes(n - got)
-        return n
-
-    def extents(self, offset: int = 0, length: int | None = None):
-        if length is None:
-            length = self.size - offset
-        self.check_range(offset, length)
-        return coalesce(
-            Extent(o, n, ExtentKind.DATA if data else ExtentKind.ZERO, True, o)
-            for o, n, data in self.backend.data_ranges(offset, offset + length))
 
     def write(self, offset: int, data) -> None:
         if not self.writable:
@@ -106,12 +79,6 @@ class RawDevice(BlockDevice):
     def info(self) -> ImageInfo:
         return ImageInfo(filename=self.path, format="raw", virtual_size=self.size,
                          actual_size=self.backend.allocated_bytes())
-
-    def close(self) -> None:
-        if not self.closed:
-            self.backend.close()
-        super().close()
-
 
 class RawWriter(ImageWriter):
     granularity = 4096

@@ -285,7 +285,6 @@ class _Builder:
         return stat.S_IFMT(m) | 0o444 | x
 
     def run(self, iso, ctx: _PycdlibContext) -> None:
-        opts = self.opts
         root_st = os.stat(self.src)
         stack = [_Dir("", self.src, "/", "/", "/",
                       frozenset({(root_st.st_dev, root_st.st_ino)}))]

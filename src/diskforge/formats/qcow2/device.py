@@ -309,7 +309,7 @@ class Qcow2Device(BlockDevice):
     def _indexed_runs(self, l1i: int, l2: array, pos: int, span_end: int) -> list:
         """_runs inside one standard L2 table through its run index: a bisection per
         call instead of a look at every entry (what makes 1 MiB reads cheap)."""
-        cb, cs = self.cluster_bits, self.cs
+        cb = self.cluster_bits
         starts, kinds = self._run_index(self.l1[l1i] & L1E_OFFSET_MASK, l2)
         base = l1i << self.l2_bits
         j = bisect.bisect_right(starts, (pos >> cb) - base) - 1
