@@ -119,7 +119,7 @@ class _Pipeline:
     """The state of one convert run: the writer, the optional pool, the stats."""
 
     def __init__(self, writer: ImageWriter, base: BlockDevice | None, workers: int,
-                 batch: int, write_behind: bool = True):
+                 batch: int):
         self.writer = writer
         self.base = base
         self.batch = batch
@@ -131,22 +131,21 @@ class _Pipeline:
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="diskforge-prepare")
         self.depth = 2 * workers + 2
         self.pending: collections.deque = collections.deque()
-        self._serial_buffer = aligned_buffer(batch)
         self._free: list = []              # parallel: batch buffers ready for reuse
         self._refs: dict[int, int] = {}    # id(buffer) -> batch + pending prepares on it
-        self._current = self._serial_buffer
-        self.behind = _WriteBehind(batch) if write_behind and not self.pool else None
+        self._current = None
+        # every writer gets its calls either after the pool's prepare, or from the
+        # write-behind thread
+        self.behind = None if self.pool else _WriteBehind(batch)
 
     def buffer(self) -> tuple[bytearray, int]:
-        # Serial: one page-aligned buffer, reused (the writer may not keep it).
+        # Write-behind: page-aligned buffers circulate through its free list.
         # Parallel: one per batch, alive while a pending prepare holds a view of it,
         # then reused (a fresh 1 MiB buffer pays its page faults again: measured, a
         # quarter of the main thread's time in a UDZO convert); the bounded queue
         # bounds how many exist.
         if self.behind:
             return self.behind.buffer()
-        if not self.pool:
-            return self._serial_buffer
         return self._free.pop() if self._free else aligned_buffer(self.batch)
 
     def _hold(self, buf) -> None:
@@ -172,10 +171,8 @@ class _Pipeline:
             self.pending.append((self.pool.submit(self.writer.prepare, off, view), off,
                                  self._current))
             self.drain(self.depth)
-        elif self.behind:
-            self.behind.call(self.writer.write, off, view)
         else:
-            self.writer.write(off, view)
+            self.behind.call(self.writer.write, off, view)
 
     def zero(self, off: int, n: int) -> None:
         """A range that must read as zeros; with a base, only where the base is not."""
