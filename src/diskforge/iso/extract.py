@@ -294,16 +294,8 @@ def _write_file(parent: int, name: str, e: Entry, copier: _Copier, overwrite: bo
     # mode can be written through this descriptor); fchmod only when the umask or
     # set-id bits need it: each extra inode update costs a journal transaction
     create = mode & 0o777
-    try:
-        fd = os.open(name, flags, create, dir_fd=parent)
-    except FileExistsError:
-        if not overwrite:
-            raise
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory") from None
-        os.unlink(name, dir_fd=parent)
-        fd = os.open(name, flags, create, dir_fd=parent)
+    fd = _create(parent, name, overwrite,
+                 lambda: os.open(name, flags, create, dir_fd=parent))
     try:
         copier.copy(e.extents, fd, advance)
         if os.fstat(fd).st_size != e.size:   # trailing holes (or nothing written)
@@ -314,9 +306,11 @@ def _write_file(parent: int, name: str, e: Entry, copier: _Copier, overwrite: bo
         os.close(fd)
 
 
-def _make_symlink(parent: int, name: str, target: str, e: Entry, overwrite: bool) -> None:
+def _create(parent: int, name: str, overwrite: bool, make):
+    """``make()``; if the name exists and ``overwrite``, unlink it (never a directory)
+    and ``make()`` again."""
     try:
-        os.symlink(target, name, dir_fd=parent)
+        return make()
     except FileExistsError:
         if not overwrite:
             raise
@@ -324,7 +318,11 @@ def _make_symlink(parent: int, name: str, target: str, e: Entry, overwrite: bool
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory") from None
         os.unlink(name, dir_fd=parent)
-        os.symlink(target, name, dir_fd=parent)
+        return make()
+
+
+def _make_symlink(parent: int, name: str, target: str, e: Entry, overwrite: bool) -> None:
+    _create(parent, name, overwrite, lambda: os.symlink(target, name, dir_fd=parent))
     if e.mtime is not None and os.utime in os.supports_follow_symlinks:
         try:
             os.utime(name, (e.mtime, e.mtime), dir_fd=parent, follow_symlinks=False)

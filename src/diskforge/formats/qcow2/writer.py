@@ -298,9 +298,10 @@ class Qcow2Writer(ImageWriter):
                 self.data.pwrite(h, view[a:b])
             c = c1
 
-    def _data_ext(self, pos: int, view) -> None:
+    def _ext_runs(self, pos: int, end: int):
+        """Per cluster of [pos, end) with extended L2 entries: (p, q, cluster start, L2
+        table, entry index, mask of the subclusters [p, q) touches)."""
         cs, cb, scs = self.cs, self.cb, self.geo.subcluster_size
-        end = pos + len(view)
         p = pos
         while p < end:
             c = p >> cb
@@ -308,20 +309,22 @@ class Qcow2Writer(ImageWriter):
             q = min(end, cstart + cs)
             if self.prealloc != "off":
                 self._advance(c + 1)
-            l2 = self._l2(c >> self.l2b)
-            i = c & (self.l2e - 1)
+            s0, s1 = (p - cstart) // scs, (q - 1 - cstart) // scs
+            yield (p, q, cstart, self._l2(c >> self.l2b), c & (self.l2e - 1),
+                   ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1))
+            p = q
+
+    def _data_ext(self, pos: int, view) -> None:
+        for p, q, cstart, l2, i, mask in self._ext_runs(pos, pos + len(view)):
             word = l2[2 * i]
             host = word & ~QCOW_OFLAG_COPIED
             if self.data_name:
                 host = cstart
             elif not word:
-                host = self._alloc(1) * cs
-            s0, s1 = (p - cstart) // scs, (q - 1 - cstart) // scs
-            mask = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
+                host = self._alloc(1) * self.cs
             l2[2 * i] = host | QCOW_OFLAG_COPIED
             l2[2 * i + 1] = (l2[2 * i + 1] | mask) & ~(mask << SUBCLUSTERS)
             self.data.pwrite(host + p - cstart, view[p - pos:q - pos])
-            p = q
 
     def _zeros(self, pos: int, n: int) -> None:
         """A unit-aligned range that must read as zeros (over the backing file too)."""
@@ -333,20 +336,8 @@ class Qcow2Writer(ImageWriter):
                 self._advance(c_last + 1)
             return  # unallocated or freshly preallocated (a hole): reads as zeros
         if self.ext:
-            scs = self.geo.subcluster_size
-            p = pos
-            while p < end:
-                c = p >> cb
-                cstart = c << cb
-                q = min(end, cstart + cs)
-                if self.prealloc != "off":
-                    self._advance(c + 1)
-                l2 = self._l2(c >> self.l2b)
-                i = c & (self.l2e - 1)
-                s0, s1 = (p - cstart) // scs, (q - 1 - cstart) // scs
-                mask = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
+            for _, _, _, l2, i, mask in self._ext_runs(pos, end):
                 l2[2 * i + 1] = (l2[2 * i + 1] & ~mask) | (mask << SUBCLUSTERS)
-                p = q
             return
         if self.prealloc != "off":  # (not reached: preallocation needs extended L2 here)
             self._advance(c_last + 1)
