@@ -254,3 +254,20 @@ def test_writes_never_touch_a_bad_image(workdir, image):
     one_line_error(code, err)
     after = open(image, "rb").read()
     assert after[:40] == before[:40] and after[48:] == before[48:]
+
+
+def test_check_of_data_clusters_named_far_past_eof(workdir, image):
+    """An L2 entry naming a cluster terabytes past the end: check reports it as qemu
+    does, promptly and in bounded memory, without counting it into the image end."""
+    l2 = l2_offset(image)
+    poke(image, l2 + 8, ">Q", 0x8000000000000000 | (1 << 45))
+    theirs = run("qemu-img", "check", image, check=False)
+    proc = cli_process("check", image, preexec_fn=_cap, timeout=60)
+    assert proc.returncode == theirs.returncode == 2
+    # qemu-img prints the messages on stderr, the counts and the summary on stdout
+    ours = proc.stdout.splitlines()
+    n = len(theirs.stderr.splitlines())
+    assert ours[:n] == theirs.stderr.splitlines()
+    assert "\n".join(ours[n:]) + "\n" == theirs.stdout
+    assert "exceeding the end of the file by one cluster or more: offset 0x200000000000" \
+        in proc.stdout

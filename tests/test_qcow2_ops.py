@@ -377,3 +377,19 @@ def test_bitmaps_are_kept_and_track_writes(workdir):
         code, _, err = cli(opts, path, "16M")
         one_line_error(code, err)
         assert "bitmaps" in err
+
+
+@pytest.mark.parametrize("make", [["-c"], []])
+def test_check_report_reads_as_qemu_img_check(workdir, make):
+    """The human report, summary line included: fragmented and compressed clusters are
+    shares of the allocated ones; an image with nothing allocated has no summary."""
+    src = os.path.join(workdir, "s.raw")
+    with open(src, "wb") as f:
+        f.write(os.urandom(1 << 20) + b"text " * 100000)
+    path = os.path.join(workdir, "r.qcow2")
+    run("qemu-img", "convert", *make, "-O", "qcow2", src, path)
+    empty = os.path.join(workdir, "e.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", empty, "4M")
+    for p in (path, empty):
+        code, text, _ = cli("check", p)
+        assert (code, text) == (0, run("qemu-img", "check", p).stdout)

@@ -75,12 +75,13 @@ class CheckResult:
                          " the check.")
         if not (self.corruptions or self.leaks or self.check_errors):
             lines.append("No errors were found on the image.")
-        if self.total_clusters and self.allocated_clusters is not None:
-            t = self.total_clusters
-            pct = lambda n: 100.0 * (n or 0) / t  # noqa: E731
-            lines.append(f"{self.allocated_clusters}/{t} = {pct(self.allocated_clusters):.2f}%"
-                         f" allocated, {pct(self.fragmented_clusters):.2f}% fragmented,"
-                         f" {pct(self.compressed_clusters):.2f}% compressed clusters")
+        if self.total_clusters and self.allocated_clusters:
+            # as qemu-img: fragmented and compressed are shares of the allocated clusters
+            t, a = self.total_clusters, self.allocated_clusters
+            lines.append(f"{a}/{t} = {100.0 * a / t:.2f}% allocated,"
+                         f" {100.0 * (self.fragmented_clusters or 0) / a:.2f}% fragmented,"
+                         f" {100.0 * (self.compressed_clusters or 0) / a:.2f}% compressed"
+                         " clusters")
         if self.image_end_offset is not None:
             lines.append(f"Image end offset: {self.image_end_offset}")
         return "\n".join(lines)

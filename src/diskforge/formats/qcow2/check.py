@@ -103,10 +103,20 @@ class _Check:
         self.res.messages.append(msg)
         self.res.corruptions += 1
 
+    def count(self, offset: int, length: int) -> None:
+        """One reference to [offset, offset + length). As qemu: the last cluster may
+        reach past the end of the file, a whole cluster or more is an error and is not
+        counted (nor does it move the image end)."""
+        if offset + length - self.fsize >= self.cs:
+            self.error("ERROR: counting reference for region exceeding the end of the file"
+                       f" by one cluster or more: offset 0x{offset:x} size 0x{length:x}")
+            return
+        self.refs.add(offset, length)
+
     # -- counting references -------------------------------------------------------------
     def run(self) -> CheckResult:
         dev, h, cs = self.dev, self.dev.header, self.cs
-        self.refs.add(0, cs)
+        self.count(0, cs)
         if dev.snapshot is None:
             active = dev.l1
         else:
@@ -116,8 +126,8 @@ class _Check:
             self.walk_l1(s.l1_table_offset, self._read_l1(s.l1_table_offset, s.l1_size),
                          False)
         if h.nb_snapshots:
-            self.refs.add(h.snapshots_offset, dev.snapshot_table_size)
-        self.refs.add(h.refcount_table_offset, h.refcount_table_clusters * cs)
+            self.count(h.snapshots_offset, dev.snapshot_table_size)
+        self.count(h.refcount_table_offset, h.refcount_table_clusters * cs)
         self.old_meta = [(h.refcount_table_offset, h.refcount_table_clusters * cs)]
         table = self._refcount_table()
         for ti, entry in enumerate(table):
@@ -135,11 +145,11 @@ class _Check:
                 self.rebuild = True
                 table[ti] = 0
                 continue
-            self.refs.add(off, cs)
+            self.count(off, cs)
             self.old_meta.append((off, cs))
         self._bitmaps()
         if h.crypto is not None:
-            self.refs.add(h.crypto[0], max(1, h.crypto[1]))
+            self.count(h.crypto[0], max(1, h.crypto[1]))
         self.compare(table)
         self.check_copied()
         top = self.refs.highest()
@@ -156,7 +166,7 @@ class _Check:
     def walk_l1(self, l1_offset: int, l1: array, active: bool) -> None:
         dev, cs = self.dev, self.cs
         if len(l1):
-            self.refs.add(l1_offset, len(l1) * 8)
+            self.count(l1_offset, len(l1) * 8)
         for i, e in enumerate(l1):
             off = e & L1E_OFFSET_MASK
             if not off:
@@ -169,7 +179,7 @@ class _Check:
                     dev.l1_dirty = True
                     self.res.corruptions_fixed += 1
                 continue
-            self.refs.add(off, cs)
+            self.count(off, cs)
             self.walk_l2(off, dev.l2_table(off), active)
 
     def walk_l2(self, l2_off: int, l2: array, active: bool) -> None:
@@ -203,7 +213,7 @@ class _Check:
                     self.error(f"ERROR: compressed cluster {i // step} points into the"
                                " header")
                     continue
-                self.refs.add(off, n)
+                self.count(off, n)
                 if active:
                     res.allocated_clusters += 1
                     res.compressed_clusters += 1
@@ -232,7 +242,7 @@ class _Check:
                         fixed = True
                         res.corruptions_fixed += 1
                     continue
-                self.refs.add(host, cs)
+                self.count(host, cs)
             if active:
                 res.allocated_clusters += 1
                 if self.next_contiguous and host != self.next_contiguous:
@@ -247,7 +257,7 @@ class _Check:
             return
         from .bitmaps import BME_TABLE_ENTRY_OFFSET_MASK, read_directory, read_table
         ext = dev.header.bitmaps
-        self.refs.add(ext.directory_offset, ext.directory_size)
+        self.count(ext.directory_offset, ext.directory_size)
         try:
             bitmaps = read_directory(dev)
         except FormatError as e:
@@ -255,7 +265,7 @@ class _Check:
             return
         for b in bitmaps:
             if b.table_size:
-                self.refs.add(b.table_offset, b.table_size * 8)
+                self.count(b.table_offset, b.table_size * 8)
             for e in read_table(dev, b):
                 off = e & BME_TABLE_ENTRY_OFFSET_MASK
                 if not off:
@@ -264,7 +274,7 @@ class _Check:
                     self.error(f"ERROR bitmap '{b.name}': data cluster at {off:#x} is"
                                " invalid")
                     continue
-                self.refs.add(off, self.cs)
+                self.count(off, self.cs)
 
     # -- comparing with the refcounts ----------------------------------------------------
     def _refcount_table(self) -> array:
@@ -389,8 +399,8 @@ class _Check:
                     rc = 1 if (host or x & QCOW_OFLAG_COPIED) else 0
                     if not rc:
                         continue
-                elif not host or not self._table_ok(host):
-                    continue
+                elif not host or host % cs:
+                    continue  # (past the end of the file: its refcount is 0, as qemu says)
                 else:
                     rc = count(host // cs)
                 if (rc == 1) != bool(x & QCOW_OFLAG_COPIED):
