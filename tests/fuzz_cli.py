@@ -28,8 +28,8 @@ DF = [sys.executable, "-m", "diskforge"]
 def make_seeds(d: str) -> list[str]:
     raw = os.path.join(FIXTURES, "mbr-fat.raw")
 
-    def df(*args):
-        subprocess.run(DF + list(args), check=True)
+    def df(*args, cwd=None):
+        subprocess.run(DF + list(args), check=True, cwd=cwd)
 
     def sh(*args):
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
@@ -52,6 +52,23 @@ def make_seeds(d: str) -> list[str]:
         f.write("hi\n")
     os.symlink("f", os.path.join(tree, "a", "b", "l"))
     df("iso", "build", "-q", "--udf", tree, p("seed.iso"))
+    # children of an intact parent (copied beside each damaged child): the parent
+    # lookup, the bitmaps and the composition are exercised too
+    parents = os.path.join(d, "parents")
+    os.makedirs(parents)
+    for fmt, ext in (("qcow2", "qcow2"), ("vpc", "vhd"), ("vhdx", "vhdx")):
+        parent = os.path.join(parents, "parent." + ext)
+        df("convert", "-O", fmt, raw, parent)
+        changed = p("changed.raw")
+        shutil.copy(raw, changed)
+        with open(changed, "r+b") as f:
+            f.seek(4096)
+            f.write(b"\xa5" * 70000)
+        # named relative to the child, so a copy of the pair works anywhere
+        df("convert", "-O", fmt, "-B", "parent." + ext, changed, "seedchild." + ext,
+           cwd=parents)
+        os.replace(os.path.join(parents, "seedchild." + ext), p("seedchild." + ext))
+        os.unlink(changed)
     return sorted(p(n) for n in os.listdir(d) if n.startswith("seed"))
 
 
@@ -91,6 +108,9 @@ def one(d: str, seeds: list[str], seed: int, i: int):
         data = mutate(bytearray(f.read()), r)
     with open(path, "wb") as f:
         f.write(data)
+    parent = os.path.join(d, "parents", "parent" + ext)
+    if os.path.basename(src).startswith("seedchild") and os.path.exists(parent):
+        shutil.copy(parent, work)
     if ext == ".iso":
         cmds = [["iso", "ls", "-l", path], ["iso", "extract", path, os.path.join(work, "x")],
                 ["info", path]]
