@@ -19,7 +19,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "fixtures")
-# Real images made by tools we cannot run here (GPL samples stay there; see DESIGN.md).
+# Real images made by tools we cannot run here (GPL-family samples stay there; see DESIGN.md).
 def _find_real() -> str:
     """``shared/fixtures-real`` beside the checkout (or beside any folder above it, so a
     git worktree nested elsewhere finds it too)."""
@@ -44,8 +44,11 @@ def need(tool: str) -> str:
 
 
 def need_real(relpath: str) -> str:
-    """A file from ../shared/fixtures-real, or skip when that folder is absent."""
-    path = os.path.join(REAL, relpath)
+    """A real sample: the copy in fixtures/ (permissive licences, listed in SOURCES.tsv),
+    else the one in ../shared/fixtures-real; skip when neither is there."""
+    path = os.path.join(FIXTURES, relpath)
+    if not os.path.exists(path):
+        path = os.path.join(REAL, relpath)
     if not os.path.exists(path):
         pytest.skip(f"real fixture {relpath} not found under {REAL}")
     return path

@@ -42,3 +42,19 @@ def test_fixtures_stay_small():
     total = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(FIXTURES)
                 for n in names)
     assert total < 8 << 20
+
+
+def test_copied_samples_match_their_provenance():
+    """Every real sample copied into fixtures/ is in SOURCES.tsv with a permissive licence
+    (DESIGN.md) and the sha256 its source gives (of the file, or of it gunzipped)."""
+    import gzip
+    with open(os.path.join(FIXTURES, "SOURCES.tsv")) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert rows
+    for row in rows:
+        assert not any(g in row["license"] for g in ("GPL", "AGPL")), row["file"]
+        data = open(os.path.join(FIXTURES, row["file"]), "rb").read()
+        shas = {hashlib.sha256(data).hexdigest()}
+        if row["file"].endswith(".gz"):
+            shas.add(hashlib.sha256(gzip.decompress(data)).hexdigest())
+        assert row["sha256"] in shas, row["file"]
