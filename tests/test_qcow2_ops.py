@@ -47,6 +47,20 @@ def random_content(rng: random.Random, size: int) -> bytearray:
     return data
 
 
+
+def random_writes(dev, ref: bytearray, rng: random.Random, count: int, longest: int) -> None:
+    """``count`` random writes and zero writes through ``dev``, mirrored into ``ref``."""
+    for _ in range(count):
+        off = rng.randrange(len(ref))
+        n = rng.randrange(1, min(len(ref) - off, longest) + 1)
+        if rng.random() < 0.3:
+            dev.write_zeroes(off, n)
+            ref[off:off + n] = bytes(n)
+        else:
+            data = rng.randbytes(n)
+            dev.write(off, data)
+            ref[off:off + n] = data
+
 def test_random_writes_on_qemu_images(workdir):
     rng = random.Random(5)
     for opts in ("compat=1.1", "compat=0.10", "cluster_size=512", "extended_l2=on",
@@ -56,16 +70,7 @@ def test_random_writes_on_qemu_images(workdir):
         run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, path, str(size))
         ref = bytearray(size)
         with diskforge.open(path, writable=True) as dev:
-            for _ in range(50):
-                off = rng.randrange(size)
-                n = rng.randrange(1, min(size - off, 200000) + 1)
-                if rng.random() < 0.3:
-                    dev.write_zeroes(off, n)
-                    ref[off:off + n] = bytes(n)
-                else:
-                    data = rng.randbytes(n)
-                    dev.write(off, data)
-                    ref[off:off + n] = data
+            random_writes(dev, ref, rng, 50, 200000)
         clean(path)
         same(raw_of(workdir, "ref.raw", ref), path)
 
@@ -80,16 +85,7 @@ def test_writes_into_compressed_image_and_overlay(workdir):
     ref = bytearray(open(base, "rb").read())
     for target in (comp, top):
         with diskforge.open(target, writable=True) as dev:
-            for _ in range(30):
-                off = rng.randrange(len(ref))
-                n = rng.randrange(1, min(len(ref) - off, 150000) + 1)
-                if rng.random() < 0.3:
-                    dev.write_zeroes(off, n)
-                    ref[off:off + n] = bytes(n)
-                else:
-                    data = rng.randbytes(n)
-                    dev.write(off, data)
-                    ref[off:off + n] = data
+            random_writes(dev, ref, rng, 30, 150000)
         clean(target)
         same(raw_of(workdir, "ref.raw", ref), target)
 
