@@ -9,15 +9,48 @@ Python callers can catch the specific class.
 from __future__ import annotations
 
 import os
+import re
+
+# C0 and C1 controls, DEL, and the line/paragraph separators: anything that could
+# start a new line or move the cursor when printed. Surrogates come from names that
+# were not valid UTF-8 (os.fsdecode's surrogateescape).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: object) -> str:
+    """``text`` made safe to print on one line: control characters become escapes
+    (``\\n``, ``\\x1b``). Names taken from inside an image (backing files, parents,
+    DMG entries, Rock Ridge names) go through this before they are printed, so a
+    hostile name cannot break the one-line error or forge an extra line (DESIGN.md)."""
+    text = str(text)
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(m: "re.Match[str]") -> str:
+    c = m.group()
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    if c in named:
+        return named[c]
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:          # surrogateescape'd byte
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
 
 
 class DiskforgeError(Exception):
-    """Base of every error diskforge raises on purpose."""
+    """Base of every error diskforge raises on purpose.
+
+    The message and path are escaped with :func:`printable` here, once, so every error
+    stays one line whatever a file put into the names it quotes.
+    """
 
     def __init__(self, message: str, path: str | os.PathLike | None = None):
         self.path = os.fspath(path) if path is not None else None
         self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        shown = printable(message)
+        super().__init__(f"{printable(self.path)}: {shown}" if self.path else shown)
 
 
 class UsageError(DiskforgeError):
@@ -67,3 +100,9 @@ class ImageIOError(DiskforgeError):
 
 class CorruptImage(FormatError):
     """The image is recognised, but its consistency checks fail (checksums, overlaps)."""
+
+
+class LimitError(DiskforgeError):
+    """Refused because the work would exceed a resource limit (memory at once, entries
+    walked, nesting depth): the file may be valid, but it asks for more than diskforge
+    will spend on one command (see ``limits.py``)."""
