@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import DiskforgeError, ImageIOError, UnsupportedError, UsageError
+from .locks import Access, Hold, access_for, acquire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -407,7 +408,9 @@ class FileBytesDevice(BlockDevice):
     holes are ZERO extents with their file offset, as qemu's file driver shows them."""
 
     def __init__(self, path: str, *, writable: bool = False):
-        self.backend = FileBackend(path, writable=writable)
+        # QEMU's raw driver lets other writers in; see locks.py
+        self.backend = FileBackend(path, writable=writable,
+                                   lock=access_for(writable, shares_writes=True))
         self.path = path
         self.writable = writable
         self.size = self.backend.size
@@ -527,10 +530,16 @@ class FileBackend:
 
     Formats use it for every byte of I/O so that OS errors become one-line
     ImageIOErrors naming the file, and so that holes can be asked for and made.
+
+    While open it holds QEMU's image locks (``locks.py``): ``lock=True`` takes what a
+    reader or a writer of an image with metadata takes, an ``Access`` takes that, and
+    ``lock=False`` none (a glance such as probing, which needs no consistency).
     """
 
+    _lock: "Hold | None" = None
+
     def __init__(self, path: str | os.PathLike, *, writable: bool = False,
-                 fd: int | None = None):
+                 fd: int | None = None, lock: "Access | bool" = True):
         self.path = os.fspath(path)
         self.writable = writable
         if fd is None:
@@ -545,6 +554,13 @@ class FileBackend:
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
             raise ImageIOError("is a directory, not an image", self.path)
+        if lock:
+            try:
+                self._lock = acquire(fd, self.path, access_for(writable)
+                                     if lock is True else lock)
+            except BaseException:
+                os.close(fd)
+                raise
 
     # -- sizes ----------------------------------------------------------------------
     @property
@@ -648,6 +664,9 @@ class FileBackend:
         return _fallocate.punch_hole(self.fd, offset, length)
 
     def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -8,6 +8,11 @@ allowed), chains are depth-limited, and a file already in the chain is refused.
 
 The user's own command-line choices (``-B base``, the image opened) are not checked:
 the policy guards what *files* name, not what *people* name.
+
+``force_share`` is qemu-img's ``-U``: read-only opens under this policy take QEMU's
+image locks without refusing to share anything (so an image a VM is writing can still
+be read, accepting that it may change underneath); a writable open under it is refused
+(``registry.open_image``, ``locks.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class OpenPolicy:
     allowed_roots: tuple[str, ...] = ()
     allow_any_root: bool = False
     max_depth: int = DEFAULT_MAX_DEPTH
+    force_share: bool = False
     # real paths of the images already opened above this one in the chain
     chain: tuple[str, ...] = field(default=(), repr=False)
 

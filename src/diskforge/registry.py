@@ -263,7 +263,7 @@ def target_format(path: str, name: str | None) -> Format:
 def read_probe_window(path: str) -> tuple[bytes, bytes, int]:
     """The first and last 64 KiB of ``path`` and its size."""
     from .blockdev import FileBackend
-    with FileBackend(path) as f:
+    with FileBackend(path, lock=False) as f:  # a glance: QEMU's probe locks nothing
         size = f.size
         head = f.pread(0, min(size, PROBE_BYTES))
         tail_start = max(0, size - PROBE_BYTES)
@@ -366,9 +366,21 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: boo
     """Open ``path`` as a BlockDevice: with the named format, or by probing.
 
     Block devices (``/dev/...``) open as raw unless a format is named. ``snapshot``
-    (an ID or name) opens that internal snapshot as a read-only view.
+    (an ID or name) opens that internal snapshot as a read-only view. Every file of
+    the image holds QEMU's image locks while it is open (``locks.py``); a read-only
+    open under ``policy.force_share`` shares everything, a writable one is refused.
     """
+    from .locks import FORCE_SHARE_WRITE, force_share
     path = os.fspath(path)
+    policy = policy or OpenPolicy()
+    if writable and policy.force_share:
+        raise UsageError(FORCE_SHARE_WRITE, path)
+    with force_share(policy.force_share):
+        return _open_image(path, fmt, writable, policy, snapshot)
+
+
+def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
+                snapshot: str | None) -> "BlockDevice":
     check_readable(path)
     if fmt:
         plugin = get(fmt)
@@ -381,7 +393,7 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: boo
     if writable and not plugin.random_write:
         raise UnsupportedError(f"{plugin.name} images cannot be opened for writing"
                                " (convert to a writable format instead)", path)
-    policy = (policy or OpenPolicy()).descend(path)
+    policy = policy.descend(path)
     if snapshot is not None:
         if not plugin.snapshots:
             raise UnsupportedError(f"{plugin.name} images have no internal snapshots", path)
