@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .image import add_policy_args, policy_from
+from .image import add_force_share_arg, add_policy_args, policy_from
 
 
 def _say(args, text: str) -> None:
@@ -159,6 +159,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-clients", type=int, default=16, metavar="N")
     p.add_argument("-v", "--verbose", action="store_true", help="log each client")
     p.add_argument("-q", action="store_true")
+    add_force_share_arg(p)
     add_policy_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -15,13 +15,23 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="also open files an image names (backing files, extents) under DIR")
 
 
+def add_force_share_arg(p: argparse.ArgumentParser) -> None:
+    """qemu-img's ``-U``: read images other processes hold (see locks.py)."""
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="read the image even while another process (a VM, qemu-nbd,"
+                   " diskforge serve) writes it; refused with a write")
+
+
 def add_snapshot_arg(p: argparse.ArgumentParser, text: str) -> None:
     p.add_argument("--snapshot", "-l", metavar="SNAPSHOT", help=text)
 
 
-def policy_from(args):
+def policy_from(args, *, share: bool = True):
+    """The open policy the command line asks for; ``share=False`` for the files a
+    command writes, to which ``-U`` does not apply (``convert -n``'s target)."""
     from ..policy import OpenPolicy
-    return OpenPolicy(allowed_roots=tuple(args.allow_root))
+    return OpenPolicy(allowed_roots=tuple(args.allow_root),
+                      force_share=share and getattr(args, "force_share", False))
 
 
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
@@ -72,11 +82,10 @@ def open_backing(name: str, fmt: str | None, target: str, args):
     """Open ``-B``/``-b NAME`` as qemu-img does: a relative name is relative to the new
     image's directory. The user named it, so the root policy does not apply to it."""
     from ..blockdev import Backing
-    from ..policy import OpenPolicy
     from ..registry import open_image
     path = name if os.path.isabs(name) else os.path.join(
         os.path.dirname(os.path.abspath(target)), name)
-    dev = open_image(path, fmt, policy=OpenPolicy(allowed_roots=tuple(args.allow_root)))
+    dev = open_image(path, fmt, policy=policy_from(args))
     return dev, Backing(name=name, format=dev.format, device=dev)
 
 
@@ -161,7 +170,8 @@ def cmd_convert(args) -> int:
             refuse_overwrite(args.target, base.files(), "the backing file")
         if args.n:
             from ..registry import open_image
-            dev = open_image(args.target, args.O, writable=True, policy=policy_from(args))
+            dev = open_image(args.target, args.O, writable=True,
+                             policy=policy_from(args, share=False))
             if dev.size < src.size:
                 dev.close()
                 from ..errors import UsageError
@@ -251,7 +261,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-f", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--backing-chain", action="store_true", help="also show every backing image")
-    p.add_argument("-U", "--force-share", action="store_true", help=argparse.SUPPRESS)
+    add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_info)
@@ -282,6 +292,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-m", type=int, metavar="N", help="compression threads")
     p.add_argument("-p", action="store_true", help="show progress even when not a TTY")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_force_share_arg(p)
     add_snapshot_arg(p, "read the source's internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
     p.add_argument("source")
@@ -296,6 +307,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-s", action="store_true", help="strict: sizes and allocation must match")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_force_share_arg(p)
     add_snapshot_arg(p, "compare the first image's internal snapshot SNAPSHOT")
     add_policy_args(p)
     p.add_argument("image1")
@@ -307,6 +319,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--start-offset", metavar="OFFSET")
     p.add_argument("--max-length", metavar="LEN")
+    add_force_share_arg(p)
     add_snapshot_arg(p, "map the internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
     p.add_argument("filename")
@@ -318,6 +331,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-f", metavar="FMT", help="format of FILE")
     p.add_argument("--size", metavar="SIZE", help="measure an empty disk of this size")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename", nargs="?")
     p.set_defaults(func=cmd_measure)

@@ -3,7 +3,7 @@ qemu-img's flags (-l, -c NAME, -a NAME|ID, -d NAME|ID)."""
 
 from __future__ import annotations
 
-from .image import add_policy_args, open_source
+from .image import add_force_share_arg, add_policy_args, open_source
 
 
 def cmd_snapshot(args) -> int:
@@ -41,6 +41,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-d", metavar="SNAPSHOT", help="delete a snapshot (ID or name)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_snapshot)

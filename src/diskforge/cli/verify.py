@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .image import add_policy_args, open_source, progress_for
+from .image import add_force_share_arg, add_policy_args, open_source, progress_for
 
 EXIT_OK, EXIT_ERROR, EXIT_MISMATCH = 0, 1, 2
 
@@ -67,6 +67,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet: only the exit status")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_verify)
