@@ -229,3 +229,42 @@ def test_diskforge_serve_holds_what_its_export_needs(tmp_path, procs, read_only)
     q = run("qemu-img", "info", "-f", "raw",
             f"nbd+unix:///?socket={tmp_path / 'df.sock'}", timeout=30)
     assert "virtual size: 4 MiB" in q.stdout
+
+
+def test_own_opens_share_one_holder_and_minus_U_holds_only_read(tmp_path):
+    """diskforge's own opens of one file never refuse each other (commit reads the
+    chain and writes the base): other processes see the union of what they hold."""
+    import diskforge
+    from diskforge.policy import OpenPolicy
+    need("qemu-img")
+    base, top = chain(tmp_path)
+    with diskforge.open(top):
+        assert held(base) == READER_BYTES
+        with diskforge.open(base, writable=True):
+            assert held(base) == WRITER_BYTES
+        assert held(base) == READER_BYTES
+    assert held(base) == set()
+    # -U: consistent read only, sharing everything (as qemu-img check -U)
+    with diskforge.open(top, policy=OpenPolicy(force_share=True)):
+        assert held(top) == held(base) == {100}
+        run("qemu-img", "resize", top, "+1M")
+    with pytest.raises(diskforge.errors.UsageError, match="force-share=on can only"):
+        diskforge.open(top, writable=True, policy=OpenPolicy(force_share=True))
+
+
+def test_outputs_are_locked_while_written(tmp_path):
+    """Like qemu-img's outputs, a file being written holds a writer's locks."""
+    import glob
+    from diskforge.registry import get
+    need("qemu-img")
+    fmt = get("qcow2")
+    writer = fmt.writer(str(tmp_path / "out.qcow2"), 4 * MiB, fmt.options.parse(
+        "", format_name="qcow2"))
+    try:
+        [tmp] = glob.glob(str(tmp_path / ".out.qcow2.*.diskforge-tmp"))
+        assert held(tmp) == WRITER_BYTES
+        q = run("qemu-img", "info", "-f", "qcow2", tmp, check=False)
+        assert q.returncode == 1 and 'Failed to get shared "write" lock' in q.stderr
+    finally:
+        writer.abort()
+    assert not os.path.exists(tmp)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .image import add_policy_args, open_backing, open_source, progress_for
+from .image import (add_force_share_arg, add_policy_args, open_backing, open_source,
+                    progress_for)
 
 DEFAULT_IMAGE_FORMAT = "qcow2"
 
@@ -130,6 +131,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-m", type=int, metavar="N", help="compression threads")
     p.add_argument("-p", action="store_true")
     p.add_argument("-q", action="store_true")
+    add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("source")
     p.add_argument("output")
@@ -144,6 +146,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-m", type=int, metavar="N")
     p.add_argument("-p", action="store_true")
     p.add_argument("-q", action="store_true")
+    add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("image")
     p.add_argument("target")
