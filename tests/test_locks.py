@@ -50,7 +50,8 @@ def wait_held(path: str, want: set[int], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while held(path) != want:
         if time.monotonic() > deadline:
-            raise AssertionError(f"{path}: locks {sorted(held(path))}, expected {sorted(want)}")
+            raise AssertionError(f"{path}: locks {sorted(held(path))},"
+                                 f" expected {sorted(want)}")
         time.sleep(0.05)
 
 

@@ -38,7 +38,9 @@ writes (its raw driver passes its parent's sharing through) while its convert do
 diskforge's readers never share writes, whatever the format, because a disk changing
 under a read gives a torn result; ``-U`` says that is acceptable. ``info`` takes
 consistent read although qemu-img's (which reads no data) takes none; nobody refuses to
-share consistent read, so this never changes an answer.
+share consistent read, so this never changes an answer. And diskforge's ``info`` opens
+the backing chain (it shows the composed disk's partition table), so a backing file
+someone writes stops it where qemu-img's (which opens no backing file) goes on.
 
 Inside one process, QEMU decides conflicts between its own users of a file in its block
 graph, not with locks. diskforge does the same: all its opens of one file (one inode)
@@ -194,8 +196,7 @@ class _File:
     outlive whichever open came first) and the accesses of every open of the file."""
 
     def __init__(self, fd: int):
-        self.fd = os.dup(fd)
-        os.set_inheritable(self.fd, False)
+        self.fd = os.dup(fd)  # not inheritable: QEMU and other children never get it
         self.accesses: list[Access] = []
         self.locked: set[int] = set()
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .image import add_policy_args, open_source, policy_from, progress_for
+from .image import (add_force_share_arg, add_policy_args, open_source, policy_from,
+                    progress_for)
 
 
 def cmd_rebase(args) -> int:
@@ -14,7 +15,9 @@ def cmd_rebase(args) -> int:
     if args.b is None:
         raise UsageError("give the new backing file with -b (-b \"\" removes it)")
     name = args.b or None
-    image = open_source(args.filename, args.f, args, writable=True)
+    # -U shares the new backing file only, as qemu-img rebase -U: never the image
+    image = open_image(args.filename, args.f, writable=True,
+                       policy=policy_from(args, share=False))
     new = None
     try:
         fmt = args.F
@@ -83,6 +86,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-u", action="store_true", help="unsafe: only change the name")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_rebase)
