@@ -147,6 +147,12 @@ def test_qemu_nbd_writing_refuses_diskforge_and_minus_U_reads(tmp_path, procs):
     assert sha256_file(out) == sha256_file(str(tmp_path / "qemu.raw"))
     assert cli("map", "-U", top)[0] == 0
     assert cli("compare", "-U", top, str(tmp_path / "qemu.raw"))[0] == 0
+    # an overlay of the busy disk (an external snapshot) only needs its size: as qemu-img
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2",
+        str(tmp_path / "qemu-overlay.qcow2"))
+    code, _, err = cli("create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2",
+                       str(tmp_path / "overlay.qcow2"))
+    assert code == 0, err
     # -U never lets a write through: qemu-img's message
     code, _, err = cli("snapshot", "-U", "-c", "s1", top)
     one_line_error(code, err)

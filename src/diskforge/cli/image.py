@@ -78,14 +78,21 @@ def backing_from_options(name: str | None, fmt: str | None, options):
                                                             backing_fmt="")
 
 
-def open_backing(name: str, fmt: str | None, target: str, args):
+def open_backing(name: str, fmt: str | None, target: str, args, *, share: bool = False):
     """Open ``-B``/``-b NAME`` as qemu-img does: a relative name is relative to the new
-    image's directory. The user named it, so the root policy does not apply to it."""
+    image's directory. The user named it, so the root policy does not apply to it.
+    ``share``: only its size and format are needed, so it is opened as ``-U`` would
+    (``create -b``: qemu-img locks nothing there, and an overlay of a running VM's
+    disk is made that way)."""
+    from dataclasses import replace
+
     from ..blockdev import Backing
     from ..registry import open_image
     path = name if os.path.isabs(name) else os.path.join(
         os.path.dirname(os.path.abspath(target)), name)
-    dev = open_image(path, fmt, policy=policy_from(args))
+    policy = policy_from(args)
+    dev = open_image(path, fmt, policy=replace(policy, force_share=True) if share
+                     else policy)
     return dev, Backing(name=name, format=dev.format, device=dev)
 
 
@@ -124,7 +131,8 @@ def cmd_create(args) -> int:
                     raise UsageError("-u needs the backing format (-F)")
                 backing = Backing(name=args.b, format=args.F)
             else:
-                backing_dev, backing = open_backing(args.b, args.F, args.filename, args)
+                backing_dev, backing = open_backing(args.b, args.F, args.filename, args,
+                                                    share=True)
                 if size is None:
                     size = backing_dev.size
         if size is None:
