@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import cli, need, one_line_error, run, sha256_file
-from test_hypervisor import qcow2_disk, vms  # noqa: F401  (vms is a fixture)
+from test_hypervisor import _attached_files, hotplug_vm, qcow2_disk, vms  # noqa: F401
 
 from diskforge.hypervisor.vm import Drive, VMConfig
 
@@ -200,6 +200,24 @@ def test_running_vm_holds_its_disk(tmp_path, vms):  # noqa: F811
     code, text, err = cli("info", "-U", "--output", "json", top)
     assert code == 0 and '"virtual-size": 4194304' in text, err
     assert cli("convert", "-U", "-O", "raw", top, str(tmp_path / "o.raw"))[0] == 0
+
+
+def test_attach_hands_the_image_over_and_detach_gives_it_back(tmp_path, vms):  # noqa: F811
+    """``attach`` looks at the image, closes it, then QEMU opens it (no self-deadlock);
+    while QEMU has it read-write diskforge may not touch it, after detach it may."""
+    need("qemu-img")
+    base, top = chain(tmp_path)
+    vm = hotplug_vm(vms, tmp_path)
+    code, out, err = cli("attach", "--qmp", vm.qmp_socket, "--device", "scsi", "--rw", top)
+    assert code == 0, err
+    assert _attached_files(vm)[top]["inserted"]["ro"] is False
+    wait_held(top, WRITER_BYTES)
+    refused(["resize", top, "+1M"], top, 'Failed to get "write" lock')
+    refused(["info", top], top, 'Failed to get shared "write" lock')
+    code, out, err = cli("detach", "--qmp", vm.qmp_socket, top)
+    assert code == 0, err
+    wait_held(top, set())
+    assert cli("resize", "-q", top, "+1M")[0] == 0
 
 
 def test_diskforge_writing_refuses_qemu_img(tmp_path):
