@@ -164,8 +164,8 @@ def _set_bytes(fd: int, want: set[int], have: set[int], path: str) -> None:
         have.discard(off)
 
 
-def _conflict(fd: int, access: Access, path: str) -> ImageLockedError | None:
-    """raw_check_lock_bytes: the first conflict with another process, or None."""
+def _check(fd: int, access: Access, path: str) -> None:
+    """raw_check_lock_bytes: raise on the first conflict with another process."""
     import fcntl
     tests = [(SHARED_BASE, p, 'Failed to get "{}" lock') for p in _bits(access.perm)]
     tests += [(PERM_BASE, p, 'Failed to get shared "{}" lock')
@@ -175,11 +175,10 @@ def _conflict(fd: int, access: Access, path: str) -> ImageLockedError | None:
         try:
             held = _fcntl(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, off) != fcntl.F_UNLCK
         except OSError as e:
-            return ImageLockedError(f"Failed to get lock byte {off}: {e.strerror}", path)
+            raise ImageIOError(text.format(NAMES[p]) + f": {e.strerror}", path) from None
         if held:
-            return ImageLockedError(text.format(NAMES[p]) + ". Is another process using"
-                                    f" the image [{path}]?", path)
-    return None
+            raise ImageLockedError(text.format(NAMES[p]) + ". Is another process using"
+                                   f" the image [{path}]?", path)
 
 
 def _wanted(accesses) -> set[int]:
@@ -249,14 +248,10 @@ def acquire(fd: int, path: str, access: Access | None) -> Hold | None:
         before = set(holder.locked)
         try:
             _set_bytes(holder.fd, wanted, holder.locked, path)
-            problem = _conflict(holder.fd, access, path)
+            _check(holder.fd, access, path)
         except BaseException:
-            problem = None
             _undo(holder, before, new)
             raise
-        if problem is not None:
-            _undo(holder, before, new)
-            raise problem
         holder.accesses.append(access)
         if new:
             _files[key] = holder
