@@ -40,7 +40,7 @@ def held(path: str) -> set[int]:
         for line in f:
             parts = line.split()
             if "->" in parts or len(parts) < 8 or parts[1] != "OFDLCK" \
-                    or parts[5] != ident:
+                    or parts[5] != ident or not parts[7].isdigit():
                 continue
             out.update(range(int(parts[6]), int(parts[7]) + 1))
     return out
