@@ -216,7 +216,8 @@ def test_unsupported_features_are_named(workdir, image):
           " feature bit 20")
     set_field(image, "incompatible_features", 0)
     set_field(image, "crypt_method", 1)
-    fails("info", image, expect="not supported: encrypted qcow2 images (AES encryption)")
+    fails("info", image, expect="QCowHeader.crypt_method: encrypted (AES, the old qcow2"
+          " encryption); not supported yet")
 
 
 def test_luks_encryption_is_refused(workdir):

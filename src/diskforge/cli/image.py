@@ -20,8 +20,13 @@ def add_snapshot_arg(p: argparse.ArgumentParser, text: str) -> None:
 
 
 def policy_from(args):
+    """The open policy of this command: untrusted mode's when ``--untrusted`` or
+    ``DISKFORGE_UNTRUSTED`` asked for it (main sets ``args.untrusted``)."""
     from ..policy import OpenPolicy
-    return OpenPolicy(allowed_roots=tuple(args.allow_root))
+    roots = tuple(getattr(args, "allow_root", ()))
+    if getattr(args, "untrusted", False):
+        return OpenPolicy.untrusted(roots)
+    return OpenPolicy.default(roots)
 
 
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
@@ -72,11 +77,10 @@ def open_backing(name: str, fmt: str | None, target: str, args):
     """Open ``-B``/``-b NAME`` as qemu-img does: a relative name is relative to the new
     image's directory. The user named it, so the root policy does not apply to it."""
     from ..blockdev import Backing
-    from ..policy import OpenPolicy
     from ..registry import open_image
     path = name if os.path.isabs(name) else os.path.join(
         os.path.dirname(os.path.abspath(target)), name)
-    dev = open_image(path, fmt, policy=OpenPolicy(allowed_roots=tuple(args.allow_root)))
+    dev = open_image(path, fmt, policy=policy_from(args))
     return dev, Backing(name=name, format=dev.format, device=dev)
 
 
