@@ -221,15 +221,14 @@ def test_unsupported_features_are_named(workdir, image):
 
 
 def test_luks_encryption_is_refused(workdir):
-    need("qemu-img")
-    path = os.path.join(workdir, "luks.qcow2")
-    proc = run("qemu-img", "create", "-q", "--object", "secret,id=s0,data=123456", "-f",
-               "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-               path, "1M", check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"qemu-img cannot make LUKS images here: {proc.stderr.strip()}")
-    fails("info", path, expect="LUKS")
-    fails("convert", "-O", "raw", path, os.path.join(workdir, "o.raw"), expect="LUKS")
+    from luks_helpers import qcow2_luks
+    path = qcow2_luks(os.path.join(workdir, "luks.qcow2"))
+    line = f"{path}: QCowHeader.crypt_method: encrypted (LUKS); not supported yet"
+    fails("info", path, expect=line)
+    fails("convert", "-O", "raw", path, os.path.join(workdir, "o.raw"), expect=line)
+    fails("map", path, expect=line)
+    fails("compare", path, path, expect=line)
+    assert not os.path.exists(os.path.join(workdir, "o.raw"))
 
 
 def test_oversized_extension_and_snapshot_entries(workdir, image):

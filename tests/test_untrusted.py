@@ -152,12 +152,12 @@ def test_cpu_limit_ends_in_one_line_promptly(tmp_path):
 
 
 def test_address_space_limit_ends_in_one_line_naming_the_file(tmp_path):
-    """A valid qcow2 whose L1 table is 32 MiB (512-byte clusters, 128 GiB) needs twice
+    """A valid qcow2 whose L1 table is 32 MiB (4 KiB clusters, 8 TiB) needs twice
     that at once to open; a limit 32 MiB above what diskforge needs to start cannot
     hold it, while a small image opens fine under the same limit."""
     need("qemu-img")
     big, small = str(tmp_path / "big.qcow2"), str(tmp_path / "small.qcow2")
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", big, "128G",
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", big, "8T",
         timeout=60)
     run("qemu-img", "create", "-q", "-f", "qcow2", small, "1M", timeout=30)
     probe = subprocess.run(
