@@ -62,6 +62,11 @@ class OpenPolicy:
     # real paths of the images already opened above this one in the chain
     chain: tuple[str, ...] = field(default=(), repr=False)
 
+    def __post_init__(self) -> None:
+        if self.mode not in (DEFAULT, UNTRUSTED):  # a typo must not fall back to lax
+            raise ValueError(f"OpenPolicy.mode must be '{DEFAULT}' or '{UNTRUSTED}',"
+                             f" not {self.mode!r}")
+
     @classmethod
     def default(cls, allowed_roots: "tuple[str, ...] | list[str]" = ()) -> "OpenPolicy":
         """The policy for an image a user names: confined references, any backing format."""
@@ -113,7 +118,7 @@ class OpenPolicy:
                              where: str) -> None:
         """In untrusted mode, refuse a backing file whose format ``referrer`` leaves
         unnamed (``fmt`` None or empty) or names as raw. ``where`` is the structure and
-        field that holds the format name ("QCowHeader.backing_format")."""
+        field that holds the format name, for the error line."""
         if not self.is_untrusted:
             return
         if not fmt:

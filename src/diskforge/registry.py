@@ -296,13 +296,15 @@ UNREAD_SIGNATURES = (
 # LUKS1 and LUKS2 (cryptsetup's on-disk format specifications): magic "LUKS\xba\xbe" and
 # a big-endian version. LUKS2 keeps a second copy of its binary header ("SKUL\xba\xbe")
 # right after the first, at one of the offsets its hdr_size allows (16 KiB - 4 MiB), so
-# a file whose primary header was wiped is still recognised by that copy.
+# a file whose primary header was wiped is still recognised by that copy. The copy's
+# hdr_size field (8 bytes after the version) equals its own offset: part of its
+# signature, so that stray bytes in a raw disk are not taken for one.
 LUKS2_SECONDARY_OFFSETS = tuple(16384 << i for i in range(9))
 ENCRYPTED_SIGNATURES = (
     (0, b"LUKS\xba\xbe\x00\x01", "LUKS1"),
     (0, b"LUKS\xba\xbe\x00\x02", "LUKS2"),
-) + tuple((off, b"SKUL\xba\xbe\x00\x02", "LUKS2, by its secondary header")
-          for off in LUKS2_SECONDARY_OFFSETS)
+) + tuple((off, b"SKUL\xba\xbe\x00\x02" + off.to_bytes(8, "big"),
+           "LUKS2, by its secondary header") for off in LUKS2_SECONDARY_OFFSETS)
 
 
 def unread_format(head: bytes) -> str | None:

@@ -38,12 +38,12 @@ import os
 import signal
 import sys
 
-TYPE_CHECKING = False
+from . import limits
+from .errors import DiskforgeError, LimitError, UsageError, printable
+
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
 if TYPE_CHECKING:
     import subprocess
-
-from . import limits
-from .errors import DiskforgeError, LimitError, UsageError
 
 UNTRUSTED_MEMORY_BUDGET = 64 << 20
 DEFAULT_ADDRESS_SPACE = 1 << 30
@@ -84,8 +84,6 @@ def limit_process(image: str | None = None) -> None:
     this once, before opening anything; ``image`` is the file to name if the CPU limit
     must end the process at once). Never call it from a library caller's process."""
     import resource
-
-    from .errors import printable
     cpu, space = cpu_seconds(), address_space()
     where = f"{printable(image)}: " if image else ""
     _cpu_state["last_words"] = (f"diskforge: {where}CPU time limit of {cpu} s exceeded"
