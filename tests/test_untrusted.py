@@ -135,13 +135,14 @@ def test_in_process_main_never_limits_its_caller(upload):
 
 
 def test_cpu_limit_ends_in_one_line_promptly(tmp_path):
-    """Hex text costs LZMA (ULMO) several CPU seconds per MiB: far beyond one second."""
+    """8 MiB of hex text costs LZMA (ULMO) about 5 CPU seconds: far beyond one. One
+    thread (-m 1), so that unwinding waits for one chunk, not one per thread."""
     src = tmp_path / "text.raw"
-    src.write_bytes(os.urandom(8 << 20).hex().encode())
+    src.write_bytes(os.urandom(4 << 20).hex().encode())
     out = tmp_path / "out.dmg"
     start = time.monotonic()
-    proc = cli_process("--untrusted", "convert", "-O", "dmg", "-o", "format=ULMO", str(src),
-                       str(out), env={**os.environ, "DISKFORGE_UNTRUSTED_CPU_SECONDS": "1"},
+    proc = cli_process("--untrusted", "convert", "-m", "1", "-O", "dmg", "-o", "format=ULMO",
+                       str(src), str(out), env={**os.environ, "DISKFORGE_UNTRUSTED_CPU_SECONDS": "1"},
                        timeout=60)
     elapsed = time.monotonic() - start
     one_line_error(proc.returncode, proc.stderr)
