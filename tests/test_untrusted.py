@@ -116,6 +116,15 @@ def test_untrusted_policy_stays_strict(tmp_path):
     with pytest.raises(SafetyError, match="outside"):
         loose.resolve(img, "/etc/passwd")
     assert OpenPolicy(allow_any_root=True).resolve(img, "/etc/passwd") == "/etc/passwd"
+    # whatever format plugin opened it, a file another image named is never raw here
+    top = OpenPolicy.untrusted().descend(img)
+    with pytest.raises(SafetyError, match=f"as the backing file of {img}"):
+        top.check_referenced_format(str(tmp_path / "vm" / "base"), "raw")
+    top.check_referenced_format(str(tmp_path / "vm" / "base"), "qcow2")
+    OpenPolicy.untrusted().check_referenced_format(img, "raw")  # the upload itself may be
+    OpenPolicy().descend(img).check_referenced_format(str(tmp_path / "b"), "raw")
+    with pytest.raises(ValueError):
+        OpenPolicy(mode="Untrusted")
     p = OpenPolicy.untrusted()
     for i in range(UNTRUSTED_MAX_DEPTH):
         p = p.descend(str(tmp_path / f"layer{i}"))
