@@ -9,6 +9,11 @@ The Python API is small and stable::
     diskforge.create("new.qcow2", 10 << 30)
     print(diskforge.info("disk.qcow2").virtual_size)
 
+For images uploaded by others, pass ``policy=diskforge.OpenPolicy.untrusted()`` (or set
+``DISKFORGE_UNTRUSTED=1``): confinement and backing-format rules in this process; run
+the work through ``diskforge.untrusted.run([...])`` to add the CPU and memory limits
+(see ``untrusted.py`` for what each mode enforces).
+
 Everything else lives in ``diskforge.ops`` (operations over BlockDevice),
 ``diskforge.registry`` (formats) and ``diskforge.blockdev`` (the abstraction).
 Imports are lazy so that ``import diskforge`` stays cheap.
@@ -29,7 +34,15 @@ if TYPE_CHECKING:
     from .ops.convert import ConvertStats
     from .policy import OpenPolicy
 
-__all__ = ["open", "create", "convert", "info", "DiskforgeError"]
+__all__ = ["open", "create", "convert", "info", "DiskforgeError", "OpenPolicy"]
+
+
+def __getattr__(name: str):
+    """``diskforge.OpenPolicy`` without importing it at ``import diskforge``."""
+    if name == "OpenPolicy":
+        from .policy import OpenPolicy
+        return OpenPolicy
+    raise AttributeError(f"module 'diskforge' has no attribute '{name}'")
 
 
 def open(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
@@ -81,8 +94,9 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, *,
         return run(src, plugin.writer(os.fspath(target), src.size, opts), progress=progress)
 
 
-def info(path: str | os.PathLike, fmt: str | None = None) -> "ImageInfo":
+def info(path: str | os.PathLike, fmt: str | None = None, *,
+         policy: "OpenPolicy | None" = None) -> "ImageInfo":
     """Header facts of an image."""
     from .registry import open_image
-    with open_image(path, fmt) as dev:
+    with open_image(path, fmt, policy=policy) as dev:
         return dev.info()

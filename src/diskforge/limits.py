@@ -21,11 +21,15 @@ MEMORY_BUDGET = 256 << 20
 
 
 def check_alloc(nbytes: int, path: str | os.PathLike | None, structure: str,
-                field: str | None = None, *, budget: int = MEMORY_BUDGET) -> int:
+                field: str | None = None, *, budget: int | None = None) -> int:
     """Return ``nbytes`` when it fits the per-command memory budget, else raise.
 
     Call it before allocating (or reading whole) anything whose size came from a file.
+    The budget is read at each call (not bound at import) because untrusted mode
+    lowers ``MEMORY_BUDGET`` for the whole command (``untrusted.py``).
     """
+    if budget is None:
+        budget = MEMORY_BUDGET
     if nbytes > budget:
         where = ".".join(p for p in (structure, field) if p)
         raise LimitError(f"{where}: needs {nbytes} bytes at once, more than the"

@@ -292,11 +292,49 @@ UNREAD_SIGNATURES = (
 )
 
 
+# Encrypted containers, refused the same way (``-f raw`` reads the ciphertext on purpose).
+# LUKS1 and LUKS2 (cryptsetup's on-disk format specifications): magic "LUKS\xba\xbe" and
+# a big-endian version. LUKS2 keeps a second copy of its binary header ("SKUL\xba\xbe")
+# right after the first, at one of the offsets its hdr_size allows (16 KiB - 4 MiB), so
+# a file whose primary header was wiped is still recognised by that copy. The copy's
+# hdr_size field (8 bytes after the version) equals its own offset: part of its
+# signature, so that stray bytes in a raw disk are not taken for one.
+LUKS2_SECONDARY_OFFSETS = tuple(16384 << i for i in range(9))
+ENCRYPTED_SIGNATURES = (
+    (0, b"LUKS\xba\xbe\x00\x01", "LUKS1"),
+    (0, b"LUKS\xba\xbe\x00\x02", "LUKS2"),
+) + tuple((off, b"SKUL\xba\xbe\x00\x02" + off.to_bytes(8, "big"),
+           "LUKS2, by its secondary header") for off in LUKS2_SECONDARY_OFFSETS)
+
+
 def unread_format(head: bytes) -> str | None:
     """The name of a recognised format diskforge has no reader for, or None."""
     for offset, magic, name in UNREAD_SIGNATURES:
         if head[offset:offset + len(magic)] == magic:
             return name
+    return None
+
+
+def encrypted_format(path: str, head: bytes, size: int) -> str | None:
+    """The kind of encrypted container ``path`` is ("LUKS1"), or None. Signatures past
+    the probe window are read with one small read each (only a file that would
+    otherwise be read as raw gets here)."""
+    from .blockdev import FileBackend
+    backend = None
+    try:
+        for offset, magic, name in ENCRYPTED_SIGNATURES:
+            if offset + len(magic) > size:
+                continue
+            if offset + len(magic) <= len(head):
+                found = head[offset:offset + len(magic)]
+            else:
+                backend = backend or FileBackend(path)
+                found = backend.pread(offset, len(magic))
+            if found == magic:
+                return name
+    finally:
+        if backend is not None:
+            backend.close()
     return None
 
 
@@ -325,6 +363,11 @@ def probe(path: str) -> Format:
             raise UnsupportedError(f"not supported yet: {unread} images (recognised by"
                                    " their header); give -f raw to read the file's bytes"
                                    " as a raw disk", path)
+        encrypted = encrypted_format(path, head, size)
+        if encrypted:
+            raise UnsupportedError(f"encrypted ({encrypted}); not supported yet: reading"
+                                   " encrypted images (give -f raw to read the encrypted"
+                                   " bytes as they are)", path)
         return get("raw")
     return best
 
@@ -372,7 +415,7 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: boo
     """
     from .locks import FORCE_SHARE_WRITE, force_share
     path = os.fspath(path)
-    policy = policy or OpenPolicy()
+    policy = policy or OpenPolicy.from_environment()
     if writable and policy.force_share:
         raise UsageError(FORCE_SHARE_WRITE, path)
     with force_share(policy.force_share):
@@ -393,6 +436,7 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
     if writable and not plugin.random_write:
         raise UnsupportedError(f"{plugin.name} images cannot be opened for writing"
                                " (convert to a writable format instead)", path)
+    policy.check_referenced_format(path, plugin.name)
     policy = policy.descend(path)
     if snapshot is not None:
         if not plugin.snapshots:

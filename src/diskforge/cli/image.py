@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -27,11 +28,15 @@ def add_snapshot_arg(p: argparse.ArgumentParser, text: str) -> None:
 
 
 def policy_from(args, *, share: bool = True):
-    """The open policy the command line asks for; ``share=False`` for the files a
-    command writes, to which ``-U`` does not apply (``convert -n``'s target)."""
+    """The open policy the command line asks for: untrusted mode's when ``--untrusted``
+    or ``DISKFORGE_UNTRUSTED`` asked for it (main sets ``args.untrusted``);
+    ``share=False`` for the files a command writes, to which ``-U`` does not apply
+    (``convert -n``'s target)."""
     from ..policy import OpenPolicy
-    return OpenPolicy(allowed_roots=tuple(args.allow_root),
-                      force_share=share and getattr(args, "force_share", False))
+    roots = tuple(getattr(args, "allow_root", ()))
+    policy = OpenPolicy.untrusted(roots) if getattr(args, "untrusted", False) \
+        else OpenPolicy.default(roots)
+    return replace(policy, force_share=share and getattr(args, "force_share", False))
 
 
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
@@ -84,7 +89,6 @@ def open_backing(name: str, fmt: str | None, target: str, args, *, share: bool =
     ``share``: only its size and format are needed, so it is opened as ``-U`` would
     (``create -b``: qemu-img locks nothing there, and an overlay of a running VM's
     disk is made that way)."""
-    from dataclasses import replace
 
     from ..blockdev import Backing
     from ..registry import open_image

@@ -11,6 +11,7 @@ import signal
 import sys
 
 from ..errors import DiskforgeError
+from ..untrusted import CpuTimeExceeded
 
 # subcommand group modules, each with add_parsers(subparsers)
 GROUPS = ("image", "maintenance", "chain", "snapshot", "imaging", "verify", "formats_cmd",
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the Python traceback when something fails")
     parser.add_argument("--sync", action="store_true",
                         help="fdatasync outputs before renaming them into place")
+    parser.add_argument("--untrusted", action="store_true",
+                        help="for images uploaded by others: confine the files they name,"
+                        " refuse raw backing files, limit memory and CPU time (also"
+                        " DISKFORGE_UNTRUSTED=1)")
     parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
@@ -64,7 +69,27 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _inputs(args) -> str | None:
+    """The image this command works on, to name in a resource-limit error."""
+    for name in ("filename", "source", "image", "image1"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _limit_error(args, what: str) -> str:
+    from ..errors import printable
+    where = _inputs(args)
+    return f"diskforge: {printable(where) + ': ' if where else ''}{what}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Untrusted mode's process limits (setrlimit, the lower memory
+    budget) apply only when this is the ``diskforge`` process itself (``argv`` None):
+    ``main([...])`` called from Python (tests, embedding) gets the untrusted policy
+    but never limits its caller's process."""
+    own_process = argv is None
     parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
@@ -81,7 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary outputs on kill
     error_status = getattr(args, "error_status", 1)
     try:
+        from ..policy import untrusted_from_environment
+        args.untrusted = args.untrusted or untrusted_from_environment()
+        if args.untrusted and own_process:
+            from ..untrusted import limit_process
+            limit_process(_inputs(args))
         return int(args.func(args) or 0)
+    except CpuTimeExceeded as e:
+        print(_limit_error(args, str(e)), file=sys.stderr)
+        return error_status
+    except MemoryError:
+        if args.debug:
+            raise
+        limit = ""
+        if args.untrusted and own_process:
+            from ..untrusted import address_space
+            limit = (f" (untrusted mode's address-space limit of {address_space() >> 20}"
+                     " MiB; DISKFORGE_UNTRUSTED_ADDRESS_SPACE sets it)")
+        print(_limit_error(args, f"out of memory{limit}"), file=sys.stderr)
+        return error_status
     except DiskforgeError as e:
         if args.debug:
             raise

@@ -189,6 +189,8 @@ class Qcow2Device(BlockDevice):
         from ...registry import open_image
         policy = self.policy or OpenPolicy().descend(self.path)
         full = policy.resolve(self.path, name, "backing file")
+        policy.check_backing_format(self.path, name, fmt,
+                                    "QCowExtension 0xe2792aca (backing file format name)")
         self.backing = open_image(full, fmt or None, policy=policy)
 
     # -- L2 tables -------------------------------------------------------------------------

@@ -378,9 +378,12 @@ def _ascii(raw: bytes) -> bytes:
 
 def _check_features(hdr: Header, path) -> None:
     if hdr.crypt_method:
-        kind = {1: "AES", 2: "LUKS"}.get(hdr.crypt_method, f"method {hdr.crypt_method}")
-        raise UnsupportedError(f"not supported: encrypted qcow2 images ({kind} encryption)",
-                               path)
+        # crypt_method 1 is qcow's old AES-CBC (insecure, write-deprecated in QEMU); 2 is
+        # encrypt.format=luks, a LUKS1 header in the clusters the crypto extension names
+        kind = {1: "AES, the old qcow2 encryption", 2: "LUKS"}.get(
+            hdr.crypt_method, f"unknown crypt_method {hdr.crypt_method}")
+        raise UnsupportedError(f"QCowHeader.crypt_method: encrypted ({kind}); not"
+                               " supported yet: reading encrypted qcow2 images", path)
     unknown = hdr.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
         names = ", ".join(hdr.feature_name(0, b) for b in range(64) if unknown >> b & 1)
