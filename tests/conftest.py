@@ -16,6 +16,14 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+from hypothesis import settings
+
+# Property tests explore a fixed sequence of examples in the suite, so a run can never
+# fail by chance (a test that can is a bug); HYPOTHESIS_PROFILE=explore draws new
+# examples for a by-hand search.
+settings.register_profile("suite", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "fixtures")
