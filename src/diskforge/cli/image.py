@@ -124,6 +124,8 @@ def cmd_create(args) -> int:
         if backing_dev is not None:
             from ..atomic import refuse_overwrite
             refuse_overwrite(args.filename, backing_dev.files(), "its backing file")
+        from ..ops.measure import require_room
+        require_room(args.filename, fmt, options, size=size)
         if not args.q:
             print(f"Formatting '{args.filename}', fmt={fmt.name} size={size}")
         writer = fmt.writer(args.filename, size, options, backing=backing)
@@ -169,6 +171,8 @@ def cmd_convert(args) -> int:
                                  f" ({src.size} bytes)", args.target)
             writer = DeviceWriter(dev)
         else:
+            from ..ops.measure import require_room
+            require_room(args.target, fmt, options, **room_basis(src, base, options))
             writer = fmt.writer(args.target, src.size, options, backing=backing)
         bar = progress_for(args)
         try:
@@ -182,6 +186,15 @@ def cmd_convert(args) -> int:
         if base is not None:
             base.close()
     return 0
+
+
+def room_basis(src, base, options) -> dict:
+    """What to measure a block-device target's need by: the source's allocated
+    contents, or only the empty disk's metadata where a measure would overstate the
+    need (compressed output, or only what differs from a base)."""
+    if base is not None or getattr(options, "compress", False):
+        return {"size": src.size}
+    return {"source": src}
 
 
 # -- compare ------------------------------------------------------------------------------
