@@ -66,21 +66,28 @@ def special_kind(mode: int) -> str | None:
 def open_input(path: str | os.PathLike, *, writable: bool = False) -> int:
     """Open ``path`` for reading (or reading and writing), refusing anything that is not
     a regular file or a block device before a single byte is read; the descriptor is
-    blocking again when returned."""
-    path = os.fspath(path)
+    blocking again when returned. OS failures become one-line ImageIOErrors."""
     try:
-        kind = special_kind(os.stat(path).st_mode)
+        return _open_checked(os.fspath(path), writable)
     except OSError as e:
-        raise ImageIOError.from_os(e, path) from None
+        raise ImageIOError.from_os(e, os.fspath(path)) from None
+
+
+def open_input_file(path: str | os.PathLike) -> "BinaryIO":
+    """A drop-in for ``open(path, "rb")`` (OS failures stay OSErrors, so callers'
+    ``except FileNotFoundError`` still works) that refuses special files as
+    :func:`open_input` does."""
+    return os.fdopen(_open_checked(os.fspath(path), False), "rb")
+
+
+def _open_checked(path: str, writable: bool) -> int:
+    kind = special_kind(os.stat(path).st_mode)  # look before opening: nothing blocks
     if kind and kind != "a directory":  # directories: the caller's own message
         raise _refused_input(path, kind)
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags)
     try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise ImageIOError.from_os(e, path) from None
-    try:
-        kind = special_kind(os.fstat(fd).st_mode)
+        kind = special_kind(os.fstat(fd).st_mode)  # the name may have been swapped
         if kind and kind != "a directory":
             raise _refused_input(path, kind)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
@@ -88,11 +95,6 @@ def open_input(path: str | os.PathLike, *, writable: bool = False) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def open_input_file(path: str | os.PathLike) -> "BinaryIO":
-    """:func:`open_input` as a buffered binary file object (for ``with ... as f``)."""
-    return os.fdopen(open_input(path), "rb")
 
 
 def _refused_input(path: str, kind: str) -> ImageIOError:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from ..blockdev import ZERO_BUFFER_SIZE, ZEROES, BlockDevice, ImageWriter
 from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
+from ..devices import open_input_file
 from .convert import ConvertStats, convert
 
 CHUNK = 64 << 20
@@ -250,7 +251,7 @@ class IntegrityRecord:
     @classmethod
     def load(cls, path: str) -> "IntegrityRecord":
         try:
-            with open(path, "rb") as f:
+            with open_input_file(path) as f:
                 raw = f.read(64 << 20)
             d = json.loads(raw)
         except OSError as e:
@@ -324,7 +325,7 @@ def source_identity(source: BlockDevice, name: str) -> dict:
 def load_resume(out_path: str) -> dict:
     path = resume_path(out_path)
     try:
-        with open(path, "rb") as f:
+        with open_input_file(path) as f:
             state = json.loads(f.read(64 << 20))
     except FileNotFoundError:
         raise UsageError("nothing to resume: no interrupted run of this image (no"
