@@ -48,7 +48,7 @@ from .devices import (is_block_device, open_output_device, refuse_special_output
 from .errors import ImageIOError, SafetyError, UnsupportedError
 
 __all__ = ["AtomicFile", "final_path", "is_block_device", "refuse_overwrite",
-           "remove_stale", "set_durable"]
+           "remove_stale", "set_durable", "unlink_regular"]
 
 _durable = False
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
@@ -76,11 +76,13 @@ class AtomicFile(FileBackend):
     whether skipped-over ranges of a device are zeroed first; the raw writer, which
     zeroes every zero extent itself, turns it off. ``trailer``: the structure that
     must end the file (VHD footer, UDIF koly), for formats that therefore cannot be
-    written onto a device.
+    written onto a device. ``sidecar``: a small record beside an image (integrity
+    record, bad-sector map, resume state, manifest), never written onto a device.
     """
 
     def __init__(self, target: str | os.PathLike, *, mode: int = 0o644,
-                 zero_fill: bool = True, trailer: str | None = None):
+                 zero_fill: bool = True, trailer: str | None = None,
+                 sidecar: bool = False):
         self.target = final_path(target)
         self.committed = False
         self.in_place = False
@@ -92,6 +94,9 @@ class AtomicFile(FileBackend):
         except OSError as e:
             raise ImageIOError.from_os(e, self.target) from None
         if st is not None and stat.S_ISBLK(st.st_mode):
+            if sidecar:
+                raise SafetyError("is a block device; records and maps beside an image"
+                                  " are written only as regular files", self.target)
             if trailer:
                 raise UnsupportedError(
                     f"not supported yet: writing this format in place on a block device"
@@ -343,6 +348,16 @@ def _zero_device(out: FileBackend, start: int, end: int) -> None:
             n = min(hi - lo, ZERO_BUFFER_SIZE)
             FileBackend.pwrite(out, lo, ZEROES[:n])
             lo += n
+
+
+def unlink_regular(path: str) -> None:
+    """Delete ``path`` when it is a regular file (a stale record of ours); anything
+    else under that name (a device node, a FIFO, a directory) is left alone."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -151,7 +151,7 @@ def read_manifest(directory: str) -> dict:
 
 def write_manifest(directory: str, data: dict) -> None:
     from ..atomic import AtomicFile
-    out = AtomicFile(os.path.join(directory, MANIFEST))
+    out = AtomicFile(os.path.join(directory, MANIFEST), sidecar=True)
     try:
         out.pwrite(0, (json.dumps(data, indent=2) + "\n").encode())
         out.commit()
