@@ -66,7 +66,9 @@ def special_kind(mode: int) -> str | None:
 def open_input(path: str | os.PathLike, *, writable: bool = False) -> int:
     """Open ``path`` for reading (or reading and writing), refusing anything that is not
     a regular file or a block device before a single byte is read; the descriptor is
-    blocking again when returned. OS failures become one-line ImageIOErrors."""
+    blocking again when returned. OS failures become one-line ImageIOErrors. A block
+    device opened for writing (``convert -n``, ``resize``, ``commit`` ... of an image
+    on a device) gets the output checks: not mounted, swap or held, and O_EXCL."""
     try:
         return _open_checked(os.fspath(path), writable)
     except OSError as e:
@@ -81,9 +83,12 @@ def open_input_file(path: str | os.PathLike) -> "BinaryIO":
 
 
 def _open_checked(path: str, writable: bool) -> int:
-    kind = special_kind(os.stat(path).st_mode)  # look before opening: nothing blocks
+    mode = os.stat(path).st_mode
+    kind = special_kind(mode)  # look before opening: nothing blocks
     if kind and kind != "a directory":  # directories: the caller's own message
         raise _refused_input(path, kind)
+    if writable and stat.S_ISBLK(mode):  # an image on a device, changed in place
+        return open_output_device(path)
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC
     fd = os.open(path, flags)
     try:
