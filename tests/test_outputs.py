@@ -393,3 +393,25 @@ def test_a_resumable_partial_is_kept_by_other_runs(workdir):
                             checkpoint_every=MIB, resume=state)
     assert res.resumed_from > 0 and res.sha256 == sha256_file(src_path)
     _no_temps(workdir)
+
+
+def test_iso_build_onto_a_block_device(workdir, loop_device):
+    need("isoinfo")
+    tree = os.path.join(workdir, "tree")
+    os.mkdir(tree)
+    with open(os.path.join(tree, "big.bin"), "wb") as f:
+        f.write(os.urandom(MIB))
+    disk = os.path.join(workdir, "stick.img")
+    with open(disk, "wb") as f:
+        f.write(b"\xee" * (4 * MIB))
+    code, _, err = cli("iso", "build", "-q", tree, loop_device(disk))
+    assert code == 0, err
+    listing = run("isoinfo", "-R", "-i", disk, "-f").stdout
+    assert "/big.bin" in listing
+    small = os.path.join(workdir, "small.img")
+    with open(small, "wb") as f:
+        f.truncate(512 * 1024)
+    code, _, err = cli("iso", "build", "-q", tree, loop_device(small))
+    one_line_error(code, err)
+    assert "device is 524288 bytes, image needs " in err
+    assert not any(open(small, "rb").read())
