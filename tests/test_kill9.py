@@ -3,8 +3,11 @@
 Whatever the moment (before the first write, in the middle, after the last), the
 assertions are the same, so the test is deterministic although where each kill lands is
 not: the source is unchanged; under the final name there is nothing or the complete,
-correct output; an image changed in place passes ``check``; and the next run removes
-the killed run's temporary file, saying so in one line. Ten kills per operation.
+correct output; an image changed in place reads as before and passes ``check``, or is
+repaired by ``check -r all`` when left with leaked clusters (any operation) or
+OFLAG_COPIED errors (snapshot -c only, see below); and the next run removes the killed
+run's temporary files, saying so in one line each. Ten kills per operation, most aimed
+just after the run starts writing.
 """
 
 from __future__ import annotations
@@ -169,10 +172,12 @@ def test_kill9_of_an_in_place_operation(workdir, tools, op):
         assert _same(want, view, "raw", "qcow2")   # the disk reads as it did
         assert _temps(workdir) == []               # in place: no temporary files
     print(f"{op}: check after each kill: {outcomes}")
-    allowed = {"clean"}
+    # leaked clusters (exit 3: space, no harm to data) are what a crash may leave, as
+    # with qemu; repaired by check -r all
+    allowed = {"clean", "repaired (check exited 3)"}
     if op == "snapshot":
         # snapshot -c raises the refcounts before the snapshot table names them: killed
         # in between, check finds leaks and OFLAG_COPIED errors (exit 2), all of which
         # check -r all repairs, the data intact (qcow2/snapshot.py's write order)
-        allowed |= {"repaired (check exited 2)", "repaired (check exited 3)"}
+        allowed.add("repaired (check exited 2)")
     assert set(outcomes) <= allowed, outcomes

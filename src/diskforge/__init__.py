@@ -81,8 +81,7 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, *,
     with open_image(source, source_fmt, policy=policy) as src:
         refuse_overwrite(target, src.files())
         from .ops.measure import require_room
-        require_room(os.fspath(target), plugin, opts,
-                     **({"size": src.size} if compress else {"source": src}))
+        require_room(os.fspath(target), plugin, opts, source=src)
         return run(src, plugin.writer(os.fspath(target), src.size, opts), progress=progress)
 
 

@@ -172,7 +172,7 @@ def cmd_convert(args) -> int:
             writer = DeviceWriter(dev)
         else:
             from ..ops.measure import require_room
-            require_room(args.target, fmt, options, **room_basis(src, base, options))
+            require_room(args.target, fmt, options, source=src, base=base)
             writer = fmt.writer(args.target, src.size, options, backing=backing)
         bar = progress_for(args)
         try:
@@ -186,15 +186,6 @@ def cmd_convert(args) -> int:
         if base is not None:
             base.close()
     return 0
-
-
-def room_basis(src, base, options) -> dict:
-    """What to measure a block-device target's need by: the source's allocated
-    contents, or only the empty disk's metadata where a measure would overstate the
-    need (compressed output, or only what differs from a base)."""
-    if base is not None or getattr(options, "compress", False):
-        return {"size": src.size}
-    return {"source": src}
 
 
 # -- compare ------------------------------------------------------------------------------

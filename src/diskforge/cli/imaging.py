@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .image import add_policy_args, open_backing, open_source, progress_for, room_basis
+from .image import add_policy_args, open_backing, open_source, progress_for
 
 DEFAULT_IMAGE_FORMAT = "qcow2"
 
@@ -59,7 +59,7 @@ def cmd_image(args) -> int:
                                        state=state["writer"])
         else:
             from ..ops.measure import require_room
-            require_room(args.output, fmt, options, **room_basis(src, base, options))
+            require_room(args.output, fmt, options, source=src, base=base)
             writer = fmt.writer(args.output, src.size, options, backing=backing)
         bar = progress_for(args)
         try:

@@ -640,7 +640,7 @@ def build(src: str, out: str, options: BuildOptions | None = None, *,
             target = AtomicFile(out)
             try:
                 if target.in_place:  # a block device: refuse up front when too small
-                    planned = _planned_size(iso)
+                    planned = _planned_size(iso)  # (and room for the hybrid padding)
                     target.truncate(hybrid.padded_size(planned) if opts.hybrid
                                     else planned)
                     target.truncate(planned)
@@ -663,7 +663,7 @@ def build(src: str, out: str, options: BuildOptions | None = None, *,
 def _planned_size(iso) -> int:
     """The bytes the ISO will take (its volume space size), known before writing it:
     how a block device target is checked for room."""
-    if iso._needs_reshuffle:
+    if getattr(iso, "_needs_reshuffle", False):  # pycdlib internals, as in _write
         iso._reshuffle_extents()
         iso._needs_reshuffle = False
     return iso.pvd.space_size * iso.logical_block_size

@@ -33,10 +33,10 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from ..blockdev import ZERO_BUFFER_SIZE, ZEROES, BlockDevice, ImageWriter
-from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from ..atomic import unlink_regular
+from ..blockdev import ZERO_BUFFER_SIZE, ZEROES, BlockDevice, ImageWriter
 from ..devices import open_input_file
+from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from .convert import ConvertStats, convert
 
 CHUNK = 64 << 20
