@@ -69,6 +69,8 @@ def create(path: str | os.PathLike, size: int, fmt: str | None = None,
                 os.path.dirname(os.path.abspath(path)), backing)
             bdev = open_image(full, backing_fmt)
         b = Backing(backing, bdev.format, bdev) if bdev else None
+        from .ops.measure import require_room
+        require_room(path, plugin, opts, size=size)
         with plugin.writer(path, size, opts, backing=b) as w:
             w.finish()
     finally:
@@ -91,6 +93,8 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, *,
         opts = plugin.compressed(opts)
     with open_image(source, source_fmt, policy=policy) as src:
         refuse_overwrite(target, src.files())
+        from .ops.measure import require_room
+        require_room(os.fspath(target), plugin, opts, source=src)
         return run(src, plugin.writer(os.fspath(target), src.size, opts), progress=progress)
 
 

@@ -543,11 +543,8 @@ class FileBackend:
         self.path = os.fspath(path)
         self.writable = writable
         if fd is None:
-            flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
-            try:
-                fd = os.open(self.path, flags)
-            except OSError as e:
-                raise ImageIOError.from_os(e, self.path) from None
+            from .devices import open_input  # FIFOs, sockets, char devices refused
+            fd = open_input(self.path, writable=writable)
         self.fd = fd
         st = os.fstat(fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
@@ -603,6 +600,9 @@ class FileBackend:
 
     def pwrite(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
+        if self.is_block_device and offset + len(mv) > self.size:
+            from .devices import too_small  # a device cannot grow: say so, write nothing
+            raise too_small(self.path, self.size, offset + len(mv))
         try:
             while len(mv):
                 n = os.pwrite(self.fd, mv, offset)
@@ -612,6 +612,11 @@ class FileBackend:
             raise ImageIOError.from_os(e, self.path) from None
 
     def truncate(self, size: int) -> None:
+        if self.is_block_device:
+            from .devices import too_small
+            if size > self.size:
+                raise too_small(self.path, self.size, size)
+            raise UnsupportedError("a block device cannot be truncated", self.path)
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:

@@ -145,6 +145,8 @@ def cmd_create(args) -> int:
         if backing_dev is not None:
             from ..atomic import refuse_overwrite
             refuse_overwrite(args.filename, backing_dev.files(), "its backing file")
+        from ..ops.measure import require_room
+        require_room(args.filename, fmt, options, size=size)
         if not args.q:
             print(f"Formatting '{args.filename}', fmt={fmt.name} size={size}")
         writer = fmt.writer(args.filename, size, options, backing=backing)
@@ -191,6 +193,8 @@ def cmd_convert(args) -> int:
                                  f" ({src.size} bytes)", args.target)
             writer = DeviceWriter(dev)
         else:
+            from ..ops.measure import require_room
+            require_room(args.target, fmt, options, source=src, base=base)
             writer = fmt.writer(args.target, src.size, options, backing=backing)
         bar = progress_for(args)
         try:

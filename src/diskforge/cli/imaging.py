@@ -59,6 +59,8 @@ def cmd_image(args) -> int:
             writer = fmt.resume_writer(args.output, src.size, options, backing=backing,
                                        state=state["writer"])
         else:
+            from ..ops.measure import require_room
+            require_room(args.output, fmt, options, source=src, base=base)
             writer = fmt.writer(args.output, src.size, options, backing=backing)
         bar = progress_for(args)
         try:

@@ -3,7 +3,7 @@
 Sparse-aware both ways: extents come from SEEK_DATA/SEEK_HOLE (holes report as ZERO,
 "present", like qemu's file driver), and the writer leaves zero runs as holes, then
 sets the final size with ftruncate. Written to a block device, the writer writes in
-place (a device cannot be renamed into) and zeroes with BLKZEROOUT.
+place (``AtomicFile``'s rule for devices) and zeroes zero runs with BLKZEROOUT.
 
 Options follow qemu-img: ``preallocation=off|falloc|full``.
 """
@@ -16,7 +16,7 @@ import os
 from ..atomic import AtomicFile, is_block_device
 from ..blockdev import (ZERO_BUFFER_SIZE, ZEROES, FileBackend, FileBytesDevice, ImageInfo,
                         ImageWriter)
-from ..errors import ImageIOError, UnsupportedError, UsageError
+from ..errors import UnsupportedError, UsageError
 from ..options import Options, option
 from ..registry import Format, Measurement
 
@@ -87,26 +87,20 @@ class RawWriter(ImageWriter):
                  resume_from: str | None = None):
         self.size = size
         self.options = options
-        self.in_place = is_block_device(path)
         if resume_from is not None:  # an interrupted run's partial file, as it was
             self.out = AtomicFile.reopen(path, resume_from)
-            self.out.truncate(size)
-        elif self.in_place:
-            self.out: FileBackend = FileBackend(path, writable=True)
-            if self.out.size < size:
-                self.out.close()
-                raise ImageIOError(f"device is smaller ({self.out.size} bytes) than the"
-                                   f" image ({size} bytes)", path)
-        else:
-            self.out = AtomicFile(path)
-            try:
-                self.out.truncate(size)
-                if options.preallocation == "falloc" and size:
-                    from .._fallocate import allocate
-                    allocate(self.out.fd, 0, size)
-            except BaseException:
-                self.out.discard()
-                raise
+        else:  # a block device is written in place; this writer zeroes its zero runs
+            self.out = AtomicFile(path, zero_fill=False)
+        self.in_place = self.out.in_place
+        try:
+            self.out.truncate(size)  # on a device: refused when it is too small
+            if resume_from is None and not self.in_place \
+                    and options.preallocation == "falloc" and size:
+                from .._fallocate import allocate
+                allocate(self.out.fd, 0, size)
+        except BaseException:
+            self.out.discard()
+            raise
 
     def write_prepared(self, offset: int, data) -> None:
         self.out.pwrite(offset, data)
@@ -119,31 +113,21 @@ class RawWriter(ImageWriter):
         # else: a new sparse file already reads zeros there (falloc'd blocks too)
 
     def finish(self) -> None:
-        if self.in_place:
-            self.out.flush()
-            self.out.close()
-            return
-        if self.options.preallocation == "full":
+        if self.options.preallocation == "full" and not self.in_place:
             for o, n, data in list(self.out.data_ranges(0, self.size)):
                 if not data:
                     _write_zeros(self.out, o, n)
         self.out.commit()
 
     def abort(self) -> None:
-        if self.in_place:
-            self.out.close()
-        else:
-            self.out.discard()
+        self.out.discard()  # on a device: closes it (what was written stays)
 
     def checkpoint(self) -> dict:
         self.out.flush(durable=True)
         return {"partial": None if self.in_place else self.out.tmp_path}
 
     def suspend(self) -> None:
-        if self.in_place:
-            self.out.close()
-        else:
-            self.out.detach()
+        self.out.detach()
 
 
 def _write_zeros(out: FileBackend, offset: int, length: int) -> None:

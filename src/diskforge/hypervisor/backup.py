@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..devices import open_input_file
 from ..errors import DiskforgeError, SafetyError, UsageError
 from .qmp import QMP, QMPDisconnected, QMPError
 
@@ -137,7 +138,7 @@ def _quietly(fn, *args) -> None:
 def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_input_file(path) as f:
             data = json.load(f)
     except FileNotFoundError:
         return {"version": 1, "chains": {}}
@@ -150,7 +151,7 @@ def read_manifest(directory: str) -> dict:
 
 def write_manifest(directory: str, data: dict) -> None:
     from ..atomic import AtomicFile
-    out = AtomicFile(os.path.join(directory, MANIFEST))
+    out = AtomicFile(os.path.join(directory, MANIFEST), sidecar=True)
     try:
         out.pwrite(0, (json.dumps(data, indent=2) + "\n").encode())
         out.commit()

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..atomic import AtomicFile, refuse_overwrite
+from ..devices import open_input_file
 from ..errors import DiskforgeError, ImageIOError, UnsupportedError, UsageError
 from . import hybrid
 from .names import iso9660_names, joliet_names, udf_names
@@ -437,7 +438,7 @@ class _Builder:
         try:
             if opts.boot:
                 if opts.hybrid:
-                    with open(os.path.join(self.src, opts.boot), "rb") as f:
+                    with open_input_file(os.path.join(self.src, opts.boot)) as f:
                         head = f.read(0x44)
                     if head[0x40:0x44] != hybrid.ISOLINUX_HYBRID_SIGNATURE:
                         raise UsageError(f"'{opts.boot}' is not a hybrid-capable"
@@ -599,7 +600,7 @@ def build(src: str, out: str, options: BuildOptions | None = None, *,
             raise UnsupportedError("no hybrid MBR: install syslinux's isohdpfx.bin (Debian:"
                                    " isolinux) or give --hybrid-mbr FILE")
         try:
-            with open(mbr_path, "rb") as f:
+            with open_input_file(mbr_path) as f:
                 mbr_code = f.read(512)
         except OSError as e:
             raise ImageIOError.from_os(e, mbr_path) from None
@@ -638,8 +639,13 @@ def build(src: str, out: str, options: BuildOptions | None = None, *,
             ctx.clock.now = volume_time
             target = AtomicFile(out)
             try:
+                if target.in_place:  # a block device: refuse up front when too small
+                    planned = _planned_size(iso)  # (and room for the hybrid padding)
+                    target.truncate(hybrid.padded_size(planned) if opts.hybrid
+                                    else planned)
+                    target.truncate(planned)
                 _write(iso, target, progress)
-                size = os.fstat(target.fd).st_size
+                size = target.size if target.in_place else os.fstat(target.fd).st_size
                 if opts.hybrid:
                     size = _make_hybrid(target, size, mbr_code)
                 target.commit()
@@ -652,6 +658,15 @@ def build(src: str, out: str, options: BuildOptions | None = None, *,
     res.size = size
     res.warnings = result_messages
     return res
+
+
+def _planned_size(iso) -> int:
+    """The bytes the ISO will take (its volume space size), known before writing it:
+    how a block device target is checked for room."""
+    if getattr(iso, "_needs_reshuffle", False):  # pycdlib internals, as in _write
+        iso._reshuffle_extents()
+        iso._needs_reshuffle = False
+    return iso.pvd.space_size * iso.logical_block_size
 
 
 def _make_hybrid(target: AtomicFile, size: int, boot_code: bytes) -> int:

@@ -22,6 +22,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
+from ..devices import open_input_file
 from ..errors import ImageIOError, UsageError
 from .build import BuildOptions, BuildResult, build
 
@@ -67,7 +68,7 @@ def yaml_quote(s: str) -> str:
 
 def _read(path: str, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open_input_file(path) as f:  # a FIFO or device is refused, not read
             data = f.read(MAX_FILE + 1)
     except OSError as e:
         raise ImageIOError.from_os(e, path) from None

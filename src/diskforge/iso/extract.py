@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..blockdev import ExtentKind, FileBackend, aligned_buffer, is_zero
+from ..devices import special_kind
 from ..errors import FormatError, ImageIOError, UnsupportedError, UsageError
 from .filesystem import Entry, Tree
 
@@ -260,6 +261,7 @@ def extract(tree: Tree, dest: str, paths: list[str] | None = None, *,
                               errno.EEXIST: "it already exists (use --overwrite)",
                               errno.EISDIR: "a directory is in the way",
                               errno.ENAMETOOLONG: "the name is too long"}[err.errno]
+                    reason = getattr(err, "reason", reason)
                     result.refused.append((shown, reason))
                     bad.add(parts)
                     continue
@@ -317,6 +319,11 @@ def _create(parent: int, name: str, overwrite: bool, make):
         st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory") from None
+        kind = special_kind(st.st_mode)
+        if kind:  # a FIFO or device node is never written through, nor replaced
+            err = FileExistsError(errno.EEXIST, "in the way")
+            err.reason = f"{kind} is in the way (only regular files and links are replaced)"
+            raise err from None
         os.unlink(name, dir_fd=parent)
         return make()
 

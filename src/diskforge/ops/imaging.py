@@ -33,7 +33,9 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+from ..atomic import unlink_regular
 from ..blockdev import ZERO_BUFFER_SIZE, ZEROES, BlockDevice, ImageWriter
+from ..devices import open_input_file
 from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from .convert import ConvertStats, convert
 
@@ -243,14 +245,14 @@ class IntegrityRecord:
 
     def save(self, path: str) -> None:
         from ..atomic import AtomicFile
-        with AtomicFile(path) as f:
+        with AtomicFile(path, sidecar=True) as f:
             f.pwrite(0, (json.dumps(self.to_json(), indent=1) + "\n").encode())
             f.commit()
 
     @classmethod
     def load(cls, path: str) -> "IntegrityRecord":
         try:
-            with open(path, "rb") as f:
+            with open_input_file(path) as f:
                 raw = f.read(64 << 20)
             d = json.loads(raw)
         except OSError as e:
@@ -288,7 +290,7 @@ def write_badmap(path: str, size: int, bad: list[tuple[int, int]]) -> None:
         pos = start + length
     if pos < size:
         lines.append(f"0x{pos:08X}  0x{size - pos:08X}  +")
-    with AtomicFile(path) as f:
+    with AtomicFile(path, sidecar=True) as f:
         f.pwrite(0, ("\n".join(lines) + "\n").encode())
         f.commit()
 
@@ -324,7 +326,7 @@ def source_identity(source: BlockDevice, name: str) -> dict:
 def load_resume(out_path: str) -> dict:
     path = resume_path(out_path)
     try:
-        with open(path, "rb") as f:
+        with open_input_file(path) as f:
             state = json.loads(f.read(64 << 20))
     except FileNotFoundError:
         raise UsageError("nothing to resume: no interrupted run of this image (no"
@@ -345,13 +347,10 @@ def discard_resume(out_path: str) -> None:
         if partial and os.path.basename(partial).endswith(".diskforge-tmp") and \
                 os.path.dirname(os.path.abspath(partial)) == \
                 os.path.dirname(os.path.abspath(out_path)):
-            os.unlink(partial)
+            unlink_regular(partial)
     except (OSError, DiskforgeError):
         pass
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    unlink_regular(path)
 
 
 class _Suspending(ImageWriter):
@@ -469,16 +468,15 @@ def image(source: BlockDevice, writer: ImageWriter, out_path: str, *, fmt_name: 
     rec.save(record_path(out_path))
     if rescue.bad:
         write_badmap(badmap_path(out_path), source.size, rescue.bad)
-    elif os.path.exists(badmap_path(out_path)):
-        os.unlink(badmap_path(out_path))  # a stale map from an earlier run would mislead
-    if os.path.exists(resume_path(out_path)):
-        os.unlink(resume_path(out_path))
+    else:
+        unlink_regular(badmap_path(out_path))  # a stale map from an earlier run misleads
+    unlink_regular(resume_path(out_path))
     return ImageResult(stats, digest, rescue.bad, record_path(out_path), start)
 
 
 def _save_resume(out_path: str, state: dict) -> None:
     from ..atomic import AtomicFile
-    with AtomicFile(resume_path(out_path)) as f:
+    with AtomicFile(resume_path(out_path), sidecar=True) as f:
         f.pwrite(0, json.dumps(state).encode())
         f.commit(durable=True)
 

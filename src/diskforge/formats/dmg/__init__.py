@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ...errors import UnsupportedError, UsageError
+from ...devices import open_input_file
+from ...errors import ImageIOError, UnsupportedError, UsageError
 from ...options import Options, option
 from ...registry import Format
 
@@ -114,9 +115,9 @@ class SparseBundleFormat(Format):
 
     def probe_directory(self, path: str) -> bool:
         try:
-            with open(os.path.join(path, "Info.plist"), "rb") as f:
+            with open_input_file(os.path.join(path, "Info.plist")) as f:
                 return b"com.apple.diskimage.sparsebundle" in f.read(64 << 10)
-        except OSError:
+        except (OSError, ImageIOError):
             return False
 
     def open(self, path: str, *, writable: bool = False, policy=None):

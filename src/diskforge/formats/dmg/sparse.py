@@ -25,6 +25,7 @@ from construct import Bytes, Const, Int32ub, Struct
 
 from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
                          FileBackend, ImageInfo, coalesce)
+from ...devices import open_input_file
 from ...errors import FormatError, ImageIOError, UnsupportedError
 from ...policy import OpenPolicy
 
@@ -191,7 +192,7 @@ class SparseBundleDevice(_Banded):
         self.policy = policy or OpenPolicy()
         self.plist_path = os.path.join(path, "Info.plist")
         try:
-            with open(self.plist_path, "rb") as f:
+            with open_input_file(self.plist_path) as f:  # a FIFO is refused, not read
                 raw = f.read(1 << 20)
         except OSError as e:
             raise ImageIOError.from_os(e, self.plist_path) from None

@@ -408,6 +408,9 @@ class Qcow2Writer(ImageWriter):
         if self.data_name or self.prealloc != "off":
             raise UnsupportedError("not supported yet: resuming qcow2 output with a data"
                                    " file or preallocation", self.path)
+        if self.out.in_place:
+            raise UnsupportedError("not supported yet: resuming qcow2 output written in"
+                                   " place on a block device", self.path)
         import base64
         import zlib
         self._flush_part()

@@ -86,7 +86,7 @@ class VhdWriter(ImageWriter):
         self.disk_type = FIXED if self.subformat == "fixed" else \
             DIFFERENCING if parent else DYNAMIC
         self.parent = parent
-        self.out = AtomicFile(path)
+        self.out = AtomicFile(path, trailer="VHD footer")
         try:
             self._layout()
         except BaseException:
