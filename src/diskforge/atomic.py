@@ -110,6 +110,7 @@ class AtomicFile(FileBackend):
             raise ImageIOError("the directory to write into does not exist", self.target)
         remove_stale(self.target)
         self.tmp_path, fd = _create_locked(directory, name, mode, self.target)
+        _UNFINISHED.add(self)
         super().__init__(self.tmp_path, writable=True, fd=fd)
 
     def _open_device(self, zero_fill: bool) -> None:
@@ -151,6 +152,7 @@ class AtomicFile(FileBackend):
             raise
         self.tmp_path = os.path.join(directory, tmp_name)
         self.committed = False
+        _UNFINISHED.add(self)
         FileBackend.__init__(self, self.tmp_path, writable=True, fd=fd)
         return self
 
@@ -192,6 +194,7 @@ class AtomicFile(FileBackend):
     # -- the end of the output ------------------------------------------------------------
     def detach(self) -> None:
         """Close, keeping the temporary file for a later ``reopen`` (resume)."""
+        _UNFINISHED.discard(self)
         self.close()
 
     def commit(self, *, durable: bool | None = None) -> None:
@@ -214,10 +217,12 @@ class AtomicFile(FileBackend):
             self.discard()
             raise ImageIOError.from_os(e, self.target) from None
         self.committed = True
+        _UNFINISHED.discard(self)
 
     def discard(self) -> None:
         """Delete the temporary file. On a device written in place this only closes it:
         what was written there cannot be undone."""
+        _UNFINISHED.discard(self)
         self.close()
         if not self.committed and not self.in_place:
             try:
@@ -231,6 +236,19 @@ class AtomicFile(FileBackend):
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.discard()
+
+
+# Temporary outputs neither committed, discarded nor detached. A signal can land after a
+# writer made its temporary file but before the operation's own clean-up is armed (in
+# the writer's constructor, say); the command line discards what is left here on its
+# way out, so an interrupted run never leaves a temporary file behind.
+_UNFINISHED: "set[AtomicFile]" = set()
+
+
+def discard_unfinished() -> None:
+    """Discard every temporary output of this process that was not finished."""
+    for f in list(_UNFINISHED):
+        f.discard()
 
 
 def _create_locked(directory: str, name: str, mode: int, target: str) -> tuple[str, int]:

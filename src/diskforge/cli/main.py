@@ -88,7 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Untrusted mode's process limits (setrlimit, the lower memory
     budget) apply only when this is the ``diskforge`` process itself (``argv`` None):
     ``main([...])`` called from Python (tests, embedding) gets the untrusted policy
-    but never limits its caller's process."""
+    but never limits its caller's process.
+
+    Whatever ends the command, no unfinished temporary output outlives it: a signal can
+    land before an operation's own clean-up is armed (``atomic.discard_unfinished``)."""
+    try:
+        return _main(argv)
+    finally:
+        atomic = sys.modules.get("diskforge.atomic")  # loaded by every command that writes
+        if atomic is not None:
+            atomic.discard_unfinished()
+
+
+def _main(argv: list[str] | None) -> int:
     own_process = argv is None
     parser = build_parser()
     if argv is None:
