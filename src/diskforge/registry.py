@@ -328,7 +328,7 @@ def encrypted_format(path: str, head: bytes, size: int) -> str | None:
             if offset + len(magic) <= len(head):
                 found = head[offset:offset + len(magic)]
             else:
-                backend = backend or FileBackend(path)
+                backend = backend or FileBackend(path, lock=False)  # a glance
                 found = backend.pread(offset, len(magic))
             if found == magic:
                 return name
