@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     error_status = getattr(args, "error_status", 1)
     try:
         return int(args.func(args) or 0)
+    except MemoryError:
+        if args.debug:
+            raise
     except DiskforgeError as e:
         if args.debug:
             raise
@@ -104,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diskforge: internal error: {type(e).__name__}: {e} (run 'diskforge --debug"
               f" ...' for the traceback, and please report it)", file=sys.stderr)
         return error_status
+    # Only a MemoryError gets here. Not inside its except block: there the traceback
+    # still holds the frames (and whatever filled memory), so building even this line
+    # failed again and again (a hostile plist once ended in a 39-line traceback).
+    print("diskforge: out of memory (an input asks for more than this machine can"
+          " give; run 'diskforge --debug ...' for the traceback)", file=sys.stderr)
+    return error_status
 
 
 if __name__ == "__main__":
