@@ -214,6 +214,9 @@ class SparseBundleDevice(_Banded):
                 raw = f.read(MAX_INFO_PLIST + 1)
         except OSError as e:
             raise ImageIOError.from_os(e, self.plist_path) from None
+        if len(raw) > MAX_INFO_PLIST:
+            raise FormatError(f"larger than {MAX_INFO_PLIST} bytes (hdiutil's is about"
+                              " 500)", path, structure="Info.plist")
         try:
             info = loads(raw, max_bytes=MAX_INFO_PLIST, max_elements=1000)
         except PlistError as e:
