@@ -39,8 +39,10 @@ STORED = COMPRESSED | {RAW}
 NO_DATA = frozenset({ZERO_FILL, IGNORE})
 MARKERS = frozenset({COMMENT, TERMINATOR})
 
-# xz of hdiutil's ULMO chunks needs a few MiB; refuse streams asking for much more
-LZMA_MEMLIMIT = 256 << 20
+# xz of hdiutil's ULMO chunks needs a few MiB; the largest preset (9, a 64 MiB
+# dictionary) needs 65 MiB, and a chunk holds at most 64 MiB, so a larger dictionary is
+# never of use: refuse streams asking for more than that, rather than the whole budget
+LZMA_MEMLIMIT = 96 << 20
 
 
 class ChunkError(ValueError):
