@@ -349,3 +349,32 @@ def test_extraction_holds_a_bounded_number_of_descriptors(shape, tmp_path):
     leaf = (dest / "d1499" / "last.txt") if shape.endswith("siblings") else \
         dest.joinpath(*["d"] * count, "last.txt")
     assert leaf.read_text() == "last"
+
+
+def test_udf_allocation_extents_looping_back(udf, tmp_path):
+    def loop(data):
+        _, _, icb = _fid_named(data, b"f.txt")
+        fe_sector = next(s for s, tid, loc in udf_descriptors(data)
+                         if tid == 261 and loc == icb)
+        start = fe_sector - icb                     # the partition's first sector
+        at = fe_sector * SECTOR
+        assert struct.unpack_from("<H", data, at + 34)[0] & 7 == 0   # short ADs
+        l_ea = struct.unpack_from("<I", data, at + 168)[0]
+        ad = at + 176 + l_ea
+        block = struct.unpack_from("<I", data, ad + 4)[0]       # the data's block
+        # the file's extent now continues its allocation descriptors in that block,
+        # where an Allocation Extent Descriptor continues them in that block again
+        struct.pack_into("<I", data, ad, (3 << 30) | SECTOR)
+        retag(data, at, struct.unpack_from("<H", data, at + 10)[0])
+        aed = (start + block) * SECTOR
+        data[aed:aed + SECTOR] = bytes(SECTOR)
+        struct.pack_into("<HH", data, aed, 258, 2)
+        struct.pack_into("<I", data, aed + 12, block)
+        struct.pack_into("<II", data, aed + 20, 8, (3 << 30) | SECTOR)
+        struct.pack_into("<I", data, aed + 28, block)
+        retag(data, aed, 16)
+    _udf_patch(udf, loop)
+    for argv in (["iso", "ls", "-R", "--namespace", "udf", udf],
+                 ["iso", "extract", "--namespace", "udf", udf, str(tmp_path / "d")]):
+        assert_one_line(run_bounded(*argv), "u.iso", "AllocationExtentDescriptor",
+                        "allocation extent loop")
