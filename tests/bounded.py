@@ -2,24 +2,41 @@
 
 A hostile image must end in one line, quickly and in bounded memory. Running the
 command in-process could not show either (a hang would hang pytest, a giant allocation
-would grow the test process), so the child runs under a deadline, and its peak RSS is
-read from the kernel's rusage of that child alone (``os.wait4``), not from
-``RUSAGE_CHILDREN``, which mixes in every child the test process ever had.
+would grow the test process), so the child runs under a deadline and its peak RSS is
+measured. Not with ``os.wait4`` straight from pytest: Linux keeps a process's peak RSS
+across ``execve``, so a child forked from a pytest worker of 180 MiB starts its life at
+180 MiB. A small runner (a fresh interpreter) forks the command instead and reports the
+``ru_maxrss`` that ``wait4`` gives for that one child.
 """
 
 from __future__ import annotations
 
 import os
-import resource
+import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from dataclasses import dataclass
 
 # what one diskforge command may peak at on hostile input: well under the 256 MiB
-# budget (the interpreter and diskforge's imports alone take about 40 MiB)
-PEAK_LIMIT = 160 << 20
+# budget (the interpreter and diskforge's imports alone take about 25 MiB; the bombs
+# and plists here peak at about 30)
+PEAK_LIMIT = 96 << 20
+
+_RUNNER = """
+import os, resource, sys
+report, nofile, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+pid = os.fork()
+if pid == 0:
+    if nofile:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    os.execv(sys.executable, [sys.executable, "-m", "diskforge", *argv])
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 @dataclass
@@ -34,41 +51,27 @@ class Outcome:
 
 def run_bounded(*argv: str, cwd: str | None = None, timeout: float = 30,
                 nofile: int | None = None) -> Outcome:
-    """``python -m diskforge ARGV`` in a child killed after ``timeout`` seconds;
-    ``nofile`` lowers its RLIMIT_NOFILE (to show a descriptor bound quickly)."""
-    def limits():
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "diskforge", *argv], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, preexec_fn=limits)
-    fired = threading.Event()
-
-    def kill():
-        fired.set()
-        proc.kill()
-
-    timer = threading.Timer(timeout, kill)
-    timer.start()
-    streams: dict[str, bytes] = {}
-    readers = [threading.Thread(target=lambda k=k, f=f: streams.__setitem__(k, f.read()))
-               for k, f in (("out", proc.stdout), ("err", proc.stderr))]
-    for t in readers:
-        t.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        timer.cancel()
-        for t in readers:
-            t.join()
-        proc.stdout.close()
-        proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here, not by Popen
-    return Outcome(proc.returncode, streams["out"].decode(errors="replace"),
-                   streams["err"].decode(errors="replace"), time.monotonic() - start,
-                   usage.ru_maxrss * 1024, fired.is_set())
+    """``python -m diskforge ARGV`` in a child killed (with its runner) after
+    ``timeout`` seconds; ``nofile`` lowers its RLIMIT_NOFILE (to show a descriptor
+    bound quickly)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "peak-rss")
+        start = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, report, str(nofile or 0),
+                                 *argv], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        timed_out = False
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        seconds = time.monotonic() - start
+        peak = int(open(report).read()) if os.path.exists(report) else 0
+    return Outcome(proc.returncode, out.decode(errors="replace"),
+                   err.decode(errors="replace"), seconds, peak, timed_out)
 
 
 def assert_one_line(res: Outcome, *words: str, seconds: float = 20) -> None:

@@ -18,7 +18,7 @@ import zlib
 
 import lzfse
 import pytest
-from bounded import assert_one_line, run_bounded
+from bounded import PEAK_LIMIT, assert_one_line, run_bounded
 from conftest import FIXTURES, cli
 
 from diskforge.formats.dmg import codecs, udif
@@ -154,7 +154,7 @@ def test_a_huge_bundle_of_tiny_bands_is_walked_by_its_bands(tmp_path):
             f.write(b"\xab" * 512)
     res = run_bounded("map", "--output", "json", path, timeout=30)
     assert res.code == 0 and not res.timed_out, res.err
-    assert res.seconds < 20 and res.peak_rss < 160 << 20
+    assert res.seconds < 20 and res.peak_rss < PEAK_LIMIT
     import json
     data = [(e["start"], e["length"]) for e in json.loads(res.out) if e["data"]]
     assert data == [(0, 512), (0x123456789 * 512, 512)]
