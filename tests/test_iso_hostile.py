@@ -23,6 +23,7 @@ import json
 import os
 import re
 import struct
+import subprocess
 
 import pytest
 from bounded import assert_one_line, run_bounded
@@ -47,22 +48,17 @@ def record(name: bytes, location: int, length: int, flags: int = 0) -> bytes:
 def tiny_iso(path: str, entries: list[bytes], data: list[bytes]) -> str:
     """An ISO of one root directory holding ``entries`` (records whose locations count
     from the first data sector, added here), then the ``data`` sectors."""
-    per = []
     sectors: list[bytearray] = [bytearray()]
-    for r in entries:
+    for r in entries:   # a record never crosses a sector (ECMA-119 §6.8.1.1)
         if len(sectors[-1]) + len(r) > SECTOR:
             sectors.append(bytearray())
         sectors[-1] += r
-        per.append(len(sectors) - 1)
-    root_at, root_len = 18, 0
+    root_at = 18
     dir_sectors = len(sectors) + 1
-    first_data = root_at + dir_sectors
-    out = bytearray(root_at * SECTOR)
-    root = bytearray(record(b"\x00", root_at, dir_sectors * SECTOR, 2)
-                     + record(b"\x01", root_at, dir_sectors * SECTOR, 2))
     root_len = dir_sectors * SECTOR
-    body = bytearray()
-    body += root.ljust(SECTOR, b"\0")
+    first_data = root_at + dir_sectors
+    body = bytearray((record(b"\x00", root_at, root_len, 2)
+                      + record(b"\x01", root_at, root_len, 2)).ljust(SECTOR, b"\0"))
     for sec in sectors:
         fixed = bytearray()
         pos = 0
@@ -85,11 +81,9 @@ def tiny_iso(path: str, entries: list[bytes], data: list[bytes]) -> str:
     pvd[881] = 1
     term = bytearray(SECTOR)
     term[0:7] = b"\xffCD001\x01"
-    out[16 * SECTOR:16 * SECTOR] = b""
-    out = out[:16 * SECTOR] + pvd + term + body + b"".join(d.ljust(SECTOR, b"\0")
-                                                         for d in data)
     with open(path, "wb") as f:
-        f.write(out)
+        f.write(bytes(16 * SECTOR) + pvd + term + body
+                + b"".join(d.ljust(SECTOR, b"\0") for d in data))
     return path
 
 
@@ -193,13 +187,13 @@ def test_udf_information_length_of_2_64_minus_1(udf, tmp_path):
 
 def test_udf_file_identifier_looping_back_to_the_root(udf, tmp_path):
     def loop(data):
-        root_icb = next(icb for s, tid, _ in udf_descriptors(data) if tid == 257
-                        for at, raw, icb in fids(data, s) if raw[1:] == b"sub")
+        _, _, sub = _fid_named(data, b"sub")
         at, _, _ = _fid_named(data, b"g.txt")
-        parent_at, _, root = next(fids(data, at // SECTOR))   # the sub dir's parent FID
-        assert root != root_icb
+        _, _, root = next(fids(data, at // SECTOR))   # sub's first FID: its parent
+        assert root != sub
         data[at + 24:at + 28] = struct.pack("<I", root)       # g.txt is now the root
-        retag(data, at, (38 + 0 + data[at + 19] + 3 & ~3) - 16)
+        l_iu = struct.unpack_from("<H", data, at + 36)[0]
+        retag(data, at, (38 + l_iu + data[at + 19] + 3 & ~3) - 16)
     _udf_patch(udf, loop)
     for argv in (["iso", "ls", "-R", "--namespace", "udf", udf],
                  ["iso", "extract", "--namespace", "udf", udf, str(tmp_path / "d")]):
@@ -338,9 +332,8 @@ def test_extraction_holds_a_bounded_number_of_descriptors(shape, tmp_path):
         with open(os.path.join(src, *["d"] * count, "last.txt"), "w") as f:
             f.write("last")
     iso = str(tmp_path / "t.iso")
-    proc = __import__("subprocess").run(["xorriso", "-as", "mkisofs", "-quiet", "-R", "-J",
-                                         "-o", iso, str(src)], capture_output=True,
-                                        timeout=60)
+    proc = subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-R", "-J", "-o", iso,
+                           str(src)], capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     dest = tmp_path / "dest"
     res = run_bounded("iso", "extract", iso, str(dest), nofile=64)
