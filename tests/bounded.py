@@ -11,6 +11,7 @@ across ``execve``, so a child forked from a pytest worker of 180 MiB starts its 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,12 +26,12 @@ from dataclasses import dataclass
 PEAK_LIMIT = 96 << 20
 
 _RUNNER = """
-import os, resource, sys
-report, nofile, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+import json, os, resource, sys
+report, limits, argv = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
 pid = os.fork()
 if pid == 0:
-    if nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), (value, value))
     os.execv(sys.executable, [sys.executable, "-m", "diskforge", *argv])
 _, status, usage = os.wait4(pid, 0)
 with open(report, "w") as f:
@@ -50,15 +51,16 @@ class Outcome:
 
 
 def run_bounded(*argv: str, cwd: str | None = None, timeout: float = 30,
-                nofile: int | None = None) -> Outcome:
+                nofile: int | None = None, address_space: int | None = None) -> Outcome:
     """``python -m diskforge ARGV`` in a child killed (with its runner) after
     ``timeout`` seconds; ``nofile`` lowers its RLIMIT_NOFILE (to show a descriptor
-    bound quickly)."""
+    bound quickly), ``address_space`` its RLIMIT_AS (to meet a MemoryError)."""
+    limits = {"RLIMIT_NOFILE": nofile, "RLIMIT_AS": address_space}
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "peak-rss")
         start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, report, str(nofile or 0),
-                                 *argv], cwd=cwd, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, report,
+                                 json.dumps({k: v for k, v in limits.items() if v}), *argv], cwd=cwd, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         timed_out = False

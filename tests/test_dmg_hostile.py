@@ -89,6 +89,18 @@ def test_a_bomb_in_a_chunk_costs_only_the_declared_size(codec, tmp_path):
         assert out.read_bytes() == bytes(MIB)
 
 
+def test_running_out_of_memory_is_one_line(tmp_path):
+    """A valid 64 MiB chunk (the most one may declare) in a 150 MiB address space: the
+    MemoryError is reported once its except block has ended (inside it, the traceback
+    still held what filled memory and even the message failed to build)."""
+    big = make_dmg(str(tmp_path / "big.dmg"), codecs.ZLIB,
+                   zlib.compress(bytes(64 * MIB), 9), 64 * MIB // 512)
+    res = run_bounded("convert", "-O", "raw", big, str(tmp_path / "o.raw"),
+                      address_space=150 * MIB)
+    assert_one_line(res, "out of memory")
+    assert not (tmp_path / "o.raw").exists()
+
+
 def test_lzfse_blocks_that_decode_to_more_than_they_declare_are_refused():
     """In-process, with the decoder itself: the header walk alone cannot see this bomb
     (every block declares 1 byte), the bounded decode does."""
