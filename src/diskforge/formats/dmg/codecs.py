@@ -93,9 +93,10 @@ _V1_HEADER_SIZE = 772  # sizeof(lzfse_compressed_block_header_v1)
 def lzfse_raw_size(data: bytes) -> int:
     """Sum of the ``n_raw_bytes`` the blocks of an LZFSE stream declare.
 
-    The ``lzfse`` package grows its output buffer until the stream fits, so a hostile
-    chunk could make it allocate gigabytes; walking the block headers first tells what
-    the stream will produce before anything is decoded.
+    Walking the block headers refuses, before anything is decoded, a chunk whose
+    blocks say they hold more than the chunk declares, and one whose blocks run past it
+    (truncated). It is not the bound itself: compressed blocks may decode to more than
+    their ``n_raw_bytes`` (see :func:`lzfse_decompress`, which is).
     """
     pos, total, n = 0, 0, len(data)
     while True:
