@@ -81,7 +81,7 @@ def test_a_bomb_in_a_chunk_costs_only_the_declared_size(codec, tmp_path):
     assert_one_line(res, "bomb.dmg", "BLKXChunkEntry",
                     "more than its declared 1048576 bytes")
     assert not out.exists()
-    # the same stream, honestly declared, decodes (the bound is not a blanket refusal)
+    # an honest chunk of the same declared size decodes (the bound refuses only more)
     if codec == "zlib":
         good = make_dmg(str(tmp_path / "good.dmg"), kind, zlib.compress(bytes(MIB)),
                         MIB // 512)
