@@ -162,7 +162,14 @@ def _lzfse_decode_buffer():
     package's extension module (loaded once)."""
     if not _LZFSE_DECODE:
         import lzfse
-        fn = ctypes.CDLL(lzfse.__file__).lzfse_decode_buffer
+        try:
+            fn = ctypes.CDLL(lzfse.__file__).lzfse_decode_buffer
+        except (OSError, AttributeError):
+            from ...errors import UnsupportedError
+            raise UnsupportedError("not supported yet: LZFSE chunks with this build of the"
+                                   " lzfse package (its extension module does not export"
+                                   " lzfse_decode_buffer, the only bounded decoder)"
+                                   ) from None
         fn.restype = ctypes.c_size_t
         fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
                        ctypes.c_void_p]
