@@ -13,7 +13,8 @@ import time
 
 
 def _warn(msg: str) -> None:
-    print(f"diskforge: warning: {msg}", file=sys.stderr)
+    from ..errors import printable
+    print(f"diskforge: warning: {printable(msg)}", file=sys.stderr)
 
 
 def cmd_build(args) -> int:
@@ -50,12 +51,15 @@ def _mode_string(e) -> str:
 
 
 def _line(name: str, e) -> str:
+    """One ``ls -l``-like line; the name and link target come from inside the image, so
+    they are escaped (a newline in a Rock Ridge name would forge a line)."""
+    from ..errors import printable
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime)) if e.mtime is not None \
         else "-" * 16
     owner = f"{e.uid if e.uid is not None else '-':>5} {e.gid if e.gid is not None else '-':>5}"
-    shown = name + ("/" if e.kind == "dir" else "")
+    shown = printable(name) + ("/" if e.kind == "dir" else "")
     if e.kind == "symlink":
-        shown += f" -> {e.target}"
+        shown += f" -> {printable(e.target)}"
     return f"{_mode_string(e)} {owner} {e.size:>13} {when}  {shown}"
 
 
@@ -99,8 +103,9 @@ def cmd_extract(args) -> int:
                           progress=bar)
         finally:
             bar.close()
-    for path, why in res.refused:
-        print(f"diskforge: refused '{path}': {why}", file=sys.stderr)
+    from ..errors import printable
+    for path, why in res.refused:   # both quote names from inside the image
+        print(f"diskforge: refused '{printable(path)}': {printable(why)}", file=sys.stderr)
     if not args.q:
         print(f"{args.dest}: {res.files} files, {res.directories} directories,"
               f" {res.symlinks} symlinks, {res.bytes} bytes ({tree.namespace} names)")

@@ -130,13 +130,6 @@ def _main(argv: list[str] | None) -> int:
     except MemoryError:
         if args.debug:
             raise
-        limit = ""
-        if args.untrusted and own_process:
-            from ..untrusted import address_space
-            limit = (f" (untrusted mode's address-space limit of {address_space() >> 20}"
-                     " MiB; DISKFORGE_UNTRUSTED_ADDRESS_SPACE sets it)")
-        print(_limit_error(args, f"out of memory{limit}"), file=sys.stderr)
-        return error_status
     except DiskforgeError as e:
         if args.debug:
             raise
@@ -159,6 +152,16 @@ def _main(argv: list[str] | None) -> int:
         print(f"diskforge: internal error: {type(e).__name__}: {e} (run 'diskforge --debug"
               f" ...' for the traceback, and please report it)", file=sys.stderr)
         return error_status
+    # Only a MemoryError gets here. Not inside its except block: there the traceback
+    # still holds the frames (and whatever filled memory), so building even this line
+    # failed again and again (a hostile plist once ended in a 39-line traceback).
+    limit = " (an input asks for more than this machine can give)"
+    if args.untrusted and own_process:
+        from ..untrusted import address_space
+        limit = (f" (untrusted mode's address-space limit of {address_space() >> 20}"
+                 " MiB; DISKFORGE_UNTRUSTED_ADDRESS_SPACE sets it)")
+    print(_limit_error(args, f"out of memory{limit}"), file=sys.stderr)
+    return error_status
 
 
 if __name__ == "__main__":

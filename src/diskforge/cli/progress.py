@@ -15,7 +15,8 @@ class ProgressBar:
         tty = getattr(self.stream, "isatty", lambda: False)()
         self.enabled = not quiet and (tty or force)
         self.tty = tty
-        self.label = label
+        from ..errors import printable
+        self.label = printable(label)
         self.start = time.monotonic()
         self.last = 0.0
         self.drawn = False

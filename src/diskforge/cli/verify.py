@@ -49,8 +49,9 @@ def cmd_verify(args) -> int:
         print(json.dumps({"filename": args.filename, "format": fmt, "checked": checked,
                           "verified": not problems, "problems": problems}, indent=4))
     elif problems:
-        for p in problems:
-            print(f"{args.filename}: {p}")
+        from ..errors import printable
+        for p in problems:   # they quote blkx names from inside the image
+            print(f"{args.filename}: {printable(p)}")
         print(f"{args.filename}: {len(problems)} problem{'s' if len(problems) > 1 else ''}"
               f" ({', '.join(checked)}): the image is corrupt")
     elif not args.q:

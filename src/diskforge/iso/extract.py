@@ -37,6 +37,7 @@ from .filesystem import Entry, Tree
 
 SYMLINK_POLICIES = ("refuse", "reroot", "keep")
 COPY_CHUNK = 8 << 20
+MAX_OPEN_DIRS = 32   # directory descriptors held at once, whatever the tree's shape
 
 
 @dataclass
@@ -110,6 +111,8 @@ def plan(tree: Tree, paths: list[str] | None) -> list[tuple[tuple[str, ...], Ent
         top = chain[-1] if chain else tree.root()
         if top.kind == "dir":
             out.extend(tree.walk(top, parts))
+    if len(selected) > 1:   # one pre-order sequence (a walk is one already)
+        out.sort(key=lambda item: item[0])
     return out
 
 
@@ -213,30 +216,31 @@ def extract(tree: Tree, dest: str, paths: list[str] | None = None, *,
     except OSError as e:
         raise ImageIOError.from_os(e, dest) from None
     copier = _Copier(tree)
-    dirs: dict[tuple[str, ...], int] = {(): root_fd}
-    finished_dirs: list[tuple[tuple[str, ...], Entry, bool]] = []
     _UMASK[0] = os.umask(0o022)   # read it (there is no other way), then put it back
     os.umask(_UMASK[0])
-    bad: set[tuple[str, ...]] = set()
+
+    def settle(fd: int, e: Entry, settled: bool) -> None:
+        # a directory's attributes once everything under it is written: its mode may
+        # forbid writing into it, and writing into it would change its mtime
+        _apply_attrs(fd, e, same_owner, _final_mode(e, same_owner, 0o755),
+                     chmod=not settled)
+
+    stack = _DirStack(root_fd, settle, dest)
     try:
         for parts, e in items:
             shown = "/".join(parts)
-            if any(parts[:i] in bad for i in range(1, len(parts))):
-                continue  # under a refused directory
-            why = next((w for w in map(unsafe_name, parts) if w), None)
+            if not stack.climb_to(parts[:-1]):
+                continue  # under a refused directory, or one that could not be made
+            name = parts[-1]
+            why = unsafe_name(name)
             if why:
                 result.refused.append((shown, why))
-                bad.add(parts)
                 continue
-            parent = dirs.get(parts[:-1])
-            if parent is None:
-                continue
-            name = parts[-1]
+            parent = stack.top()
             try:
                 if e.kind == "dir":
                     fd, settled = _make_dir(parent, name, _final_mode(e, same_owner, 0o755))
-                    dirs[parts] = fd
-                    finished_dirs.append((parts, e, settled))
+                    stack.push(parts, fd, e, settled)
                     result.directories += 1
                 elif e.kind == "file":
                     _write_file(parent, name, e, copier, overwrite, same_owner, advance)
@@ -263,17 +267,89 @@ def extract(tree: Tree, dest: str, paths: list[str] | None = None, *,
                               errno.ENAMETOOLONG: "the name is too long"}[err.errno]
                     reason = getattr(err, "reason", reason)
                     result.refused.append((shown, reason))
-                    bad.add(parts)
                     continue
                 raise ImageIOError.from_os(err, os.path.join(dest, shown)) from None
-        # directories last, deepest first: their modes may forbid writing into them
-        for parts, e, settled in reversed(finished_dirs):
-            _apply_attrs(dirs[parts], e, same_owner, _final_mode(e, same_owner, 0o755),
-                         chmod=not settled)
+        stack.climb_to(())   # settle every directory still open, deepest first
     finally:
-        for fd in dirs.values():
-            os.close(fd)
+        stack.close()
     return result
+
+
+class _DirStack:
+    """The directories from DEST down to the one being filled (a plan is in pre-order,
+    so that is always where the next entry goes).
+
+    Only the deepest ``MAX_OPEN_DIRS`` keep their descriptor open: one descriptor per
+    directory ran out at about 565 directories against the usual RLIMIT_NOFILE of
+    1024. An ancestor whose descriptor was closed is reopened as ``..`` of its child
+    when extraction climbs back to it, and must be the very directory made before
+    (same device and inode), so nothing can be swapped in behind our back.
+    """
+
+    def __init__(self, root_fd: int, settle, dest: str):
+        self.parts: list[tuple[str, ...]] = [()]
+        self.fds: list[int | None] = [root_fd]
+        self.ids = [_identity(root_fd)]
+        self.attrs: list[tuple[Entry, bool] | None] = [None]
+        self.low = 1          # the lowest non-root entry whose descriptor is open
+        self.settle = settle
+        self.dest = dest
+
+    def top(self) -> int:
+        fd = self.fds[-1]
+        assert fd is not None
+        return fd
+
+    def push(self, parts: tuple[str, ...], fd: int, e: Entry, settled: bool) -> None:
+        self.parts.append(parts)
+        self.fds.append(fd)
+        self.ids.append(_identity(fd))
+        self.attrs.append((e, settled))
+        if len(self.fds) - self.low > MAX_OPEN_DIRS:
+            os.close(self.fds[self.low])
+            self.fds[self.low] = None
+            self.low += 1
+
+    def climb_to(self, parent: tuple[str, ...]) -> bool:
+        """Settle and leave directories until ``parent`` is the top; False when it is
+        not on the stack (it was refused or could not be made)."""
+        while len(self.parts) > 1 and self.parts[-1] != parent[:len(self.parts[-1])]:
+            self._pop()
+        return self.parts[-1] == parent
+
+    def _pop(self) -> None:
+        fd = self.top()
+        e, settled = self.attrs[-1]
+        try:
+            up = len(self.fds) - 2
+            if self.fds[up] is None:   # before settling: the mode may forbid search
+                pfd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                self.fds[up], self.low = pfd, up
+                if _identity(pfd) != self.ids[up]:
+                    raise ImageIOError("a directory was moved or replaced during"
+                                       " extraction", os.path.join(self.dest,
+                                                                   *self.parts[up]))
+            self.settle(fd, e, settled)
+        except OSError as err:
+            raise ImageIOError.from_os(err, os.path.join(self.dest, *self.parts[-1])) \
+                from None
+        finally:
+            os.close(fd)
+            self.fds[-1] = None
+        for stack in (self.parts, self.fds, self.ids, self.attrs):
+            stack.pop()
+        self.low = min(self.low, len(self.fds))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            if fd is not None:
+                os.close(fd)
+        self.fds = [None] * len(self.fds)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _make_dir(parent: int, name: str, mode: int) -> tuple[int, bool]:

@@ -32,6 +32,8 @@ from .volume import VolumeSet, has_rock_ridge, read_volume_set
 
 MAX_DEPTH = 1024
 MAX_ENTRIES = 10_000_000
+# sections of one multi-extent file: 4 GiB each at most, so 65536 reach 256 TiB
+MAX_FILE_SECTIONS = 65536
 NAMESPACES = ("auto", "rock-ridge", "udf", "joliet", "iso9660")
 
 S_IFMT = 0o170000
@@ -192,23 +194,32 @@ class Iso9660Tree(Tree):
         out: list[Entry] = []
         pending: Entry | None = None
         pending_name = b""
+        sections: list = []   # the pending file's extents, joined once at the end
         for rec in iter_directory(self.dev, location, length, self.bs, self.dev.path):
             if rec.name in (b"\x00", b"\x01") or rec.flags & FLAG_ASSOCIATED:
                 continue
             if pending is not None and rec.name == pending_name:
                 # the next section of a multi-extent file (ECMA-119 §6.5.1)
-                pending.extents += self._data_extent(rec)
+                if len(sections) >= MAX_FILE_SECTIONS:
+                    raise FormatError(f"file '{pending.name}' in the directory at block"
+                                      f" {location} has more than {MAX_FILE_SECTIONS}"
+                                      " sections", self.dev.path,
+                                      structure="DirectoryRecord", field="file_flags")
+                sections.extend(self._data_extent(rec))
                 pending.size += rec.data_length
                 if not rec.flags & FLAG_MULTI_EXTENT:
-                    pending = None
+                    pending.extents, pending, sections = tuple(sections), None, []
                 continue
-            pending = None
+            if pending is not None:
+                pending.extents, pending, sections = tuple(sections), None, []
             e = self._entry(rec)
             if e is None:
                 continue
             out.append(e)
             if rec.flags & FLAG_MULTI_EXTENT and e.kind == "file":
-                pending, pending_name = e, rec.name
+                pending, pending_name, sections = e, rec.name, list(e.extents)
+        if pending is not None:
+            pending.extents = tuple(sections)
         if self.rr and entry is self._root:
             out = [e for e in out if not self._is_empty_relocation_dir(e)]
         out.sort(key=lambda e: e.name)

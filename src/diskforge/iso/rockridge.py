@@ -53,6 +53,7 @@ def parse(area: bytes, dev: BlockDevice, block_size: int, skip: int = 0,
     link_seen = False
     areas = [area[skip:]]
     hops = 0
+    seen: set[tuple[int, int, int]] = set()
     while areas:
         data = areas.pop()
         pos = 0
@@ -74,6 +75,11 @@ def parse(area: bytes, dev: BlockDevice, block_size: int, skip: int = 0,
                 block, offset, ce_len = (struct.unpack_from("<L", body, 0)[0],
                                          struct.unpack_from("<L", body, 8)[0],
                                          struct.unpack_from("<L", body, 16)[0])
+                if (block, offset, ce_len) in seen:
+                    raise FormatError(f"continuation area loop: block {block} (+{offset},"
+                                      f" {ce_len} bytes) is continued into twice", path,
+                                      structure="SUSP", field="CE")
+                seen.add((block, offset, ce_len))
                 start = block * block_size + offset
                 if ce_len > 65536 or block == 0 or start + ce_len > dev.size:
                     raise FormatError(f"continuation area at block {block} (+{offset},"

@@ -35,6 +35,7 @@ MAX_VDS_SECTORS = 256
 MAX_AD_HOPS = 1024
 MAX_DIRECTORY_BYTES = 64 << 20
 MAX_LINK_BYTES = 65536
+MAX_FILE_BYTES = (1 << 63) - 1   # a file's size must be an off_t
 
 # ECMA-167 3/7.2: Descriptor Tag
 Tag = Struct(
@@ -321,6 +322,10 @@ class UdfTree(Tree):
         links = struct.unpack_from("<H", raw, f["links"])[0]
         info_len = struct.unpack_from("<Q", raw, f["len"])[0]
         l_ea, l_ad = struct.unpack_from("<LL", raw, f["l_ea"])
+        if info_len > MAX_FILE_BYTES:
+            raise FormatError(f"information length {info_len} of the entry at block"
+                              f" {block} is beyond any file (at most {MAX_FILE_BYTES})",
+                              self.path, structure="FileEntry", field="information_length")
         ad_start = f["ea"] + l_ea
         if l_ea > SECTOR or l_ad > SECTOR or ad_start + l_ad > SECTOR:
             raise FormatError(f"extended attributes ({l_ea}) and allocation descriptors"
@@ -367,6 +372,7 @@ class UdfTree(Tree):
         out = []
         remaining = info_len
         hops = 0
+        seen: set[tuple[int, int]] = set()
         end = pos + length
         while remaining > 0 and pos + size <= end:
             if ad_type == 0:
@@ -382,6 +388,11 @@ class UdfTree(Tree):
                 break
             if etype == 3:  # the next extent of allocation descriptors (4/14.5)
                 hops += 1
+                if (apart, loc) in seen:
+                    raise FormatError(f"allocation extent loop: the entry at block {block}"
+                                      f" comes back to block {loc}", self.path,
+                                      structure="AllocationExtentDescriptor")
+                seen.add((apart, loc))
                 if hops > MAX_AD_HOPS:
                     raise FormatError("allocation extent chain too long (a loop?)",
                                       self.path, structure="AllocationExtentDescriptor")

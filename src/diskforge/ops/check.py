@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from ..errors import printable
+
 # qemu-img check's exit codes
 EXIT_CLEAN, EXIT_ERROR, EXIT_CORRUPT, EXIT_LEAKS, EXIT_UNSUPPORTED = 0, 1, 2, 3, 63
 
@@ -58,7 +60,7 @@ class CheckResult:
         return d
 
     def format_human(self) -> str:
-        lines = list(self.messages)
+        lines = [printable(m) for m in self.messages]   # they may quote names
         if self.leaks_fixed or self.corruptions_fixed:
             lines.append(f"The following inconsistencies were found and repaired:\n\n"
                          f"    {self.leaks_fixed} leaked clusters\n"

@@ -46,6 +46,12 @@ BADMAP_SUFFIX = ".badmap"
 RESUME_SUFFIX = ".resume.json"
 RESUME_VERSION = 1
 RECORD_VERSION = 1
+# what a record read back may ask for (see IntegrityRecord.load): 2^19 chunks of 64 MiB
+# cover 32 TiB; 64 KiB chunks are already hashed at memory speed, not per Python step
+MIN_RECORD_CHUNK = 64 << 10
+MAX_RECORD_CHUNKS = 1 << 19
+MAX_RECORD_BYTES = 48 << 20
+MAX_RECORD_VALUES = 1 << 20
 SECTOR = 512
 # errno values that mean "the medium could not deliver these bytes", not a bug of ours
 MEDIA_ERRORS = {errno.EIO, errno.ENODATA, errno.EREMOTEIO, errno.EILSEQ, errno.ENOMEDIUM,
@@ -251,14 +257,31 @@ class IntegrityRecord:
 
     @classmethod
     def load(cls, path: str) -> "IntegrityRecord":
+        """Read and check a record. It sits beside an image and may come with it from
+        elsewhere, so every number in it is bounded before it sizes work: the file's
+        length and its count of JSON values (what parsing may allocate), the chunk
+        size (a 1-byte chunk would hash the disk a byte per step) and the number of
+        chunks (what the chunk list and ``verify``'s loop cost)."""
+        where = {"structure": "integrity record"}
         try:
-            with open_input_file(path) as f:
-                raw = f.read(64 << 20)
-            d = json.loads(raw)
+            with open_input_file(path) as f:  # a FIFO is refused, not read
+                raw = f.read(MAX_RECORD_BYTES + 1)
         except OSError as e:
             raise ImageIOError.from_os(e, path) from None
-        except ValueError as e:
+        if len(raw) > MAX_RECORD_BYTES:
+            raise FormatError(f"larger than {MAX_RECORD_BYTES >> 20} MiB (a record of"
+                              f" {MAX_RECORD_CHUNKS} chunks needs about 35 MiB)", path,
+                              **where)
+        values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+        if values > MAX_RECORD_VALUES:
+            raise FormatError(f"holds about {values} JSON values, more than the"
+                              f" {MAX_RECORD_VALUES} a record may have", path, **where)
+        try:
+            d = json.loads(raw)
+        except (ValueError, RecursionError) as e:   # RecursionError: nested too deeply
             raise FormatError(f"not a valid integrity record: {e}", path) from None
+        if not isinstance(d, dict):
+            raise FormatError("not a valid integrity record: not a JSON object", path)
         try:
             if d.get("diskforge-integrity") != RECORD_VERSION:
                 raise FormatError("unknown integrity record version", path)
@@ -271,9 +294,32 @@ class IntegrityRecord:
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"integrity record is missing or has a bad field: {e}",
                               path) from None
-        if rec.chunk_size <= 0 or len(rec.chunks) != -(-rec.virtual_size // rec.chunk_size):
+        if not 0 <= rec.virtual_size < 1 << 63:
+            raise FormatError(f"{rec.virtual_size} bytes is not a disk size", path,
+                              field="virtual-size", **where)
+        if rec.chunk_size < MIN_RECORD_CHUNK or rec.chunk_size % SECTOR:
+            raise FormatError(f"{rec.chunk_size} is not a chunk size (a multiple of"
+                              f" {SECTOR}, at least {MIN_RECORD_CHUNK}; diskforge writes"
+                              f" {CHUNK})", path, field="chunk-size", **where)
+        count = -(-rec.virtual_size // rec.chunk_size)
+        if count > MAX_RECORD_CHUNKS:
+            raise FormatError(f"{rec.virtual_size} bytes in chunks of {rec.chunk_size} is"
+                              f" {count} chunks, more than {MAX_RECORD_CHUNKS}", path,
+                              field="chunk-size", **where)
+        if len(rec.chunks) != count:
             raise FormatError("integrity record's chunk list does not cover the disk", path)
+        if not all(_is_sha256(h) for h in rec.chunks) or not _is_sha256(rec.sha256):
+            raise FormatError("a hash is not 64 hexadecimal digits", path, field="chunks",
+                              **where)
+        for a, b in rec.bad_ranges:
+            if a < 0 or b <= 0 or a + b > rec.virtual_size:
+                raise FormatError(f"bad range {a}+{b} is outside the disk", path,
+                                  field="bad-ranges", **where)
         return rec
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def write_badmap(path: str, size: int, bad: list[tuple[int, int]]) -> None:
@@ -404,6 +450,9 @@ def image(source: BlockDevice, writer: ImageWriter, out_path: str, *, fmt_name: 
                          " not the same disk", out_path)
     if checkpoint_every is None:
         checkpoint_every = CHECKPOINT
+    if chunk < MIN_RECORD_CHUNK or chunk % SECTOR:
+        raise UsageError(f"chunk size {chunk} is not a multiple of {SECTOR} of at least"
+                         f" {MIN_RECORD_CHUNK}")
     if checkpoint_every % chunk:
         raise UsageError("checkpoints must fall on chunk boundaries")
     name = source_name or (source.path or "")

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ..blockdev import BlockDevice, ImageInfo
+from ..errors import printable
 
 
 def image_info(dev: BlockDevice, *, backing_chain: bool = False,
@@ -91,7 +92,9 @@ def format_human(info: ImageInfo) -> str:
     if table is not None:
         from ..partitions import format_human as partition_lines
         lines.extend(partition_lines(table))
-    return "\n".join(lines)
+    # backing and parent names, DMG blkx names, partition names, volume identifiers:
+    # most of this comes from inside the image, so every line is escaped
+    return "\n".join(printable(line) for line in lines)
 
 
 def snapshot_table(snapshots: list[dict[str, Any]]) -> list[str]:
@@ -106,7 +109,7 @@ def snapshot_table(snapshots: list[dict[str, Any]]) -> list[str]:
         clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
                  f".{nsec // 1_000_000 % 1000:03d}")
         icount = str(s["icount"]) if "icount" in s else ""
-        lines.append(f"{str(s.get('id', '')):<9} {str(s.get('name', '')):<16} "
+        lines.append(f"{printable(s.get('id', '')):<9} {printable(s.get('name', '')):<16} "
                      f"{size_to_str(s.get('vm-state-size', 0)):>8}{date:>20}{clock:>13}"
                      f"{icount:>11}")
     return lines

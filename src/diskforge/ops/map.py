@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..blockdev import BlockDevice, ExtentKind
+from ..errors import printable
 
 
 @dataclass
@@ -106,5 +107,5 @@ def format_human(entries) -> str:
     for e in entries:
         if e.data and e.offset is not None:
             lines.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset):<16}"
-                         f"{e.filename}")
+                         f"{printable(e.filename)}")
     return "\n".join(lines)

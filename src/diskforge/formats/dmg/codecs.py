@@ -2,7 +2,10 @@
 
 Every decoder here is given the size the chunk table declares and refuses to produce
 more (a decompression bomb costs at most that much memory) or less. The declared size
-itself is bounded by the reader (``MAX_CHUNK_BYTES``) before anything is decoded.
+itself is bounded by the reader (``MAX_CHUNK_BYTES``) before anything is decoded. zlib,
+bz2 and lzma decode with ``max_length``; ADC counts per token; LZFSE is decoded by the
+reference decoder into a buffer of exactly the declared size plus one byte (below: its
+compressed blocks ignore the ``n_raw_bytes`` their headers declare).
 
 Chunk types (the ``EntryType`` of a BLKXChunkEntry), as hdiutil writes them:
 """
@@ -10,6 +13,7 @@ Chunk types (the ``EntryType`` of a BLKXChunkEntry), as hdiutil writes them:
 from __future__ import annotations
 
 import bz2
+import ctypes
 import lzma
 import struct
 import zlib
@@ -35,8 +39,10 @@ STORED = COMPRESSED | {RAW}
 NO_DATA = frozenset({ZERO_FILL, IGNORE})
 MARKERS = frozenset({COMMENT, TERMINATOR})
 
-# xz of hdiutil's ULMO chunks needs a few MiB; refuse streams asking for much more
-LZMA_MEMLIMIT = 256 << 20
+# xz of hdiutil's ULMO chunks needs a few MiB; the largest preset (9, a 64 MiB
+# dictionary) needs 65 MiB, and a chunk holds at most 64 MiB, so a larger dictionary is
+# never of use: refuse streams asking for more than that, rather than the whole budget
+LZMA_MEMLIMIT = 96 << 20
 
 
 class ChunkError(ValueError):
@@ -64,8 +70,7 @@ def decompress(kind: int, data, size: int) -> bytes:
             if declared > size:
                 raise ChunkError(f"LZFSE blocks declare {declared} bytes, more than the"
                                  f" chunk's {size}")
-            import lzfse
-            out = lzfse.decompress(bytes(data))  # it takes read-only buffers only
+            out = lzfse_decompress(data, size)
             done = True
         elif kind == ADC:
             return adc_decompress(data, size)
@@ -73,10 +78,6 @@ def decompress(kind: int, data, size: int) -> bytes:
             raise ChunkError(f"chunk type 0x{kind:08x} is not compressed")
     except (zlib.error, OSError, EOFError, lzma.LZMAError, AdcError) as e:
         raise ChunkError(f"corrupt {NAMES.get(kind, hex(kind))} data ({e})") from None
-    except Exception as e:  # lzfse.error is a plain Exception subclass
-        if type(e).__name__ != "error":
-            raise
-        raise ChunkError(f"corrupt lzfse data ({e or 'decoder failed'})") from None
     if len(out) != size:
         raise ChunkError(f"decompresses to {len(out)} bytes, not the declared {size}")
     if not done:
@@ -92,9 +93,10 @@ _V1_HEADER_SIZE = 772  # sizeof(lzfse_compressed_block_header_v1)
 def lzfse_raw_size(data: bytes) -> int:
     """Sum of the ``n_raw_bytes`` the blocks of an LZFSE stream declare.
 
-    The ``lzfse`` package grows its output buffer until the stream fits, so a hostile
-    chunk could make it allocate gigabytes; walking the block headers first tells what
-    the stream will produce before anything is decoded.
+    Walking the block headers refuses, before anything is decoded, a chunk whose
+    blocks say they hold more than the chunk declares, and one whose blocks run past it
+    (truncated). It is not the bound itself: compressed blocks may decode to more than
+    their ``n_raw_bytes`` (see :func:`lzfse_decompress`, which is).
     """
     pos, total, n = 0, 0, len(data)
     while True:
@@ -122,6 +124,57 @@ def lzfse_raw_size(data: bytes) -> int:
         if size <= 0 or pos + size > n:
             raise ChunkError(f"LZFSE block at chunk offset {pos} runs past the chunk")
         pos += size
+
+
+def lzfse_decompress(data, size: int) -> bytes:
+    """Decode the LZFSE stream ``data`` (any buffer) into at most ``size`` bytes.
+
+    The ``lzfse`` package's ``decompress`` has no output limit: it doubles its buffer
+    until the stream fits, and the reference decoder bounds an LZFSE block (``bvx1``,
+    ``bvx2``) only by the buffer it is given, not by the block's ``n_raw_bytes`` -- so
+    blocks that declare 1 byte each can decode to gigabytes. The package's extension
+    module exports the reference ``lzfse_decode_buffer``, which never writes past the
+    buffer it is handed and returns the buffer's size when the stream would go on:
+    called with ``size + 1`` bytes, that is the bound, and the sign of a bomb.
+    """
+    decode = _lzfse_decode_buffer()
+    out = bytearray(size + 1)
+    if isinstance(data, bytearray):   # the reader's buffer: no copy
+        src = (ctypes.c_char * len(data)).from_buffer(data)
+    else:
+        src = bytes(data)
+    dst = (ctypes.c_char * len(out)).from_buffer(out)
+    got = decode(dst, len(out), src, len(src), None)   # ctypes drops the GIL here
+    del dst, src
+    if got == len(out):
+        raise ChunkError(f"decompresses to more than its declared {size} bytes")
+    if got == 0:
+        raise ChunkError("corrupt lzfse data (the decoder failed)")
+    del out[got:]
+    return bytes(out)
+
+
+_LZFSE_DECODE = []
+
+
+def _lzfse_decode_buffer():
+    """``lzfse_decode_buffer(dst, dst_size, src, src_size, scratch)`` from the ``lzfse``
+    package's extension module (loaded once)."""
+    if not _LZFSE_DECODE:
+        import lzfse
+        try:
+            fn = ctypes.CDLL(lzfse.__file__).lzfse_decode_buffer
+        except (OSError, AttributeError):
+            from ...errors import UnsupportedError
+            raise UnsupportedError("not supported yet: LZFSE chunks with this build of the"
+                                   " lzfse package (its extension module does not export"
+                                   " lzfse_decode_buffer, the only bounded decoder)"
+                                   ) from None
+        fn.restype = ctypes.c_size_t
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                       ctypes.c_void_p]
+        _LZFSE_DECODE.append(fn)
+    return _LZFSE_DECODE[0]
 
 
 # -- compression (the writer) --------------------------------------------------------------

@@ -50,9 +50,7 @@ class DmgDevice(BlockDevice):
                               self.path, structure="UDIFResourceFile")
         raw = self.backend.read_exact(file_size - udif.KOLY_SIZE, udif.KOLY_SIZE, "trailer")
         self.koly = udif.parse_trailer(raw, file_size, self.path)
-        xml = self.backend.read_exact(self.koly.XMLOffset, self.koly.XMLLength,
-                                      "property list")
-        self.fork = udif.parse_plist(xml, self.path)
+        self.fork = udif.parse_plist(self._xml_pieces(), self.path)
         self.map, self.size = udif.build_chunk_map(self.koly, self.fork, self.path)
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
@@ -62,6 +60,14 @@ class DmgDevice(BlockDevice):
         self._ahead_bytes = 0
         self._ahead_next = 0
         self._last_run = -1
+
+    def _xml_pieces(self):
+        """The property list, 1 MiB at a time (parsed as it is read)."""
+        pos, end = self.koly.XMLOffset, self.koly.XMLOffset + self.koly.XMLLength
+        while pos < end:
+            n = min(1 << 20, end - pos)
+            yield self.backend.read_exact(pos, n, "property list")
+            pos += n
 
     # -- reading ----------------------------------------------------------------------
     def _run_at(self, offset: int) -> int:

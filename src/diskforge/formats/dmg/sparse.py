@@ -18,6 +18,7 @@ open policy (a band symlinked outside the bundle is refused) and a few at a time
 
 from __future__ import annotations
 
+import bisect
 import collections
 import os
 
@@ -78,19 +79,30 @@ class _Banded(BlockDevice):
         self.check_range(offset, length)
         return coalesce(self._extents(offset, offset + length))
 
+    def _present(self) -> list[int]:
+        """The bands that have bytes stored, in increasing order."""
+        raise NotImplementedError
+
     def _extents(self, start: int, end: int):
+        """Walks the bands present, not the virtual disk band by band: tiny bands and
+        a huge ``size`` (2^62 bytes in 512-byte bands) would be 2^53 steps."""
+        bs = self.band_size
+        present = self._present()
+        i = bisect.bisect_left(present, start // bs)
         pos = start
-        while pos < end:
-            band, within = divmod(pos, self.band_size)
-            stop = min(end, (band + 1) * self.band_size)
-            stored = self._stored(band)   # bytes of the band present in a file
-            if within < stored:
-                k = min(stop, band * self.band_size + stored)
-                yield Extent(pos, k - pos, ExtentKind.DATA, True, self._host(band, within))
-                pos = k
-            if pos < stop:
-                yield Extent(pos, stop - pos, ExtentKind.ZERO, False)
-                pos = stop
+        while i < len(present) and present[i] * bs < end:
+            band = present[i]
+            i += 1
+            first = band * bs
+            a, b = max(pos, first), min(end, first + self._stored(band))
+            if b <= a:
+                continue
+            if a > pos:
+                yield Extent(pos, a - pos, ExtentKind.ZERO, False)
+            yield Extent(a, b - a, ExtentKind.DATA, True, self._host(band, a - first))
+            pos = b
+        if pos < end:
+            yield Extent(pos, end - pos, ExtentKind.ZERO, False)
 
 
 class SparseImageDevice(_Banded):
@@ -145,6 +157,9 @@ class SparseImageDevice(_Banded):
             self.slot_of[band] = slot
         self.file_size = file_size
 
+    def _present(self) -> list[int]:
+        return sorted(self.slot_of)
+
     def _host(self, band: int, within: int) -> int:
         return HEADER_SIZE + self.slot_of[band] * self.band_size + within
 
@@ -180,6 +195,7 @@ class SparseImageDevice(_Banded):
 
 
 BUNDLE_TYPE = "com.apple.diskimage.sparsebundle"
+MAX_INFO_PLIST = 1 << 20           # hdiutil's is about 500 bytes
 OPEN_BANDS = 16
 
 
@@ -187,18 +203,24 @@ class SparseBundleDevice(_Banded):
     format = "sparsebundle"
 
     def __init__(self, path: str, policy: OpenPolicy | None = None):
-        import plistlib
+        from .plist import PlistError, loads
         self.path = path
         self.policy = policy or OpenPolicy()
         self.plist_path = os.path.join(path, "Info.plist")
+        # the bundle's own parts are opened only where they resolve inside it (or an
+        # allowed root): an Info.plist or bands/ symlinked elsewhere is refused
+        self.policy.resolve(self.plist_path, "Info.plist", "bundle file Info.plist")
         try:
             with open_input_file(self.plist_path) as f:  # a FIFO is refused, not read
-                raw = f.read(1 << 20)
+                raw = f.read(MAX_INFO_PLIST + 1)
         except OSError as e:
             raise ImageIOError.from_os(e, self.plist_path) from None
+        if len(raw) > MAX_INFO_PLIST:
+            raise FormatError(f"larger than {MAX_INFO_PLIST} bytes (hdiutil's is about"
+                              " 500)", path, structure="Info.plist")
         try:
-            info = plistlib.loads(raw)
-        except Exception as e:
+            info = loads(raw, max_bytes=MAX_INFO_PLIST, max_elements=1000)
+        except PlistError as e:
             raise FormatError(f"Info.plist is not a valid property list ({e})", path,
                               structure="Info.plist") from None
         if not isinstance(info, dict) or info.get("diskimage-bundle-type") != BUNDLE_TYPE:
@@ -214,6 +236,8 @@ class SparseBundleDevice(_Banded):
         self.band_size, self.size = band_size, size
         self.info_plist = info
         self.bands_dir = os.path.join(path, "bands")
+        if os.path.lexists(self.bands_dir):
+            self.policy.resolve(self.plist_path, "bands", "bundle directory bands")
         self.sizes: dict[int, int] = {}
         count = -(-size // band_size)
         try:
@@ -239,7 +263,11 @@ class SparseBundleDevice(_Banded):
                 raise FormatError(f"band file {entry.name} holds {n} bytes, more than the"
                                   f" band size {band_size}", path, structure="bands")
             self.sizes[band] = n
+        self._bands = sorted(b for b, n in self.sizes.items() if n)
         self._open: collections.OrderedDict[int, FileBackend] = collections.OrderedDict()
+
+    def _present(self) -> list[int]:
+        return self._bands
 
     def _stored(self, band: int) -> int:
         return min(self.sizes.get(band, 0), self.size - band * self.band_size)

@@ -171,12 +171,13 @@ class ResourceFork:
     other: dict[str, list[dict]]      # resource type -> [{"ID", "Name", "Attributes", size}]
 
 
-def parse_plist(xml: bytes, path: str) -> ResourceFork:
-    """The blkx entries and the other resources of the XML property list."""
-    import plistlib
+def parse_plist(xml, path: str) -> ResourceFork:
+    """The blkx entries and the other resources of the XML property list (its bytes,
+    or an iterable of pieces of them: it is parsed as it is read, never held whole)."""
+    from .plist import PlistError, loads
     try:
-        top = plistlib.loads(xml)
-    except Exception as e:  # expat, plistlib and base64 errors alike
+        top = loads(xml, max_bytes=MAX_XML_BYTES)
+    except PlistError as e:
         raise FormatError(f"the XML property list is not valid ({e})", path,
                           structure="plist") from None
     fork = top.get("resource-fork") if isinstance(top, dict) else None
