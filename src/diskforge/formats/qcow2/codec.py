@@ -56,28 +56,52 @@ def compress(ctype: int, data) -> bytes | None:
 
 def decompress(ctype: int, data: bytes, cluster_size: int, where: str,
                path: str | None) -> bytes:
-    """One cluster from its compressed bytes (which may carry trailing bytes)."""
+    """One cluster from its compressed bytes (which may carry trailing bytes).
+
+    Both decoders are told the exact output they may produce and stop there: a small
+    frame that claims (or really expands to) gigabytes costs at most one cluster.
+    zlib's ``max_length`` does it for deflate; for zstd a streaming reader across
+    frames is read up to ``cluster_size`` (``ZstdDecompressionObj.decompress`` has no
+    such bound and would inflate a whole frame first).
+    """
     try:
         if ctype == COMPRESSION_ZLIB:
             out = zlib.decompressobj(-15).decompress(data, cluster_size)
         elif ctype == COMPRESSION_ZSTD:
-            out = b""
-            rest = data
-            while len(out) < cluster_size and rest:
-                d = _zstd_decompressor().decompressobj()
-                out += d.decompress(rest)
-                if not d.eof:
-                    break
-                rest = d.unused_data
+            out = _zstd_bounded(data, cluster_size)
         else:  # pragma: no cover - refused when the header is parsed
             raise FormatError(f"unknown compression type {ctype}", path)
     except FormatError:
         raise
-    except Exception as e:  # zlib.error, zstandard.ZstdError
-        raise FormatError(f"compressed cluster {where} is corrupt: {e}", path,
+    except Exception as e:  # zlib.error, zstandard.ZstdError, ValueError
+        reason = str(e) or type(e).__name__
+        raise FormatError(f"compressed cluster {where} is corrupt: {reason}", path,
                           structure="L2 entry") from None
     if len(out) < cluster_size:
         raise FormatError(f"compressed cluster {where} decompresses to {len(out)} bytes,"
                           f" not {cluster_size} (corrupt or truncated)", path,
                           structure="L2 entry")
     return out[:cluster_size]
+
+
+def _zstd_bounded(data: bytes, limit: int) -> bytes:
+    """At most ``limit`` bytes decoded from the zstd frames at the start of ``data``.
+
+    A frame whose header declares more than a cluster is corrupt (a bomb): said so,
+    rather than silently cut. Frames without a declared size (qemu writes them so)
+    are cut at the cluster, as qemu's own decoder does."""
+    import io
+
+    import zstandard
+    declared = zstandard.get_frame_parameters(data).content_size
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > limit:
+        raise ValueError(f"the zstd frame declares {declared} bytes, more than the"
+                         f" {limit}-byte cluster")
+    reader = _zstd_decompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+    out = bytearray()
+    while len(out) < limit:
+        got = reader.read(limit - len(out))
+        if not got:
+            break
+        out += got
+    return bytes(out)
