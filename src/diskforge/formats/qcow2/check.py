@@ -334,8 +334,13 @@ class _Check:
         for b in bitmaps:
             if b.table_size:
                 self.count(b.table_offset, b.table_size * 8)
-            for e in read_table(dev, b):
-                off = e & BME_TABLE_ENTRY_OFFSET_MASK
+            try:
+                table = read_table(dev, b)
+            except FormatError as e:
+                self.error(f"ERROR bitmap '{b.name}': {e.message}")
+                continue
+            for i in _used(table):
+                off = table[i] & BME_TABLE_ENTRY_OFFSET_MASK
                 if not off:
                     continue
                 if not self._table_ok(off):
