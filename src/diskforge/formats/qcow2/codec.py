@@ -58,11 +58,10 @@ def decompress(ctype: int, data: bytes, cluster_size: int, where: str,
                path: str | None) -> bytes:
     """One cluster from its compressed bytes (which may carry trailing bytes).
 
-    Both decoders are told the exact output they may produce and stop there: a small
-    frame that claims (or really expands to) gigabytes costs at most one cluster.
-    zlib's ``max_length`` does it for deflate; for zstd a streaming reader across
-    frames is read up to ``cluster_size`` (``ZstdDecompressionObj.decompress`` has no
-    such bound and would inflate a whole frame first).
+    Both decoders are bounded by the cluster: a small frame that claims (or really
+    expands to) gigabytes costs at most one cluster's work. zlib's ``max_length`` does
+    it for deflate (the rest of a deflate stream is ignored, as qemu does); zstd is
+    fed in small steps and a frame that runs past the cluster is corrupt, as in qemu.
     """
     try:
         if ctype == COMPRESSION_ZLIB:
@@ -84,24 +83,37 @@ def decompress(ctype: int, data: bytes, cluster_size: int, where: str,
     return out[:cluster_size]
 
 
+# compressed bytes fed to zstd at a time: a zstd block of 4 bytes (RLE) can expand to
+# 128 KiB, so one step never makes more than 16 MiB however hostile the input
+_ZSTD_STEP = 512
+
+
 def _zstd_bounded(data: bytes, limit: int) -> bytes:
-    """At most ``limit`` bytes decoded from the zstd frames at the start of ``data``.
+    """The ``limit`` bytes the zstd frames at the start of ``data`` decode to.
 
-    A frame whose header declares more than a cluster is corrupt (a bomb): said so,
-    rather than silently cut. Frames without a declared size (qemu writes them so)
-    are cut at the cluster, as qemu's own decoder does."""
-    import io
-
+    As qemu's decoder: frames are decoded one after another until the cluster is full,
+    and a frame still unfinished when it is full is corrupt (a bomb, or damage). A
+    frame that declares more than a cluster is refused before decoding. The input is
+    fed a few hundred bytes at a time (python-zstandard's decompressobj has no output
+    bound), so memory stays bounded whatever the frame expands to.
+    """
     import zstandard
     declared = zstandard.get_frame_parameters(data).content_size
     if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > limit:
         raise ValueError(f"the zstd frame declares {declared} bytes, more than the"
                          f" {limit}-byte cluster")
-    reader = _zstd_decompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
     out = bytearray()
-    while len(out) < limit:
-        got = reader.read(limit - len(out))
-        if not got:
-            break
-        out += got
+    pos = 0
+    while len(out) < limit and pos < len(data):
+        d = _zstd_decompressor().decompressobj()
+        while not d.eof and pos < len(data):
+            piece = data[pos:pos + _ZSTD_STEP]
+            pos += len(piece)
+            out += d.decompress(piece)
+            if len(out) > limit:
+                raise ValueError("a zstd frame decodes to more than the"
+                                 f" {limit}-byte cluster")
+        if not d.eof:
+            break       # truncated: the caller reports the short cluster
+        pos -= len(d.unused_data)
     return bytes(out)
