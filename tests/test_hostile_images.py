@@ -235,6 +235,24 @@ def test_qcow2_check_with_qemus_maximum_of_snapshots(workdir):
     assert code == 0 and out.count("\n") > 65536
 
 
+def test_qcow2_check_with_l1_entries_naming_one_l2_table(workdir):
+    """4096 L1 entries naming the same full L2 table (2 MiB clusters: 262144 entries):
+    the table is walked twice (once, then once weighted), not 4096 times."""
+    need("qemu-img")
+    import diskforge
+    img = os.path.join(workdir, "alias.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", img, "2048P")
+    run("qemu-io", "-c", "write -P 7 0 2M", img)
+    with diskforge.open(img) as dev:
+        l1_offset, first = dev.l1_offset, dev.l1[0]
+    with open(img, "r+b") as f:
+        f.seek(l1_offset + 8)
+        f.write(struct.pack(">Q", first) * 4096)
+    code, out, err, rss = measured("check", img)
+    ok_or_one_line(code, err, rss, "check")
+    assert code == 2 and "refcount=1 reference=4097" in out, out[:500] + err
+
+
 # -- VHDX -------------------------------------------------------------------------------------
 
 def _vhdx_regions(path, change: dict):

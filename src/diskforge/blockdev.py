@@ -69,8 +69,10 @@ def skip_filled(table, start: int, stop: int, fill: int = 0) -> int:
     width = mv.itemsize
     filler = bytes((fill,))
     i = start
+    step = 256 // width      # small first (dense tables), growing to a MiB (sparse)
     while i < stop:
-        j = min(stop, i + (1 << 20) // width)
+        j = min(stop, i + step)
+        step = min(step * 8, (1 << 20) // width)
         chunk = mv[i:j].tobytes()
         if fill == 0 and chunk.startswith(ZEROES[:len(chunk)]):
             i = j

@@ -236,6 +236,8 @@ class _Check:
         dev, cs = self.dev, self.cs
         if len(l1):
             self.count(l1_offset, len(l1) * 8)
+        seen: set[int] = set()
+        repeats: dict[int, int] = {}
         for i in _used(l1):
             e = l1[i]
             off = e & L1E_OFFSET_MASK
@@ -250,7 +252,15 @@ class _Check:
                     self.res.corruptions_fixed += 1
                 continue
             self.count(off, cs)
+            if off in seen:     # several L1 entries naming one L2 table (hostile, or
+                repeats[off] = repeats.get(off, 0) + 1   # corrupt): walked once more,
+                continue                                  # weighted, below
+            seen.add(off)
             self.walk_l2(off, dev.l2_table(off), active)
+        for off, n in repeats.items():
+            self.weight = n
+            self.walk_l2(off, dev.l2_table(off), active)
+        self.weight = 1
 
     def walk_l2(self, l2_off: int, l2: array, active: bool) -> None:
         dev, cs, geo = self.dev, self.cs, self.dev.geo
@@ -283,9 +293,9 @@ class _Check:
                     continue
                 self.count(off, n)
                 if active:
-                    res.allocated_clusters += 1
-                    res.compressed_clusters += 1
-                    res.fragmented_clusters += 1
+                    res.allocated_clusters += self.weight
+                    res.compressed_clusters += self.weight
+                    res.fragmented_clusters += self.weight
                 continue
             host = e & L2E_OFFSET_MASK
             if ext:
@@ -312,7 +322,7 @@ class _Check:
                     continue
                 self.count(host, cs)
             if active:
-                res.allocated_clusters += 1
+                res.allocated_clusters += self.weight
                 if self.next_contiguous and host != self.next_contiguous:
                     res.fragmented_clusters += 1
                 self.next_contiguous = host + cs
@@ -467,6 +477,7 @@ class _Check:
 
         fix = self.repair == "all"
         step = 2 if dev.extended else 1
+        seen: set[int] = set()
         for i in _used(dev.l1):
             e = dev.l1[i]
             off = e & L1E_OFFSET_MASK
@@ -481,6 +492,9 @@ class _Check:
                     dev.l1_dirty = True
                     self.res.corruptions_fixed += 1
                     self.res.corruptions -= 1
+            if off in seen:     # an L2 table named again: its entries were looked at
+                continue
+            seen.add(off)
             l2 = dev.l2_table(off)
             changed = False
             for j in _used(l2, step):
