@@ -708,22 +708,30 @@ class VhdDevice(BlockDevice):
         return len(self.bat) - self.bat.count(UNUSED)
 
     def _check_blocks(self) -> list[str]:
-        """Blocks that overlap the metadata or each other."""
+        """Blocks that overlap the metadata or each other: the regions in file order
+        (blocks as indices sorted by offset, named only when a message needs them)."""
+        import heapq
         span = self.bitmap_size + self.block_size
-        # one region (a tuple and a name) per block: ask the budget first
-        check_alloc(self.allocated_blocks() * 200, self.path, "BAT",
-                    "allocated entries (to check for overlaps)")
-        regions = self._metadata() + [(f"block {i}", self.bat[i] * SECTOR,
-                                       self.bat[i] * SECTOR + span)
-                                      for i in self._used_blocks()]
-        regions.sort(key=lambda r: r[1])
+        bat = self.bat
+        # a sorted list of block indices (about 40 bytes each): ask the budget first
+        check_alloc(self.allocated_blocks() * 40, self.path, "BAT",
+                    "allocated entries (sorted to check for overlaps)")
+        blocks = sorted(self._used_blocks(), key=bat.__getitem__)
+        regions = heapq.merge(
+            sorted(((start, end, name) for name, start, end in self._metadata()),
+                   key=lambda r: r[0]),
+            ((bat[i] * SECTOR, bat[i] * SECTOR + span, i) for i in blocks),
+            key=lambda r: r[0])
         out = []
-        last_name, last_end = None, 0
-        for name, start, end in regions:
-            if last_name is not None and start < last_end:
-                out.append(f"{name} at offset {start} overlaps {last_name}")
+        last, last_end = None, 0
+
+        def named(who) -> str:
+            return who if isinstance(who, str) else f"block {who}"
+        for start, end, who in regions:
+            if last is not None and start < last_end:
+                out.append(f"{named(who)} at offset {start} overlaps {named(last)}")
             if end > last_end:
-                last_name, last_end = name, end
+                last, last_end = who, end
         return out
 
     def _repair_footer_copies(self) -> int:
