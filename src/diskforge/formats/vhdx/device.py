@@ -27,7 +27,6 @@ from construct import Container
 from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
                          FileBackend, ImageInfo, coalesce)
 from ...errors import FormatError, ImageIOError, SafetyError, UnsupportedError
-from ...limits import check_alloc
 from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE_SIGNATURE,
                      HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIZE, LOG_SECTOR,
                      METADATA_GUID, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
@@ -37,6 +36,7 @@ from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE
                      SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, ZERO_GUID,
                      align_up, bat_entries, bitmap_index, chunk_ratio, guid_text,
                      new_guid, payload_index)
+from .bat import BatTable
 from .tables import build_header, parse_header, parse_metadata, parse_region_table
 
 _ZERO_STATES = (PAYLOAD_BLOCK_UNDEFINED, PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
@@ -158,13 +158,9 @@ class VhdxDevice(BlockDevice):
         # logged updates
         nbytes = min(bat_region.length, align_up(need * 8, LOG_SECTOR))
         self.bat_offset = bat_region.offset
-        # sized by the metadata, checked only against the file (or the replayed view),
-        # which a sparse file satisfies: read whole only within the memory budget
-        check_alloc(nbytes, path, "RegionTableEntry", "Length (BAT)")
-        self.bat = array("Q")
-        self.bat.frombytes(self._read(bat_region.offset, nbytes, "BAT"))
-        if sys.byteorder == "big":
-            self.bat.byteswap()
+        # sized by the metadata and checked only against the file (or the replayed
+        # view), which a sparse file satisfies: read in pieces as it is used
+        self.bat = BatTable(self._read, bat_region.offset, nbytes // 8)
         self.file_size = self.io.size   # kept current by _allocate
         if md.has_parent:
             self._open_parent(policy)
