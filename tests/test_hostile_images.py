@@ -67,7 +67,7 @@ def ok_or_one_line(code: int, err: str, rss: int, *fields: str,
             assert any(f in err for f in fields), err
 
 
-# -- qcow2: a zstd bomb in a compressed cluster ----------------------------------------------
+# -- qcow2: a zstd bomb in a compressed cluster ----------------------------------------
 
 def _compressed_qcow2(path: str, ctype: str) -> None:
     raw = path + ".raw"
@@ -146,7 +146,7 @@ def test_zlib_bomb_stops_at_the_cluster(workdir):
         assert f.read(65536) == b"\x33" * 65536
 
 
-# -- tables sized by headers, checked only against a sparse file -----------------------------
+# -- tables sized by headers, checked only against a sparse file -----------------------
 
 def test_vhd_bat_larger_than_the_budget(workdir):
     need("qemu-img")
@@ -159,7 +159,8 @@ def test_vhd_bat_larger_than_the_budget(workdir):
         hd = bytearray(f.read(1024))
         struct.pack_into(">II", hd, 28, 0xFFFFFFFF, 512)  # max_table_entries, block_size
         struct.pack_into(">I", hd, HEADER_CHECKSUM_AT, 0)
-        struct.pack_into(">I", hd, HEADER_CHECKSUM_AT, checksum(bytes(hd), HEADER_CHECKSUM_AT))
+        struct.pack_into(">I", hd, HEADER_CHECKSUM_AT,
+                         checksum(bytes(hd), HEADER_CHECKSUM_AT))
         f.seek(hoff)
         f.write(hd)
         f.truncate(20 << 30)          # sparse: "the BAT fits in the file" holds
@@ -255,7 +256,7 @@ def test_qcow2_check_with_l1_entries_naming_one_l2_table(workdir):
     assert code == 2 and "refcount=1 reference=4097" in out, out[:500] + err
 
 
-# -- VHDX -------------------------------------------------------------------------------------
+# -- VHDX ------------------------------------------------------------------------------
 
 def _vhdx_regions(path, change: dict):
     from diskforge.formats.vhdx.layout import REGION_TABLE_OFFSETS
@@ -344,7 +345,7 @@ def test_vhdx_pending_log_that_extends_the_file_to_64_tib(workdir):
     assert os.path.getsize(out_img) < 64 * MIB
 
 
-# -- huge but empty: as large as each format allows -------------------------------------------
+# -- huge but empty: as large as each format allows ------------------------------------
 
 def _huge_images(workdir):
     """(format, path) of the largest empty image each format allows, made by qemu-img:

@@ -56,11 +56,12 @@ class _Counter:
     sized by the file, which a sparse file makes as large as it likes: it asks the
     memory budget first."""
 
-    def __init__(self, nb: int, cs: int, path: str | None = None):
+    def __init__(self, nb: int, cs: int, path: str | None = None, also: int = 0):
         self.nb = nb
         self.cs = cs
-        check_alloc(4 * nb, path, "check", "reference counts (4 bytes per cluster of"
-                    " the file)")
+        # ``also``: bytes per cluster the caller will hold beside (the on-disk counts)
+        check_alloc((4 + also) * nb, path, "check", f"reference counts ({4 + also}"
+                    " bytes per cluster of the file)")
         self.inside = array("I", bytes(4 * nb))
         self.outside: dict[int, int] = {}
 
@@ -121,7 +122,8 @@ class _Check:
         self.cs = dev.cs
         self.fsize = dev.backend.size
         self.nb = -(-self.fsize // self.cs)
-        self.refs = _Counter(self.nb, self.cs, dev.path)
+        self.refs = _Counter(self.nb, self.cs, dev.path,
+                             max(1, dev.geo.refcount_bits // 8))
         self.res = CheckResult(filename=dev.path, format="qcow2")
         self.res.total_clusters = -(-dev.header.size // self.cs)
         self.res.allocated_clusters = self.res.fragmented_clusters = 0
