@@ -12,12 +12,15 @@ left as they are; nothing is ever dropped.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 from construct import Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from ...errors import FormatError, UnsupportedError
+from ...limits import check_alloc
 from .layout import QCOW_MAX_BITMAPS
+from .refcount import _BIG_ENDIAN_HOST
 
 # qcow2.txt "Bitmap directory": the fixed part of an entry
 Qcow2BitmapDirEntry = Struct(
@@ -102,9 +105,22 @@ def read_directory(dev) -> list[Bitmap]:
     return out
 
 
-def read_table(dev, bm: Bitmap) -> list[int]:
+def read_table(dev, bm: Bitmap) -> array:
+    """A bitmap table as an array of entries. Its size comes from the directory and
+    was checked only against the file (which a sparse file satisfies): it must also
+    be no more than the disk needs, and fit the memory budget, before it is read."""
+    bits = -(-dev.size // (1 << bm.granularity_bits))
+    needed = -(-bits // (8 * dev.cs))
+    if bm.table_size > needed + 1:
+        raise FormatError(f"bitmap '{bm.name}': a table of {bm.table_size} entries is"
+                          f" more than a {dev.size}-byte disk needs ({needed})", dev.path,
+                          structure="Qcow2BitmapDirEntry", field="bitmap_table_size")
+    check_alloc(bm.table_size * 8, dev.path, "Qcow2BitmapDirEntry", "bitmap_table_size")
     raw = dev.backend.read_exact(bm.table_offset, bm.table_size * 8, "bitmap table")
-    return [int.from_bytes(raw[i:i + 8], "big") for i in range(0, len(raw), 8)]
+    table = array("Q", raw)
+    if not _BIG_ENDIAN_HOST:
+        table.byteswap()
+    return table
 
 
 def _set_bits(buf: bytearray, first: int, last: int) -> None:

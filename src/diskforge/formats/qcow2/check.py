@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from array import array
 
-from ...errors import FormatError
+from ...blockdev import skip_filled
+from ...errors import FormatError, LimitError
+from ...limits import check_alloc
 from ...ops.check import CheckResult
 from .layout import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
@@ -29,21 +31,45 @@ from .layout import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
 from .refcount import _BIG_ENDIAN_HOST, decode, refcount_layout
 
 
+def _used(table: array, step: int = 1):
+    """Indices (multiples of ``step``) of the entries of ``table`` that are not zero,
+    empty stretches skipped at memory speed: a walk bounded by what the table holds,
+    not by the virtual size it could map."""
+    i, n = 0, len(table)
+    while i < n:
+        i = skip_filled(table, i, n)
+        if i >= n:
+            return
+        i -= i % step
+        yield i
+        i += step
+
+
+# bytes of distinct snapshot L1 tables one check reads (qemu's limits allow 65536
+# snapshots of up to 32 MiB each: 2 TiB of tables, all of which a sparse file can hold)
+SNAPSHOT_L1_BUDGET = 1 << 30
+
+
 class _Counter:
     """Computed references per cluster: an array inside the file, a dict past it (a
-    hostile table cannot make us allocate for offsets it merely names)."""
+    hostile table cannot make us allocate for offsets it merely names). The array is
+    sized by the file, which a sparse file makes as large as it likes: it asks the
+    memory budget first."""
 
-    def __init__(self, nb: int, cs: int):
+    def __init__(self, nb: int, cs: int, path: str | None = None, also: int = 0):
         self.nb = nb
         self.cs = cs
+        # ``also``: bytes per cluster the caller will hold beside (the on-disk counts)
+        check_alloc((4 + also) * nb, path, "check", f"reference counts ({4 + also}"
+                    " bytes per cluster of the file)")
         self.inside = array("I", bytes(4 * nb))
         self.outside: dict[int, int] = {}
 
     def add(self, offset: int, length: int, delta: int = 1) -> None:
         cs = self.cs
         for c in range(offset // cs, (offset + length - 1) // cs + 1):
-            if c < self.nb:
-                self.inside[c] += delta
+            if c < self.nb:  # (saturating: weights can multiply past 32 bits)
+                self.inside[c] = min(self.inside[c] + delta, 0xFFFF_FFFF)
             else:
                 self.outside[c] = self.outside.get(c, 0) + delta
 
@@ -54,9 +80,14 @@ class _Counter:
         top = max(self.outside, default=-1)
         if top >= 0:
             return top
-        for c in range(self.nb - 1, -1, -1):
-            if self.inside[c]:
-                return c
+        raw = memoryview(self.inside).cast("B")
+        end = len(raw)
+        while end > 0:  # back from the end, a chunk at a time at memory speed
+            start = max(0, end - (1 << 20))
+            chunk = raw[start:end].tobytes().rstrip(b"\0")
+            if chunk:
+                return (start + len(chunk) - 1) // 4
+            end = start
         return -1
 
 
@@ -91,17 +122,21 @@ class _Check:
         self.cs = dev.cs
         self.fsize = dev.backend.size
         self.nb = -(-self.fsize // self.cs)
-        self.refs = _Counter(self.nb, self.cs)
+        self.refs = _Counter(self.nb, self.cs, dev.path,
+                             max(1, dev.geo.refcount_bits // 8))
         self.res = CheckResult(filename=dev.path, format="qcow2")
         self.res.total_clusters = -(-dev.header.size // self.cs)
         self.res.allocated_clusters = self.res.fragmented_clusters = 0
         self.res.compressed_clusters = 0
         self.rebuild = self.rebuilt = False
         self.next_contiguous = 0
+        # how many references the table being walked stands for: snapshot tables that
+        # many snapshots share are walked once, their references counted that often
+        self.weight = 1
 
     def error(self, msg: str) -> None:
         self.res.messages.append(msg)
-        self.res.corruptions += 1
+        self.res.corruptions += self.weight
 
     def count(self, offset: int, length: int) -> None:
         """One reference to [offset, offset + length). As qemu: the last cluster may
@@ -111,7 +146,7 @@ class _Check:
             self.error("ERROR: counting reference for region exceeding the end of the file"
                        f" by one cluster or more: offset 0x{offset:x} size 0x{length:x}")
             return
-        self.refs.add(offset, length)
+        self.refs.add(offset, length, self.weight)
 
     # -- counting references -------------------------------------------------------------
     def run(self) -> CheckResult:
@@ -122,16 +157,14 @@ class _Check:
         else:
             active = self._read_l1(h.l1_table_offset, h.l1_size)
         self.walk_l1(h.l1_table_offset, active, True)
-        for s in dev.snapshots:
-            self.walk_l1(s.l1_table_offset, self._read_l1(s.l1_table_offset, s.l1_size),
-                         False)
+        self._walk_snapshots()
         if h.nb_snapshots:
             self.count(h.snapshots_offset, dev.snapshot_table_size)
         self.count(h.refcount_table_offset, h.refcount_table_clusters * cs)
         self.old_meta = [(h.refcount_table_offset, h.refcount_table_clusters * cs)]
         table = self._refcount_table()
-        for ti, entry in enumerate(table):
-            off = entry & REFT_OFFSET_MASK
+        for ti in _used(table):
+            off = table[ti] & REFT_OFFSET_MASK
             if not off:
                 continue
             if off % cs or off < cs:
@@ -156,6 +189,44 @@ class _Check:
         self.res.image_end_offset = (top + 1) * cs
         return self.res
 
+    def _walk_snapshots(self) -> None:
+        """Count every snapshot's references as qemu does (once per snapshot), but walk
+        each distinct L1 table and each L2 table once, with the number of times it is
+        reached as the weight: tens of thousands of snapshots sharing their tables (the
+        usual case, and a hostile one) cost one walk, not one per snapshot."""
+        cs = self.cs
+        l1s: dict[tuple[int, int], int] = {}
+        for s in self.dev.snapshots:
+            key = (s.l1_table_offset, s.l1_size)
+            l1s[key] = l1s.get(key, 0) + 1
+        walked = sum(size * 8 for _, size in l1s)
+        if walked > SNAPSHOT_L1_BUDGET:
+            raise LimitError(f"QCowSnapshotHeader.l1_size: the snapshots' distinct L1"
+                             f" tables hold {walked} bytes, more than the"
+                             f" {SNAPSHOT_L1_BUDGET >> 20} MiB check walks for one"
+                             " command", self.dev.path)
+        l2s: dict[int, int] = {}
+        for (offset, size), n in l1s.items():
+            self.weight = n
+            l1 = self._read_l1(offset, size)
+            if size:
+                self.count(offset, size * 8)
+            for i in _used(l1):
+                off = l1[i] & L1E_OFFSET_MASK
+                if not off:
+                    continue
+                if not self._table_ok(off):
+                    self.error(f"ERROR l2_offset={off:x}: Table is not cluster aligned, in"
+                               " the header or past the end of the file; L1 entry"
+                               " corrupted")
+                    continue
+                self.count(off, cs)
+                l2s[off] = l2s.get(off, 0) + n
+        for off, n in l2s.items():
+            self.weight = n
+            self.walk_l2(off, self.dev.l2_table(off), False)
+        self.weight = 1
+
     def _read_l1(self, offset: int, size: int) -> array:
         from .device import be_array
         return be_array(self.dev.backend.read_exact(offset, size * 8, "L1 table"))
@@ -167,7 +238,10 @@ class _Check:
         dev, cs = self.dev, self.cs
         if len(l1):
             self.count(l1_offset, len(l1) * 8)
-        for i, e in enumerate(l1):
+        seen: set[int] = set()
+        repeats: dict[int, int] = {}
+        for i in _used(l1):
+            e = l1[i]
             off = e & L1E_OFFSET_MASK
             if not off:
                 continue
@@ -180,7 +254,15 @@ class _Check:
                     self.res.corruptions_fixed += 1
                 continue
             self.count(off, cs)
+            if off in seen:     # several L1 entries naming one L2 table (hostile, or
+                repeats[off] = repeats.get(off, 0) + 1   # corrupt): walked once more,
+                continue                                  # weighted, below
+            seen.add(off)
             self.walk_l2(off, dev.l2_table(off), active)
+        for off, n in repeats.items():
+            self.weight = n
+            self.walk_l2(off, dev.l2_table(off), active)
+        self.weight = 1
 
     def walk_l2(self, l2_off: int, l2: array, active: bool) -> None:
         dev, cs, geo = self.dev, self.cs, self.dev.geo
@@ -189,10 +271,8 @@ class _Check:
         has_df = dev.has_data_file
         res = self.res
         fixed = False
-        for i in range(0, len(l2), step):
+        for i in _used(l2, step):
             e = l2[i]
-            if not e and (not ext or not l2[i + 1]):
-                continue
             if e & QCOW_OFLAG_COMPRESSED:
                 if e & QCOW_OFLAG_COPIED:
                     self.error(f"ERROR: cluster {i // step}: copied flag must never be set"
@@ -215,9 +295,9 @@ class _Check:
                     continue
                 self.count(off, n)
                 if active:
-                    res.allocated_clusters += 1
-                    res.compressed_clusters += 1
-                    res.fragmented_clusters += 1
+                    res.allocated_clusters += self.weight
+                    res.compressed_clusters += self.weight
+                    res.fragmented_clusters += self.weight
                 continue
             host = e & L2E_OFFSET_MASK
             if ext:
@@ -244,7 +324,7 @@ class _Check:
                     continue
                 self.count(host, cs)
             if active:
-                res.allocated_clusters += 1
+                res.allocated_clusters += self.weight
                 if self.next_contiguous and host != self.next_contiguous:
                     res.fragmented_clusters += 1
                 self.next_contiguous = host + cs
@@ -266,8 +346,13 @@ class _Check:
         for b in bitmaps:
             if b.table_size:
                 self.count(b.table_offset, b.table_size * 8)
-            for e in read_table(dev, b):
-                off = e & BME_TABLE_ENTRY_OFFSET_MASK
+            try:
+                table = read_table(dev, b)
+            except FormatError as e:
+                self.error(f"ERROR bitmap '{b.name}': {e.message}")
+                continue
+            for i in _used(table):
+                off = table[i] & BME_TABLE_ENTRY_OFFSET_MASK
                 if not off:
                     continue
                 if not self._table_ok(off):
@@ -295,8 +380,8 @@ class _Check:
         epb = dev.geo.refblock_entries
         top = max(self.nb, self.refs.highest() + 1)
         ondisk: dict[int, array] = {}
-        for ti, entry in enumerate(table):
-            off = entry & REFT_OFFSET_MASK
+        for ti in _used(table):
+            off = table[ti] & REFT_OFFSET_MASK
             if off and ti * epb < top:
                 if dev.refs is not None and ti in dev.refs.blocks:
                     raw = bytes(dev.refs.blocks[ti])
@@ -307,7 +392,7 @@ class _Check:
         fix_leaks = self.repair in ("leaks", "all")
         fix_errors = self.repair == "all"
         inplace: list[tuple[int, int]] = []
-        for c in range(top):
+        for c in self._differing(ondisk, epb, top):
             blk = ondisk.get(c // epb)
             have = blk[c % epb] if blk is not None else 0
             want = self.refs.get(c)
@@ -347,6 +432,25 @@ class _Check:
         if inplace:
             dev.refs.write_blocks()
 
+    def _differing(self, ondisk: dict, epb: int, top: int):
+        """Clusters below ``top`` whose on-disk count may differ from the computed one:
+        whole refcount blocks that agree (or are absent where nothing is counted) are
+        passed over with one array comparison, so a sparse, mostly empty file costs
+        memory-speed work, not a Python step per cluster."""
+        inside, nb = self.refs.inside, self.refs.nb
+        for ti in range(-(-top // epb)):
+            lo = ti * epb
+            hi = min(top, lo + epb)
+            his = min(hi, nb)
+            blk = ondisk.get(ti)
+            if hi == his and lo < his:
+                if blk is None:
+                    if skip_filled(inside, lo, his) == his:
+                        continue
+                elif blk[:his - lo] == inside[lo:his]:
+                    continue
+            yield from range(lo, hi)
+
     def _rebuild(self) -> None:
         """New refcount table and blocks past everything in use, holding exactly the
         computed counts (plus their own); the old structure becomes free space."""
@@ -375,7 +479,9 @@ class _Check:
 
         fix = self.repair == "all"
         step = 2 if dev.extended else 1
-        for i, e in enumerate(dev.l1):
+        seen: set[int] = set()
+        for i in _used(dev.l1):
+            e = dev.l1[i]
             off = e & L1E_OFFSET_MASK
             if not off or not self._table_ok(off):
                 continue
@@ -388,9 +494,12 @@ class _Check:
                     dev.l1_dirty = True
                     self.res.corruptions_fixed += 1
                     self.res.corruptions -= 1
+            if off in seen:     # an L2 table named again: its entries were looked at
+                continue
+            seen.add(off)
             l2 = dev.l2_table(off)
             changed = False
-            for j in range(0, len(l2), step):
+            for j in _used(l2, step):
                 x = l2[j]
                 if x & QCOW_OFLAG_COMPRESSED:
                     continue

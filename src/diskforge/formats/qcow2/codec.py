@@ -56,28 +56,64 @@ def compress(ctype: int, data) -> bytes | None:
 
 def decompress(ctype: int, data: bytes, cluster_size: int, where: str,
                path: str | None) -> bytes:
-    """One cluster from its compressed bytes (which may carry trailing bytes)."""
+    """One cluster from its compressed bytes (which may carry trailing bytes).
+
+    Both decoders are bounded by the cluster: a small frame that claims (or really
+    expands to) gigabytes costs at most one cluster's work. zlib's ``max_length`` does
+    it for deflate (the rest of a deflate stream is ignored, as qemu does); zstd is
+    fed in small steps and a frame that runs past the cluster is corrupt, as in qemu.
+    """
     try:
         if ctype == COMPRESSION_ZLIB:
             out = zlib.decompressobj(-15).decompress(data, cluster_size)
         elif ctype == COMPRESSION_ZSTD:
-            out = b""
-            rest = data
-            while len(out) < cluster_size and rest:
-                d = _zstd_decompressor().decompressobj()
-                out += d.decompress(rest)
-                if not d.eof:
-                    break
-                rest = d.unused_data
+            out = _zstd_bounded(data, cluster_size)
         else:  # pragma: no cover - refused when the header is parsed
             raise FormatError(f"unknown compression type {ctype}", path)
     except FormatError:
         raise
-    except Exception as e:  # zlib.error, zstandard.ZstdError
-        raise FormatError(f"compressed cluster {where} is corrupt: {e}", path,
+    except Exception as e:  # zlib.error, zstandard.ZstdError, ValueError
+        reason = str(e) or type(e).__name__
+        raise FormatError(f"compressed cluster {where} is corrupt: {reason}", path,
                           structure="L2 entry") from None
     if len(out) < cluster_size:
         raise FormatError(f"compressed cluster {where} decompresses to {len(out)} bytes,"
                           f" not {cluster_size} (corrupt or truncated)", path,
                           structure="L2 entry")
     return out[:cluster_size]
+
+
+# compressed bytes fed to zstd at a time: a zstd block of 4 bytes (RLE) can expand to
+# 128 KiB, so one step never makes more than 16 MiB however hostile the input
+_ZSTD_STEP = 512
+
+
+def _zstd_bounded(data: bytes, limit: int) -> bytes:
+    """The ``limit`` bytes the zstd frames at the start of ``data`` decode to.
+
+    As qemu's decoder: frames are decoded one after another until the cluster is full,
+    and a frame still unfinished when it is full is corrupt (a bomb, or damage). A
+    frame that declares more than a cluster is refused before decoding. The input is
+    fed a few hundred bytes at a time (python-zstandard's decompressobj has no output
+    bound), so memory stays bounded whatever the frame expands to.
+    """
+    import zstandard
+    declared = zstandard.get_frame_parameters(data).content_size
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > limit:
+        raise ValueError(f"the zstd frame declares {declared} bytes, more than the"
+                         f" {limit}-byte cluster")
+    out = bytearray()
+    pos = 0
+    while len(out) < limit and pos < len(data):
+        d = _zstd_decompressor().decompressobj()
+        while not d.eof and pos < len(data):
+            piece = data[pos:pos + _ZSTD_STEP]
+            pos += len(piece)
+            out += d.decompress(piece)
+            if len(out) > limit:
+                raise ValueError("a zstd frame decodes to more than the"
+                                 f" {limit}-byte cluster")
+        if not d.eof:
+            break       # truncated: the caller reports the short cluster
+        pos -= len(d.unused_data)
+    return bytes(out)

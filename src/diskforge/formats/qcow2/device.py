@@ -24,7 +24,7 @@ import os
 from array import array
 
 from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                         FileBackend, ImageInfo, coalesce)
+                         FileBackend, ImageInfo, coalesce, skip_filled)
 from ...errors import FormatError, SafetyError, UnsupportedError, UsageError
 from . import codec
 from .header import Header, parse as parse_header
@@ -258,6 +258,15 @@ class Qcow2Device(BlockDevice):
             span_end = min(end, (l1i + 1) << (l2b + cb))
             l2 = self._l2_at(l1i) if l1i < len(self.l1) else None
             if l2 is None:
+                # the L1 entries after an empty one are usually empty too (a huge,
+                # mostly unallocated disk): skip them at memory speed, so the walk is
+                # bounded by the L2 tables present rather than by the virtual size
+                stop = min(len(self.l1), ((end - 1) >> (l2b + cb)) + 1)
+                if l1i + 1 < stop:
+                    nxt = skip_filled(self.l1, l1i + 1, stop)
+                    span_end = min(end, nxt << (l2b + cb))
+                elif l1i >= len(self.l1):
+                    span_end = end
                 runs = ((pos, span_end - pos, K_UNALLOC, 0),)
                 pos = span_end
             elif not ext and not self.writable:
@@ -271,6 +280,14 @@ class Qcow2Device(BlockDevice):
                     cend = min(span_end, cstart + cs)
                     idx = ci & (l2e - 1)
                     if ext:
+                        if not l2[2 * idx] and not l2[2 * idx + 1]:
+                            # a stretch of unallocated entries: skip it whole
+                            stop = (((span_end - 1) >> cb) & (l2e - 1)) + 1
+                            k = (skip_filled(l2, 2 * idx, 2 * stop) // 2) - idx
+                            run_end = min(span_end, (ci + max(k, 1)) << cb)
+                            runs.append((pos, run_end - pos, K_UNALLOC, 0))
+                            pos = run_end
+                            continue
                         runs.extend(self._ext_runs(l2[2 * idx], l2[2 * idx + 1], pos, cend,
                                                    cstart, scs, has_df))
                         pos = cend

@@ -31,9 +31,10 @@ import struct
 from array import array
 
 from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                         FileBackend, ImageInfo, coalesce)
+                         FileBackend, ImageInfo, coalesce, skip_filled)
 from ...errors import (CorruptImage, FormatError, ImageIOError, SafetyError,
                        UnsupportedError)
+from ...limits import check_alloc
 from . import geometry as geo
 from . import locators as loc
 from .structs import (DIFFERENCING, DISK_TYPES, DYNAMIC, FIXED, FOOTER_CHECKSUM_AT,
@@ -262,6 +263,9 @@ class VhdDevice(BlockDevice):
         if mte * 4 != self.bat_bytes:
             self.notes.append(f"the dynamic header claims {mte} BAT entries, more than the"
                               f" file holds; the {self.nblocks} the disk needs are used")
+        # the BAT was checked only against the file size, which a sparse file satisfies
+        check_alloc(self.nblocks * 4, self.path, "VhdDynamicDiskHeader",
+                    "max_table_entries")
         bat = array("I")
         bat.frombytes(f.read_exact(bat_at, self.nblocks * 4, "BAT"))
         if bat.itemsize != 4:  # pragma: no cover - every supported platform
@@ -271,8 +275,9 @@ class VhdDevice(BlockDevice):
         # every block must lie inside the file (qemu: "the image has been truncated")
         span = self.bitmap_size + bs
         limit = (self.file_size - span) // SECTOR
-        used = [e for e in bat if e != UNUSED]
-        if used and max(used) > limit:
+        # (filter and max run in C: no Python step per entry of a large BAT)
+        top = max(filter(UNUSED.__ne__, bat), default=None)
+        if top is not None and top > limit:
             i = next(i for i, e in enumerate(bat) if e != UNUSED and e > limit)
             raise self._err(f"BAT entry {i} puts block {i} at offset {bat[i] * SECTOR},"
                             f" past the end of the file ({self.file_size} bytes)", "BAT",
@@ -281,7 +286,7 @@ class VhdDevice(BlockDevice):
         self.data_end = max([end for _, _, end in self._metadata()]
                             + [off + reserved for _, _, off, _, reserved in
                                self.locator_entries]
-                            + [e * SECTOR + span for e in used])
+                            + ([top * SECTOR + span] if top is not None else []))
         if self.disk_type == DIFFERENCING and not self.fatal and self._open_parent_too:
             # (with a bad checksum nothing is read anyway: check needs no parent)
             self._open_parent(policy)
@@ -446,16 +451,35 @@ class VhdDevice(BlockDevice):
                 for o, n, data in self.backend.data_ranges(offset, offset + length))
         return coalesce(self._block_extents(offset, length))
 
+    def _used_blocks(self):
+        """Indices of the BAT entries in use, unused stretches skipped at memory
+        speed."""
+        bat, i, n = self.bat, 0, len(self.bat)
+        while i < n:
+            i = skip_filled(bat, i, n, 0xFF)
+            if i < n:
+                yield i
+            i += 1
+
     def _block_extents(self, offset: int, length: int):
         diff = self.disk_type == DIFFERENCING
-        for blk, inb, cnt, at in self._pieces(offset, length):
-            off = offset + at
+        bs, end, pos = self.block_size, offset + length, offset
+        while pos < end:
+            blk, inb = divmod(pos, bs)
+            cnt = min(bs - inb, end - pos)
+            off = pos
             entry = self.bat[blk]
             if entry == UNUSED:
+                # the unused entries that follow too, at memory speed: the walk is
+                # bounded by the blocks allocated, not by the virtual size
+                nxt = skip_filled(self.bat, blk + 1, (end - 1) // bs + 1, 0xFF)
+                run_end = min(end, nxt * bs)
                 # qemu calls an unallocated block of a dynamic disk "present", zero
-                yield (Extent(off, cnt, ExtentKind.BACKING, False) if diff
-                       else Extent(off, cnt, ExtentKind.ZERO, True))
+                yield (Extent(off, run_end - off, ExtentKind.BACKING, False) if diff
+                       else Extent(off, run_end - off, ExtentKind.ZERO, True))
+                pos = run_end
                 continue
+            pos += cnt
             host = entry * SECTOR + self.bitmap_size
             base = off - inb
             if not diff:
@@ -656,7 +680,7 @@ class VhdDevice(BlockDevice):
         if self.disk_type != FIXED:
             msgs += [f"ERROR {m}" for m in self._check_blocks()]
             res.total_clusters = self.nblocks
-            res.allocated_clusters = sum(1 for e in self.bat if e != UNUSED)
+            res.allocated_clusters = self.allocated_blocks()
             res.image_end_offset = self.data_end + FOOTER_SIZE
         else:
             res.image_end_offset = self.footer_at + FOOTER_SIZE
@@ -680,19 +704,34 @@ class VhdDevice(BlockDevice):
             regions.append((f"parent locator {code.decode('latin-1')}", off, off + n))
         return regions
 
+    def allocated_blocks(self) -> int:
+        return len(self.bat) - self.bat.count(UNUSED)
+
     def _check_blocks(self) -> list[str]:
-        """Blocks that overlap the metadata or each other."""
+        """Blocks that overlap the metadata or each other: the regions in file order
+        (blocks as indices sorted by offset, named only when a message needs them)."""
+        import heapq
         span = self.bitmap_size + self.block_size
-        regions = self._metadata() + [(f"block {i}", e * SECTOR, e * SECTOR + span)
-                                      for i, e in enumerate(self.bat) if e != UNUSED]
-        regions.sort(key=lambda r: r[1])
+        bat = self.bat
+        # a sorted list of block indices (about 40 bytes each): ask the budget first
+        check_alloc(self.allocated_blocks() * 40, self.path, "BAT",
+                    "allocated entries (sorted to check for overlaps)")
+        blocks = sorted(self._used_blocks(), key=bat.__getitem__)
+        regions = heapq.merge(
+            sorted(((start, end, name) for name, start, end in self._metadata()),
+                   key=lambda r: r[0]),
+            ((bat[i] * SECTOR, bat[i] * SECTOR + span, i) for i in blocks),
+            key=lambda r: r[0])
         out = []
-        last_name, last_end = None, 0
-        for name, start, end in regions:
-            if last_name is not None and start < last_end:
-                out.append(f"{name} at offset {start} overlaps {last_name}")
+        last, last_end = None, 0
+
+        def named(who) -> str:
+            return who if isinstance(who, str) else f"block {who}"
+        for start, end, who in regions:
+            if last is not None and start < last_end:
+                out.append(f"{named(who)} at offset {start} overlaps {named(last)}")
             if end > last_end:
-                last_name, last_end = name, end
+                last, last_end = who, end
         return out
 
     def _repair_footer_copies(self) -> int:
@@ -731,7 +770,7 @@ class VhdDevice(BlockDevice):
             info.cluster_size = self.block_size
             details["block-size"] = self.block_size
             details["bat-entries"] = self.max_table_entries
-            details["allocated-blocks"] = sum(1 for e in self.bat if e != UNUSED)
+            details["allocated-blocks"] = self.allocated_blocks()
         if self.disk_type == DIFFERENCING:
             hd = self.header
             details["parent-unique-id"] = _guid(hd.parent_unique_id)

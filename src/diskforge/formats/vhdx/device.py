@@ -36,12 +36,15 @@ from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE
                      SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, ZERO_GUID,
                      align_up, bat_entries, bitmap_index, chunk_ratio, guid_text,
                      new_guid, payload_index)
+from .bat import BatTable
 from .tables import build_header, parse_header, parse_metadata, parse_region_table
 
 _ZERO_STATES = (PAYLOAD_BLOCK_UNDEFINED, PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
                 PAYLOAD_BLOCK_UNMAPPED_V095)
 _VALID_STATES = (PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_FULLY_PRESENT,
                  PAYLOAD_BLOCK_PARTIALLY_PRESENT) + _ZERO_STATES
+# payload states that map no file space: a block reads as zeros or from the parent
+_UNIFORM_STATES = (PAYLOAD_BLOCK_NOT_PRESENT,) + _ZERO_STATES
 
 
 def _fill_zero(mv, start: int, end: int) -> None:
@@ -155,10 +158,9 @@ class VhdxDevice(BlockDevice):
         # logged updates
         nbytes = min(bat_region.length, align_up(need * 8, LOG_SECTOR))
         self.bat_offset = bat_region.offset
-        self.bat = array("Q")
-        self.bat.frombytes(self._read(bat_region.offset, nbytes, "BAT"))
-        if sys.byteorder == "big":
-            self.bat.byteswap()
+        # sized by the metadata and checked only against the file (or the replayed
+        # view), which a sparse file satisfies: read in pieces as it is used
+        self.bat = BatTable(self._read, bat_region.offset, nbytes // 8)
         self.file_size = self.io.size   # kept current by _allocate
         if md.has_parent:
             self._open_parent(policy)
@@ -396,20 +398,93 @@ class VhdxDevice(BlockDevice):
         self.check_range(offset, length)
         return coalesce(self._refine(coalesce(self._raw_extents(offset, length))))
 
-    def _raw_extents(self, offset: int, length: int):
-        for off, k, block, within in self._pieces(offset, length):
-            state, host = self._entry(block)
-            if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-                yield Extent(off, k, ExtentKind.DATA, True, host + within)
-            elif state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
-                for a, n, present in self._sector_runs(block, within, k):
-                    o = off + a - within
-                    yield (Extent(o, n, ExtentKind.DATA, True, host + a) if present
-                           else Extent(o, n, ExtentKind.BACKING, False))
-            elif state == PAYLOAD_BLOCK_NOT_PRESENT and self.differencing:
-                yield Extent(off, k, ExtentKind.BACKING, False)
+    def _plain_entries(self):
+        """Indices of the BAT entries worth a look one by one: those that map file space
+        (or carry an invalid state). Runs of one "reads as zero/parent" payload entry
+        (with empty sector bitmap entries between) are skipped at memory speed, so
+        walks are bounded by what is allocated, not by the virtual size."""
+        bat, i, n, r1 = self.bat, 0, len(self.bat), self.ratio + 1
+        while i < n:
+            e = bat[i]
+            if (i + 1) % r1 == 0:   # a sector bitmap entry
+                if e:
+                    yield i
+                i += 1
+            elif e & BAT_STATE_MASK in _UNIFORM_STATES:
+                i = self._uniform_run(i, n, e)
             else:
-                yield Extent(off, k, ExtentKind.ZERO, state == PAYLOAD_BLOCK_ZERO)
+                yield i
+                i += 1
+
+    def _matches(self, lo: int, hi: int, e: int) -> bool:
+        """``bat[lo:hi]`` holds ``e`` at every payload entry and 0 at every sector
+        bitmap entry (one C-level array comparison)."""
+        r1 = self.ratio + 1
+        expected = array("Q", [e]) * (hi - lo)
+        first = -(lo + 1) % r1
+        if first < hi - lo:
+            expected[first::r1] = array("Q", bytes(8 * len(range(first, hi - lo, r1))))
+        return self.bat[lo:hi] == expected
+
+    def _uniform_run(self, lo: int, hi: int, e: int) -> int:
+        """The first BAT index in ``[lo, hi)`` that breaks the run ``_matches``
+        describes (``bat[lo]`` is ``e``): galloping in bounded steps, then bisecting."""
+        pos, step = lo, 64
+        while pos < hi:
+            m = min(hi, pos + step)
+            if self._matches(pos, m, e):
+                pos = m
+                step = min(step * 4, 1 << 16)
+                continue
+            a, b = pos, m   # [lo, a) matches; the break is in [a, b)
+            while b - a > 1:
+                mid = (a + b) // 2
+                if self._matches(a, mid, e):
+                    a = mid
+                else:
+                    b = mid
+            return a
+        return hi
+
+    def _raw_extents(self, offset: int, length: int):
+        bs, end, r1 = self.block_size, offset + length, self.ratio + 1
+        while offset < end:
+            block = offset // bs
+            idx = payload_index(block, self.ratio)
+            e = self.bat[idx]
+            state = e & BAT_STATE_MASK
+            if state in _UNIFORM_STATES:
+                # the blocks after it are likely the same: find where that stops at
+                # memory speed (payload entries before index j: j - j // (ratio + 1))
+                j = self._uniform_run(idx, payload_index((end - 1) // bs, self.ratio) + 1,
+                                      e)
+                run_end = min(end, (j - j // r1) * bs)
+                if state == PAYLOAD_BLOCK_NOT_PRESENT and self.differencing:
+                    yield Extent(offset, run_end - offset, ExtentKind.BACKING, False)
+                else:
+                    yield Extent(offset, run_end - offset, ExtentKind.ZERO,
+                                 state == PAYLOAD_BLOCK_ZERO)
+                offset = run_end
+                continue
+            within = offset - block * bs
+            k = min(end - offset, bs - within)
+            yield from self._block_extent(offset, k, block, within)
+            offset += k
+
+    def _block_extent(self, off: int, k: int, block: int, within: int):
+        """The extents of bytes ``within..within+k`` of payload block ``block``."""
+        state, host = self._entry(block)
+        if state == PAYLOAD_BLOCK_FULLY_PRESENT:
+            yield Extent(off, k, ExtentKind.DATA, True, host + within)
+        elif state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+            for a, n, present in self._sector_runs(block, within, k):
+                o = off + a - within
+                yield (Extent(o, n, ExtentKind.DATA, True, host + a) if present
+                       else Extent(o, n, ExtentKind.BACKING, False))
+        elif state == PAYLOAD_BLOCK_NOT_PRESENT and self.differencing:
+            yield Extent(off, k, ExtentKind.BACKING, False)
+        else:
+            yield Extent(off, k, ExtentKind.ZERO, state == PAYLOAD_BLOCK_ZERO)
 
     def _refine(self, extents):
         """Split DATA extents by the host file's holes: a hole reads as zeros."""
@@ -491,7 +566,8 @@ class VhdxDevice(BlockDevice):
         for r in self.regions.values():
             used.append((r.offset, r.offset + r.length, "region"))
         allocated = 0
-        for idx, e in enumerate(self.bat):
+        for idx in self._plain_entries():
+            e = self.bat[idx]
             state, off = e & BAT_STATE_MASK, (e >> BAT_OFFSET_SHIFT) << 20
             is_bitmap = (idx + 1) % (self.ratio + 1) == 0
             what = "sector bitmap" if is_bitmap else "payload block"
@@ -604,7 +680,8 @@ class VhdxDevice(BlockDevice):
             end = max(end, h.LogOffset + h.LogLength)
             for r in self.regions.values():
                 end = max(end, r.offset + r.length)
-            for idx, e in enumerate(self.bat):
+            for idx in self._plain_entries():
+                e = self.bat[idx]
                 if e & BAT_STATE_MASK in (PAYLOAD_BLOCK_FULLY_PRESENT,
                                           PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_PRESENT):
                     is_bitmap = (idx + 1) % (self.ratio + 1) == 0

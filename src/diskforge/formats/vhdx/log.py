@@ -17,6 +17,7 @@ steps have budgets) so a hostile log cannot hang the reader.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass, field
 
@@ -238,7 +239,6 @@ class OverlayIO:
         self.sector_keys = sorted(replay.sectors)
 
     def readinto(self, offset: int, buf) -> int:
-        import bisect
         mv = memoryview(buf).cast("B")
         n = len(mv)
         n = max(0, min(n, self.size - offset))
@@ -267,7 +267,32 @@ class OverlayIO:
         return bytes(buf)
 
     def data_ranges(self, offset: int, end: int):
-        yield offset, end - offset, True   # logged sectors may fill holes: all data
+        """``(offset, length, is_data)`` runs of the replayed file: the file's own data
+        up to its real end, less the logged zero ranges, plus the logged sectors. Past
+        the real end (a LastFileOffset that extends the file) only logged sectors are
+        data: a 4 MiB file whose log claims 64 TiB is not read as 64 TiB of data."""
+        data = [(o, o + n) for o, n, d in
+                self.backend.data_ranges(offset, min(end, self.backend.size)) if d]
+        for a, b in self.replay.zeros:
+            if a < end and b > offset:
+                data = [p for lo, hi in data
+                        for p in ((lo, min(hi, a)), (max(lo, b), hi)) if p[0] < p[1]]
+        keys = self.sector_keys
+        i = bisect.bisect_left(keys, offset - LOG_SECTOR + 1)
+        while i < len(keys) and keys[i] < end:
+            data.append((max(keys[i], offset), min(keys[i] + LOG_SECTOR, end)))
+            i += 1
+        pos = offset
+        for lo, hi in sorted(data):
+            if hi <= pos:
+                continue
+            if lo > pos:
+                yield pos, lo - pos, False
+                pos = lo
+            yield pos, hi - pos, True
+            pos = hi
+        if pos < end:
+            yield pos, end - pos, False
 
 
 def build_entry(*, sequence: int, tail: int, log_guid: bytes, flushed_file_offset: int,
