@@ -58,6 +58,7 @@ def create(path: str | os.PathLike, size: int, fmt: str | None = None,
            backing: str | None = None, backing_fmt: str | None = None) -> None:
     """Create an empty image (or an overlay of ``backing``, named relative to ``path``)."""
     from .blockdev import Backing
+    from .policy import beside
     from .registry import open_image, target_format
     path = os.fspath(path)
     plugin = target_format(path, fmt)
@@ -65,8 +66,7 @@ def create(path: str | os.PathLike, size: int, fmt: str | None = None,
     bdev = None
     try:
         if backing:
-            full = backing if os.path.isabs(backing) else os.path.join(
-                os.path.dirname(os.path.abspath(path)), backing)
+            full = beside(path, backing)
             bdev = open_image(full, backing_fmt)
         b = Backing(backing, bdev.format, bdev) if bdev else None
         from .ops.measure import require_room

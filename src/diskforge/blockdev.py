@@ -20,12 +20,10 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .checks import CheckResult, Repair
 from .errors import DiskforgeError, ImageIOError, UnsupportedError, UsageError
 from .locks import Access, Hold, access_for, acquire
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from .ops.check import CheckResult
 
 # A shared, read-only view of zeros. Comparing against a prefix of it runs at memcmp
 # speed, far faster than counting zero bytes (DESIGN.md, "facts worth knowing"). It is
@@ -83,6 +81,29 @@ def skip_filled(table, start: int, stop: int, fill: int = 0) -> int:
             return i + (len(chunk) - rest) // width
         i = j
     return stop
+
+
+def fill_zero(buf, start: int = 0, end: int | None = None) -> None:
+    """Set ``buf[start:end]`` to zeros, from the shared zero view (no allocation): how a
+    read fills holes, unallocated blocks and bytes past a short file."""
+    mv = memoryview(buf).cast("B")
+    end = len(mv) if end is None else end
+    while start < end:
+        n = min(end - start, ZERO_BUFFER_SIZE)
+        mv[start:start + n] = ZEROES[:n]
+        start += n
+
+
+def pieces(offset: int, length: int, unit: int) -> Iterator[tuple[int, int]]:
+    """Split ``[offset, offset+length)`` at multiples of ``unit``: ``(offset, length)``
+    of each piece, in order. The one request splitter for cluster-, block- and
+    buffer-sized work (``divmod(offset, unit)`` gives a piece's block and offset in it).
+    """
+    end = offset + length
+    while offset < end:
+        n = min(end - offset, unit - offset % unit)
+        yield offset, n
+        offset += n
 
 
 def aligned_buffer(size: int, alignment: int = 4096) -> tuple[bytearray, int]:
@@ -245,6 +266,59 @@ def coalesce(extents) -> Iterator[Extent]:
         yield cur
 
 
+@dataclass(frozen=True, slots=True)
+class LayerExtent:
+    """An extent of the composed disk: which layer of the chain supplies it (``depth``
+    0 is the top image, ``device`` that layer)."""
+    extent: Extent
+    depth: int
+    device: "BlockDevice"
+
+
+def chain_extents(dev: "BlockDevice", offset: int = 0,
+                  length: int | None = None) -> Iterator[LayerExtent]:
+    """The extents of what a reader of ``dev`` sees, BACKING runs resolved down the
+    backing chain: the one walker of a chain (as QEMU's
+    ``bdrv_co_common_block_status_above``), for ``map``, the NBD server's block status
+    and imaging. Beyond a shorter backing image, or with none, a BACKING run reads as
+    zeros: a ZERO extent, not allocated, at the depth where the chain ran out. Extents
+    are clipped to ``[offset, offset+length)``, and a plugin that stops short has the
+    rest reported as DATA (always safe)."""
+    if length is None:
+        length = dev.size - offset
+    yield from _chain_extents(dev, offset, length, 0)
+
+
+def _chain_extents(dev: "BlockDevice", offset: int, length: int,
+                   depth: int) -> Iterator[LayerExtent]:
+    end = offset + length
+    pos = offset
+    for e in dev.extents(offset, length):
+        start, stop = max(e.offset, pos), min(e.end, end)
+        if stop <= start:
+            continue
+        pos = stop
+        if e.kind is ExtentKind.BACKING:
+            below = dev.backing
+            inside = 0 if below is None else max(0, min(stop, below.size) - start)
+            if inside:
+                yield from _chain_extents(below, start, inside, depth + 1)
+            if start + inside < stop:
+                ran_out = (depth + 1, below) if below is not None else (depth, dev)
+                yield LayerExtent(Extent(start + inside, stop - start - inside,
+                                         ExtentKind.ZERO, False), *ran_out)
+        elif start == e.offset and stop == e.end:
+            yield LayerExtent(e, depth, dev)
+        else:
+            host = None if e.host_offset is None else e.host_offset + start - e.offset
+            yield LayerExtent(Extent(start, stop - start, e.kind, e.allocated, host),
+                              depth, dev)
+        if pos >= end:
+            return
+    if pos < end:
+        yield LayerExtent(Extent(pos, end - pos, ExtentKind.DATA), depth, dev)
+
+
 @dataclass
 class ImageInfo:
     """Structured header facts; ``to_json`` uses qemu-img's JSON key names."""
@@ -338,23 +412,41 @@ class BlockDevice(abc.ABC):
             yield Extent(offset, length, ExtentKind.DATA)
 
     # -- writing ------------------------------------------------------------------
+    # As nbdkit's server checks every request before a plugin sees it: ``write`` and
+    # ``write_zeroes`` check writability and the range here, once, then call the
+    # format's hooks ``_write`` and ``_write_zeroes``, which may assume both.
     def write(self, offset: int, data) -> None:
-        raise UnsupportedError(f"{self.format} image is open read-only", self.path)
+        """Store ``data`` at ``offset`` (the device must be open writable)."""
+        mv = memoryview(data).cast("B")
+        self.check_writable(offset, len(mv))
+        self._write(offset, mv)
 
     def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` read as zeros (holes where the format can)."""
+        self.check_writable(offset, length)
+        self._write_zeroes(offset, length)
+
+    def check_writable(self, offset: int, length: int) -> None:
+        """Refuse a write to a read-only device or outside the disk."""
+        if not self.writable:
+            raise UnsupportedError(f"{self.format} image is open read-only", self.path)
         self.check_range(offset, length)
-        while length > 0:
-            n = min(length, ZERO_BUFFER_SIZE)
-            self.write(offset, ZEROES[:n])
-            offset += n
-            length -= n
+
+    def _write(self, offset: int, mv: memoryview) -> None:
+        """The format's write of a checked request."""
+        raise UnsupportedError(f"{self.format} image is open read-only", self.path)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        """The format's zeroing of a checked range; by default, zeros written."""
+        for pos, n in pieces(offset, length, ZERO_BUFFER_SIZE):
+            self._write(pos, ZEROES[:n])
 
     def flush(self) -> None:
         pass
 
     # -- optional maintenance: formats override what they support ---------------------
-    def check(self, repair: str | None = None) -> "CheckResult":
-        """Consistency check (``diskforge check``); ``repair`` is None, "leaks" or "all"."""
+    def check(self, repair: Repair = Repair.NONE) -> CheckResult:
+        """Consistency check (``diskforge check``), repairing what ``repair`` asks."""
         raise UnsupportedError("This image format does not support checks", self.path)
 
     def verify(self) -> list[str]:
@@ -469,6 +561,85 @@ class FileBytesDevice(BlockDevice):
         super().close()
 
 
+class FileDevice(BlockDevice):
+    """A device whose image is one file: opening the backend, running the format's
+    ``_open`` and cleaning up when that fails happen here, in one place.
+
+    Subclasses implement ``_open(**kwargs)`` (parse and validate the headers, open the
+    backing device) with ``self.backend``, ``self.path``, ``self.writable`` and
+    ``self.policy`` set. When ``_open`` raises, whatever it opened (the backing device,
+    the backend) is closed before the error propagates. ``lock`` is the backend's QEMU
+    lock request (``locks.py``; True: a reader's or a writer's, by ``writable``).
+    """
+
+    backend: "FileBackend"
+
+    def __init__(self, path: str | os.PathLike, *, writable: bool = False, policy=None,
+                 lock: "Access | bool" = True, **kwargs) -> None:
+        self.path = os.fspath(path)
+        self.writable = writable
+        self.policy = policy
+        self.backend = FileBackend(self.path, writable=writable, lock=lock)
+        try:
+            self._open(**kwargs)
+        except BaseException:
+            self.close()
+            raise
+
+    @abc.abstractmethod
+    def _open(self, **kwargs) -> None:
+        """Read and validate the image's structures (``self.backend`` is open)."""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()
+        finally:
+            self.backend.close()
+
+
+class FilterDevice(BlockDevice):
+    """A device that forwards to an inner one, as nbdkit's filters forward to ``next``:
+    subclasses override only what they change (a rescue reader that maps read errors
+    to zeros, a window onto part of a disk). It owns the inner device and closes it.
+    """
+
+    def __init__(self, inner: BlockDevice) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.format = inner.format
+        self.path = inner.path
+        self.writable = inner.writable
+        self.backing = None  # the inner device closes its own chain
+
+    def readinto(self, offset: int, buf) -> int:
+        return self.inner.readinto(offset, buf)
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        return self.inner.extents(offset, length)
+
+    def _write(self, offset: int, mv: memoryview) -> None:
+        self.inner.write(offset, mv)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        self.inner.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def info(self) -> ImageInfo:
+        return self.inner.info()
+
+    def files(self) -> list[str]:
+        return self.inner.files()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.inner.close()
+
+
 class ImageWriter(abc.ABC):
     """The sink every format offers: one writer serves convert, create and imaging.
 
@@ -502,8 +673,26 @@ class ImageWriter(abc.ABC):
     @abc.abstractmethod
     def zero(self, offset: int, length: int) -> None: ...
 
-    @abc.abstractmethod
-    def finish(self) -> None: ...
+    def finish(self) -> None:
+        """Complete the image and put it under its final name: the format's
+        ``_finish`` writes its closing structures, ``_commit`` puts the output in
+        place; on any failure the output is discarded (``abort``) and the error
+        re-raised, so a failed finish leaves nothing behind."""
+        try:
+            self._finish()
+            self._commit()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> None:
+        """The format's closing structures (tables, trailers, headers)."""
+
+    def _commit(self) -> None:
+        """Put the output in place: by default the ``out`` file (an AtomicFile)."""
+        out = getattr(self, "out", None)
+        if out is not None:
+            out.commit()
 
     @abc.abstractmethod
     def abort(self) -> None: ...
@@ -543,7 +732,7 @@ class DeviceWriter(ImageWriter):
     def zero(self, offset: int, length: int) -> None:
         self.device.write_zeroes(offset, length)
 
-    def finish(self) -> None:
+    def _finish(self) -> None:
         self.device.flush()
 
     def abort(self) -> None:
@@ -638,6 +827,12 @@ class FileBackend:
                 offset += n
         except OSError as e:
             raise ImageIOError.from_os(e, self.path) from None
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Write zero bytes over ``[offset, offset+length)`` (allocating them: for holes,
+        see ``punch_hole``)."""
+        for pos, n in pieces(offset, length, ZERO_BUFFER_SIZE):
+            self.pwrite(pos, ZEROES[:n])
 
     def truncate(self, size: int) -> None:
         if self.is_block_device:

@@ -109,7 +109,7 @@ class OpenPolicy:
         if "\0" in reference:
             raise SafetyError(f"{what} name contains a NUL byte", referrer)
         base_dir = os.path.dirname(os.path.abspath(referrer))
-        path = reference if os.path.isabs(reference) else os.path.join(base_dir, reference)
+        path = beside(referrer, reference)
         real = os.path.realpath(path)
         if not self.allow_any_root or self.is_untrusted:
             roots = [os.path.realpath(base_dir)] + [os.path.realpath(r)
@@ -150,6 +150,16 @@ class OpenPolicy:
         if len(self.chain) >= self.max_depth:
             raise SafetyError(f"backing chain deeper than {self.max_depth} images", path)
         return replace(self, chain=self.chain + (real,))
+
+
+def beside(image: str | os.PathLike, name: str) -> str:
+    """Where ``name``, written inside ``image`` (a backing file, data file, parent), is:
+    an absolute name as it stands, a relative one in the image's directory, as qemu
+    resolves them. The one spelling of that rule; ``OpenPolicy.resolve`` adds the
+    checks on where it may lead."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(image)), name)
 
 
 def _inside(path: str, root: str) -> bool:

@@ -12,6 +12,7 @@ def cmd_rebase(args) -> int:
     from ..errors import UsageError
     from ..ops.rebase import rebase
     from ..registry import open_image
+    from ..policy import beside
     if args.b is None:
         raise UsageError("give the new backing file with -b (-b \"\" removes it)")
     name = args.b or None
@@ -23,8 +24,7 @@ def cmd_rebase(args) -> int:
         fmt = args.F
         if name and not args.u:
             # the new name is relative to the image, as it will be stored
-            full = name if os.path.isabs(name) else os.path.join(
-                os.path.dirname(os.path.abspath(args.filename)), name)
+            full = beside(args.filename, name)
             new = open_image(full, args.F, policy=policy_from(args))
             fmt = fmt or new.format
         elif name and not fmt:

@@ -91,9 +91,9 @@ def open_backing(name: str, fmt: str | None, target: str, args, *, share: bool =
     disk is made that way)."""
 
     from ..blockdev import Backing
+    from ..policy import beside
     from ..registry import open_image
-    path = name if os.path.isabs(name) else os.path.join(
-        os.path.dirname(os.path.abspath(target)), name)
+    path = beside(target, name)
     policy = policy_from(args)
     dev = open_image(path, fmt, policy=replace(policy, force_share=True) if share
                      else policy)

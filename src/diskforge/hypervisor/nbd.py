@@ -34,7 +34,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 
-from ..blockdev import BlockDevice, Extent, ExtentKind, aligned_buffer
+from ..blockdev import BlockDevice, Extent, ExtentKind, aligned_buffer, chain_extents
 from ..errors import DiskforgeError, UsageError
 
 # -- protocol constants (proto.md) -------------------------------------------------------
@@ -132,29 +132,12 @@ class _Disconnect(Exception):
 
 
 def flat_extents(dev: BlockDevice, offset: int, length: int) -> Iterator[Extent]:
-    """The extents of what a reader of ``dev`` sees: BACKING runs are resolved through
-    the backing chain (beyond a shorter backing image, and with none, they read as
-    zeros). Clipped to ``[offset, offset+length)`` whatever the plugin returns."""
-    end = offset + length
-    pos = offset
-    for e in dev.extents(offset, length):
-        start, stop = max(e.offset, pos), min(e.end, end)
-        if stop <= start:
-            continue
-        pos = stop
-        if e.kind is ExtentKind.BACKING:
-            b = dev.backing
-            inside = 0 if b is None else max(0, min(stop, b.size) - start)
-            if inside:
-                yield from flat_extents(b, start, inside)
-            if start + inside < stop:
-                yield Extent(start + inside, stop - start - inside, ExtentKind.ZERO, False)
-        else:
-            yield Extent(start, stop - start, e.kind, e.allocated)
-        if pos >= end:
-            return
-    if pos < end:  # a plugin that stopped short: claim data (always safe)
-        yield Extent(pos, end - pos, ExtentKind.DATA)
+    """The extents of what a reader of ``dev`` sees (the chain resolved by
+    ``blockdev.chain_extents``), as block status reports them: kind and allocation."""
+    for le in chain_extents(dev, offset, length):
+        e = le.extent
+        yield e if e.host_offset is None else Extent(e.offset, e.length, e.kind,
+                                                     e.allocated)
 
 
 class NBDServer:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..blockdev import BlockDevice, ExtentKind
+from ..blockdev import BlockDevice, ExtentKind, chain_extents
 from ..errors import printable
 
 
@@ -45,29 +45,21 @@ class MapEntry:
         return d
 
 
-def resolve(dev: BlockDevice, offset: int = 0, length: int | None = None,
-            depth: int = 0) -> Iterator[MapEntry]:
+def resolve(dev: BlockDevice, offset: int = 0,
+            length: int | None = None) -> Iterator[MapEntry]:
     """Uncoalesced entries for ``[offset, offset+length)`` with the chain resolved."""
-    if length is None:
-        length = dev.size - offset
-    for e in dev.extents(offset, length):
-        if e.kind is ExtentKind.BACKING:
-            below = dev.backing
-            inside = 0 if below is None else max(0, min(e.end, below.size) - e.offset)
-            if inside:
-                yield from resolve(below, e.offset, inside, depth + 1)
-            if inside < e.length:  # no backing, or past its end: zeros, not present
-                yield MapEntry(e.offset + inside, e.length - inside,
-                               depth + (below is not None), False, True, False, None, None)
-        elif e.kind is ExtentKind.ZERO:
+    for le in chain_extents(dev, offset, length):
+        e, depth = le.extent, le.depth
+        if e.kind is ExtentKind.ZERO:
             # qemu shows the offset of reserved but unallocated space too (qcow2
             # subclusters, preallocated clusters): "present" false, "offset" set
             yield MapEntry(e.offset, e.length, depth, e.allocated, True, False,
                            e.host_offset,
-                           dev.path if e.allocated and e.host_offset is not None else None)
+                           le.device.path if e.allocated and e.host_offset is not None
+                           else None)
         else:
             yield MapEntry(e.offset, e.length, depth, True, False, True, e.host_offset,
-                           dev.path)
+                           le.device.path)
 
 
 def map_image(dev: BlockDevice, offset: int = 0,

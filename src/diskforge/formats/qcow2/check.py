@@ -24,7 +24,7 @@ from array import array
 from ...blockdev import skip_filled
 from ...errors import FormatError, LimitError
 from ...limits import check_alloc
-from ...ops.check import CheckResult
+from ...checks import CheckResult, Problem, ProblemKind, Repair
 from .layout import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                      QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SUBCLUSTERS)
@@ -91,13 +91,13 @@ class _Counter:
         return -1
 
 
-def check(dev, repair: str | None = None) -> CheckResult:
+def check(dev, repair: Repair = Repair.NONE) -> CheckResult:
     result = first = _Check(dev, repair).run()
     if repair and (first.leaks_fixed or first.corruptions_fixed):
         dev.flush()
-        result = _Check(dev, None).run()
-        result.messages = first.messages + ["Double checking the fixed image now..."] \
-            + result.messages
+        result = _Check(dev, Repair.NONE).run()
+        result.problems[:0] = first.problems + [
+            Problem(ProblemKind.NOTE, "Double checking the fixed image now...")]
         result.leaks_fixed = first.leaks_fixed
         result.corruptions_fixed = first.corruptions_fixed
     if repair and not result.corruptions and not result.check_errors:
@@ -116,7 +116,7 @@ def _mark_clean(dev) -> None:
 
 
 class _Check:
-    def __init__(self, dev, repair: str | None):
+    def __init__(self, dev, repair: Repair):
         self.dev = dev
         self.repair = repair
         self.cs = dev.cs
@@ -134,9 +134,11 @@ class _Check:
         # many snapshots share are walked once, their references counted that often
         self.weight = 1
 
-    def error(self, msg: str) -> None:
-        self.res.messages.append(msg)
-        self.res.corruptions += self.weight
+    def error(self, msg: str, structure: str | None = None, field: str | None = None,
+              *, repairable: bool = False) -> None:
+        """A corruption, counted once for every reference the walked table stands for."""
+        self.res.add(ProblemKind.CORRUPTION, msg, structure, field, repairable=repairable,
+                     count=self.weight)
 
     def count(self, offset: int, length: int) -> None:
         """One reference to [offset, offset + length). As qemu: the last cluster may
@@ -248,7 +250,7 @@ class _Check:
             if not self._table_ok(off):
                 self.error(f"ERROR l2_offset={off:x}: Table is not cluster aligned, in the"
                            " header or past the end of the file; L1 entry corrupted")
-                if active and self.repair == "all":
+                if active and self.repair.errors:
                     l1[i] = 0
                     dev.l1_dirty = True
                     self.res.corruptions_fixed += 1
@@ -277,7 +279,7 @@ class _Check:
                 if e & QCOW_OFLAG_COPIED:
                     self.error(f"ERROR: cluster {i // step}: copied flag must never be set"
                                " for compressed clusters")
-                    if active and self.repair == "all":
+                    if active and self.repair.errors:
                         l2[i] = e & ~QCOW_OFLAG_COPIED
                         fixed = True
                         res.corruptions_fixed += 1
@@ -314,7 +316,7 @@ class _Check:
                 if host % cs or host < cs:
                     self.error(f"ERROR offset={host:x}: Cluster is not properly aligned or"
                                " points into the header; L2 entry corrupted")
-                    if active and self.repair == "all":
+                    if active and self.repair.errors:
                         l2[i] = QCOW_OFLAG_ZERO if dev.header.version >= 3 and not ext \
                             else 0
                         if ext:
@@ -389,8 +391,8 @@ class _Check:
                     raw = dev.backend.read_exact(off, cs, "refcount block")
                 ondisk[ti] = decode(raw, order)
         self.ondisk = ondisk
-        fix_leaks = self.repair in ("leaks", "all")
-        fix_errors = self.repair == "all"
+        fix_leaks = self.repair.leaks
+        fix_errors = self.repair.errors
         inplace: list[tuple[int, int]] = []
         for c in self._differing(ondisk, epb, top):
             blk = ondisk.get(c // epb)
@@ -406,11 +408,9 @@ class _Check:
             else:
                 fixable = fix_errors
             kind = "Repairing" if fixable else ("ERROR" if have < want else "Leaked")
-            res.messages.append(f"{kind} cluster {c} refcount={have} reference={want}")
-            if have < want:
-                res.corruptions += 1
-            else:
-                res.leaks += 1
+            res.add(ProblemKind.CORRUPTION if have < want else ProblemKind.LEAK,
+                    f"{kind} cluster {c} refcount={have} reference={want}",
+                    "RefcountBlock", "refcount", repairable=fixable)
             if fixable and have:
                 inplace.append((c, want))
         if self.rebuild and fix_errors:
@@ -472,12 +472,12 @@ class _Check:
         cs, epb = self.cs, dev.geo.refblock_entries
 
         def count(c: int) -> int:
-            if self.repair == "all" or self.rebuilt:
+            if self.repair.errors or self.rebuilt:
                 return self.refs.get(c)
             blk = self.ondisk.get(c // epb)
             return blk[c % epb] if blk is not None else 0
 
-        fix = self.repair == "all"
+        fix = self.repair.errors
         step = 2 if dev.extended else 1
         seen: set[int] = set()
         for i in _used(dev.l1):

@@ -25,6 +25,7 @@ from array import array
 
 from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
                          FileBackend, ImageInfo, coalesce, skip_filled)
+from ...checks import CheckResult, Repair
 from ...errors import FormatError, SafetyError, UnsupportedError, UsageError
 from . import codec
 from .header import Header, parse as parse_header
@@ -572,7 +573,7 @@ class Qcow2Device(BlockDevice):
             self._barrier()
         if self.needs_repair:
             from .check import check
-            result = check(self, "all")
+            result = check(self, Repair.ALL)
             if result.corruptions or result.check_errors:
                 raise SafetyError("the image's refcounts (dirty, lazy refcounts) could not"
                                   " be repaired; run 'diskforge check -r all'", self.path)
@@ -879,7 +880,7 @@ class Qcow2Device(BlockDevice):
             super().close()
 
     # == maintenance hooks ===================================================================
-    def check(self, repair: str | None = None):
+    def check(self, repair: Repair = Repair.NONE) -> CheckResult:
         from .check import check
         return check(self, repair)
 

@@ -32,6 +32,7 @@ from array import array
 
 from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
                          FileBackend, ImageInfo, coalesce, skip_filled)
+from ...checks import CheckResult, ProblemKind, Repair
 from ...errors import (CorruptImage, FormatError, ImageIOError, SafetyError,
                        UnsupportedError)
 from ...limits import check_alloc
@@ -672,8 +673,7 @@ class VhdDevice(BlockDevice):
         out += [p for p in self.problems if "checksum" in p]
         return out
 
-    def check(self, repair: str | None = None):
-        from ...ops.check import CheckResult
+    def check(self, repair: Repair = Repair.NONE) -> CheckResult:
         res = CheckResult(filename=self.path, format="vpc")
         msgs = [f"ERROR {s}.{f}: {m}" for s, f, m in self.fatal]
         msgs += [f"ERROR {p}" for p in self.problems]
@@ -684,14 +684,16 @@ class VhdDevice(BlockDevice):
             res.image_end_offset = self.data_end + FOOTER_SIZE
         else:
             res.image_end_offset = self.footer_at + FOOTER_SIZE
-        res.corruptions = len(msgs)
+        for m in msgs:
+            res.add(ProblemKind.CORRUPTION, m)
         if repair and msgs:
             fixed = self._repair_footer_copies()
             res.corruptions_fixed = fixed
             res.corruptions -= fixed
             if fixed:
-                msgs.append(f"Repaired {fixed} footer cop{'y' if fixed == 1 else 'ies'}")
-        res.messages = msgs + [f"Warning: {n}" for n in self.notes]
+                res.note(f"Repaired {fixed} footer cop{'y' if fixed == 1 else 'ies'}")
+        for n in self.notes:
+            res.note(f"Warning: {n}")
         return res
 
     def _metadata(self) -> list[tuple[str, int, int]]:

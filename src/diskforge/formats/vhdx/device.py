@@ -26,6 +26,7 @@ from construct import Container
 
 from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
                          FileBackend, ImageInfo, coalesce)
+from ...checks import CheckResult, ProblemKind, Repair
 from ...errors import FormatError, ImageIOError, SafetyError, UnsupportedError
 from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE_SIGNATURE,
                      HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIZE, LOG_SECTOR,
@@ -546,16 +547,15 @@ class VhdxDevice(BlockDevice):
                 problems.append(f"region table {i + 1}: {e.message}")
         return problems
 
-    def check(self, repair: str | None = None):
+    def check(self, repair: Repair = Repair.NONE) -> CheckResult:
         """BAT entries: valid states, inside the file, not overlapping each other nor the
         header section, log, BAT or metadata regions; sector bitmaps where needed."""
-        from ...ops.check import CheckResult
         result = CheckResult(self.path, "vhdx")
-        result.messages.extend(f"ERROR {p}" for p in self.verify())
-        result.corruptions += len(result.messages)
+        for p in self.verify():
+            result.add(ProblemKind.CORRUPTION, f"ERROR {p}")
         if self.replayed is not None:
             n = len(self.replayed.entries)
-            result.messages.append(
+            result.note(
                 f"The log held {n} pending entries: written into the file" if self.writable
                 else f"The log holds {n} pending entries, replayed in memory for reading;"
                 " 'check -r all' writes them into the file")
@@ -583,24 +583,23 @@ class VhdxDevice(BlockDevice):
                 length = self.block_size
             if not ok:
                 if not is_bitmap or self.differencing:
-                    result.corruptions += 1
-                    result.messages.append(f"ERROR BAT entry {idx}: invalid {what} state"
-                                           f" {state}")
+                    result.add(ProblemKind.CORRUPTION, f"ERROR BAT entry {idx}: invalid"
+                               f" {what} state {state}", "BAT", "State")
                 continue
             if not present:
                 continue
             if off < HEADER_SECTION_SIZE or off >= self.io.size:
-                result.corruptions += 1
-                result.messages.append(f"ERROR BAT entry {idx}: {what} at {off} is outside"
-                                       f" the file ({self.io.size} bytes)")
+                result.add(ProblemKind.CORRUPTION, f"ERROR BAT entry {idx}: {what} at {off}"
+                           f" is outside the file ({self.io.size} bytes)", "BAT",
+                           "FileOffsetMB")
                 continue
             allocated += not is_bitmap
             used.append((off, off + length, f"{what} (BAT entry {idx})"))
         used.sort()
         for (a0, a1, an), (b0, b1, bn) in zip(used, used[1:]):
             if b0 < a1:
-                result.corruptions += 1
-                result.messages.append(f"ERROR {bn} at {b0} overlaps {an} at {a0}")
+                result.add(ProblemKind.CORRUPTION, f"ERROR {bn} at {b0} overlaps {an} at"
+                           f" {a0}", "BAT", "FileOffsetMB")
         result.total_clusters = self.nblocks
         result.allocated_clusters = allocated
         result.image_end_offset = self.backend.size
