@@ -334,10 +334,14 @@ def _remove_if_unowned(path: str) -> bool:
         os.close(fd)
 
 
+# The name of an interrupted image run's resume record, beside its output (written and
+# read by ops/imaging.py): the partial output it names is kept for ``image --resume``.
+RESUME_SUFFIX = ".resume.json"
+
+
 def _resumable_partial(target: str) -> str | None:
     """The partial output ``TARGET.resume.json`` names, if there is one."""
     from .devices import open_input_file
-    from .ops.imaging import RESUME_SUFFIX  # the resume record's own name
     try:
         with open_input_file(target + RESUME_SUFFIX) as f:
             state = json.loads(f.read(1 << 20))

@@ -33,7 +33,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from ..atomic import unlink_regular
+from ..atomic import RESUME_SUFFIX, unlink_regular
 from ..blockdev import ZERO_BUFFER_SIZE, ZEROES, BlockDevice, ImageWriter
 from ..devices import open_input_file
 from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
@@ -43,7 +43,6 @@ CHUNK = 64 << 20
 CHECKPOINT = 1 << 30  # a multiple of CHUNK: checkpoints fall on chunk boundaries
 RECORD_SUFFIX = ".integrity.json"
 BADMAP_SUFFIX = ".badmap"
-RESUME_SUFFIX = ".resume.json"
 RESUME_VERSION = 1
 RECORD_VERSION = 1
 # what a record read back may ask for (see IntegrityRecord.load): 2^19 chunks of 64 MiB
