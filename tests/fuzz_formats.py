@@ -348,10 +348,10 @@ def materialize(data: bytes, layouts: list[dict], work: str) -> tuple[str, str]:
         dense, blocks = data[1:], layout["blocks"]
         for k, block in enumerate(blocks):
             piece = dense[k * BLOCK:(k + 1) * BLOCK]
-            if not piece:
-                break           # the input ran out: a truncated file
             pieces.append((block * BLOCK, piece))
-            size = block * BLOCK + len(piece)
+            if len(piece) < BLOCK:  # the input ran out: the file is truncated here
+                size = block * BLOCK + len(piece)
+                break
         else:                   # all there: the seed's size, then any bytes appended
             size = layout["size"]
             pieces = [(at, p[:size - at]) for at, p in pieces if at < size]
@@ -525,7 +525,9 @@ def fuzz(d: str, *, runs: int | None, seconds: float | None, seed: int) -> dict:
     if seconds is not None:
         args.append(f"-max_total_time={max(1, int(seconds))}")
     os.makedirs(os.path.join(d, "crashes"), exist_ok=True)
-    limit = (seconds or 0) + (runs or 0) * 2 + 120
+    # a hang guard for the whole run (each input has its own limits): generous, yet
+    # short enough that a test waiting on this (test_fuzz_formats.py) sees it first
+    limit = (seconds or 0) + (runs or 0) / 10 + 60
     env = dict(os.environ, PYTHONHASHSEED="0")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--dir", d,
                            "--", *args], capture_output=True, text=True, timeout=limit, env=env)

@@ -28,7 +28,7 @@ def test_a_fixed_fuzz_budget_finds_no_crash_in_any_reader(tmp_path):
         need(tool)
     proc = subprocess.run([sys.executable, FUZZ, "--runs", str(RUNS), "--seed", "1",
                            "--dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=290)
     report = proc.stdout + proc.stderr[-6000:]
     assert proc.returncode == 0, report
     m = re.search(r"^(\d+) executions, \d+/s, ok$", proc.stdout, re.M)
