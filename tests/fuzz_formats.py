@@ -18,14 +18,17 @@ one byte choosing the seed whose layout puts them back in place. A VHDX of 4 MiB
 about 10 KiB that are not zeros, and mutations should land there; an input shorter
 than its layout is a truncated file, a longer one has bytes appended.
 
-    python3 tests/fuzz_formats.py --minutes N [--format F] [--dir DIR]   # by hand
-    python3 tests/fuzz_formats.py --runs N --seed S [--format F]         # deterministic
+    .venv/bin/python tests/fuzz_formats.py --minutes N [--format F] [--dir DIR]  # by hand
+    .venv/bin/python tests/fuzz_formats.py --runs N [--seed S] [--format F]      # fixed
 
-By hand, each format gets an equal share of the time, a crash is saved (the image
-file, its traceback) as DIR/crashes/FORMAT-*, and fuzzing goes on past crashes already
-seen. With ``--runs`` (what the test suite does) the run is a fixed number of
-executions from a fixed seed, so it finds the same thing, or nothing, every time.
-Executions per second are printed per format.
+By hand, each format gets its own process and an equal share of the time; a crash is
+kept (the image file and its traceback) as DIR/FORMAT/crashes/FORMAT-*, and fuzzing
+goes on past crashes already kept. With ``--runs`` (what the test suite does) the
+chosen formats share one process for a fixed number of executions from a fixed seed:
+nothing in it depends on time or thread scheduling (DMG read-ahead is off), so it
+executes the same inputs, and finds the same thing or nothing, every time.
+Executions per second are printed per format (needs qemu-img, qemu-io, xorriso and
+atheris, which is in the ``[test]`` extra).
 """
 
 from __future__ import annotations
