@@ -69,8 +69,10 @@ def _vpc_damaged_copy(d, src):
     end is sound): QEMU reads only the copy."""
     path = _qemu_img("vpc", "-o", "force_size=on")(d, src)
     with open(path, "r+b") as f:
-        f.seek(70)  # inside the unique id
-        f.write(b"\x01")
+        f.seek(70)  # inside the unique id, which is random: flip its bits, so the byte
+        byte = f.read(1)[0]  # always changes (writing a constant left it intact 1 in 256)
+        f.seek(70)
+        f.write(bytes([byte ^ 0xFF]))
     return path
 
 

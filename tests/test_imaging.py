@@ -225,9 +225,11 @@ def test_restore_refuses_a_corrupted_image(workdir):
     img = gpt_disk(os.path.join(workdir, "disk.raw"))
     out = os.path.join(workdir, "b.raw")
     assert cli("image", "-O", "raw", img, out)[0] == 0
-    with open(out, "r+b") as f:
+    with open(out, "r+b") as f:  # random bytes there: flip them, so they always change
         f.seek(1 << 20)
-        f.write(b"rot")
+        old = f.read(3)
+        f.seek(1 << 20)
+        f.write(bytes(b ^ 0xFF for b in old))
     code, _, err = cli("restore", out, os.path.join(workdir, "r.raw"))
     one_line_error(code, err)
     assert "no longer matches its integrity record" in err
