@@ -10,8 +10,6 @@ import resource
 import subprocess
 import sys
 
-import pytest
-
 from conftest import FIXTURES, one_line_error
 
 
@@ -24,14 +22,11 @@ def _diskforge(*argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60, preexec_fn=_cap)
 
 
-@pytest.mark.xfail(reason="not fixed here: the lzfse binding raises MemoryError on this"
-                          " corrupt stream, which the DMG codecs do not turn into a chunk"
-                          " error; LZFSE decoding is being reworked for issue 12 item 4")
 def test_a_corrupt_lzfse_chunk_is_one_clean_error(tmp_path):
     """fuzz_formats.py, dmg: one byte changed in the payload of the first LZFSE block
-    (a bvx2 block that still declares the chunk's size) makes ``lzfse.decompress`` raise
+    (a bvx2 block that still declares the chunk's size) made ``lzfse.decompress`` raise
     MemoryError at once (no large allocation is made), shown as "internal error:
-    MemoryError"."""
+    MemoryError"; the bounded decoder (formats/dmg/codecs.py) reports a corrupt chunk."""
     data = bytearray(open(os.path.join(FIXTURES, "dmg", "node-udif_compression-lzfse.dmg"),
                           "rb").read())
     assert data[417] == 0x38
