@@ -10,7 +10,7 @@ from vhdx_helpers import (MiB, metadata_item, metadata_offset, random_disk, read
                           set_bat_entry, write_at)
 
 import diskforge
-from diskforge.formats.vhdx.layout import (FILE_PARAMETERS_GUID, REGION_TABLE_OFFSETS,
+from diskforge.formats.vhdx.structs import (FILE_PARAMETERS_GUID, REGION_TABLE_OFFSETS,
                                            VIRTUAL_DISK_SIZE_GUID)
 from diskforge.formats.vhdx.tables import Region, build_region_table, parse_metadata
 

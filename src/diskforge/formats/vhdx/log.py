@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from ...errors import FormatError, UnsupportedError
 from .crc32c import crc32c
-from .layout import (DATA_SIGNATURE, DESC_SIGNATURE, DESCRIPTOR_SIZE, LOG_ENTRY_SIGNATURE,
+from .structs import (DATA_SIGNATURE, DESC_SIGNATURE, DESCRIPTOR_SIZE, LOG_ENTRY_SIGNATURE,
                      LOG_HEADER_SIZE, LOG_SECTOR, REGION_TABLE_OFFSETS,
                      ZERO_SIGNATURE, DataDescriptor, LogEntryHeader, ZeroDescriptor)
 
