@@ -61,6 +61,16 @@ def test_one_region_table_corrupt_uses_the_other(img):
         assert any("region table 1" in p for p in dev.verify())
 
 
+def test_check_rows_name_the_structure_and_field(img):
+    from diskforge.formats.vhdx.structs import HEADER_OFFSETS
+    write_at(img, REGION_TABLE_OFFSETS[1] + 40, b"\x99")
+    write_at(img, HEADER_OFFSETS[0] + 100, b"\x99")
+    with diskforge.open(img) as dev:
+        rows = [(p.structure, p.field) for p in dev.check().problems if p.structure]
+        assert len(dev.verify()) == 2
+    assert rows == [("Header", "Checksum"), ("RegionTableHeader", "Checksum")]
+
+
 @pytest.mark.parametrize("bad", ["past-eof", "unaligned", "overlap", "unknown-required",
                                  "count"])
 def test_malformed_region_tables(img, bad):
