@@ -32,13 +32,14 @@ from ...blockdev import (ZEROES, Extent, ExtentKind, FileDevice, ImageInfo, coal
                          fill_zero, pieces, skip_filled)
 from ...byteorder import be_array
 from ...checks import CheckResult, Problem, ProblemKind, Repair
-from ...errors import CorruptImage, FormatError, ImageIOError, SafetyError, UnsupportedError
+from ...errors import (CorruptImage, FormatError, ImageIOError, SafetyError,
+                       UnsupportedError)
 from ...limits import check_alloc
 from ...policy import OpenPolicy, beside
 from ...registry import open_image
 from . import geometry as geo
 from . import locators as loc
-from .structs import (DATA_ALIGN, DIFFERENCING, DISK_TYPES, EMPTY_LOCATOR, DYNAMIC, FIXED,
+from .structs import (DATA_ALIGN, DIFFERENCING, DISK_TYPES, DYNAMIC, EMPTY_LOCATOR, FIXED,
                       FOOTER_CHECKSUM_AT, FOOTER_COOKIE, FOOTER_SIZE, FORMAT_VERSION,
                       HEADER_CHECKSUM_AT, HEADER_COOKIE, HEADER_SIZE, MAX_BLOCK, MIN_BLOCK,
                       SECTOR, UNUSED, BatEntry, VhdDynamicDiskHeader, VhdFooter, align_up,

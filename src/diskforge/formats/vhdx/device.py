@@ -23,22 +23,22 @@ from array import array
 
 from construct import Container
 
-from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, Extent, ExtentKind, FileDevice, ImageInfo,
-                         coalesce, fill_zero, pieces)
+from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, Extent, ExtentKind, FileDevice,
+                         ImageInfo, coalesce, fill_zero, pieces)
 from ...byteorder import le_bytes
 from ...checks import CheckResult, Problem, ProblemKind, Repair
 from ...errors import FormatError, ImageIOError, SafetyError, UnsupportedError
 from ...policy import OpenPolicy
 from ...registry import open_image
 from .structs import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE_SIGNATURE,
-                     HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIZE, LOG_SECTOR,
-                     METADATA_GUID, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
-                     PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
-                     PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095, PAYLOAD_BLOCK_ZERO,
-                     REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, SB_BLOCK_NOT_PRESENT,
-                     SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, ZERO_GUID,
-                     align_up, bat_entries, bit_runs, bitmap_index, chunk_ratio, guid_text,
-                     new_guid, payload_index, set_bits)
+                      HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIZE, LOG_SECTOR,
+                      METADATA_GUID, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
+                      PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
+                      PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095, PAYLOAD_BLOCK_ZERO,
+                      REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, SB_BLOCK_NOT_PRESENT,
+                      SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, ZERO_GUID,
+                      align_up, bat_entries, bit_runs, bitmap_index, chunk_ratio, guid_text,
+                      new_guid, payload_index, set_bits)
 from .bat import BatTable
 from .log import OverlayIO, build_entry, desc_sectors, find_active
 from .tables import (build_header, header_problem, parse_header, parse_metadata,

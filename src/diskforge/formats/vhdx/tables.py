@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from ...errors import FormatError, UnsupportedError
 from .crc32c import crc32c
 from .structs import (ALIGNMENT, BAT_GUID, FILE_PARAMETERS_GUID, HAS_PARENT, HEADER_SECTION_SIZE,
-                     HEADER_SIGNATURE, HEADER_SIZE, IS_REQUIRED, IS_VIRTUAL_DISK,
-                     LEAVE_BLOCKS_ALLOCATED, LOGICAL_SECTOR_SIZE_GUID, MAX_BLOCK,
-                     MAX_DISK_SIZE, MAX_TABLE_ENTRIES, METADATA_GUID, METADATA_NAMES,
-                     METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK, PARENT_LOCATOR_GUID,
-                     PHYSICAL_SECTOR_SIZE_GUID, REGION_SIGNATURE, REGION_TABLE_SIZE,
-                     SECTOR_SIZES, VHDX_PARENT_LOCATOR_TYPE, VIRTUAL_DISK_ID_GUID,
-                     VIRTUAL_DISK_SIZE_GUID, FileParameters, Header, MetadataTableEntry,
-                     MetadataTableHeader, ParentLocatorEntry, ParentLocatorHeader,
-                     RegionTableEntry, RegionTableHeader, guid_text)
+                      HEADER_SIGNATURE, HEADER_SIZE, IS_REQUIRED, IS_VIRTUAL_DISK,
+                      LEAVE_BLOCKS_ALLOCATED, LOGICAL_SECTOR_SIZE_GUID, MAX_BLOCK,
+                      MAX_DISK_SIZE, MAX_TABLE_ENTRIES, METADATA_GUID, METADATA_NAMES,
+                      METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK, PARENT_LOCATOR_GUID,
+                      PHYSICAL_SECTOR_SIZE_GUID, REGION_SIGNATURE, REGION_TABLE_SIZE,
+                      SECTOR_SIZES, VHDX_PARENT_LOCATOR_TYPE, VIRTUAL_DISK_ID_GUID,
+                      VIRTUAL_DISK_SIZE_GUID, FileParameters, Header, MetadataTableEntry,
+                      MetadataTableHeader, ParentLocatorEntry, ParentLocatorHeader,
+                      RegionTableEntry, RegionTableHeader, guid_text)
 
 
 def _with_checksum(buf: bytearray) -> bytes:

@@ -27,11 +27,11 @@ from ...byteorder import le_bytes
 from ...errors import UnsupportedError, UsageError
 from ...policy import beside
 from .structs import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, FILE_SIGNATURE, HEADER_OFFSETS,
-                     HEADER_SECTION_SIZE, MAX_DISK_SIZE, METADATA_GUID,
-                     PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
-                     REGION_TABLE_OFFSETS, SB_BLOCK_PRESENT,
-                     SECTOR_BITMAP_BLOCK, ZERO_GUID, align_up, bat_entries, bitmap_index,
-                     chunk_ratio, guid_text, new_guid, payload_index, set_bits)
+                      HEADER_SECTION_SIZE, MAX_DISK_SIZE, METADATA_GUID,
+                      PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+                      REGION_TABLE_OFFSETS, SB_BLOCK_PRESENT,
+                      SECTOR_BITMAP_BLOCK, ZERO_GUID, align_up, bat_entries, bitmap_index,
+                      chunk_ratio, guid_text, new_guid, payload_index, set_bits)
 from .tables import Metadata, Region, build_header, build_metadata_region, build_region_table
 
 
