@@ -259,7 +259,7 @@ def test_qcow2_check_with_l1_entries_naming_one_l2_table(workdir):
 # -- VHDX ------------------------------------------------------------------------------
 
 def _vhdx_regions(path, change: dict):
-    from diskforge.formats.vhdx.layout import REGION_TABLE_OFFSETS
+    from diskforge.formats.vhdx.structs import REGION_TABLE_OFFSETS
     from diskforge.formats.vhdx.tables import Region, build_region_table
     from vhdx_helpers import regions
     regs = dict(regions(path))
@@ -278,7 +278,7 @@ def test_vhdx_bat_larger_than_the_budget_is_read_in_pieces(workdir):
     command works, quickly and small."""
     need("qemu-img")
     from vhdx_helpers import metadata_item
-    from diskforge.formats.vhdx.layout import BAT_GUID, FILE_PARAMETERS_GUID
+    from diskforge.formats.vhdx.structs import BAT_GUID, FILE_PARAMETERS_GUID
     img = os.path.join(workdir, "bat.vhdx")
     run("qemu-img", "create", "-q", "-f", "vhdx", img, "64T")
     with open(img, "r+b") as f:
@@ -304,7 +304,7 @@ def test_vhdx_pending_log_that_extends_the_file_to_64_tib(workdir):
     need("qemu-img")
     import diskforge
     from vhdx_helpers import bat_offset, headers, rewrite_headers
-    from diskforge.formats.vhdx.layout import LOG_SECTOR
+    from diskforge.formats.vhdx.structs import LOG_SECTOR
     from diskforge.formats.vhdx.log import build_entry
     img = os.path.join(workdir, "log.vhdx")
     run("qemu-img", "create", "-q", "-f", "vhdx", img, "64T")

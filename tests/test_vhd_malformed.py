@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from vhd_helpers import FIXTURES, gunzip, patch_bat, patch_footer, patch_header, read_header
 
 import diskforge
+from diskforge.checks import Repair
 from diskforge.errors import DiskforgeError
 
 
@@ -74,6 +75,41 @@ def test_a_damaged_footer_copy_falls_back_to_the_footer(dynamic):
         assert dev.verify()
     code, text, _ = cli("check", dynamic)
     assert code == 2 and "copy at offset 0" in text
+
+
+def test_check_rows_name_structure_and_field_and_drive_verify_and_repair(dynamic):
+    """verify lists the rows whose field is a checksum (a stale but well-summed footer
+    copy is not one), and -r all repairs the rows marked repairable, whatever their
+    wording."""
+    patch_footer(dynamic, where=[0], fix_checksum=True, time_stamp=1)   # stale copy
+    with diskforge.open(dynamic) as dev:
+        assert dev.verify() == []
+        rows = [p for p in dev.check().problems if p.structure]
+    assert [(p.structure, p.field, p.repairable) for p in rows] == \
+        [("VhdFooter", None, True)]
+    with diskforge.open(dynamic, writable=True) as dev:
+        res = dev.check(Repair.ALL)
+        assert (res.corruptions, res.corruptions_fixed) == (0, 1)
+    patch_footer(dynamic, where=[0], fix_checksum=False, time_stamp=2)  # bad checksum
+    with diskforge.open(dynamic) as dev:
+        assert len(dev.verify()) == 1
+        [row] = [p for p in dev.check().problems if p.structure]
+        assert (row.structure, row.field, row.repairable) == ("VhdFooter", "checksum", True)
+    patch_header(dynamic, fix_checksum=False, parent_time_stamp=5)
+    with diskforge.open(dynamic) as dev:
+        rows = [(p.structure, p.field, p.repairable) for p in dev.check().problems
+                if p.structure]
+        assert ("VhdDynamicDiskHeader", "checksum", False) in rows
+        assert len(dev.verify()) == 2
+
+
+def test_overlapping_blocks_are_rows_of_the_bat(dynamic):
+    with diskforge.open(dynamic) as dev:
+        first = dev.bat[0]
+    patch_bat(dynamic, 4, first)     # block 4 stored where block 0 is
+    with diskforge.open(dynamic) as dev:
+        rows = [(p.structure, p.field) for p in dev.check().problems if p.structure]
+    assert ("BAT", "entry[4]") in rows or ("BAT", "entry[0]") in rows, rows
 
 
 def test_header_checksum(dynamic):

@@ -84,7 +84,7 @@ def test_differencing_round_trip(workdir, base_exts, new_exts, block_size):
 @given(bitmap=st.binary(min_size=1, max_size=64), data=st.data())
 def test_bitmap_runs_and_set_bits(bitmap, data):
     """Sector bitmaps: bit n is the (n % 8)-th most significant bit of byte n // 8."""
-    from diskforge.formats.vhd.device import bitmap_runs, set_bits
+    from diskforge.formats.vhd.structs import bitmap_runs, set_bits
     nbits = len(bitmap) * 8
     first = data.draw(st.integers(0, nbits - 1))
     count = data.draw(st.integers(1, nbits - first))

@@ -108,7 +108,7 @@ def test_hyperv_differencing_sample_over_a_stand_in_parent(workdir):
     pyvhdi = pytest.importorskip("pyvhdi", reason="libvhdi-python (the [test] extra)")
     from vhdx_helpers import rewrite_headers
 
-    from diskforge.formats.vhdx.layout import guid
+    from diskforge.formats.vhdx.structs import guid
     child = _gunzip("vhdx/dissect_hyperv_differencing.avhdx.gz", workdir)
     parent = os.path.join(workdir, "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx")
     assert cli("create", "-q", "-f", "vhdx", parent, "8G")[0] == 0

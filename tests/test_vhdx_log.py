@@ -16,7 +16,7 @@ from vhdx_helpers import (MiB, headers, pending_log, rewrite_headers, random_dis
                           write_at)
 
 import diskforge
-from diskforge.formats.vhdx.layout import LOG_SECTOR
+from diskforge.formats.vhdx.structs import LOG_SECTOR
 from diskforge.formats.vhdx.log import build_entry
 
 

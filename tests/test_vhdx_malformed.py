@@ -10,7 +10,7 @@ from vhdx_helpers import (MiB, metadata_item, metadata_offset, random_disk, read
                           set_bat_entry, write_at)
 
 import diskforge
-from diskforge.formats.vhdx.layout import (FILE_PARAMETERS_GUID, REGION_TABLE_OFFSETS,
+from diskforge.formats.vhdx.structs import (FILE_PARAMETERS_GUID, REGION_TABLE_OFFSETS,
                                            VIRTUAL_DISK_SIZE_GUID)
 from diskforge.formats.vhdx.tables import Region, build_region_table, parse_metadata
 
@@ -59,6 +59,16 @@ def test_one_region_table_corrupt_uses_the_other(img):
     with diskforge.open(img) as dev:
         assert sha256_device(dev) == good
         assert any("region table 1" in p for p in dev.verify())
+
+
+def test_check_rows_name_the_structure_and_field(img):
+    from diskforge.formats.vhdx.structs import HEADER_OFFSETS
+    write_at(img, REGION_TABLE_OFFSETS[1] + 40, b"\x99")
+    write_at(img, HEADER_OFFSETS[0] + 100, b"\x99")
+    with diskforge.open(img) as dev:
+        rows = [(p.structure, p.field) for p in dev.check().problems if p.structure]
+        assert len(dev.verify()) == 2
+    assert rows == [("Header", "Checksum"), ("RegionTableHeader", "Checksum")]
 
 
 @pytest.mark.parametrize("bad", ["past-eof", "unaligned", "overlap", "unknown-required",

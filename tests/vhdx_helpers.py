@@ -55,7 +55,7 @@ def write_at(path: str, off: int, data: bytes) -> None:
 
 
 def headers(path: str):
-    from diskforge.formats.vhdx.layout import HEADER_OFFSETS, HEADER_SIZE
+    from diskforge.formats.vhdx.structs import HEADER_OFFSETS, HEADER_SIZE
     from diskforge.formats.vhdx.tables import parse_header
     return [parse_header(read_at(path, off, HEADER_SIZE)) for off in HEADER_OFFSETS]
 
@@ -64,7 +64,7 @@ def rewrite_headers(path: str, **changes) -> None:
     """Rewrite both headers with ``changes`` (checksums recomputed, sequence kept)."""
     from construct import Container
 
-    from diskforge.formats.vhdx.layout import HEADER_OFFSETS
+    from diskforge.formats.vhdx.structs import HEADER_OFFSETS
     from diskforge.formats.vhdx.tables import build_header
     for off, h in zip(HEADER_OFFSETS, headers(path)):
         h = Container(h)
@@ -73,19 +73,19 @@ def rewrite_headers(path: str, **changes) -> None:
 
 
 def regions(path: str):
-    from diskforge.formats.vhdx.layout import REGION_TABLE_OFFSETS, REGION_TABLE_SIZE
+    from diskforge.formats.vhdx.structs import REGION_TABLE_OFFSETS, REGION_TABLE_SIZE
     from diskforge.formats.vhdx.tables import parse_region_table
     return parse_region_table(read_at(path, REGION_TABLE_OFFSETS[0], REGION_TABLE_SIZE),
                               path, os.path.getsize(path))
 
 
 def bat_offset(path: str) -> int:
-    from diskforge.formats.vhdx.layout import BAT_GUID
+    from diskforge.formats.vhdx.structs import BAT_GUID
     return regions(path)[BAT_GUID].offset
 
 
 def metadata_offset(path: str) -> int:
-    from diskforge.formats.vhdx.layout import METADATA_GUID
+    from diskforge.formats.vhdx.structs import METADATA_GUID
     return regions(path)[METADATA_GUID].offset
 
 
@@ -113,7 +113,7 @@ def pending_log(img, *, wrapped=False, extras=True, seed=0):
     entry with another LogGuid and a torn entry, which must both be ignored.
     ``wrapped`` puts A across the end of the circular log."""
     import diskforge
-    from diskforge.formats.vhdx.layout import LOG_SECTOR
+    from diskforge.formats.vhdx.structs import LOG_SECTOR
     from diskforge.formats.vhdx.log import build_entry
     rnd = random.Random(seed)
     with diskforge.open(img) as dev:

@@ -5,11 +5,15 @@ dynamic and differencing disks; opens dynamic and differencing disks for writing
 place. The layout as implemented, the size rules and the quirks of real files are in
 ``formats/vhd.md``; the modules here:
 
-- ``structs``: the footer, dynamic disk header and parent locator entries;
+- ``structs``: the footer, dynamic disk header and parent locator entries, the
+  constants, checksums, the sector bitmap's bit order and alignment (the leaf: it
+  imports no sibling);
 - ``geometry``: CHS geometry and which size a reader believes (qemu's rules);
-- ``locators``: parent locators and how a parent is found;
+- ``locators``: parent locators, how a parent is found and the entries written;
 - ``device``: the BlockDevice (reading, extents, check, writing in place);
 - ``writer``: the ImageWriter (new fixed, dynamic and differencing disks).
+
+Imports go one way: structs <- geometry, locators <- device <- writer.
 
 This module stays light: probing imports nothing else.
 """

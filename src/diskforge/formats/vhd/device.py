@@ -25,28 +25,27 @@ written, and a partly written sector is first filled from the parent.
 
 from __future__ import annotations
 
+import heapq
 import os
-import re
-import struct
-from array import array
 
-from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                         FileBackend, ImageInfo, coalesce, skip_filled)
-from ...checks import CheckResult, ProblemKind, Repair
+from ...blockdev import (ZEROES, Extent, ExtentKind, FileDevice, ImageInfo, coalesce,
+                         fill_zero, pieces, skip_filled)
+from ...byteorder import be_array
+from ...checks import CheckResult, Problem, ProblemKind, Repair
 from ...errors import (CorruptImage, FormatError, ImageIOError, SafetyError,
                        UnsupportedError)
 from ...limits import check_alloc
+from ...policy import OpenPolicy, beside
+from ...registry import open_image
 from . import geometry as geo
 from . import locators as loc
-from .structs import (DIFFERENCING, DISK_TYPES, DYNAMIC, FIXED, FOOTER_CHECKSUM_AT,
-                      FOOTER_COOKIE, FOOTER_SIZE, FORMAT_VERSION, HEADER_CHECKSUM_AT,
-                      HEADER_COOKIE, HEADER_SIZE, SECTOR, UNUSED, VhdDynamicDiskHeader,
-                      VhdFooter, bitmap_size, checksum, vhd_time,
-                      with_checksum)
+from .structs import (DATA_ALIGN, DIFFERENCING, DISK_TYPES, DYNAMIC, EMPTY_LOCATOR, FIXED,
+                      FOOTER_CHECKSUM_AT, FOOTER_COOKIE, FOOTER_SIZE, FORMAT_VERSION,
+                      HEADER_CHECKSUM_AT, HEADER_COOKIE, HEADER_SIZE, MAX_BLOCK, MIN_BLOCK,
+                      SECTOR, UNUSED, BatEntry, VhdDynamicDiskHeader, VhdFooter, align_up,
+                      bitmap_runs, bitmap_size, build_header, checksum, footer_problem,
+                      rebuilt, set_bits, vhd_time)
 
-MIN_BLOCK = SECTOR
-MAX_BLOCK = 256 << 20       # a 64 KiB bitmap; Windows writes 2 MiB (and 512 KiB)
-DATA_ALIGN = 4096           # where new block data starts, as Windows places it
 _BITMAP_CACHE = 4096        # sector bitmaps kept in memory per device
 
 
@@ -61,89 +60,46 @@ def _utf16be(raw: bytes) -> str:
     return raw.decode("utf-16-be", "replace").split("\0", 1)[0]
 
 
-def footer_problem(raw: bytes) -> str | None:
-    """Why ``raw`` is not a valid footer, or None."""
-    if raw[:8] != FOOTER_COOKIE:
-        return "no 'conectix' cookie"
-    stored = int.from_bytes(raw[FOOTER_CHECKSUM_AT:FOOTER_CHECKSUM_AT + 4], "big")
-    computed = checksum(raw, FOOTER_CHECKSUM_AT)
-    if stored != computed:
-        return f"checksum is {stored:#010x}, the footer sums to {computed:#010x}"
-    return None
+class VhdDevice(FileDevice):
+    """A VHD opened as a block device (``VhdDevice(path, writable=, policy=,
+    open_parent=)``; ``open_parent=False`` reads only this file's structures, for a
+    writer that needs a parent's unique id).
 
+    What the open found wrong is kept as structured rows (``checks.Problem``, the
+    structure and field named as the specification names them): ``fatal`` (a checksum
+    that makes every read refuse), ``problems`` (footer copies: counted by ``check``,
+    fixed by ``check -r all``) and ``notes`` (printed, not counted). ``verify`` and
+    repair pick their rows by structure, field and ``repairable``."""
 
-def bitmap_runs(bitmap: bytes, first: int, count: int):
-    """``(sector, n, is_set)`` runs of bits ``first..first+count`` of a sector bitmap
-    (most significant bit first, as the specification orders them). Whole 0x00/0xFF
-    bytes are skipped a run at a time; only mixed bytes are looked at bit by bit."""
-    end = first + count
-    run_start, run_set = first, None
-    pos = first
-    while pos < end:
-        b = bitmap[pos >> 3]
-        if pos & 7 == 0 and b in (0, 0xFF):
-            is_set = b == 0xFF
-            n = min((_ONE_RUN if is_set else _ZERO_RUN).match(bitmap, pos >> 3).end() * 8,
-                    end) - pos
-        else:
-            is_set = bool((b >> (7 - (pos & 7))) & 1)
-            n = 1
-        if is_set is not run_set:
-            if run_set is not None:
-                yield run_start, pos - run_start, run_set
-            run_start, run_set = pos, is_set
-        pos += n
-    if run_set is not None:
-        yield run_start, end - run_start, run_set
-
-
-_ZERO_RUN = re.compile(rb"\x00+")
-_ONE_RUN = re.compile(rb"\xff+")
-
-
-def set_bits(bitmap: bytearray, first: int, end: int) -> None:
-    """Set bits ``first..end`` (most significant bit first)."""
-    while first < end and first & 7:
-        bitmap[first >> 3] |= 0x80 >> (first & 7)
-        first += 1
-    whole = (end - first) >> 3
-    if whole > 0:
-        bitmap[first >> 3:(first >> 3) + whole] = b"\xff" * whole
-        first += whole * 8
-    while first < end:
-        bitmap[first >> 3] |= 0x80 >> (first & 7)
-        first += 1
-
-
-class VhdDevice(BlockDevice):
     format = "vpc"
 
-    def __init__(self, path: str, *, writable: bool = False, policy=None,
-                 open_parent: bool = True):
-        self.path = path
+    def _open(self, open_parent: bool = True) -> None:
         self._open_parent_too = open_parent
-        self.writable = writable
-        self.backend = FileBackend(path, writable=writable)
-        self.backing = None
-        self.fatal: list[tuple[str, str, str]] = []      # (structure, field, message)
-        self.problems: list[str] = []                      # for check, not fatal
-        self.notes: list[str] = []                         # for check, not counted
+        self.fatal: list[Problem] = []      # message without the structure.field prefix
+        self.problems: list[Problem] = []   # for check, not fatal
+        self.notes: list[str] = []          # for check, not counted
         self.parent_locator: loc.Locator | None = None
         self._bitmaps: dict[int, bytes] = {}
-        try:
-            self._load(policy)
-        except BaseException:
-            self.close()
-            raise
+        self._load()
 
     # -- opening ------------------------------------------------------------------------
     def _err(self, message: str, structure: str, field: str | None = None):
         if self.fatal:  # say so when a checksum already failed: the bytes are damaged
-            s, f, _ = self.fatal[0]
-            message += f" (and {s}.{f} does not match: the file is damaged)"
+            first = self.fatal[0]
+            message += (f" (and {first.structure}.{first.field} does not match: the file"
+                        " is damaged)")
         return FormatError(message, self.path, structure=structure, field=field)
 
-    def _load(self, policy) -> None:
+    def _fatal(self, structure: str, message: str) -> None:
+        """A checksum mismatch: the device opens, but every read refuses it."""
+        self.fatal.append(Problem(ProblemKind.CORRUPTION, message, structure, "checksum"))
+
+    def _footer_problem(self, message: str, field: str | None = None) -> None:
+        """A damaged or stale footer copy (the sound one is used): repairable."""
+        self.problems.append(Problem(ProblemKind.CORRUPTION, message, "VhdFooter", field,
+                                     repairable=True))
+
+    def _load(self) -> None:
         f = self.backend
         self.file_size = size = f.size
         if size < FOOTER_SIZE - 1:
@@ -161,19 +117,19 @@ class VhdDevice(BlockDevice):
             if head_bad is None:
                 footer = head
                 if tail_bad is not None:
-                    self.problems.append(f"VhdFooter at the end of the file: {tail_bad}"
-                                         " (the copy at offset 0 is used)")
+                    self._footer_problem(f"VhdFooter at the end of the file: {tail_bad}"
+                                         " (the copy at offset 0 is used)", "checksum")
                 elif tail != head:
-                    self.problems.append("the footer at the end differs from its copy at"
+                    self._footer_problem("the footer at the end differs from its copy at"
                                          " offset 0 (the copy is used)")
             elif tail_bad is None and VhdFooter.parse(tail).disk_type == \
                     VhdFooter.parse(head).disk_type:
                 footer = tail
-                self.problems.append(f"VhdFooter copy at offset 0: {head_bad} (the footer"
-                                     " at the end is used)")
+                self._footer_problem(f"VhdFooter copy at offset 0: {head_bad} (the footer"
+                                     " at the end is used)", "checksum")
             else:
                 footer = head
-                self.fatal.append(("VhdFooter", "checksum", head_bad))
+                self._fatal("VhdFooter", head_bad)
         else:
             if tail[:8] != FOOTER_COOKIE:
                 # Virtual PC before 2004 wrote 511-byte footers (the last reserved byte
@@ -188,7 +144,7 @@ class VhdDevice(BlockDevice):
             footer = tail
             bad = footer_problem(tail)
             if bad is not None:
-                self.fatal.append(("VhdFooter", "checksum", bad))
+                self._fatal("VhdFooter", bad)
         self.footer_raw = footer
         ft = self.footer = VhdFooter.parse(footer)
         self.disk_type = ft.disk_type
@@ -215,9 +171,9 @@ class VhdDevice(BlockDevice):
                                 f" {self.footer_at} bytes of data: truncated", "VhdFooter",
                                 "current_size")
             return
-        self._load_dynamic(policy)
+        self._load_dynamic()
 
-    def _load_dynamic(self, policy) -> None:
+    def _load_dynamic(self) -> None:
         f, ft = self.backend, self.footer
         hoff = ft.data_offset
         if hoff < FOOTER_SIZE or hoff + HEADER_SIZE > self.file_size:
@@ -233,9 +189,8 @@ class VhdDevice(BlockDevice):
         stored = hd.checksum
         computed = checksum(raw, HEADER_CHECKSUM_AT)
         if stored != computed:
-            self.fatal.append(("VhdDynamicDiskHeader", "checksum",
-                               f"checksum is {stored:#010x}, the header sums to"
-                               f" {computed:#010x}"))
+            self._fatal("VhdDynamicDiskHeader", f"checksum is {stored:#010x}, the header"
+                        f" sums to {computed:#010x}")
         if hd.header_version != FORMAT_VERSION:
             self.notes.append(f"dynamic header version {hd.header_version:#010x}"
                               " (expected 0x00010000)")
@@ -267,12 +222,9 @@ class VhdDevice(BlockDevice):
         # the BAT was checked only against the file size, which a sparse file satisfies
         check_alloc(self.nblocks * 4, self.path, "VhdDynamicDiskHeader",
                     "max_table_entries")
-        bat = array("I")
-        bat.frombytes(f.read_exact(bat_at, self.nblocks * 4, "BAT"))
+        bat = self.bat = be_array(f.read_exact(bat_at, self.nblocks * 4, "BAT"), "I")
         if bat.itemsize != 4:  # pragma: no cover - every supported platform
             raise UnsupportedError("this platform has no 4-byte unsigned array type")
-        bat.byteswap()
-        self.bat = bat
         # every block must lie inside the file (qemu: "the image has been truncated")
         span = self.bitmap_size + bs
         limit = (self.file_size - span) // SECTOR
@@ -284,13 +236,13 @@ class VhdDevice(BlockDevice):
                             f" past the end of the file ({self.file_size} bytes)", "BAT",
                             f"entry[{i}]")
         self.locator_entries = self._read_locators(hd)
-        self.data_end = max([end for _, _, end in self._metadata()]
+        self.data_end = max([end for _, _, end, _, _ in self._metadata()]
                             + [off + reserved for _, _, off, _, reserved in
                                self.locator_entries]
                             + ([top * SECTOR + span] if top is not None else []))
         if self.disk_type == DIFFERENCING and not self.fatal and self._open_parent_too:
             # (with a bad checksum nothing is read anyway: check needs no parent)
-            self._open_parent(policy)
+            self._open_parent()
 
     def _read_locators(self, hd) -> list[tuple[bytes, str, int, int, int]]:
         """``(platform code, text, offset, length, reserved)`` of each locator in use.
@@ -315,10 +267,8 @@ class VhdDevice(BlockDevice):
             out.append((code, text, off, n, max(n, min(space, loc.MAX_LOCATOR_BYTES))))
         return out
 
-    def _open_parent(self, policy) -> None:
-        from ...policy import OpenPolicy
-        from ...registry import open_image
-        policy = policy or OpenPolicy().descend(self.path)
+    def _open_parent(self) -> None:
+        policy = self.policy or OpenPolicy().descend(self.path)
         hd = self.header
         name = _utf16be(hd.parent_unicode_name)
         tried, refused = [], None
@@ -359,10 +309,10 @@ class VhdDevice(BlockDevice):
     # -- helpers ---------------------------------------------------------------------------
     def _ensure_sound(self) -> None:
         if self.fatal:
-            structure, field, msg = self.fatal[0]
-            raise CorruptImage(f"{msg}: the image is corrupt ('diskforge check' lists"
-                               " every problem)", self.path, structure=structure,
-                               field=field)
+            first = self.fatal[0]
+            raise CorruptImage(f"{first.message}: the image is corrupt ('diskforge check'"
+                               " lists every problem)", self.path,
+                               structure=first.structure, field=first.field)
 
     def _bitmap(self, blk: int) -> bytes:
         bm = self._bitmaps.get(blk)
@@ -377,34 +327,25 @@ class VhdDevice(BlockDevice):
     def _data_at(self, blk: int) -> int:
         return self.bat[blk] * SECTOR + self.bitmap_size
 
-    def _fill_zero(self, mv, start: int, end: int) -> None:
-        while start < end:
-            n = min(end - start, ZERO_BUFFER_SIZE)
-            mv[start:start + n] = ZEROES[:n]
-            start += n
-
     def _read_file(self, host: int, mv, start: int, end: int) -> None:
         got = self.backend.readinto(host, mv[start:end])
         if got < end - start:  # the file shrank under us: what is gone reads as zeros
-            self._fill_zero(mv, start + got, end)
+            fill_zero(mv, start + got, end)
 
     def _read_parent(self, offset: int, mv, start: int, end: int) -> None:
         parent = self.backing
         inside = max(0, min(end - start, parent.size - offset))
         if inside:
             parent.readinto(offset, mv[start:start + inside])
-        self._fill_zero(mv, start + inside, end)
+        fill_zero(mv, start + inside, end)
 
     def _pieces(self, offset: int, length: int):
-        """``(block, offset in block, bytes, offset in request)`` for a range."""
+        """``(block, offset in block, bytes, offset in request)`` for a range: the
+        shared splitter's pieces, by block."""
         bs = self.block_size
-        done = 0
-        while done < length:
-            off = offset + done
-            blk, inb = divmod(off, bs)
-            n = min(bs - inb, length - done)
-            yield blk, inb, n, done
-            done += n
+        for pos, n in pieces(offset, length, bs):
+            blk, inb = divmod(pos, bs)
+            yield blk, inb, n, pos - offset
 
     # -- reading ---------------------------------------------------------------------------
     def readinto(self, offset: int, buf) -> int:
@@ -422,7 +363,7 @@ class VhdDevice(BlockDevice):
                 if diff:
                     self._read_parent(offset + at, mv, at, at + cnt)
                 else:
-                    self._fill_zero(mv, at, at + cnt)
+                    fill_zero(mv, at, at + cnt)
                 continue
             host = entry * SECTOR + self.bitmap_size
             if not diff:
@@ -504,24 +445,17 @@ class VhdDevice(BlockDevice):
             yield Extent(base + o - host, n, ExtentKind.DATA if data else ExtentKind.ZERO,
                          True, o)
 
-    # -- writing ---------------------------------------------------------------------------
-    def _check_writable(self, offset: int, length: int) -> None:
-        if not self.writable:
-            raise UnsupportedError("vpc image is open read-only", self.path)
-        self.check_range(offset, length)
+    # -- writing (BlockDevice.write/write_zeroes checked writability and the range) ------
+    def _write(self, offset: int, mv: memoryview) -> None:
         self._ensure_sound()
-
-    def write(self, offset: int, data) -> None:
-        mv = memoryview(data).cast("B")
-        self._check_writable(offset, len(mv))
         if self.disk_type == FIXED:
             self.backend.pwrite(offset, mv)
             return
         for blk, inb, cnt, at in self._pieces(offset, len(mv)):
             self._write_piece(offset + at - inb, blk, inb, cnt, mv[at:at + cnt])
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self._check_writable(offset, length)
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        self._ensure_sound()
         if self.disk_type == FIXED:
             self._zero_host(offset, length)
             return
@@ -557,25 +491,19 @@ class VhdDevice(BlockDevice):
             self._bitmaps[blk] = bytes(bm)
 
     def _zero_host(self, host: int, length: int) -> None:
+        """Zero file bytes: a hole over the whole 4 KiB pages, zeros written around."""
         end = host + length
-        a, b = -(-host // 4096) * 4096, end // 4096 * 4096
+        a, b = align_up(host, 4096), end // 4096 * 4096
         if b > a and self.backend.punch_hole(a, b - a):
-            self._write_zeros(host, a)
-            self._write_zeros(b, end)
+            self.backend.write_zeroes(host, a - host)
+            self.backend.write_zeroes(b, end - b)
         else:
-            self._write_zeros(host, end)
-
-    def _write_zeros(self, start: int, end: int) -> None:
-        while start < end:
-            n = min(end - start, ZERO_BUFFER_SIZE)
-            self.backend.pwrite(start, ZEROES[:n])
-            start += n
+            self.backend.write_zeroes(host, length)
 
     def _allocate(self, blk: int) -> None:
         """Give block ``blk`` storage after the last one (module docstring)."""
         bm_size, bs = self.bitmap_size, self.block_size
-        align = min(DATA_ALIGN, bs)
-        data_at = -(-(self.data_end + bm_size) // align) * align
+        data_at = align_up(self.data_end + bm_size, min(DATA_ALIGN, bs))
         at = data_at - bm_size
         end = data_at + bs
         if at < self.file_size:  # the old footer (and any slack) must not show through
@@ -585,7 +513,7 @@ class VhdDevice(BlockDevice):
         self.backend.pwrite(end, self.footer_raw)
         self.file_size = max(self.file_size, end + FOOTER_SIZE)
         self.footer_at = end
-        self.backend.pwrite(self.bat_at + 4 * blk, struct.pack(">I", at // SECTOR))
+        self.backend.pwrite(self.bat_at + 4 * blk, BatEntry.build(at // SECTOR))
         self.bat[blk] = at // SECTOR
         self.data_end = end
         self._bitmaps.pop(blk, None)
@@ -607,23 +535,20 @@ class VhdDevice(BlockDevice):
         if fmt not in (None, "vpc", "vhd"):
             raise UnsupportedError(f"a VHD differencing disk's parent must be a VHD, not"
                                    f" {fmt}", self.path)
-        from ...policy import OpenPolicy
-        from ...registry import open_image
-        from .structs import build_header
-        from .writer import locator_entries, parent_name
         hd = self.header
         if name is None:
             new_parent = None
-            raw = with_checksum(self.header_raw[:40] + bytes(16 + 4 + 4 + 512 + 192)
-                                + self.header_raw[768:], HEADER_CHECKSUM_AT)
+            raw = rebuilt(VhdDynamicDiskHeader, self.header_raw, HEADER_CHECKSUM_AT,
+                          parent_unique_id=bytes(16), parent_time_stamp=0, reserved=0,
+                          parent_unicode_name=bytes(512),
+                          parent_locator_entries=[EMPTY_LOCATOR] * 8)
         else:
-            path = name if os.path.isabs(name) else os.path.join(
-                os.path.dirname(os.path.abspath(self.path)), name)
+            path = beside(self.path, name)
             new_parent = open_image(path, "vpc", policy=OpenPolicy().descend(self.path))
             try:
                 # new locator data goes after everything else; the old becomes slack
                 start = -(-self.data_end // SECTOR) * SECTOR
-                entries, blobs, end = locator_entries(
+                entries, blobs, end = loc.locator_entries(
                     os.path.abspath(path), os.path.dirname(os.path.abspath(self.path)),
                     start)
                 for at, blob in blobs:
@@ -638,7 +563,7 @@ class VhdDevice(BlockDevice):
                     block_size=hd.block_size,
                     parent_unique_id=bytes(new_parent.unique_id),
                     parent_time_stamp=vhd_time(os.stat(path).st_mtime),
-                    parent_unicode_name=parent_name(os.path.abspath(path)),
+                    parent_unicode_name=loc.parent_name(os.path.abspath(path)),
                     locators=entries)
             except BaseException:
                 new_parent.close()
@@ -656,9 +581,7 @@ class VhdDevice(BlockDevice):
         self._bitmaps.clear()
 
     def _write_type(self, disk_type: int) -> None:
-        raw = bytearray(self.footer_raw)
-        raw[60:64] = disk_type.to_bytes(4, "big")
-        raw = with_checksum(bytes(raw), FOOTER_CHECKSUM_AT)
+        raw = rebuilt(VhdFooter, self.footer_raw, FOOTER_CHECKSUM_AT, disk_type=disk_type)
         self.backend.pwrite(self.footer_at, raw)
         if self.footer_copy_at is not None:
             self.backend.pwrite(self.footer_copy_at, raw)
@@ -667,26 +590,32 @@ class VhdDevice(BlockDevice):
         self.disk_type = disk_type
 
     # -- checking --------------------------------------------------------------------------
+    @staticmethod
+    def _fatal_text(p: Problem) -> str:
+        return f"{p.structure}.{p.field}: {p.message}"
+
     def verify(self) -> list[str]:
-        """Checksum problems (footer, its copy, the dynamic header)."""
-        out = [f"{s}.{f}: {m}" for s, f, m in self.fatal]
-        out += [p for p in self.problems if "checksum" in p]
+        """Checksum problems (footer, its copy, the dynamic header): the rows whose
+        field is a checksum."""
+        out = [self._fatal_text(p) for p in self.fatal]
+        out += [p.message for p in self.problems if p.field == "checksum"]
         return out
 
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
         res = CheckResult(filename=self.path, format="vpc")
-        msgs = [f"ERROR {s}.{f}: {m}" for s, f, m in self.fatal]
-        msgs += [f"ERROR {p}" for p in self.problems]
+        rows = [(self._fatal_text(p), p) for p in self.fatal]
+        rows += [(p.message, p) for p in self.problems]
         if self.disk_type != FIXED:
-            msgs += [f"ERROR {m}" for m in self._check_blocks()]
+            rows += [(p.message, p) for p in self._check_blocks()]
             res.total_clusters = self.nblocks
             res.allocated_clusters = self.allocated_blocks()
             res.image_end_offset = self.data_end + FOOTER_SIZE
         else:
             res.image_end_offset = self.footer_at + FOOTER_SIZE
-        for m in msgs:
-            res.add(ProblemKind.CORRUPTION, m)
-        if repair and msgs:
+        for text, p in rows:
+            res.add(ProblemKind.CORRUPTION, f"ERROR {text}", p.structure, p.field,
+                    repairable=p.repairable)
+        if repair and rows:
             fixed = self._repair_footer_copies()
             res.corruptions_fixed = fixed
             res.corruptions -= fixed
@@ -696,31 +625,35 @@ class VhdDevice(BlockDevice):
             res.note(f"Warning: {n}")
         return res
 
-    def _metadata(self) -> list[tuple[str, int, int]]:
-        """``(name, start, end)`` of every structure besides the blocks."""
-        regions = [("the footer copy", 0, FOOTER_SIZE),
-                   ("the dynamic disk header", self.header_at, self.header_at + HEADER_SIZE),
-                   ("the BAT", self.bat_at,
-                    self.bat_at + -(-self.bat_bytes // SECTOR) * SECTOR)]
+    def _metadata(self) -> list[tuple[str, int, int, str, str | None]]:
+        """``(name, start, end, structure, field)`` of every structure besides the
+        blocks (structure and field: what places it)."""
+        regions = [("the footer copy", 0, FOOTER_SIZE, "VhdFooter", None),
+                   ("the dynamic disk header", self.header_at, self.header_at + HEADER_SIZE,
+                    "VhdFooter", "data_offset"),
+                   ("the BAT", self.bat_at, self.bat_at + align_up(self.bat_bytes, SECTOR),
+                    "VhdDynamicDiskHeader", "table_offset")]
         for code, _, off, n, _ in self.locator_entries:
-            regions.append((f"parent locator {code.decode('latin-1')}", off, off + n))
+            regions.append((f"parent locator {code.decode('latin-1')}", off, off + n,
+                            "ParentLocatorEntry", "platform_data_offset"))
         return regions
 
     def allocated_blocks(self) -> int:
         return len(self.bat) - self.bat.count(UNUSED)
 
-    def _check_blocks(self) -> list[str]:
+    def _check_blocks(self) -> list[Problem]:
         """Blocks that overlap the metadata or each other: the regions in file order
         (blocks as indices sorted by offset, named only when a message needs them)."""
-        import heapq
         span = self.bitmap_size + self.block_size
         bat = self.bat
         # a sorted list of block indices (about 40 bytes each): ask the budget first
         check_alloc(self.allocated_blocks() * 40, self.path, "BAT",
                     "allocated entries (sorted to check for overlaps)")
         blocks = sorted(self._used_blocks(), key=bat.__getitem__)
+        where = {name: (structure, field)
+                 for name, _, _, structure, field in self._metadata()}
         regions = heapq.merge(
-            sorted(((start, end, name) for name, start, end in self._metadata()),
+            sorted(((start, end, name) for name, start, end, _, _ in self._metadata()),
                    key=lambda r: r[0]),
             ((bat[i] * SECTOR, bat[i] * SECTOR + span, i) for i in blocks),
             key=lambda r: r[0])
@@ -731,7 +664,10 @@ class VhdDevice(BlockDevice):
             return who if isinstance(who, str) else f"block {who}"
         for start, end, who in regions:
             if last is not None and start < last_end:
-                out.append(f"{named(who)} at offset {start} overlaps {named(last)}")
+                structure, field = where[who] if isinstance(who, str) else \
+                    ("BAT", f"entry[{who}]")
+                out.append(Problem(ProblemKind.CORRUPTION, f"{named(who)} at offset"
+                                   f" {start} overlaps {named(last)}", structure, field))
             if end > last_end:
                 last, last_end = who, end
         return out
@@ -740,13 +676,13 @@ class VhdDevice(BlockDevice):
         """Rewrite a footer copy that is damaged or stale from the sound one."""
         if not self.writable or self.fatal or self.footer_copy_at is None:
             return 0
-        if not any("footer" in p for p in self.problems):
+        if not any(p.repairable for p in self.problems):
             return 0
         self.backend.pwrite(self.footer_copy_at, self.footer_raw)
         self.backend.pwrite(self.footer_at, self.footer_raw)
         self.backend.flush()
         before = len(self.problems)
-        self.problems = [p for p in self.problems if "footer" not in p.lower()]
+        self.problems = [p for p in self.problems if not p.repairable]
         return before - len(self.problems)
 
     # -- facts -----------------------------------------------------------------------------
@@ -789,9 +725,4 @@ class VhdDevice(BlockDevice):
         if self.notes:
             details["warnings"] = list(self.notes)
         return info
-
-    def close(self) -> None:
-        if not self.closed:
-            self.backend.close()
-        super().close()
 

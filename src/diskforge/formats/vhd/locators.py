@@ -27,6 +27,8 @@ import os
 import posixpath
 from dataclasses import dataclass
 
+from .structs import SECTOR
+
 MAX_LOCATOR_BYTES = 65536  # a Windows path is at most 32767 UTF-16 units
 
 ORDER = (b"W2ru", b"MacX", b"W2ku", b"Wi2r", b"Wi2k")
@@ -104,3 +106,25 @@ def encode_locators(parent_abs: str, child_dir: str) -> list[tuple[bytes, bytes]
         rel_win = ".\\" + rel_win
     return [(b"W2ku", parent_abs.encode("utf-16-le")),
             (b"W2ru", rel_win.encode("utf-16-le"))]
+
+
+def locator_entries(parent_abs: str, child_dir: str, start: int):
+    """Parent locator entries for a parent, their data placed from ``start`` (a
+    sector boundary): ``(entries, [(offset, data)], end)``. The data space is given
+    in bytes, as Windows writes it. (Both the writer and ``rebase -u`` write them.)"""
+    entries, blobs = [], []
+    at = start
+    for code, data in encode_locators(parent_abs, child_dir):
+        space = max(SECTOR, -(-len(data) // SECTOR) * SECTOR)
+        entries.append(dict(platform_code=code, platform_data_space=space,
+                            platform_data_length=len(data), reserved=0,
+                            platform_data_offset=at))
+        blobs.append((at, data))
+        at += space
+    return entries, blobs, at
+
+
+def parent_name(parent_abs: str) -> str:
+    """The "Parent Unicode Name": the full path as Windows records it, or the file name
+    when the path does not fit the field's 255 characters."""
+    return parent_abs if len(parent_abs) <= 255 else os.path.basename(parent_abs)[:255]

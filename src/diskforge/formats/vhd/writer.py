@@ -26,38 +26,19 @@ import os
 from array import array
 
 from ...atomic import AtomicFile
-from ...blockdev import ImageWriter
+from ...blockdev import ImageWriter, pieces
+from ...byteorder import be_bytes
 from ...errors import DiskforgeError, UnsupportedError, UsageError
+from ...policy import beside
 from . import geometry as geo
 from . import locators as loc
-from .structs import (DIFFERENCING, DYNAMIC, FIXED, FOOTER_SIZE, HEADER_SIZE, NO_OFFSET,
-                      SECTOR, UNUSED, bitmap_size, build_footer, build_header, vhd_time)
-from .device import DATA_ALIGN, set_bits
+from .device import VhdDevice
+from .structs import (DATA_ALIGN, DIFFERENCING, DYNAMIC, FIXED, FOOTER_SIZE, HEADER_SIZE,
+                      NO_OFFSET, SECTOR, UNUSED, align_up, bitmap_size, build_footer,
+                      build_header, set_bits, vhd_time)
 
 CREATOR = b"dskf"            # diskforge
 CREATOR_VERSION = 0x00010000
-
-
-def locator_entries(parent_abs: str, child_dir: str, start: int):
-    """Parent locator entries for a parent, their data placed from ``start`` (a
-    sector boundary): ``(entries, [(offset, data)], end)``. The data space is given
-    in bytes, as Windows writes it."""
-    entries, blobs = [], []
-    at = start
-    for code, data in loc.encode_locators(parent_abs, child_dir):
-        space = max(SECTOR, -(-len(data) // SECTOR) * SECTOR)
-        entries.append(dict(platform_code=code, platform_data_space=space,
-                            platform_data_length=len(data), reserved=0,
-                            platform_data_offset=at))
-        blobs.append((at, data))
-        at += space
-    return entries, blobs, at
-
-
-def parent_name(parent_abs: str) -> str:
-    """The "Parent Unicode Name": the full path as Windows records it, or the file name
-    when the path does not fit the field's 255 characters."""
-    return parent_abs if len(parent_abs) <= 255 else os.path.basename(parent_abs)[:255]
 
 
 class VhdWriter(ImageWriter):
@@ -96,13 +77,11 @@ class VhdWriter(ImageWriter):
     @staticmethod
     def _parent(path: str, backing) -> dict:
         """What the child records of its parent: unique id, time stamp, path."""
-        from .device import VhdDevice
         if backing.format not in ("vpc", "vhd"):
             raise UnsupportedError(f"a VHD differencing disk's parent must be a VHD, not"
                                    f" {backing.format} (convert the parent to vpc first)",
                                    path)
-        parent_path = backing.name if os.path.isabs(backing.name) else os.path.join(
-            os.path.dirname(os.path.abspath(path)), backing.name)
+        parent_path = beside(path, backing.name)
         dev = backing.device
         opened = None
         if not isinstance(dev, VhdDevice):
@@ -135,10 +114,10 @@ class VhdWriter(ImageWriter):
         self.bitmap_size = bitmap_size(bs)
         self.bat = array("I", [UNUSED]) * self.nblocks
         self.bat_at = FOOTER_SIZE + HEADER_SIZE
-        end = self.bat_at + -(-self.nblocks * 4 // SECTOR) * SECTOR
+        end = self.bat_at + align_up(self.nblocks * 4, SECTOR)
         self.locators, self.locator_blobs = [], []
         if self.parent is not None:
-            self.locators, self.locator_blobs, end = locator_entries(
+            self.locators, self.locator_blobs, end = loc.locator_entries(
                 self.parent["path"], os.path.dirname(os.path.abspath(self.path)), end)
         self.data_end = end
         self.align = min(DATA_ALIGN, bs)
@@ -152,7 +131,7 @@ class VhdWriter(ImageWriter):
         entry = self.bat[blk]
         if entry != UNUSED:
             return entry * SECTOR + self.bitmap_size
-        data_at = -(-(self.data_end + self.bitmap_size) // self.align) * self.align
+        data_at = align_up(self.data_end + self.bitmap_size, self.align)
         at = data_at - self.bitmap_size
         self.data_end = data_at + self.block_size
         if self.disk_type == DYNAMIC:
@@ -180,36 +159,25 @@ class VhdWriter(ImageWriter):
             return
         mv = memoryview(data)
         bs = self.block_size
-        done, n = 0, len(mv)
-        while done < n:
-            blk, inb = divmod(offset + done, bs)
-            k = min(bs - inb, n - done)
+        for pos, k in pieces(offset, len(mv), bs):
+            blk, inb = divmod(pos, bs)
+            done = pos - offset
             self.out.pwrite(self._block(blk) + inb, mv[done:done + k])
             if self.disk_type == DIFFERENCING:
                 self._mark(blk, inb, inb + k)
-            done += k
 
     def zero(self, offset: int, length: int) -> None:
         if self.disk_type != DIFFERENCING:
             return  # a new disk reads zeros wherever nothing was written
         bs = self.block_size
-        end = min(offset + length, self.current_size)
-        while offset < end:
-            blk, inb = divmod(offset, bs)
-            k = min(bs - inb, end - offset)
+        for pos, k in pieces(offset, min(length, self.current_size - offset), bs):
+            blk, inb = divmod(pos, bs)
             self._block(blk)  # allocated, its data a hole: zeros over the parent
             self._mark(blk, inb, inb + k)
-            offset += k
-
-    def finish(self) -> None:
-        try:
-            self._finish()
-        except BaseException:
-            self.out.discard()
-            raise
-        self.out.commit()
 
     def _finish(self) -> None:
+        """The closing structures (BAT, header, locators, both footers); ``finish``
+        then commits the file, or discards it on failure."""
         fixed = self.disk_type == FIXED
         footer = build_footer(
             disk_type=self.disk_type, current_size=self.current_size,
@@ -220,16 +188,14 @@ class VhdWriter(ImageWriter):
             self.out.pwrite(self.current_size, footer)
             return
         self._flush_bitmap()
-        bat = array("I", self.bat)
-        bat.byteswap()
-        self.out.pwrite(self.bat_at, bat.tobytes().ljust(
-            -(-self.nblocks * 4 // SECTOR) * SECTOR, b"\xff"))
+        self.out.pwrite(self.bat_at, be_bytes(self.bat).ljust(
+            align_up(self.nblocks * 4, SECTOR), b"\xff"))
         p = self.parent or {}
         header = build_header(
             table_offset=self.bat_at, max_table_entries=self.nblocks,
             block_size=self.block_size, parent_unique_id=p.get("unique_id", bytes(16)),
             parent_time_stamp=p.get("time_stamp", 0),
-            parent_unicode_name=parent_name(p["path"]) if p else "",
+            parent_unicode_name=loc.parent_name(p["path"]) if p else "",
             locators=self.locators)
         for at, blob in self.locator_blobs:
             self.out.pwrite(at, blob)

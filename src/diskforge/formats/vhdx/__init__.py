@@ -1,7 +1,9 @@
 """vhdx: Hyper-V's Virtual Hard Disk v2 format ([MS-VHDX]), fixed, dynamic and
 differencing, read and written, with log replay.
 
-The package: ``layout`` (the specification's structures), ``crc32c`` (its checksum),
+The package: ``structs`` (the specification's structures and constants, the BAT
+index arithmetic and the sector bitmap's bit order; it imports no sibling), ``crc32c``
+(its checksum), ``bat`` (the BAT read in pieces),
 ``tables`` (header section and metadata region), ``log`` (log search, replay and
 entries), ``device`` (the BlockDevice, random-access writes included), ``writer``
 (new files for convert and create). See formats/vhdx.md.

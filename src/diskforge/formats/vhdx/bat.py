@@ -14,9 +14,10 @@ slices (as arrays), item assignment and iteration.
 from __future__ import annotations
 
 import collections
-import sys
 from array import array
 from collections.abc import Callable, Iterator
+
+from ...byteorder import le_array
 
 PIECE = 1 << 16          # entries per piece read
 CACHED_PIECES = 64       # 32 MiB of entries at most
@@ -40,10 +41,7 @@ class BatTable:
             return a
         start = p * PIECE
         n = min(PIECE, self.count - start)
-        a = array("Q")
-        a.frombytes(self.read(self.offset + start * 8, n * 8, "BAT"))
-        if sys.byteorder == "big":
-            a.byteswap()
+        a = le_array(self.read(self.offset + start * 8, n * 8, "BAT"))
         self.pieces[p] = a
         if len(self.pieces) > CACHED_PIECES:
             for old in list(self.pieces):

@@ -19,26 +19,30 @@ crash at any point leaves a file that opens as either the old or the new state.
 from __future__ import annotations
 
 import os
-import sys
 from array import array
 
 from construct import Container
 
-from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                         FileBackend, ImageInfo, coalesce)
-from ...checks import CheckResult, ProblemKind, Repair
+from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, Extent, ExtentKind, FileDevice,
+                         ImageInfo, coalesce, fill_zero, pieces)
+from ...byteorder import le_bytes
+from ...checks import CheckResult, Problem, ProblemKind, Repair
 from ...errors import FormatError, ImageIOError, SafetyError, UnsupportedError
-from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE_SIGNATURE,
-                     HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIZE, LOG_SECTOR,
-                     METADATA_GUID, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
-                     PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
-                     PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095, PAYLOAD_BLOCK_ZERO,
-                     REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, SB_BLOCK_NOT_PRESENT,
-                     SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, ZERO_GUID,
-                     align_up, bat_entries, bitmap_index, chunk_ratio, guid_text,
-                     new_guid, payload_index)
+from ...policy import OpenPolicy
+from ...registry import open_image
+from .structs import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, BAT_STATE_MASK, FILE_SIGNATURE,
+                      HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIZE, LOG_SECTOR,
+                      METADATA_GUID, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
+                      PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
+                      PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095, PAYLOAD_BLOCK_ZERO,
+                      REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, SB_BLOCK_NOT_PRESENT,
+                      SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, ZERO_GUID,
+                      align_up, bat_entries, bit_runs, bitmap_index, chunk_ratio, guid_text,
+                      new_guid, payload_index, set_bits)
 from .bat import BatTable
-from .tables import build_header, parse_header, parse_metadata, parse_region_table
+from .log import OverlayIO, build_entry, desc_sectors, find_active
+from .tables import (build_header, header_problem, parse_header, parse_metadata,
+                     parse_region_table)
 
 _ZERO_STATES = (PAYLOAD_BLOCK_UNDEFINED, PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
                 PAYLOAD_BLOCK_UNMAPPED_V095)
@@ -48,52 +52,14 @@ _VALID_STATES = (PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_FULLY_PRESENT,
 _UNIFORM_STATES = (PAYLOAD_BLOCK_NOT_PRESENT,) + _ZERO_STATES
 
 
-def _fill_zero(mv, start: int, end: int) -> None:
-    while start < end:
-        n = min(end - start, ZERO_BUFFER_SIZE)
-        mv[start:start + n] = ZEROES[:n]
-        start += n
-
-
-def bit_runs(bitmap: bytes, first: int, count: int):
-    """``(start, length, bit)`` runs of the ``count`` bits from bit ``first`` (bit 0 of
-    byte 0 is sector 0, 2.4)."""
-    v = int.from_bytes(bitmap, "little") >> first
-    pos = 0
-    while pos < count:
-        if v & 1:
-            n = ((~v) & (v + 1)).bit_length() - 1   # trailing ones
-            bit = True
-        else:
-            n = (v & -v).bit_length() - 1 if v else count - pos  # trailing zeros
-            bit = False
-        n = min(n, count - pos)
-        yield first + pos, n, bit
-        v >>= n
-        pos += n
-
-
-def set_bits(bitmap: bytearray, first: int, count: int) -> None:
-    end = first + count
-    while first < end and first % 8:
-        bitmap[first // 8] |= 1 << (first % 8)
-        first += 1
-    full = (end - first) // 8
-    if full:
-        bitmap[first // 8:first // 8 + full] = b"\xff" * full
-        first += full * 8
-    while first < end:
-        bitmap[first // 8] |= 1 << (first % 8)
-        first += 1
-
-
-class VhdxDevice(BlockDevice):
+class VhdxDevice(FileDevice):
     format = "vhdx"
 
-    def __init__(self, path: str, *, writable: bool = False, policy=None):
-        self.path = path
-        self.writable = writable
-        self.backend = FileBackend(path, writable=writable)
+    # -- opening --------------------------------------------------------------------------
+    def _read(self, offset: int, length: int, what: str = "data") -> bytes:
+        return self.io.read_exact(offset, length, what)
+
+    def _open(self) -> None:
         self.io = self.backend
         self.parent = None
         self._session_header = False   # FileWriteGuid changed this session
@@ -103,17 +69,6 @@ class VhdxDevice(BlockDevice):
         self._alloc_end = None
         self._bitmaps: dict[int, bytes] = {}
         self.replayed = None            # the log replay done at open, if any
-        try:
-            self._open(policy)
-        except BaseException:
-            self.close()
-            raise
-
-    # -- opening --------------------------------------------------------------------------
-    def _read(self, offset: int, length: int, what: str = "data") -> bytes:
-        return self.io.read_exact(offset, length, what)
-
-    def _open(self, policy) -> None:
         path = self.path
         size = self.backend.size
         if size < HEADER_SECTION_SIZE:
@@ -164,7 +119,7 @@ class VhdxDevice(BlockDevice):
         self.bat = BatTable(self._read, bat_region.offset, nbytes // 8)
         self.file_size = self.io.size   # kept current by _allocate
         if md.has_parent:
-            self._open_parent(policy)
+            self._open_parent()
 
     def _read_headers(self) -> None:
         """2.2.2: the valid header with the greater SequenceNumber is current."""
@@ -198,7 +153,6 @@ class VhdxDevice(BlockDevice):
             raise FormatError(f"log {h.LogOffset}+{h.LogLength} is outside the file"
                               f" ({size} bytes)", self.path, structure="Header",
                               field="LogLength")
-        from .log import OverlayIO, find_active
         replay = find_active(lambda o, n: self.backend.read_exact(o, n, "log"), h.LogOffset,
                              h.LogLength, h.LogGuid, size, self.path)
         self.replayed = replay
@@ -219,26 +173,22 @@ class VhdxDevice(BlockDevice):
         self._update_header(LogGuid=ZERO_GUID)
 
     def _zero_file(self, off: int, n: int) -> None:
+        """Zero file bytes: past the end by growing the file, else a hole (or zeros
+        written where the file system cannot punch one)."""
         end = off + n
         size = self.backend.size
         if end > size:
             self.backend.truncate(end)
             end = min(end, size)
         if end > off and not self.backend.punch_hole(off, end - off):
-            while off < end:
-                k = min(end - off, ZERO_BUFFER_SIZE)
-                self.backend.pwrite(off, ZEROES[:k])
-                off += k
+            self.backend.write_zeroes(off, end - off)
 
-    def _open_parent(self, policy) -> None:
+    def _open_parent(self) -> None:
         """2.6.2.6.3: relative_path, volume_path, then absolute_win32_path. Windows
         absolute paths cannot be opened here, so those are looked for beside this file
         by their file name. Every candidate goes through the open policy."""
-        from ...policy import OpenPolicy
-        from ...registry import open_image
         loc = self.md.parent_locator or {}
-        if policy is None:
-            policy = OpenPolicy().descend(self.path)
+        policy = self.policy or OpenPolicy().descend(self.path)
         candidates = []
         for key in ("relative_path", "volume_path", "absolute_win32_path"):
             value = loc.get(key)
@@ -336,27 +286,23 @@ class VhdxDevice(BlockDevice):
         return raw
 
     def _pieces(self, offset: int, length: int):
-        """(virtual offset, length, block, offset in block) per block touched."""
+        """(virtual offset, length, block, offset in block) per block touched: the
+        shared splitter's pieces, by block."""
         bs = self.block_size
-        end = offset + length
-        while offset < end:
-            block = offset // bs
-            within = offset - block * bs
-            n = min(end - offset, bs - within)
-            yield offset, n, block, within
-            offset += n
+        for off, n in pieces(offset, length, bs):
+            yield off, n, *divmod(off, bs)
 
     def _file_read(self, host: int, mv) -> None:
         got = self.io.readinto(host, mv)
         if got < len(mv):   # a block cut short by the end of the file reads as zeros
-            _fill_zero(mv, got, len(mv))
+            fill_zero(mv, got, len(mv))
 
     def _parent_read(self, off: int, mv) -> None:
         n = len(mv)
         inside = 0 if self.parent is None else max(0, min(n, self.parent.size - off))
         if inside:
             self.parent.readinto(off, mv[:inside])
-        _fill_zero(mv, inside, n)
+        fill_zero(mv, inside, n)
 
     def readinto(self, offset: int, buf) -> int:
         mv = memoryview(buf).cast("B")
@@ -373,7 +319,7 @@ class VhdxDevice(BlockDevice):
             elif state == PAYLOAD_BLOCK_NOT_PRESENT and self.differencing:
                 self._parent_read(off, view)
             else:
-                _fill_zero(view, 0, k)
+                fill_zero(view, 0, k)
             pos += k
         return n
 
@@ -535,24 +481,34 @@ class VhdxDevice(BlockDevice):
         return info
 
     def verify(self) -> list[str]:
+        return [p.message for p in self._checksum_problems()]
+
+    def _checksum_problems(self) -> list[Problem]:
+        """The headers and region tables that are not valid (2.2.2, 2.2.3): both
+        copies are checked, though one sound copy is enough to open the file."""
         problems = []
         for i, h in enumerate(self.headers):
             if isinstance(h, str):
-                problems.append(f"header {i + 1}: {h}")
+                raw = self.backend.read_exact(HEADER_OFFSETS[i], HEADER_SIZE, "header")
+                field = (header_problem(raw) or (None, h))[0]
+                problems.append(Problem(ProblemKind.CORRUPTION, f"header {i + 1}: {h}",
+                                        "Header", field))
         for i, off in enumerate(REGION_TABLE_OFFSETS):
             try:
                 parse_region_table(self._read(off, REGION_TABLE_SIZE), self.path,
                                    self.io.size)
             except FormatError as e:
-                problems.append(f"region table {i + 1}: {e.message}")
+                problems.append(Problem(ProblemKind.CORRUPTION,
+                                        f"region table {i + 1}: {e.message}", e.structure,
+                                        e.field))
         return problems
 
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
         """BAT entries: valid states, inside the file, not overlapping each other nor the
         header section, log, BAT or metadata regions; sector bitmaps where needed."""
         result = CheckResult(self.path, "vhdx")
-        for p in self.verify():
-            result.add(ProblemKind.CORRUPTION, f"ERROR {p}")
+        for p in self._checksum_problems():
+            result.add(ProblemKind.CORRUPTION, f"ERROR {p.message}", p.structure, p.field)
         if self.replayed is not None:
             n = len(self.replayed.entries)
             result.note(
@@ -627,8 +583,7 @@ class VhdxDevice(BlockDevice):
             changes = {}
 
     def _begin_write(self) -> None:
-        if not self.writable:
-            raise UnsupportedError("vhdx image is open read-only", self.path)
+        """2.2.2.1: a new DataWriteGuid before the first change a reader could see."""
         if not self._session_data:
             self._update_header(DataWriteGuid=new_guid())
             self._session_data = True
@@ -636,7 +591,6 @@ class VhdxDevice(BlockDevice):
     def _log_commit(self, sectors: dict[int, bytes]) -> None:
         """Write metadata sectors through the log (2.3): log entry, flush, apply, flush.
         Each entry is its own tail, since everything before it is applied already."""
-        from .log import build_entry, desc_sectors
         h = self.header
         if h.LogLength == 0:
             raise UnsupportedError("not supported yet: writing to a VHDX without a log",
@@ -665,10 +619,7 @@ class VhdxDevice(BlockDevice):
 
     def _bat_sector(self, idx: int) -> tuple[int, bytes]:
         first = idx // 512 * 512
-        chunk = self.bat[first:first + 512]
-        if sys.byteorder == "big":
-            chunk.byteswap()
-        raw = chunk.tobytes()
+        raw = le_bytes(self.bat[first:first + 512])
         return self.bat_offset + first * 8, raw + bytes(LOG_SECTOR - len(raw))
 
     def _allocate(self, length: int) -> int:
@@ -698,10 +649,9 @@ class VhdxDevice(BlockDevice):
         so, raw = self._bat_sector(idx)
         changed[so] = raw
 
-    def write(self, offset: int, data) -> None:
+    # BlockDevice.write/write_zeroes checked writability and the range
+    def _write(self, offset: int, mv: memoryview) -> None:
         self._begin_write()
-        mv = memoryview(data).cast("B")
-        self.check_range(offset, len(mv))
         pos = 0
         for off, k, block, within in self._pieces(offset, len(mv)):
             self._write_block(block, within, off, mv[pos:pos + k])
@@ -765,9 +715,8 @@ class VhdxDevice(BlockDevice):
         self._bitmaps.pop(block, None)
         return changed
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    def _write_zeroes(self, offset: int, length: int) -> None:
         self._begin_write()
-        self.check_range(offset, length)
         changed: dict[int, bytes] = {}
         for off, k, block, within in self._pieces(offset, length):
             state, host = self._entry(block)
@@ -812,6 +761,5 @@ class VhdxDevice(BlockDevice):
                 self.backend.flush()
                 self._update_header(LogGuid=ZERO_GUID)   # every entry is applied: empty
         finally:
-            self.backend.close()
-            super().close()
+            super().close()   # the parent, then the backend
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 from ...errors import FormatError, UnsupportedError
 from .crc32c import crc32c
-from .layout import (DATA_SIGNATURE, DESC_SIGNATURE, DESCRIPTOR_SIZE, LOG_ENTRY_SIGNATURE,
-                     LOG_HEADER_SIZE, LOG_SECTOR, REGION_TABLE_OFFSETS,
-                     ZERO_SIGNATURE, DataDescriptor, LogEntryHeader, ZeroDescriptor)
+from .structs import (DATA_SIGNATURE, DESC_SIGNATURE, DESCRIPTOR_SIZE, LOG_ENTRY_SIGNATURE,
+                      LOG_HEADER_SIZE, LOG_SECTOR, REGION_TABLE_OFFSETS,
+                      ZERO_SIGNATURE, DataDescriptor, LogEntryHeader, ZeroDescriptor)
 
 MAX_REPLAY_LOG = 32 << 20       # larger logs are refused rather than read whole
 MAX_FILE_OFFSET = 65 << 40      # 64 TiB of blocks plus every structure fits below this

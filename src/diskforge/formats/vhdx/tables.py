@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 
 from ...errors import FormatError, UnsupportedError
 from .crc32c import crc32c
-from .layout import (ALIGNMENT, BAT_GUID, FILE_PARAMETERS_GUID, HAS_PARENT, HEADER_SECTION_SIZE,
-                     HEADER_SIGNATURE, HEADER_SIZE, IS_REQUIRED, IS_VIRTUAL_DISK,
-                     LEAVE_BLOCKS_ALLOCATED, LOGICAL_SECTOR_SIZE_GUID, MAX_BLOCK,
-                     MAX_DISK_SIZE, MAX_TABLE_ENTRIES, METADATA_GUID, METADATA_NAMES,
-                     METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK, PARENT_LOCATOR_GUID,
-                     PHYSICAL_SECTOR_SIZE_GUID, REGION_SIGNATURE, REGION_TABLE_SIZE,
-                     SECTOR_SIZES, VHDX_PARENT_LOCATOR_TYPE, VIRTUAL_DISK_ID_GUID,
-                     VIRTUAL_DISK_SIZE_GUID, FileParameters, Header, MetadataTableEntry,
-                     MetadataTableHeader, ParentLocatorEntry, ParentLocatorHeader,
-                     RegionTableEntry, RegionTableHeader, guid_text)
+from .structs import (ALIGNMENT, BAT_GUID, FILE_PARAMETERS_GUID, HAS_PARENT, HEADER_SECTION_SIZE,
+                      HEADER_SIGNATURE, HEADER_SIZE, IS_REQUIRED, IS_VIRTUAL_DISK,
+                      LEAVE_BLOCKS_ALLOCATED, LOGICAL_SECTOR_SIZE_GUID, MAX_BLOCK,
+                      MAX_DISK_SIZE, MAX_TABLE_ENTRIES, METADATA_GUID, METADATA_NAMES,
+                      METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK, PARENT_LOCATOR_GUID,
+                      PHYSICAL_SECTOR_SIZE_GUID, REGION_SIGNATURE, REGION_TABLE_SIZE,
+                      SECTOR_SIZES, VHDX_PARENT_LOCATOR_TYPE, VIRTUAL_DISK_ID_GUID,
+                      VIRTUAL_DISK_SIZE_GUID, FileParameters, Header, MetadataTableEntry,
+                      MetadataTableHeader, ParentLocatorEntry, ParentLocatorHeader,
+                      RegionTableEntry, RegionTableHeader, guid_text)
 
 
 def _with_checksum(buf: bytearray) -> bytes:
@@ -40,15 +40,21 @@ def checksum_ok(raw: bytes) -> bool:
 
 # -- 2.2.2 headers ------------------------------------------------------------------------
 
+def header_problem(raw: bytes) -> tuple[str | None, str] | None:
+    """``(field, reason)`` when ``raw`` is not a valid header, else None."""
+    if len(raw) < HEADER_SIZE:
+        return None, "truncated"
+    if raw[:4] != HEADER_SIGNATURE:
+        return "Signature", f"signature is {bytes(raw[:4])!r}, not b'head'"
+    if not checksum_ok(raw[:HEADER_SIZE]):
+        return "Checksum", "checksum mismatch"
+    return None
+
+
 def parse_header(raw: bytes):
     """A header's fields, or the reason it is not valid (as a string)."""
-    if len(raw) < HEADER_SIZE:
-        return "truncated"
-    if raw[:4] != HEADER_SIGNATURE:
-        return f"signature is {bytes(raw[:4])!r}, not b'head'"
-    if not checksum_ok(raw[:HEADER_SIZE]):
-        return "checksum mismatch"
-    return Header.parse(raw)
+    problem = header_problem(raw)
+    return Header.parse(raw) if problem is None else problem[1]
 
 
 def build_header(h) -> bytes:

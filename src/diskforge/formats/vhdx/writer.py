@@ -17,18 +17,21 @@ written at ``finish()``, then the file is renamed into place.
 from __future__ import annotations
 
 import os
-import sys
 from array import array
 
+from construct import Container
+
 from ...atomic import AtomicFile
-from ...blockdev import Backing, ImageWriter
+from ...blockdev import Backing, ImageWriter, pieces
+from ...byteorder import le_bytes
 from ...errors import UnsupportedError, UsageError
-from .layout import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, FILE_SIGNATURE, HEADER_OFFSETS,
-                     HEADER_SECTION_SIZE, MAX_DISK_SIZE, METADATA_GUID,
-                     PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
-                     REGION_TABLE_OFFSETS, SB_BLOCK_PRESENT,
-                     SECTOR_BITMAP_BLOCK, ZERO_GUID, align_up, bat_entries, bitmap_index,
-                     chunk_ratio, guid_text, new_guid, payload_index)
+from ...policy import beside
+from .structs import (ALIGNMENT, BAT_GUID, BAT_OFFSET_SHIFT, FILE_SIGNATURE, HEADER_OFFSETS,
+                      HEADER_SECTION_SIZE, MAX_DISK_SIZE, METADATA_GUID,
+                      PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+                      REGION_TABLE_OFFSETS, SB_BLOCK_PRESENT,
+                      SECTOR_BITMAP_BLOCK, ZERO_GUID, align_up, bat_entries, bitmap_index,
+                      chunk_ratio, guid_text, new_guid, payload_index, set_bits)
 from .tables import Metadata, Region, build_header, build_metadata_region, build_region_table
 
 
@@ -131,14 +134,11 @@ class VhdxWriter(ImageWriter):
         return host
 
     def _pieces(self, offset: int, length: int):
+        """(block, offset in block, length) per block touched: the shared splitter's
+        pieces, by block."""
         bs = self.g.block_size
-        end = offset + length
-        while offset < end:
-            block = offset // bs
-            within = offset - block * bs
-            n = min(end - offset, bs - within)
-            yield block, within, n
-            offset += n
+        for pos, n in pieces(offset, length, bs):
+            yield *divmod(pos, bs), n
 
     def write_prepared(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
@@ -173,7 +173,6 @@ class VhdxWriter(ImageWriter):
             self._write_bitmap(c)
 
     def _cover(self, block: int, within: int, n: int) -> None:
-        from .device import set_bits
         if block != self.cur_block:
             self._next_block(block)
             self.cur_block = block
@@ -208,18 +207,15 @@ class VhdxWriter(ImageWriter):
         self._set(bitmap_index(chunk, self.g.ratio), SB_BLOCK_PRESENT, off)
 
     # -- the end ------------------------------------------------------------------------------
-    def finish(self) -> None:
-        try:
-            if self.cur_block >= 0:
-                self._finish_block()
-            for c in sorted(self.sb):
-                self._write_bitmap(c)
-            self.out.truncate(self.next_free)
-            self._write_structures()
-        except BaseException:
-            self.out.discard()
-            raise
-        self.out.commit()
+    def _finish(self) -> None:
+        """The last block's bitmap, then every structure; ``finish`` then commits the
+        file, or discards it on failure."""
+        if self.cur_block >= 0:
+            self._finish_block()
+        for c in sorted(self.sb):
+            self._write_bitmap(c)
+        self.out.truncate(self.next_free)
+        self._write_structures()
 
     def _write_structures(self) -> None:
         g = self.g
@@ -228,7 +224,6 @@ class VhdxWriter(ImageWriter):
         name = creator().encode("utf-16-le")[:510]
         ident[8:8 + len(name)] = name
         self.out.pwrite(0, ident)
-        from construct import Container
         file_guid, data_guid = new_guid(), new_guid()
         for i, off in enumerate(HEADER_OFFSETS):
             self.out.pwrite(off, build_header(Container(
@@ -246,10 +241,7 @@ class VhdxWriter(ImageWriter):
                       physical_sector_size=self.physical_sector_size,
                       virtual_disk_id=new_guid(), parent_locator=self.locator)
         self.out.pwrite(g.metadata_offset, build_metadata_region(md))
-        bat = array("Q", self.bat)
-        if sys.byteorder == "big":
-            bat.byteswap()
-        self.out.pwrite(g.bat_offset, bat.tobytes())
+        self.out.pwrite(g.bat_offset, le_bytes(self.bat))
 
     def abort(self) -> None:
         self.out.discard()
@@ -259,6 +251,5 @@ def _relative_path(name: str, target: str) -> str:
     """The parent as MS-VHDX's relative_path: relative to the new file's directory,
     with backslashes, ``.\\name`` for a file beside it (as Hyper-V writes it)."""
     directory = os.path.dirname(os.path.abspath(target))
-    full = name if os.path.isabs(name) else os.path.join(directory, name)
-    rel = os.path.relpath(full, directory).replace(os.sep, "\\")
+    rel = os.path.relpath(beside(target, name), directory).replace(os.sep, "\\")
     return rel if rel.startswith("..") else ".\\" + rel

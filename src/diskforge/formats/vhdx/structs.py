@@ -4,6 +4,9 @@ Section numbers refer to [MS-VHDX] "Virtual Hard Disk v2 (VHDX) File Format".
 Every multi-byte value is little-endian; GUIDs are stored in Microsoft's mixed-endian
 binary form (``uuid.UUID(bytes_le=...)``), converted here without importing uuid (it
 costs start-up time for every command that opens a VHDX).
+
+The package's leaf (every format's ``structs.py`` holds its construct structures and
+specification constants): it imports nothing from its siblings.
 """
 
 from __future__ import annotations
@@ -217,6 +220,41 @@ def payload_index(block: int, ratio: int) -> int:
 def bitmap_index(chunk: int, ratio: int) -> int:
     """BAT index of the sector bitmap entry of chunk ``chunk``."""
     return chunk * (ratio + 1) + ratio
+
+
+# 2.4 sector bitmap: bit 0 of byte 0 is sector 0 (least significant bit first)
+
+def bit_runs(bitmap: bytes, first: int, count: int):
+    """``(start, length, bit)`` runs of the ``count`` bits from bit ``first`` (bit 0 of
+    byte 0 is sector 0, 2.4)."""
+    v = int.from_bytes(bitmap, "little") >> first
+    pos = 0
+    while pos < count:
+        if v & 1:
+            n = ((~v) & (v + 1)).bit_length() - 1   # trailing ones
+            bit = True
+        else:
+            n = (v & -v).bit_length() - 1 if v else count - pos  # trailing zeros
+            bit = False
+        n = min(n, count - pos)
+        yield first + pos, n, bit
+        v >>= n
+        pos += n
+
+
+def set_bits(bitmap: bytearray, first: int, count: int) -> None:
+    """Set the ``count`` bits from bit ``first``."""
+    end = first + count
+    while first < end and first % 8:
+        bitmap[first // 8] |= 1 << (first % 8)
+        first += 1
+    full = (end - first) // 8
+    if full:
+        bitmap[first // 8:first // 8 + full] = b"\xff" * full
+        first += full * 8
+    while first < end:
+        bitmap[first // 8] |= 1 << (first % 8)
+        first += 1
 
 
 def align_up(n: int, a: int = ALIGNMENT) -> int:
