@@ -18,19 +18,7 @@ from collections.abc import Iterator
 
 from ..blockdev import BlockDevice
 from ..errors import FormatError
-
-SECTOR = 2048
-
-# ECMA-119 §9.1: DirectoryRecord, the fixed 33 bytes before the file identifier:
-#   length, extended attribute record length, location of extent (LE, BE),
-#   data length (LE, BE), recording date (7), file flags, file unit size,
-#   interleave gap size, volume sequence number (LE, BE), length of file identifier
-DIRECTORY_RECORD = struct.Struct("<BBL4xL4x7sBBBH2xB")
-
-FLAG_HIDDEN = 0x01
-FLAG_DIRECTORY = 0x02
-FLAG_ASSOCIATED = 0x04
-FLAG_MULTI_EXTENT = 0x80
+from .structs import FLAG_DIRECTORY, SECTOR, DirectoryRecord
 
 MAX_DIRECTORY_BYTES = 256 << 20   # no real directory comes close; bounds a hostile one
 
@@ -78,7 +66,7 @@ def parse_record(buf, pos: int, path: str | None, *, limit: int | None = None,
         raise FormatError(f"length {length} at byte {where} runs past the end of its"
                           " sector", path, structure="DirectoryRecord", field="length")
     (length, ext_attr, location, data_length, date, flags, unit, gap, _seq,
-     name_len) = DIRECTORY_RECORD.unpack_from(buf, pos)
+     name_len) = DirectoryRecord.unpack_from(buf, pos)
     if 33 + name_len > length:
         if lenient:
             return None
