@@ -15,6 +15,7 @@ from __future__ import annotations
 import calendar
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ..blockdev import BlockDevice
 from ..errors import FormatError
@@ -23,25 +24,20 @@ from .structs import FLAG_DIRECTORY, SECTOR, DirectoryRecord
 MAX_DIRECTORY_BYTES = 256 << 20   # no real directory comes close; bounds a hostile one
 
 
+@dataclass(slots=True)
 class Record:
-    """One parsed directory record."""
-
-    __slots__ = ("offset", "length", "ext_attr_length", "location", "data_length", "date",
-                 "flags", "file_unit_size", "interleave_gap", "name", "system_use")
-
-    def __init__(self, offset, length, ext_attr_length, location, data_length, date,
-                 flags, file_unit_size, interleave_gap, name, system_use):
-        self.offset = offset
-        self.length = length
-        self.ext_attr_length = ext_attr_length
-        self.location = location
-        self.data_length = data_length
-        self.date = date
-        self.flags = flags
-        self.file_unit_size = file_unit_size
-        self.interleave_gap = interleave_gap
-        self.name = name
-        self.system_use = system_use
+    """One parsed directory record (the fields of ECMA-119 §9.1 that are used)."""
+    offset: int            # where the record is in the image, for errors
+    length: int
+    ext_attr_length: int
+    location: int
+    data_length: int
+    date: bytes
+    flags: int
+    file_unit_size: int
+    interleave_gap: int
+    name: bytes
+    system_use: bytes
 
     @property
     def is_dir(self) -> bool:
