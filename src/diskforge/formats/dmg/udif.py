@@ -16,15 +16,13 @@ against the bytes that hold them, and chunk tables against each other.
 
 from __future__ import annotations
 
-import struct
 from array import array
 from dataclasses import dataclass, field
 
 from ...errors import FormatError, UnsupportedError
 from . import codecs
-from .structs import (BLKX_HEADER_SIZE, CHECKSUM_CRC32, CHECKSUM_NONE, CHUNK_STRUCT,
-                      KOLY_SIZE, SECTOR, BLKXChunkEntry, BLKXTable, UDIFChecksum,
-                      UDIFResourceFile)
+from .structs import (BLKX_HEADER_SIZE, CHECKSUM_CRC32, CHUNK_STRUCT, KOLY_SIZE, SECTOR,
+                      BLKXTable, UDIFResourceFile)
 
 # Limits on what a file may make us allocate or trust
 MAX_XML_BYTES = 256 << 20      # a 1 TiB UDZO's plist is about 55 MiB
