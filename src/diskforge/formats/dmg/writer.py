@@ -32,7 +32,7 @@ import zlib
 from xml.sax.saxutils import escape
 
 from ...atomic import AtomicFile
-from ...blockdev import BlockDevice, ImageWriter
+from ...blockdev import BlockDevice, ImageWriter, fill_zero, pieces
 from ...errors import UsageError
 from . import blkx_plan, codecs, udif
 from .crc import crc32_combine, crc32_zeros
@@ -65,10 +65,9 @@ class _Head(BlockDevice):
     def readinto(self, offset: int, buf) -> int:
         mv = memoryview(buf).cast("B")
         n = len(mv)
-        mv[:] = bytes(n)
-        if offset < len(self.head):
-            k = min(n, len(self.head) - offset)
-            mv[:k] = self.head[offset:offset + k]
+        k = max(0, min(n, len(self.head) - offset))
+        mv[:k] = self.head[offset:offset + k]
+        fill_zero(mv, k)
         return n
 
 
@@ -239,13 +238,10 @@ class DmgWriter(ImageWriter):
             # read-write: every sector has its place in the file; zeros stay a hole
             self._flush_zero_run()
             start = self.layout.regions[self.r].start
-            while count > 0:
-                n = min(count, CHUNK_BYTES // SECTOR - first % 2048)
-                self._entry(codecs.RAW, first - start, n, self.data_pos, n * SECTOR)
+            for sector, n in pieces(first, count, CHUNK_BYTES // SECTOR):
+                self._entry(codecs.RAW, sector - start, n, self.data_pos, n * SECTOR)
                 self.data_crc = crc32_zeros(self.data_crc, n * SECTOR)
                 self.data_pos += n * SECTOR
-                first += n
-                count -= n
         elif self.zero_run is not None and self.zero_run[0] + self.zero_run[1] == first:
             self.zero_run[1] += count
         else:
