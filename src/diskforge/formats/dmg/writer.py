@@ -196,7 +196,7 @@ class DmgWriter(ImageWriter):
         from ...partitions import read_partitions
         table = read_partitions(_Head(self.head, self.size)) if self.size else None
         self.layout = blkx_plan.plan(table, bytes(self.head[:2 * SECTOR]),
-                                  self.size // SECTOR)
+                                     self.size // SECTOR)
         held, self.held = self.held, []
         for item in held:
             if item[0] == "zero":
