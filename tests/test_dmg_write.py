@@ -275,7 +275,7 @@ def test_a_dmg_between_64_and_128_kib_is_recognised(tmp_path):
 
 
 def test_layout_falls_back_to_whole_disk_for_tables_it_cannot_follow():
-    from diskforge.formats.dmg import layout
+    from diskforge.formats.dmg import blkx_plan as layout
     from diskforge.partitions import Partition, PartitionTable
     gpt4k = PartitionTable("gpt", 4096)  # a DMG counts 512-byte sectors
     overlapping = PartitionTable("mbr", 512, partitions=[

@@ -523,44 +523,6 @@ class BlockDevice(abc.ABC):
                              f"({self.size} bytes)", self.path)
 
 
-class FileBytesDevice(BlockDevice):
-    """A device whose virtual disk is a file's own bytes (raw files and devices, ISOs):
-    holes are ZERO extents with their file offset, as qemu's file driver shows them."""
-
-    def __init__(self, path: str, *, writable: bool = False):
-        # QEMU's raw driver lets other writers in; see locks.py
-        self.backend = FileBackend(path, writable=writable,
-                                   lock=access_for(writable, shares_writes=True))
-        self.path = path
-        self.writable = writable
-        self.size = self.backend.size
-
-    def readinto(self, offset: int, buf) -> int:
-        n = len(buf)
-        self.check_range(offset, n)
-        got = self.backend.readinto(offset, buf)
-        if got < n:  # the file shrank under us: what is gone reads as zeros
-            view = memoryview(buf).cast("B")
-            while got < n:
-                k = min(n - got, ZERO_BUFFER_SIZE)
-                view[got:got + k] = ZEROES[:k]
-                got += k
-        return n
-
-    def extents(self, offset: int = 0, length: int | None = None):
-        if length is None:
-            length = self.size - offset
-        self.check_range(offset, length)
-        return coalesce(
-            Extent(o, n, ExtentKind.DATA if data else ExtentKind.ZERO, True, o)
-            for o, n, data in self.backend.data_ranges(offset, offset + length))
-
-    def close(self) -> None:
-        if not self.closed:
-            self.backend.close()
-        super().close()
-
-
 class FileDevice(BlockDevice):
     """A device whose image is one file: opening the backend, running the format's
     ``_open`` and cleaning up when that fails happen here, in one place.
@@ -597,6 +559,36 @@ class FileDevice(BlockDevice):
             super().close()
         finally:
             self.backend.close()
+
+
+class FileBytesDevice(FileDevice):
+    """A device whose virtual disk is a file's own bytes (raw files and devices, ISOs):
+    holes are ZERO extents with their file offset, as qemu's file driver shows them.
+    Subclasses that check the bytes (an ISO's volume descriptors) extend ``_open``."""
+
+    def __init__(self, path: str, *, writable: bool = False, **kwargs) -> None:
+        # QEMU's raw driver lets other writers in; see locks.py
+        super().__init__(path, writable=writable,
+                         lock=access_for(writable, shares_writes=True), **kwargs)
+
+    def _open(self) -> None:
+        self.size = self.backend.size
+
+    def readinto(self, offset: int, buf) -> int:
+        n = len(buf)
+        self.check_range(offset, n)
+        got = self.backend.readinto(offset, buf)
+        if got < n:  # the file shrank under us: what is gone reads as zeros
+            fill_zero(buf, got, n)
+        return n
+
+    def extents(self, offset: int = 0, length: int | None = None):
+        if length is None:
+            length = self.size - offset
+        self.check_range(offset, length)
+        return coalesce(
+            Extent(o, n, ExtentKind.DATA if data else ExtentKind.ZERO, True, o)
+            for o, n, data in self.backend.data_ranges(offset, offset + length))
 
 
 class FilterDevice(BlockDevice):

@@ -23,14 +23,13 @@ VRS_IDENTIFIERS = (b"BEA01", b"NSR02", b"NSR03", b"TEA01", b"BOOT2", b"CDW02")
 class IsoDevice(FileBytesDevice):
     format = "iso"
 
-    def __init__(self, path: str):
-        super().__init__(path)
-        try:
-            from ..iso.volume import read_volume_set
-            read_volume_set(self)   # refuse what is not an ISO (one-line error)
-        except BaseException:
-            self.backend.close()
-            raise
+    def _open(self) -> None:
+        super()._open()
+        # refuse what is not an ISO (one-line error); imported here, not at the top,
+        # because the registry imports this module for every image it probes and
+        # iso.volume's construct structures cost tens of milliseconds to import
+        from ..iso.volume import read_volume_set
+        read_volume_set(self)
 
     def info(self) -> ImageInfo:
         from ..iso.volume import describe
@@ -48,8 +47,8 @@ class IsoFormat(Format):
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         # the identifier of the descriptor at sector 16: ISO 9660, or a UDF recognition
-        # sequence (kept here rather than importing iso.volume: probing runs for every
-        # image opened, and that module's construct Structs cost 15 ms to build)
+        # sequence (a copy of iso.structs.VRS_IDENTIFIERS rather than an import: probing
+        # runs for every image opened, and that module's construct Structs cost 15 ms)
         ident = head[32769:32774]
         return 80 if ident == b"CD001" or ident in VRS_IDENTIFIERS else 0
 

@@ -14,8 +14,7 @@ import dataclasses
 import os
 
 from ..atomic import AtomicFile, is_block_device
-from ..blockdev import (ZERO_BUFFER_SIZE, ZEROES, FileBackend, FileBytesDevice, ImageInfo,
-                        ImageWriter)
+from ..blockdev import FileBackend, FileBytesDevice, ImageInfo, ImageWriter
 from ..errors import UnsupportedError, UsageError
 from ..options import Options, option
 from ..registry import Format, Measurement
@@ -44,22 +43,16 @@ def _zero_out(backend: FileBackend, offset: int, length: int) -> None:
             pass
     elif backend.punch_hole(offset, length):
         return
-    _write_zeros(backend, offset, length)
+    backend.write_zeroes(offset, length)
 
 
 class RawDevice(FileBytesDevice):
     format = "raw"
 
-    def write(self, offset: int, data) -> None:
-        if not self.writable:
-            super().write(offset, data)
-        self.check_range(offset, len(data))
-        self.backend.pwrite(offset, data)
+    def _write(self, offset: int, mv: memoryview) -> None:
+        self.backend.pwrite(offset, mv)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        if not self.writable:
-            super().write(offset, b"")
-        self.check_range(offset, length)
+    def _write_zeroes(self, offset: int, length: int) -> None:
         _zero_out(self.backend, offset, length)
 
     def flush(self) -> None:
@@ -67,8 +60,7 @@ class RawDevice(FileBytesDevice):
             self.backend.flush()
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
-        if not self.writable:
-            super().write(0, b"")
+        self.check_writable(0, 0)
         if self.backend.is_block_device:
             raise UnsupportedError("cannot resize a block device", self.path)
         if size < self.size and not shrink:
@@ -109,15 +101,14 @@ class RawWriter(ImageWriter):
         if self.in_place:
             _zero_out(self.out, offset, length)
         elif self.options.preallocation == "full":
-            _write_zeros(self.out, offset, length)
+            self.out.write_zeroes(offset, length)
         # else: a new sparse file already reads zeros there (falloc'd blocks too)
 
-    def finish(self) -> None:
+    def _finish(self) -> None:
         if self.options.preallocation == "full" and not self.in_place:
             for o, n, data in list(self.out.data_ranges(0, self.size)):
                 if not data:
-                    _write_zeros(self.out, o, n)
-        self.out.commit()
+                    self.out.write_zeroes(o, n)
 
     def abort(self) -> None:
         self.out.discard()  # on a device: closes it (what was written stays)
@@ -128,14 +119,6 @@ class RawWriter(ImageWriter):
 
     def suspend(self) -> None:
         self.out.detach()
-
-
-def _write_zeros(out: FileBackend, offset: int, length: int) -> None:
-    end = offset + length
-    while offset < end:
-        n = min(end - offset, ZERO_BUFFER_SIZE)
-        out.pwrite(offset, ZEROES[:n])
-        offset += n
 
 
 class RawFormat(Format):

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..atomic import AtomicFile, refuse_overwrite
+from ..blockdev import BlockDevice, FileBackend
 from ..devices import open_input_file
 from ..errors import DiskforgeError, ImageIOError, UnsupportedError, UsageError
 from . import hybrid
@@ -537,7 +538,6 @@ def _copy_file(path: str, out_fd: int, offset: int, length: int) -> None:
     """Copy a source file's ``length`` bytes to ``offset`` of the output: its data
     ranges with ``copy_file_range``, its holes left as holes (the output is a fresh
     sparse file there)."""
-    from ..blockdev import FileBackend
     src = FileBackend(path)
     try:
         for start, n, is_data in src.data_ranges(0, length):
@@ -672,8 +672,7 @@ def _planned_size(iso) -> int:
 def _make_hybrid(target: AtomicFile, size: int, boot_code: bytes) -> int:
     """Pad to a whole cylinder and write the MBR, from what the written ISO's own El
     Torito catalog says (read back with our reader, not from pycdlib's internals)."""
-    from ..blockdev import BlockDevice
-    from .volume import read_boot_catalog, read_volume_set
+    from .volume import read_boot_catalog, read_volume_set  # construct: only for hybrids
 
     class _View(BlockDevice):
         format = "iso"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from ..blockdev import ExtentKind, FileBackend, aligned_buffer, is_zero
 from ..devices import special_kind
 from ..errors import FormatError, ImageIOError, UnsupportedError, UsageError
-from .filesystem import Entry, Tree
+from .tree import Entry, Tree
 
 SYMLINK_POLICIES = ("refuse", "reroot", "keep")
 COPY_CHUNK = 8 << 20

@@ -71,35 +71,31 @@ def iso9660_names(names: list[tuple[str, bool]], level: int,
 
 def joliet_names(names: list[str], reserved: set[str] = frozenset()) -> dict[str, str]:
     """Joliet names for one directory (at most 64 UCS-2 characters and 64 UTF-8 bytes)."""
-    taken = set(reserved)
-    out = {}
-    for name in names:
-        clean = "".join("_" if c in JOLIET_FORBIDDEN or ord(c) < 32 else c for c in name)
-        if _fits_joliet(clean) and clean not in taken:
-            taken.add(clean)
-            out[name] = clean
-            continue
-        stem, dot, ext = clean.rpartition(".")
-        if not dot or not stem or len(ext) > 16:
-            stem, ext = clean, ""
-        suffix = "." + ext if ext else ""
-        out[name] = _unique_fit(stem, suffix, taken, _fits_joliet)
-    return out
+    return _fitted_names(names, reserved, _fits_joliet, lambda name: "".join(
+        "_" if c in JOLIET_FORBIDDEN or ord(c) < 32 else c for c in name))
 
 
 def udf_names(names: list[str], reserved: set[str] = frozenset()) -> dict[str, str]:
     """UDF names for one directory (OSTA CS0: 254 bytes 8-bit, or 127 UCS-2 units)."""
+    return _fitted_names(names, reserved, _fits_udf, lambda name: name)
+
+
+def _fitted_names(names: list[str], reserved: set[str], fits, clean) -> dict[str, str]:
+    """Each name cleaned, kept when it ``fits`` and is unused, else its stem cut (the
+    extension kept when it is at most 16 characters) and numbered until unique: the
+    rule Joliet and UDF share, with their own character sets and lengths."""
     taken = set(reserved)
     out = {}
     for name in names:
-        if _fits_udf(name) and name not in taken:
-            taken.add(name)
-            out[name] = name
+        cleaned = clean(name)
+        if fits(cleaned) and cleaned not in taken:
+            taken.add(cleaned)
+            out[name] = cleaned
             continue
-        stem, dot, ext = name.rpartition(".")
+        stem, dot, ext = cleaned.rpartition(".")
         if not dot or not stem or len(ext) > 16:
-            stem, ext = name, ""
-        out[name] = _unique_fit(stem, "." + ext if ext else "", taken, _fits_udf)
+            stem, ext = cleaned, ""
+        out[name] = _unique_fit(stem, "." + ext if ext else "", taken, fits)
     return out
 
 

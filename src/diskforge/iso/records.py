@@ -15,45 +15,29 @@ from __future__ import annotations
 import calendar
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ..blockdev import BlockDevice
 from ..errors import FormatError
-
-SECTOR = 2048
-
-# ECMA-119 §9.1: DirectoryRecord, the fixed 33 bytes before the file identifier:
-#   length, extended attribute record length, location of extent (LE, BE),
-#   data length (LE, BE), recording date (7), file flags, file unit size,
-#   interleave gap size, volume sequence number (LE, BE), length of file identifier
-DIRECTORY_RECORD = struct.Struct("<BBL4xL4x7sBBBH2xB")
-
-FLAG_HIDDEN = 0x01
-FLAG_DIRECTORY = 0x02
-FLAG_ASSOCIATED = 0x04
-FLAG_MULTI_EXTENT = 0x80
+from .structs import FLAG_DIRECTORY, SECTOR, DirectoryRecord
 
 MAX_DIRECTORY_BYTES = 256 << 20   # no real directory comes close; bounds a hostile one
 
 
+@dataclass(slots=True)
 class Record:
-    """One parsed directory record."""
-
-    __slots__ = ("offset", "length", "ext_attr_length", "location", "data_length", "date",
-                 "flags", "file_unit_size", "interleave_gap", "name", "system_use")
-
-    def __init__(self, offset, length, ext_attr_length, location, data_length, date,
-                 flags, file_unit_size, interleave_gap, name, system_use):
-        self.offset = offset
-        self.length = length
-        self.ext_attr_length = ext_attr_length
-        self.location = location
-        self.data_length = data_length
-        self.date = date
-        self.flags = flags
-        self.file_unit_size = file_unit_size
-        self.interleave_gap = interleave_gap
-        self.name = name
-        self.system_use = system_use
+    """One parsed directory record (the fields of ECMA-119 §9.1 that are used)."""
+    offset: int            # where the record is in the image, for errors
+    length: int
+    ext_attr_length: int
+    location: int
+    data_length: int
+    date: bytes
+    flags: int
+    file_unit_size: int
+    interleave_gap: int
+    name: bytes
+    system_use: bytes
 
     @property
     def is_dir(self) -> bool:
@@ -78,7 +62,7 @@ def parse_record(buf, pos: int, path: str | None, *, limit: int | None = None,
         raise FormatError(f"length {length} at byte {where} runs past the end of its"
                           " sector", path, structure="DirectoryRecord", field="length")
     (length, ext_attr, location, data_length, date, flags, unit, gap, _seq,
-     name_len) = DIRECTORY_RECORD.unpack_from(buf, pos)
+     name_len) = DirectoryRecord.unpack_from(buf, pos)
     if 33 + name_len > length:
         if lenient:
             return None

@@ -65,9 +65,9 @@ def parse(area: bytes, dev: BlockDevice, block_size: int, skip: int = 0,
                 break  # padding or a damaged tail: the rest is not entries
             body = data[pos + 4:pos + length]
             pos += length
-            if sig == b"ST":
+            if sig == b"ST":  # SUSP §5.4: System Use Sharing Protocol Terminator
                 break
-            if sig == b"CE" and len(body) >= 24:
+            if sig == b"CE" and len(body) >= 24:  # SUSP §5.1: Continuation Area
                 hops += 1
                 if hops > MAX_CONTINUATIONS:
                     raise FormatError(f"more than {MAX_CONTINUATIONS} continuation areas"
@@ -86,18 +86,18 @@ def parse(area: bytes, dev: BlockDevice, block_size: int, skip: int = 0,
                                       f" {ce_len} bytes) is outside the image", path,
                                       structure="SUSP", field="CE")
                 areas.append(dev.read(start, ce_len))
-            elif sig == b"SP" and len(body) >= 3 and body[:2] == b"\xbe\xef":
+            elif sig == b"SP" and len(body) >= 3 and body[:2] == b"\xbe\xef":  # SUSP §5.3
                 rr.skip = body[2]
-            elif sig == b"PX" and len(body) >= 32:
+            elif sig == b"PX" and len(body) >= 32:  # RRIP §4.1.1: POSIX file attributes
                 rr.mode, rr.nlink, rr.uid, rr.gid = (
                     struct.unpack_from("<L", body, i)[0] for i in (0, 8, 16, 24))
-            elif sig == b"NM" and len(body) >= 1:
+            elif sig == b"NM" and len(body) >= 1:  # RRIP §4.1.4: alternate name
                 rr.name_flags |= body[0] & 0x06
                 if len(name) + len(body) - 1 > MAX_NAME_BYTES:
                     raise FormatError(f"alternate name longer than {MAX_NAME_BYTES} bytes",
                                       path, structure="RRIP", field="NM")
                 name += body[1:]
-            elif sig == b"SL" and len(body) >= 1:
+            elif sig == b"SL" and len(body) >= 1:  # RRIP §4.1.3: symbolic link
                 link_seen = True
                 i = 1
                 while i + 2 <= len(body):
@@ -122,7 +122,7 @@ def parse(area: bytes, dev: BlockDevice, block_size: int, skip: int = 0,
                         raise FormatError("symbolic link target longer than"
                                           f" {MAX_LINK_BYTES} bytes", path,
                                           structure="RRIP", field="SL")
-            elif sig == b"TF" and len(body) >= 1:
+            elif sig == b"TF" and len(body) >= 1:  # RRIP §4.1.6: time stamps
                 flags = body[0]
                 size = 17 if flags & 0x80 else 7
                 conv = long_date if flags & 0x80 else record_date
@@ -135,11 +135,11 @@ def parse(area: bytes, dev: BlockDevice, block_size: int, skip: int = 0,
                         elif bit == 2:
                             rr.atime = stamp
                         i += size
-            elif sig == b"CL" and len(body) >= 4:
+            elif sig == b"CL" and len(body) >= 4:  # RRIP §4.1.5.1: child link
                 rr.child_link = struct.unpack_from("<L", body, 0)[0]
-            elif sig == b"RE":
+            elif sig == b"RE":  # RRIP §4.1.5.3: relocated directory
                 rr.relocated = True
-            elif sig == b"PN" and len(body) >= 16:
+            elif sig == b"PN" and len(body) >= 16:  # RRIP §4.1.2: POSIX device number
                 rr.rdev = (struct.unpack_from("<L", body, 0)[0],
                            struct.unpack_from("<L", body, 8)[0])
     if name or rr.name_flags:

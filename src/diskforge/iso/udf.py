@@ -24,91 +24,20 @@ import binascii
 import calendar
 import struct
 
-from construct import Bytes, Int16ul, Int32ul, Int8ul, Struct
-
 from ..blockdev import BlockDevice
 from ..errors import FormatError, UnsupportedError
-from .filesystem import Entry, Tree
+from .structs import (FILE_TYPES, SECTOR, TAG_AED, TAG_AVDP, TAG_EFE, TAG_FE, TAG_FID,
+                      TAG_FSD, TAG_LVD, TAG_PD, TAG_PVD, TAG_TD, TAG_VDP,
+                      AnchorVolumeDescriptorPointer, ExtendedFileEntryFields,
+                      FileEntryFields, IcbTag, LogicalVolumeDescriptor,
+                      PartitionDescriptor, Tag)
+from .tree import Entry, Tree
 
-SECTOR = 2048
 MAX_VDS_SECTORS = 256
 MAX_AD_HOPS = 1024
 MAX_DIRECTORY_BYTES = 64 << 20
 MAX_LINK_BYTES = 65536
 MAX_FILE_BYTES = (1 << 63) - 1   # a file's size must be an off_t
-
-# ECMA-167 3/7.2: Descriptor Tag
-Tag = Struct(
-    "tag_identifier" / Int16ul,
-    "descriptor_version" / Int16ul,
-    "tag_checksum" / Int8ul,
-    "reserved" / Int8ul,
-    "tag_serial_number" / Int16ul,
-    "descriptor_crc" / Int16ul,
-    "descriptor_crc_length" / Int16ul,
-    "tag_location" / Int32ul,
-)
-# ECMA-167 3/10.2: Anchor Volume Descriptor Pointer (tag 2)
-AnchorVolumeDescriptorPointer = Struct(
-    "descriptor_tag" / Bytes(16),
-    "main_volume_descriptor_sequence_length" / Int32ul,
-    "main_volume_descriptor_sequence_location" / Int32ul,
-    "reserve_volume_descriptor_sequence_length" / Int32ul,
-    "reserve_volume_descriptor_sequence_location" / Int32ul,
-)
-# ECMA-167 3/10.5: Partition Descriptor (tag 5), the fields we use
-PartitionDescriptor = Struct(
-    "descriptor_tag" / Bytes(16),
-    "volume_descriptor_sequence_number" / Int32ul,
-    "partition_flags" / Int16ul,
-    "partition_number" / Int16ul,
-    "partition_contents" / Bytes(32),
-    "partition_contents_use" / Bytes(128),
-    "access_type" / Int32ul,
-    "partition_starting_location" / Int32ul,
-    "partition_length" / Int32ul,
-)
-# ECMA-167 3/10.6: Logical Volume Descriptor (tag 6), up to the partition maps
-LogicalVolumeDescriptor = Struct(
-    "descriptor_tag" / Bytes(16),
-    "volume_descriptor_sequence_number" / Int32ul,
-    "descriptor_character_set" / Bytes(64),
-    "logical_volume_identifier" / Bytes(128),
-    "logical_block_size" / Int32ul,
-    "domain_identifier" / Bytes(32),
-    "logical_volume_contents_use" / Bytes(16),   # long_ad of the File Set Descriptor
-    "map_table_length" / Int32ul,
-    "number_of_partition_maps" / Int32ul,
-    "implementation_identifier" / Bytes(32),
-    "implementation_use" / Bytes(128),
-    "integrity_sequence_extent" / Bytes(8),
-)
-# ECMA-167 4/14.6: ICB Tag (inside File Entries)
-IcbTag = Struct(
-    "prior_recorded_number_of_direct_entries" / Int32ul,
-    "strategy_type" / Int16ul,
-    "strategy_parameter" / Bytes(2),
-    "maximum_number_of_entries" / Int16ul,
-    "reserved" / Int8ul,
-    "file_type" / Int8ul,
-    "parent_icb_location" / Bytes(6),
-    "flags" / Int16ul,
-)
-
-TAG_AVDP, TAG_VDP, TAG_PD, TAG_LVD, TAG_TD = 2, 3, 5, 6, 8
-TAG_PVD = 1
-TAG_FSD, TAG_FID, TAG_AED, TAG_FE, TAG_EFE = 256, 257, 258, 261, 266
-FILE_TYPES = {4: "dir", 5: "file", 12: "symlink", 6: "block", 7: "char", 9: "fifo",
-              10: "fifo", 11: "socket"}
-
-# ECMA-167 4/14.9 File Entry and 4/14.17 Extended File Entry: offsets of the fields used
-# (uid, gid, permissions, link count, information length, modification time, L_EA,
-# L_AD, where the extended attributes start)
-_FE = {"uid": 36, "gid": 40, "perm": 44, "links": 48, "len": 56, "mtime": 84,
-       "l_ea": 168, "l_ad": 172, "ea": 176}
-_EFE = {"uid": 36, "gid": 40, "perm": 44, "links": 48, "len": 56, "mtime": 92,
-        "l_ea": 208, "l_ad": 212, "ea": 216}
-
 
 def decode_cs0(raw: bytes) -> str:
     """OSTA CS0 "compressed unicode": a compression id (8: one byte a character,
@@ -317,7 +246,7 @@ class UdfTree(Tree):
         if icb.strategy_type != 4:
             raise UnsupportedError(f"not supported yet: UDF ICB strategy {icb.strategy_type}",
                                    self.path)
-        f = _EFE if ident == TAG_EFE else _FE
+        f = ExtendedFileEntryFields if ident == TAG_EFE else FileEntryFields
         uid, gid, perm = struct.unpack_from("<LLL", raw, f["uid"])
         links = struct.unpack_from("<H", raw, f["links"])[0]
         info_len = struct.unpack_from("<Q", raw, f["len"])[0]

@@ -18,105 +18,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from construct import Bytes, Const, Int8ul, Int16ul, Int32ub, Int32ul, Struct
-
 from ..blockdev import BlockDevice
 from ..errors import FormatError
+from .records import parse_record
+from .structs import (EMULATIONS, PLATFORMS, SECTOR, VD_START, VD_TYPES, VRS_IDENTIFIERS,
+                      BootInfoTable, BootRecord, SectionEntry, SectionHeader,
+                      ValidationEntry, VolumeDescriptor)
+from .udf import volume_identifier
 
-SECTOR = 2048
-VD_START = 16 * SECTOR
 MAX_DESCRIPTORS = 64          # real discs have 3-8; a hostile one may never terminate
 MAX_CATALOG_ENTRIES = 1024    # 32 KiB of El Torito catalog
-VRS_IDENTIFIERS = {b"BEA01", b"NSR02", b"NSR03", b"TEA01", b"BOOT2", b"CDW02"}
-
-# ECMA-119 §8.4 (primary) and §8.5 (supplementary/enhanced): one layout; the fields a
-# primary leaves unused carry the volume flags and escape sequences in a supplementary.
-# Both-endian numbers are read from their little-endian half.
-VolumeDescriptor = Struct(
-    "volume_descriptor_type" / Int8ul,
-    "standard_identifier" / Const(b"CD001"),
-    "volume_descriptor_version" / Int8ul,
-    "volume_flags" / Int8ul,
-    "system_identifier" / Bytes(32),
-    "volume_identifier" / Bytes(32),
-    "unused1" / Bytes(8),
-    "volume_space_size" / Int32ul, "volume_space_size_be" / Int32ub,
-    "escape_sequences" / Bytes(32),
-    "volume_set_size" / Int16ul, "volume_set_size_be" / Bytes(2),
-    "volume_sequence_number" / Int16ul, "volume_sequence_number_be" / Bytes(2),
-    "logical_block_size" / Int16ul, "logical_block_size_be" / Bytes(2),
-    "path_table_size" / Int32ul, "path_table_size_be" / Int32ub,
-    "type_l_path_table" / Int32ul,
-    "optional_type_l_path_table" / Int32ul,
-    "type_m_path_table" / Int32ub,
-    "optional_type_m_path_table" / Int32ub,
-    "root_directory_record" / Bytes(34),
-    "volume_set_identifier" / Bytes(128),
-    "publisher_identifier" / Bytes(128),
-    "data_preparer_identifier" / Bytes(128),
-    "application_identifier" / Bytes(128),
-    "copyright_file_identifier" / Bytes(37),
-    "abstract_file_identifier" / Bytes(37),
-    "bibliographic_file_identifier" / Bytes(37),
-    "volume_creation_date" / Bytes(17),
-    "volume_modification_date" / Bytes(17),
-    "volume_expiration_date" / Bytes(17),
-    "volume_effective_date" / Bytes(17),
-    "file_structure_version" / Int8ul,
-)
-
-# ECMA-119 §8.2 with El Torito §2.0: the boot record volume descriptor
-BootRecord = Struct(
-    "boot_record_indicator" / Const(b"\x00"),
-    "iso9660_identifier" / Const(b"CD001"),
-    "version" / Int8ul,
-    "boot_system_identifier" / Bytes(32),
-    "boot_identifier" / Bytes(32),
-    "boot_catalog_pointer" / Int32ul,   # El Torito: absolute sector of the catalog
-)
-
-# El Torito §2.1: validation entry; §2.2: initial/default entry; §2.3: section header;
-# §2.4: section entry. 32 bytes each.
-ValidationEntry = Struct(
-    "header_id" / Const(b"\x01"),
-    "platform_id" / Int8ul,
-    "reserved" / Int16ul,
-    "id_string" / Bytes(24),
-    "checksum" / Int16ul,
-    "key" / Const(b"\x55\xaa"),
-)
-SectionEntry = Struct(           # also the initial/default entry (criteria unused)
-    "boot_indicator" / Int8ul,   # 0x88 bootable, 0x00 not
-    "boot_media_type" / Int8ul,  # low nibble: emulation; bit 5: extension follows
-    "load_segment" / Int16ul,
-    "system_type" / Int8ul,
-    "unused" / Int8ul,
-    "sector_count" / Int16ul,    # virtual (512-byte) sectors loaded at boot
-    "load_rba" / Int32ul,        # first 2048-byte sector of the image
-    "selection_criteria_type" / Int8ul,
-    "vendor_unique_selection_criteria" / Bytes(19),
-)
-SectionHeader = Struct(
-    "header_indicator" / Int8ul,  # 0x90 more headers follow, 0x91 final
-    "platform_id" / Int8ul,
-    "number_of_section_entries" / Int16ul,
-    "id_string" / Bytes(28),
-)
-
-# syslinux doc/isolinux.txt: the 56-byte table mkisofs -boot-info-table writes at
-# offset 8 of a no-emulation boot image
-BootInfoTable = Struct(
-    "bi_pvd" / Int32ul,      # LBA of the primary volume descriptor (16)
-    "bi_file" / Int32ul,     # LBA of the boot file
-    "bi_length" / Int32ul,   # its length in bytes
-    "bi_csum" / Int32ul,     # 32-bit sum of its 32-bit words from offset 64
-)
-
-PLATFORMS = {0x00: "x86 BIOS", 0x01: "PowerPC", 0x02: "Mac", 0xEF: "UEFI"}
-EMULATIONS = {0: "no emulation", 1: "1.2M floppy", 2: "1.44M floppy",
-              3: "2.88M floppy", 4: "hard disk"}
-VD_TYPES = {0: "boot record", 1: "primary", 2: "supplementary", 3: "partition",
-            255: "terminator"}
 
 
 def text(raw: bytes, *, ucs2: bool = False) -> str:
@@ -327,7 +238,6 @@ def has_rock_ridge(dev: BlockDevice, vs: VolumeSet) -> bool:
     """Rock Ridge is recorded when the root's "." record carries a SUSP "SP" entry."""
     if vs.primary is None:
         return False
-    from .records import parse_record
     root = parse_record(vs.primary.root_directory_record, 0, dev.path)
     if root is None or root.location * vs.block_size + 34 > dev.size:
         return False
@@ -380,7 +290,6 @@ def describe(dev: BlockDevice) -> dict:
     out["iso9660-1999"] = vs.enhanced is not None
     out["udf"] = vs.udf or False
     if vs.udf:
-        from .udf import volume_identifier
         try:
             ident = volume_identifier(dev)
         except FormatError as e:

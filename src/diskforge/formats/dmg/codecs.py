@@ -19,17 +19,8 @@ import struct
 import zlib
 
 from .adc import AdcError, adc_decompress
-
-ZERO_FILL = 0x00000000   # sectors read as zeros, nothing stored
-RAW = 0x00000001         # stored as they are (UDRO, UDRW; incompressible chunks)
-IGNORE = 0x00000002      # free space: reads as zeros, nothing stored
-ADC = 0x80000004         # UDCO
-ZLIB = 0x80000005        # UDZO
-BZIP2 = 0x80000006       # UDBZ
-LZFSE = 0x80000007       # ULFO
-LZMA = 0x80000008        # ULMO (an .xz stream without integrity check)
-COMMENT = 0x7FFFFFFE     # no sectors; hdiutil's annotations
-TERMINATOR = 0xFFFFFFFF  # ends a chunk table
+from .structs import (ADC, BZIP2, COMMENT, IGNORE, LZFSE, LZMA, RAW, TERMINATOR,
+                      ZERO_FILL, ZLIB)
 
 NAMES = {ZERO_FILL: "zero-fill", RAW: "raw", IGNORE: "ignore", ADC: "adc", ZLIB: "zlib",
          BZIP2: "bzip2", LZFSE: "lzfse", LZMA: "lzma", COMMENT: "comment",

@@ -21,41 +21,32 @@ import os
 import threading
 import zlib
 
-from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                         FileBackend, ImageInfo, coalesce)
+from ...blockdev import Extent, ExtentKind, FileDevice, ImageInfo, coalesce, fill_zero
 from ...errors import FormatError
 from . import codecs, udif
 from .crc import crc32_combine, crc32_zeros
+from .structs import CHECKSUM_NONE, KOLY_SIZE, SECTOR
 
 CACHE_BYTES = 16 << 20      # decompressed chunks kept (at least one)
 READAHEAD_BYTES = 8 << 20   # decompressed bytes being prepared ahead of the reader
 
 
-class DmgDevice(BlockDevice):
+class DmgDevice(FileDevice):
     format = "dmg"
-
-    def __init__(self, path: str):
-        self.path = path
-        self.backend = FileBackend(path)
-        try:
-            self._open()
-        except BaseException:
-            self.backend.close()
-            raise
+    _pool = None   # the read-ahead pool, started by the first sequential reads
 
     def _open(self) -> None:
         file_size = self.backend.size
-        if file_size < udif.KOLY_SIZE:
+        if file_size < KOLY_SIZE:
             raise FormatError(f"file of {file_size} bytes is too short for a UDIF trailer",
                               self.path, structure="UDIFResourceFile")
-        raw = self.backend.read_exact(file_size - udif.KOLY_SIZE, udif.KOLY_SIZE, "trailer")
+        raw = self.backend.read_exact(file_size - KOLY_SIZE, KOLY_SIZE, "trailer")
         self.koly = udif.parse_trailer(raw, file_size, self.path)
         self.fork = udif.parse_plist(self._xml_pieces(), self.path)
         self.map, self.size = udif.build_chunk_map(self.koly, self.fork, self.path)
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
-        self._pool = None
         self._ahead: dict[int, object] = {}   # run index -> Future
         self._ahead_bytes = 0
         self._ahead_next = 0
@@ -97,7 +88,7 @@ class DmgDevice(BlockDevice):
                 data = self._chunk(i)
                 dst[:] = memoryview(data)[pos - run_start:pos - run_start + take]
             else:
-                _fill_zero(dst)
+                fill_zero(dst)
             done += take
         return n
 
@@ -215,14 +206,14 @@ class DmgDevice(BlockDevice):
                 pos += len(piece)
             if crc != want:
                 problems.append(f"data fork CRC-32 is {crc:08x}, the trailer says {want:08x}")
-        elif k.DataChecksum.Type != udif.CHECKSUM_NONE:
+        elif k.DataChecksum.Type != CHECKSUM_NONE:
             problems.append(f"data fork checksum type {k.DataChecksum.Type} cannot be"
                             " verified (only CRC-32 is known)")
         computed = self._blkx_crcs(problems)
         for entry in self.fork.blkx:
             t = entry.table.Checksum
             if entry.checksum is None:
-                if t.Type != udif.CHECKSUM_NONE:
+                if t.Type != CHECKSUM_NONE:
                     problems.append(f"blkx entry {entry.index} ('{entry.name}'): checksum"
                                     f" type {t.Type} cannot be verified")
                 continue
@@ -235,7 +226,7 @@ class DmgDevice(BlockDevice):
             got = master_checksum(self.fork.blkx)
             if got != want:
                 problems.append(f"master CRC-32 is {got:08x}, the trailer says {want:08x}")
-        elif k.MasterChecksum.Type != udif.CHECKSUM_NONE:
+        elif k.MasterChecksum.Type != CHECKSUM_NONE:
             problems.append(f"master checksum type {k.MasterChecksum.Type} cannot be"
                             " verified")
         return problems
@@ -282,8 +273,8 @@ class DmgDevice(BlockDevice):
                 kinds[name] = kinds.get(name, 0) + 1
                 stored += m.length[i]
         partitions = [{"index": e.index, "name": e.name, "id": e.id,
-                       "start": e.table.SectorNumber * udif.SECTOR,
-                       "length": e.table.SectorCount * udif.SECTOR,
+                       "start": e.table.SectorNumber * SECTOR,
+                       "length": e.table.SectorCount * SECTOR,
                        "chunks": sum(1 for c in e.chunks
                                      if c[0] not in codecs.MARKERS)}
                       for e in self.fork.blkx]
@@ -307,10 +298,8 @@ class DmgDevice(BlockDevice):
                          format_specific=specific, details=details)
 
     def close(self) -> None:
-        if not self.closed:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-            self.backend.close()
+        if not self.closed and self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         super().close()
 
 
@@ -319,14 +308,6 @@ class _Failed:
 
     def __init__(self, exc: Exception):
         self.exc = exc
-
-
-def _fill_zero(dst) -> None:
-    pos, n = 0, len(dst)
-    while pos < n:
-        k = min(n - pos, ZERO_BUFFER_SIZE)
-        dst[pos:pos + k] = ZEROES[:k]
-        pos += k
 
 
 def master_checksum(entries) -> int:

@@ -22,38 +22,14 @@ import bisect
 import collections
 import os
 
-from construct import Bytes, Const, Int32ub, Struct
-
-from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                         FileBackend, ImageInfo, coalesce)
+from ...blockdev import (BlockDevice, Extent, ExtentKind, FileBackend, FileDevice, ImageInfo,
+                         coalesce, fill_zero, pieces)
 from ...devices import open_input_file
 from ...errors import FormatError, ImageIOError, UnsupportedError
 from ...policy import OpenPolicy
+from .structs import BAND_TABLE_OFFSET, HEADER_SIZE, SECTOR, SparseImageHeader
 
-SECTOR = 512
-HEADER_SIZE = 4096
-BAND_TABLE_OFFSET = 64
-
-# libmodi "Mac OS disk image types", §Sparse disk image, file header (first 64 bytes)
-SparseImageHeader = Struct(
-    "signature" / Const(b"sprs"),
-    "version" / Int32ub,            # 3
-    "sectors_per_band" / Int32ub,
-    "unknown1" / Int32ub,           # seen: 1
-    "sector_count" / Int32ub,       # the disk, in 512-byte sectors
-    "unknown2" / Bytes(12),
-    "unknown3" / Int32ub,           # seen: equal to sector_count
-    "unknown4" / Bytes(28),
-)
 MAX_BAND_BYTES = 1 << 30           # hdiutil's bands are 1 MiB (sparse image), 8 MiB (bundle)
-
-
-def _fill_zero(dst) -> None:
-    pos, n = 0, len(dst)
-    while pos < n:
-        k = min(n - pos, ZERO_BUFFER_SIZE)
-        dst[pos:pos + k] = ZEROES[:k]
-        pos += k
 
 
 class _Banded(BlockDevice):
@@ -64,13 +40,9 @@ class _Banded(BlockDevice):
         mv = memoryview(buf).cast("B")
         n = len(mv)
         self.check_range(offset, n)
-        done = 0
-        while done < n:
-            pos = offset + done
+        for pos, take in pieces(offset, n, self.band_size):
             band, within = divmod(pos, self.band_size)
-            take = min(n - done, self.band_size - within)
-            self._read_band(band, within, mv[done:done + take])
-            done += take
+            self._read_band(band, within, mv[pos - offset:pos - offset + take])
         return n
 
     def extents(self, offset: int = 0, length: int | None = None):
@@ -105,17 +77,8 @@ class _Banded(BlockDevice):
             yield Extent(pos, end - pos, ExtentKind.ZERO, False)
 
 
-class SparseImageDevice(_Banded):
+class SparseImageDevice(_Banded, FileDevice):
     format = "sparseimage"
-
-    def __init__(self, path: str):
-        self.path = path
-        self.backend = FileBackend(path)
-        try:
-            self._open()
-        except BaseException:
-            self.backend.close()
-            raise
 
     def _open(self) -> None:
         where = {"structure": "SparseImageHeader"}
@@ -177,7 +140,7 @@ class SparseImageDevice(_Banded):
             if got != k:
                 raise FormatError(f"band {band} is cut off (file truncated)", self.path)
         if k < len(dst):
-            _fill_zero(dst[k:])
+            fill_zero(dst, k)
 
     def info(self) -> ImageInfo:
         return ImageInfo(filename=self.path, format=self.format, virtual_size=self.size,
@@ -187,11 +150,6 @@ class SparseImageDevice(_Banded):
                                           "bands-stored": len(self.slot_of)},
                          details={"version": self.header.version,
                                   "sectors-per-band": self.header.sectors_per_band})
-
-    def close(self) -> None:
-        if not self.closed:
-            self.backend.close()
-        super().close()
 
 
 BUNDLE_TYPE = "com.apple.diskimage.sparsebundle"
@@ -293,7 +251,7 @@ class SparseBundleDevice(_Banded):
             if f.readinto(within, dst[:k]) != k:
                 raise FormatError(f"band file {band:x} shrank while open", self.path)
         if k < len(dst):
-            _fill_zero(dst[k:])
+            fill_zero(dst, k)
 
     def files(self) -> list[str]:
         return [self.plist_path] + [os.path.join(self.bands_dir, f"{b:x}")

@@ -1,11 +1,11 @@
-"""UDIF on-disk structures: the ``koly`` trailer, the XML resource fork, ``mish`` tables.
+"""Reading UDIF: the ``koly`` trailer, the XML resource fork, ``mish`` tables, checked.
 
 A UDIF image (what hdiutil calls UDRO, UDZO, UDBZ, ULFO, ULMO, UDCO, UDRW) is a *data
 fork* of chunks, an XML property list, and a 512-byte trailer at the very end of the
 file (``UDIFResourceFile``, signature ``koly``). The plist's ``resource-fork`` dict
 holds one ``blkx`` entry per partition (a base64 ``BLKXTable``, signature ``mish``,
 followed by its chunk entries) plus other resources (``plst``, ``cSum``, ``nsiz``...),
-kept here for ``info``.
+kept here for ``info``. The structures themselves are declared in ``structs``.
 
 Field names follow the reverse-engineered specifications: Jonathan Levin, "Demystifying
 the DMG File Format" (newosxbook.com/DMG.html), and libyal's "Mac OS disk image types"
@@ -16,80 +16,13 @@ against the bytes that hold them, and chunk tables against each other.
 
 from __future__ import annotations
 
-import struct
 from array import array
 from dataclasses import dataclass, field
 
-from construct import Bytes, Const, Int32ub, Int64ub, Struct
-
 from ...errors import FormatError, UnsupportedError
 from . import codecs
-
-SECTOR = 512
-KOLY_SIZE = 512
-
-# Levin §"The koly block": the checksum record used by the trailer and by each mish
-UDIFChecksum = Struct(
-    "Type" / Int32ub,       # 0 none, 2 CRC-32
-    "Size" / Int32ub,       # in bits: 32 for CRC-32
-    "Data" / Bytes(128),    # the checksum, big-endian, left-aligned
-)
-
-# Levin §"The koly block" / libmodi §"UDIF resource file": 512 bytes, big-endian
-UDIFResourceFile = Struct(
-    "Signature" / Const(b"koly"),
-    "Version" / Int32ub,                # 4
-    "HeaderSize" / Int32ub,             # 512
-    "Flags" / Int32ub,                  # bit 0: flattened (data fork only, no rsrc fork)
-    "RunningDataForkOffset" / Int64ub,
-    "DataForkOffset" / Int64ub,
-    "DataForkLength" / Int64ub,
-    "RsrcForkOffset" / Int64ub,         # legacy binary resource fork (not read)
-    "RsrcForkLength" / Int64ub,
-    "SegmentNumber" / Int32ub,          # 1-based; 0 in images from recent hdiutil
-    "SegmentCount" / Int32ub,
-    "SegmentID" / Bytes(16),            # a UUID
-    "DataChecksum" / UDIFChecksum,      # over the data fork bytes
-    "XMLOffset" / Int64ub,
-    "XMLLength" / Int64ub,
-    "Reserved1" / Bytes(120),
-    "MasterChecksum" / UDIFChecksum,    # over the blkx checksums, in order
-    "ImageVariant" / Int32ub,           # 1 device image, 2 partition image
-    "SectorCount" / Int64ub,            # the virtual disk, in 512-byte sectors
-    "Reserved2" / Int32ub,
-    "Reserved3" / Int32ub,
-    "Reserved4" / Int32ub,
-)
-assert UDIFResourceFile.sizeof() == KOLY_SIZE
-
-# Levin §"The mish block" / libmodi §"block table": the header of a blkx entry's Data
-BLKXTable = Struct(
-    "Signature" / Const(b"mish"),
-    "Version" / Int32ub,                # 1
-    "SectorNumber" / Int64ub,           # first disk sector this table describes
-    "SectorCount" / Int64ub,
-    "DataOffset" / Int64ub,             # added to every chunk's CompressedOffset
-    "BuffersNeeded" / Int32ub,          # sectors of buffer a decoder needs
-    "BlockDescriptors" / Int32ub,       # hdiutil: the entry's index (-2 whole disk)
-    "Reserved" / Bytes(24),
-    "Checksum" / UDIFChecksum,          # CRC-32 of the decompressed stored chunks
-    "NumberOfBlockChunks" / Int32ub,
-)
-BLKX_HEADER_SIZE = BLKXTable.sizeof()   # 204
-
-# Levin §"The mish block": one chunk; parsed as an array (struct), never per entry
-BLKXChunkEntry = Struct(
-    "EntryType" / Int32ub,              # codecs.ZERO_FILL ... codecs.TERMINATOR
-    "Comment" / Int32ub,
-    "SectorNumber" / Int64ub,           # relative to the table's SectorNumber
-    "SectorCount" / Int64ub,
-    "CompressedOffset" / Int64ub,       # relative to the data fork (+ DataOffset)
-    "CompressedLength" / Int64ub,
-)
-CHUNK_STRUCT = struct.Struct(">IIQQQQ")
-assert CHUNK_STRUCT.size == BLKXChunkEntry.sizeof() == 40
-
-CHECKSUM_NONE, CHECKSUM_CRC32 = 0, 2
+from .structs import (BLKX_HEADER_SIZE, CHECKSUM_CRC32, CHUNK_STRUCT, KOLY_SIZE, SECTOR,
+                      BLKXTable, UDIFResourceFile)
 
 # Limits on what a file may make us allocate or trust
 MAX_XML_BYTES = 256 << 20      # a 1 TiB UDZO's plist is about 55 MiB

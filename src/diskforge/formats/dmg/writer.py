@@ -9,7 +9,7 @@ the XML property list (``blkx`` entries, then ``plst``), the 512-byte ``koly`` t
   limit); a chunk that does not shrink when compressed is stored raw, as hdiutil does,
   and one whose samples do not shrink is stored raw without trying (_incompressible).
 - One blkx entry per partition-map structure, partition and gap when the disk has a
-  partition table, else one whole-disk entry (layout.py).
+  partition table, else one whole-disk entry (blkx_plan.py).
 - Checksums: each blkx carries the CRC-32 of its decompressed stored chunks (zero-fill
   included, ignore chunks excluded -- what hdiutil computes, checked against every real
   sample); the trailer carries the CRC-32 of the data fork and the master CRC-32 over
@@ -32,10 +32,11 @@ import zlib
 from xml.sax.saxutils import escape
 
 from ...atomic import AtomicFile
-from ...blockdev import BlockDevice, ImageWriter
+from ...blockdev import BlockDevice, ImageWriter, fill_zero, pieces
 from ...errors import UsageError
-from . import codecs, layout, udif
+from . import blkx_plan, codecs, udif
 from .crc import crc32_combine, crc32_zeros
+from .structs import CHUNK_STRUCT, SECTOR, BLKXTable, UDIFResourceFile
 
 CHUNK_BYTES = 1 << 20               # hdiutil's chunk: 2048 sectors
 # bzip2 chunks are kept to one 100 kB bzip2 block (64 KiB, even if bzip2's run-length
@@ -64,10 +65,9 @@ class _Head(BlockDevice):
     def readinto(self, offset: int, buf) -> int:
         mv = memoryview(buf).cast("B")
         n = len(mv)
-        mv[:] = bytes(n)
-        if offset < len(self.head):
-            k = min(n, len(self.head) - offset)
-            mv[:k] = self.head[offset:offset + k]
+        k = max(0, min(n, len(self.head) - offset))
+        mv[:k] = self.head[offset:offset + k]
+        fill_zero(mv, k)
         return n
 
 
@@ -87,7 +87,7 @@ class DmgWriter(ImageWriter):
     granularity = 4096
 
     def __init__(self, path: str, size: int, variant: str, zlib_level: int):
-        if size % udif.SECTOR:
+        if size % SECTOR:
             raise UsageError(f"a DMG holds whole 512-byte sectors; the disk size {size} is"
                              " not a multiple of 512", path)
         self.size = size
@@ -100,12 +100,12 @@ class DmgWriter(ImageWriter):
         self.parallel = self.compress is not None
         self.chunk_bytes = BZIP2_CHUNK_BYTES if self.kind == codecs.BZIP2 else CHUNK_BYTES
         # BLKXTable.BuffersNeeded: hdiutil writes a chunk plus 8 sectors (2056)
-        self.buffers_needed = self.chunk_bytes // udif.SECTOR + 8 if self.compress else 0
+        self.buffers_needed = self.chunk_bytes // SECTOR + 8 if self.compress else 0
         self.out = AtomicFile(path, trailer="UDIF trailer (koly)")
         self.pos = 0                 # disk bytes accounted for
         self.data_pos = 0            # end of the data fork so far
         self.data_crc = 0
-        self.layout: layout.Layout | None = None
+        self.layout: blkx_plan.Layout | None = None
         self.head = bytearray(min(HEAD_BYTES, size))
         self.held: list = []         # calls before the layout is known
         self.r = 0                   # current region
@@ -113,7 +113,7 @@ class DmgWriter(ImageWriter):
         self.count = 0
         self.blkx_crc = 0
         self.zero_run: list[int] | None = None  # [first sector, count] not yet packed
-        self.tables: list[tuple[layout.Region, bytes]] = []
+        self.tables: list[tuple[blkx_plan.Region, bytes]] = []
 
     # -- the pipeline side (thread pool) ---------------------------------------------------
     def prepare(self, offset: int, data):
@@ -195,8 +195,8 @@ class DmgWriter(ImageWriter):
             return
         from ...partitions import read_partitions
         table = read_partitions(_Head(self.head, self.size)) if self.size else None
-        self.layout = layout.plan(table, bytes(self.head[:2 * udif.SECTOR]),
-                                  self.size // udif.SECTOR)
+        self.layout = blkx_plan.plan(table, bytes(self.head[:2 * SECTOR]),
+                                     self.size // SECTOR)
         held, self.held = self.held, []
         for item in held:
             if item[0] == "zero":
@@ -227,24 +227,21 @@ class DmgWriter(ImageWriter):
         region = self.layout.regions[self.r]
         self.out.pwrite(self.data_pos, p.payload)
         self.data_crc = crc32_combine(self.data_crc, p.stored_crc, len(p.payload))
-        self._entry(p.kind, p.offset // udif.SECTOR - region.start, p.length // udif.SECTOR,
+        self._entry(p.kind, p.offset // SECTOR - region.start, p.length // SECTOR,
                     self.data_pos, len(p.payload))
         self.data_pos += len(p.payload)
         self.blkx_crc = crc32_combine(self.blkx_crc, p.crc, p.length)
 
     def _store_zero(self, offset: int, length: int) -> None:
-        first, count = offset // udif.SECTOR, length // udif.SECTOR
+        first, count = offset // SECTOR, length // SECTOR
         if self.variant == "UDRW":
             # read-write: every sector has its place in the file; zeros stay a hole
             self._flush_zero_run()
             start = self.layout.regions[self.r].start
-            while count > 0:
-                n = min(count, CHUNK_BYTES // udif.SECTOR - first % 2048)
-                self._entry(codecs.RAW, first - start, n, self.data_pos, n * udif.SECTOR)
-                self.data_crc = crc32_zeros(self.data_crc, n * udif.SECTOR)
-                self.data_pos += n * udif.SECTOR
-                first += n
-                count -= n
+            for sector, n in pieces(first, count, CHUNK_BYTES // SECTOR):
+                self._entry(codecs.RAW, sector - start, n, self.data_pos, n * SECTOR)
+                self.data_crc = crc32_zeros(self.data_crc, n * SECTOR)
+                self.data_pos += n * SECTOR
         elif self.zero_run is not None and self.zero_run[0] + self.zero_run[1] == first:
             self.zero_run[1] += count
         else:
@@ -265,14 +262,14 @@ class DmgWriter(ImageWriter):
             count -= n
 
     def _entry(self, kind: int, sector: int, count: int, offset: int, length: int) -> None:
-        self.entries += udif.CHUNK_STRUCT.pack(kind, 0, sector, count, offset, length)
+        self.entries += CHUNK_STRUCT.pack(kind, 0, sector, count, offset, length)
         self.count += 1
 
     def _close_region(self) -> None:
         self._flush_zero_run()
         region = self.layout.regions[self.r]
         self._entry(codecs.TERMINATOR, region.end - region.start, 0, self.data_pos, 0)
-        header = udif.BLKXTable.build({
+        header = BLKXTable.build({
             "Version": 1, "SectorNumber": region.start,
             "SectorCount": region.end - region.start, "DataOffset": 0,
             "BuffersNeeded": self.buffers_needed,
@@ -286,7 +283,7 @@ class DmgWriter(ImageWriter):
         self.r += 1
 
     # -- the end -----------------------------------------------------------------------------
-    def finish(self) -> None:
+    def _finish(self) -> None:
         self._advance(self.size)
         if self.layout is None:
             self.pos = max(self.pos, len(self.head))
@@ -298,7 +295,7 @@ class DmgWriter(ImageWriter):
         master = 0
         for _, table in self.tables:
             master = zlib.crc32(table[72:76], master)  # BLKXTable.Checksum.Data[:4]
-        koly = udif.UDIFResourceFile.build({
+        koly = UDIFResourceFile.build({
             "Version": 4, "HeaderSize": 512, "Flags": 1, "RunningDataForkOffset": 0,
             "DataForkOffset": 0, "DataForkLength": self.data_pos,
             "RsrcForkOffset": 0, "RsrcForkLength": 0,
@@ -307,10 +304,9 @@ class DmgWriter(ImageWriter):
             "XMLOffset": self.data_pos, "XMLLength": len(xml), "Reserved1": bytes(120),
             "MasterChecksum": udif.make_checksum(master),
             "ImageVariant": 2 if len(self.tables) == 1 else 1,
-            "SectorCount": self.size // udif.SECTOR,
+            "SectorCount": self.size // SECTOR,
             "Reserved2": 0, "Reserved3": 0, "Reserved4": 0})
         self.out.pwrite(self.data_pos + len(xml), koly)
-        self.out.commit()
 
     def _plist(self) -> bytes:
         """The XML property list, laid out as hdiutil writes it."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from construct import ConstructError
 
-SECTOR = 512
+from .structs import SECTOR
 
 _GPT_NAMES = {
     "48465300-0000-11aa-aa11-00306543ecac": "Apple_HFS",
