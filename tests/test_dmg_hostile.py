@@ -209,6 +209,22 @@ def test_an_oversized_or_deep_info_plist_is_refused(tmp_path):
         assert_one_line(run_bounded("info", path), "Info.plist", words)
 
 
+@pytest.mark.parametrize("encoding", ["no-such-encoding", "SHIFT_JIS"])
+def test_an_unusable_xml_encoding_declaration_is_one_line(encoding, tmp_path):
+    """Found by tests/fuzz_formats.py (dmg and sparsebundle): an encoding Python does
+    not know raised LookupError, a multi-byte one expat cannot take ValueError, both
+    shown as internal errors."""
+    path = _bundle(tmp_path)
+    with open(os.path.join(path, "Info.plist"), "wb") as f:
+        f.write(f'<?xml version="1.0" encoding="{encoding}"?>'.encode() + b"<plist/>")
+    assert_one_line(run_bounded("info", "-f", "sparsebundle", path), "Info.plist",
+                    "XML encoding")
+    dmg = _plist_case(tmp_path, b"")
+    _rewrite_xml(dmg, lambda xml: re.sub(rb'encoding="[^"]*"',
+                                         f'encoding="{encoding}"'.encode(), xml, count=1))
+    assert_one_line(run_bounded("info", dmg), "plist", "XML encoding")
+
+
 # -- names from inside the image ------------------------------------------------------------
 
 def test_blkx_names_with_control_characters_are_printed_escaped(tmp_path):

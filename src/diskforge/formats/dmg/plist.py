@@ -167,6 +167,10 @@ def loads(pieces, *, max_bytes: int, max_depth: int = MAX_DEPTH,
     except expat.ExpatError as e:
         raise PlistError(f"not well-formed XML ({expat.errors.messages[e.code]}, line"
                          f" {e.lineno})") from None
+    except (LookupError, ValueError) as e:
+        # the XML declaration names an encoding Python does not know (LookupError) or
+        # a multi-byte one expat cannot take from Python (ValueError); found by fuzzing
+        raise PlistError(f"unusable XML encoding declaration ({e})") from None
     if not b.done:
         raise PlistError("no value in the plist")
     return b.result
