@@ -112,7 +112,7 @@ def _pin_vhdx(path: str, n: int) -> None:
     else they occur, and the virtual disk id), header checksums recomputed, so the seed
     is the same file on every run."""
     from diskforge.formats.vhdx.crc32c import crc32c
-    from diskforge.formats.vhdx.layout import VIRTUAL_DISK_ID_GUID
+    from diskforge.formats.vhdx.structs import VIRTUAL_DISK_ID_GUID
     data = bytearray(open(path, "rb").read())
     # FileWriteGuid, DataWriteGuid and LogGuid of both headers, in that order
     olds = [bytes(data[at + k:at + k + 16]) for at in (65536, 131072) for k in (16, 32, 48)]
