@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 
 from ..atomic import RESUME_SUFFIX, AtomicFile, unlink_regular
 from ..blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                        FilterDevice, ImageWriter, aligned_buffer, chain_extents)
+                        FilterDevice, ImageWriter, aligned_buffer, chain_extents, fill_zero,
+                        pieces)
 from ..devices import open_input_file
 from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from ..registry import open_image
-from .convert import ConvertStats, batches, convert
+from .convert import ConvertStats, convert
 
 CHUNK = 64 << 20
 CHECKPOINT = 1 << 30  # a multiple of CHUNK: checkpoints fall on chunk boundaries
@@ -106,7 +107,7 @@ class RescueReader(FilterDevice):
                     raise
         n = len(mv)
         if n <= self.sector:
-            mv[:] = ZEROES[:n]
+            fill_zero(mv)
             self._record(offset, n)
             return
         # split at a sector boundary near the middle; each half gets one try before it
@@ -141,12 +142,9 @@ class DiskHasher:
             room = self.chunk - self.position % self.chunk
             n = min(room, length - pos)
             if data is None:
-                left = n
-                while left:
-                    k = min(left, ZERO_BUFFER_SIZE)
+                for _, k in pieces(0, n, ZERO_BUFFER_SIZE):
                     self.whole.update(ZEROES[:k])
                     self.current.update(ZEROES[:k])
-                    left -= k
             else:
                 piece = data[pos:pos + n]
                 self.whole.update(piece)
@@ -176,7 +174,7 @@ def hash_device(dev: BlockDevice, *, chunk: int = CHUNK, progress=None,
         if e.kind is ExtentKind.ZERO:
             hasher.feed(e.offset, None, e.length)
         else:
-            for off, n in batches(e.offset, e.length, batch):
+            for off, n in pieces(e.offset, e.length, batch):
                 dev.readinto(off, view[:n])
                 hasher.feed(off, view[:n], n)
         if progress:
