@@ -83,7 +83,8 @@ RAW_INPUTS = ("sparse", "random", "zero", "mixed", "odd")
 IMAGE_INPUTS = {
     "mixed.qcow2": ["-O", "qcow2", "in/mixed.raw"],
     "mixed-c.qcow2": ["-O", "qcow2", "-c", "in/mixed.raw"],
-    "mixed-zstd.qcow2": ["-O", "qcow2", "-c", "-o", "compression_type=zstd", "in/mixed.raw"],
+    "mixed-zstd.qcow2": ["-O", "qcow2", "-c", "-o", "compression_type=zstd",
+                         "in/mixed.raw"],
     "mixed-l2.qcow2": ["-O", "qcow2", "-o", "extended_l2=on", "in/mixed.raw"],
     "mixed-v2.qcow2": ["-O", "qcow2", "-o", "compat=0.10", "in/mixed.raw"],
     "mixed.vhd": ["-O", "vpc", "in/mixed.raw"],
@@ -183,7 +184,8 @@ def cases() -> list[tuple[str, list[str], list[str]]]:
                              ("qcow2", "ovl.qcow2", [])):
         dst = f"out/diff-{fmt}-{base}{''.join(extra)}.img"
         out.append((f"convert -B {base} {' '.join(extra)}",
-                    ["convert", "-O", fmt, *extra, "-B", f"../in/{base}", "in/mod.raw", dst],
+                    ["convert", "-O", fmt, *extra, "-B", f"../in/{base}", "in/mod.raw",
+                     dst],
                     [dst]))
     inspected = [f"in/{n}" for n in IMAGE_INPUTS] + [f"in/{s}.raw" for s in RAW_INPUTS]
     inspected += [f"out/mixed.{fmt}{i}.{ext}" for fmt, (ext, sets) in WRITERS.items()
@@ -199,7 +201,8 @@ def cases() -> list[tuple[str, list[str], list[str]]]:
                     ["info", "--backing-chain", "--output", "json", path], []))
         out.append((f"map {path}", ["map", path], []))
     out.append(("compare", ["compare", "in/mixed.raw", "in/mixed-c.qcow2"], []))
-    out.append(("measure", ["measure", "--output", "json", "-O", "qcow2", "in/mixed.raw"], []))
+    out.append(("measure", ["measure", "--output", "json", "-O", "qcow2",
+                            "in/mixed.raw"], []))
     for i, opts in enumerate(ISO_SETS):
         dst = f"out/tree{i}.iso"
         out.append((f"iso build {' '.join(opts)}",
@@ -212,7 +215,6 @@ def cases() -> list[tuple[str, list[str], list[str]]]:
     out.append(("image --base", ["image", "-q", "-O", "qcow2", "--base", "in/sparse.raw",
                                  "-F", "raw", "in/mod.raw", dst],
                 [dst, f"{dst}.integrity.json"]))
-    # ordering: writers first (inspection reads their outputs)
     return out
 
 
@@ -275,8 +277,8 @@ def run_side(tree: str, meta: str, run_dir: str, jobs: int) -> dict[str, str]:
     def one(case):
         name, args, files = case
         p = _run(env, meta, run_dir, args)
-        got = {f"{name} :: rc+stdout+stderr": _sha(b"%d\n" % p.returncode + _normalized(p.stdout)
-                                                     + b"\0" + p.stderr)}
+        printed = b"%d\n" % p.returncode + _normalized(p.stdout) + b"\0" + p.stderr
+        got = {f"{name} :: rc+stdout+stderr": _sha(printed)}
         for path in files:
             got[f"{name} :: {os.path.basename(path)}"] = _file_sha(
                 os.path.join(run_dir, path))
