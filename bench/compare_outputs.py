@@ -21,7 +21,8 @@ VHDX and DMG UUIDs, temporary names) come from ``os.urandom``, which the runner 
 with a counter-seeded sha256 stream; ``SOURCE_DATE_EPOCH`` fixes VHD and ISO dates.
 
 Counts each compared output (every file a case writes, and its stdout/stderr/exit code),
-prints every difference, exits 1 when there is one. About 2-3 minutes on 2 cores.
+prints every difference, exits 1 when there is one. 2 to 6 minutes on 2 cores
+(about 730 diskforge runs).
 """
 
 from __future__ import annotations
@@ -188,12 +189,14 @@ def cases() -> list[tuple[str, list[str], list[str]]]:
                      dst],
                     [dst]))
     inspected = [f"in/{n}" for n in IMAGE_INPUTS] + [f"in/{s}.raw" for s in RAW_INPUTS]
+    # the writers' own outputs are compared byte for byte above; one check each still
+    # runs the readers over every option set's layout
     inspected += [f"out/mixed.{fmt}{i}.{ext}" for fmt, (ext, sets) in WRITERS.items()
                   for i in range(len(sets)) if fmt != "raw"]
     for path in inspected:
         for cmd in (["info", "--output", "json"], ["map", "--output", "json"],
                     ["check", "--output", "json"], ["info"]):
-            if path.startswith("out/") and cmd[0] in ("info", "map") and len(cmd) == 1:
+            if path.startswith("out/") and cmd[0] != "check":
                 continue
             out.append((f"{' '.join(cmd)} {path}", [*cmd, path], []))
     for path in ("in/ovl.qcow2", "in/ovl.vhd", "in/ovl.vhdx"):
