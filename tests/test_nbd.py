@@ -26,6 +26,7 @@ from conftest import cli, cli_process, make_sparse, need, run, sha256_file
 import diskforge
 from diskforge.blockdev import BlockDevice, Extent, ExtentKind
 from diskforge.hypervisor import nbd as N
+from diskforge.hypervisor import nbd_protocol as P
 from diskforge.hypervisor.nbd import NBDServer, flat_extents
 
 MiB = 1 << 20
@@ -279,44 +280,44 @@ class Client:
 
     def greet(self) -> None:
         magic, opt, flags = struct.unpack(">QQH", self.recv(18))
-        assert (magic, opt) == (N.NBDMAGIC, N.IHAVEOPT)
-        assert flags & N.FLAG_FIXED_NEWSTYLE
-        self.s.sendall(struct.pack(">I", N.FLAG_C_FIXED_NEWSTYLE | N.FLAG_C_NO_ZEROES))
+        assert (magic, opt) == (P.NBDMAGIC, P.IHAVEOPT)
+        assert flags & P.NBD_FLAG_FIXED_NEWSTYLE
+        self.s.sendall(struct.pack(">I", P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES))
 
     def option(self, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
-        self.s.sendall(struct.pack(">QII", N.IHAVEOPT, opt, len(data)) + data)
+        self.s.sendall(struct.pack(">QII", P.IHAVEOPT, opt, len(data)) + data)
         replies = []
         while True:
             magic, o, rtype, n = struct.unpack(">QIII", self.recv(20))
-            assert magic == N.REPLY_MAGIC and o == opt
+            assert magic == P.NBD_REP_MAGIC and o == opt
             replies.append((rtype, self.recv(n)))
-            if rtype == N.REP_ACK or rtype & (1 << 31):
+            if rtype == P.NBD_REP_ACK or rtype & (1 << 31):
                 return replies
 
     def go(self, name: str = "", structured: bool = True, meta: bool = True) -> None:
         self.greet()
         if structured:
-            assert self.option(N.OPT_STRUCTURED_REPLY)[-1][0] == N.REP_ACK
+            assert self.option(P.NBD_OPT_STRUCTURED_REPLY)[-1][0] == P.NBD_REP_ACK
         if meta:
-            q = N.BASE_ALLOCATION.encode()
-            self.option(N.OPT_SET_META_CONTEXT, struct.pack(">I", 0) + struct.pack(">I", 1)
+            q = P.BASE_ALLOCATION.encode()
+            self.option(P.NBD_OPT_SET_META_CONTEXT, struct.pack(">I", 0) + struct.pack(">I", 1)
                         + struct.pack(">I", len(q)) + q)
-        replies = self.option(N.OPT_GO, struct.pack(">I", len(name)) + name.encode()
-                              + struct.pack(">HH", 1, N.INFO_BLOCK_SIZE))
-        assert replies[-1][0] == N.REP_ACK, replies
+        replies = self.option(P.NBD_OPT_GO, struct.pack(">I", len(name)) + name.encode()
+                              + struct.pack(">HH", 1, P.NBD_INFO_BLOCK_SIZE))
+        assert replies[-1][0] == P.NBD_REP_ACK, replies
 
     def request(self, cmd: int, offset: int, length: int, flags: int = 0,
                 payload: bytes = b"", cookie: int = 7) -> None:
-        self.s.sendall(struct.pack(">IHHQQI", N.REQUEST_MAGIC, flags, cmd, cookie, offset,
+        self.s.sendall(struct.pack(">IHHQQI", P.NBD_REQUEST_MAGIC, flags, cmd, cookie, offset,
                                    length) + payload)
 
     def chunks(self) -> list[tuple[int, bytes]]:
         out = []
         while True:
             magic, flags, rtype, cookie, n = struct.unpack(">IHHQI", self.recv(20))
-            assert magic == N.STRUCTURED_REPLY_MAGIC
+            assert magic == P.NBD_STRUCTURED_REPLY_MAGIC
             out.append((rtype, self.recv(n)))
-            if flags & N.REPLY_FLAG_DONE:
+            if flags & P.NBD_REPLY_FLAG_DONE:
                 return out
 
 
@@ -324,25 +325,25 @@ def test_structured_read_sends_holes_and_block_status(source, serve):
     srv = serve(source, read_only=True)
     c = Client(srv.socket_path)
     c.go()
-    c.request(N.CMD_READ, 4 * MiB - 4096, 8192)  # 4 KiB of data, then 4 KiB of hole
+    c.request(P.NBD_CMD_READ, 4 * MiB - 4096, 8192)  # 4 KiB of data, then 4 KiB of hole
     chunks = c.chunks()
     kinds = [t for t, _ in chunks]
-    assert kinds == [N.REPLY_TYPE_OFFSET_DATA, N.REPLY_TYPE_OFFSET_HOLE]
+    assert kinds == [P.NBD_REPLY_TYPE_OFFSET_DATA, P.NBD_REPLY_TYPE_OFFSET_HOLE]
     off = struct.unpack(">Q", chunks[0][1][:8])[0]
     assert off == 4 * MiB - 4096 and chunks[0][1][8:] == bytes(expected_bytes()[off:off + 4096])
     assert struct.unpack(">QI", chunks[1][1]) == (4 * MiB, 4096)
-    c.request(N.CMD_BLOCK_STATUS, 0, 8 * MiB)
+    c.request(P.NBD_CMD_BLOCK_STATUS, 0, 8 * MiB)
     [(t, payload)] = c.chunks()
-    assert t == N.REPLY_TYPE_BLOCK_STATUS
+    assert t == P.NBD_REPLY_TYPE_BLOCK_STATUS
     ctx, *desc = struct.unpack(f">I{(len(payload) - 4) // 4}I", payload)
     pairs = list(zip(desc[::2], desc[1::2]))
     assert ctx == N.BASE_ALLOCATION_ID
     assert sum(n for n, _ in pairs) == 8 * MiB
-    assert pairs[0] == (4096, 0) and pairs[1][1] == N.STATE_HOLE | N.STATE_ZERO
-    c.request(N.CMD_BLOCK_STATUS, 0, 8 * MiB, flags=N.CMD_FLAG_REQ_ONE)
+    assert pairs[0] == (4096, 0) and pairs[1][1] == P.NBD_STATE_HOLE | P.NBD_STATE_ZERO
+    c.request(P.NBD_CMD_BLOCK_STATUS, 0, 8 * MiB, flags=P.NBD_CMD_FLAG_REQ_ONE)
     [(t, payload)] = c.chunks()
     assert len(payload) == 12
-    c.request(N.CMD_DISC, 0, 0)
+    c.request(P.NBD_CMD_DISC, 0, 0)
     assert c.closed_by_server()
 
 
@@ -350,31 +351,31 @@ def test_protocol_errors_keep_the_session(source, serve):
     srv = serve(source, read_only=True)
     c = Client(srv.socket_path)
     c.greet()
-    assert c.option(N.OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0)
-                    )[-1][0] == N.REP_ERR_UNKNOWN
-    assert c.option(N.OPT_INFO, b"\0\0")[-1][0] == N.REP_ERR_INVALID  # truncated
-    assert c.option(N.OPT_STARTTLS)[-1][0] == N.REP_ERR_UNSUP
-    assert c.option(99)[-1][0] == N.REP_ERR_UNSUP
-    listed = c.option(N.OPT_LIST)
-    assert listed[0][0] == N.REP_SERVER and listed[-1][0] == N.REP_ACK
+    assert c.option(P.NBD_OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0)
+                    )[-1][0] == P.NBD_REP_ERR_UNKNOWN
+    assert c.option(P.NBD_OPT_INFO, b"\0\0")[-1][0] == P.NBD_REP_ERR_INVALID  # truncated
+    assert c.option(P.NBD_OPT_STARTTLS)[-1][0] == P.NBD_REP_ERR_UNSUP
+    assert c.option(99)[-1][0] == P.NBD_REP_ERR_UNSUP
+    listed = c.option(P.NBD_OPT_LIST)
+    assert listed[0][0] == P.NBD_REP_SERVER and listed[-1][0] == P.NBD_REP_ACK
     # the same connection can still negotiate after all those errors
-    assert c.option(N.OPT_STRUCTURED_REPLY)[-1][0] == N.REP_ACK
-    assert c.option(N.OPT_GO, struct.pack(">IH", 0, 0))[-1][0] == N.REP_ACK
-    c.request(N.CMD_READ, SIZE - 512, 1024)  # past the end
+    assert c.option(P.NBD_OPT_STRUCTURED_REPLY)[-1][0] == P.NBD_REP_ACK
+    assert c.option(P.NBD_OPT_GO, struct.pack(">IH", 0, 0))[-1][0] == P.NBD_REP_ACK
+    c.request(P.NBD_CMD_READ, SIZE - 512, 1024)  # past the end
     [(t, payload)] = c.chunks()
-    assert t == N.REPLY_TYPE_ERROR and struct.unpack_from(">I", payload)[0] == N.EINVAL
-    c.request(N.CMD_WRITE, 0, 4, payload=b"abcd")  # read-only export
+    assert t == P.NBD_REPLY_TYPE_ERROR and struct.unpack_from(">I", payload)[0] == P.NBD_EINVAL
+    c.request(P.NBD_CMD_WRITE, 0, 4, payload=b"abcd")  # read-only export
     [(t, payload)] = c.chunks()
-    assert t == N.REPLY_TYPE_ERROR and struct.unpack_from(">I", payload)[0] == N.EPERM
-    c.request(N.CMD_READ, 0, N.MAX_PAYLOAD + 1)  # over the advertised maximum
+    assert t == P.NBD_REPLY_TYPE_ERROR and struct.unpack_from(">I", payload)[0] == P.NBD_EPERM
+    c.request(P.NBD_CMD_READ, 0, N.MAX_PAYLOAD + 1)  # over the advertised maximum
     [(t, payload)] = c.chunks()
-    assert t == N.REPLY_TYPE_ERROR
+    assert t == P.NBD_REPLY_TYPE_ERROR
     c.request(42, 0, 512)  # unknown command
     [(t, _)] = c.chunks()
-    assert t == N.REPLY_TYPE_ERROR
-    c.request(N.CMD_READ, 0, 512)  # and the session still works
+    assert t == P.NBD_REPLY_TYPE_ERROR
+    c.request(P.NBD_CMD_READ, 0, 512)  # and the session still works
     [(t, payload)] = c.chunks()
-    assert t == N.REPLY_TYPE_OFFSET_DATA and payload[8:] == bytes(expected_bytes()[:512])
+    assert t == P.NBD_REPLY_TYPE_OFFSET_DATA and payload[8:] == bytes(expected_bytes()[:512])
 
 
 def test_garbage_clients_are_dropped_and_others_carry_on(tmp_path, source, serve):
@@ -396,19 +397,19 @@ def test_garbage_clients_are_dropped_and_others_carry_on(tmp_path, source, serve
     # an option claiming a huge length
     g3 = Client(srv.socket_path)
     g3.greet()
-    g3.s.sendall(struct.pack(">QII", N.IHAVEOPT, N.OPT_GO, 1 << 30))
+    g3.s.sendall(struct.pack(">QII", P.IHAVEOPT, P.NBD_OPT_GO, 1 << 30))
     assert g3.closed_by_server()
     # a write announcing more than the maximum payload
     g4 = Client(srv.socket_path)
     g4.go()
-    g4.request(N.CMD_WRITE, 0, 1 << 30, payload=b"\x01" * 4096)
+    g4.request(P.NBD_CMD_WRITE, 0, 1 << 30, payload=b"\x01" * 4096)
     chunks = g4.chunks()
-    assert chunks[-1][0] == N.REPLY_TYPE_ERROR
+    assert chunks[-1][0] == P.NBD_REPLY_TYPE_ERROR
     assert g4.closed_by_server()
     # a client vanishing half-way through a write payload: nothing is written
     g5 = Client(srv.socket_path)
     g5.go()
-    g5.request(N.CMD_WRITE, 0, 65536, payload=b"\x77" * 1000)
+    g5.request(P.NBD_CMD_WRITE, 0, 65536, payload=b"\x77" * 1000)
     g5.s.close()
     # meanwhile a well-behaved client reads everything correctly
     out = str(tmp_path / "good.raw")

@@ -42,7 +42,7 @@ import re
 import stat
 import sys
 
-from .blockdev import ZERO_BUFFER_SIZE, ZEROES, FileBackend
+from .blockdev import FileBackend
 from .devices import (is_block_device, open_output_device, refuse_special_output,
                       too_small)
 from .errors import ImageIOError, SafetyError, UnsupportedError
@@ -366,10 +366,7 @@ def _zero_device(out: FileBackend, start: int, end: int) -> None:
         except OSError:
             spans.append((a, b))
     for lo, hi in spans:
-        while lo < hi:
-            n = min(hi - lo, ZERO_BUFFER_SIZE)
-            FileBackend.pwrite(out, lo, ZEROES[:n])
-            lo += n
+        FileBackend.write_zeroes(out, lo, hi - lo)
 
 
 def unlink_regular(path: str) -> None:

@@ -29,11 +29,8 @@ def cmd_rebase(args) -> int:
             fmt = fmt or new.format
         elif name and not fmt:
             raise UsageError("-u needs the backing format (-F)")
-        bar = progress_for(args)
-        try:
+        with progress_for(args) as bar:
             rebase(image, new, name, fmt, unsafe=args.u, progress=bar)
-        finally:
-            bar.close()
     finally:
         if new is not None:
             new.close()
@@ -59,11 +56,8 @@ def cmd_commit(args) -> int:
         base = open_image(below.path, below.format, writable=True,
                           policy=policy_from(args))
         try:
-            bar = progress_for(args)
-            try:
+            with progress_for(args) as bar:
                 commit(top, base, depth, progress=bar)
-            finally:
-                bar.close()
         finally:
             base.close()
     finally:

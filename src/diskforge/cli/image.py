@@ -64,7 +64,18 @@ def parse_options(fmt, spec: list[str]):
     return fmt.options.parse(merge_option_strings(*spec), format_name=fmt.name)
 
 
+def options_or_help(fmt, spec: list[str]):
+    """The ``-o`` options parsed for ``fmt``, or None once the format's option help
+    is printed (``-o help``, as qemu-img answers it): the caller then exits 0."""
+    if wants_option_help(spec):
+        print(fmt.options.help_text(fmt.name), end="")
+        return None
+    return parse_options(fmt, spec)
+
+
 def progress_for(args, label: str = ""):
+    """The bar ``-p``/``-q`` ask for; a context manager (``with progress_for(args) as
+    bar:``) that ends its line however the work ends."""
     from .progress import ProgressBar
     return ProgressBar(label, force=getattr(args, "p", False), quiet=getattr(args, "q", False))
 
@@ -119,10 +130,9 @@ def cmd_create(args) -> int:
     from ..options import parse_size
     from ..registry import target_format
     fmt = target_format(args.filename, args.f)
-    if wants_option_help(args.o):
-        print(fmt.options.help_text(fmt.name), end="")
+    options = options_or_help(fmt, args.o)
+    if options is None:
         return 0
-    options = parse_options(fmt, args.o)
     args.b, args.F, options = backing_from_options(args.b, args.F, options)
     backing = backing_dev = None
     size = parse_size(args.size, "image size") if args.size is not None else None
@@ -166,10 +176,9 @@ def cmd_convert(args) -> int:
     from ..ops.convert import convert
     from ..registry import target_format
     fmt = target_format(args.target, args.O)
-    if wants_option_help(args.o):
-        print(fmt.options.help_text(fmt.name), end="")
+    options = options_or_help(fmt, args.o)
+    if options is None:
         return 0
-    options = parse_options(fmt, args.o)
     args.B, args.F, options = backing_from_options(args.B, args.F, options)
     if args.c:
         options = fmt.compressed(options)
@@ -196,11 +205,10 @@ def cmd_convert(args) -> int:
             from ..ops.measure import require_room
             require_room(args.target, fmt, options, source=src, base=base)
             writer = fmt.writer(args.target, src.size, options, backing=backing)
-        bar = progress_for(args)
         try:
-            convert(src, writer, base=base, progress=bar, workers=args.m)
+            with progress_for(args) as bar:
+                convert(src, writer, base=base, progress=bar, workers=args.m)
         finally:
-            bar.close()
             if args.n:
                 dev.close()
     finally:
@@ -216,11 +224,8 @@ def cmd_compare(args) -> int:
     from ..ops.compare import compare
     with open_source(args.image1, args.f, args, snapshot=args.snapshot) as a, \
             open_source(args.image2, args.F, args) as b:
-        bar = progress_for(args)
-        try:
+        with progress_for(args) as bar:
             result = compare(a, b, strict=args.s, progress=bar)
-        finally:
-            bar.close()
     if not args.q:
         print(result.message)
     return 0 if result.identical else 1
@@ -249,10 +254,9 @@ def cmd_measure(args) -> int:
     from ..options import parse_size
     from ..registry import get
     fmt = get(args.O)
-    if wants_option_help(args.o):
-        print(fmt.options.help_text(fmt.name), end="")
+    options = options_or_help(fmt, args.o)
+    if options is None:
         return 0
-    options = parse_options(fmt, args.o)
     if (args.size is None) == (args.filename is None):
         raise UsageError("give either --size SIZE or an image file")
     if args.filename:

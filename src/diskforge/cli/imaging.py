@@ -62,19 +62,18 @@ def cmd_image(args) -> int:
             from ..ops.measure import require_room
             require_room(args.output, fmt, options, source=src, base=base)
             writer = fmt.writer(args.output, src.size, options, backing=backing)
-        bar = progress_for(args)
-        try:
-            result = image(src, writer, args.output, fmt_name=fmt.name,
-                           options=option_text, base=base, progress=bar, workers=args.m,
-                           retries=args.retries, source_name=args.source, resume=state)
-        except KeyboardInterrupt:
-            if os.path.exists(resume_path(args.output)):
-                print(f"diskforge: interrupted; continue with: diskforge image --resume"
-                      f" {args.source} {args.output}", file=sys.stderr)
-                return 130
-            raise
-        finally:
-            bar.close()
+        with progress_for(args) as bar:
+            try:
+                result = image(src, writer, args.output, fmt_name=fmt.name,
+                               options=option_text, base=base, progress=bar,
+                               workers=args.m, retries=args.retries,
+                               source_name=args.source, resume=state)
+            except KeyboardInterrupt:
+                if os.path.exists(resume_path(args.output)):
+                    print(f"diskforge: interrupted; continue with: diskforge image"
+                          f" --resume {args.source} {args.output}", file=sys.stderr)
+                    return 130
+                raise
     finally:
         src.close()
         if base is not None:
@@ -100,12 +99,9 @@ def cmd_image(args) -> int:
 def cmd_restore(args) -> int:
     from ..ops.restore import restore
     with open_source(args.image, args.f, args) as img:
-        bar = progress_for(args)
-        try:
+        with progress_for(args) as bar:
             result = restore(img, args.target, force=args.force, verify=not args.no_verify,
                              progress=bar, workers=args.m)
-        finally:
-            bar.close()
     if not args.q:
         state = "verified by read-back" if result.verified else "not verified"
         print(f"restored {args.image} to {args.target}: sha256 {result.sha256} ({state})")

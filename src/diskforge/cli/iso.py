@@ -30,11 +30,8 @@ def cmd_build(args) -> int:
         boot_info_table=args.boot_info_table, boot_catalog=args.boot_catalog,
         efi_boot=args.efi_boot, hybrid=args.hybrid or args.hybrid_mbr is not None,
         hybrid_mbr=args.hybrid_mbr, source_date_epoch=source_date_epoch_from_env())
-    bar = progress_for(args)
-    try:
+    with progress_for(args) as bar:
         res = build(args.source, args.output, opts, progress=bar, warn=_warn)
-    finally:
-        bar.close()
     if not args.q:
         print(f"{args.output}: {res.files} files, {res.directories} directories,"
               f" {res.symlinks} symlinks, {res.size} bytes")
@@ -96,13 +93,10 @@ def cmd_extract(args) -> int:
     from .image import open_source, progress_for
     with open_source(args.image, args.f, args) as dev:
         tree = open_filesystem(dev, args.namespace)
-        bar = progress_for(args)
-        try:
+        with progress_for(args) as bar:
             res = extract(tree, args.dest, args.paths, symlinks=args.symlinks,
                           overwrite=args.overwrite, same_owner=args.same_owner,
                           progress=bar)
-        finally:
-            bar.close()
     from ..errors import printable
     for path, why in res.refused:   # both quote names from inside the image
         print(f"diskforge: refused '{printable(path)}': {printable(why)}", file=sys.stderr)

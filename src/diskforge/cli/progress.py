@@ -40,6 +40,12 @@ class ProgressBar:
         self.stream.flush()
         self.drawn = True
 
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.enabled and self.drawn and self.tty:
             self.stream.write("\n")

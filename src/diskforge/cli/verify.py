@@ -36,11 +36,8 @@ def cmd_verify(args) -> int:
             pass
         if os.path.exists(rec_file):
             record = IntegrityRecord.load(rec_file)
-            bar = progress_for(args)
-            try:
+            with progress_for(args) as bar:
                 problems += verify_record(dev, record, progress=bar).problems
-            finally:
-                bar.close()
             checked.append(f"integrity record {os.path.basename(rec_file)}")
     if not checked:
         raise UnsupportedError(f"nothing to verify: {fmt} images carry no checksums and"

@@ -1,14 +1,15 @@
 """An NBD server over any diskforge BlockDevice (``diskforge serve``).
 
 Protocol: the NBD protocol document (github.com/NetworkBlockDevice/nbd, doc/proto.md).
-Implemented: the fixed newstyle handshake (``NBD_FLAG_FIXED_NEWSTYLE``,
-``NBD_FLAG_NO_ZEROES``); options ``EXPORT_NAME``, ``ABORT``, ``LIST``, ``INFO``, ``GO``,
-``STRUCTURED_REPLY``, ``LIST_META_CONTEXT`` and ``SET_META_CONTEXT`` (``STARTTLS`` and
-extended headers are answered ``NBD_REP_ERR_UNSUP``); commands ``READ`` (structured
-replies send holes as ``OFFSET_HOLE`` chunks), ``WRITE`` (with ``FUA``), ``FLUSH``,
-``TRIM``, ``WRITE_ZEROES``, ``BLOCK_STATUS`` for the ``base:allocation`` context (built
-from ``BlockDevice.extents()``, backing layers resolved, so clients such as ``qemu-img
-map`` see the holes) and ``DISC``.
+Implemented (names as in proto.md, defined once in ``nbd_protocol.py``): the fixed
+newstyle handshake (``NBD_FLAG_FIXED_NEWSTYLE``, ``NBD_FLAG_NO_ZEROES``); options
+``NBD_OPT_EXPORT_NAME``, ``_ABORT``, ``_LIST``, ``_INFO``, ``_GO``, ``_STRUCTURED_REPLY``,
+``_LIST_META_CONTEXT`` and ``_SET_META_CONTEXT`` (``NBD_OPT_STARTTLS`` and extended
+headers are answered ``NBD_REP_ERR_UNSUP``); commands ``NBD_CMD_READ`` (structured
+replies send holes as ``NBD_REPLY_TYPE_OFFSET_HOLE`` chunks), ``_WRITE`` (with
+``NBD_CMD_FLAG_FUA``), ``_FLUSH``, ``_TRIM``, ``_WRITE_ZEROES``, ``_BLOCK_STATUS`` for the
+``base:allocation`` context (built from ``BlockDevice.extents()``, backing layers
+resolved, so clients such as ``qemu-img map`` see the holes) and ``_DISC``.
 
 Safety, the reason most of this module exists:
 - One thread per client, at most ``max_clients`` at once; a client that sends garbage
@@ -36,82 +37,27 @@ from collections.abc import Callable, Iterator
 
 from ..blockdev import BlockDevice, Extent, ExtentKind, aligned_buffer, chain_extents
 from ..errors import DiskforgeError, UsageError
+from .nbd_protocol import (
+    NBDMAGIC, IHAVEOPT, NBD_REP_MAGIC, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES,
+    NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_HAS_FLAGS,
+    NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES, NBD_FLAG_CAN_MULTI_CONN, NBD_OPT_EXPORT_NAME,
+    NBD_OPT_ABORT, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_OPT_INFO, NBD_OPT_GO,
+    NBD_OPT_STRUCTURED_REPLY, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT,
+    NBD_REP_ACK, NBD_REP_SERVER, NBD_REP_INFO, NBD_REP_META_CONTEXT, NBD_REP_ERR_UNSUP,
+    NBD_REP_ERR_INVALID, NBD_REP_ERR_UNKNOWN, NBD_INFO_EXPORT, NBD_INFO_NAME,
+    NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE, NBD_CMD_READ, NBD_CMD_WRITE,
+    NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES,
+    NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_DF,
+    NBD_CMD_FLAG_REQ_ONE, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE,
+    NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REPLY_TYPE_BLOCK_STATUS,
+    NBD_REPLY_TYPE_ERROR, NBD_STATE_HOLE, NBD_STATE_ZERO, NBD_EPERM, NBD_EIO,
+    NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW, BASE_ALLOCATION)
 
-# -- protocol constants (proto.md) -------------------------------------------------------
-NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054          # "IHAVEOPT"
-REPLY_MAGIC = 0x3E889045565A9          # option replies
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-FLAG_FIXED_NEWSTYLE = 1 << 0           # handshake flags
-FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0         # client flags
-FLAG_C_NO_ZEROES = 1 << 1
-
-# transmission flags
-FLAG_HAS_FLAGS = 1 << 0
-FLAG_READ_ONLY = 1 << 1
-FLAG_SEND_FLUSH = 1 << 2
-FLAG_SEND_FUA = 1 << 3
-FLAG_SEND_TRIM = 1 << 5
-FLAG_SEND_WRITE_ZEROES = 1 << 6
-FLAG_CAN_MULTI_CONN = 1 << 8
-
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_POLICY = (1 << 31) + 2
-REP_ERR_INVALID = (1 << 31) + 3
-REP_ERR_UNKNOWN = (1 << 31) + 6
-REP_ERR_TOO_BIG = (1 << 31) + 9
-
-INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_DESCRIPTION = 2
-INFO_BLOCK_SIZE = 3
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-KNOWN_CMD_FLAGS = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE
-
-REPLY_FLAG_DONE = 1 << 0
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_OFFSET_HOLE = 2
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = (1 << 15) + 1
-
-STATE_HOLE = 1 << 0                    # base:allocation
-STATE_ZERO = 1 << 1
-
-EPERM, EIO, EINVAL, ENOSPC, EOVERFLOW = 1, 5, 22, 28, 75  # NBD error numbers
-
-BASE_ALLOCATION = "base:allocation"
-BASE_ALLOCATION_ID = 1
+KNOWN_CMD_FLAGS = (NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF
+                   | NBD_CMD_FLAG_REQ_ONE)
+BASE_ALLOCATION_ID = 1                 # our id for the base:allocation context
 
 # -- limits ------------------------------------------------------------------------------
 MAX_PAYLOAD = 32 << 20                 # largest READ/WRITE, as QEMU's own NBD server
@@ -191,11 +137,11 @@ class NBDServer:
 
     @property
     def transmission_flags(self) -> int:
-        flags = FLAG_HAS_FLAGS | FLAG_CAN_MULTI_CONN
+        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_CAN_MULTI_CONN
         if self.read_only:
-            return flags | FLAG_READ_ONLY
-        return (flags | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM
-                | FLAG_SEND_WRITE_ZEROES)
+            return flags | NBD_FLAG_READ_ONLY
+        return (flags | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM
+                | NBD_FLAG_SEND_WRITE_ZEROES)
 
     # -- lifetime -----------------------------------------------------------------------
     def start(self) -> "NBDServer":
@@ -397,11 +343,11 @@ class _Session:
     def handshake(self) -> bool:
         """Negotiate; True when transmission starts, False when the client aborted."""
         self.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
-                              FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+                              NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
         (cflags,) = struct.unpack(">I", self.recv_exact(4))
-        if cflags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+        if cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
             raise _Disconnect(f"unknown client flags {cflags:#x}")
-        self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
+        self.no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
         for _ in range(MAX_OPTIONS):
             magic, opt, length = _OPTION.unpack(self.recv_exact(_OPTION.size))
             if magic != IHAVEOPT:
@@ -409,53 +355,54 @@ class _Session:
             if length > MAX_OPTION:
                 raise _Disconnect(f"option {opt} of {length} bytes is too large")
             data = self.recv_exact(length)
-            if opt == OPT_EXPORT_NAME:
+            if opt == NBD_OPT_EXPORT_NAME:
                 if data.decode("utf-8", "replace") != self.server.export_name:
                     raise _Disconnect("unknown export name")
                 tail = b"" if self.no_zeroes else bytes(124)
                 self.send(struct.pack(">QH", self.dev.size,
                                       self.server.transmission_flags), tail)
                 return True
-            if opt == OPT_ABORT:
-                self.reply(opt, REP_ACK)
+            if opt == NBD_OPT_ABORT:
+                self.reply(opt, NBD_REP_ACK)
                 return False
-            if opt in (OPT_INFO, OPT_GO):
+            if opt in (NBD_OPT_INFO, NBD_OPT_GO):
                 if self.info_or_go(opt, data):
                     return True
-            elif opt == OPT_LIST:
+            elif opt == NBD_OPT_LIST:
                 if data:
-                    self.reply_error(opt, REP_ERR_INVALID, "LIST takes no data")
+                    self.reply_error(opt, NBD_REP_ERR_INVALID, "LIST takes no data")
                     continue
                 name = self.server.export_name.encode()
-                self.reply(opt, REP_SERVER, struct.pack(">I", len(name)) + name)
-                self.reply(opt, REP_ACK)
-            elif opt == OPT_STRUCTURED_REPLY:
+                self.reply(opt, NBD_REP_SERVER, struct.pack(">I", len(name)) + name)
+                self.reply(opt, NBD_REP_ACK)
+            elif opt == NBD_OPT_STRUCTURED_REPLY:
                 if data:
-                    self.reply_error(opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                    self.reply_error(opt, NBD_REP_ERR_INVALID,
+                                     "STRUCTURED_REPLY takes no data")
                     continue
                 self.structured = True
-                self.reply(opt, REP_ACK)
-            elif opt in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+                self.reply(opt, NBD_REP_ACK)
+            elif opt in (NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT):
                 self.meta_context(opt, data)
-            elif opt == OPT_STARTTLS:
-                self.reply_error(opt, REP_ERR_UNSUP, "TLS is not supported")
+            elif opt == NBD_OPT_STARTTLS:
+                self.reply_error(opt, NBD_REP_ERR_UNSUP, "TLS is not supported")
             else:
-                self.reply_error(opt, REP_ERR_UNSUP, f"option {opt} is not supported")
+                self.reply_error(opt, NBD_REP_ERR_UNSUP, f"option {opt} is not supported")
         raise _Disconnect(f"more than {MAX_OPTIONS} options")
 
     def reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
-        self.send(_OPT_REPLY.pack(REPLY_MAGIC, opt, rtype, len(data)), data)
+        self.send(_OPT_REPLY.pack(NBD_REP_MAGIC, opt, rtype, len(data)), data)
 
     def reply_error(self, opt: int, rtype: int, message: str) -> None:
         self.reply(opt, rtype, message.encode())
 
     def parse_name(self, data: bytes, opt: int) -> tuple[str, int] | None:
         if len(data) < 4:
-            self.reply_error(opt, REP_ERR_INVALID, "option data too short")
+            self.reply_error(opt, NBD_REP_ERR_INVALID, "option data too short")
             return None
         (n,) = struct.unpack_from(">I", data)
         if 4 + n > len(data):
-            self.reply_error(opt, REP_ERR_INVALID, "export name runs past the option")
+            self.reply_error(opt, NBD_REP_ERR_INVALID, "export name runs past the option")
             return None
         return data[4:4 + n].decode("utf-8", "replace"), 4 + n
 
@@ -465,70 +412,70 @@ class _Session:
             return False
         name, pos = parsed
         if pos + 2 > len(data):
-            self.reply_error(opt, REP_ERR_INVALID, "information request count missing")
+            self.reply_error(opt, NBD_REP_ERR_INVALID, "information request count missing")
             return False
         (count,) = struct.unpack_from(">H", data, pos)
         pos += 2
         if pos + 2 * count != len(data):
-            self.reply_error(opt, REP_ERR_INVALID, "information requests do not match"
+            self.reply_error(opt, NBD_REP_ERR_INVALID, "information requests do not match"
                              " the option length")
             return False
         requests = set(struct.unpack_from(f">{count}H", data, pos))
         if name != self.server.export_name:
-            self.reply_error(opt, REP_ERR_UNKNOWN, f"no export named '{name}'")
+            self.reply_error(opt, NBD_REP_ERR_UNKNOWN, f"no export named '{name}'")
             return False
-        self.reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.dev.size,
+        self.reply(opt, NBD_REP_INFO, struct.pack(">HQH", NBD_INFO_EXPORT, self.dev.size,
                                               self.server.transmission_flags))
-        if INFO_NAME in requests:
-            self.reply(opt, REP_INFO, struct.pack(">H", INFO_NAME) + name.encode())
-        if INFO_DESCRIPTION in requests and self.server.description:
-            self.reply(opt, REP_INFO, struct.pack(">H", INFO_DESCRIPTION)
+        if NBD_INFO_NAME in requests:
+            self.reply(opt, NBD_REP_INFO, struct.pack(">H", NBD_INFO_NAME) + name.encode())
+        if NBD_INFO_DESCRIPTION in requests and self.server.description:
+            self.reply(opt, NBD_REP_INFO, struct.pack(">H", NBD_INFO_DESCRIPTION)
                        + self.server.description.encode()[:4096])
-        if INFO_BLOCK_SIZE in requests:
-            self.reply(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1,
+        if NBD_INFO_BLOCK_SIZE in requests:
+            self.reply(opt, NBD_REP_INFO, struct.pack(">HIII", NBD_INFO_BLOCK_SIZE, 1,
                                                   PREFERRED_BLOCK, MAX_PAYLOAD))
-        self.reply(opt, REP_ACK)
-        return opt == OPT_GO
+        self.reply(opt, NBD_REP_ACK)
+        return opt == NBD_OPT_GO
 
     def meta_context(self, opt: int, data: bytes) -> None:
-        if opt == OPT_SET_META_CONTEXT and not self.structured:
-            self.reply_error(opt, REP_ERR_INVALID, "negotiate structured replies first")
+        if opt == NBD_OPT_SET_META_CONTEXT and not self.structured:
+            self.reply_error(opt, NBD_REP_ERR_INVALID, "negotiate structured replies first")
             return
         parsed = self.parse_name(data, opt)
         if parsed is None:
             return
         name, pos = parsed
         if pos + 4 > len(data):
-            self.reply_error(opt, REP_ERR_INVALID, "query count missing")
+            self.reply_error(opt, NBD_REP_ERR_INVALID, "query count missing")
             return
         (count,) = struct.unpack_from(">I", data, pos)
         pos += 4
         queries = []
         for _ in range(count):
             if pos + 4 > len(data):
-                self.reply_error(opt, REP_ERR_INVALID, "query runs past the option")
+                self.reply_error(opt, NBD_REP_ERR_INVALID, "query runs past the option")
                 return
             (n,) = struct.unpack_from(">I", data, pos)
             if pos + 4 + n > len(data):
-                self.reply_error(opt, REP_ERR_INVALID, "query runs past the option")
+                self.reply_error(opt, NBD_REP_ERR_INVALID, "query runs past the option")
                 return
             queries.append(data[pos + 4:pos + 4 + n].decode("utf-8", "replace"))
             pos += 4 + n
         if pos != len(data):
-            self.reply_error(opt, REP_ERR_INVALID, "trailing bytes after the queries")
+            self.reply_error(opt, NBD_REP_ERR_INVALID, "trailing bytes after the queries")
             return
         if name != self.server.export_name:
-            self.reply_error(opt, REP_ERR_UNKNOWN, f"no export named '{name}'")
+            self.reply_error(opt, NBD_REP_ERR_UNKNOWN, f"no export named '{name}'")
             return
-        if opt == OPT_SET_META_CONTEXT:
+        if opt == NBD_OPT_SET_META_CONTEXT:
             chosen = BASE_ALLOCATION in queries
             self.meta_allocation = chosen
         else:
             chosen = not queries or any(q in (BASE_ALLOCATION, "base:") for q in queries)
         if chosen:
-            self.reply(opt, REP_META_CONTEXT, struct.pack(">I", BASE_ALLOCATION_ID)
+            self.reply(opt, NBD_REP_META_CONTEXT, struct.pack(">I", BASE_ALLOCATION_ID)
                        + BASE_ALLOCATION.encode())
-        self.reply(opt, REP_ACK)
+        self.reply(opt, NBD_REP_ACK)
 
     # -- transmission ------------------------------------------------------------------
     def transmission(self) -> None:
@@ -538,31 +485,31 @@ class _Session:
         while not server._closing:
             self.recv_into(hview)
             magic, flags, cmd, cookie, offset, length = _REQUEST.unpack(header)
-            if magic != REQUEST_MAGIC:
+            if magic != NBD_REQUEST_MAGIC:
                 raise _Disconnect(f"bad request magic {magic:#x}")
-            if cmd == CMD_DISC:
+            if cmd == NBD_CMD_DISC:
                 return
-            if cmd == CMD_WRITE:
+            if cmd == NBD_CMD_WRITE:
                 self.do_write(flags, cookie, offset, length)
                 continue
             if flags & ~KNOWN_CMD_FLAGS:
-                self.error(cookie, EINVAL, "unknown command flags")
+                self.error(cookie, NBD_EINVAL, "unknown command flags")
                 continue
-            if cmd == CMD_READ:
+            if cmd == NBD_CMD_READ:
                 self.do_read(flags, cookie, offset, length)
-            elif cmd == CMD_FLUSH:
+            elif cmd == NBD_CMD_FLUSH:
                 self.apply(cookie, lambda: None if server.read_only else self.dev.flush())
-            elif cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
+            elif cmd in (NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES):
                 if server.read_only:
-                    self.error(cookie, EPERM, "the export is read-only")
+                    self.error(cookie, NBD_EPERM, "the export is read-only")
                 elif not self.in_range(offset, length):
-                    self.error(cookie, ENOSPC, "range is beyond the end of the export")
+                    self.error(cookie, NBD_ENOSPC, "range is beyond the end of the export")
                 else:
                     self.apply(cookie, lambda: self.zero(offset, length, flags))
-            elif cmd == CMD_BLOCK_STATUS:
+            elif cmd == NBD_CMD_BLOCK_STATUS:
                 self.do_block_status(flags, cookie, offset, length)
             else:
-                self.error(cookie, EINVAL, f"command {cmd} is not supported")
+                self.error(cookie, NBD_EINVAL, f"command {cmd} is not supported")
 
     def in_range(self, offset: int, length: int) -> bool:
         return offset + length <= self.dev.size
@@ -570,40 +517,40 @@ class _Session:
     def zero(self, offset: int, length: int, flags: int) -> None:
         if length:
             self.dev.write_zeroes(offset, length)
-        if flags & CMD_FLAG_FUA:
+        if flags & NBD_CMD_FLAG_FUA:
             self.dev.flush()
 
     def apply(self, cookie: int, fn) -> None:
-        """Run a device call under the export lock; answer success or EIO."""
+        """Run a device call under the export lock; answer success or NBD_EIO."""
         try:
             with self.server.lock:
                 fn()
         except (DiskforgeError, OSError) as e:
             self.server.log(f"client {self.cid}: I/O error: {e}")
-            self.error(cookie, EIO, str(e))
+            self.error(cookie, NBD_EIO, str(e))
             return
         self.ok(cookie)
 
     def ok(self, cookie: int) -> None:
         if self.structured:
-            self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE,
-                                  cookie, 0))
+            self.send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                                  NBD_REPLY_TYPE_NONE, cookie, 0))
         else:
-            self.send(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            self.send(_SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def error(self, cookie: int, err: int, message: str) -> None:
         if self.structured:
             msg = message.encode()[:1024]
             payload = struct.pack(">IH", err, len(msg)) + msg
-            self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                  REPLY_TYPE_ERROR, cookie, len(payload)), payload)
+            self.send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                                  NBD_REPLY_TYPE_ERROR, cookie, len(payload)), payload)
         else:
-            self.send(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, err, cookie))
+            self.send(_SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, err, cookie))
 
     def do_write(self, flags: int, cookie: int, offset: int, length: int) -> None:
         if length > MAX_PAYLOAD:
             # the payload cannot be skipped in bounded memory and time: say why, leave
-            self.error(cookie, EOVERFLOW, f"write of {length} bytes is over the"
+            self.error(cookie, NBD_EOVERFLOW, f"write of {length} bytes is over the"
                        f" {MAX_PAYLOAD}-byte limit")
             raise _Disconnect(f"write of {length} bytes is over the limit")
         view = self.buffer(length)
@@ -613,54 +560,55 @@ class _Session:
         finally:
             self.sock.settimeout(None)
         if flags & ~KNOWN_CMD_FLAGS:
-            self.error(cookie, EINVAL, "unknown command flags")
+            self.error(cookie, NBD_EINVAL, "unknown command flags")
         elif self.server.read_only:
-            self.error(cookie, EPERM, "the export is read-only")
+            self.error(cookie, NBD_EPERM, "the export is read-only")
         elif not self.in_range(offset, length):
-            self.error(cookie, ENOSPC, "write is beyond the end of the export")
+            self.error(cookie, NBD_ENOSPC, "write is beyond the end of the export")
         else:
             def write():
                 self.dev.write(offset, view)
-                if flags & CMD_FLAG_FUA:
+                if flags & NBD_CMD_FLAG_FUA:
                     self.dev.flush()
             self.apply(cookie, write)
 
     def do_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         if length > MAX_PAYLOAD:
-            self.error(cookie, EOVERFLOW if self.structured else EINVAL,
+            self.error(cookie, NBD_EOVERFLOW if self.structured else NBD_EINVAL,
                        f"read of {length} bytes is over the {MAX_PAYLOAD}-byte limit")
             return
         if length == 0 or not self.in_range(offset, length):
-            self.error(cookie, EINVAL, "read range is empty or beyond the end")
+            self.error(cookie, NBD_EINVAL, "read range is empty or beyond the end")
             return
         view = self.buffer(length)
         try:
             with self.server.lock:
-                if self.structured and not flags & CMD_FLAG_DF:
+                if self.structured and not flags & NBD_CMD_FLAG_DF:
                     pieces = self.read_pieces(offset, length, view)
                 else:
                     self.dev.readinto(offset, view)
                     pieces = None
         except (DiskforgeError, OSError) as e:
             self.server.log(f"client {self.cid}: read error: {e}")
-            self.error(cookie, EIO, str(e))
+            self.error(cookie, NBD_EIO, str(e))
             return
         if not self.structured:
-            self.send(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie), view)
+            self.send(_SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie), view)
             return
         if pieces is None:
             pieces = [(offset, length, True)]
         last = len(pieces) - 1
         for i, (off, n, data) in enumerate(pieces):
-            done = REPLY_FLAG_DONE if i == last else 0
+            done = NBD_REPLY_FLAG_DONE if i == last else 0
             if data:
                 rel = off - offset
-                self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, done, REPLY_TYPE_OFFSET_DATA,
-                                      cookie, 8 + n), struct.pack(">Q", off),
-                          view[rel:rel + n])
+                self.send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, done,
+                                      NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + n),
+                          struct.pack(">Q", off), view[rel:rel + n])
             else:
-                self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, done, REPLY_TYPE_OFFSET_HOLE,
-                                      cookie, 12), struct.pack(">QI", off, n))
+                self.send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, done,
+                                      NBD_REPLY_TYPE_OFFSET_HOLE, cookie, 12),
+                          struct.pack(">QI", off, n))
 
     def read_pieces(self, offset: int, length: int, view: memoryview):
         """Read the data runs into ``view``; (offset, length, is_data) per run, with
@@ -680,20 +628,21 @@ class _Session:
 
     def do_block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
         if not self.structured or not self.meta_allocation:
-            self.error(cookie, EINVAL, "block status needs structured replies and the"
+            self.error(cookie, NBD_EINVAL, "block status needs structured replies and the"
                        " base:allocation context")
             return
         if length == 0 or not self.in_range(offset, length):
-            self.error(cookie, EINVAL, "block status range is empty or beyond the end")
+            self.error(cookie, NBD_EINVAL, "block status range is empty or beyond the end")
             return
         descriptors = bytearray()
         count = 0
-        limit = 1 if flags & CMD_FLAG_REQ_ONE else MAX_DESCRIPTORS
+        limit = 1 if flags & NBD_CMD_FLAG_REQ_ONE else MAX_DESCRIPTORS
         try:
             with self.server.lock:
                 prev_state, prev_len = None, 0
                 for e in flat_extents(self.dev, offset, length):
-                    state = STATE_HOLE | STATE_ZERO if e.kind is ExtentKind.ZERO else 0
+                    zero = e.kind is ExtentKind.ZERO
+                    state = NBD_STATE_HOLE | NBD_STATE_ZERO if zero else 0
                     if state == prev_state:
                         prev_len += e.length
                         continue
@@ -707,11 +656,11 @@ class _Session:
                 if prev_state is not None:
                     descriptors += struct.pack(">II", prev_len, prev_state)
         except (DiskforgeError, OSError) as e:
-            self.error(cookie, EIO, str(e))
+            self.error(cookie, NBD_EIO, str(e))
             return
         payload = struct.pack(">I", BASE_ALLOCATION_ID) + descriptors
-        self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                              REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)), payload)
+        self.send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                              NBD_REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)), payload)
 
 
 def _remove_stale_socket(path: str) -> None:

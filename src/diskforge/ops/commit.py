@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..blockdev import BlockDevice
+from ..blockdev import BlockDevice, pieces
 from ..errors import UsageError
-from .convert import batches
 from .map import resolve
 
 BATCH = 1 << 20
@@ -46,7 +45,7 @@ def commit(top: BlockDevice, base: BlockDevice, depth: int, *,
             if e.zero:
                 base.write_zeroes(e.start, e.length)
             else:
-                for off, n in batches(e.start, e.length, BATCH):
+                for off, n in pieces(e.start, e.length, BATCH):
                     view = memoryview(buf)[:n]
                     top.readinto(off, view)
                     base.write(off, view)

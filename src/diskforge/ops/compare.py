@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from ..blockdev import ZEROES, BlockDevice, is_zero
-from .convert import batches
+from ..blockdev import BlockDevice, fill_zero, is_zero, pieces
 from .map import MapEntry, resolve
 
 BATCH = 4 << 20
@@ -56,7 +55,7 @@ def _first_difference(x: bytes | bytearray, y: bytes | bytearray, n: int) -> int
 
 def _fill(dev: BlockDevice, zero: bool, off: int, buf: bytearray, n: int) -> None:
     if zero:
-        buf[:n] = ZEROES[:n]
+        fill_zero(buf, 0, n)
     else:
         dev.readinto(off, memoryview(buf)[:n])
 
@@ -74,7 +73,7 @@ def compare(a: BlockDevice, b: BlockDevice, *, strict: bool = False,
             return CompareResult(False, start,
                                  f"Strict mode: Offset {start} block status mismatch!")
         if not (ea.zero and eb.zero):
-            for off, n in batches(start, length, BATCH):
+            for off, n in pieces(start, length, BATCH):
                 _fill(a, ea.zero, off, bufa, n)
                 _fill(b, eb.zero, off, bufb, n)
                 rel = _first_difference(bufa, bufb, n)
@@ -91,7 +90,7 @@ def compare(a: BlockDevice, b: BlockDevice, *, strict: bool = False,
         for e in resolve(longer, common, longer.size - common):
             if e.zero:
                 continue
-            for off, n in batches(e.start, e.length, BATCH):
+            for off, n in pieces(e.start, e.length, BATCH):
                 longer.readinto(off, memoryview(bufa)[:n])
                 if not is_zero(bufa, 0, n):
                     rel = _first_difference(bufa, bytes(n), n)

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from ..blockdev import (BlockDevice, ExtentKind, ImageWriter, aligned_buffer, is_zero,
-                        zero_runs)
+                        pieces, zero_runs)
 
 TYPE_CHECKING = False  # typing and concurrent.futures cost start-up time: lazily
 if TYPE_CHECKING:
@@ -41,15 +41,6 @@ class ConvertStats:
     bytes_written: int = 0    # disk bytes handed to the writer as data
     bytes_zero: int = 0       # disk bytes handed to the writer as zeros
     bytes_skipped: int = 0    # disk bytes equal to the base, left to read through
-
-
-def batches(offset: int, length: int, batch: int):
-    """Split a range at absolute multiples of ``batch``."""
-    end = offset + length
-    while offset < end:
-        nxt = min((offset // batch + 1) * batch, end)
-        yield offset, nxt - offset
-        offset = nxt
 
 
 def _same_file(a: BlockDevice | None, b: BlockDevice | None) -> bool:
@@ -193,7 +184,7 @@ class _Pipeline:
         compressed cluster whose tail is zeros is one DATA extent), so read it and
         write zeros only over the granules where the base has non-zero bytes."""
         buf = bytearray(min(n, self.batch))
-        for bo, bn in batches(off, n, self.batch):
+        for bo, bn in pieces(off, n, self.batch):
             self.base.readinto(bo, memoryview(buf)[:bn])
             for ro, rn, z in zero_runs(buf, bo, self.gran, bn):
                 if z:
@@ -243,7 +234,7 @@ class _Pipeline:
             self.stats.bytes_skipped += n
             return
         run_start, run_kind = off, None
-        for g0, gn in batches(off, n, self.gran):
+        for g0, gn in pieces(off, n, self.gran):
             a = g0 - off
             if buf.startswith(memoryview(other)[a:a + gn], start + a):
                 kind = "same"
@@ -330,7 +321,7 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
                     tap(ext.offset, None, ext.length)
                 pipe.zero(ext.offset, ext.length)
             elif kind is not None:
-                for off, n in batches(ext.offset, ext.length, batch):
+                for off, n in pieces(ext.offset, ext.length, batch):
                     pipe.copy_batch(source, off, n, tap)
                     done += n
                     if progress:

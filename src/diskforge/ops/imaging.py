@@ -33,10 +33,13 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from ..atomic import RESUME_SUFFIX, unlink_regular
-from ..blockdev import ZERO_BUFFER_SIZE, ZEROES, BlockDevice, ImageWriter
+from ..atomic import RESUME_SUFFIX, AtomicFile, unlink_regular
+from ..blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
+                        FilterDevice, ImageWriter, aligned_buffer, chain_extents, fill_zero,
+                        pieces)
 from ..devices import open_input_file
 from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
+from ..registry import open_image
 from .convert import ConvertStats, convert
 
 CHUNK = 64 << 20
@@ -74,8 +77,9 @@ def _is_media_error(exc: BaseException) -> bool:
         in MEDIA_ERRORS
 
 
-class RescueReader(BlockDevice):
-    """A source whose unreadable sectors read as zeros and are recorded.
+class RescueReader(FilterDevice):
+    """A source whose unreadable sectors read as zeros and are recorded: a filter over
+    the source (everything but reads is forwarded to it, and closing closes it).
 
     A failed read is retried ``retries`` times, then split in halves down to single
     sectors, so one bad sector costs one sector, not a whole batch. Other errors (a
@@ -83,8 +87,7 @@ class RescueReader(BlockDevice):
     """
 
     def __init__(self, inner: BlockDevice, *, retries: int = 2, sector: int = SECTOR):
-        self.inner = inner
-        self.size, self.format, self.path = inner.size, inner.format, inner.path
+        super().__init__(inner)
         self.retries = retries
         self.sector = sector
         self.bad: list[tuple[int, int]] = []
@@ -104,7 +107,7 @@ class RescueReader(BlockDevice):
                     raise
         n = len(mv)
         if n <= self.sector:
-            mv[:] = ZEROES[:n]
+            fill_zero(mv)
             self._record(offset, n)
             return
         # split at a sector boundary near the middle; each half gets one try before it
@@ -118,16 +121,6 @@ class RescueReader(BlockDevice):
             self.bad[-1] = (self.bad[-1][0], self.bad[-1][1] + length)
         else:
             self.bad.append((offset, length))
-
-    def extents(self, offset: int = 0, length: int | None = None):
-        return self.inner.extents(offset, length)
-
-    def files(self) -> list[str]:
-        return self.inner.files()
-
-    def close(self) -> None:
-        self.inner.close()
-        super().close()
 
 
 class DiskHasher:
@@ -149,12 +142,9 @@ class DiskHasher:
             room = self.chunk - self.position % self.chunk
             n = min(room, length - pos)
             if data is None:
-                left = n
-                while left:
-                    k = min(left, ZERO_BUFFER_SIZE)
+                for _, k in pieces(0, n, ZERO_BUFFER_SIZE):
                     self.whole.update(ZEROES[:k])
                     self.current.update(ZEROES[:k])
-                    left -= k
             else:
                 piece = data[pos:pos + n]
                 self.whole.update(piece)
@@ -174,17 +164,17 @@ class DiskHasher:
 
 def hash_device(dev: BlockDevice, *, chunk: int = CHUNK, progress=None,
                 batch: int = 1 << 20) -> tuple[str, list[str]]:
-    """Whole-disk and per-chunk sha256 of a device, reading only what is not zero."""
-    from ..blockdev import ExtentKind, aligned_buffer
-    from .convert import batches
+    """Whole-disk and per-chunk sha256 of a device, reading only what is not zero
+    (the backing chain resolved by ``blockdev.chain_extents``)."""
     hasher = DiskHasher(chunk)
     buf, start = aligned_buffer(batch)
     view = memoryview(buf)[start:start + batch]
-    for e in dev.extents():
-        if e.kind is ExtentKind.ZERO or (e.kind is ExtentKind.BACKING and dev.backing is None):
+    for le in chain_extents(dev):
+        e = le.extent
+        if e.kind is ExtentKind.ZERO:
             hasher.feed(e.offset, None, e.length)
         else:
-            for off, n in batches(e.offset, e.length, batch):
+            for off, n in pieces(e.offset, e.length, batch):
                 dev.readinto(off, view[:n])
                 hasher.feed(off, view[:n], n)
         if progress:
@@ -192,28 +182,24 @@ def hash_device(dev: BlockDevice, *, chunk: int = CHUNK, progress=None,
     return hasher.finish()
 
 
-class Prefix(BlockDevice):
+class Prefix(FilterDevice):
     """The first ``size`` bytes of a larger device: a disk restored onto a bigger drive,
-    or an image whose format rounded the size up (qcow2 to whole sectors)."""
+    or an image whose format rounded the size up (qcow2 to whole sectors). A view: the
+    callers close the device they opened, not this filter."""
 
     def __init__(self, inner: BlockDevice, size: int):
-        self.inner, self.size, self.format, self.path = inner, size, inner.format, inner.path
-
-    def readinto(self, offset: int, buf) -> int:
-        return self.inner.readinto(offset, buf)
+        super().__init__(inner)
+        self.size = size
 
     def extents(self, offset: int = 0, length: int | None = None):
-        """The inner device's extents, its backing chain folded in: this view reads
-        through ``inner.readinto``, which composes the chain, so what a backing file
-        supplies is data here (it has no backing of its own to defer to)."""
-        from ..blockdev import Extent, ExtentKind
+        """The inner device's extents, its backing chain resolved (``chain_extents``):
+        this view reads through ``inner.readinto``, which composes the chain, and has
+        no backing of its own to defer to. Lower layers' host offsets are dropped."""
         if length is None:
             length = self.size - offset
-        for e in self.inner.extents(offset, length):
-            if e.kind is ExtentKind.BACKING and self.inner.backing is not None:
-                yield Extent(e.offset, e.length, ExtentKind.DATA, False)
-            else:
-                yield e
+        for le in chain_extents(self.inner, offset, length):
+            e = le.extent
+            yield e if le.depth == 0 else Extent(e.offset, e.length, e.kind, e.allocated)
 
 
 def padding_problem(dev: BlockDevice, size: int) -> str | None:
@@ -249,7 +235,6 @@ class IntegrityRecord:
                 "bad-ranges": [list(r) for r in self.bad_ranges], "base": self.base}
 
     def save(self, path: str) -> None:
-        from ..atomic import AtomicFile
         with AtomicFile(path, sidecar=True) as f:
             f.pwrite(0, (json.dumps(self.to_json(), indent=1) + "\n").encode())
             f.commit()
@@ -323,7 +308,6 @@ def _is_sha256(text: str) -> bool:
 
 def write_badmap(path: str, size: int, bad: list[tuple[int, int]]) -> None:
     """The bad ranges as a GNU ddrescue mapfile: finished ('+') and bad ('-') blocks."""
-    from ..atomic import AtomicFile
     lines = ["# Mapfile. Created by diskforge image",
              "# current_pos  current_status  current_pass", f"0x{size:08X}     +               1",
              "#      pos        size  status"]
@@ -523,7 +507,6 @@ def image(source: BlockDevice, writer: ImageWriter, out_path: str, *, fmt_name: 
 
 
 def _save_resume(out_path: str, state: dict) -> None:
-    from ..atomic import AtomicFile
     with AtomicFile(resume_path(out_path), sidecar=True) as f:
         f.pwrite(0, json.dumps(state).encode())
         f.commit(durable=True)
@@ -533,7 +516,6 @@ def _check_resumed(out_path: str, fmt_name: str, chunks: list[str], chunk: int,
                    size: int) -> str:
     """The finished image, read once: its chunk hashes must be those taken from the
     source (before and after the interruption); returns its whole-disk sha256."""
-    from ..registry import open_image
     with open_image(out_path, fmt_name) as dev:
         problem = padding_problem(dev, size)
         if problem:

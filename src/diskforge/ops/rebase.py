@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from ..blockdev import BlockDevice, ExtentKind
+from ..blockdev import BlockDevice, ExtentKind, pieces
 from ..errors import SafetyError
-from .convert import batches
 
 BATCH = 1 << 20
 GRANULE = 64 * 1024
@@ -46,12 +45,12 @@ def rebase(image: BlockDevice, new_backing: BlockDevice | None, name: str | None
         total = image.size
         for ext in list(image.extents()):
             if ext.kind is ExtentKind.BACKING:
-                for off, n in batches(ext.offset, ext.length, BATCH):
+                for off, n in pieces(ext.offset, ext.length, BATCH):
                     ob, nb = bytearray(n), bytearray(n)
                     _read(old, off, ob)
                     _read(new_backing, off, nb)
                     if ob != nb:
-                        for g, k in batches(off, n, GRANULE):
+                        for g, k in pieces(off, n, GRANULE):
                             i = g - off
                             if ob[i:i + k] != nb[i:i + k]:
                                 image.write(g, memoryview(ob)[i:i + k])
