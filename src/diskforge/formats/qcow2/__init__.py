@@ -20,6 +20,7 @@ import os
 from ...errors import UnsupportedError, UsageError
 from ...options import Options, option
 from ...registry import Format, Measurement
+from .structs import MAGIC
 
 
 @dataclasses.dataclass
@@ -95,7 +96,7 @@ class Qcow2Format(Format):
     snapshots = True
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
-        if head[:4] == b"QFI\xfb" and len(head) >= 8:
+        if head[:4] == MAGIC and len(head) >= 8:
             version = int.from_bytes(head[4:8], "big")
             return 100 if version in (2, 3) else 0  # version 1 is "qcow", not ours
         return 0

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 from array import array
 
+from ...byteorder import be_array
 from ...blockdev import skip_filled
 from ...errors import FormatError, LimitError
 from ...limits import check_alloc
 from ...checks import CheckResult, Problem, ProblemKind, Repair
-from .layout import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
-                     L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-                     QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SUBCLUSTERS)
-from .refcount import _BIG_ENDIAN_HOST, decode, refcount_layout
+from .refcount import decode, refcount_layout
+from .structs import (BME_TABLE_ENTRY_OFFSET_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+                      L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
+                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SUBCLUSTERS)
 
 
 def _used(table: array, step: int = 1):
@@ -230,7 +231,6 @@ class _Check:
         self.weight = 1
 
     def _read_l1(self, offset: int, size: int) -> array:
-        from .device import be_array
         return be_array(self.dev.backend.read_exact(offset, size * 8, "L1 table"))
 
     def _table_ok(self, off: int) -> bool:
@@ -337,7 +337,7 @@ class _Check:
         dev = self.dev
         if dev.header.bitmaps is None:
             return
-        from .bitmaps import BME_TABLE_ENTRY_OFFSET_MASK, read_directory, read_table
+        from .bitmaps import read_directory, read_table
         ext = dev.header.bitmaps
         self.count(ext.directory_offset, ext.directory_size)
         try:
@@ -371,10 +371,7 @@ class _Check:
         raw = self.dev.backend.read_exact(h.refcount_table_offset,
                                           h.refcount_table_clusters * self.cs,
                                           "refcount table")
-        a = array("Q", raw)
-        if not _BIG_ENDIAN_HOST:
-            a.byteswap()
-        return a
+        return be_array(raw)
 
     def compare(self, table: array) -> None:
         dev, cs, res = self.dev, self.cs, self.res

@@ -23,47 +23,33 @@ import collections
 import os
 from array import array
 
-from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                         FileBackend, ImageInfo, coalesce, skip_filled)
+from ...byteorder import be_array, be_bytes
+from ...blockdev import (ZEROES, BlockDevice, Extent, ExtentKind, FileBackend, ImageInfo,
+                         coalesce, fill_zero, skip_filled)
 from ...checks import CheckResult, Repair
 from ...errors import FormatError, SafetyError, UnsupportedError, UsageError
 from . import codec
 from .header import Header, parse as parse_header
-from .layout import (AUTOCLEAR_KNOWN, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
-                     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS,
-                     Geometry)
-from .refcount import _BIG_ENDIAN_HOST, Refcounts
+from .refcount import Refcounts
+from .structs import (AUTOCLEAR_KNOWN, MAGIC, Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+                      QCOW2_SUBCLUSTER_COMPRESSED, QCOW2_SUBCLUSTER_NORMAL,
+                      QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC,
+                      QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, QCOW2_SUBCLUSTER_ZERO_ALLOC,
+                      QCOW2_SUBCLUSTER_ZERO_PLAIN, QCOW_OFLAG_COMPRESSED,
+                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, l2_entry_type)
 
-# run kinds of _runs(); K_UALLOC: an unallocated subcluster of a cluster that has a
-# host cluster (extended L2), which qemu's map reports with its offset
-K_DATA, K_ZERO, K_ZALLOC, K_UNALLOC, K_COMP, K_UALLOC = range(6)
+# runs whose host offset steps with the guest offset; runs that carry no host offset
+# (merged by kind alone); runs never merged (one compressed cluster each)
+_HOST_STEPS = (QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_ZERO_ALLOC)
+_HOSTLESS = (QCOW2_SUBCLUSTER_ZERO_PLAIN, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN)
+_UNMERGED = (QCOW2_SUBCLUSTER_COMPRESSED,)
+_UNALLOCATED = (QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC)
 ALL_ALLOC = (1 << SUBCLUSTERS) - 1
 ALL_ZERO = ALL_ALLOC << SUBCLUSTERS
 L2_CACHE_BYTES = 32 << 20
 
 
-def be_array(raw: bytes) -> array:
-    a = array("Q", raw)
-    if not _BIG_ENDIAN_HOST:
-        a.byteswap()
-    return a
 
-
-def be_bytes(a: array) -> bytes:
-    if _BIG_ENDIAN_HOST:
-        return a.tobytes()
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
-
-
-def zero_fill(mv) -> None:
-    n = len(mv)
-    pos = 0
-    while pos < n:
-        k = min(n - pos, ZERO_BUFFER_SIZE)
-        mv[pos:pos + k] = ZEROES[:k]
-        pos += k
 
 
 def _expected(first: int, step: int, i: int, j: int) -> array:
@@ -120,7 +106,7 @@ class Qcow2Device(BlockDevice):
         from .snapshot import find, read_table
         size = self.backend.size
         head = self.backend.pread(0, min(size, 1 << 16))
-        if len(head) >= 24 and head[:4] == b"QFI\xfb":
+        if len(head) >= 24 and head[:4] == MAGIC:
             bits = int.from_bytes(head[20:24], "big")
             if 16 < bits <= 21:
                 head = self.backend.pread(0, min(size, 1 << bits))
@@ -243,8 +229,9 @@ class Qcow2Device(BlockDevice):
     # -- the map ---------------------------------------------------------------------------
     def _runs(self, offset: int, length: int):
         """``(guest offset, length, kind, host)`` runs covering the range, merged where
-        kind and host continuity allow. ``host`` is the data offset (K_DATA, K_ZALLOC)
-        or the L2 entry (K_COMP)."""
+        kind (a ``QCOW2_SUBCLUSTER_*`` type) and host continuity allow. ``host`` is the
+        data offset (_NORMAL, _ZERO_ALLOC, _UNALLOCATED_ALLOC) or the L2 entry
+        (_COMPRESSED)."""
         cb, cs = self.cluster_bits, self.cs
         l2e, l2b = self.l2_entries, self.l2_bits
         ext = self.extended
@@ -268,7 +255,7 @@ class Qcow2Device(BlockDevice):
                     span_end = min(end, nxt << (l2b + cb))
                 elif l1i >= len(self.l1):
                     span_end = end
-                runs = ((pos, span_end - pos, K_UNALLOC, 0),)
+                runs = ((pos, span_end - pos, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, 0),)
                 pos = span_end
             elif not ext and not self.writable:
                 runs = self._indexed_runs(l1i, l2, pos, span_end)
@@ -286,7 +273,8 @@ class Qcow2Device(BlockDevice):
                             stop = (((span_end - 1) >> cb) & (l2e - 1)) + 1
                             k = (skip_filled(l2, 2 * idx, 2 * stop) // 2) - idx
                             run_end = min(span_end, (ci + max(k, 1)) << cb)
-                            runs.append((pos, run_end - pos, K_UNALLOC, 0))
+                            runs.append((pos, run_end - pos,
+                                         QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, 0))
                             pos = run_end
                             continue
                         runs.extend(self._ext_runs(l2[2 * idx], l2[2 * idx + 1], pos, cend,
@@ -294,30 +282,26 @@ class Qcow2Device(BlockDevice):
                         pos = cend
                         continue
                     e = l2[idx]
-                    if e & QCOW_OFLAG_COMPRESSED:
-                        runs.append((pos, cend - pos, K_COMP, e))
+                    kind = l2_entry_type(e, has_df)
+                    if kind == QCOW2_SUBCLUSTER_COMPRESSED:
+                        runs.append((pos, cend - pos, kind, e))
                         pos = cend
                         continue
                     # whole runs of like entries at once (contiguous data, zeros,
                     # holes): one array comparison instead of a step per cluster
                     stop = (((span_end - 1) >> cb) & (l2e - 1)) + 1
                     host = e & L2E_OFFSET_MASK
-                    if e & QCOW_OFLAG_ZERO:
-                        kind, step = (K_ZALLOC, cs) if host else (K_ZERO, 0)
-                    elif host or (has_df and e & QCOW_OFLAG_COPIED):
-                        kind, step = K_DATA, cs
-                        if not has_df:
-                            self._check_data_offset(host, ci)
-                    else:
-                        kind, step = K_UNALLOC, 0
+                    step = cs if kind in _HOST_STEPS else 0
+                    if kind == QCOW2_SUBCLUSTER_NORMAL and not has_df:
+                        self._check_data_offset(host, ci)
                     k = _run_length(l2, idx, stop, e, step) if stop - idx > 1 else 1
                     run_end = min(span_end, (ci + k) << cb)
                     runs.append((pos, run_end - pos, kind,
                                  host + pos - cstart if step else 0))
                     pos = run_end
             for r in runs:
-                if cur is not None and cur[2] == r[2] and r[2] != K_COMP and (
-                        r[2] in (K_ZERO, K_UNALLOC) or cur[3] + cur[1] == r[3]):
+                if cur is not None and cur[2] == r[2] and r[2] not in _UNMERGED and (
+                        r[2] in _HOSTLESS or cur[3] + cur[1] == r[3]):
                     cur[1] += r[1]
                 else:
                     if cur is not None:
@@ -338,7 +322,7 @@ class Qcow2Device(BlockDevice):
             kind, e, step = kinds[j]
             nxt = starts[j + 1] if j + 1 < len(starts) else self.l2_entries
             run_end = min(span_end, (base + nxt) << cb)
-            if kind == K_COMP:
+            if kind == QCOW2_SUBCLUSTER_COMPRESSED:
                 host = e
             elif step:
                 host = (e & L2E_OFFSET_MASK) + pos - ((base + starts[j]) << cb)
@@ -362,18 +346,13 @@ class Qcow2Device(BlockDevice):
         base = self._table_base.get(offset, 0)
         while i < n:
             e = l2[i]
-            if e & QCOW_OFLAG_COMPRESSED:
-                kind, step, k = K_COMP, 0, 1
+            kind = l2_entry_type(e, has_df)
+            if kind == QCOW2_SUBCLUSTER_COMPRESSED:
+                step, k = 0, 1
             else:
-                host = e & L2E_OFFSET_MASK
-                if e & QCOW_OFLAG_ZERO:
-                    kind, step = (K_ZALLOC, cs) if host else (K_ZERO, 0)
-                elif host or (has_df and e & QCOW_OFLAG_COPIED):
-                    kind, step = K_DATA, cs
-                    if not has_df:
-                        self._check_data_offset(host, base + i)
-                else:
-                    kind, step = K_UNALLOC, 0
+                step = cs if kind in _HOST_STEPS else 0
+                if kind == QCOW2_SUBCLUSTER_NORMAL and not has_df:
+                    self._check_data_offset(e & L2E_OFFSET_MASK, base + i)
                 k = _run_length(l2, i, n, e, step) if n - i > 1 else 1
             starts.append(i)
             kinds.append((kind, e, step))
@@ -384,7 +363,7 @@ class Qcow2Device(BlockDevice):
     def _ext_runs(self, word: int, bitmap: int, pos: int, cend: int, cstart: int, scs: int,
                   has_df: bool):
         if word & QCOW_OFLAG_COMPRESSED:
-            return [(pos, cend - pos, K_COMP, word)]
+            return [(pos, cend - pos, QCOW2_SUBCLUSTER_COMPRESSED, word)]
         host = word & L2E_OFFSET_MASK
         if host and not has_df:
             self._check_data_offset(host, cstart >> self.cluster_bits)
@@ -399,14 +378,16 @@ class Qcow2Device(BlockDevice):
                                       f" subcluster {s} is both allocated and zero, or"
                                       " allocated without a host cluster", self.path,
                                       structure="extended L2 entry")
-                out.append((pos, send - pos, K_DATA, host + pos - cstart))
+                out.append((pos, send - pos, QCOW2_SUBCLUSTER_NORMAL, host + pos - cstart))
             elif zero:
-                out.append((pos, send - pos, K_ZALLOC, host + pos - cstart) if host
-                           else (pos, send - pos, K_ZERO, 0))
+                out.append((pos, send - pos, QCOW2_SUBCLUSTER_ZERO_ALLOC,
+                            host + pos - cstart) if host
+                           else (pos, send - pos, QCOW2_SUBCLUSTER_ZERO_PLAIN, 0))
             elif host:
-                out.append((pos, send - pos, K_UALLOC, host + pos - cstart))
+                out.append((pos, send - pos, QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC,
+                            host + pos - cstart))
             else:
-                out.append((pos, send - pos, K_UNALLOC, 0))
+                out.append((pos, send - pos, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, 0))
             pos = send
         return out
 
@@ -427,19 +408,19 @@ class Qcow2Device(BlockDevice):
 
     def _extents(self, offset, length, backing):
         for g, n, kind, host in self._runs(offset, length):
-            if kind == K_DATA:
+            if kind == QCOW2_SUBCLUSTER_NORMAL:
                 yield Extent(g, n, ExtentKind.DATA, True, host)
-            elif kind == K_COMP:
+            elif kind == QCOW2_SUBCLUSTER_COMPRESSED:
                 yield Extent(g, n, ExtentKind.DATA, True, None)
-            elif kind == K_ZERO:
+            elif kind == QCOW2_SUBCLUSTER_ZERO_PLAIN:
                 yield Extent(g, n, ExtentKind.ZERO, True, None)
-            elif kind == K_ZALLOC:
+            elif kind == QCOW2_SUBCLUSTER_ZERO_ALLOC:
                 yield Extent(g, n, ExtentKind.ZERO, True, host)
             elif backing:
                 yield Extent(g, n, ExtentKind.BACKING, False, None)
             else:
                 yield Extent(g, n, ExtentKind.ZERO, False,
-                             host if kind == K_UALLOC else None)
+                             host if kind == QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC else None)
 
     # -- reading ---------------------------------------------------------------------------
     def readinto(self, offset: int, buf) -> int:
@@ -448,18 +429,18 @@ class Qcow2Device(BlockDevice):
         self.check_range(offset, n)
         for g, k, kind, host in self._runs(offset, n):
             dst = mv[g - offset:g - offset + k]
-            if kind == K_DATA:
+            if kind == QCOW2_SUBCLUSTER_NORMAL:
                 got = self.data.readinto(host, dst)
                 if got < k:  # past the end of the file: qemu reads zeros there too
-                    zero_fill(dst[got:])
-            elif kind == K_UNALLOC or kind == K_UALLOC:
+                    fill_zero(dst[got:])
+            elif kind in _UNALLOCATED:
                 self._read_backing(g, dst)
-            elif kind == K_COMP:
+            elif kind == QCOW2_SUBCLUSTER_COMPRESSED:
                 cstart = g >> self.cluster_bits << self.cluster_bits
                 data = self._decompress(host, cstart)
                 dst[:] = data[g - cstart:g - cstart + k]
             else:
-                zero_fill(dst)
+                fill_zero(dst)
         return n
 
     def _read_backing(self, g: int, dst) -> None:
@@ -469,7 +450,7 @@ class Qcow2Device(BlockDevice):
         if inside:
             b.readinto(g, dst[:inside])
         if inside < k:
-            zero_fill(dst[inside:])
+            fill_zero(dst[inside:])
 
     def _decompress(self, entry: int, cstart: int) -> bytes:
         cached = self._comp_cache

@@ -16,73 +16,21 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from construct import Const, Int8ub, Int32ub, Int64ub, PaddedString, Struct
 
 from ...errors import FormatError, UnsupportedError
-from .layout import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
-                     COMPRESSION_NAMES, FEATURE_NAMES, INCOMPAT_COMPRESSION,
-                     INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
-                     INCOMPAT_KNOWN, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
-                     QCOW_MAX_BACKING_NAME, QCOW_MAX_BITMAP_DIRECTORY_SIZE,
-                     QCOW_MAX_BITMAPS, QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE,
-                     QCOW_MAX_SNAPSHOTS, Geometry)
+from .structs import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
+                      COMPRESSION_NAMES, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO,
+                      EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, FEATURE_ENTRY_SIZE,
+                      FEATURE_NAMES, Geometry, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
+                      INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+                      INCOMPAT_KNOWN, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
+                      QCOW_MAX_BACKING_NAME, QCOW_MAX_BITMAPS,
+                      QCOW_MAX_BITMAP_DIRECTORY_SIZE, QCOW_MAX_L1_SIZE,
+                      QCOW_MAX_REFTABLE_SIZE, QCOW_MAX_SNAPSHOTS, QCowExtension,
+                      QCowHeader, QCowHeaderV3, Qcow2BitmapHeaderExt,
+                      Qcow2CryptoHeaderExtension, Qcow2Feature, V2_HEADER_LENGTH,
+                      V3_HEADER_LENGTH, V3_HEADER_LENGTH_WITH_COMPRESSION)
 
-MAGIC = b"QFI\xfb"
-
-# qcow2.txt "Header", bytes 0-71 (all of version 2)
-QCowHeader = Struct(
-    "magic" / Const(MAGIC),
-    "version" / Int32ub,
-    "backing_file_offset" / Int64ub,
-    "backing_file_size" / Int32ub,
-    "cluster_bits" / Int32ub,
-    "size" / Int64ub,
-    "crypt_method" / Int32ub,
-    "l1_size" / Int32ub,
-    "l1_table_offset" / Int64ub,
-    "refcount_table_offset" / Int64ub,
-    "refcount_table_clusters" / Int32ub,
-    "nb_snapshots" / Int32ub,
-    "snapshots_offset" / Int64ub,
-)
-
-# qcow2.txt "Header", bytes 72-103 (version 3 and higher)
-QCowHeaderV3 = Struct(
-    "incompatible_features" / Int64ub,
-    "compatible_features" / Int64ub,
-    "autoclear_features" / Int64ub,
-    "refcount_order" / Int32ub,
-    "header_length" / Int32ub,
-)
-
-V2_HEADER_LENGTH = 72
-V3_HEADER_LENGTH = 104
-# qemu writes the compression_type byte (offset 104) and pads to a multiple of 8
-V3_HEADER_LENGTH_WITH_COMPRESSION = 112
-
-# qcow2.txt "Header extensions"
-QCowExtension = Struct("magic" / Int32ub, "len" / Int32ub)
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
-
-# qcow2.txt "Feature name table"
-Qcow2Feature = Struct("type" / Int8ub, "bit" / Int8ub, "name" / PaddedString(46, "ascii"))
-FEATURE_ENTRY_SIZE = 48
-
-# qcow2.txt "Bitmaps extension"
-Qcow2BitmapHeaderExt = Struct(
-    "nb_bitmaps" / Int32ub,
-    "reserved32" / Int32ub,
-    "bitmap_directory_size" / Int64ub,
-    "bitmap_directory_offset" / Int64ub,
-)
-
-# qcow2.txt "Full disk encryption header pointer"
-Qcow2CryptoHeaderExtension = Struct("offset" / Int64ub, "length" / Int64ub)
 
 @dataclass
 class BitmapsExt:

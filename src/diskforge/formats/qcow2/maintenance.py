@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from array import array
 
+from ...byteorder import be_bytes
 from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import Measurement
-from .layout import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
-                     INCOMPAT_EXTL2, L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
-                     QCOW_OFLAG_ZERO)
 from .refcount import encode, refcount_layout, refcount_metadata_size
+from .structs import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, Geometry,
+                      INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, L1E_OFFSET_MASK,
+                      QCOW2_SUBCLUSTER_COMPRESSED, QCOW2_SUBCLUSTER_NORMAL,
+                      QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, QCOW2_SUBCLUSTER_ZERO_PLAIN,
+                      QCOW_MAX_L1_SIZE, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
+                      REFT_OFFSET_MASK)
 
 
 # -- measure ---------------------------------------------------------------------------------
@@ -52,7 +56,6 @@ def measure(size: int, options, allocated) -> Measurement:
 # -- resize ----------------------------------------------------------------------------------
 
 def resize(dev, size: int, *, shrink: bool = False) -> None:
-    from .device import K_COMP, K_DATA, K_UNALLOC, K_ZERO
     old = dev.size
     if size == old:
         return
@@ -69,7 +72,8 @@ def resize(dev, size: int, *, shrink: bool = False) -> None:
             raise UnsupportedError("cannot shrink an image that has internal snapshots",
                                    dev.path)
         for g, n, kind, _ in dev._runs(size, old - size):
-            if kind not in (K_UNALLOC, K_ZERO):
+            if kind not in (QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN,
+                            QCOW2_SUBCLUSTER_ZERO_PLAIN):
                 raise UsageError(f"shrinking to {size} bytes would cut allocated data at"
                                  f" offset {g} (+{n}); nothing allocated may be cut",
                                  dev.path)
@@ -100,7 +104,6 @@ def resize(dev, size: int, *, shrink: bool = False) -> None:
         return
     new_l1 = dev.geo.l1_entries_for(size)
     if new_l1 > dev.l1_size:
-        from .layout import QCOW_MAX_L1_SIZE
         if new_l1 * 8 > QCOW_MAX_L1_SIZE:
             raise UsageError(f"{size} bytes needs an L1 table beyond qemu's limit with"
                              f" {cs}-byte clusters", dev.path)
@@ -120,7 +123,7 @@ def resize(dev, size: int, *, shrink: bool = False) -> None:
     # what lay past the old end inside its last cluster must read as zeros now
     if tail_end > old:
         for g, n, kind, _ in list(dev._runs(old, tail_end - old)):
-            if kind in (K_DATA, K_COMP):
+            if kind in (QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_COMPRESSED):
                 dev.write(g, bytes(n))
     # a larger backing file must not show through the new area (qemu does the same)
     b = dev.backing
@@ -171,8 +174,6 @@ def rebuild_refcounts(dev, counts, top: int, order: int) -> None:
     """Write a new refcount table and blocks of width ``2**order`` past cluster ``top``
     holding ``counts(c)`` for every cluster below it plus their own, and point the
     header at them; the old structure becomes free space."""
-    from .device import be_bytes
-    from .layout import Geometry
     from .refcount import Refcounts
     cs = dev.cs
     geo = Geometry(dev.cluster_bits, order, dev.extended)
@@ -272,7 +273,6 @@ def _change_refcount_order(dev, order: int) -> None:
                              dev.path)
     counts = [refs.get(c) for c in range(top)]
     # the old table and blocks are not referenced once the header names the new ones
-    from .layout import REFT_OFFSET_MASK
     cs = dev.cs
     first = refs.table_offset // cs
     old = list(range(first, first + refs.table_clusters))

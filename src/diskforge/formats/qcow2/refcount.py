@@ -18,13 +18,13 @@ from __future__ import annotations
 import struct
 from array import array
 
+from ...byteorder import be_array, be_bytes
 from ...errors import FormatError, UnsupportedError
-from .layout import REFT_OFFSET_MASK, Geometry
+from .structs import Geometry, REFT_OFFSET_MASK
 
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 _STRUCTS = {3: struct.Struct(">B"), 4: struct.Struct(">H"), 5: struct.Struct(">I"),
             6: struct.Struct(">Q")}
-_BIG_ENDIAN_HOST = array("H", b"\x00\x01")[0] == 1
 
 
 def refcount_layout(clusters: int, cluster_size: int, refcount_order: int
@@ -52,10 +52,7 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
 def decode(raw: bytes, order: int) -> array:
     """Every entry of one refcount block, as an array of ints."""
     if order >= 3:
-        a = array(_TYPECODES[order], raw)
-        if not _BIG_ENDIAN_HOST and order > 3:
-            a.byteswap()
-        return a
+        return be_array(raw, _TYPECODES[order])
     table = _expand_table(order)
     return array("B", b"".join(table[b] for b in raw))
 
@@ -77,10 +74,7 @@ def _expand_table(order: int) -> list[bytes]:
 def encode(values, order: int) -> bytes:
     """The on-disk bytes of a refcount block holding ``values`` (an int sequence)."""
     if order >= 3:
-        a = array(_TYPECODES[order], values)
-        if not _BIG_ENDIAN_HOST and order > 3:
-            a.byteswap()
-        return a.tobytes()
+        return be_bytes(array(_TYPECODES[order], values))
     bits = 1 << order
     per_byte = 8 // bits
     out = bytearray(-(-len(values) // per_byte))
@@ -143,9 +137,7 @@ class Refcounts:
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         raw = backend.read_exact(table_offset, table_clusters * self.cs, "refcount table")
-        self.table = array("Q", raw)
-        if not _BIG_ENDIAN_HOST:
-            self.table.byteswap()
+        self.table = be_array(raw)
         self.blocks: dict[int, bytearray] = {}
         self.dirty: set[int] = set()
         self.table_dirty = False
@@ -334,10 +326,7 @@ class Refcounts:
             self.backend.pwrite(self.table[ti] & REFT_OFFSET_MASK, self.blocks[ti])
         self.dirty.clear()
         if self.table_dirty:
-            raw = array("Q", self.table)
-            if not _BIG_ENDIAN_HOST:
-                raw.byteswap()
-            self.backend.pwrite(self.table_offset, raw.tobytes())
+            self.backend.pwrite(self.table_offset, be_bytes(self.table))
             self.table_dirty = False
 
     def release_old_tables(self) -> None:

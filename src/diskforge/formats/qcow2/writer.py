@@ -23,26 +23,23 @@ from __future__ import annotations
 import os
 from array import array
 
+from ...byteorder import be_array, be_bytes
 from ...atomic import AtomicFile
 from ...blockdev import ZERO_BUFFER_SIZE, ZEROES, Backing, ImageWriter, is_zero
 from ...errors import UnsupportedError, UsageError
 from . import codec
-from .header import V2_HEADER_LENGTH, V3_HEADER_LENGTH_WITH_COMPRESSION, Header
-from .layout import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD,
-                     INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
-                     QCOW_MAX_L1_SIZE, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS,
-                     Geometry)
-from .refcount import _BIG_ENDIAN_HOST, all_ones_block, encode, refcount_layout
+from .header import Header
+from .refcount import all_ones_block, encode, refcount_layout
+from .structs import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD,
+                      Geometry, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
+                      INCOMPAT_EXTL2, QCOW_MAX_L1_SIZE, QCOW_OFLAG_COPIED,
+                      QCOW_OFLAG_ZERO, SUBCLUSTERS, V2_HEADER_LENGTH,
+                      V3_HEADER_LENGTH_WITH_COMPRESSION)
 
 ALL_ALLOC = (1 << SUBCLUSTERS) - 1
 CBUF_FLUSH = 1 << 20
 
 
-def _be(a: array) -> bytes:
-    if not _BIG_ENDIAN_HOST:
-        a = array("Q", a)
-        a.byteswap()
-    return a.tobytes()
 
 
 class Qcow2Writer(ImageWriter):
@@ -128,7 +125,7 @@ class Qcow2Writer(ImageWriter):
 
     def _flush_l2(self) -> None:
         if self.cur_l2 is not None and self.cur_l2_off:
-            self.out.pwrite(self.cur_l2_off, _be(self.cur_l2))
+            self.out.pwrite(self.cur_l2_off, be_bytes(self.cur_l2))
             self.l1[self.cur_l1i] = self.cur_l2_off | QCOW_OFLAG_COPIED
         self.cur_l2 = None
         self.cur_l1i = -1
@@ -416,9 +413,9 @@ class Qcow2Writer(ImageWriter):
         self._flush_part()
         self._flush_cbuf()
         if self.cur_l2 is not None and self.cur_l2_off:
-            self.out.pwrite(self.cur_l2_off, _be(self.cur_l2))
+            self.out.pwrite(self.cur_l2_off, be_bytes(self.cur_l2))
         if self.l1_size:
-            self.out.pwrite(self.cs, _be(self.l1))
+            self.out.pwrite(self.cs, be_bytes(self.l1))
         self.out.flush(durable=True)
         cref = None
         if self.cref is not None:
@@ -444,15 +441,11 @@ class Qcow2Writer(ImageWriter):
             raise FormatError("resume state does not fit the partial file", self.path)
         self.out.truncate(nxt * self.cs)  # whatever came after the checkpoint is gone
         if self.l1_size:
-            self.l1 = array("Q", self.out.read_exact(self.cs, 8 * self.l1_size, "L1"))
-            if not _BIG_ENDIAN_HOST:
-                self.l1.byteswap()
+            self.l1 = be_array(self.out.read_exact(self.cs, 8 * self.l1_size, "L1"))
         self.next_cluster, self.cbyte = nxt, cbyte
         if l1i >= 0 and l2_off:
             self.cur_l1i, self.cur_l2_off = l1i, l2_off
-            self.cur_l2 = array("Q", self.out.read_exact(l2_off, self.cs, "L2 table"))
-            if not _BIG_ENDIAN_HOST:
-                self.cur_l2.byteswap()
+            self.cur_l2 = be_array(self.out.read_exact(l2_off, self.cs, "L2 table"))
         if self.compress:
             if not cref:
                 raise FormatError("resume state lacks the compressed refcounts", self.path)
@@ -480,7 +473,7 @@ class Qcow2Writer(ImageWriter):
         self._flush_l2()
         self._flush_cbuf()
         if self.l1_size:
-            self.out.pwrite(cs, _be(self.l1))
+            self.out.pwrite(cs, be_bytes(self.l1))
         used = self.next_cluster
         table, blocks = refcount_layout(used, cs, self.geo.refcount_order)
         total = used + table + blocks
@@ -489,7 +482,7 @@ class Qcow2Writer(ImageWriter):
         rt = array("Q", bytes(table * cs))
         for i in range(blocks):
             rt[i] = (used + table + i) * cs
-        self.out.pwrite(used * cs, _be(rt))
+        self.out.pwrite(used * cs, be_bytes(rt))
         for i in range(blocks):
             first = i * epb
             count = max(0, min(epb, total - first))
