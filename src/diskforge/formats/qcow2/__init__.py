@@ -148,11 +148,10 @@ def _backing_from_options(path: str, options: Qcow2Options):
     """``-o backing_file=NAME``: open it (relative to the new image, as qemu does) for
     its format and for copy-on-write of partial clusters."""
     from ...blockdev import Backing
+    from ...policy import beside
     from ...registry import open_image
     name = options.backing_file
-    full = name if os.path.isabs(name) else os.path.join(
-        os.path.dirname(os.path.abspath(path)), name)
-    dev = open_image(full, options.backing_fmt or None)
+    dev = open_image(beside(path, name), options.backing_fmt or None)
     fmt = options.backing_fmt or dev.format
     dev.close()
     return Backing(name=name, format=fmt, device=None)

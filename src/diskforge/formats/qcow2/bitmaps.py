@@ -141,7 +141,7 @@ class Bitmaps:
         for b in self.tracked:
             self.tables[b.name] = read_table(self.dev, b)
             self._write_flags(b, b.flags | BME_FLAG_IN_USE)
-        self.dev._barrier()
+        self.dev.barrier()
         self.in_use = True
 
     def _write_flags(self, b: Bitmap, flags: int) -> None:

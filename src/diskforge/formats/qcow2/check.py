@@ -26,6 +26,8 @@ from ...blockdev import skip_filled
 from ...errors import FormatError, LimitError
 from ...limits import check_alloc
 from ...checks import CheckResult, Problem, ProblemKind, Repair
+from .bitmaps import read_directory, read_table
+from .maintenance import rebuild_refcounts
 from .refcount import decode, refcount_layout
 from .structs import (BME_TABLE_ENTRY_OFFSET_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
                       L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
@@ -112,8 +114,8 @@ def _mark_clean(dev) -> None:
     if h.incompatible_features & (INCOMPAT_CORRUPT | INCOMPAT_DIRTY):
         h.incompatible_features &= ~(INCOMPAT_CORRUPT | INCOMPAT_DIRTY)
         dev.flush()
-        dev._write_header()
-        dev._barrier()
+        dev.write_header()
+        dev.barrier()
 
 
 class _Check:
@@ -337,7 +339,6 @@ class _Check:
         dev = self.dev
         if dev.header.bitmaps is None:
             return
-        from .bitmaps import read_directory, read_table
         ext = dev.header.bitmaps
         self.count(ext.directory_offset, ext.directory_size)
         try:
@@ -425,7 +426,7 @@ class _Check:
                 res.corruptions_fixed += 1
                 res.corruptions -= 1
             blk[c % epb] = want
-            dev.refs._set(c, want)
+            dev.refs.set(c, want)
         if inplace:
             dev.refs.write_blocks()
 
@@ -451,7 +452,6 @@ class _Check:
     def _rebuild(self) -> None:
         """New refcount table and blocks past everything in use, holding exactly the
         computed counts (plus their own); the old structure becomes free space."""
-        from .maintenance import rebuild_refcounts
         top = max(self.nb, self.refs.highest() + 1)
         for off, n in self.old_meta:  # the old structure will not be referenced
             self.refs.add(off, n, -1)

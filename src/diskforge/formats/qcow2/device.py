@@ -24,11 +24,16 @@ import os
 from array import array
 
 from ...byteorder import be_array, be_bytes
-from ...blockdev import (ZEROES, BlockDevice, Extent, ExtentKind, FileBackend, ImageInfo,
-                         coalesce, fill_zero, skip_filled)
+from ...blockdev import (ZEROES, Extent, ExtentKind, FileBackend, FileDevice, ImageInfo,
+                         coalesce, fill_zero, pieces, skip_filled)
 from ...checks import CheckResult, Repair
 from ...errors import FormatError, SafetyError, UnsupportedError, UsageError
-from . import codec
+from ...policy import OpenPolicy
+from ...registry import open_image
+from . import codec, maintenance
+from . import snapshot as snapshot_table
+from .bitmaps import Bitmaps, read_directory
+from .check import check as check_image
 from .header import Header, parse as parse_header
 from .refcount import Refcounts
 from .structs import (AUTOCLEAR_KNOWN, MAGIC, Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
@@ -81,29 +86,18 @@ def _run_length(table: array, start: int, stop: int, first: int, step: int) -> i
     return n
 
 
-class Qcow2Device(BlockDevice):
+class Qcow2Device(FileDevice):
     format = "qcow2"
-
-    def __init__(self, path: str, *, writable: bool = False, policy=None,
-                 snapshot: str | None = None):
-        self.path = path
-        self.writable = writable
-        self.policy = policy
-        self.backend = FileBackend(path, writable=writable)
-        self.data = self.backend
-        self.backing = None
-        self.refs: Refcounts | None = None
-        self.bitmaps = None
-        self.snapshot = None
-        try:
-            self._open(snapshot)
-        except BaseException:
-            self.close()
-            raise
+    backing = None
+    refs: Refcounts | None = None       # the refcounts, loaded when opened writable
+    bitmaps: Bitmaps | None = None      # persistent dirty bitmaps, kept when writable
+    snapshot = None                     # the internal snapshot this view shows
+    data: FileBackend | None = None     # where guest clusters live: the image itself
+                                        # or its external data file
 
     # -- opening -------------------------------------------------------------------------
-    def _open(self, snapshot: str | None) -> None:
-        from .snapshot import find, read_table
+    def _open(self, snapshot: str | None = None) -> None:
+        self.data = self.backend
         size = self.backend.size
         head = self.backend.pread(0, min(size, 1 << 16))
         if len(head) >= 24 and head[:4] == MAGIC:
@@ -118,14 +112,14 @@ class Qcow2Device(BlockDevice):
         self.l2_bits = self.geo.l2_bits
         self.extended = h.extended_l2
         self.file_size = size
-        self.snapshots, self.snapshot_table_size = read_table(
+        self.snapshots, self.snapshot_table_size = snapshot_table.read_table(
             self.backend, h.snapshots_offset, h.nb_snapshots, self.cs, size, self.path)
         self.size = h.size
         self.l1_offset, self.l1_size = h.l1_table_offset, h.l1_size
         if snapshot is not None:
             if self.writable:
                 raise UsageError("a snapshot view is read-only", self.path)
-            snap = self.snapshot = find(self.snapshots, snapshot, self.path)
+            snap = self.snapshot = snapshot_table.find(self.snapshots, snapshot, self.path)
             self.size = snap.disk_size if snap.disk_size is not None else h.size
             self.l1_offset, self.l1_size = snap.l1_table_offset, snap.l1_size
             if self.l1_size < self.geo.l1_entries_for(self.size):
@@ -146,12 +140,11 @@ class Qcow2Device(BlockDevice):
         if h.has_data_file:
             self._open_data_file()
         if h.backing_file:
-            self._open_backing(h.backing_file, h.backing_format)
+            self.open_backing(h.backing_file, h.backing_format)
         if self.writable:
             self.refs = Refcounts(self.backend, self.geo, h.refcount_table_offset,
                                   h.refcount_table_clusters, self.path)
             if h.bitmaps is not None:
-                from .bitmaps import Bitmaps
                 self.bitmaps = Bitmaps(self)
         # lazy refcounts left inconsistent (the dirty bit): repaired before the first
         # change, as qemu does on opening; not at open, so that 'check' sees them
@@ -162,18 +155,15 @@ class Qcow2Device(BlockDevice):
         if not name:
             raise UnsupportedError("not supported yet: a qcow2 image with an external data"
                                    " file that it does not name", self.path)
-        from ...policy import OpenPolicy
         policy = self.policy or OpenPolicy()
         full = policy.resolve(self.path, name, "external data file")
         self.data = FileBackend(full, writable=self.writable)
         self.data_path = full
 
-    def _open_backing(self, name: str, fmt: str | None) -> None:
+    def open_backing(self, name: str, fmt: str | None) -> None:
         if self.header.data_file_raw:
             raise FormatError("a raw external data file excludes a backing file", self.path,
                               structure="QCowHeader", field="backing_file_offset")
-        from ...policy import OpenPolicy
-        from ...registry import open_image
         policy = self.policy or OpenPolicy().descend(self.path)
         full = policy.resolve(self.path, name, "backing file")
         policy.check_backing_format(self.path, name, fmt,
@@ -227,7 +217,7 @@ class Qcow2Device(BlockDevice):
         return self.l2_table(off)
 
     # -- the map ---------------------------------------------------------------------------
-    def _runs(self, offset: int, length: int):
+    def runs(self, offset: int, length: int):
         """``(guest offset, length, kind, host)`` runs covering the range, merged where
         kind (a ``QCOW2_SUBCLUSTER_*`` type) and host continuity allow. ``host`` is the
         data offset (_NORMAL, _ZERO_ALLOC, _UNALLOCATED_ALLOC) or the L2 entry
@@ -407,7 +397,7 @@ class Qcow2Device(BlockDevice):
         return coalesce(self._extents(offset, length, backing))
 
     def _extents(self, offset, length, backing):
-        for g, n, kind, host in self._runs(offset, length):
+        for g, n, kind, host in self.runs(offset, length):
             if kind == QCOW2_SUBCLUSTER_NORMAL:
                 yield Extent(g, n, ExtentKind.DATA, True, host)
             elif kind == QCOW2_SUBCLUSTER_COMPRESSED:
@@ -427,7 +417,7 @@ class Qcow2Device(BlockDevice):
         mv = memoryview(buf).cast("B")
         n = len(mv)
         self.check_range(offset, n)
-        for g, k, kind, host in self._runs(offset, n):
+        for g, k, kind, host in self.runs(offset, n):
             dst = mv[g - offset:g - offset + k]
             if kind == QCOW2_SUBCLUSTER_NORMAL:
                 got = self.data.readinto(host, dst)
@@ -506,7 +496,6 @@ class Qcow2Device(BlockDevice):
         d: dict = {"compat": "1.1", "compression-type": h.compression_name,
                    "lazy-refcounts": h.lazy_refcounts}
         if h.bitmaps is not None:
-            from .bitmaps import read_directory
             d["bitmaps"] = [b.to_json() for b in read_directory(self)]
         d["refcount-bits"] = self.geo.refcount_bits
         d["corrupt"] = h.corrupt
@@ -542,19 +531,25 @@ class Qcow2Device(BlockDevice):
 
     # == writing =============================================================================
     def _require_writable(self) -> None:
+        """Refuse a change to a read-only image, then ``prepare_write``."""
         if not self.writable:
             raise UnsupportedError("qcow2 image is open read-only", self.path)
+        self.prepare_write()
+
+    def prepare_write(self) -> None:
+        """What must hold before the first change to a writable image: refused when
+        the corrupt bit is set; unknown autoclear bits cleared (qcow2.txt); refcounts
+        that lazy refcounts left inconsistent repaired, as qemu does on opening."""
         if self.header.corrupt:
             raise SafetyError("the image is marked corrupt (by qemu or diskforge); repair"
                               " it with 'diskforge check -r all' before writing", self.path)
         if self.header.autoclear_features & ~AUTOCLEAR_KNOWN:
             # qcow2.txt: clear auto-clear bits we do not know before writing
             self.header.autoclear_features &= AUTOCLEAR_KNOWN
-            self._write_header()
-            self._barrier()
+            self.write_header()
+            self.barrier()
         if self.needs_repair:
-            from .check import check
-            result = check(self, Repair.ALL)
+            result = check_image(self, Repair.ALL)
             if result.corruptions or result.check_errors:
                 raise SafetyError("the image's refcounts (dirty, lazy refcounts) could not"
                                   " be repaired; run 'diskforge check -r all'", self.path)
@@ -563,7 +558,7 @@ class Qcow2Device(BlockDevice):
     def has_data_file(self) -> bool:
         return self.data is not self.backend
 
-    def _l2_for_write(self, l1i: int) -> tuple[int, array]:
+    def l2_for_write(self, l1i: int) -> tuple[int, array]:
         """(host offset, table) of the L2 table for L1 index ``l1i``, allocated or
         copied so that the active L1 table owns it alone."""
         if l1i >= len(self.l1):
@@ -578,7 +573,7 @@ class Qcow2Device(BlockDevice):
         new = self.refs.alloc(1) * self.cs
         if off:  # shared with a snapshot: copy it
             table = array("Q", self.l2_table(off))
-            self._fix_copied(table)
+            self.fix_copied(table)
             self.refs.free(off // self.cs)
         else:
             table = array("Q", bytes(self.cs))
@@ -587,7 +582,7 @@ class Qcow2Device(BlockDevice):
         self.l1_dirty = True
         return new, table
 
-    def _fix_copied(self, table: array) -> bool:
+    def fix_copied(self, table: array) -> bool:
         """Set bit 63 exactly on the entries whose cluster has refcount 1."""
         step = 2 if self.extended else 1
         changed = False
@@ -604,7 +599,7 @@ class Qcow2Device(BlockDevice):
                 changed = True
         return changed
 
-    def _release_entry(self, word: int) -> None:
+    def release_entry(self, word: int) -> None:
         """Queue the clusters an L2 entry used for freeing."""
         if word & QCOW_OFLAG_COMPRESSED:
             off, n = self.geo.compressed_range(word)
@@ -627,22 +622,15 @@ class Qcow2Device(BlockDevice):
             return False
         return bool(word & QCOW_OFLAG_COPIED) or self.refs.get(host // self.cs) == 1
 
-    def write(self, offset: int, data) -> None:
-        self._require_writable()
-        mv = memoryview(data).cast("B")
+    def _write(self, offset: int, mv: memoryview) -> None:
+        self.prepare_write()
         n = len(mv)
-        self.check_range(offset, n)
         if self.bitmaps is not None:
             self.bitmaps.mark(offset, n)
-        cb, cs = self.cluster_bits, self.cs
         pending: list = []  # (host, view) of contiguous fresh clusters, one pwrite
-        pos, end = offset, offset + n
-        while pos < end:
-            ci = pos >> cb
-            cstart = ci << cb
-            cend = min(cstart + cs, end)
-            self._write_cluster(ci, pos - cstart, mv[pos - offset:cend - offset], pending)
-            pos = cend
+        for pos, k in pieces(offset, n, self.cs):
+            ci, within = divmod(pos, self.cs)
+            self._write_cluster(ci, within, mv[pos - offset:pos - offset + k], pending)
         self._flush_pending(pending)
         if len(self.l2_dirty) > self.l2_capacity:
             self.flush()  # the data is on disk: the tables may follow
@@ -667,7 +655,7 @@ class Qcow2Device(BlockDevice):
         cs = self.cs
         cstart = ci << self.cluster_bits
         clen = min(cs, self.size - cstart)
-        l2off, l2 = self._l2_for_write(ci >> self.l2_bits)
+        l2off, l2 = self.l2_for_write(ci >> self.l2_bits)
         idx = ci & (self.l2_entries - 1)
         if self.extended:
             self._write_ext(l2off, l2, idx, ci, cstart, clen, within, piece, pending)
@@ -703,7 +691,7 @@ class Qcow2Device(BlockDevice):
             new = self.refs.alloc(1) * cs
         self._queue(pending, new, content)
         if not self.has_data_file:
-            self._release_entry(e)
+            self.release_entry(e)
         l2[idx] = new | QCOW_OFLAG_COPIED
         self.l2_dirty.add(l2off)
 
@@ -739,31 +727,25 @@ class Qcow2Device(BlockDevice):
             new = cstart if self.has_data_file else self.refs.alloc(1) * self.cs
             self.data.pwrite(new, content)
             if not self.has_data_file:
-                self._release_entry(word)
+                self.release_entry(word)
             new_word = new | QCOW_OFLAG_COPIED
             new_bitmap = ALL_ALLOC
         if (new_word, new_bitmap) != (word, bitmap):
             l2[2 * idx], l2[2 * idx + 1] = new_word, new_bitmap
             self.l2_dirty.add(l2off)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self._require_writable()
-        self.check_range(offset, length)
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        self.prepare_write()
         if self.bitmaps is not None:
             self.bitmaps.mark(offset, length)
-        cb, cs = self.cluster_bits, self.cs
-        pos, end = offset, offset + length
-        while pos < end:
-            ci = pos >> cb
-            cstart = ci << cb
-            clen = min(cs, self.size - cstart)
-            cend = min(cstart + cs, end)
-            if pos == cstart and cend - cstart == clen and self._zero_cluster(ci, cstart):
-                pos = cend
+        cs = self.cs
+        for pos, n in pieces(offset, length, cs):
+            ci, within = divmod(pos, cs)
+            cstart = pos - within
+            if not within and n == min(cs, self.size - cstart) \
+                    and self._zero_cluster(ci, cstart):
                 continue
-            n = cend - pos
-            self.write(pos, ZEROES[:n])
-            pos = cend
+            self._write(pos, ZEROES[:n])
 
     def _zero_cluster(self, ci: int, cstart: int) -> bool:
         """Make a whole guest cluster read as zeros through metadata alone; False when
@@ -773,7 +755,7 @@ class Qcow2Device(BlockDevice):
             if self.header.data_file_raw:
                 return False
             # keep the mapping (host = guest offset), make the data file read zeros
-            self.write(cstart, ZEROES[:min(self.cs, self.size - cstart)])
+            self._write(cstart, ZEROES[:min(self.cs, self.size - cstart)])
             return True
         if backing and self.header.version < 3:
             return False
@@ -783,28 +765,28 @@ class Qcow2Device(BlockDevice):
             l1e = self.l1[l1i] if l1i < len(self.l1) else 0
             if not l1e & L1E_OFFSET_MASK:
                 return True  # unallocated, no backing: already zeros
-        l2off, l2 = self._l2_for_write(l1i)
+        l2off, l2 = self.l2_for_write(l1i)
         if self.extended:
             word, bitmap = l2[2 * idx], l2[2 * idx + 1]
             new = (0, ALL_ZERO if backing else 0)
             if (word, bitmap) != new:
-                self._release_entry(word)
+                self.release_entry(word)
                 l2[2 * idx], l2[2 * idx + 1] = new
                 self.l2_dirty.add(l2off)
             return True
         e = l2[idx]
         new = QCOW_OFLAG_ZERO if backing else 0
         if e != new:
-            self._release_entry(e)
+            self.release_entry(e)
             l2[idx] = new
             self.l2_dirty.add(l2off)
         return True
 
     # -- flushing ----------------------------------------------------------------------------
-    def _barrier(self) -> None:
+    def barrier(self) -> None:
         self.backend.flush(durable=True)
 
-    def _write_header(self) -> None:
+    def write_header(self) -> None:
         h = self.header
         h.l1_table_offset, h.l1_size = self.l1_offset, self.l1_size
         if self.refs is not None:
@@ -824,25 +806,25 @@ class Qcow2Device(BlockDevice):
             self.bitmaps.flush_data()
         if refs.dirty or refs.table_dirty:
             refs.write_blocks()
-            self._barrier()
+            self.barrier()
         if self.l2_dirty:
             for off in sorted(self.l2_dirty):
                 self.backend.pwrite(off, be_bytes(self.l2_cache[off]))
             self.l2_dirty.clear()
-            self._barrier()
+            self.barrier()
         if self.l1_dirty:
             self.backend.pwrite(self.l1_offset, be_bytes(self.l1))
             self.l1_dirty = False
         if self.header_dirty or refs.table_moved:
-            self._write_header()
+            self.write_header()
         if self.bitmaps is not None:
             self.bitmaps.write_tables()
-        self._barrier()
+        self.barrier()
         if refs.pending or refs.old_tables:
             refs.release_old_tables()
             refs.apply_frees()
             refs.write_blocks()
-            self._barrier()
+            self.barrier()
             for off in [o for o in self.l2_cache if refs.get(o // self.cs) == 0]:
                 del self.l2_cache[off]  # freed tables: their clusters may be reused
 
@@ -850,40 +832,34 @@ class Qcow2Device(BlockDevice):
         if self.closed:
             return
         try:
-            if self.writable and getattr(self, "refs", None) is not None:
+            if self.writable and self.refs is not None:
                 self.flush()
                 if self.bitmaps is not None:
                     self.bitmaps.close()
         finally:
-            if self.data is not self.backend:
+            if self.data is not None and self.data is not self.backend:
                 self.data.close()
-            self.backend.close()
             super().close()
 
     # == maintenance hooks ===================================================================
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
-        from .check import check
-        return check(self, repair)
+        return check_image(self, repair)
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         self._require_writable()
-        from .maintenance import resize
-        resize(self, size, shrink=shrink)
+        maintenance.resize(self, size, shrink=shrink)
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         self._require_writable()
-        from .maintenance import set_backing
-        set_backing(self, name, fmt)
+        maintenance.set_backing(self, name, fmt)
 
     def make_empty(self) -> None:
         self._require_writable()
-        from .maintenance import make_empty
-        make_empty(self)
+        maintenance.make_empty(self)
 
     def amend(self, options, given: set[str]) -> None:
         self._require_writable()
-        from .maintenance import amend
-        amend(self, options, given)
+        maintenance.amend(self, options, given)
 
     # snapshots
     def list_snapshots(self) -> list[dict]:
@@ -891,18 +867,15 @@ class Qcow2Device(BlockDevice):
 
     def create_snapshot(self, name: str) -> None:
         self._require_writable()
-        from .snapshot import create
-        create(self, name)
+        snapshot_table.create(self, name)
 
     def apply_snapshot(self, key: str) -> None:
         self._require_writable()
-        from .snapshot import apply
-        apply(self, key)
+        snapshot_table.apply(self, key)
 
     def delete_snapshot(self, key: str) -> None:
         self._require_writable()
-        from .snapshot import delete
-        delete(self, key)
+        snapshot_table.delete(self, key)
 
 
 def open_device(path: str, *, writable: bool = False, policy=None,

@@ -173,7 +173,7 @@ class Refcounts:
         b = self._block(cluster // self.epb)
         return 0 if b is None else get_entry(b, self.order, cluster % self.epb)
 
-    def _set(self, cluster: int, value: int) -> None:
+    def set(self, cluster: int, value: int) -> None:
         ti = cluster // self.epb
         b = self._block(ti)
         if b is None:
@@ -195,7 +195,7 @@ class Refcounts:
             raise UnsupportedError(f"refcount of cluster {cluster} would exceed"
                                    f" {self.max} (refcount_bits={self.geo.refcount_bits})",
                                    self.path)
-        self._set(cluster, value)
+        self.set(cluster, value)
         if value == 0:
             self.free_hint = min(self.free_hint, cluster)
         return value
@@ -220,7 +220,7 @@ class Refcounts:
                             if self._block(ti) is None), None)
             if missing is None:
                 for c in range(start, start + n):
-                    self._set(c, 1)
+                    self.set(c, 1)
                 if start == self.free_hint:
                     self.free_hint = start + n
                 self.end = max(self.end, start + n)
@@ -266,7 +266,7 @@ class Refcounts:
         self.table[ti] = b * self.cs
         self.dirty.add(ti)
         self.table_dirty = True
-        self._set(b, 1)
+        self.set(b, 1)
         self.end = max(self.end, b + 1)
         if b == self.free_hint:
             self.free_hint = b + 1
@@ -276,7 +276,7 @@ class Refcounts:
         blocks that count its clusters right after it (qemu's layout for this case)."""
         per_cluster = self.cs // 8
         entries = max(min_entries, len(self.table) * 3 // 2 + 1)
-        start = max(self.end, self._last_used() + 1)
+        start = max(self.end, self.last_used() + 1)
         while True:
             tc = -(-entries // per_cluster)
             nb = 0
@@ -301,7 +301,7 @@ class Refcounts:
             self.dirty.add(ti)
         self.table = new
         for c in range(start, start + tc + nb):
-            self._set(c, 1)
+            self.set(c, 1)
         if self.table_offset:
             self.old_tables.append((self.table_offset // self.cs, self.table_clusters))
         self.table_offset = start * self.cs
@@ -309,7 +309,7 @@ class Refcounts:
         self.table_dirty = self.table_moved = True
         self.end = max(self.end, start + tc + nb)
 
-    def _last_used(self) -> int:
+    def last_used(self) -> int:
         for ti in range(len(self.table) - 1, -1, -1):
             b = self._block(ti)
             if b is None or not any(b):

@@ -15,7 +15,7 @@ from array import array
 from dataclasses import dataclass
 
 from ...byteorder import be_array, be_bytes
-from ...errors import FormatError, UsageError
+from ...errors import FormatError, UnsupportedError, UsageError
 from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_MAX_L1_SIZE,
                       QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE,
                       QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_OFLAG_COMPRESSED,
@@ -162,7 +162,6 @@ def update_refcounts(dev, l1, addend: int) -> None:
     L2 table and cluster reached from ``l1`` (qemu's qcow2_update_snapshot_refcount).
     Increments are checked against the refcount width first, so a refusal changes
     nothing."""
-    from ...errors import UnsupportedError
     refs, cs = dev.refs, dev.cs
     step = 2 if dev.extended else 1
     if addend > 0:
@@ -208,7 +207,7 @@ def fix_copied(dev) -> None:
         if want != e:
             dev.l1[i] = want
             dev.l1_dirty = True
-        if dev._fix_copied(dev.l2_table(off)):
+        if dev.fix_copied(dev.l2_table(off)):
             dev.l2_dirty.add(off)
 
 
@@ -232,15 +231,14 @@ def _write_table(dev, snaps: list[Snapshot]) -> None:
         dev.refs.free(old_off // cs, -(-old_size // cs))
 
 
-def _read_l1(dev, s: Snapshot):
+def read_l1(dev, s: Snapshot):
     return be_array(dev.backend.read_exact(s.l1_table_offset, s.l1_size * 8,
                                            "snapshot L1 table"))
 
 
 def _no_data_file(dev) -> None:
     if dev.has_data_file:
-        from ...errors import UnsupportedError
-        raise UnsupportedError("internal snapshots are not possible in an image with an"
+            raise UnsupportedError("internal snapshots are not possible in an image with an"
                                " external data file (qcow2.txt)", dev.path)
 
 
@@ -269,7 +267,7 @@ def apply(dev, key: str) -> None:
     snap = find(dev.snapshots, key, dev.path)
     dev.flush()
     cs = dev.cs
-    sl1 = _read_l1(dev, snap)
+    sl1 = read_l1(dev, snap)
     update_refcounts(dev, sl1, +1)
     update_refcounts(dev, dev.l1, -1)
     if snap.l1_size > dev.l1_size:
@@ -297,7 +295,7 @@ def delete(dev, key: str) -> None:
     _no_data_file(dev)
     snap = find(dev.snapshots, key, dev.path)
     dev.flush()
-    sl1 = _read_l1(dev, snap)
+    sl1 = read_l1(dev, snap)
     _write_table(dev, [s for s in dev.snapshots if s is not snap])
     update_refcounts(dev, sl1, -1)
     if snap.l1_size:

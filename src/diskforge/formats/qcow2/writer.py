@@ -20,13 +20,14 @@ interrupted run leaves nothing under the final names.
 
 from __future__ import annotations
 
-import os
 from array import array
 
 from ...byteorder import be_array, be_bytes
 from ...atomic import AtomicFile
-from ...blockdev import ZERO_BUFFER_SIZE, ZEROES, Backing, ImageWriter, is_zero
-from ...errors import UnsupportedError, UsageError
+from ...blockdev import ZEROES, Backing, ImageWriter, is_zero
+from ..._fallocate import allocate
+from ...errors import FormatError, ImageIOError, UnsupportedError, UsageError
+from ...policy import beside
 from . import codec
 from .header import Header
 from .refcount import all_ones_block, encode, refcount_layout
@@ -79,9 +80,7 @@ class Qcow2Writer(ImageWriter):
         self.data_name = opts.data_file or None
         try:
             if self.data_name:
-                full = self.data_name if os.path.isabs(self.data_name) else os.path.join(
-                    os.path.dirname(os.path.abspath(path)), self.data_name)
-                self.data = AtomicFile(full)
+                self.data = AtomicFile(beside(path, self.data_name))
                 self.data.truncate(size)
         except BaseException:
             self.out.discard()
@@ -427,7 +426,6 @@ class Qcow2Writer(ImageWriter):
     def _restore(self, state: dict) -> None:
         import base64
         import zlib
-        from ...errors import FormatError
         try:
             nxt, cbyte = int(state["next_cluster"]), int(state["cbyte"])
             l1i, l2_off = int(state["cur_l1i"]), int(state["cur_l2_off"])
@@ -458,13 +456,6 @@ class Qcow2Writer(ImageWriter):
         self.out.detach()
 
     # -- finishing -----------------------------------------------------------------------
-    def finish(self) -> None:
-        try:
-            self._finish()
-        except BaseException:
-            self.abort()
-            raise
-
     def _finish(self) -> None:
         cs = self.cs
         self._flush_part()
@@ -498,6 +489,10 @@ class Qcow2Writer(ImageWriter):
         buf = h.build()
         self.out.pwrite(0, buf)
         self._preallocate(total * cs)
+
+    def _commit(self) -> None:
+        """The external data file goes in place first: an image under its final name
+        always finds its data."""
         if self.data is not self.out:
             self.data.commit()
         self.out.commit()
@@ -506,20 +501,14 @@ class Qcow2Writer(ImageWriter):
         target = self.data if self.data is not self.out else self.out
         end = self.size if self.data is not self.out else file_end
         if self.prealloc == "falloc" and end:
-            from ..._fallocate import allocate
             try:
                 allocate(target.fd, 0, end)
             except OSError as e:
-                from ...errors import ImageIOError
                 raise ImageIOError.from_os(e, self.path) from None
         elif self.prealloc == "full":
             for o, n, is_data in list(target.data_ranges(0, end)):
                 if not is_data:
-                    while n > 0:
-                        k = min(n, ZERO_BUFFER_SIZE)
-                        target.pwrite(o, ZEROES[:k])
-                        o += k
-                        n -= k
+                    target.write_zeroes(o, n)
 
     def _header(self, rt_offset: int, rt_clusters: int) -> Header:
         o = self.opts
