@@ -174,12 +174,13 @@ class _Check:
                 continue
             if off % cs or off < cs:
                 self.error(f"ERROR refcount block {ti} is not cluster aligned; refcount"
-                           " table entry corrupted")
+                           " table entry corrupted", "RefcountTable", "offset")
                 self.rebuild = True
                 table[ti] = 0
                 continue
             if off + cs > self.fsize:
-                self.error(f"ERROR refcount block {ti} is outside image")
+                self.error(f"ERROR refcount block {ti} is outside image", "RefcountTable",
+                           "offset")
                 self.rebuild = True
                 table[ti] = 0
                 continue
@@ -223,7 +224,7 @@ class _Check:
                 if not self._table_ok(off):
                     self.error(f"ERROR l2_offset={off:x}: Table is not cluster aligned, in"
                                " the header or past the end of the file; L1 entry"
-                               " corrupted")
+                               " corrupted", "L1 entry", "offset")
                     continue
                 self.count(off, cs)
                 l2s[off] = l2s.get(off, 0) + n
@@ -251,7 +252,8 @@ class _Check:
                 continue
             if not self._table_ok(off):
                 self.error(f"ERROR l2_offset={off:x}: Table is not cluster aligned, in the"
-                           " header or past the end of the file; L1 entry corrupted")
+                           " header or past the end of the file; L1 entry corrupted",
+                           "L1 entry", "offset", repairable=active and self.repair.errors)
                 if active and self.repair.errors:
                     l1[i] = 0
                     dev.l1_dirty = True
@@ -280,22 +282,24 @@ class _Check:
             if e & QCOW_OFLAG_COMPRESSED:
                 if e & QCOW_OFLAG_COPIED:
                     self.error(f"ERROR: cluster {i // step}: copied flag must never be set"
-                               " for compressed clusters")
+                               " for compressed clusters", "L2 entry", "QCOW_OFLAG_COPIED",
+                               repairable=active and self.repair.errors)
                     if active and self.repair.errors:
                         l2[i] = e & ~QCOW_OFLAG_COPIED
                         fixed = True
                         res.corruptions_fixed += 1
                 if has_df:
                     self.error("ERROR: compressed cluster in an image with an external"
-                               " data file")
+                               " data file", "L2 entry", "QCOW_OFLAG_COMPRESSED")
                     continue
                 if ext and l2[i + 1]:
                     self.error(f"ERROR: compressed cluster {i // step} has a non-zero"
-                               " subcluster bitmap")
+                               " subcluster bitmap", "extended L2 entry",
+                               "subcluster bitmap")
                 off, n = geo.compressed_range(e)
                 if off < cs:
                     self.error(f"ERROR: compressed cluster {i // step} points into the"
-                               " header")
+                               " header", "Compressed Clusters Descriptor", "host offset")
                     continue
                 self.count(off, n)
                 if active:
@@ -308,16 +312,17 @@ class _Check:
                 bitmap = l2[i + 1]
                 if (bitmap >> SUBCLUSTERS) & bitmap & ((1 << SUBCLUSTERS) - 1):
                     self.error(f"ERROR: cluster {i // step}: subclusters both allocated"
-                               " and zero")
+                               " and zero", "extended L2 entry", "subcluster bitmap")
                 if bitmap & ((1 << SUBCLUSTERS) - 1) and not host and not has_df:
                     self.error(f"ERROR: cluster {i // step}: allocated subclusters without"
-                               " a host cluster")
+                               " a host cluster", "extended L2 entry", "offset")
             if not host and not (has_df and e & QCOW_OFLAG_COPIED):
                 continue  # unallocated or a plain zero cluster
             if not has_df:
                 if host % cs or host < cs:
                     self.error(f"ERROR offset={host:x}: Cluster is not properly aligned or"
-                               " points into the header; L2 entry corrupted")
+                               " points into the header; L2 entry corrupted", "L2 entry",
+                               "offset", repairable=active and self.repair.errors)
                     if active and self.repair.errors:
                         l2[i] = QCOW_OFLAG_ZERO if dev.header.version >= 3 and not ext \
                             else 0
@@ -344,7 +349,7 @@ class _Check:
         try:
             bitmaps = read_directory(dev)
         except FormatError as e:
-            self.error(f"ERROR bitmap directory: {e.message}")
+            self.error(f"ERROR bitmap directory: {e.message}", "Qcow2BitmapDirEntry")
             return
         for b in bitmaps:
             if b.table_size:
@@ -352,7 +357,8 @@ class _Check:
             try:
                 table = read_table(dev, b)
             except FormatError as e:
-                self.error(f"ERROR bitmap '{b.name}': {e.message}")
+                self.error(f"ERROR bitmap '{b.name}': {e.message}", "Qcow2BitmapDirEntry",
+                           "bitmap_table_offset")
                 continue
             for i in _used(table):
                 off = table[i] & BME_TABLE_ENTRY_OFFSET_MASK
@@ -360,7 +366,7 @@ class _Check:
                     continue
                 if not self._table_ok(off):
                     self.error(f"ERROR bitmap '{b.name}': data cluster at {off:#x} is"
-                               " invalid")
+                               " invalid", "bitmap table entry", "offset")
                     continue
                 self.count(off, self.cs)
 
@@ -485,7 +491,8 @@ class _Check:
             rc = count(off // cs)
             if (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
                 self.error(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x}"
-                           f" refcount={rc}")
+                           f" refcount={rc}", "L1 entry", "QCOW_OFLAG_COPIED",
+                           repairable=fix)
                 if fix:
                     dev.l1[i] = off | (QCOW_OFLAG_COPIED if rc == 1 else 0)
                     dev.l1_dirty = True
@@ -511,7 +518,8 @@ class _Check:
                     rc = count(host // cs)
                 if (rc == 1) != bool(x & QCOW_OFLAG_COPIED):
                     self.error(f"ERROR OFLAG_COPIED data cluster: l2_entry={x:x}"
-                               f" refcount={rc}")
+                               f" refcount={rc}", "L2 entry", "QCOW_OFLAG_COPIED",
+                               repairable=fix)
                     if fix:
                         l2[j] = (x & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if rc == 1
                                                             else 0)
