@@ -98,6 +98,8 @@ class ClusterMap:
                     self._index_cache.pop(off, None)
 
     def check_table_offset(self, offset: int, what: str) -> None:
+        """Refuse a table offset before anything is read there: cluster aligned, past
+        the header cluster, a whole cluster inside the file."""
         if offset % self.cs:
             raise FormatError(f"{what} at {offset:#x} is not cluster aligned", self.path,
                               structure="L1 entry" if what == "L2 table" else what)

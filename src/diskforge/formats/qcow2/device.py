@@ -28,7 +28,7 @@ from .check import check as check_image
 from .cluster import ClusterMap
 from .header import parse as parse_header
 from .refcount import Refcounts
-from .structs import MAGIC, Geometry
+from .structs import EXT_BACKING_FORMAT, MAGIC, Geometry
 from .write import WritePath
 
 L2_CACHE_BYTES = 32 << 20
@@ -109,13 +109,16 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         self.data_path = full
 
     def open_backing(self, name: str, fmt: str | None) -> None:
+        """Open the backing file ``name`` (as the header names it) through the open
+        policy; also what ``set_backing`` calls after a rebase."""
         if self.header.data_file_raw:
             raise FormatError("a raw external data file excludes a backing file", self.path,
                               structure="QCowHeader", field="backing_file_offset")
         policy = self.policy or OpenPolicy().descend(self.path)
         full = policy.resolve(self.path, name, "backing file")
-        policy.check_backing_format(self.path, name, fmt,
-                                    "QCowExtension 0xe2792aca (backing file format name)")
+        policy.check_backing_format(
+            self.path, name, fmt,
+            f"QCowExtension {EXT_BACKING_FORMAT:#x} (backing file format name)")
         self.backing = open_image(full, fmt or None, policy=policy)
 
     # -- facts -----------------------------------------------------------------------------

@@ -174,6 +174,8 @@ class Refcounts:
         return 0 if b is None else get_entry(b, self.order, cluster % self.epb)
 
     def set(self, cluster: int, value: int) -> None:
+        """Store a count as it is (no range or free-list bookkeeping): for ``add`` and
+        for check's in-place repairs, which know the count to write."""
         ti = cluster // self.epb
         b = self._block(ti)
         if b is None:
@@ -310,6 +312,7 @@ class Refcounts:
         self.end = max(self.end, start + tc + nb)
 
     def last_used(self) -> int:
+        """The highest cluster with a nonzero count (where new metadata may start)."""
         for ti in range(len(self.table) - 1, -1, -1):
             b = self._block(ti)
             if b is None or not any(b):

@@ -231,7 +231,8 @@ def _write_table(dev, snaps: list[Snapshot]) -> None:
         dev.refs.free(old_off // cs, -(-old_size // cs))
 
 
-def read_l1(dev, s: Snapshot):
+def read_l1(dev, s: Snapshot) -> array:
+    """A snapshot's L1 table (host order), for walks over everything it references."""
     return be_array(dev.backend.read_exact(s.l1_table_offset, s.l1_size * 8,
                                            "snapshot L1 table"))
 

@@ -294,9 +294,13 @@ class WritePath:
 
     # -- flushing ----------------------------------------------------------------------------
     def barrier(self) -> None:
+        """A durable flush between two stages of the metadata order: what came before
+        is on disk before anything after it is written."""
         self.backend.flush(durable=True)
 
     def write_header(self) -> None:
+        """Write the header cluster from ``header`` with the current L1 and refcount
+        table locations (the caller orders it with ``barrier``)."""
         h = self.header
         h.l1_table_offset, h.l1_size = self.l1_offset, self.l1_size
         if self.refs is not None:
