@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ...errors import UnsupportedError, UsageError
+from ...errors import UsageError
 from ...options import Options, option
 from ...registry import Format, Measurement
-from .structs import MAGIC
+from .structs import QCOW_MAGIC
 
 
 @dataclasses.dataclass
@@ -96,7 +96,7 @@ class Qcow2Format(Format):
     snapshots = True
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
-        if head[:4] == MAGIC and len(head) >= 8:
+        if head[:4] == QCOW_MAGIC and len(head) >= 8:
             version = int.from_bytes(head[4:8], "big")
             return 100 if version in (2, 3) else 0  # version 1 is "qcow", not ours
         return 0

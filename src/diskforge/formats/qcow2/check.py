@@ -29,9 +29,10 @@ from ...checks import CheckResult, Problem, ProblemKind, Repair
 from .bitmaps import read_directory, read_table
 from .maintenance import rebuild_refcounts
 from .refcount import decode, refcount_layout
-from .structs import (BME_TABLE_ENTRY_OFFSET_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
-                      L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
-                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SUBCLUSTERS)
+from .structs import (BME_TABLE_ENTRY_OFFSET_MASK, QCOW2_INCOMPAT_CORRUPT,
+                      QCOW2_INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                      REFT_OFFSET_MASK, SUBCLUSTERS)
 
 
 def _used(table: array, step: int = 1):
@@ -111,8 +112,8 @@ def check(dev, repair: Repair = Repair.NONE) -> CheckResult:
 def _mark_clean(dev) -> None:
     h = dev.header
     dev.needs_repair = False
-    if h.incompatible_features & (INCOMPAT_CORRUPT | INCOMPAT_DIRTY):
-        h.incompatible_features &= ~(INCOMPAT_CORRUPT | INCOMPAT_DIRTY)
+    if h.incompatible_features & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY):
+        h.incompatible_features &= ~(QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY)
         dev.flush()
         dev.write_header()
         dev.barrier()

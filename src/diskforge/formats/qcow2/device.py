@@ -28,7 +28,7 @@ from .check import check as check_image
 from .cluster import ClusterMap
 from .header import parse as parse_header
 from .refcount import Refcounts
-from .structs import EXT_BACKING_FORMAT, MAGIC, Geometry
+from .structs import QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW_MAGIC, Geometry
 from .write import WritePath
 
 L2_CACHE_BYTES = 32 << 20
@@ -48,7 +48,7 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         self.data = self.backend
         size = self.backend.size
         head = self.backend.pread(0, min(size, 1 << 16))
-        if len(head) >= 24 and head[:4] == MAGIC:
+        if len(head) >= 24 and head[:4] == QCOW_MAGIC:
             bits = int.from_bytes(head[20:24], "big")
             if 16 < bits <= 21:
                 head = self.backend.pread(0, min(size, 1 << bits))
@@ -118,7 +118,7 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         full = policy.resolve(self.path, name, "backing file")
         policy.check_backing_format(
             self.path, name, fmt,
-            f"QCowExtension {EXT_BACKING_FORMAT:#x} (backing file format name)")
+            f"QCowExtension {QCOW2_EXT_MAGIC_BACKING_FORMAT:#x} (backing file format name)")
         self.backing = open_image(full, fmt or None, policy=policy)
 
     # -- facts -----------------------------------------------------------------------------

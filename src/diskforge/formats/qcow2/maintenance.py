@@ -12,12 +12,12 @@ from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import Measurement
 from .refcount import Refcounts, encode, refcount_layout, refcount_metadata_size
 from .snapshot import read_l1, update_refcounts
-from .structs import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, Geometry,
-                      INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, L1E_OFFSET_MASK,
-                      QCOW2_SUBCLUSTER_COMPRESSED, QCOW2_SUBCLUSTER_NORMAL,
-                      QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, QCOW2_SUBCLUSTER_ZERO_PLAIN,
-                      QCOW_MAX_L1_SIZE, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
-                      REFT_OFFSET_MASK)
+from .structs import (QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS,
+                      Geometry, QCOW2_INCOMPAT_COMPRESSION, QCOW2_INCOMPAT_EXTL2,
+                      L1E_OFFSET_MASK, QCOW2_SUBCLUSTER_COMPRESSED,
+                      QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN,
+                      QCOW2_SUBCLUSTER_ZERO_PLAIN, QCOW_MAX_L1_SIZE,
+                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK)
 
 
 # -- measure ---------------------------------------------------------------------------------
@@ -232,9 +232,9 @@ def amend(dev, opts, given: set[str]) -> None:
         if opts.lazy_refcounts and h.version < 3:
             raise UsageError("lazy refcounts need compat=1.1", dev.path)
         if opts.lazy_refcounts:
-            h.compatible_features |= COMPAT_LAZY_REFCOUNTS
+            h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS
         else:
-            h.compatible_features &= ~COMPAT_LAZY_REFCOUNTS
+            h.compatible_features &= ~QCOW2_COMPAT_LAZY_REFCOUNTS
     if "data_file" in given and opts.data_file != (h.data_file or ""):
         if not h.has_data_file:
             raise UsageError("data_file can only be set for an image that already uses"
@@ -248,9 +248,9 @@ def amend(dev, opts, given: set[str]) -> None:
         if opts.data_file_raw and h.backing_file:
             raise UsageError("a raw external data file excludes a backing file", dev.path)
         if opts.data_file_raw:
-            h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW
+            h.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
         else:
-            h.autoclear_features &= ~AUTOCLEAR_DATA_FILE_RAW
+            h.autoclear_features &= ~QCOW2_AUTOCLEAR_DATA_FILE_RAW
     h.build()
     dev.write_header()
     dev.barrier()
@@ -285,10 +285,10 @@ def _change_refcount_order(dev, order: int) -> None:
 def _downgrade(dev) -> None:
     """compat=0.10: no zero flags, no v3-only features."""
     h = dev.header
-    if h.extended_l2 or h.incompatible_features & INCOMPAT_EXTL2:
+    if h.extended_l2 or h.incompatible_features & QCOW2_INCOMPAT_EXTL2:
         raise UnsupportedError("cannot downgrade an image with extended L2 entries to"
                                " compat=0.10", dev.path)
-    if h.incompatible_features & INCOMPAT_COMPRESSION:
+    if h.incompatible_features & QCOW2_INCOMPAT_COMPRESSION:
         raise UnsupportedError("cannot downgrade an image with zstd compression to"
                                " compat=0.10", dev.path)
     if h.has_data_file:

@@ -43,18 +43,18 @@ QCOW_MAX_BITMAP_DIRECTORY_SIZE = 64 << 20
 SUBCLUSTERS = 32                       # per cluster with extended L2 entries
 SECTOR = 512                           # compressed descriptors count 512-byte sectors
 
-# incompatible feature bits
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-INCOMPAT_KNOWN = 0x1F
+# feature bits (qcow2.txt "Header", bytes 72-95; qcow2.h QCOW2_INCOMPAT_* etc.)
+QCOW2_INCOMPAT_DIRTY = 1 << 0
+QCOW2_INCOMPAT_CORRUPT = 1 << 1
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+QCOW2_INCOMPAT_COMPRESSION = 1 << 3
+QCOW2_INCOMPAT_EXTL2 = 1 << 4
+QCOW2_INCOMPAT_MASK = 0x1F
 # compatible / autoclear bits
-COMPAT_LAZY_REFCOUNTS = 1 << 0
-AUTOCLEAR_BITMAPS = 1 << 0
-AUTOCLEAR_DATA_FILE_RAW = 1 << 1
-AUTOCLEAR_KNOWN = 0x3
+QCOW2_COMPAT_LAZY_REFCOUNTS = 1 << 0
+QCOW2_AUTOCLEAR_BITMAPS = 1 << 0
+QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+QCOW2_AUTOCLEAR_MASK = 0x3
 
 COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
@@ -68,11 +68,11 @@ FEATURE_NAMES = (
 )
 
 
-MAGIC = b"QFI\xfb"
+QCOW_MAGIC = b"QFI\xfb"
 
 # qcow2.txt "Header", bytes 0-71 (all of version 2)
 QCowHeader = Struct(
-    "magic" / Const(MAGIC),
+    "magic" / Const(QCOW_MAGIC),
     "version" / Int32ub,
     "backing_file_offset" / Int64ub,
     "backing_file_size" / Int32ub,
@@ -103,12 +103,12 @@ V3_HEADER_LENGTH_WITH_COMPRESSION = 112
 
 # qcow2.txt "Header extensions"
 QCowExtension = Struct("magic" / Int32ub, "len" / Int32ub)
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
+QCOW2_EXT_MAGIC_END = 0x00000000
+QCOW2_EXT_MAGIC_BACKING_FORMAT = 0xE2792ACA
+QCOW2_EXT_MAGIC_FEATURE_TABLE = 0x6803F857
+QCOW2_EXT_MAGIC_BITMAPS = 0x23852875
+QCOW2_EXT_MAGIC_CRYPTO_HEADER = 0x0537BE77
+QCOW2_EXT_MAGIC_DATA_FILE = 0x44415441
 
 # qcow2.txt "Feature name table"
 Qcow2Feature = Struct("type" / Int8ub, "bit" / Int8ub, "name" / PaddedString(46, "ascii"))

@@ -19,7 +19,7 @@ from ...blockdev import ZEROES, pieces
 from ...checks import Repair
 from ...errors import FormatError, SafetyError, UnsupportedError
 from .check import check as check_image
-from .structs import (AUTOCLEAR_KNOWN, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+from .structs import (QCOW2_AUTOCLEAR_MASK, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
                       SUBCLUSTERS)
 
@@ -53,9 +53,9 @@ class WritePath:
         if self.header.corrupt:
             raise SafetyError("the image is marked corrupt (by qemu or diskforge); repair"
                               " it with 'diskforge check -r all' before writing", self.path)
-        if self.header.autoclear_features & ~AUTOCLEAR_KNOWN:
+        if self.header.autoclear_features & ~QCOW2_AUTOCLEAR_MASK:
             # qcow2.txt: clear auto-clear bits we do not know before writing
-            self.header.autoclear_features &= AUTOCLEAR_KNOWN
+            self.header.autoclear_features &= QCOW2_AUTOCLEAR_MASK
             self.write_header()
             self.barrier()
         if self.needs_repair:

@@ -31,10 +31,10 @@ from ...policy import beside
 from . import codec
 from .header import Header
 from .refcount import all_ones_block, encode, refcount_layout
-from .structs import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD,
-                      Geometry, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
-                      INCOMPAT_EXTL2, QCOW_MAX_L1_SIZE, QCOW_OFLAG_COPIED,
-                      QCOW_OFLAG_ZERO, SUBCLUSTERS, V2_HEADER_LENGTH,
+from .structs import (QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS,
+                      COMPRESSION_ZSTD, Geometry, QCOW2_INCOMPAT_COMPRESSION,
+                      QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2, QCOW_MAX_L1_SIZE,
+                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, V2_HEADER_LENGTH,
                       V3_HEADER_LENGTH_WITH_COMPRESSION)
 
 ALL_ALLOC = (1 << SUBCLUSTERS) - 1
@@ -521,17 +521,17 @@ class Qcow2Writer(ImageWriter):
                    else V3_HEADER_LENGTH_WITH_COMPRESSION)
         if self.version >= 3:
             if o.lazy_refcounts:
-                h.compatible_features |= COMPAT_LAZY_REFCOUNTS
+                h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS
             if self.ctype:
                 h.compression_type = self.ctype
-                h.incompatible_features |= INCOMPAT_COMPRESSION
+                h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION
             if self.ext:
-                h.incompatible_features |= INCOMPAT_EXTL2
+                h.incompatible_features |= QCOW2_INCOMPAT_EXTL2
             if self.data_name:
-                h.incompatible_features |= INCOMPAT_DATA_FILE
+                h.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE
                 h.data_file = self.data_name
                 if o.data_file_raw:
-                    h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW
+                    h.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
         if self.backing is not None:
             h.backing_file = self.backing.name
             h.backing_format = self.backing.format or None
