@@ -15,7 +15,6 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
-
 from ...byteorder import be_array
 from ...errors import FormatError, UnsupportedError
 from ...limits import check_alloc

@@ -29,8 +29,8 @@ from ...checks import CheckResult, Problem, ProblemKind, Repair
 from .bitmaps import read_directory, read_table
 from .maintenance import rebuild_refcounts
 from .refcount import decode, refcount_layout
-from .structs import (BME_TABLE_ENTRY_OFFSET_MASK, QCOW2_INCOMPAT_CORRUPT,
-                      QCOW2_INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+from .structs import (BME_TABLE_ENTRY_OFFSET_MASK, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+                      QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY,
                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
                       REFT_OFFSET_MASK, SUBCLUSTERS)
 

@@ -16,23 +16,22 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-
 from ...errors import FormatError, UnsupportedError
-from .structs import (QCOW2_AUTOCLEAR_BITMAPS, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
-                      QCOW2_COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES,
+from .structs import (COMPRESSION_NAMES, FEATURE_ENTRY_SIZE, FEATURE_NAMES,
+                      MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW2_AUTOCLEAR_BITMAPS,
+                      QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS,
                       QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_BITMAPS,
                       QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_EXT_MAGIC_DATA_FILE,
                       QCOW2_EXT_MAGIC_END, QCOW2_EXT_MAGIC_FEATURE_TABLE,
-                      FEATURE_ENTRY_SIZE, FEATURE_NAMES, Geometry,
                       QCOW2_INCOMPAT_COMPRESSION, QCOW2_INCOMPAT_CORRUPT,
                       QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_DIRTY,
                       QCOW2_INCOMPAT_EXTL2, QCOW2_INCOMPAT_MASK, QCOW_MAGIC,
-                      MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW_MAX_BACKING_NAME,
-                      QCOW_MAX_BITMAPS, QCOW_MAX_BITMAP_DIRECTORY_SIZE,
-                      QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE, QCOW_MAX_SNAPSHOTS,
+                      QCOW_MAX_BACKING_NAME, QCOW_MAX_BITMAPS,
+                      QCOW_MAX_BITMAP_DIRECTORY_SIZE, QCOW_MAX_L1_SIZE,
+                      QCOW_MAX_REFTABLE_SIZE, QCOW_MAX_SNAPSHOTS, V2_HEADER_LENGTH,
+                      V3_HEADER_LENGTH, V3_HEADER_LENGTH_WITH_COMPRESSION, Geometry,
                       QCowExtension, QCowHeader, QCowHeaderV3, Qcow2BitmapHeaderExt,
-                      Qcow2CryptoHeaderExtension, Qcow2Feature, V2_HEADER_LENGTH,
-                      V3_HEADER_LENGTH, V3_HEADER_LENGTH_WITH_COMPRESSION)
+                      Qcow2CryptoHeaderExtension, Qcow2Feature)
 
 
 @dataclass

@@ -12,12 +12,13 @@ from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import Measurement
 from .refcount import Refcounts, encode, refcount_layout, refcount_metadata_size
 from .snapshot import read_l1, update_refcounts
-from .structs import (QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS,
-                      Geometry, QCOW2_INCOMPAT_COMPRESSION, QCOW2_INCOMPAT_EXTL2,
-                      L1E_OFFSET_MASK, QCOW2_SUBCLUSTER_COMPRESSED,
+from .structs import (L1E_OFFSET_MASK, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+                      QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_COMPRESSION,
+                      QCOW2_INCOMPAT_EXTL2, QCOW2_SUBCLUSTER_COMPRESSED,
                       QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN,
                       QCOW2_SUBCLUSTER_ZERO_PLAIN, QCOW_MAX_L1_SIZE,
-                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK)
+                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
+                      Geometry)
 
 
 # -- measure ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from array import array
 
 from ...byteorder import be_array, be_bytes
 from ...errors import FormatError, UnsupportedError
-from .structs import Geometry, REFT_OFFSET_MASK
+from .structs import REFT_OFFSET_MASK, Geometry
 
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 _STRUCTS = {3: struct.Struct(">B"), 4: struct.Struct(">H"), 5: struct.Struct(">I"),

@@ -19,9 +19,8 @@ from ...errors import FormatError, UnsupportedError, UsageError
 from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_MAX_L1_SIZE,
                       QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE,
                       QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_OFLAG_COMPRESSED,
-                      QCOW_OFLAG_COPIED, QCOW_SNAPSHOT_HEADER_FAST,
-                      QCowSnapshotExtraData, QCowSnapshotHeader, SNAPSHOT_EXTRA_SIZE,
-                      SNAPSHOT_HEADER_SIZE)
+                      QCOW_OFLAG_COPIED, QCOW_SNAPSHOT_HEADER_FAST, SNAPSHOT_EXTRA_SIZE,
+                      SNAPSHOT_HEADER_SIZE, QCowSnapshotExtraData, QCowSnapshotHeader)
 
 
 _READ_STEP = 1 << 20

@@ -19,7 +19,7 @@ from ...blockdev import ZEROES, pieces
 from ...checks import Repair
 from ...errors import FormatError, SafetyError, UnsupportedError
 from .check import check as check_image
-from .structs import (QCOW2_AUTOCLEAR_MASK, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW2_AUTOCLEAR_MASK,
                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
                       SUBCLUSTERS)
 

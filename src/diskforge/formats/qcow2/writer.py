@@ -31,11 +31,11 @@ from ...policy import beside
 from . import codec
 from .header import Header
 from .refcount import all_ones_block, encode, refcount_layout
-from .structs import (QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS,
-                      COMPRESSION_ZSTD, Geometry, QCOW2_INCOMPAT_COMPRESSION,
+from .structs import (COMPRESSION_ZSTD, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+                      QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_COMPRESSION,
                       QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2, QCOW_MAX_L1_SIZE,
                       QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, V2_HEADER_LENGTH,
-                      V3_HEADER_LENGTH_WITH_COMPRESSION)
+                      V3_HEADER_LENGTH_WITH_COMPRESSION, Geometry)
 
 ALL_ALLOC = (1 << SUBCLUSTERS) - 1
 CBUF_FLUSH = 1 << 20
