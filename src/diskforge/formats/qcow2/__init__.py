@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ...errors import UnsupportedError, UsageError
+from ...errors import UsageError
 from ...options import Options, option
 from ...registry import Format, Measurement
+from .structs import QCOW_MAGIC
 
 
 @dataclasses.dataclass
@@ -95,7 +96,7 @@ class Qcow2Format(Format):
     snapshots = True
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
-        if head[:4] == b"QFI\xfb" and len(head) >= 8:
+        if head[:4] == QCOW_MAGIC and len(head) >= 8:
             version = int.from_bytes(head[4:8], "big")
             return 100 if version in (2, 3) else 0  # version 1 is "qcow", not ours
         return 0
@@ -147,11 +148,10 @@ def _backing_from_options(path: str, options: Qcow2Options):
     """``-o backing_file=NAME``: open it (relative to the new image, as qemu does) for
     its format and for copy-on-write of partial clusters."""
     from ...blockdev import Backing
+    from ...policy import beside
     from ...registry import open_image
     name = options.backing_file
-    full = name if os.path.isabs(name) else os.path.join(
-        os.path.dirname(os.path.abspath(path)), name)
-    dev = open_image(full, options.backing_fmt or None)
+    dev = open_image(beside(path, name), options.backing_fmt or None)
     fmt = options.backing_fmt or dev.format
     dev.close()
     return Backing(name=name, format=fmt, device=None)

@@ -15,31 +15,15 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
-from construct import Int8ub, Int16ub, Int32ub, Int64ub, Struct
-
+from ...byteorder import be_array
 from ...errors import FormatError, UnsupportedError
 from ...limits import check_alloc
-from .layout import QCOW_MAX_BITMAPS
-from .refcount import _BIG_ENDIAN_HOST
+from .structs import (BITMAP_DIR_ENTRY_SIZE, BME_FLAG_AUTO,
+                      BME_FLAG_EXTRA_DATA_COMPATIBLE, BME_FLAG_IN_USE,
+                      BME_MAX_NAME_SIZE, BME_MAX_TABLE_SIZE,
+                      BME_TABLE_ENTRY_FLAG_ALL_ONES, BME_TABLE_ENTRY_OFFSET_MASK,
+                      QCOW_MAX_BITMAPS, Qcow2BitmapDirEntry)
 
-# qcow2.txt "Bitmap directory": the fixed part of an entry
-Qcow2BitmapDirEntry = Struct(
-    "bitmap_table_offset" / Int64ub,
-    "bitmap_table_size" / Int32ub,
-    "flags" / Int32ub,
-    "type" / Int8ub,
-    "granularity_bits" / Int8ub,
-    "name_size" / Int16ub,
-    "extra_data_size" / Int32ub,
-)
-ENTRY_SIZE = 24
-BME_FLAG_IN_USE = 1 << 0
-BME_FLAG_AUTO = 1 << 1
-BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
-BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
-BME_MAX_TABLE_SIZE = 0x8000000   # qemu's limit, entries
-BME_MAX_NAME_SIZE = 1023
 
 
 @dataclass
@@ -77,11 +61,11 @@ def read_directory(dev) -> list[Bitmap]:
     while pos < len(raw):
         if len(out) >= min(ext.nb_bitmaps, QCOW_MAX_BITMAPS):
             break
-        if pos + ENTRY_SIZE > len(raw):
+        if pos + BITMAP_DIR_ENTRY_SIZE > len(raw):
             raise FormatError("bitmap directory entry runs past the directory", dev.path,
                               structure="Qcow2BitmapDirEntry")
-        e = Qcow2BitmapDirEntry.parse(raw[pos:pos + ENTRY_SIZE])
-        end = pos + ENTRY_SIZE + e.extra_data_size + e.name_size
+        e = Qcow2BitmapDirEntry.parse(raw[pos:pos + BITMAP_DIR_ENTRY_SIZE])
+        end = pos + BITMAP_DIR_ENTRY_SIZE + e.extra_data_size + e.name_size
         if e.name_size == 0 or e.name_size > BME_MAX_NAME_SIZE or end > len(raw):
             raise FormatError(f"bitmap {len(out)}: name of {e.name_size} bytes is empty,"
                               " too long or past the directory", dev.path,
@@ -96,7 +80,7 @@ def read_directory(dev) -> list[Bitmap]:
         if not 0 <= e.granularity_bits <= 63:
             raise FormatError(f"bitmap {len(out)}: granularity_bits {e.granularity_bits}",
                               dev.path, structure="Qcow2BitmapDirEntry")
-        name_at = pos + ENTRY_SIZE + e.extra_data_size
+        name_at = pos + BITMAP_DIR_ENTRY_SIZE + e.extra_data_size
         name = raw[name_at:name_at + e.name_size].decode("utf-8", "replace")
         out.append(Bitmap(ext.directory_offset + pos, e.bitmap_table_offset,
                           e.bitmap_table_size, e.flags, e.type, e.granularity_bits, name,
@@ -117,10 +101,7 @@ def read_table(dev, bm: Bitmap) -> array:
                           structure="Qcow2BitmapDirEntry", field="bitmap_table_size")
     check_alloc(bm.table_size * 8, dev.path, "Qcow2BitmapDirEntry", "bitmap_table_size")
     raw = dev.backend.read_exact(bm.table_offset, bm.table_size * 8, "bitmap table")
-    table = array("Q", raw)
-    if not _BIG_ENDIAN_HOST:
-        table.byteswap()
-    return table
+    return be_array(raw)
 
 
 def _set_bits(buf: bytearray, first: int, last: int) -> None:
@@ -159,7 +140,7 @@ class Bitmaps:
         for b in self.tracked:
             self.tables[b.name] = read_table(self.dev, b)
             self._write_flags(b, b.flags | BME_FLAG_IN_USE)
-        self.dev._barrier()
+        self.dev.barrier()
         self.in_use = True
 
     def _write_flags(self, b: Bitmap, flags: int) -> None:

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 from array import array
 
+from ...byteorder import be_array
 from ...blockdev import skip_filled
 from ...errors import FormatError, LimitError
 from ...limits import check_alloc
 from ...checks import CheckResult, Problem, ProblemKind, Repair
-from .layout import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
-                     L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-                     QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SUBCLUSTERS)
-from .refcount import _BIG_ENDIAN_HOST, decode, refcount_layout
+from .bitmaps import read_directory, read_table
+from .maintenance import rebuild_refcounts
+from .refcount import decode, refcount_layout
+from .structs import (BME_TABLE_ENTRY_OFFSET_MASK, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+                      QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY,
+                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                      REFT_OFFSET_MASK, SUBCLUSTERS)
 
 
 def _used(table: array, step: int = 1):
@@ -108,11 +112,11 @@ def check(dev, repair: Repair = Repair.NONE) -> CheckResult:
 def _mark_clean(dev) -> None:
     h = dev.header
     dev.needs_repair = False
-    if h.incompatible_features & (INCOMPAT_CORRUPT | INCOMPAT_DIRTY):
-        h.incompatible_features &= ~(INCOMPAT_CORRUPT | INCOMPAT_DIRTY)
+    if h.incompatible_features & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY):
+        h.incompatible_features &= ~(QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY)
         dev.flush()
-        dev._write_header()
-        dev._barrier()
+        dev.write_header()
+        dev.barrier()
 
 
 class _Check:
@@ -171,12 +175,13 @@ class _Check:
                 continue
             if off % cs or off < cs:
                 self.error(f"ERROR refcount block {ti} is not cluster aligned; refcount"
-                           " table entry corrupted")
+                           " table entry corrupted", "RefcountTable", "offset")
                 self.rebuild = True
                 table[ti] = 0
                 continue
             if off + cs > self.fsize:
-                self.error(f"ERROR refcount block {ti} is outside image")
+                self.error(f"ERROR refcount block {ti} is outside image", "RefcountTable",
+                           "offset")
                 self.rebuild = True
                 table[ti] = 0
                 continue
@@ -220,7 +225,7 @@ class _Check:
                 if not self._table_ok(off):
                     self.error(f"ERROR l2_offset={off:x}: Table is not cluster aligned, in"
                                " the header or past the end of the file; L1 entry"
-                               " corrupted")
+                               " corrupted", "L1 entry", "offset")
                     continue
                 self.count(off, cs)
                 l2s[off] = l2s.get(off, 0) + n
@@ -230,7 +235,6 @@ class _Check:
         self.weight = 1
 
     def _read_l1(self, offset: int, size: int) -> array:
-        from .device import be_array
         return be_array(self.dev.backend.read_exact(offset, size * 8, "L1 table"))
 
     def _table_ok(self, off: int) -> bool:
@@ -249,7 +253,8 @@ class _Check:
                 continue
             if not self._table_ok(off):
                 self.error(f"ERROR l2_offset={off:x}: Table is not cluster aligned, in the"
-                           " header or past the end of the file; L1 entry corrupted")
+                           " header or past the end of the file; L1 entry corrupted",
+                           "L1 entry", "offset", repairable=active and self.repair.errors)
                 if active and self.repair.errors:
                     l1[i] = 0
                     dev.l1_dirty = True
@@ -278,22 +283,24 @@ class _Check:
             if e & QCOW_OFLAG_COMPRESSED:
                 if e & QCOW_OFLAG_COPIED:
                     self.error(f"ERROR: cluster {i // step}: copied flag must never be set"
-                               " for compressed clusters")
+                               " for compressed clusters", "L2 entry", "QCOW_OFLAG_COPIED",
+                               repairable=active and self.repair.errors)
                     if active and self.repair.errors:
                         l2[i] = e & ~QCOW_OFLAG_COPIED
                         fixed = True
                         res.corruptions_fixed += 1
                 if has_df:
                     self.error("ERROR: compressed cluster in an image with an external"
-                               " data file")
+                               " data file", "L2 entry", "QCOW_OFLAG_COMPRESSED")
                     continue
                 if ext and l2[i + 1]:
                     self.error(f"ERROR: compressed cluster {i // step} has a non-zero"
-                               " subcluster bitmap")
+                               " subcluster bitmap", "extended L2 entry",
+                               "subcluster bitmap")
                 off, n = geo.compressed_range(e)
                 if off < cs:
                     self.error(f"ERROR: compressed cluster {i // step} points into the"
-                               " header")
+                               " header", "Compressed Clusters Descriptor", "host offset")
                     continue
                 self.count(off, n)
                 if active:
@@ -306,16 +313,17 @@ class _Check:
                 bitmap = l2[i + 1]
                 if (bitmap >> SUBCLUSTERS) & bitmap & ((1 << SUBCLUSTERS) - 1):
                     self.error(f"ERROR: cluster {i // step}: subclusters both allocated"
-                               " and zero")
+                               " and zero", "extended L2 entry", "subcluster bitmap")
                 if bitmap & ((1 << SUBCLUSTERS) - 1) and not host and not has_df:
                     self.error(f"ERROR: cluster {i // step}: allocated subclusters without"
-                               " a host cluster")
+                               " a host cluster", "extended L2 entry", "offset")
             if not host and not (has_df and e & QCOW_OFLAG_COPIED):
                 continue  # unallocated or a plain zero cluster
             if not has_df:
                 if host % cs or host < cs:
                     self.error(f"ERROR offset={host:x}: Cluster is not properly aligned or"
-                               " points into the header; L2 entry corrupted")
+                               " points into the header; L2 entry corrupted", "L2 entry",
+                               "offset", repairable=active and self.repair.errors)
                     if active and self.repair.errors:
                         l2[i] = QCOW_OFLAG_ZERO if dev.header.version >= 3 and not ext \
                             else 0
@@ -337,13 +345,12 @@ class _Check:
         dev = self.dev
         if dev.header.bitmaps is None:
             return
-        from .bitmaps import BME_TABLE_ENTRY_OFFSET_MASK, read_directory, read_table
         ext = dev.header.bitmaps
         self.count(ext.directory_offset, ext.directory_size)
         try:
             bitmaps = read_directory(dev)
         except FormatError as e:
-            self.error(f"ERROR bitmap directory: {e.message}")
+            self.error(f"ERROR bitmap directory: {e.message}", "Qcow2BitmapDirEntry")
             return
         for b in bitmaps:
             if b.table_size:
@@ -351,7 +358,8 @@ class _Check:
             try:
                 table = read_table(dev, b)
             except FormatError as e:
-                self.error(f"ERROR bitmap '{b.name}': {e.message}")
+                self.error(f"ERROR bitmap '{b.name}': {e.message}", "Qcow2BitmapDirEntry",
+                           "bitmap_table_offset")
                 continue
             for i in _used(table):
                 off = table[i] & BME_TABLE_ENTRY_OFFSET_MASK
@@ -359,7 +367,7 @@ class _Check:
                     continue
                 if not self._table_ok(off):
                     self.error(f"ERROR bitmap '{b.name}': data cluster at {off:#x} is"
-                               " invalid")
+                               " invalid", "bitmap table entry", "offset")
                     continue
                 self.count(off, self.cs)
 
@@ -371,10 +379,7 @@ class _Check:
         raw = self.dev.backend.read_exact(h.refcount_table_offset,
                                           h.refcount_table_clusters * self.cs,
                                           "refcount table")
-        a = array("Q", raw)
-        if not _BIG_ENDIAN_HOST:
-            a.byteswap()
-        return a
+        return be_array(raw)
 
     def compare(self, table: array) -> None:
         dev, cs, res = self.dev, self.cs, self.res
@@ -428,7 +433,7 @@ class _Check:
                 res.corruptions_fixed += 1
                 res.corruptions -= 1
             blk[c % epb] = want
-            dev.refs._set(c, want)
+            dev.refs.set(c, want)
         if inplace:
             dev.refs.write_blocks()
 
@@ -454,7 +459,6 @@ class _Check:
     def _rebuild(self) -> None:
         """New refcount table and blocks past everything in use, holding exactly the
         computed counts (plus their own); the old structure becomes free space."""
-        from .maintenance import rebuild_refcounts
         top = max(self.nb, self.refs.highest() + 1)
         for off, n in self.old_meta:  # the old structure will not be referenced
             self.refs.add(off, n, -1)
@@ -488,7 +492,8 @@ class _Check:
             rc = count(off // cs)
             if (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
                 self.error(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x}"
-                           f" refcount={rc}")
+                           f" refcount={rc}", "L1 entry", "QCOW_OFLAG_COPIED",
+                           repairable=fix)
                 if fix:
                     dev.l1[i] = off | (QCOW_OFLAG_COPIED if rc == 1 else 0)
                     dev.l1_dirty = True
@@ -514,7 +519,8 @@ class _Check:
                     rc = count(host // cs)
                 if (rc == 1) != bool(x & QCOW_OFLAG_COPIED):
                     self.error(f"ERROR OFLAG_COPIED data cluster: l2_entry={x:x}"
-                               f" refcount={rc}")
+                               f" refcount={rc}", "L2 entry", "QCOW_OFLAG_COPIED",
+                               repairable=fix)
                     if fix:
                         l2[j] = (x & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if rc == 1
                                                             else 0)

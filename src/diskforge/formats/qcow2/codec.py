@@ -17,7 +17,7 @@ import threading
 import zlib
 
 from ...errors import FormatError
-from .layout import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+from .structs import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 _local = threading.local()
 

@@ -1,126 +1,54 @@
-"""An open qcow2 image as a BlockDevice: reads, the extent map, and (opened writable)
-random-access writes with copy-on-write, exact refcounts and crash-safe ordering.
+"""An open qcow2 image as a BlockDevice: opening (header, snapshot table, backing file
+and external data file, refcounts and bitmaps when writable), the header facts, and
+the maintenance operations, which live in their own modules.
 
-Reading maps each guest cluster through L1 → L2 (qcow2.txt "Cluster mapping"),
-coalescing neighbouring clusters whose host offsets continue so that a convert reads
-each stretch with one ``preadv``. Every table offset is validated when the table is
-first loaded (aligned, not in the header cluster, inside the file); L2 tables are
-kept in a bounded LRU cache.
-
-Writes allocate from the refcounts, copy-on-write anything shared (snapshots, the
-backing file for partial clusters, compressed clusters) and keep the COPIED flags
-exact (``qemu-img check`` counts a wrong one as corruption). ``flush`` writes the
-metadata in a crash-safe order with a barrier between stages: data (already written),
-refcount increments, L2 tables, L1 table and header, then the decrements of what
-the new tables no longer use. An interrupted run can leak clusters; it cannot leave a
-table pointing at a cluster whose count says it is free.
+The device is three parts, as QEMU splits qcow2: ``cluster.py`` (``ClusterMap``:
+cluster mapping, extents, reads), ``write.py`` (``WritePath``: copy-on-write writes,
+zeroing, flush ordering) and this module (open, info, close). check, maintenance and
+snapshot receive the device and use the package API the two mixins document; they
+never import this module.
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import os
 from array import array
 
-from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                         FileBackend, ImageInfo, coalesce, skip_filled)
+from ...byteorder import be_array
+from ...blockdev import FileBackend, FileDevice, ImageInfo
 from ...checks import CheckResult, Repair
-from ...errors import FormatError, SafetyError, UnsupportedError, UsageError
-from . import codec
-from .header import Header, parse as parse_header
-from .layout import (AUTOCLEAR_KNOWN, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
-                     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS,
-                     Geometry)
-from .refcount import _BIG_ENDIAN_HOST, Refcounts
+from ...errors import FormatError, UnsupportedError, UsageError
+from ...policy import OpenPolicy
+from ...registry import open_image
+from . import maintenance
+from . import snapshot as snapshot_table
+from .bitmaps import Bitmaps, read_directory
+from .check import check as check_image
+from .cluster import ClusterMap
+from .header import parse as parse_header
+from .refcount import Refcounts
+from .structs import QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW_MAGIC, Geometry
+from .write import WritePath
 
-# run kinds of _runs(); K_UALLOC: an unallocated subcluster of a cluster that has a
-# host cluster (extended L2), which qemu's map reports with its offset
-K_DATA, K_ZERO, K_ZALLOC, K_UNALLOC, K_COMP, K_UALLOC = range(6)
-ALL_ALLOC = (1 << SUBCLUSTERS) - 1
-ALL_ZERO = ALL_ALLOC << SUBCLUSTERS
 L2_CACHE_BYTES = 32 << 20
 
 
-def be_array(raw: bytes) -> array:
-    a = array("Q", raw)
-    if not _BIG_ENDIAN_HOST:
-        a.byteswap()
-    return a
-
-
-def be_bytes(a: array) -> bytes:
-    if _BIG_ENDIAN_HOST:
-        return a.tobytes()
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
-
-
-def zero_fill(mv) -> None:
-    n = len(mv)
-    pos = 0
-    while pos < n:
-        k = min(n - pos, ZERO_BUFFER_SIZE)
-        mv[pos:pos + k] = ZEROES[:k]
-        pos += k
-
-
-def _expected(first: int, step: int, i: int, j: int) -> array:
-    if step:
-        return array("Q", range(first + i * step, first + j * step, step))
-    return array("Q", [first]) * (j - i)
-
-
-def _run_length(table: array, start: int, stop: int, first: int, step: int) -> int:
-    """How many entries from ``table[start]`` (== ``first``) go on as ``first + j *
-    step``, at most ``stop - start``: galloping, then bisecting, with C-level slice
-    comparisons."""
-    n = stop - start
-    good, probe = 1, 8
-    while good < n:
-        m = min(n, good + probe)
-        if table[start + good:start + m] == _expected(first, step, good, m):
-            good = m
-            probe *= 4
-            continue
-        lo, hi = good, m  # a prefix of length lo matches, of length hi does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if table[start + lo:start + mid] == _expected(first, step, lo, mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
-    return n
-
-
-class Qcow2Device(BlockDevice):
+class Qcow2Device(ClusterMap, WritePath, FileDevice):
     format = "qcow2"
-
-    def __init__(self, path: str, *, writable: bool = False, policy=None,
-                 snapshot: str | None = None):
-        self.path = path
-        self.writable = writable
-        self.policy = policy
-        self.backend = FileBackend(path, writable=writable)
-        self.data = self.backend
-        self.backing = None
-        self.refs: Refcounts | None = None
-        self.bitmaps = None
-        self.snapshot = None
-        try:
-            self._open(snapshot)
-        except BaseException:
-            self.close()
-            raise
+    backing = None
+    refs: Refcounts | None = None       # the refcounts, loaded when opened writable
+    bitmaps: Bitmaps | None = None      # persistent dirty bitmaps, kept when writable
+    snapshot = None                     # the internal snapshot this view shows
+    data: FileBackend | None = None     # where guest clusters live: the image itself
+                                        # or its external data file
 
     # -- opening -------------------------------------------------------------------------
-    def _open(self, snapshot: str | None) -> None:
-        from .snapshot import find, read_table
+    def _open(self, snapshot: str | None = None) -> None:
+        self.data = self.backend
         size = self.backend.size
         head = self.backend.pread(0, min(size, 1 << 16))
-        if len(head) >= 24 and head[:4] == b"QFI\xfb":
+        if len(head) >= 24 and head[:4] == QCOW_MAGIC:
             bits = int.from_bytes(head[20:24], "big")
             if 16 < bits <= 21:
                 head = self.backend.pread(0, min(size, 1 << bits))
@@ -132,14 +60,14 @@ class Qcow2Device(BlockDevice):
         self.l2_bits = self.geo.l2_bits
         self.extended = h.extended_l2
         self.file_size = size
-        self.snapshots, self.snapshot_table_size = read_table(
+        self.snapshots, self.snapshot_table_size = snapshot_table.read_table(
             self.backend, h.snapshots_offset, h.nb_snapshots, self.cs, size, self.path)
         self.size = h.size
         self.l1_offset, self.l1_size = h.l1_table_offset, h.l1_size
         if snapshot is not None:
             if self.writable:
                 raise UsageError("a snapshot view is read-only", self.path)
-            snap = self.snapshot = find(self.snapshots, snapshot, self.path)
+            snap = self.snapshot = snapshot_table.find(self.snapshots, snapshot, self.path)
             self.size = snap.disk_size if snap.disk_size is not None else h.size
             self.l1_offset, self.l1_size = snap.l1_table_offset, snap.l1_size
             if self.l1_size < self.geo.l1_entries_for(self.size):
@@ -160,12 +88,11 @@ class Qcow2Device(BlockDevice):
         if h.has_data_file:
             self._open_data_file()
         if h.backing_file:
-            self._open_backing(h.backing_file, h.backing_format)
+            self.open_backing(h.backing_file, h.backing_format)
         if self.writable:
             self.refs = Refcounts(self.backend, self.geo, h.refcount_table_offset,
                                   h.refcount_table_clusters, self.path)
             if h.bitmaps is not None:
-                from .bitmaps import Bitmaps
                 self.bitmaps = Bitmaps(self)
         # lazy refcounts left inconsistent (the dirty bit): repaired before the first
         # change, as qemu does on opening; not at open, so that 'check' sees them
@@ -176,330 +103,23 @@ class Qcow2Device(BlockDevice):
         if not name:
             raise UnsupportedError("not supported yet: a qcow2 image with an external data"
                                    " file that it does not name", self.path)
-        from ...policy import OpenPolicy
         policy = self.policy or OpenPolicy()
         full = policy.resolve(self.path, name, "external data file")
         self.data = FileBackend(full, writable=self.writable)
         self.data_path = full
 
-    def _open_backing(self, name: str, fmt: str | None) -> None:
+    def open_backing(self, name: str, fmt: str | None) -> None:
+        """Open the backing file ``name`` (as the header names it) through the open
+        policy; also what ``set_backing`` calls after a rebase."""
         if self.header.data_file_raw:
             raise FormatError("a raw external data file excludes a backing file", self.path,
                               structure="QCowHeader", field="backing_file_offset")
-        from ...policy import OpenPolicy
-        from ...registry import open_image
         policy = self.policy or OpenPolicy().descend(self.path)
         full = policy.resolve(self.path, name, "backing file")
-        policy.check_backing_format(self.path, name, fmt,
-                                    "QCowExtension 0xe2792aca (backing file format name)")
+        policy.check_backing_format(
+            self.path, name, fmt,
+            f"QCowExtension {QCOW2_EXT_MAGIC_BACKING_FORMAT:#x} (backing file format name)")
         self.backing = open_image(full, fmt or None, policy=policy)
-
-    # -- L2 tables -------------------------------------------------------------------------
-    def l2_table(self, offset: int) -> array:
-        """The L2 table at host ``offset`` (validated, cached)."""
-        t = self.l2_cache.get(offset)
-        if t is not None:
-            self.l2_cache.move_to_end(offset)
-            return t
-        self.check_table_offset(offset, "L2 table")
-        t = be_array(self.backend.read_exact(offset, self.cs, "L2 table"))
-        self._cache_l2(offset, t)
-        return t
-
-    def _cache_l2(self, offset: int, table: array, *, dirty: bool = False) -> None:
-        """Cache a table, evicting the least recently used clean ones (dirty tables
-        stay until ``flush``; ``write`` flushes when too many pile up)."""
-        if dirty:
-            self.l2_dirty.add(offset)
-        self.l2_cache[offset] = table
-        if len(self.l2_cache) > self.l2_capacity:
-            for off in list(self.l2_cache):
-                if len(self.l2_cache) <= self.l2_capacity:
-                    break
-                if off not in self.l2_dirty and off != offset:
-                    del self.l2_cache[off]
-                    self._index_cache.pop(off, None)
-
-    def check_table_offset(self, offset: int, what: str) -> None:
-        if offset % self.cs:
-            raise FormatError(f"{what} at {offset:#x} is not cluster aligned", self.path,
-                              structure="L1 entry" if what == "L2 table" else what)
-        if offset < self.cs:
-            raise FormatError(f"{what} points into the header (offset {offset:#x})",
-                              self.path, structure="L1 entry")
-        if offset + self.cs > self.backend.size:
-            raise FormatError(f"{what} at {offset:#x} is past the end of the file"
-                              f" ({self.backend.size} bytes)", self.path,
-                              structure="L1 entry")
-
-    def _l2_at(self, l1i: int) -> array | None:
-        entry = self.l1[l1i]
-        off = entry & L1E_OFFSET_MASK
-        if not off:
-            return None
-        self._table_base[off] = l1i << self.l2_bits  # for messages naming the cluster
-        return self.l2_table(off)
-
-    # -- the map ---------------------------------------------------------------------------
-    def _runs(self, offset: int, length: int):
-        """``(guest offset, length, kind, host)`` runs covering the range, merged where
-        kind and host continuity allow. ``host`` is the data offset (K_DATA, K_ZALLOC)
-        or the L2 entry (K_COMP)."""
-        cb, cs = self.cluster_bits, self.cs
-        l2e, l2b = self.l2_entries, self.l2_bits
-        ext = self.extended
-        scs = self.geo.subcluster_size
-        has_df = self.data is not self.backend
-        end = offset + length
-        pos = offset
-        cur = None  # [start, n, kind, host]
-        while pos < end:
-            ci = pos >> cb
-            l1i = ci >> l2b
-            span_end = min(end, (l1i + 1) << (l2b + cb))
-            l2 = self._l2_at(l1i) if l1i < len(self.l1) else None
-            if l2 is None:
-                # the L1 entries after an empty one are usually empty too (a huge,
-                # mostly unallocated disk): skip them at memory speed, so the walk is
-                # bounded by the L2 tables present rather than by the virtual size
-                stop = min(len(self.l1), ((end - 1) >> (l2b + cb)) + 1)
-                if l1i + 1 < stop:
-                    nxt = skip_filled(self.l1, l1i + 1, stop)
-                    span_end = min(end, nxt << (l2b + cb))
-                elif l1i >= len(self.l1):
-                    span_end = end
-                runs = ((pos, span_end - pos, K_UNALLOC, 0),)
-                pos = span_end
-            elif not ext and not self.writable:
-                runs = self._indexed_runs(l1i, l2, pos, span_end)
-                pos = span_end
-            else:
-                runs = []
-                while pos < span_end:
-                    ci = pos >> cb
-                    cstart = ci << cb
-                    cend = min(span_end, cstart + cs)
-                    idx = ci & (l2e - 1)
-                    if ext:
-                        if not l2[2 * idx] and not l2[2 * idx + 1]:
-                            # a stretch of unallocated entries: skip it whole
-                            stop = (((span_end - 1) >> cb) & (l2e - 1)) + 1
-                            k = (skip_filled(l2, 2 * idx, 2 * stop) // 2) - idx
-                            run_end = min(span_end, (ci + max(k, 1)) << cb)
-                            runs.append((pos, run_end - pos, K_UNALLOC, 0))
-                            pos = run_end
-                            continue
-                        runs.extend(self._ext_runs(l2[2 * idx], l2[2 * idx + 1], pos, cend,
-                                                   cstart, scs, has_df))
-                        pos = cend
-                        continue
-                    e = l2[idx]
-                    if e & QCOW_OFLAG_COMPRESSED:
-                        runs.append((pos, cend - pos, K_COMP, e))
-                        pos = cend
-                        continue
-                    # whole runs of like entries at once (contiguous data, zeros,
-                    # holes): one array comparison instead of a step per cluster
-                    stop = (((span_end - 1) >> cb) & (l2e - 1)) + 1
-                    host = e & L2E_OFFSET_MASK
-                    if e & QCOW_OFLAG_ZERO:
-                        kind, step = (K_ZALLOC, cs) if host else (K_ZERO, 0)
-                    elif host or (has_df and e & QCOW_OFLAG_COPIED):
-                        kind, step = K_DATA, cs
-                        if not has_df:
-                            self._check_data_offset(host, ci)
-                    else:
-                        kind, step = K_UNALLOC, 0
-                    k = _run_length(l2, idx, stop, e, step) if stop - idx > 1 else 1
-                    run_end = min(span_end, (ci + k) << cb)
-                    runs.append((pos, run_end - pos, kind,
-                                 host + pos - cstart if step else 0))
-                    pos = run_end
-            for r in runs:
-                if cur is not None and cur[2] == r[2] and r[2] != K_COMP and (
-                        r[2] in (K_ZERO, K_UNALLOC) or cur[3] + cur[1] == r[3]):
-                    cur[1] += r[1]
-                else:
-                    if cur is not None:
-                        yield tuple(cur)
-                    cur = list(r)
-        if cur is not None:
-            yield tuple(cur)
-
-    def _indexed_runs(self, l1i: int, l2: array, pos: int, span_end: int) -> list:
-        """_runs inside one standard L2 table through its run index: a bisection per
-        call instead of a look at every entry (what makes 1 MiB reads cheap)."""
-        cb = self.cluster_bits
-        starts, kinds = self._run_index(self.l1[l1i] & L1E_OFFSET_MASK, l2)
-        base = l1i << self.l2_bits
-        j = bisect.bisect_right(starts, (pos >> cb) - base) - 1
-        out = []
-        while pos < span_end:
-            kind, e, step = kinds[j]
-            nxt = starts[j + 1] if j + 1 < len(starts) else self.l2_entries
-            run_end = min(span_end, (base + nxt) << cb)
-            if kind == K_COMP:
-                host = e
-            elif step:
-                host = (e & L2E_OFFSET_MASK) + pos - ((base + starts[j]) << cb)
-            else:
-                host = 0
-            out.append((pos, run_end - pos, kind, host))
-            pos = run_end
-            j += 1
-        return out
-
-    def _run_index(self, offset: int, l2: array) -> tuple[list[int], list[tuple]]:
-        """Where the runs of like entries of a (read-only) L2 table start, and what each
-        is: ``(kind, first entry, host step)``; built once per cached table."""
-        index = self._index_cache.get(offset)
-        if index is not None:
-            return index
-        cs = self.cs
-        has_df = self.data is not self.backend
-        starts, kinds = [], []
-        i, n = 0, len(l2)
-        base = self._table_base.get(offset, 0)
-        while i < n:
-            e = l2[i]
-            if e & QCOW_OFLAG_COMPRESSED:
-                kind, step, k = K_COMP, 0, 1
-            else:
-                host = e & L2E_OFFSET_MASK
-                if e & QCOW_OFLAG_ZERO:
-                    kind, step = (K_ZALLOC, cs) if host else (K_ZERO, 0)
-                elif host or (has_df and e & QCOW_OFLAG_COPIED):
-                    kind, step = K_DATA, cs
-                    if not has_df:
-                        self._check_data_offset(host, base + i)
-                else:
-                    kind, step = K_UNALLOC, 0
-                k = _run_length(l2, i, n, e, step) if n - i > 1 else 1
-            starts.append(i)
-            kinds.append((kind, e, step))
-            i += k
-        index = self._index_cache[offset] = (starts, kinds)
-        return index
-
-    def _ext_runs(self, word: int, bitmap: int, pos: int, cend: int, cstart: int, scs: int,
-                  has_df: bool):
-        if word & QCOW_OFLAG_COMPRESSED:
-            return [(pos, cend - pos, K_COMP, word)]
-        host = word & L2E_OFFSET_MASK
-        if host and not has_df:
-            self._check_data_offset(host, cstart >> self.cluster_bits)
-        out = []
-        while pos < cend:
-            s = (pos - cstart) // scs
-            send = min(cend, cstart + (s + 1) * scs)
-            alloc, zero = bitmap >> s & 1, bitmap >> (SUBCLUSTERS + s) & 1
-            if alloc:
-                if zero or not (host or (has_df and word & QCOW_OFLAG_COPIED)):
-                    raise FormatError(f"guest cluster {cstart >> self.cluster_bits}:"
-                                      f" subcluster {s} is both allocated and zero, or"
-                                      " allocated without a host cluster", self.path,
-                                      structure="extended L2 entry")
-                out.append((pos, send - pos, K_DATA, host + pos - cstart))
-            elif zero:
-                out.append((pos, send - pos, K_ZALLOC, host + pos - cstart) if host
-                           else (pos, send - pos, K_ZERO, 0))
-            elif host:
-                out.append((pos, send - pos, K_UALLOC, host + pos - cstart))
-            else:
-                out.append((pos, send - pos, K_UNALLOC, 0))
-            pos = send
-        return out
-
-    def _check_data_offset(self, host: int, ci: int) -> None:
-        if host % self.cs:
-            raise FormatError(f"guest cluster {ci}: data offset {host:#x} is not cluster"
-                              " aligned", self.path, structure="L2 entry")
-        if host < self.cs:
-            raise FormatError(f"guest cluster {ci}: the L2 entry points into the header",
-                              self.path, structure="L2 entry")
-
-    def extents(self, offset: int = 0, length: int | None = None):
-        if length is None:
-            length = self.size - offset
-        self.check_range(offset, length)
-        backing = self.backing is not None
-        return coalesce(self._extents(offset, length, backing))
-
-    def _extents(self, offset, length, backing):
-        for g, n, kind, host in self._runs(offset, length):
-            if kind == K_DATA:
-                yield Extent(g, n, ExtentKind.DATA, True, host)
-            elif kind == K_COMP:
-                yield Extent(g, n, ExtentKind.DATA, True, None)
-            elif kind == K_ZERO:
-                yield Extent(g, n, ExtentKind.ZERO, True, None)
-            elif kind == K_ZALLOC:
-                yield Extent(g, n, ExtentKind.ZERO, True, host)
-            elif backing:
-                yield Extent(g, n, ExtentKind.BACKING, False, None)
-            else:
-                yield Extent(g, n, ExtentKind.ZERO, False,
-                             host if kind == K_UALLOC else None)
-
-    # -- reading ---------------------------------------------------------------------------
-    def readinto(self, offset: int, buf) -> int:
-        mv = memoryview(buf).cast("B")
-        n = len(mv)
-        self.check_range(offset, n)
-        for g, k, kind, host in self._runs(offset, n):
-            dst = mv[g - offset:g - offset + k]
-            if kind == K_DATA:
-                got = self.data.readinto(host, dst)
-                if got < k:  # past the end of the file: qemu reads zeros there too
-                    zero_fill(dst[got:])
-            elif kind == K_UNALLOC or kind == K_UALLOC:
-                self._read_backing(g, dst)
-            elif kind == K_COMP:
-                cstart = g >> self.cluster_bits << self.cluster_bits
-                data = self._decompress(host, cstart)
-                dst[:] = data[g - cstart:g - cstart + k]
-            else:
-                zero_fill(dst)
-        return n
-
-    def _read_backing(self, g: int, dst) -> None:
-        k = len(dst)
-        b = self.backing
-        inside = 0 if b is None else max(0, min(k, b.size - g))
-        if inside:
-            b.readinto(g, dst[:inside])
-        if inside < k:
-            zero_fill(dst[inside:])
-
-    def _decompress(self, entry: int, cstart: int) -> bytes:
-        cached = self._comp_cache
-        if cached is not None and cached[0] == entry:
-            return cached[1]
-        if self.data is not self.backend:
-            raise FormatError("compressed cluster in an image with an external data file",
-                              self.path, structure="L2 entry")
-        off, csize = self.geo.compressed_range(entry)
-        where = f"for guest offset {cstart:#x} at host {off:#x}"
-        fsize = self.backend.size
-        if off < self.cs:
-            raise FormatError(f"compressed cluster {where} points into the header",
-                              self.path, structure="L2 entry")
-        if off >= fsize or off + csize > fsize + 511:
-            raise FormatError(f"compressed cluster {where} (+{csize}) is past the end of"
-                              f" the file ({fsize} bytes)", self.path, structure="L2 entry")
-        raw = self.backend.pread(off, min(csize, fsize - off))
-        data = codec.decompress(self.header.compression_type, raw, self.cs, where,
-                                self.path)
-        self._comp_cache = (entry, data)
-        return data
-
-    def read_cluster(self, ci: int) -> bytearray:
-        """Guest cluster ``ci`` as it reads now (up to the end of the disk)."""
-        start = ci << self.cluster_bits
-        buf = bytearray(min(self.cs, self.size - start))
-        if buf:
-            self.readinto(start, buf)
-        return buf
 
     # -- facts -----------------------------------------------------------------------------
     def info(self) -> ImageInfo:
@@ -525,7 +145,6 @@ class Qcow2Device(BlockDevice):
         d: dict = {"compat": "1.1", "compression-type": h.compression_name,
                    "lazy-refcounts": h.lazy_refcounts}
         if h.bitmaps is not None:
-            from .bitmaps import read_directory
             d["bitmaps"] = [b.to_json() for b in read_directory(self)]
         d["refcount-bits"] = self.geo.refcount_bits
         d["corrupt"] = h.corrupt
@@ -559,350 +178,38 @@ class Qcow2Device(BlockDevice):
             own.append(self.data_path)
         return own + (self.backing.files() if self.backing is not None else [])
 
-    # == writing =============================================================================
-    def _require_writable(self) -> None:
-        if not self.writable:
-            raise UnsupportedError("qcow2 image is open read-only", self.path)
-        if self.header.corrupt:
-            raise SafetyError("the image is marked corrupt (by qemu or diskforge); repair"
-                              " it with 'diskforge check -r all' before writing", self.path)
-        if self.header.autoclear_features & ~AUTOCLEAR_KNOWN:
-            # qcow2.txt: clear auto-clear bits we do not know before writing
-            self.header.autoclear_features &= AUTOCLEAR_KNOWN
-            self._write_header()
-            self._barrier()
-        if self.needs_repair:
-            from .check import check
-            result = check(self, Repair.ALL)
-            if result.corruptions or result.check_errors:
-                raise SafetyError("the image's refcounts (dirty, lazy refcounts) could not"
-                                  " be repaired; run 'diskforge check -r all'", self.path)
-
-    @property
-    def has_data_file(self) -> bool:
-        return self.data is not self.backend
-
-    def _l2_for_write(self, l1i: int) -> tuple[int, array]:
-        """(host offset, table) of the L2 table for L1 index ``l1i``, allocated or
-        copied so that the active L1 table owns it alone."""
-        if l1i >= len(self.l1):
-            raise FormatError(f"L1 index {l1i} beyond the L1 table", self.path)
-        entry = self.l1[l1i]
-        off = entry & L1E_OFFSET_MASK
-        if off and (entry & QCOW_OFLAG_COPIED or self.refs.get(off // self.cs) == 1):
-            if not entry & QCOW_OFLAG_COPIED:
-                self.l1[l1i] = off | QCOW_OFLAG_COPIED
-                self.l1_dirty = True
-            return off, self.l2_table(off)
-        new = self.refs.alloc(1) * self.cs
-        if off:  # shared with a snapshot: copy it
-            table = array("Q", self.l2_table(off))
-            self._fix_copied(table)
-            self.refs.free(off // self.cs)
-        else:
-            table = array("Q", bytes(self.cs))
-        self._cache_l2(new, table, dirty=True)
-        self.l1[l1i] = new | QCOW_OFLAG_COPIED
-        self.l1_dirty = True
-        return new, table
-
-    def _fix_copied(self, table: array) -> bool:
-        """Set bit 63 exactly on the entries whose cluster has refcount 1."""
-        step = 2 if self.extended else 1
-        changed = False
-        for i in range(0, len(table), step):
-            e = table[i]
-            if e & QCOW_OFLAG_COMPRESSED:
-                continue
-            host = e & L2E_OFFSET_MASK
-            if not host or self.has_data_file:
-                continue
-            want = QCOW_OFLAG_COPIED if self.refs.get(host // self.cs) == 1 else 0
-            if e & QCOW_OFLAG_COPIED != want:
-                table[i] = (e & ~QCOW_OFLAG_COPIED) | want
-                changed = True
-        return changed
-
-    def _release_entry(self, word: int) -> None:
-        """Queue the clusters an L2 entry used for freeing."""
-        if word & QCOW_OFLAG_COMPRESSED:
-            off, n = self.geo.compressed_range(word)
-            first = off // self.cs
-            last = (off + n - 1) // self.cs
-            self.refs.free(first, last - first + 1)
-            return
-        host = word & L2E_OFFSET_MASK
-        if host and not self.has_data_file:
-            self.refs.free(host // self.cs)
-
-    def _owned(self, word: int) -> bool:
-        """True when the entry's host cluster belongs to this table alone."""
-        if word & QCOW_OFLAG_COMPRESSED:
-            return False
-        host = word & L2E_OFFSET_MASK
-        if self.has_data_file:
-            return bool(host or word & QCOW_OFLAG_COPIED)
-        if not host:
-            return False
-        return bool(word & QCOW_OFLAG_COPIED) or self.refs.get(host // self.cs) == 1
-
-    def write(self, offset: int, data) -> None:
-        self._require_writable()
-        mv = memoryview(data).cast("B")
-        n = len(mv)
-        self.check_range(offset, n)
-        if self.bitmaps is not None:
-            self.bitmaps.mark(offset, n)
-        cb, cs = self.cluster_bits, self.cs
-        pending: list = []  # (host, view) of contiguous fresh clusters, one pwrite
-        pos, end = offset, offset + n
-        while pos < end:
-            ci = pos >> cb
-            cstart = ci << cb
-            cend = min(cstart + cs, end)
-            self._write_cluster(ci, pos - cstart, mv[pos - offset:cend - offset], pending)
-            pos = cend
-        self._flush_pending(pending)
-        if len(self.l2_dirty) > self.l2_capacity:
-            self.flush()  # the data is on disk: the tables may follow
-
-    def _flush_pending(self, pending: list) -> None:
-        if not pending:
-            return
-        start = pending[0][0]
-        views = [v for _, v in pending]
-        if len(views) == 1:
-            self.data.pwrite(start, views[0])
-        else:
-            self.data.pwrite(start, b"".join(views))
-        pending.clear()
-
-    def _queue(self, pending: list, host: int, view) -> None:
-        if pending and pending[-1][0] + len(pending[-1][1]) != host:
-            self._flush_pending(pending)
-        pending.append((host, view))
-
-    def _write_cluster(self, ci: int, within: int, piece, pending: list) -> None:
-        cs = self.cs
-        cstart = ci << self.cluster_bits
-        clen = min(cs, self.size - cstart)
-        l2off, l2 = self._l2_for_write(ci >> self.l2_bits)
-        idx = ci & (self.l2_entries - 1)
-        if self.extended:
-            self._write_ext(l2off, l2, idx, ci, cstart, clen, within, piece, pending)
-            return
-        e = l2[idx]
-        full = within == 0 and len(piece) == clen
-        host = e & L2E_OFFSET_MASK
-        if self._owned(e):
-            if self.has_data_file:
-                host = cstart
-            if e & QCOW_OFLAG_ZERO and not full:
-                buf = bytearray(clen)
-                buf[within:within + len(piece)] = piece
-                self._flush_pending(pending)
-                self.data.pwrite(host, buf)
-            else:
-                self._queue(pending, host + within, piece)
-            new_e = host | QCOW_OFLAG_COPIED
-            if new_e != e:
-                l2[idx] = new_e
-                self.l2_dirty.add(l2off)
-            return
-        # allocate a fresh cluster, filling what the write does not cover
-        if full:
-            content = piece
-        else:
-            self._flush_pending(pending)
-            content = self.read_cluster(ci)
-            content[within:within + len(piece)] = piece
-        if self.has_data_file:
-            new = cstart
-        else:
-            new = self.refs.alloc(1) * cs
-        self._queue(pending, new, content)
-        if not self.has_data_file:
-            self._release_entry(e)
-        l2[idx] = new | QCOW_OFLAG_COPIED
-        self.l2_dirty.add(l2off)
-
-    def _write_ext(self, l2off, l2, idx, ci, cstart, clen, within, piece, pending) -> None:
-        scs = self.geo.subcluster_size
-        word, bitmap = l2[2 * idx], l2[2 * idx + 1]
-        s0 = within // scs
-        s1 = (within + len(piece) - 1) // scs
-        a0, a1 = s0 * scs, min(clen, (s1 + 1) * scs)  # subcluster-aligned span
-        mask = sum(1 << s for s in range(s0, s1 + 1))
-        owned = self._owned(word)
-        host = word & L2E_OFFSET_MASK
-        if self.has_data_file:
-            host = cstart
-        if owned or (not word & QCOW_OFLAG_COMPRESSED and not host):
-            if not owned and not self.has_data_file:
-                host = self.refs.alloc(1) * self.cs
-            if within == a0 and within + len(piece) == a1:
-                self._queue(pending, host + a0, piece)
-            else:
-                self._flush_pending(pending)
-                span = bytearray(a1 - a0)
-                self.readinto(cstart + a0, span)
-                span[within - a0:within - a0 + len(piece)] = piece
-                self.data.pwrite(host + a0, span)
-            new_word = host | QCOW_OFLAG_COPIED
-            new_bitmap = (bitmap | mask) & ~(mask << SUBCLUSTERS)
-        else:
-            # compressed or shared: copy the whole cluster to a new one
-            self._flush_pending(pending)
-            content = self.read_cluster(ci)
-            content[within:within + len(piece)] = piece
-            new = cstart if self.has_data_file else self.refs.alloc(1) * self.cs
-            self.data.pwrite(new, content)
-            if not self.has_data_file:
-                self._release_entry(word)
-            new_word = new | QCOW_OFLAG_COPIED
-            new_bitmap = ALL_ALLOC
-        if (new_word, new_bitmap) != (word, bitmap):
-            l2[2 * idx], l2[2 * idx + 1] = new_word, new_bitmap
-            self.l2_dirty.add(l2off)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self._require_writable()
-        self.check_range(offset, length)
-        if self.bitmaps is not None:
-            self.bitmaps.mark(offset, length)
-        cb, cs = self.cluster_bits, self.cs
-        pos, end = offset, offset + length
-        while pos < end:
-            ci = pos >> cb
-            cstart = ci << cb
-            clen = min(cs, self.size - cstart)
-            cend = min(cstart + cs, end)
-            if pos == cstart and cend - cstart == clen and self._zero_cluster(ci, cstart):
-                pos = cend
-                continue
-            n = cend - pos
-            self.write(pos, ZEROES[:n])
-            pos = cend
-
-    def _zero_cluster(self, ci: int, cstart: int) -> bool:
-        """Make a whole guest cluster read as zeros through metadata alone; False when
-        the image cannot (version 2 over a backing file, raw external data)."""
-        backing = bool(self.header.backing_file)
-        if self.has_data_file:
-            if self.header.data_file_raw:
-                return False
-            # keep the mapping (host = guest offset), make the data file read zeros
-            self.write(cstart, ZEROES[:min(self.cs, self.size - cstart)])
-            return True
-        if backing and self.header.version < 3:
-            return False
-        l1i = ci >> self.l2_bits
-        idx = ci & (self.l2_entries - 1)
-        if not backing:
-            l1e = self.l1[l1i] if l1i < len(self.l1) else 0
-            if not l1e & L1E_OFFSET_MASK:
-                return True  # unallocated, no backing: already zeros
-        l2off, l2 = self._l2_for_write(l1i)
-        if self.extended:
-            word, bitmap = l2[2 * idx], l2[2 * idx + 1]
-            new = (0, ALL_ZERO if backing else 0)
-            if (word, bitmap) != new:
-                self._release_entry(word)
-                l2[2 * idx], l2[2 * idx + 1] = new
-                self.l2_dirty.add(l2off)
-            return True
-        e = l2[idx]
-        new = QCOW_OFLAG_ZERO if backing else 0
-        if e != new:
-            self._release_entry(e)
-            l2[idx] = new
-            self.l2_dirty.add(l2off)
-        return True
-
-    # -- flushing ----------------------------------------------------------------------------
-    def _barrier(self) -> None:
-        self.backend.flush(durable=True)
-
-    def _write_header(self) -> None:
-        h = self.header
-        h.l1_table_offset, h.l1_size = self.l1_offset, self.l1_size
-        if self.refs is not None:
-            h.refcount_table_offset = self.refs.table_offset
-            h.refcount_table_clusters = self.refs.table_clusters
-        buf = h.build()
-        self.backend.pwrite(0, buf + bytes(self.cs - len(buf)))
-        self.header_dirty = False
-
-    def flush(self) -> None:
-        if not self.writable or self.refs is None:
-            return
-        refs = self.refs
-        if self.has_data_file:
-            self.data.flush(durable=True)
-        if self.bitmaps is not None:
-            self.bitmaps.flush_data()
-        if refs.dirty or refs.table_dirty:
-            refs.write_blocks()
-            self._barrier()
-        if self.l2_dirty:
-            for off in sorted(self.l2_dirty):
-                self.backend.pwrite(off, be_bytes(self.l2_cache[off]))
-            self.l2_dirty.clear()
-            self._barrier()
-        if self.l1_dirty:
-            self.backend.pwrite(self.l1_offset, be_bytes(self.l1))
-            self.l1_dirty = False
-        if self.header_dirty or refs.table_moved:
-            self._write_header()
-        if self.bitmaps is not None:
-            self.bitmaps.write_tables()
-        self._barrier()
-        if refs.pending or refs.old_tables:
-            refs.release_old_tables()
-            refs.apply_frees()
-            refs.write_blocks()
-            self._barrier()
-            for off in [o for o in self.l2_cache if refs.get(o // self.cs) == 0]:
-                del self.l2_cache[off]  # freed tables: their clusters may be reused
-
     def close(self) -> None:
         if self.closed:
             return
         try:
-            if self.writable and getattr(self, "refs", None) is not None:
+            if self.writable and self.refs is not None:
                 self.flush()
                 if self.bitmaps is not None:
                     self.bitmaps.close()
         finally:
-            if self.data is not self.backend:
+            if self.data is not None and self.data is not self.backend:
                 self.data.close()
-            self.backend.close()
             super().close()
 
     # == maintenance hooks ===================================================================
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
-        from .check import check
-        return check(self, repair)
+        return check_image(self, repair)
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         self._require_writable()
-        from .maintenance import resize
-        resize(self, size, shrink=shrink)
+        maintenance.resize(self, size, shrink=shrink)
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         self._require_writable()
-        from .maintenance import set_backing
-        set_backing(self, name, fmt)
+        maintenance.set_backing(self, name, fmt)
 
     def make_empty(self) -> None:
         self._require_writable()
-        from .maintenance import make_empty
-        make_empty(self)
+        maintenance.make_empty(self)
 
     def amend(self, options, given: set[str]) -> None:
         self._require_writable()
-        from .maintenance import amend
-        amend(self, options, given)
+        maintenance.amend(self, options, given)
 
     # snapshots
     def list_snapshots(self) -> list[dict]:
@@ -910,18 +217,15 @@ class Qcow2Device(BlockDevice):
 
     def create_snapshot(self, name: str) -> None:
         self._require_writable()
-        from .snapshot import create
-        create(self, name)
+        snapshot_table.create(self, name)
 
     def apply_snapshot(self, key: str) -> None:
         self._require_writable()
-        from .snapshot import apply
-        apply(self, key)
+        snapshot_table.apply(self, key)
 
     def delete_snapshot(self, key: str) -> None:
         self._require_writable()
-        from .snapshot import delete
-        delete(self, key)
+        snapshot_table.delete(self, key)
 
 
 def open_device(path: str, *, writable: bool = False, policy=None,
@@ -929,4 +233,4 @@ def open_device(path: str, *, writable: bool = False, policy=None,
     return Qcow2Device(path, writable=writable, policy=policy, snapshot=snapshot)
 
 
-__all__ = ["Qcow2Device", "open_device", "Header"]
+__all__ = ["Qcow2Device", "open_device"]

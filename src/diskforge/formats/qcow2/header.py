@@ -16,73 +16,23 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from construct import Const, Int8ub, Int32ub, Int64ub, PaddedString, Struct
-
 from ...errors import FormatError, UnsupportedError
-from .layout import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
-                     COMPRESSION_NAMES, FEATURE_NAMES, INCOMPAT_COMPRESSION,
-                     INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
-                     INCOMPAT_KNOWN, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
-                     QCOW_MAX_BACKING_NAME, QCOW_MAX_BITMAP_DIRECTORY_SIZE,
-                     QCOW_MAX_BITMAPS, QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE,
-                     QCOW_MAX_SNAPSHOTS, Geometry)
+from .structs import (COMPRESSION_NAMES, FEATURE_ENTRY_SIZE, FEATURE_NAMES,
+                      MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW2_AUTOCLEAR_BITMAPS,
+                      QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS,
+                      QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_BITMAPS,
+                      QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_EXT_MAGIC_DATA_FILE,
+                      QCOW2_EXT_MAGIC_END, QCOW2_EXT_MAGIC_FEATURE_TABLE,
+                      QCOW2_INCOMPAT_COMPRESSION, QCOW2_INCOMPAT_CORRUPT,
+                      QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_DIRTY,
+                      QCOW2_INCOMPAT_EXTL2, QCOW2_INCOMPAT_MASK, QCOW_MAGIC,
+                      QCOW_MAX_BACKING_NAME, QCOW_MAX_BITMAPS,
+                      QCOW_MAX_BITMAP_DIRECTORY_SIZE, QCOW_MAX_L1_SIZE,
+                      QCOW_MAX_REFTABLE_SIZE, QCOW_MAX_SNAPSHOTS, V2_HEADER_LENGTH,
+                      V3_HEADER_LENGTH, V3_HEADER_LENGTH_WITH_COMPRESSION, Geometry,
+                      QCowExtension, QCowHeader, QCowHeaderV3, Qcow2BitmapHeaderExt,
+                      Qcow2CryptoHeaderExtension, Qcow2Feature)
 
-MAGIC = b"QFI\xfb"
-
-# qcow2.txt "Header", bytes 0-71 (all of version 2)
-QCowHeader = Struct(
-    "magic" / Const(MAGIC),
-    "version" / Int32ub,
-    "backing_file_offset" / Int64ub,
-    "backing_file_size" / Int32ub,
-    "cluster_bits" / Int32ub,
-    "size" / Int64ub,
-    "crypt_method" / Int32ub,
-    "l1_size" / Int32ub,
-    "l1_table_offset" / Int64ub,
-    "refcount_table_offset" / Int64ub,
-    "refcount_table_clusters" / Int32ub,
-    "nb_snapshots" / Int32ub,
-    "snapshots_offset" / Int64ub,
-)
-
-# qcow2.txt "Header", bytes 72-103 (version 3 and higher)
-QCowHeaderV3 = Struct(
-    "incompatible_features" / Int64ub,
-    "compatible_features" / Int64ub,
-    "autoclear_features" / Int64ub,
-    "refcount_order" / Int32ub,
-    "header_length" / Int32ub,
-)
-
-V2_HEADER_LENGTH = 72
-V3_HEADER_LENGTH = 104
-# qemu writes the compression_type byte (offset 104) and pads to a multiple of 8
-V3_HEADER_LENGTH_WITH_COMPRESSION = 112
-
-# qcow2.txt "Header extensions"
-QCowExtension = Struct("magic" / Int32ub, "len" / Int32ub)
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
-
-# qcow2.txt "Feature name table"
-Qcow2Feature = Struct("type" / Int8ub, "bit" / Int8ub, "name" / PaddedString(46, "ascii"))
-FEATURE_ENTRY_SIZE = 48
-
-# qcow2.txt "Bitmaps extension"
-Qcow2BitmapHeaderExt = Struct(
-    "nb_bitmaps" / Int32ub,
-    "reserved32" / Int32ub,
-    "bitmap_directory_size" / Int64ub,
-    "bitmap_directory_offset" / Int64ub,
-)
-
-# qcow2.txt "Full disk encryption header pointer"
-Qcow2CryptoHeaderExtension = Struct("offset" / Int64ub, "length" / Int64ub)
 
 @dataclass
 class BitmapsExt:
@@ -132,27 +82,27 @@ class Header:
 
     @property
     def extended_l2(self) -> bool:
-        return bool(self.incompatible_features & INCOMPAT_EXTL2)
+        return bool(self.incompatible_features & QCOW2_INCOMPAT_EXTL2)
 
     @property
     def dirty(self) -> bool:
-        return bool(self.incompatible_features & INCOMPAT_DIRTY)
+        return bool(self.incompatible_features & QCOW2_INCOMPAT_DIRTY)
 
     @property
     def corrupt(self) -> bool:
-        return bool(self.incompatible_features & INCOMPAT_CORRUPT)
+        return bool(self.incompatible_features & QCOW2_INCOMPAT_CORRUPT)
 
     @property
     def has_data_file(self) -> bool:
-        return bool(self.incompatible_features & INCOMPAT_DATA_FILE)
+        return bool(self.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
 
     @property
     def data_file_raw(self) -> bool:
-        return bool(self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+        return bool(self.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)
 
     @property
     def lazy_refcounts(self) -> bool:
-        return bool(self.compatible_features & COMPAT_LAZY_REFCOUNTS)
+        return bool(self.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
 
     @property
     def compression_name(self) -> str:
@@ -201,17 +151,17 @@ class Header:
             out.extend(bytes(-len(data) % 8))
 
         if self.backing_format:
-            ext(EXT_BACKING_FORMAT, self.backing_format.encode())
+            ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, self.backing_format.encode())
         if self.data_file:
-            ext(EXT_DATA_FILE, self.data_file.encode())
+            ext(QCOW2_EXT_MAGIC_DATA_FILE, self.data_file.encode())
         if self.crypto is not None:
-            ext(EXT_CRYPTO, Qcow2CryptoHeaderExtension.build(
+            ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER, Qcow2CryptoHeaderExtension.build(
                 dict(offset=self.crypto[0], length=self.crypto[1])))
         if feature_table:
-            ext(EXT_FEATURE_TABLE, b"".join(
+            ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, b"".join(
                 Qcow2Feature.build(dict(type=k, bit=b, name=n)) for k, b, n in FEATURE_NAMES))
         if self.bitmaps is not None:
-            ext(EXT_BITMAPS, Qcow2BitmapHeaderExt.build(dict(
+            ext(QCOW2_EXT_MAGIC_BITMAPS, Qcow2BitmapHeaderExt.build(dict(
                 nb_bitmaps=self.bitmaps.nb_bitmaps, reserved32=0,
                 bitmap_directory_size=self.bitmaps.directory_size,
                 bitmap_directory_offset=self.bitmaps.directory_offset)))
@@ -239,7 +189,7 @@ def parse(buf: bytes, file_size: int, path: str | None = None) -> Header:
     if len(buf) < V2_HEADER_LENGTH:
         raise FormatError(f"file is {file_size} bytes, too short for a qcow2 header"
                           " (truncated)", path, structure="QCowHeader")
-    if buf[:4] != MAGIC:
+    if buf[:4] != QCOW_MAGIC:
         raise _err(path, "magic", "not a qcow2 image (bad magic)")
     h = QCowHeader.parse(buf[:V2_HEADER_LENGTH])
     if h.version not in (2, 3):
@@ -319,36 +269,36 @@ def _parse_extensions(hdr: Header, buf: bytes, offset: int, end: int, path) -> N
             break
         e = QCowExtension.parse(buf[offset:offset + 8])
         offset += 8
-        if e.magic == EXT_END:
+        if e.magic == QCOW2_EXT_MAGIC_END:
             return
         if e.len > end - offset or offset + e.len > len(buf):
             raise FormatError(f"extension {e.magic:#010x} of {e.len} bytes runs past the"
                               " header area", path, structure="QCowExtension", field="len")
         data = bytes(buf[offset:offset + e.len])
-        if e.magic in seen and e.magic != EXT_FEATURE_TABLE:
+        if e.magic in seen and e.magic != QCOW2_EXT_MAGIC_FEATURE_TABLE:
             raise FormatError(f"extension {e.magic:#010x} appears twice", path,
                               structure="QCowExtension", field="magic")
         seen.add(e.magic)
-        if e.magic == EXT_BACKING_FORMAT:
+        if e.magic == QCOW2_EXT_MAGIC_BACKING_FORMAT:
             if e.len > 1023:
                 raise FormatError(f"backing format name of {e.len} bytes is too long",
                                   path, structure="QCowExtension", field="len")
             hdr.backing_format = _text(data, path, "backing format name")
-        elif e.magic == EXT_DATA_FILE:
+        elif e.magic == QCOW2_EXT_MAGIC_DATA_FILE:
             if e.len > 1023:
                 raise FormatError(f"external data file name of {e.len} bytes is too long",
                                   path, structure="QCowExtension", field="len")
             hdr.data_file = _text(data, path, "external data file name")
-        elif e.magic == EXT_FEATURE_TABLE:
+        elif e.magic == QCOW2_EXT_MAGIC_FEATURE_TABLE:
             for i in range(0, len(data) - FEATURE_ENTRY_SIZE + 1, FEATURE_ENTRY_SIZE):
                 f = Qcow2Feature.parse(_ascii(data[i:i + FEATURE_ENTRY_SIZE]))
                 hdr.feature_names[(f.type, f.bit)] = f.name
-        elif e.magic == EXT_BITMAPS:
+        elif e.magic == QCOW2_EXT_MAGIC_BITMAPS:
             if e.len != Qcow2BitmapHeaderExt.sizeof():
                 raise FormatError(f"bitmaps extension is {e.len} bytes, not 24", path,
                                   structure="Qcow2BitmapHeaderExt")
             b = Qcow2BitmapHeaderExt.parse(data)
-            if hdr.autoclear_features & AUTOCLEAR_BITMAPS:
+            if hdr.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
                 if not 1 <= b.nb_bitmaps <= QCOW_MAX_BITMAPS:
                     raise FormatError(f"{b.nb_bitmaps} bitmaps is out of range", path,
                                       structure="Qcow2BitmapHeaderExt", field="nb_bitmaps")
@@ -361,7 +311,7 @@ def _parse_extensions(hdr: Header, buf: bytes, offset: int, end: int, path) -> N
                                          b.bitmap_directory_offset)
             # else: as qemu, a bitmaps extension whose autoclear bit was cleared by a
             # program without bitmap support is inconsistent and dropped
-        elif e.magic == EXT_CRYPTO:
+        elif e.magic == QCOW2_EXT_MAGIC_CRYPTO_HEADER:
             if e.len == Qcow2CryptoHeaderExtension.sizeof():
                 c = Qcow2CryptoHeaderExtension.parse(data)
                 hdr.crypto = (c.offset, c.length)
@@ -384,14 +334,14 @@ def _check_features(hdr: Header, path) -> None:
             hdr.crypt_method, f"unknown crypt_method {hdr.crypt_method}")
         raise UnsupportedError(f"QCowHeader.crypt_method: encrypted ({kind}); not"
                                " supported yet: reading encrypted qcow2 images", path)
-    unknown = hdr.incompatible_features & ~INCOMPAT_KNOWN
+    unknown = hdr.incompatible_features & ~QCOW2_INCOMPAT_MASK
     if unknown:
         names = ", ".join(hdr.feature_name(0, b) for b in range(64) if unknown >> b & 1)
         raise UnsupportedError(f"not supported: qcow2 incompatible feature(s): {names}",
                                path)
     if hdr.version < 3 and hdr.compression_type:
         raise _err(path, "compression_type", "set in a version 2 image")
-    has_bit = bool(hdr.incompatible_features & INCOMPAT_COMPRESSION)
+    has_bit = bool(hdr.incompatible_features & QCOW2_INCOMPAT_COMPRESSION)
     if has_bit != (hdr.compression_type != 0):
         raise _err(path, "compression_type", f"{hdr.compression_type} does not agree with"
                    " the compression type feature bit")
@@ -406,7 +356,7 @@ def _check_features(hdr: Header, path) -> None:
                           " feature bit", path, structure="QCowExtension")
     if hdr.data_file_raw and not hdr.has_data_file:
         # qemu clears an autoclear bit it cannot honour; so do we
-        hdr.autoclear_features &= ~AUTOCLEAR_DATA_FILE_RAW
+        hdr.autoclear_features &= ~QCOW2_AUTOCLEAR_DATA_FILE_RAW
 
 
 def _check_tables(hdr: Header, file_size: int, path) -> None:

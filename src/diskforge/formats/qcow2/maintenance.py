@@ -7,12 +7,18 @@ from __future__ import annotations
 
 from array import array
 
+from ...byteorder import be_bytes
 from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import Measurement
-from .layout import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
-                     INCOMPAT_EXTL2, L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
-                     QCOW_OFLAG_ZERO)
-from .refcount import encode, refcount_layout, refcount_metadata_size
+from .refcount import Refcounts, encode, refcount_layout, refcount_metadata_size
+from .snapshot import read_l1, update_refcounts
+from .structs import (L1E_OFFSET_MASK, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+                      QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_COMPRESSION,
+                      QCOW2_INCOMPAT_EXTL2, QCOW2_SUBCLUSTER_COMPRESSED,
+                      QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN,
+                      QCOW2_SUBCLUSTER_ZERO_PLAIN, QCOW_MAX_L1_SIZE,
+                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
+                      Geometry)
 
 
 # -- measure ---------------------------------------------------------------------------------
@@ -52,7 +58,6 @@ def measure(size: int, options, allocated) -> Measurement:
 # -- resize ----------------------------------------------------------------------------------
 
 def resize(dev, size: int, *, shrink: bool = False) -> None:
-    from .device import K_COMP, K_DATA, K_UNALLOC, K_ZERO
     old = dev.size
     if size == old:
         return
@@ -68,8 +73,9 @@ def resize(dev, size: int, *, shrink: bool = False) -> None:
         if dev.snapshots:
             raise UnsupportedError("cannot shrink an image that has internal snapshots",
                                    dev.path)
-        for g, n, kind, _ in dev._runs(size, old - size):
-            if kind not in (K_UNALLOC, K_ZERO):
+        for g, n, kind, _ in dev.runs(size, old - size):
+            if kind not in (QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN,
+                            QCOW2_SUBCLUSTER_ZERO_PLAIN):
                 raise UsageError(f"shrinking to {size} bytes would cut allocated data at"
                                  f" offset {g} (+{n}); nothing allocated may be cut",
                                  dev.path)
@@ -82,7 +88,7 @@ def resize(dev, size: int, *, shrink: bool = False) -> None:
                 dev.l1[l1i] = 0
                 dev.l1_dirty = True
         if new_l1 and dev.l1[new_l1 - 1] & L1E_OFFSET_MASK:
-            l2off, l2 = dev._l2_for_write(new_l1 - 1)
+            l2off, l2 = dev.l2_for_write(new_l1 - 1)
             step = 2 if dev.extended else 1
             base = (new_l1 - 1) << dev.l2_bits
             for ci in range(max(first_gone, base), base + dev.l2_entries):
@@ -100,7 +106,6 @@ def resize(dev, size: int, *, shrink: bool = False) -> None:
         return
     new_l1 = dev.geo.l1_entries_for(size)
     if new_l1 > dev.l1_size:
-        from .layout import QCOW_MAX_L1_SIZE
         if new_l1 * 8 > QCOW_MAX_L1_SIZE:
             raise UsageError(f"{size} bytes needs an L1 table beyond qemu's limit with"
                              f" {cs}-byte clusters", dev.path)
@@ -119,8 +124,8 @@ def resize(dev, size: int, *, shrink: bool = False) -> None:
         dev.data.truncate(size)
     # what lay past the old end inside its last cluster must read as zeros now
     if tail_end > old:
-        for g, n, kind, _ in list(dev._runs(old, tail_end - old)):
-            if kind in (K_DATA, K_COMP):
+        for g, n, kind, _ in list(dev.runs(old, tail_end - old)):
+            if kind in (QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_COMPRESSED):
                 dev.write(g, bytes(n))
     # a larger backing file must not show through the new area (qemu does the same)
     b = dev.backing
@@ -139,14 +144,14 @@ def set_backing(dev, name: str | None, fmt: str | None) -> None:
     h.backing_file = name or None
     h.backing_format = (fmt or None) if name else None
     h.build()  # raises before anything is written when it does not fit
-    dev._write_header()
-    dev._barrier()
+    dev.write_header()
+    dev.barrier()
     if dev.backing is not None:
         dev.backing.close()
         dev.backing = None
     if name:
         try:
-            dev._open_backing(name, fmt)
+            dev.open_backing(name, fmt)
         except DiskforgeError:
             dev.backing = None  # rebase -u to a file not there (yet): reopen to read
 
@@ -154,7 +159,6 @@ def set_backing(dev, name: str | None, fmt: str | None) -> None:
 def make_empty(dev) -> None:
     """Drop every cluster of the active image (after ``commit``): the image then reads
     through to its backing file."""
-    from .snapshot import update_refcounts
     dev.flush()
     update_refcounts(dev, dev.l1, -1)
     dev.l1 = array("Q", bytes(8 * dev.l1_size))
@@ -171,9 +175,6 @@ def rebuild_refcounts(dev, counts, top: int, order: int) -> None:
     """Write a new refcount table and blocks of width ``2**order`` past cluster ``top``
     holding ``counts(c)`` for every cluster below it plus their own, and point the
     header at them; the old structure becomes free space."""
-    from .device import be_bytes
-    from .layout import Geometry
-    from .refcount import Refcounts
     cs = dev.cs
     geo = Geometry(dev.cluster_bits, order, dev.extended)
     epb = geo.refblock_entries
@@ -188,12 +189,12 @@ def rebuild_refcounts(dev, counts, top: int, order: int) -> None:
         table[i] = off
         dev.backend.pwrite(off, encode(vals, order))
     dev.backend.pwrite(top * cs, be_bytes(table))
-    dev._barrier()
+    dev.barrier()
     dev.header.refcount_order = order
     dev.geo = geo
     dev.refs = Refcounts(dev.backend, geo, top * cs, tc, dev.path)
-    dev._write_header()
-    dev._barrier()
+    dev.write_header()
+    dev.barrier()
 
 
 # -- amend -----------------------------------------------------------------------------------
@@ -232,9 +233,9 @@ def amend(dev, opts, given: set[str]) -> None:
         if opts.lazy_refcounts and h.version < 3:
             raise UsageError("lazy refcounts need compat=1.1", dev.path)
         if opts.lazy_refcounts:
-            h.compatible_features |= COMPAT_LAZY_REFCOUNTS
+            h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS
         else:
-            h.compatible_features &= ~COMPAT_LAZY_REFCOUNTS
+            h.compatible_features &= ~QCOW2_COMPAT_LAZY_REFCOUNTS
     if "data_file" in given and opts.data_file != (h.data_file or ""):
         if not h.has_data_file:
             raise UsageError("data_file can only be set for an image that already uses"
@@ -248,12 +249,12 @@ def amend(dev, opts, given: set[str]) -> None:
         if opts.data_file_raw and h.backing_file:
             raise UsageError("a raw external data file excludes a backing file", dev.path)
         if opts.data_file_raw:
-            h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW
+            h.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
         else:
-            h.autoclear_features &= ~AUTOCLEAR_DATA_FILE_RAW
+            h.autoclear_features &= ~QCOW2_AUTOCLEAR_DATA_FILE_RAW
     h.build()
-    dev._write_header()
-    dev._barrier()
+    dev.write_header()
+    dev.barrier()
     if "backing_file" in given or "backing_fmt" in given:
         name = opts.backing_file if "backing_file" in given else h.backing_file
         fmt = opts.backing_fmt if "backing_fmt" in given else h.backing_format
@@ -262,7 +263,7 @@ def amend(dev, opts, given: set[str]) -> None:
 
 def _change_refcount_order(dev, order: int) -> None:
     refs = dev.refs
-    top = max(refs.end, refs._last_used() + 1)
+    top = max(refs.end, refs.last_used() + 1)
     limit = (1 << (1 << order)) - 1
     for c in range(top):
         n = refs.get(c)
@@ -272,7 +273,6 @@ def _change_refcount_order(dev, order: int) -> None:
                              dev.path)
     counts = [refs.get(c) for c in range(top)]
     # the old table and blocks are not referenced once the header names the new ones
-    from .layout import REFT_OFFSET_MASK
     cs = dev.cs
     first = refs.table_offset // cs
     old = list(range(first, first + refs.table_clusters))
@@ -286,10 +286,10 @@ def _change_refcount_order(dev, order: int) -> None:
 def _downgrade(dev) -> None:
     """compat=0.10: no zero flags, no v3-only features."""
     h = dev.header
-    if h.extended_l2 or h.incompatible_features & INCOMPAT_EXTL2:
+    if h.extended_l2 or h.incompatible_features & QCOW2_INCOMPAT_EXTL2:
         raise UnsupportedError("cannot downgrade an image with extended L2 entries to"
                                " compat=0.10", dev.path)
-    if h.incompatible_features & INCOMPAT_COMPRESSION:
+    if h.incompatible_features & QCOW2_INCOMPAT_COMPRESSION:
         raise UnsupportedError("cannot downgrade an image with zstd compression to"
                                " compat=0.10", dev.path)
     if h.has_data_file:
@@ -300,9 +300,8 @@ def _downgrade(dev) -> None:
                                " compat=0.10", dev.path)
     if h.refcount_order != 4:
         raise UsageError("compat=0.10 needs refcount_bits=16 (amend it too)", dev.path)
-    from .snapshot import _read_l1
     for s in dev.snapshots:
-        for e in _read_l1(dev, s):
+        for e in read_l1(dev, s):
             off = e & L1E_OFFSET_MASK
             if off and _has_zero(dev, dev.l2_table(off)):
                 raise UnsupportedError("not supported yet: downgrading an image whose"
@@ -314,7 +313,7 @@ def _downgrade(dev) -> None:
         off = e & L1E_OFFSET_MASK
         if not off or not _has_zero(dev, dev.l2_table(off)):
             continue
-        l2off, l2 = dev._l2_for_write(l1i)
+        l2off, l2 = dev.l2_for_write(l1i)
         for i, x in enumerate(l2):
             if x & QCOW_OFLAG_COMPRESSED or not x & QCOW_OFLAG_ZERO:
                 continue
@@ -324,7 +323,7 @@ def _downgrade(dev) -> None:
             elif h.backing_file:
                 dev.write(guest, bytes(min(cs, dev.size - guest)))
             else:
-                dev._release_entry(x)
+                dev.release_entry(x)
                 l2[i] = 0
             dev.l2_dirty.add(l2off)
     dev.flush()

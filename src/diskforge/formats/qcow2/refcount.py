@@ -18,13 +18,13 @@ from __future__ import annotations
 import struct
 from array import array
 
+from ...byteorder import be_array, be_bytes
 from ...errors import FormatError, UnsupportedError
-from .layout import REFT_OFFSET_MASK, Geometry
+from .structs import REFT_OFFSET_MASK, Geometry
 
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 _STRUCTS = {3: struct.Struct(">B"), 4: struct.Struct(">H"), 5: struct.Struct(">I"),
             6: struct.Struct(">Q")}
-_BIG_ENDIAN_HOST = array("H", b"\x00\x01")[0] == 1
 
 
 def refcount_layout(clusters: int, cluster_size: int, refcount_order: int
@@ -52,10 +52,7 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
 def decode(raw: bytes, order: int) -> array:
     """Every entry of one refcount block, as an array of ints."""
     if order >= 3:
-        a = array(_TYPECODES[order], raw)
-        if not _BIG_ENDIAN_HOST and order > 3:
-            a.byteswap()
-        return a
+        return be_array(raw, _TYPECODES[order])
     table = _expand_table(order)
     return array("B", b"".join(table[b] for b in raw))
 
@@ -77,10 +74,7 @@ def _expand_table(order: int) -> list[bytes]:
 def encode(values, order: int) -> bytes:
     """The on-disk bytes of a refcount block holding ``values`` (an int sequence)."""
     if order >= 3:
-        a = array(_TYPECODES[order], values)
-        if not _BIG_ENDIAN_HOST and order > 3:
-            a.byteswap()
-        return a.tobytes()
+        return be_bytes(array(_TYPECODES[order], values))
     bits = 1 << order
     per_byte = 8 // bits
     out = bytearray(-(-len(values) // per_byte))
@@ -143,9 +137,7 @@ class Refcounts:
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         raw = backend.read_exact(table_offset, table_clusters * self.cs, "refcount table")
-        self.table = array("Q", raw)
-        if not _BIG_ENDIAN_HOST:
-            self.table.byteswap()
+        self.table = be_array(raw)
         self.blocks: dict[int, bytearray] = {}
         self.dirty: set[int] = set()
         self.table_dirty = False
@@ -181,7 +173,9 @@ class Refcounts:
         b = self._block(cluster // self.epb)
         return 0 if b is None else get_entry(b, self.order, cluster % self.epb)
 
-    def _set(self, cluster: int, value: int) -> None:
+    def set(self, cluster: int, value: int) -> None:
+        """Store a count as it is (no range or free-list bookkeeping): for ``add`` and
+        for check's in-place repairs, which know the count to write."""
         ti = cluster // self.epb
         b = self._block(ti)
         if b is None:
@@ -203,7 +197,7 @@ class Refcounts:
             raise UnsupportedError(f"refcount of cluster {cluster} would exceed"
                                    f" {self.max} (refcount_bits={self.geo.refcount_bits})",
                                    self.path)
-        self._set(cluster, value)
+        self.set(cluster, value)
         if value == 0:
             self.free_hint = min(self.free_hint, cluster)
         return value
@@ -228,7 +222,7 @@ class Refcounts:
                             if self._block(ti) is None), None)
             if missing is None:
                 for c in range(start, start + n):
-                    self._set(c, 1)
+                    self.set(c, 1)
                 if start == self.free_hint:
                     self.free_hint = start + n
                 self.end = max(self.end, start + n)
@@ -274,7 +268,7 @@ class Refcounts:
         self.table[ti] = b * self.cs
         self.dirty.add(ti)
         self.table_dirty = True
-        self._set(b, 1)
+        self.set(b, 1)
         self.end = max(self.end, b + 1)
         if b == self.free_hint:
             self.free_hint = b + 1
@@ -284,7 +278,7 @@ class Refcounts:
         blocks that count its clusters right after it (qemu's layout for this case)."""
         per_cluster = self.cs // 8
         entries = max(min_entries, len(self.table) * 3 // 2 + 1)
-        start = max(self.end, self._last_used() + 1)
+        start = max(self.end, self.last_used() + 1)
         while True:
             tc = -(-entries // per_cluster)
             nb = 0
@@ -309,7 +303,7 @@ class Refcounts:
             self.dirty.add(ti)
         self.table = new
         for c in range(start, start + tc + nb):
-            self._set(c, 1)
+            self.set(c, 1)
         if self.table_offset:
             self.old_tables.append((self.table_offset // self.cs, self.table_clusters))
         self.table_offset = start * self.cs
@@ -317,7 +311,8 @@ class Refcounts:
         self.table_dirty = self.table_moved = True
         self.end = max(self.end, start + tc + nb)
 
-    def _last_used(self) -> int:
+    def last_used(self) -> int:
+        """The highest cluster with a nonzero count (where new metadata may start)."""
         for ti in range(len(self.table) - 1, -1, -1):
             b = self._block(ti)
             if b is None or not any(b):
@@ -334,10 +329,7 @@ class Refcounts:
             self.backend.pwrite(self.table[ti] & REFT_OFFSET_MASK, self.blocks[ti])
         self.dirty.clear()
         if self.table_dirty:
-            raw = array("Q", self.table)
-            if not _BIG_ENDIAN_HOST:
-                raw.byteswap()
-            self.backend.pwrite(self.table_offset, raw.tobytes())
+            self.backend.pwrite(self.table_offset, be_bytes(self.table))
             self.table_dirty = False
 
     def release_old_tables(self) -> None:

@@ -10,41 +10,20 @@ clusters are counted once per L1 that reaches them.
 
 from __future__ import annotations
 
-import struct
 import time
 from array import array
 from dataclasses import dataclass
 
-from construct import Int16ub, Int32ub, Int64ub, Struct
+from ...byteorder import be_array, be_bytes
+from ...errors import FormatError, UnsupportedError, UsageError
+from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_MAX_L1_SIZE,
+                      QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE,
+                      QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_OFLAG_COMPRESSED,
+                      QCOW_OFLAG_COPIED, QCOW_SNAPSHOT_HEADER_FAST, SNAPSHOT_EXTRA_SIZE,
+                      SNAPSHOT_HEADER_SIZE, QCowSnapshotExtraData, QCowSnapshotHeader)
 
-from ...errors import FormatError, UsageError
-from .layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS_SIZE
 
-# qcow2.txt "Snapshot table entry", bytes 0-39
-QCowSnapshotHeader = Struct(
-    "l1_table_offset" / Int64ub,
-    "l1_size" / Int32ub,
-    "id_str_size" / Int16ub,
-    "name_size" / Int16ub,
-    "date_sec" / Int32ub,
-    "date_nsec" / Int32ub,
-    "vm_clock_nsec" / Int64ub,
-    "vm_state_size" / Int32ub,
-    "extra_data_size" / Int32ub,
-)
-# the extra data qemu knows (qcow2.txt: bytes 40-55, and icount since qemu 5.0)
-QCowSnapshotExtraData = Struct(
-    "vm_state_size_large" / Int64ub,
-    "disk_size" / Int64ub,
-    "icount" / Int64ub,
-)
-HEADER_SIZE = 40
-# the same 40 bytes for reading: a table may hold qemu's maximum of 65536 entries, and
-# the checked construct parser costs ~100 us each (seconds per open)
-_SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
 _READ_STEP = 1 << 20
-EXTRA_SIZE = 24
-MAX_EXTRA_DATA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 
 
 @dataclass
@@ -88,18 +67,18 @@ def read_table(backend, offset: int, count: int, cluster_size: int, file_size: i
         return buf[at - buf_at:at - buf_at + n]
 
     for i in range(count):
-        if pos - offset + HEADER_SIZE > QCOW_MAX_SNAPSHOTS_SIZE:
+        if pos - offset + SNAPSHOT_HEADER_SIZE > QCOW_MAX_SNAPSHOTS_SIZE:
             raise FormatError("snapshot table is larger than qemu's 64 MiB limit", path,
                               structure="QCowSnapshotHeader")
         (l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
-         vm_clock_nsec, vm_state_size, extra_data_size) = _SNAPSHOT_HEADER.unpack(
-            window(pos, HEADER_SIZE, f"snapshot {i}"))
-        if extra_data_size > MAX_EXTRA_DATA:
+         vm_clock_nsec, vm_state_size, extra_data_size) = QCOW_SNAPSHOT_HEADER_FAST.unpack(
+            window(pos, SNAPSHOT_HEADER_SIZE, f"snapshot {i}"))
+        if extra_data_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise FormatError(f"snapshot {i}: {extra_data_size} bytes of extra data is"
                               " too much", path, structure="QCowSnapshotHeader",
                               field="extra_data_size")
         var = extra_data_size + id_str_size + name_size
-        rest = window(pos + HEADER_SIZE, var, f"snapshot {i}")
+        rest = window(pos + SNAPSHOT_HEADER_SIZE, var, f"snapshot {i}")
         extra = rest[:extra_data_size]
         try:
             sid = rest[extra_data_size:extra_data_size + id_str_size].decode()
@@ -123,9 +102,9 @@ def read_table(backend, offset: int, count: int, cluster_size: int, file_size: i
             s.disk_size = int.from_bytes(extra[8:16], "big")
         if len(extra) >= 24:
             s.icount = int.from_bytes(extra[16:24], "big")
-        s.extra_unknown = bytes(extra[EXTRA_SIZE:])
+        s.extra_unknown = bytes(extra[SNAPSHOT_EXTRA_SIZE:])
         snaps.append(s)
-        pos += HEADER_SIZE + var
+        pos += SNAPSHOT_HEADER_SIZE + var
         pos += -pos % 8
     return snaps, pos - offset
 
@@ -182,8 +161,6 @@ def update_refcounts(dev, l1, addend: int) -> None:
     L2 table and cluster reached from ``l1`` (qemu's qcow2_update_snapshot_refcount).
     Increments are checked against the refcount width first, so a refusal changes
     nothing."""
-    from ...errors import UnsupportedError
-    from .layout import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED
     refs, cs = dev.refs, dev.cs
     step = 2 if dev.extended else 1
     if addend > 0:
@@ -221,7 +198,6 @@ def update_refcounts(dev, l1, addend: int) -> None:
 
 def fix_copied(dev) -> None:
     """Make bit 63 of the active L1 and L2 entries say exactly "refcount is 1"."""
-    from .layout import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
     for i, e in enumerate(dev.l1):
         off = e & L1E_OFFSET_MASK
         if not off:
@@ -230,7 +206,7 @@ def fix_copied(dev) -> None:
         if want != e:
             dev.l1[i] = want
             dev.l1_dirty = True
-        if dev._fix_copied(dev.l2_table(off)):
+        if dev.fix_copied(dev.l2_table(off)):
             dev.l2_dirty.add(off)
 
 
@@ -254,28 +230,25 @@ def _write_table(dev, snaps: list[Snapshot]) -> None:
         dev.refs.free(old_off // cs, -(-old_size // cs))
 
 
-def _read_l1(dev, s: Snapshot):
-    from .device import be_array
+def read_l1(dev, s: Snapshot) -> array:
+    """A snapshot's L1 table (host order), for walks over everything it references."""
     return be_array(dev.backend.read_exact(s.l1_table_offset, s.l1_size * 8,
                                            "snapshot L1 table"))
 
 
 def _no_data_file(dev) -> None:
     if dev.has_data_file:
-        from ...errors import UnsupportedError
-        raise UnsupportedError("internal snapshots are not possible in an image with an"
+            raise UnsupportedError("internal snapshots are not possible in an image with an"
                                " external data file (qcow2.txt)", dev.path)
 
 
 def create(dev, name: str) -> Snapshot:
     _no_data_file(dev)
-    from .layout import QCOW_MAX_SNAPSHOTS
     if len(dev.snapshots) >= QCOW_MAX_SNAPSHOTS:
         raise UsageError(f"the image already has {QCOW_MAX_SNAPSHOTS} snapshots", dev.path)
     if not name:
         raise UsageError("a snapshot needs a name", dev.path)
     dev.flush()
-    from .device import be_bytes
     cs = dev.cs
     snap = new_snapshot(dev.snapshots, name, 0, dev.l1_size, dev.size)
     copy = array("Q", dev.l1)
@@ -294,7 +267,7 @@ def apply(dev, key: str) -> None:
     snap = find(dev.snapshots, key, dev.path)
     dev.flush()
     cs = dev.cs
-    sl1 = _read_l1(dev, snap)
+    sl1 = read_l1(dev, snap)
     update_refcounts(dev, sl1, +1)
     update_refcounts(dev, dev.l1, -1)
     if snap.l1_size > dev.l1_size:
@@ -322,7 +295,7 @@ def delete(dev, key: str) -> None:
     _no_data_file(dev)
     snap = find(dev.snapshots, key, dev.path)
     dev.flush()
-    sl1 = _read_l1(dev, snap)
+    sl1 = read_l1(dev, snap)
     _write_table(dev, [s for s in dev.snapshots if s is not snap])
     update_refcounts(dev, sl1, -1)
     if snap.l1_size:

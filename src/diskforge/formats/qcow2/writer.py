@@ -20,29 +20,27 @@ interrupted run leaves nothing under the final names.
 
 from __future__ import annotations
 
-import os
 from array import array
 
+from ...byteorder import be_array, be_bytes
 from ...atomic import AtomicFile
-from ...blockdev import ZERO_BUFFER_SIZE, ZEROES, Backing, ImageWriter, is_zero
-from ...errors import UnsupportedError, UsageError
+from ...blockdev import ZEROES, Backing, ImageWriter, is_zero
+from ..._fallocate import allocate
+from ...errors import FormatError, ImageIOError, UnsupportedError, UsageError
+from ...policy import beside
 from . import codec
-from .header import V2_HEADER_LENGTH, V3_HEADER_LENGTH_WITH_COMPRESSION, Header
-from .layout import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD,
-                     INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
-                     QCOW_MAX_L1_SIZE, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS,
-                     Geometry)
-from .refcount import _BIG_ENDIAN_HOST, all_ones_block, encode, refcount_layout
+from .header import Header
+from .refcount import all_ones_block, encode, refcount_layout
+from .structs import (COMPRESSION_ZSTD, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+                      QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_COMPRESSION,
+                      QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2, QCOW_MAX_L1_SIZE,
+                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, V2_HEADER_LENGTH,
+                      V3_HEADER_LENGTH_WITH_COMPRESSION, Geometry)
 
 ALL_ALLOC = (1 << SUBCLUSTERS) - 1
 CBUF_FLUSH = 1 << 20
 
 
-def _be(a: array) -> bytes:
-    if not _BIG_ENDIAN_HOST:
-        a = array("Q", a)
-        a.byteswap()
-    return a.tobytes()
 
 
 class Qcow2Writer(ImageWriter):
@@ -82,9 +80,7 @@ class Qcow2Writer(ImageWriter):
         self.data_name = opts.data_file or None
         try:
             if self.data_name:
-                full = self.data_name if os.path.isabs(self.data_name) else os.path.join(
-                    os.path.dirname(os.path.abspath(path)), self.data_name)
-                self.data = AtomicFile(full)
+                self.data = AtomicFile(beside(path, self.data_name))
                 self.data.truncate(size)
         except BaseException:
             self.out.discard()
@@ -128,7 +124,7 @@ class Qcow2Writer(ImageWriter):
 
     def _flush_l2(self) -> None:
         if self.cur_l2 is not None and self.cur_l2_off:
-            self.out.pwrite(self.cur_l2_off, _be(self.cur_l2))
+            self.out.pwrite(self.cur_l2_off, be_bytes(self.cur_l2))
             self.l1[self.cur_l1i] = self.cur_l2_off | QCOW_OFLAG_COPIED
         self.cur_l2 = None
         self.cur_l1i = -1
@@ -416,9 +412,9 @@ class Qcow2Writer(ImageWriter):
         self._flush_part()
         self._flush_cbuf()
         if self.cur_l2 is not None and self.cur_l2_off:
-            self.out.pwrite(self.cur_l2_off, _be(self.cur_l2))
+            self.out.pwrite(self.cur_l2_off, be_bytes(self.cur_l2))
         if self.l1_size:
-            self.out.pwrite(self.cs, _be(self.l1))
+            self.out.pwrite(self.cs, be_bytes(self.l1))
         self.out.flush(durable=True)
         cref = None
         if self.cref is not None:
@@ -430,7 +426,6 @@ class Qcow2Writer(ImageWriter):
     def _restore(self, state: dict) -> None:
         import base64
         import zlib
-        from ...errors import FormatError
         try:
             nxt, cbyte = int(state["next_cluster"]), int(state["cbyte"])
             l1i, l2_off = int(state["cur_l1i"]), int(state["cur_l2_off"])
@@ -444,15 +439,11 @@ class Qcow2Writer(ImageWriter):
             raise FormatError("resume state does not fit the partial file", self.path)
         self.out.truncate(nxt * self.cs)  # whatever came after the checkpoint is gone
         if self.l1_size:
-            self.l1 = array("Q", self.out.read_exact(self.cs, 8 * self.l1_size, "L1"))
-            if not _BIG_ENDIAN_HOST:
-                self.l1.byteswap()
+            self.l1 = be_array(self.out.read_exact(self.cs, 8 * self.l1_size, "L1"))
         self.next_cluster, self.cbyte = nxt, cbyte
         if l1i >= 0 and l2_off:
             self.cur_l1i, self.cur_l2_off = l1i, l2_off
-            self.cur_l2 = array("Q", self.out.read_exact(l2_off, self.cs, "L2 table"))
-            if not _BIG_ENDIAN_HOST:
-                self.cur_l2.byteswap()
+            self.cur_l2 = be_array(self.out.read_exact(l2_off, self.cs, "L2 table"))
         if self.compress:
             if not cref:
                 raise FormatError("resume state lacks the compressed refcounts", self.path)
@@ -465,13 +456,6 @@ class Qcow2Writer(ImageWriter):
         self.out.detach()
 
     # -- finishing -----------------------------------------------------------------------
-    def finish(self) -> None:
-        try:
-            self._finish()
-        except BaseException:
-            self.abort()
-            raise
-
     def _finish(self) -> None:
         cs = self.cs
         self._flush_part()
@@ -480,7 +464,7 @@ class Qcow2Writer(ImageWriter):
         self._flush_l2()
         self._flush_cbuf()
         if self.l1_size:
-            self.out.pwrite(cs, _be(self.l1))
+            self.out.pwrite(cs, be_bytes(self.l1))
         used = self.next_cluster
         table, blocks = refcount_layout(used, cs, self.geo.refcount_order)
         total = used + table + blocks
@@ -489,7 +473,7 @@ class Qcow2Writer(ImageWriter):
         rt = array("Q", bytes(table * cs))
         for i in range(blocks):
             rt[i] = (used + table + i) * cs
-        self.out.pwrite(used * cs, _be(rt))
+        self.out.pwrite(used * cs, be_bytes(rt))
         for i in range(blocks):
             first = i * epb
             count = max(0, min(epb, total - first))
@@ -505,6 +489,10 @@ class Qcow2Writer(ImageWriter):
         buf = h.build()
         self.out.pwrite(0, buf)
         self._preallocate(total * cs)
+
+    def _commit(self) -> None:
+        """The external data file goes in place first: an image under its final name
+        always finds its data."""
         if self.data is not self.out:
             self.data.commit()
         self.out.commit()
@@ -513,20 +501,14 @@ class Qcow2Writer(ImageWriter):
         target = self.data if self.data is not self.out else self.out
         end = self.size if self.data is not self.out else file_end
         if self.prealloc == "falloc" and end:
-            from ..._fallocate import allocate
             try:
                 allocate(target.fd, 0, end)
             except OSError as e:
-                from ...errors import ImageIOError
                 raise ImageIOError.from_os(e, self.path) from None
         elif self.prealloc == "full":
             for o, n, is_data in list(target.data_ranges(0, end)):
                 if not is_data:
-                    while n > 0:
-                        k = min(n, ZERO_BUFFER_SIZE)
-                        target.pwrite(o, ZEROES[:k])
-                        o += k
-                        n -= k
+                    target.write_zeroes(o, n)
 
     def _header(self, rt_offset: int, rt_clusters: int) -> Header:
         o = self.opts
@@ -539,17 +521,17 @@ class Qcow2Writer(ImageWriter):
                    else V3_HEADER_LENGTH_WITH_COMPRESSION)
         if self.version >= 3:
             if o.lazy_refcounts:
-                h.compatible_features |= COMPAT_LAZY_REFCOUNTS
+                h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS
             if self.ctype:
                 h.compression_type = self.ctype
-                h.incompatible_features |= INCOMPAT_COMPRESSION
+                h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION
             if self.ext:
-                h.incompatible_features |= INCOMPAT_EXTL2
+                h.incompatible_features |= QCOW2_INCOMPAT_EXTL2
             if self.data_name:
-                h.incompatible_features |= INCOMPAT_DATA_FILE
+                h.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE
                 h.data_file = self.data_name
                 if o.data_file_raw:
-                    h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW
+                    h.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
         if self.backing is not None:
             h.backing_file = self.backing.name
             h.backing_format = self.backing.format or None
