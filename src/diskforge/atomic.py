@@ -43,11 +43,10 @@ import stat
 import sys
 
 from .blockdev import FileBackend
-from .devices import (is_block_device, open_output_device, refuse_special_output,
-                      too_small)
+from .devices import open_output_device, refuse_special_output, too_small
 from .errors import ImageIOError, SafetyError, UnsupportedError
 
-__all__ = ["AtomicFile", "final_path", "is_block_device", "refuse_overwrite",
+__all__ = ["AtomicFile", "final_path", "refuse_overwrite",
            "remove_stale", "set_durable", "unlink_regular"]
 
 _durable = False

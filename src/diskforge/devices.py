@@ -207,10 +207,11 @@ def device_in_use(path: str) -> str | None:
             for line in list(f)[1:]:
                 swap = line.split()[0]
                 try:
-                    if _dev_numbers(swap) and "%d:%d" % _dev_numbers(swap) in family:
-                        return "it (or one of its partitions) is in use as swap"
+                    numbers = _dev_numbers(swap)
                 except OSError:
-                    pass
+                    continue
+                if numbers and "%d:%d" % numbers in family:
+                    return "it (or one of its partitions) is in use as swap"
     except OSError:
         pass
     for number in family:

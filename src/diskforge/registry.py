@@ -13,10 +13,10 @@ extension.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from dataclasses import dataclass
 
+from .devices import is_block_device
 from .errors import ImageIOError, UnknownFormatError, UnsupportedError, UsageError
 from .options import NoOptions, Options
 from .policy import OpenPolicy
@@ -347,7 +347,7 @@ def probe(path: str) -> Format:
             raise ImageIOError("is a directory, not an image", path)
         return plugin
     head, tail, size = read_probe_window(path)
-    if size == 0 and not _is_block(path):
+    if size == 0 and not is_block_device(path):
         raise UnknownFormatError("empty file (0 bytes), not a disk image; use -f raw to"
                                  " treat it as an empty raw disk", path)
     best, best_score = None, 0
@@ -382,13 +382,6 @@ def _probe_directory(path: str) -> Format | None:
         if fn is not None and fn(path):
             return plugin
     return None
-
-
-def _is_block(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def check_readable(path: str) -> None:
@@ -427,7 +420,7 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
     check_readable(path)
     if fmt:
         plugin = get(fmt)
-    elif _is_block(path):
+    elif is_block_device(path):
         plugin = get("raw")
     else:
         plugin = probe(path)

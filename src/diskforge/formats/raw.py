@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..atomic import AtomicFile, is_block_device
+from ..atomic import AtomicFile
+from ..devices import is_block_device
 from ..blockdev import FileBackend, FileBytesDevice, ImageInfo, ImageWriter
 from ..errors import UnsupportedError, UsageError
 from ..options import Options, option
