@@ -82,9 +82,6 @@ def test_policy_refuses_loops_and_deep_chains(tmp_path):
 
 
 @pytest.mark.parametrize("relpath,name", [
-    ("vmdk/dfvfs_qemu_ext2_monolithicSparse.vmdk", "VMDK (sparse extent)"),
-    ("vmdk/monolithicFlat/monolithicFlat.vmdk", "VMDK (descriptor)"),
-    ("vmdk/dissect_esxi_sesparse.vmdk.gz", "VMDK (seSparse extent)"),
     ("vdi/dissect_qemu_basic.vdi.gz", "VDI (VirtualBox)"),
     ("generated-local/qemu72_basic.qed.gz", "QED"),
     ("generated-local/qemu72_v1.qcow.gz", "qcow version 1"),
