@@ -100,18 +100,39 @@ class SparseExtent(VmdkExtent):
         return gd
 
     def _gt(self, i: int) -> array | None:
-        """Grain table ``i`` of the primary directory (None: not allocated)."""
-        gt = self._gts.get(i)
-        if gt is not None:
-            return gt
+        """Grain table ``i`` of the primary directory (None: not allocated). Cached by
+        the table's sector, so directory entries naming one table share it."""
         at = self.gd[i]
         if not at:
             return None
+        gt = self._gts.get(at)
+        if gt is not None:
+            return gt
         raw = self.backend.read_exact(at * SECTOR, self.gt_bytes, "grain table")
         if len(self._gts) >= GT_CACHE:
             self._gts.clear()
-        gt = self._gts[i] = le_array(raw, "I")
+        gt = self._gts[at] = le_array(raw, "I")
         return gt
+
+    def _holes_from(self, i: int, stop: int) -> int:
+        """The first directory entry from ``i`` (< ``stop``) whose grain table is not
+        wholly in a hole of the file. qemu allocates every grain table of a new disk
+        without writing it: a 64 TiB disk has 8 GiB of them, all holes, which one
+        SEEK_DATA skips instead of reading each table."""
+        at = self.gd[i] * SECTOR
+        for o, n, data in self.backend.data_ranges(at, at + self.gt_bytes):
+            if data:
+                return i
+        data_at = next((o for o, n, d in self.backend.data_ranges(at, self.file_size)
+                        if d), self.file_size)
+        k = i
+        while k < stop:
+            t = self.gd[k] * SECTOR
+            if not t or t < at or t + self.gt_bytes > data_at:
+                break
+            at = t
+            k += 1
+        return max(k, i + 1)
 
     def entry(self, g: int) -> int:
         """The GTE of grain ``g`` (0 when its grain table is not allocated)."""
@@ -214,13 +235,17 @@ class SparseExtent(VmdkExtent):
         while pos < end:
             g = pos // grain
             i, j = divmod(g, gtes)
-            gt = self._gt(i)
-            if gt is None:
-                nxt = skip_filled(self.gd, i + 1, last_g // gtes + 1)
+            last_i = last_g // gtes + 1
+            if not self.gd[i]:
+                nxt = skip_filled(self.gd, i + 1, last_i)
+            else:
+                nxt = self._holes_from(i, last_i)
+            if nxt > i:
                 stop = min(end, nxt * gtes * grain)
                 yield pos, stop - pos, UNALLOCATED, None
                 pos = stop
                 continue
+            gt = self._gt(i)
             e = gt[j]
             if e == 0:
                 limit = min(gtes, last_g - i * gtes + 1)
@@ -316,16 +341,6 @@ class SparseExtent(VmdkExtent):
                 i += 1
         self._gts.clear()
         self._last_grain = None
-
-    # -- checking --------------------------------------------------------------------------
-    def allocated_tables(self):
-        """Indices of allocated grain tables in the primary directory."""
-        i, n = 0, len(self.gd)
-        while i < n:
-            i = skip_filled(self.gd, i, n)
-            if i < n:
-                yield i
-            i += 1
 
 
 def _zeros(offset: int, mv: memoryview, start: int, end: int) -> None:
