@@ -72,7 +72,9 @@ class SparseExtent(VmdkExtent):
         self.compressed = False
         self.markers = False
         self.file_size = backend.size
-        self._gts: dict[int, array] = {}
+        self._gts: dict[int, array] = {}         # grain tables by sector
+        self._empty: dict[int, bool] = {}        # whether a table maps nothing
+        self._hole = (0, 0)                      # a run of the file known to be a hole
         self._last_grain: tuple[int, bytes] | None = None
         self.gd = self._read_directory(gd_at, "gdOffset")
         self.rgd = self._read_directory(rgd_at, "rgdOffset") if rgd_at else None
@@ -114,25 +116,27 @@ class SparseExtent(VmdkExtent):
         gt = self._gts[at] = le_array(raw, "I")
         return gt
 
-    def _holes_from(self, i: int, stop: int) -> int:
-        """The first directory entry from ``i`` (< ``stop``) whose grain table is not
-        wholly in a hole of the file. qemu allocates every grain table of a new disk
-        without writing it: a 64 TiB disk has 8 GiB of them, all holes, which one
-        SEEK_DATA skips instead of reading each table."""
+    def _table_empty(self, i: int) -> bool:
+        """Whether grain table ``i`` (allocated) maps nothing. qemu allocates every
+        grain table of a new disk without writing it: a 64 TiB disk has 8 GiB of them,
+        all holes of the file, which one SEEK_DATA per run of holes answers without
+        reading a table."""
         at = self.gd[i] * SECTOR
-        for o, n, data in self.backend.data_ranges(at, at + self.gt_bytes):
-            if data:
-                return i
-        data_at = next((o for o, n, d in self.backend.data_ranges(at, self.file_size)
+        if self._hole[0] <= at and at + self.gt_bytes <= self._hole[1]:
+            return True
+        known = self._empty.get(at)
+        if known is not None:
+            return known
+        data_at = next((o for o, _, d in self.backend.data_ranges(at, self.file_size)
                         if d), self.file_size)
-        k = i
-        while k < stop:
-            t = self.gd[k] * SECTOR
-            if not t or t < at or t + self.gt_bytes > data_at:
-                break
-            at = t
-            k += 1
-        return max(k, i + 1)
+        if at + self.gt_bytes <= data_at:
+            self._hole = (at, data_at)
+            return True
+        gt = self._gt(i)
+        if len(self._empty) >= GT_CACHE:
+            self._empty.clear()
+        empty = self._empty[at] = skip_filled(gt, 0, len(gt)) == len(gt)
+        return empty
 
     def entry(self, g: int) -> int:
         """The GTE of grain ``g`` (0 when its grain table is not allocated)."""
@@ -236,12 +240,16 @@ class SparseExtent(VmdkExtent):
             g = pos // grain
             i, j = divmod(g, gtes)
             last_i = last_g // gtes + 1
-            if not self.gd[i]:
-                nxt = skip_filled(self.gd, i + 1, last_i)
-            else:
-                nxt = self._holes_from(i, last_i)
-            if nxt > i:
-                stop = min(end, nxt * gtes * grain)
+            k = i
+            while k < last_i:
+                if not self.gd[k]:
+                    k = skip_filled(self.gd, k, last_i)
+                elif self._table_empty(k):
+                    k += 1
+                else:
+                    break
+            if k > i:
+                stop = min(end, k * gtes * grain)
                 yield pos, stop - pos, UNALLOCATED, None
                 pos = stop
                 continue
@@ -311,9 +319,11 @@ class SparseExtent(VmdkExtent):
             if not gd[i]:
                 self._new_table(gd, gd_at, i)
             self.backend.pwrite(gd[i] * SECTOR + 4 * j, le_bytes(entry))
-        gt = self._gts.get(i)
+        gt = self._gts.get(self.gd[i])
         if gt is not None:
             gt[j] = value
+        self._empty.pop(self.gd[i] * SECTOR, None)
+        self._hole = (0, 0)
         self._last_grain = None
 
     def _new_table(self, gd: array, gd_at: int, i: int) -> None:
@@ -323,8 +333,7 @@ class SparseExtent(VmdkExtent):
         self.file_size = at + -(-self.gt_bytes // SECTOR) * SECTOR
         gd[i] = at // SECTOR
         self.backend.pwrite(gd_at + 4 * i, le_bytes(array("I", [gd[i]])))
-        if gd is self.gd:
-            self._gts.pop(i, None)
+        self._hole = (0, 0)
 
     def clear(self) -> None:
         """Unmap every grain (commit's make_empty): every grain table zeroed in both
@@ -340,6 +349,7 @@ class SparseExtent(VmdkExtent):
                     self.backend.pwrite(gd[i] * SECTOR, empty)
                 i += 1
         self._gts.clear()
+        self._empty.clear()
         self._last_grain = None
 
 
