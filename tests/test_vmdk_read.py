@@ -154,15 +154,21 @@ def test_info_matches_qemus_format_specific_keys(workdir):
         assert details["hardware-version"] == "7"
 
 
-def test_map_of_monolithic_sparse_gives_host_offsets_like_qemu(workdir):
+@pytest.mark.parametrize("sub", ["monolithicSparse", "twoGbMaxExtentSparse"])
+def test_map_gives_host_offsets_and_files_like_qemu(workdir, sub):
+    """Offsets in the image file, or in a separate extent file named as such."""
     need("qemu-img")
     path = os.path.join(workdir, "m.vmdk")
-    run("qemu-img", "convert", "-O", "vmdk", _src(workdir), path)
+    run("qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={sub}", _src(workdir),
+        path)
     ours = json.loads(cli("map", "--output", "json", path)[1])
     theirs = qemu_img_json("map", path)
     key = lambda rows: [(r["start"], r["length"], r["data"], r["zero"],  # noqa: E731
                          r.get("offset")) for r in rows]
     assert key(ours) == key(theirs)
+    text = cli("map", path)[1]
+    want = "m-s001.vmdk" if sub == "twoGbMaxExtentSparse" else "m.vmdk"
+    assert all(line.endswith(want) for line in text.splitlines()[1:]), text
 
 
 # -- layouts qemu-img does not write: hand-built, read by qemu-img as the oracle ----------

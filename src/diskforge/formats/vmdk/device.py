@@ -314,13 +314,16 @@ class VmdkDevice(FileDevice):
         unalloc = ExtentKind.BACKING if self.backing is not None else ExtentKind.ZERO
         for k, ext, rel, cnt, _ in self._pieces(offset, length):
             start = self.starts[k]
-            own = ext.backend is self.backend
+            # a separate extent file's offsets are named with its file (qemu's map)
+            file = None if ext.backend is self.backend or ext.backend is None \
+                else ext.backend.path
             for o, n, state, host in ext.map(rel, cnt):
                 if state == DATA:
-                    yield Extent(start + o, n, ExtentKind.DATA, True,
-                                 host if own else None)
+                    yield Extent(start + o, n, ExtentKind.DATA, True, host,
+                                 None if host is None else file)
                 elif state == ZERO:
-                    yield Extent(start + o, n, ExtentKind.ZERO, True)
+                    yield Extent(start + o, n, ExtentKind.ZERO, True, host,
+                                 None if host is None else file)
                 else:
                     yield Extent(start + o, n, unalloc, False)
 
