@@ -393,7 +393,7 @@ class VmdkDevice(FileDevice):
             raw = self.backend.read_exact(self.descriptor_at, self.descriptor_room,
                                           "embedded descriptor")
         else:
-            raw = self.backend.read_exact(0, self.backend.size, "descriptor")
+            raw = self.backend.pread(0, dsc.MAX_DESCRIPTOR_BYTES + 1)
         self.descriptor = dsc.parse(raw, self.path)
         self.descriptor_raw = raw.split(b"\0", 1)[0]
 
