@@ -283,7 +283,6 @@ UNREAD_SIGNATURES = (
     (0, b"COWD", "VMDK (ESX COWD extent)"),
     (0, b"# Disk DescriptorFile", "VMDK (descriptor)"),
     (0, b"\xbe\xba\xfe\xca\x00\x00\x00\x00", "VMDK (seSparse extent)"),
-    (0x40, b"\x7f\x10\xda\xbe", "VDI (VirtualBox)"),
     (0, b"QED\x00", "QED"),
     (0, b"QFI\xfb\x00\x00\x00\x01", "qcow version 1"),
     (0, b"WithoutFreeSpace", "Parallels"),
