@@ -31,7 +31,7 @@ import os
 from ...blockdev import (ZEROES, Extent, ExtentKind, FileDevice, ImageInfo, coalesce,
                          fill_zero, pieces, skip_filled)
 from ...byteorder import le_array, le_bytes
-from ...checks import CheckResult, ProblemKind, Repair
+from ...checks import CheckResult, Problem, ProblemKind, Repair
 from ...errors import CorruptImage, FormatError, UnsupportedError, UsageError
 from ...limits import check_alloc
 from .structs import (HEADER0_SIZE, HEADER1_SIZE, HEADER1PLUS_SIZE, IMAGE_TYPES,
@@ -203,7 +203,7 @@ class VdiDevice(FileDevice):
             raise CorruptImage(f"block {blk} is stored at index {entry}, past the end of"
                                f" the file ({self.file_size} bytes): truncated or corrupt"
                                " ('diskforge check' lists every problem)", self.path,
-                               structure=MAP, field=f"[{blk}]")
+                               structure=f"{MAP}[{blk}]")
         return self.off_data + entry * self.span + self.block_extra
 
     def _read_parent(self, offset: int, mv, start: int, end: int) -> None:
@@ -476,20 +476,24 @@ class VdiDevice(FileDevice):
                 break
             e = vmap[i]
             if e < _ALLOCATED_BELOW:
+                # one finding per entry: qemu's, or the end of the file
+                outside = e > self.last_inside
+                if outside:
+                    past.append(i)
+                where = " (past the end of the file)" if outside else ""
                 if e >= n:
                     res.add(ProblemKind.CORRUPTION, f"ERROR: block index {i} too large, is"
-                            f" {e}", MAP, f"[{i}]")
+                            f" {e}{where}", MAP, str(i), repairable=outside)
                 elif owner[e] != VDI_IMAGE_BLOCK_FREE:
                     res.add(ProblemKind.CORRUPTION, f"ERROR: block index {owner[e]} also"
-                            f" used by {i}", MAP, f"[{i}]")
+                            f" used by {i}{where}", MAP, str(i), repairable=outside)
                 else:
                     owner[e] = i
                     allocated += 1
-                if e > self.last_inside:
-                    past.append(i)
-                    res.add(ProblemKind.CORRUPTION, f"ERROR: block {i} is stored at index"
-                            f" {e}, past the end of the file", MAP, f"[{i}]",
-                            repairable=True)
+                    if outside:
+                        res.add(ProblemKind.CORRUPTION, f"ERROR: block {i} is stored at"
+                                f" index {e}, past the end of the file", MAP, str(i),
+                                repairable=True)
             i += 1
         h = self.header
         count_only = not res.problems
@@ -500,21 +504,26 @@ class VdiDevice(FileDevice):
         res.allocated_clusters = allocated
         res.image_end_offset = self.off_data + (self.top + 1) * self.span
         if repair and self.writable:
-            fixed = 0
             if repair.errors and past:
+                # blocks not in the file cannot be read: free their entries, then look
+                # again (the count may now be all that is wrong)
                 for blk in past:
                     self._set_entry(blk, VDI_IMAGE_BLOCK_FREE)
-                fixed += len(past)
                 self.top = max(filter(_ALLOCATED_BELOW.__gt__, self.map), default=-1)
-            dense = self.top + 1 == allocated
-            if count_only and allocated != h.cBlocksAllocated and dense:
-                self._write_header(cBlocksAllocated=allocated)
-                fixed += 1
-            if fixed:
                 self.backend.flush()
-                res.corruptions_fixed = fixed
-                res.corruptions -= fixed
-                res.note(f"Repaired {fixed} problem{'s' if fixed > 1 else ''}")
+                again = self.check(repair)
+                again.corruptions_fixed += len(past)
+                again.problems.insert(0, Problem(ProblemKind.NOTE, f"Repaired {len(past)}"
+                                                 " block map entries past the end of the"
+                                                 " file (freed)"))
+                return again
+            if count_only and allocated != h.cBlocksAllocated and self.top + 1 == allocated:
+                # entries unique, inside the file and numbered densely: the count is wrong
+                self._write_header(cBlocksAllocated=allocated)
+                self.backend.flush()
+                res.corruptions_fixed += 1
+                res.corruptions -= 1
+                res.note("Repaired the allocated block count")
         for note in self.notes:
             res.note(f"Warning: {note}")
         return res
