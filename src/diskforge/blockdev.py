@@ -532,16 +532,23 @@ class FileDevice(BlockDevice):
     ``self.policy`` set. When ``_open`` raises, whatever it opened (the backing device,
     the backend) is closed before the error propagates. ``lock`` is the backend's QEMU
     lock request (``locks.py``; True: a reader's or a writer's, by ``writable``).
+
+    ``backend``, when given, is an already open backend the image is read from instead
+    of ``path`` (a disk stored inside another file, such as a member of an OVA's tar, or
+    a remote object); the device owns it and closes it. ``path`` then only names the
+    image in messages and resolves what the image names (extents, backing files).
     """
 
     backend: "FileBackend"
 
     def __init__(self, path: str | os.PathLike, *, writable: bool = False, policy=None,
-                 lock: "Access | bool" = True, **kwargs) -> None:
+                 lock: "Access | bool" = True, backend: "FileBackend | None" = None,
+                 **kwargs) -> None:
         self.path = os.fspath(path)
         self.writable = writable
         self.policy = policy
-        self.backend = FileBackend(self.path, writable=writable, lock=lock)
+        self.backend = backend if backend is not None else \
+            FileBackend(self.path, writable=writable, lock=lock)
         try:
             self._open(**kwargs)
         except BaseException:

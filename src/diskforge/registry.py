@@ -60,7 +60,10 @@ class Format:
         return 0
 
     def open(self, path: str, *, writable: bool = False,
-             policy: OpenPolicy | None = None) -> "BlockDevice":
+             policy: OpenPolicy | None = None, backend=None) -> "BlockDevice":
+        """The image at ``path`` as a BlockDevice. ``backend`` (an open backend with
+        FileBackend's reading interface) is where its bytes are when they are not the
+        file ``path`` itself: a disk inside an OVA, a remote object (see FileDevice)."""
         raise UnsupportedError(f"not supported yet: reading {self.name} images", path)
 
     def writer(self, path: str, size: int, options: Options, *,

@@ -52,8 +52,9 @@ class IsoFormat(Format):
         ident = head[32769:32774]
         return 80 if ident == b"CD001" or ident in VRS_IDENTIFIERS else 0
 
-    def open(self, path: str, *, writable: bool = False, policy=None) -> IsoDevice:
-        return IsoDevice(path)
+    def open(self, path: str, *, writable: bool = False, policy=None,
+             backend=None) -> IsoDevice:
+        return IsoDevice(path, backend=backend)
 
     def qemu_driver(self, device) -> str:
         return "raw"  # the disc's bytes as they are

@@ -132,8 +132,9 @@ class RawFormat(Format):
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         return 1  # anything is a raw disk; every real format outbids this
 
-    def open(self, path: str, *, writable: bool = False, policy=None) -> RawDevice:
-        return RawDevice(path, writable=writable)
+    def open(self, path: str, *, writable: bool = False, policy=None,
+             backend=None) -> RawDevice:
+        return RawDevice(path, writable=writable, backend=backend)
 
     def qemu_driver(self, device) -> str:
         return "raw"

@@ -55,7 +55,11 @@ class DmgFormat(Format):
             return 50  # a trailer cut short: open() says so, rather than "raw"
         return 0
 
-    def open(self, path: str, *, writable: bool = False, policy=None):
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
+        if backend is not None:
+            backend.close()
+            raise UnsupportedError("not supported yet: reading a DMG stored inside another"
+                                   " file", path)
         from ...registry import read_probe_window
         head, tail, _ = read_probe_window(path)
         kind = _encrypted(head, tail)

@@ -102,9 +102,10 @@ class Qcow2Format(Format):
         return 0
 
     def open(self, path: str, *, writable: bool = False, policy=None,
-             snapshot: str | None = None):
+             snapshot: str | None = None, backend=None):
         from .device import Qcow2Device
-        return Qcow2Device(path, writable=writable, policy=policy, snapshot=snapshot)
+        return Qcow2Device(path, writable=writable, policy=policy, snapshot=snapshot,
+                           backend=backend)
 
     def qemu_driver(self, device) -> str:
         return "qcow2"  # QEMU's own format: every file diskforge opens, QEMU reads

@@ -66,9 +66,9 @@ class VhdFormat(Format):
             return 90
         return 0
 
-    def open(self, path: str, *, writable: bool = False, policy=None):
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
         from .device import VhdDevice
-        return VhdDevice(path, writable=writable, policy=policy)
+        return VhdDevice(path, writable=writable, policy=policy, backend=backend)
 
     def qemu_driver(self, device) -> str | None:
         """QEMU's vpc driver reads fixed and dynamic disks as diskforge does (the size

@@ -57,9 +57,9 @@ class VhdxFormat(Format):
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         return 100 if head[:8] == b"vhdxfile" else 0
 
-    def open(self, path: str, *, writable: bool = False, policy=None):
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
         from .device import VhdxDevice
-        return VhdxDevice(path, writable=writable, policy=policy)
+        return VhdxDevice(path, writable=writable, policy=policy, backend=backend)
 
     def qemu_driver(self, device) -> str | None:
         """QEMU's vhdx driver reads dynamic and fixed disks of 512-byte logical
