@@ -48,9 +48,9 @@ class VdiFormat(Format):
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         return 100 if head[64:68] == _SIGNATURE else 0
 
-    def open(self, path: str, *, writable: bool = False, policy=None):
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
         from .device import VdiDevice
-        return VdiDevice(path, writable=writable, policy=policy)
+        return VdiDevice(path, writable=writable, policy=policy, backend=backend)
 
     def qemu_driver(self, device) -> str | None:
         """QEMU's vdi driver reads only some VDIs as diskforge does (no parents, 1 MiB
