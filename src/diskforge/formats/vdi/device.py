@@ -76,8 +76,9 @@ class VdiDevice(FileDevice):
         pre = self.preheader = VDIPREHEADER.parse(f.read_exact(0, PREHEADER_SIZE,
                                                                "VDIPREHEADER"))
         if pre.u32Signature != VDI_IMAGE_SIGNATURE:
-            raise self._err(f"signature {pre.u32Signature:#010x} is not {VDI_IMAGE_SIGNATURE:#010x}:"
-                            " not a VDI image", "VDIPREHEADER", "u32Signature")
+            raise self._err(f"signature {pre.u32Signature:#010x} is not"
+                            f" {VDI_IMAGE_SIGNATURE:#010x}: not a VDI image", "VDIPREHEADER",
+                            "u32Signature")
         self.version = pre.u32Version
         if self.version == VDI_IMAGE_VERSION:
             self._load_v1()

@@ -98,13 +98,15 @@ class VdiWriter(ImageWriter):
         dev = backing.device
         opened = None
         if not isinstance(dev, VdiDevice):
+            # create -u: only the parent's header is needed (its own parent is not
+            # looked for), and nothing is written that needs its bytes
             try:
-                dev = opened = VdiDevice(parent_path)
+                dev = opened = VdiDevice(parent_path, open_parent=False)
             except DiskforgeError as e:
                 raise UsageError(f"a VDI differencing image records its parent's UUID, so"
                                  f" the parent must be readable: {e}", path) from None
-        return {"create": dev.uuid_create, "modify": dev.uuid_modify, "device": dev,
-                "opened": opened}
+        return {"create": dev.uuid_create, "modify": dev.uuid_modify,
+                "device": dev if opened is None else None, "opened": opened}
 
     # -- blocks --------------------------------------------------------------------------
     def _host(self, blk: int) -> int:
@@ -131,6 +133,10 @@ class VdiWriter(ImageWriter):
         if blk < 0:
             return
         parent = self.parent["device"]
+        if parent is None:
+            raise UnsupportedError("not supported yet: writing data into a VDI"
+                                   " differencing image made without opening its parent"
+                                   " (-u)", self.path)
         base, pos = blk * self.block_size, 0
         host = self._host(blk)
         for a, b in sorted(self.cur_done) + [(self._block_end(blk),) * 2]:
