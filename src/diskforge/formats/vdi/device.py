@@ -383,8 +383,9 @@ class VdiDevice(FileDevice):
         self.top = -1
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
-        """Grow the disk (new blocks free, or stored for a static image) while the block
-        map fits before ``offData``; shrinking is not supported yet."""
+        """Grow the disk: new blocks free (stored, for a static image). When the larger
+        block map would run into the data, the first stored blocks move to the end
+        first (``_make_room``). Shrinking is not supported yet."""
         if not self.writable:
             raise UnsupportedError("vdi image is open read-only", self.path)
         if size < self.size:
@@ -395,21 +396,24 @@ class VdiDevice(FileDevice):
             return
         bs = self.block_size
         old_n, new_n = len(self.map), -(-size // bs)
-        if new_n > old_n and self.off_blocks + 4 * new_n > self.off_data:
-            raise UnsupportedError(
-                f"not supported yet: growing this VDI to {size} bytes needs {new_n} block"
-                f" map entries, and only {(self.off_data - self.off_blocks) // 4} fit"
-                " before its data (moving blocks)", self.path)
+        if new_n >= _ALLOCATED_BELOW:
+            raise UnsupportedError(f"a VDI of {size} bytes would need {new_n} blocks of"
+                                   f" {bs} bytes, more than its block map holds", self.path)
         self._writable_check()
-        fixed = self.image_type == VDI_IMAGE_TYPE_FIXED
         added = max(0, new_n - old_n)
+        check_alloc(4 * new_n, self.path, self.header_name, "cBlocks")
+        if self.off_blocks + 4 * new_n > self.off_data:
+            self._make_room(new_n)
+        fixed = self.image_type == VDI_IMAGE_TYPE_FIXED
         if added:
-            check_alloc(4 * added, self.path, self.header_name, "cBlocks")
             first = self.top + 1
             from array import array
             if fixed:
                 ext = array("I", range(first, first + added))
-                end = self.off_data + (first + added) * self.span
+                start = self.off_data + first * self.span
+                end = start + added * self.span
+                if start < self.file_size:   # slack after the last block: zeros
+                    self._zero_host(start, min(end, self.file_size) - start)
                 if end > self.file_size:
                     self.backend.truncate(end)
                     self.file_size = end
@@ -424,6 +428,46 @@ class VdiDevice(FileDevice):
             changes["cBlocksAllocated"] = self.header.cBlocksAllocated + added
         self._write_header(**changes)
         self.size, self.nblocks = size, new_n
+
+    def _make_room(self, new_n: int) -> None:
+        """Move ``offData`` forward by whole blocks so that ``new_n`` map entries fit
+        before it, as VirtualBox's vdiResize does: blocks stored in the first ``k``
+        positions are copied after the last one, every other block keeps its place in
+        the file (its index drops by ``k``). The copies are made first; the map and the
+        header are then rewritten in place (an interruption between those two writes
+        leaves a damaged image, as in VirtualBox)."""
+        span = self.span
+        k = -(-(self.off_blocks + 4 * new_n - self.off_data) // span)
+        new_off = self.off_data + k * span
+        if new_off > 0xFFFFFFFF:
+            raise UnsupportedError(f"not supported yet: growing this VDI to {new_n} blocks"
+                                   " (its data offset would pass 4 GiB)", self.path)
+        self._ensure_all_inside()
+        vmap = self.map
+        movers = sorted((e, blk) for blk, e in enumerate(vmap) if e < k) if k else []
+        dest = max(self.top + 1, k)
+        check_alloc(span, self.path, self.header_name, "cbBlock")
+        for j, (e, _) in enumerate(movers):
+            data = self.backend.read_exact(self.off_data + e * span, span, f"block {e}")
+            self.backend.pwrite(self.off_data + (dest + j) * span, data)
+        self.backend.flush()
+        moved = {blk: dest + j - k for j, (_, blk) in enumerate(movers)}
+        for blk, e in enumerate(vmap):
+            if e < _ALLOCATED_BELOW:
+                vmap[blk] = moved.get(blk, e - k)
+        self.backend.pwrite(self.off_blocks, le_bytes(vmap))
+        self.top = max(filter(_ALLOCATED_BELOW.__gt__, vmap), default=-1)
+        self.off_data = new_off
+        self.file_size = self.backend.size
+        self.last_inside = (self.file_size - self.off_data - span) // span
+        self._write_header(offData=new_off, cBlocksAllocated=self.top + 1)
+        self.backend.flush()
+
+    def _ensure_all_inside(self) -> None:
+        if self.top > self.last_inside:
+            raise CorruptImage("a block map entry points past the end of the file; run"
+                               " 'diskforge check -r all' before resizing", self.path,
+                               structure=MAP)
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         """Point a differencing image at another parent (rebase -u): its uuidLinkage and
