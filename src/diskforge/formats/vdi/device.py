@@ -178,7 +178,6 @@ class VdiDevice(FileDevice):
         self.size = h.cbDisk
         self.block_size = bs
         self.span = self.block_extra + bs
-        self.nblocks = -(-h.cbDisk // bs)   # the entries the disk uses (cBlocks may be more)
         self.uuid_create = bytes(h.uuidCreate)
         self.uuid_modify = bytes(h.uuidModify)
         self.uuid_linkage = bytes(h.uuidLinkage)
@@ -427,7 +426,7 @@ class VdiDevice(FileDevice):
         if fixed and added:
             changes["cBlocksAllocated"] = self.header.cBlocksAllocated + added
         self._write_header(**changes)
-        self.size, self.nblocks = size, new_n
+        self.size = size
 
     def _make_room(self, new_n: int) -> None:
         """Move ``offData`` forward by whole blocks so that ``new_n`` map entries fit

@@ -24,7 +24,6 @@ VDI_IMAGE_VERSION_OLD = 0x00000002        # 0.2: the one 0.x version VirtualBox 
 VDI_IMAGE_FILE_INFO = b"<<< Oracle VM VirtualBox Disk Image >>>\n"
 VDI_IMAGE_COMMENT_SIZE = 256
 VDI_DATA_ALIGN = 1 << 20                  # where VirtualBox puts the map and the data
-VDI_IMAGE_DEFAULT_BLOCK_SIZE = 1 << 20
 
 # block map entries (VDICore.h): >= VDI_IMAGE_BLOCK_ZERO means "not in the file"
 VDI_IMAGE_BLOCK_FREE = 0xFFFFFFFF         # reads as zeros, or from the parent
@@ -119,10 +118,6 @@ def new_uuid() -> bytes:
     u[7] = u[7] & 0x0F | 0x40
     u[8] = u[8] & 0x3F | 0x80
     return bytes(u)
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def align_up(n: int, unit: int) -> int:
