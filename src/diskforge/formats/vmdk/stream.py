@@ -25,8 +25,9 @@ header says GD_AT_END, and the end-of-stream marker is what qemu-img's output la
 Compression runs in convert's thread pool: ``prepare`` deflates whole grains (zlib
 releases the GIL), ``write_prepared`` lays them out in order, so the output is the same
 whatever the number of threads. Grain parts (a disk whose size is not a whole number of
-grains, or writes that do not cover a grain at once) are gathered and compressed when
-the writer moves past them.
+sectors, or writes that do not cover a grain at once) are gathered and compressed when
+the writer moves past them. The last grain of a disk that is not a whole number of
+grains is stored as a whole grain, zero-padded (see ``_deflate``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ class StreamWriter(ImageWriter):
         """Bytes of disk grain ``grain`` holds (the last one may be short)."""
         return min(GRAIN_BYTES, self.disk_bytes - grain * GRAIN_BYTES)
 
+    def _deflate(self, data) -> bytes:
+        """A grain's zlib stream. A short last grain is padded with zeros to a whole
+        grain, as VirtualBox writes it: 7-Zip refuses a grain that inflates to less
+        (qemu, libvmdk and open-vmdk take either)."""
+        if len(data) < GRAIN_BYTES:
+            data = bytes(data) + bytes(GRAIN_BYTES - len(data))
+        return zlib.compress(data, ZLIB_LEVEL)
+
     # -- the parallel stage ------------------------------------------------------------------
     def prepare(self, offset: int, data):
         """Deflate the whole grains of ``data``; parts of grains are copied out raw.
@@ -114,7 +123,7 @@ class StreamWriter(ImageWriter):
             gend = grain * GRAIN_BYTES + self._grain_len(grain)
             if inside == 0 and end >= gend:
                 chunk = mv[pos - offset:gend - offset]
-                blob = zlib.compress(chunk, ZLIB_LEVEL)
+                blob = self._deflate(chunk)
                 if len(blob) < 256 and is_zero(chunk):
                     blob = None   # all zeros: the grain is skipped
                 out.append((grain, blob))
@@ -149,7 +158,7 @@ class StreamWriter(ImageWriter):
         grain, buf = self.pending
         self.pending = None
         if not is_zero(buf):
-            self._grain(grain, zlib.compress(buf, ZLIB_LEVEL))
+            self._grain(grain, self._deflate(buf))
 
     def _write(self, data) -> None:
         self.wbuf += data
