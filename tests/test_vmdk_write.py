@@ -402,6 +402,63 @@ def test_parent_that_is_not_a_vmdk_is_one_line(workdir):
     assert sorted(os.listdir(workdir)) == ["base.vmdk"]
 
 
+@pytest.mark.parametrize("content,field", [
+    (b"# Disk DescriptorFile\nversion=1\nCID=zz\ncreateType=\"monolithicSparse\"\n"
+     b'RW 8 SPARSE "b.vmdk"\n', "CID"),
+    (b"# Disk DescriptorFile\n" + b"#" * (2 << 20), "descriptor"),
+    (b"KDMV" + bytes(508), "descriptorOffset"),
+    (b"\0" * 4096, "descriptor"),
+])
+def test_hostile_parent_is_one_line(workdir, content, field):
+    """The parent a delta disk names is input: read bounded, validated, one line."""
+    with open(os.path.join(workdir, "base.vmdk"), "wb") as f:
+        f.write(content)
+    code, _, err = cli("create", "-q", "-f", "vmdk", *BACKED,
+                       os.path.join(workdir, "d.vmdk"), "1M")
+    one_line_error(code, err)
+    assert field in err
+    assert sorted(os.listdir(workdir)) == ["base.vmdk"]
+
+
+def test_mutated_parents_give_errors_not_crashes(workdir):
+    """A fixed-seed mutation run over the parent reader (header + embedded descriptor):
+    every outcome is a CID or a DiskforgeError."""
+    from diskforge.errors import DiskforgeError
+    from diskforge.formats.vmdk.parent import parent_descriptor
+    good = os.path.join(workdir, "good.vmdk")
+    assert cli("create", "-q", "-f", "vmdk", good, "1M")[0] == 0
+    with open(good, "rb") as f:
+        seed_bytes = f.read(21 * 512)
+    rng = random.Random(1234)
+    path = os.path.join(workdir, "m.vmdk")
+    for _ in range(300):
+        data = bytearray(seed_bytes)
+        for _ in range(rng.randint(1, 8)):
+            at = rng.choice([rng.randrange(0, 80), rng.randrange(512, 900)])
+            data[at] = rng.randrange(256)
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            parent_descriptor(path)
+        except DiskforgeError:
+            pass
+
+
+@needs_qemu
+@pytest.mark.parametrize("sub", ["monolithicSparse", "streamOptimized"])
+def test_largest_sparse_disk_and_one_beyond(workdir, sub):
+    """2 TiB, the most 32-bit grain offsets address: written in an instant, its
+    directory of 65536 entries is what qemu-img checks; one byte more is refused."""
+    out = os.path.join(workdir, "big.vmdk")
+    code, _, err = cli("create", "-q", "-f", "vmdk", "-o", f"subformat={sub}", out, "2T")
+    assert code == 0, err
+    subprocess.run([QEMU, "check", "-q", out], check=True)
+    code, _, err = cli("create", "-q", "-f", "vmdk", "-o", f"subformat={sub}",
+                       os.path.join(workdir, "x.vmdk"), str((2 << 40) + 512))
+    one_line_error(code, err)
+    assert "2 TiB" in err
+
+
 # -- files appear together or not at all ---------------------------------------------------------
 
 @pytest.mark.parametrize("sub", SUBFORMATS)

@@ -33,6 +33,10 @@ def parent_descriptor(path: str, device=None) -> Descriptor:
                 raise FormatError(f"{h.descriptorSize} sectors, more than a descriptor"
                                   " may have", path, structure="SparseExtentHeader",
                                   field="descriptorSize")
+            if h.descriptorOffset * SECTOR + nbytes > f.size:
+                raise FormatError(f"sector {h.descriptorOffset} (+{h.descriptorSize}) is"
+                                  " past the end of the file", path,
+                                  structure="SparseExtentHeader", field="descriptorOffset")
             data = f.read_exact(h.descriptorOffset * SECTOR, nbytes, "the descriptor")
         elif looks_like_descriptor(head):
             data = f.pread(0, MAX_DESCRIPTOR_BYTES + 1)
