@@ -392,6 +392,13 @@ def test_refused_combinations_are_one_line(workdir, spec, extra, message):
     assert sorted(os.listdir(workdir)) == ["base.vmdk"]
 
 
+def test_parent_name_that_would_break_the_descriptor_is_refused(workdir):
+    code, _, err = cli("create", "-q", "-f", "vmdk", "-u", "-b", 'a"b.vmdk', "-F", "vmdk",
+                       os.path.join(workdir, "d.vmdk"), "1M")
+    one_line_error(code, err)
+    assert "parentFileNameHint" in err and os.listdir(workdir) == []
+
+
 def test_parent_that_is_not_a_vmdk_is_one_line(workdir):
     with open(os.path.join(workdir, "base.vmdk"), "wb") as f:
         f.write(b"KDMV" + b"\xff" * 508)       # a header whose descriptor is huge

@@ -64,6 +64,9 @@ def check_request(path: str, size: int, options, backing) -> None:
 def parent_fields(path: str, backing) -> tuple[int, str]:
     """``(parentCID, parentFileNameHint)`` for a delta disk over ``backing``."""
     from .parent import parent_descriptor
+    if any(c in backing.name for c in '"\n\r\0'):
+        raise UsageError("a parent name with quotes, line breaks or NUL cannot be written"
+                         " into a VMDK descriptor (parentFileNameHint)", path)
     try:
         desc = parent_descriptor(beside(path, backing.name), backing.device)
     except DiskforgeError as e:
