@@ -104,8 +104,8 @@ class StreamWriter(ImageWriter):
 
     def _deflate(self, data) -> bytes:
         """A grain's zlib stream. A short last grain is padded with zeros to a whole
-        grain, as VirtualBox writes it: 7-Zip refuses a grain that inflates to less
-        (qemu, libvmdk and open-vmdk take either)."""
+        grain: 7-Zip reports a data error on a grain that inflates to less (qemu and
+        libvmdk take either; open-vmdk writes the short form)."""
         if len(data) < GRAIN_BYTES:
             data = bytes(data) + bytes(GRAIN_BYTES - len(data))
         return zlib.compress(data, ZLIB_LEVEL)
