@@ -11,6 +11,7 @@ Random IDs (CID, longContentID) come from a fixed seed, so outputs are reproduci
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -19,7 +20,9 @@ import subprocess
 
 import pytest
 import vmdk_rules
-from conftest import cli, make_sparse, one_line_error
+from conftest import cli, make_sparse, need_real, one_line_error
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from diskforge import registry
 from diskforge.blockdev import Backing
@@ -241,7 +244,6 @@ def test_stream_passes_the_rules_and_qemu_img_stream_fails_them(workdir):
                                   "vmdkrs_streamOptimizedWithMarkers.vmdk"])
 def test_real_vmware_and_virtualbox_streams_pass_the_lenient_rules(name):
     """The checker is not stricter than the tools whose files ESXi imports."""
-    from conftest import need_real
     assert vmdk_rules.stream_violations(need_real(f"vmdk/{name}"), strict=False) == []
 
 
@@ -500,7 +502,6 @@ def test_measure_matches_what_is_written(workdir, sub):
     code, out, err = cli("measure", "--output", "json", "-O", "vmdk", "-o",
                          f"subformat={sub}", src)
     assert code == 0, err
-    import json
     m = json.loads(out)
     d = os.path.join(workdir, "o")
     os.mkdir(d)
@@ -534,3 +535,34 @@ def test_cli_convert_every_subformat(workdir):
         code, _, err = cli("convert", "-O", "vmdk", "-o", f"subformat={sub}", src, out)
         assert code == 0, err
         qemu_ok(src, out)
+
+
+# -- property: random sparse contents survive raw -> vmdk, read by libvmdk and qemu-img ------
+
+_extents = st.lists(
+    st.tuples(st.integers(0, (3 << 20) - 1),
+              st.one_of(st.binary(min_size=1, max_size=5000),
+                        st.builds(lambda n, b: bytes([b]) * n, st.integers(1, 200_000),
+                                  st.integers(0, 255)))),
+    max_size=6)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.integers(1, 3 << 20), exts=_extents, sub=st.sampled_from(SUBFORMATS))
+def test_random_contents_round_trip(workdir, size, exts, sub):
+    exts = [(o, d[:size - o]) for o, d in exts if o < size]
+    src = make_sparse(os.path.join(workdir, "s.raw"), size, exts)
+    want = bytearray(size)
+    for o, d in exts:
+        want[o:o + len(d)] = d
+    out = os.path.join(workdir, "o", "disk.vmdk")
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    os.mkdir(os.path.dirname(out))
+    write(src, out, f"subformat={sub}")
+    got = pyvmdk_read(out)
+    assert got[:size] == want and not any(got[size:])
+    if QEMU:
+        qemu_ok(src, out)
+    if sub == "streamOptimized":
+        assert vmdk_rules.stream_violations(out) == []
