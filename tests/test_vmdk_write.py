@@ -205,6 +205,21 @@ def test_layout_and_descriptor_match_qemu_img(workdir, sub):
 
 
 @needs_qemu
+@pytest.mark.parametrize("name", ["disk.img", "noext", "a.b.vmdk"])
+def test_extent_file_names_as_qemu_img(workdir, name):
+    for sub in ("monolithicFlat", "twoGbMaxExtentSparse"):
+        ours, theirs = (os.path.join(workdir, d) for d in ("ours", "qemu"))
+        for d in (ours, theirs):
+            shutil.rmtree(d, ignore_errors=True)
+            os.mkdir(d)
+        assert cli("create", "-q", "-f", "vmdk", "-o", f"subformat={sub}",
+                   os.path.join(ours, name), "1M")[0] == 0
+        subprocess.run([QEMU, "create", "-q", "-f", "vmdk", "-o", f"subformat={sub}",
+                        os.path.join(theirs, name), "1M"], check=True)
+        assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
+
+
+@needs_qemu
 def test_five_gib_split_disk_with_data_past_each_extent(workdir):
     size = 5 << 30
     src = make_sparse(os.path.join(workdir, "s.raw"), size,
