@@ -14,11 +14,12 @@ Where each rule comes from (the prefix of each message):
   numGTEsPerGT a power of two >= 128, CID never 0xffffffff/0xfffffffe, the descriptor
   keys its ``makeDiskDescriptorFile`` writes (longContentID, virtualHWVersion,
   geometry, adapterType, toolsVersion).
-- VBOX: VirtualBox ``src/VBox/Storage/VMDK.cpp`` (vmdkReadBinaryMetaExtent /
-  vmdkValidateHeader): the newline-detection characters when flag bit 0 is set ("VMDK:
-  corrupted by CR/LF translation"), header version 1 or 3, and for a header whose
-  gdOffset is GD_AT_END, the footer read at the file's end minus 1024 bytes behind a
-  footer marker.
+- VBOX: VirtualBox ``src/VBox/Storage/VMDK.cpp``: ``vmdkValidateHeader`` (header
+  version 1 or 3; the newline-detection characters when flag bit 0 is set, "VMDK:
+  corrupted by CR/LF translation"), ``vmdkReadBinaryMetaExtent`` (a header with the
+  markers flag and gdOffset GD_AT_END has its footer read at the file's end minus 1024
+  bytes, validated as a header), ``vmdkReadMetaExtent`` (grain size a power of two, at
+  least 8 sectors; entries per grain table a power of two).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _header_rules(h: dict, stream: bool) -> list[str]:
     g = h["grainSize"]
     if not 1 <= g <= 128 or g & (g - 1):
         bad.append(f"OPENVMDK: grainSize {g} is not a power of two in 1..128")
+    elif g < 8:
+        bad.append(f"VBOX: grainSize {g} is below 8 sectors")
     if h["numGTEsPerGT"] != 512:
         bad.append(f"SPEC: numGTEsPerGT {h['numGTEsPerGT']} is not 512")
     if h["overHead"] % g:
