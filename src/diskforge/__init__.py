@@ -8,6 +8,7 @@ The Python API is small and stable::
     diskforge.convert("disk.vmdk", "disk.qcow2")      # format from the extension
     diskforge.create("new.qcow2", 10 << 30)
     print(diskforge.info("disk.qcow2").virtual_size)
+    diskforge.export("disk.qcow2", "azure", "disk.vhd")    # a cloud's import rules
 
 For images uploaded by others, pass ``policy=diskforge.OpenPolicy.untrusted()`` (or set
 ``DISKFORGE_UNTRUSTED=1``): confinement and backing-format rules in this process; run
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from .ops.convert import ConvertStats
     from .policy import OpenPolicy
 
-__all__ = ["open", "create", "convert", "info", "DiskforgeError", "OpenPolicy"]
+__all__ = ["open", "create", "convert", "info", "export", "DiskforgeError", "OpenPolicy"]
 
 
 def __getattr__(name: str):
@@ -104,3 +105,16 @@ def info(path: str | os.PathLike, fmt: str | None = None, *,
     from .registry import open_image
     with open_image(path, fmt, policy=policy) as dev:
         return dev.info()
+
+
+def export(source: str | os.PathLike, target: str, out: str | os.PathLike, *,
+           source_fmt: str | None = None, progress: Callable[[int, int], None] | None = None,
+           policy: "OpenPolicy | None" = None, **opts: "Any") -> list[str]:
+    """Write what ``target`` (azure, gcp, aws, ova, hyperv, proxmox, libvirt) imports
+    from ``source`` at ``out``; returns the paths written. ``opts``: ``cpus``,
+    ``memory`` (MiB), ``name``, ``firmware`` (bios/efi), ``manifest``
+    (sha1/sha256/none), ``package`` (aws: vmdk/ova). Rules and their sources are in
+    ``diskforge/export/<target>.py``."""
+    from .export import export as run
+    return run(source, target, out, source_fmt=source_fmt, progress=progress,
+               policy=policy, **opts)

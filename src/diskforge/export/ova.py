@@ -1,0 +1,189 @@
+"""OVA for vSphere, VMware Workstation and VirtualBox: an OVF 1.0 package in one tar.
+
+Rules: DSP0243 1.0 (the envelope, ``ovf.py``; the package and the manifest,
+``ova_package.py``); VMware's "OVF Tool User's Guide" and "Deploy an OVF or OVA
+template" (https://docs.vmware.com/en/VMware-vSphere/8.0/vsphere-vm-administration/GUID-17BEDA21-43F6-41F4-8FB2-E01D275FE9B4.html):
+disks are stream-optimized VMDKs named by the exact ``ovf:format`` URI, the manifest
+is ``SHA256(name)= hex`` (or SHA1 for vCenter before 6.5, ``--manifest sha1``),
+the tar holds the ``.ovf`` first, then the ``.mf``, then the disks.
+
+The disk is written with the registry's ``vmdk`` writer (``subformat=streamOptimized``)
+to a private folder beside ``OUT``, hashed, and packed; the folder is removed
+whatever happens, and ``OUT`` appears atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from ..blockdev import BlockDevice
+from .base import ExportOptions, Progress, round_up, write_disk
+
+NAME = "ova"
+SUMMARY = ("OVA (vSphere, Workstation, VirtualBox): OVF 1.0 + SHA256 manifest +"
+           " stream-optimized VMDK")
+OVF_LIMIT = 4 << 20
+STREAM = "streamOptimized"
+
+
+def vmdk_writable() -> bool:
+    """Whether a stream-optimized VMDK writer is registered (the OVA and AWS exports
+    need one)."""
+    from ..errors import UnknownFormatError
+    from ..registry import get
+    try:
+        return get("vmdk").can_write
+    except UnknownFormatError:
+        return False
+
+
+def export(source: BlockDevice, out: str, opts: ExportOptions,
+           progress: Progress | None = None) -> list[str]:
+    write_ova_for(source, out, opts, progress)
+    return [out]
+
+
+def write_ova_for(source: BlockDevice, out: str, opts: ExportOptions,
+                  progress: Progress | None) -> None:
+    from .ova_package import file_digest, manifest, write_ova
+    from .ovf import Vm, envelope
+    name = opts.vm_name(out)
+    capacity = round_up(max(source.size, 1), 512)
+    folder = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.",
+                              dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        disk_name = f"{name}-disk1.vmdk"
+        disk = os.path.join(folder, disk_name)
+        write_disk("vmdk", f"subformat={STREAM}", source, disk, capacity, progress)
+        ovf_name = f"{name}.ovf"
+        ovf = envelope(Vm(name=name, disk_file=disk_name,
+                          disk_file_size=os.stat(disk).st_size, capacity=capacity,
+                          cpus=opts.cpus, memory_mib=opts.memory, firmware=opts.firmware))
+        files: list[tuple[str, bytes | str]] = [(ovf_name, ovf)]
+        if opts.manifest != "none":
+            import hashlib
+            digests = [(ovf_name, hashlib.new(opts.manifest, ovf).hexdigest()),
+                       (disk_name, file_digest(disk, opts.manifest))]
+            files.append((f"{name}.mf", manifest(digests, opts.manifest)))
+        files.append((disk_name, disk))
+        write_ova(out, files)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- check ---------------------------------------------------------------------------------
+
+def check(path: str) -> list[str]:
+    return check_package(path)
+
+
+def check_package(path: str, *, need_stream: bool = True) -> list[str]:
+    import hashlib
+    import tarfile
+
+    from ..devices import open_input_file
+    from ..errors import printable
+    from .ovf import VMDK_STREAM_URI, read_envelope
+    from .vmdk_peek import peek_file
+    problems: list[str] = []
+    with open_input_file(path) as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            return [f"not an uncompressed tar archive ({e}): an OVA is a plain tar of"
+                    " the .ovf, the .mf and the disks"]
+        names = [m.name for m in members]
+        by_name = {m.name: m for m in members}
+        if not names:
+            return ["the archive is empty"]
+        if not names[0].endswith(".ovf"):
+            problems.append(f"the first file is {printable(names[0])!r}, not the .ovf"
+                            " descriptor")
+        for m in members:
+            if not m.isreg():
+                problems.append(f"{printable(m.name)!r} is not a regular file")
+            if "/" in m.name.strip("/") or m.name.startswith("/"):
+                problems.append(f"{printable(m.name)!r} is in a folder: an OVA's files"
+                                " sit at the top of the archive")
+        ovfs = [m for m in members if m.name.endswith(".ovf")]
+        if len(ovfs) != 1:
+            problems.append(f"holds {len(ovfs)} .ovf descriptors, not one")
+            if not ovfs:
+                return problems
+        mfs = [n for n in names if n.endswith(".mf")]
+        if len(mfs) > 1:
+            problems.append(f"holds {len(mfs)} manifests, not one")
+        if mfs and names.index(mfs[0]) != names.index(ovfs[0].name) + 1:
+            problems.append(f"the manifest {printable(mfs[0])!r} must come right after"
+                            " the descriptor")
+
+        def read_member(m, limit: int) -> bytes:
+            if m.size > limit:
+                raise ValueError(f"{m.name} is {m.size} bytes, more than {limit}")
+            f.seek(m.offset_data)
+            return f.read(m.size)
+
+        try:
+            files, disks = read_envelope(read_member(ovfs[0], OVF_LIMIT))
+        except ValueError as e:
+            problems.append(f"descriptor {printable(ovfs[0].name)!r}: {e}")
+            return problems
+        refs = [href for _, href, _ in files]
+        for fid, href, size in files:
+            m = by_name.get(href)
+            if m is None:
+                problems.append(f"the descriptor references {printable(href)!r}, which"
+                                " is not in the archive")
+            elif size is not None and size != m.size:
+                problems.append(f"File {printable(href)!r}: ovf:size is {size}, the file"
+                                f" is {m.size} bytes")
+        packed = [n for n in names if not n.endswith((".ovf", ".mf", ".cert"))]
+        unknown = [n for n in packed if n not in refs]
+        for n in unknown:
+            problems.append(f"{printable(n)!r} is in the archive but not in the"
+                            " descriptor's References")
+        in_order = [n for n in packed if n in refs]
+        if in_order != [r for r in refs if r in by_name]:
+            problems.append("the files are not in the order of the descriptor's"
+                            " References")
+        for d in disks:
+            label = printable(d.file or d.disk_id)
+            m = by_name.get(d.file) if d.file else None
+            facts = peek_file(f, m.offset_data, d.file) if m is not None else None
+            is_vmdk = facts is not None
+            if is_vmdk and d.format != VMDK_STREAM_URI:
+                problems.append(f"disk {label}: ovf:format is {printable(d.format)!r},"
+                                f" not exactly '{VMDK_STREAM_URI}'")
+            if m is not None and need_stream and (not is_vmdk or facts.create_type != STREAM):
+                kind = f"createType={facts.create_type}" if is_vmdk else "not a VMDK"
+                problems.append(f"disk {label} is not a stream-optimized VMDK ({kind})")
+            if is_vmdk and facts.capacity is not None and d.capacity is not None \
+                    and facts.capacity != d.capacity:
+                problems.append(f"disk {label}: ovf:capacity says {d.capacity} bytes,"
+                                f" the VMDK holds {facts.capacity}")
+        if mfs:
+            from .ova_package import check_manifest
+
+            def digest_of(name: str, alg: str) -> str:
+                m = by_name[name]
+                h = hashlib.new(alg)
+                f.seek(m.offset_data)
+                left = m.size
+                while left:
+                    block = f.read(min(1 << 20, left))
+                    if not block:
+                        break
+                    h.update(block)
+                    left -= len(block)
+                return h.hexdigest()
+
+            try:
+                text = read_member(by_name[mfs[0]], OVF_LIMIT)
+            except ValueError as e:
+                problems.append(f"manifest: {e}")
+            else:
+                problems += check_manifest(text, {n: None for n in names}, digest_of)
+    return problems
