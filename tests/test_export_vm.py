@@ -27,6 +27,25 @@ def src(tmp_path_factory):
     return source_disk(str(tmp_path_factory.mktemp("src") / "disk.raw"))
 
 
+def pyvmdk_sha256(path: str) -> tuple[int, str]:
+    """(media size, sha256) of a VMDK as libvmdk reads it (pyvmdk, the [test] extra)."""
+    pyvmdk = pytest.importorskip("pyvmdk", reason="libvmdk-python (the [test] extra)")
+    h = pyvmdk.handle()
+    h.open(path)
+    try:
+        h.open_extent_data_files()
+        size = h.get_media_size()
+        digest = hashlib.sha256()
+        off = 0
+        while off < size:
+            n = min(1 << 20, size - off)
+            digest.update(h.read_buffer_at_offset(n, off))
+            off += n
+        return size, digest.hexdigest()
+    finally:
+        h.close()
+
+
 # -- ova ---------------------------------------------------------------------------------------
 
 def _read_ova_back(ova: str, src: str, tmp_path, *, manifest: str = "sha256") -> None:
@@ -34,7 +53,8 @@ def _read_ova_back(ova: str, src: str, tmp_path, *, manifest: str = "sha256") ->
     mode 0644, the manifest's digests are sha256sum's, qemu-img reads the disk."""
     need("7zz")
     need("tar")
-    listing = run("7zz", "l", ova).stdout
+    listing = run("7zz", "l", ova).stdout   # (7-Zip 26.02 opens no stream VMDK itself)
+    run("7zz", "t", ova)
     assert "web-disk1.vmdk" in listing and "web.ovf" in listing
     verbose = run("tar", "--list", "--verbose", "--numeric-owner", "-f", ova).stdout
     rows = [line.split() for line in verbose.splitlines()]
@@ -55,6 +75,7 @@ def _read_ova_back(ova: str, src: str, tmp_path, *, manifest: str = "sha256") ->
             assert run(tool, str(dest / name)).stdout.split()[0] == digest
     vmdk = str(dest / "web-disk1.vmdk")
     assert run("qemu-img", "compare", "-f", "raw", "-F", "vmdk", src, vmdk).returncode == 0
+    assert pyvmdk_sha256(vmdk) == (os.path.getsize(src), sha256_file(src))
     envelope = (dest / "web.ovf").read_bytes()
     files, disks = ovf.read_envelope(envelope)
     assert files == [("file1", "web-disk1.vmdk", os.path.getsize(vmdk))]
