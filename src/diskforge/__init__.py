@@ -39,10 +39,18 @@ __all__ = ["open", "create", "convert", "info", "export", "DiskforgeError", "Ope
 
 
 def __getattr__(name: str):
-    """``diskforge.OpenPolicy`` without importing it at ``import diskforge``."""
+    """``diskforge.OpenPolicy`` and ``diskforge.export`` without importing them at
+    ``import diskforge``. ``export`` is the callable package ``diskforge/export/``:
+    ``diskforge.export(src, target, out, **opts)`` writes what a cloud or hypervisor
+    imports (returns the paths written) and ``diskforge.export.check(target, path)``
+    lists the rules a file breaks; a function of that name here would be replaced by
+    the package as soon as any of its modules is imported."""
     if name == "OpenPolicy":
         from .policy import OpenPolicy
         return OpenPolicy
+    if name == "export":
+        import importlib
+        return importlib.import_module(".export", __name__)
     raise AttributeError(f"module 'diskforge' has no attribute '{name}'")
 
 
@@ -106,15 +114,3 @@ def info(path: str | os.PathLike, fmt: str | None = None, *,
     with open_image(path, fmt, policy=policy) as dev:
         return dev.info()
 
-
-def export(source: str | os.PathLike, target: str, out: str | os.PathLike, *,
-           source_fmt: str | None = None, progress: Callable[[int, int], None] | None = None,
-           policy: "OpenPolicy | None" = None, **opts: "Any") -> list[str]:
-    """Write what ``target`` (azure, gcp, aws, ova, hyperv, proxmox, libvirt) imports
-    from ``source`` at ``out``; returns the paths written. ``opts``: ``cpus``,
-    ``memory`` (MiB), ``name``, ``firmware`` (bios/efi), ``manifest``
-    (sha1/sha256/none), ``package`` (aws: vmdk/ova). Rules and their sources are in
-    ``diskforge/export/<target>.py``."""
-    from .export import export as run
-    return run(source, target, out, source_fmt=source_fmt, progress=progress,
-               policy=policy, **opts)

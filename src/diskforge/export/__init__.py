@@ -11,10 +11,10 @@ core), ``ovf`` (the OVF 1.0 envelope), ``ova_package`` (manifest and tar),
 ``domain_xml`` (libvirt's domain), ``vmdk_peek`` (a VMDK's createType for the
 checkers).
 
-The package is callable: ``diskforge.export(src, target, out, **opts)`` is the API,
-and the package ``diskforge.export`` is what that name becomes once any of its
-modules is imported (Python binds a subpackage to its parent's attribute), so both
-must do the same thing.
+The package is callable: ``diskforge.export`` is this package (``import diskforge``
+stays light: its ``__getattr__`` imports it on first use), so
+``diskforge.export(src, target, out, **opts)`` runs :func:`export` and
+``diskforge.export.check(target, path)`` runs :func:`check`.
 """
 
 from __future__ import annotations
@@ -64,8 +64,7 @@ def check(target_name: str, path: str | os.PathLike) -> list[str]:
 
 
 class _CallableModule(types.ModuleType):
-    """``diskforge.export(...)`` keeps working after ``diskforge.export`` has become
-    this package (see the module docstring)."""
+    """``diskforge.export(...)`` calls :func:`export` (see the module docstring)."""
 
     def __call__(self, *args, **kwargs):
         return export(*args, **kwargs)

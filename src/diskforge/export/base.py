@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 
 from ..blockdev import BlockDevice
-from ..errors import DiskforgeError, UsageError
+from ..errors import UsageError
 
 Progress = Callable[[int, int], None]
 
@@ -87,12 +87,16 @@ def write_disk(fmt: str, options: str, source: BlockDevice, out: str, size: int,
                progress: Progress | None) -> None:
     """Convert ``source`` into a new ``fmt`` image of ``size`` bytes (at least the
     source's: the rest reads as zeros) at ``out``, through the registry."""
+    from ..errors import UnknownFormatError, UnsupportedError
     from ..ops.convert import convert
     from ..registry import get
-    plugin = get(fmt)
-    if not plugin.can_write:
-        raise DiskforgeError(f"not supported yet: writing {plugin.name} images (needed"
-                             " for this export)", out)
+    try:
+        plugin = get(fmt)
+    except UnknownFormatError:
+        plugin = None
+    if plugin is None or not plugin.can_write:
+        raise UnsupportedError(f"not supported yet: writing {fmt} images, which this"
+                               " export needs", out)
     opts = plugin.options.parse(options, format_name=plugin.name)
     if size < source.size:
         raise UsageError(f"internal: export would shrink the disk ({source.size} ->"
