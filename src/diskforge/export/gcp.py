@@ -28,6 +28,7 @@ from array import array
 
 from ..atomic import AtomicFile
 from ..blockdev import BlockDevice, ExtentKind, pieces, zero_runs
+from ..limits import check_alloc
 from . import tarfmt
 from .base import GiB, ExportOptions, Progress, round_up, size_text
 
@@ -78,6 +79,9 @@ def write_sparse_targz(source: BlockDevice, out: str, size: int, member: str,
     from .pgzip import ParallelGzip
     total = 2 * size
     regions = data_regions(source, progress, total)
+    # the header lists every region (24 bytes each, held with its Python pair): a disk
+    # fragmented beyond the command's memory budget is refused rather than swapped
+    check_alloc(len(regions) // 2 * 128, out, "GNU sparse map", "regions")
     pairs = [(regions[i], regions[i + 1]) for i in range(0, len(regions), 2)]
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
     f = AtomicFile(out)

@@ -25,6 +25,7 @@ NAME = "ova"
 SUMMARY = ("OVA (vSphere, Workstation, VirtualBox): OVF 1.0 + SHA256 manifest +"
            " stream-optimized VMDK")
 OVF_LIMIT = 4 << 20
+MAX_FILES = 4096
 STREAM = "streamOptimized"
 
 
@@ -91,7 +92,11 @@ def check_package(path: str, *, need_stream: bool = True) -> list[str]:
     with open_input_file(path) as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
-            members = tar.getmembers()
+            members = []
+            for m in tar:    # bounded: a package of more files is not an OVA anyone makes
+                members.append(m)
+                if len(members) > MAX_FILES:
+                    return [f"holds more than {MAX_FILES} files: not an OVF package"]
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             return [f"not an uncompressed tar archive ({e}): an OVA is a plain tar of"
                     " the .ovf, the .mf and the disks"]
