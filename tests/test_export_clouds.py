@@ -90,6 +90,13 @@ def test_check_azure_on_windows_made_fixed_vhd(tmp_path):
     assert len(problems) == 1 and "outside Azure's limits" in problems[0]
 
 
+def test_check_azure_on_windows_made_dynamic_vhd(tmp_path):
+    gz = need_real("vhd/node-vhd_win_dynamic_512M.vhd.gz")
+    vhd = gunzip_to(gz, str(tmp_path / "win.vhd"))
+    assert diskforge.export.check("azure", vhd) == [
+        "is a dynamic VHD: Azure takes fixed VHDs only (convert with -o subformat=fixed)"]
+
+
 def test_check_azure_refuses_other_formats(tmp_path):
     need("qemu-img")
     q = str(tmp_path / "d.qcow2")

@@ -11,7 +11,8 @@ import tarfile
 import uuid
 
 import pytest
-from conftest import cli, libvhdi_sha256, need, qemu_img_json, run, sha256_file
+from conftest import (cli, libvhdi_sha256, need, need_real, qemu_img_json, run,
+                      sha256_file)
 from export_helpers import MiB, need_vmdk_writer, qemu_img_vmdk, source_disk
 from isotools import qemu_boot
 
@@ -244,6 +245,19 @@ def test_hyperv_dynamic_vhdx_32m_blocks(src, tmp_path):
         assert digest == hashlib.sha256(dev.read(0, dev.size)).hexdigest()
     assert d["subformat"] == "dynamic" and d["logical-sector-size"] == 512
     assert diskforge.export.check("hyperv", out) == []
+
+
+def test_check_hyperv_on_windows_made_vhdx(tmp_path):
+    """Hyper-V's own dynamic VHDX (32 MiB blocks) and fixed VHDX pass; its differencing
+    .avhdx, copied without the parent it names, cannot be imported."""
+    from export_helpers import gunzip_to
+    for name in ("dissect_win10_dynamic_32MiBblock.vhdx", "dissect_win10_fixed.vhdx"):
+        path = gunzip_to(need_real(f"vhdx/{name}.gz"), str(tmp_path / name))
+        assert diskforge.export.check("hyperv", path) == []
+    avhdx = gunzip_to(need_real("vhdx/dissect_hyperv_differencing.avhdx.gz"),
+                      str(tmp_path / "d.avhdx"))
+    (problem,) = diskforge.export.check("hyperv", avhdx)
+    assert problem.startswith("cannot be read as vhdx: the parent of this differencing")
 
 
 def test_check_hyperv_vhd(tmp_path):

@@ -62,15 +62,15 @@ def check(path: str) -> list[str]:
     if _is_tar(path):
         from .ova import check_package
         return check_package(path)
-    from ..registry import open_image
-    from .base import detect_format
+    from .base import detect_format, read_info
     fmt = detect_format(path)
     if fmt not in ACCEPTED:
         return [f"is {fmt}: AWS VM Import takes OVA, stream-optimized VMDK, VHD, VHDX"
                 " or raw images"]
     problems = []
-    with open_image(path, fmt) as dev:
-        info = dev.info()
+    info, unreadable = read_info(path, fmt)
+    if info is None:
+        return problems + [unreadable]
     if info.backing_filename or info.details.get("disk-type") == "differencing" \
             or info.details.get("subformat") == "differencing":
         problems.append("is a differencing disk: AWS needs a standalone disk")

@@ -59,16 +59,16 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
 
 
 def check(path: str) -> list[str]:
-    from ..registry import open_image
-    from .base import detect_format
+    from .base import detect_format, read_info
     fmt = detect_format(path)
     if fmt != "vpc":
         hint = " (Hyper-V's VHDX: convert it to a fixed VHD)" if fmt == "vhdx" else ""
         return [f"is {fmt}, not a VHD{hint}: Azure takes fixed VHDs only"]
     problems = []
     file_size = os.stat(path).st_size
-    with open_image(path, "vpc") as dev:
-        info = dev.info()
+    info, unreadable = read_info(path, "vpc")
+    if info is None:
+        return problems + [unreadable]
     d = info.details
     kind = d.get("disk-type")
     if kind != "fixed":

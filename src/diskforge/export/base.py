@@ -130,3 +130,16 @@ def detect_format(path: str) -> str:
     except UnsupportedError:
         head, _, _ = read_probe_window(path)
         return unread_format(head) or "an unreadable image"
+
+
+def read_info(path: str, fmt: str):
+    """``(ImageInfo, None)``, or ``(None, reason)`` when the image does not open (a
+    differencing disk without its parent, a damaged header): for a checker that is a
+    rule broken, since the target could not read it either."""
+    from ..errors import DiskforgeError
+    from ..registry import open_image
+    try:
+        with open_image(path, fmt) as dev:
+            return dev.info(), None
+    except DiskforgeError as e:
+        return None, f"cannot be read as {fmt}: {e.message}"

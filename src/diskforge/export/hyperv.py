@@ -41,8 +41,7 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
 
 
 def check(path: str) -> list[str]:
-    from ..registry import open_image
-    from .base import detect_format
+    from .base import detect_format, read_info
     fmt = detect_format(path)
     if fmt == "vpc":
         return ["is a VHD: generation 2 VMs boot only from VHDX (a VHD attaches to"
@@ -50,8 +49,9 @@ def check(path: str) -> list[str]:
     if fmt != "vhdx":
         return [f"is {fmt}, not a VHDX: Hyper-V attaches VHDX (or VHD) files only"]
     problems = []
-    with open_image(path, "vhdx") as dev:
-        info = dev.info()
+    info, unreadable = read_info(path, "vhdx")
+    if info is None:
+        return problems + [unreadable]
     d = info.details
     if d.get("subformat") == "differencing" or info.backing_filename:
         problems.append("is a differencing disk: import needs a standalone disk (merge"

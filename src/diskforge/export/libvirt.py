@@ -79,8 +79,7 @@ def check_pair(path: str, *, buses: tuple[str, ...]) -> list[str]:
 
 
 def check_disk(path: str, declared: str | None = None) -> list[str]:
-    from ..registry import open_image
-    from .base import detect_format
+    from .base import detect_format, read_info
     fmt = detect_format(path)
     if fmt not in DISK_FORMATS:
         return [f"is {fmt}: give libvirt/Proxmox a qcow2 (or raw) disk"]
@@ -88,8 +87,9 @@ def check_disk(path: str, declared: str | None = None) -> list[str]:
     if declared is not None and declared != fmt:
         problems.append(f"the XML says <driver type='{declared}'> but the file is {fmt}"
                         " (libvirt does not probe: the guest would see the container)")
-    with open_image(path, fmt) as dev:
-        info = dev.info()
+    info, unreadable = read_info(path, fmt)
+    if info is None:
+        return problems + [unreadable]
     if info.backing_filename:
         problems.append("has a backing file: an imported disk must stand alone (convert"
                         " it without -B)")
