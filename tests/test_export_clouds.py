@@ -9,12 +9,12 @@ import subprocess
 import pytest
 from conftest import (cli, libvhdi_sha256, need, need_real, qemu_img_json, run,
                       sha256_file)
-from export_helpers import MiB, gunzip_to, need_vmdk_writer, qemu_img_vmdk, source_disk
+from export_helpers import MiB, gunzip_to, need_vmdk_writer, source_disk
+from export_helpers import qemu_img_vmdk  # noqa: F401  (a fixture)
 
 import diskforge
 
 GiB = 1 << 30
-__all__ = ["qemu_img_vmdk"]  # a fixture, used by name
 
 
 @pytest.fixture(scope="module")

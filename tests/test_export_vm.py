@@ -13,13 +13,13 @@ import uuid
 import pytest
 from conftest import (cli, libvhdi_sha256, need, need_real, qemu_img_json, run,
                       sha256_file)
-from export_helpers import MiB, need_vmdk_writer, qemu_img_vmdk, source_disk
+from export_helpers import MiB, gunzip_to, need_vmdk_writer, source_disk
+from export_helpers import qemu_img_vmdk  # noqa: F401  (a fixture)
 from isotools import qemu_boot
 
 import diskforge
 from diskforge.export import ova_package, ovf
 
-__all__ = ["qemu_img_vmdk"]  # a fixture, used by name
 STREAM_URI = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
 
 
@@ -250,7 +250,6 @@ def test_hyperv_dynamic_vhdx_32m_blocks(src, tmp_path):
 def test_check_hyperv_on_windows_made_vhdx(tmp_path):
     """Hyper-V's own dynamic VHDX (32 MiB blocks) and fixed VHDX pass; its differencing
     .avhdx, copied without the parent it names, cannot be imported."""
-    from export_helpers import gunzip_to
     for name in ("dissect_win10_dynamic_32MiBblock.vhdx", "dissect_win10_fixed.vhdx"):
         path = gunzip_to(need_real(f"vhdx/{name}.gz"), str(tmp_path / name))
         assert diskforge.export.check("hyperv", path) == []
