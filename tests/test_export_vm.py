@@ -98,6 +98,24 @@ def test_ova_package_with_qemu_img_standing_in(src, tmp_path, qemu_img_vmdk):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".web.ova")]
 
 
+def test_an_interrupted_ova_export_leaves_nothing(src, tmp_path, qemu_img_vmdk):
+    def stop(done, total):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        diskforge.export(src, "ova", str(tmp_path / "web.ova"), progress=stop)
+    assert os.listdir(tmp_path) == []
+
+
+def test_ova_removes_a_killed_runs_work_folder(src, tmp_path, qemu_img_vmdk, capsys):
+    stale = tmp_path / ".web.ova.k1ll3d.diskforge-work"
+    stale.mkdir()
+    (stale / "lock").write_bytes(b"")
+    (stale / "web-disk1.vmdk").write_bytes(b"partial")
+    diskforge.export(src, "ova", str(tmp_path / "web.ova"))
+    assert sorted(os.listdir(tmp_path)) == ["web.ova"]
+    assert "a work folder left by an interrupted run" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("manifest", ["sha1", "none"])
 def test_ova_manifest_choices(src, tmp_path, qemu_img_vmdk, manifest):
     out = str(tmp_path / "web.ova")

@@ -52,8 +52,7 @@ def write_ova_for(source: BlockDevice, out: str, opts: ExportOptions,
     from .ovf import Vm, envelope
     name = opts.vm_name(out)
     capacity = round_up(max(source.size, 1), 512)
-    folder = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.",
-                              dir=os.path.dirname(os.path.abspath(out)))
+    folder, lock = _work_folder(out)
     try:
         disk_name = f"{name}-disk1.vmdk"
         disk = os.path.join(folder, disk_name)
@@ -72,6 +71,44 @@ def write_ova_for(source: BlockDevice, out: str, opts: ExportOptions,
         write_ova(out, files)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
+
+
+WORK_SUFFIX = ".diskforge-work"
+
+
+def _work_folder(out: str) -> tuple[str, int]:
+    """A private folder beside ``out`` for the disk being packed, and the descriptor
+    of the lock file inside it, flock'ed for as long as the export runs. Folders a
+    killed run left for the same ``out`` (their lock free) are removed first, saying
+    so, as ``atomic.remove_stale`` removes a killed run's temporary files."""
+    import fcntl
+    import sys
+
+    from ..errors import printable
+    directory, base = os.path.split(os.path.abspath(out))
+    for entry in os.listdir(directory):
+        if not (entry.startswith(f".{base}.") and entry.endswith(WORK_SUFFIX)):
+            continue
+        stale = os.path.join(directory, entry)
+        try:
+            fd = os.open(os.path.join(stale, "lock"), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue          # no lock file: being created, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue          # its owner is alive
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"diskforge: removed {printable(stale)}, a work folder left by an"
+                  " interrupted run", file=sys.stderr)
+        finally:
+            os.close(fd)
+    folder = tempfile.mkdtemp(prefix=f".{base}.", suffix=WORK_SUFFIX, dir=directory)
+    fd = os.open(os.path.join(folder, "lock"), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return folder, fd
 
 
 # -- check ---------------------------------------------------------------------------------
