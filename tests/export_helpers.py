@@ -58,7 +58,7 @@ def gunzip_to(gz: str, out: str) -> str:
     return out
 
 
-# -- a stand-in stream-optimized VMDK writer ---------------------------------------------------
+# -- a stand-in stream-optimized VMDK writer -----------------------------------------------
 
 @dataclasses.dataclass
 class _VmdkOptions(Options):

@@ -27,7 +27,7 @@ def leftovers(folder) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n.startswith("."))
 
 
-# -- API and CLI ------------------------------------------------------------------------------
+# -- API and CLI ---------------------------------------------------------------------------
 
 def test_api_stays_callable_after_the_package_is_imported(src, tmp_path):
     import importlib
@@ -111,7 +111,7 @@ def test_export_as_a_separate_process(src, tmp_path):
     assert proc.returncode == 0 and "gcp would accept it" in proc.stdout
 
 
-# -- tar headers -----------------------------------------------------------------------------------
+# -- tar headers ---------------------------------------------------------------------------
 
 def test_tar_numbers_octal_then_base256():
     assert tarfmt.number(0o777, 8) == b"0000777\x00"
@@ -138,7 +138,7 @@ def test_sparse_headers_with_many_regions_read_by_python_tarfile():
     assert content.count(0) == (1 << 20) - 30 * 512
 
 
-# -- hostile input to --check ------------------------------------------------------------------------
+# -- hostile input to --check --------------------------------------------------------------
 
 def _ova(tmp_path, files) -> str:
     out = str(tmp_path / "h.ova")

@@ -31,7 +31,7 @@ def padded_sha256(path: str, size: int, tmp) -> str:
     return sha256_file(padded)
 
 
-# -- azure --------------------------------------------------------------------------------------
+# -- azure ---------------------------------------------------------------------------------
 
 def test_azure_fixed_vhd_whole_mib_read_by_qemu_img_and_libvhdi(src, tmp_path):
     out = str(tmp_path / "disk.vhd")
@@ -105,7 +105,7 @@ def test_check_azure_refuses_other_formats(tmp_path):
                                                   " VHDs only"]
 
 
-# -- gcp -------------------------------------------------------------------------------------------
+# -- gcp -----------------------------------------------------------------------------------
 
 def test_gcp_sparse_oldgnu_targz_extracts_bit_exact(src, tmp_path):
     need("tar")
@@ -238,7 +238,7 @@ def test_check_gcp_gnu_tar_made_archive_passes(tmp_path):
     assert diskforge.export.check("gcp", out) == []
 
 
-# -- aws ---------------------------------------------------------------------------------------------
+# -- aws -----------------------------------------------------------------------------------
 
 def test_check_aws_non_stream_vmdk(tmp_path):
     need("qemu-img")

@@ -47,7 +47,7 @@ def pyvmdk_sha256(path: str) -> tuple[int, str]:
         h.close()
 
 
-# -- ova ---------------------------------------------------------------------------------------
+# -- ova -----------------------------------------------------------------------------------
 
 def _read_ova_back(ova: str, src: str, tmp_path, *, manifest: str = "sha256") -> None:
     """7-Zip lists the OVA, GNU tar extracts it in the required order with owner 0 and
@@ -155,7 +155,7 @@ def test_ova_envelope_is_schema_ordered_and_escaped():
         assert tags == sorted(tags)
 
 
-# -- hand-made packages for --check ---------------------------------------------------------------
+# -- hand-made packages for --check --------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def stream_vmdk(tmp_path_factory):
@@ -201,8 +201,9 @@ def test_check_manifest_spelled_with_spaces(tmp_path, stream_vmdk):
     code, out, _ = cli("export", "--check", "ova", ova)
     assert code == 2
     lines = out.splitlines()
-    assert lines[0] == (f"{ova}: manifest line 1 is spelled 'SHA256 (vm.ovf) = {env_digest}'"
-                        " (coreutils --tag/BSD style, with spaces): vSphere wants"
+    assert lines[0] == (f"{ova}: manifest line 1 is spelled"
+                        f" 'SHA256 (vm.ovf) = {env_digest}' (coreutils --tag/BSD style,"
+                        " with spaces): vSphere wants"
                         " 'SHA256(vm.ovf)= <hex>'")
     assert lines[1] == f"{ova}: 'vm.ovf' is not in the manifest"
 
@@ -211,8 +212,9 @@ def test_check_manifest_openssl3_spelling(tmp_path, stream_vmdk):
     d = sha256_file(stream_vmdk)
     ova = _package(tmp_path, stream_vmdk, manifest_lines=[f"SHA2-256(vm-disk1.vmdk)= {d}"])
     problems = diskforge.export.check("ova", ova)
-    assert problems[0] == (f"manifest line 1 is OpenSSL 3's spelling 'SHA2-256(vm-disk1.vmdk)="
-                           f" {d}': vSphere wants 'SHA256(vm-disk1.vmdk)= <hex>'")
+    assert problems[0] == ("manifest line 1 is OpenSSL 3's spelling"
+                           f" 'SHA2-256(vm-disk1.vmdk)= {d}': vSphere wants"
+                           " 'SHA256(vm-disk1.vmdk)= <hex>'")
 
 
 def test_check_manifest_wrong_digest_and_missing_file(tmp_path, stream_vmdk):
@@ -247,7 +249,7 @@ def test_check_ova_non_stream_disk(tmp_path):
         " (createType=monolithicSparse)" in problems
 
 
-# -- hyperv ------------------------------------------------------------------------------------
+# -- hyperv --------------------------------------------------------------------------------
 
 def test_hyperv_dynamic_vhdx_32m_blocks(src, tmp_path):
     out = str(tmp_path / "disk.vhdx")
@@ -280,10 +282,11 @@ def test_check_hyperv_on_windows_made_vhdx(tmp_path):
 def test_check_hyperv_vhd(tmp_path):
     vhd = str(tmp_path / "d.vhd")
     diskforge.create(vhd, 30 * MiB, "vpc")
-    assert "generation 2 VMs boot only from VHDX" in diskforge.export.check("hyperv", vhd)[0]
+    (problem,) = diskforge.export.check("hyperv", vhd)
+    assert "generation 2 VMs boot only from VHDX" in problem
 
 
-# -- libvirt and proxmox -------------------------------------------------------------------------
+# -- libvirt and proxmox -------------------------------------------------------------------
 
 def test_libvirt_qcow2_and_domain_xml(src, tmp_path):
     need("virt-xml-validate")

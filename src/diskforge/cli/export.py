@@ -8,7 +8,8 @@ an error), as ``check`` separates corruption from errors.
 
 from __future__ import annotations
 
-from .image import add_force_share_arg, add_policy_args, open_source, progress_for
+from .image import (add_force_share_arg, add_policy_args, open_source, policy_from,
+                    progress_for)
 
 EXIT_OK, EXIT_ERROR, EXIT_RULES = 0, 1, 2
 
@@ -21,7 +22,7 @@ def cmd_export(args) -> int:
             raise UsageError("export --check TARGET takes one FILE")
         from ..export import check
         path = args.files[0]
-        problems = check(args.check, path)
+        problems = check(args.check, path, policy=policy_from(args))
         for p in problems:
             print(f"{printable(path)}: {printable(p)}")
         if not problems and not args.q:

@@ -54,13 +54,14 @@ def export(source: str | os.PathLike, target_name: str, out: str | os.PathLike, 
         return mod.export(src, out, options, progress)
 
 
-def check(target_name: str, path: str | os.PathLike) -> list[str]:
-    """Every rule of ``target_name`` that the file at ``path`` breaks (empty: none)."""
+def check(target_name: str, path: str | os.PathLike, *, policy=None) -> list[str]:
+    """Every rule of ``target_name`` that the file at ``path`` breaks (empty: none);
+    images are opened under ``policy`` (default: from the environment)."""
     from ..registry import check_readable
     mod = target(target_name)
     path = os.fspath(path)
     check_readable(path)
-    return mod.check(path)
+    return mod.check(path, policy)
 
 
 class _CallableModule(types.ModuleType):

@@ -47,7 +47,7 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
     return [out]
 
 
-def check(path: str) -> list[str]:
+def check(path: str, policy=None) -> list[str]:
     from .vmdk_peek import peek
     facts = peek(path)
     if facts is not None:
@@ -68,7 +68,7 @@ def check(path: str) -> list[str]:
         return [f"is {fmt}: AWS VM Import takes OVA, stream-optimized VMDK, VHD, VHDX"
                 " or raw images"]
     problems = []
-    info, unreadable = read_info(path, fmt)
+    info, unreadable = read_info(path, fmt, policy)
     if info is None:
         return problems + [unreadable]
     if info.backing_filename or info.details.get("disk-type") == "differencing" \

@@ -58,7 +58,7 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
     return [out]
 
 
-def check(path: str) -> list[str]:
+def check(path: str, policy=None) -> list[str]:
     from .base import detect_format, read_info
     fmt = detect_format(path)
     if fmt != "vpc":
@@ -66,7 +66,7 @@ def check(path: str) -> list[str]:
         return [f"is {fmt}, not a VHD{hint}: Azure takes fixed VHDs only"]
     problems = []
     file_size = os.stat(path).st_size
-    info, unreadable = read_info(path, "vpc")
+    info, unreadable = read_info(path, "vpc", policy)
     if info is None:
         return problems + [unreadable]
     d = info.details

@@ -7,8 +7,9 @@ A target module (``azure.py``, ``gcp.py`` ...) holds only its own rules and expo
 - ``NAME`` and ``SUMMARY`` (one line for ``--help``);
 - ``export(source, out, opts, progress) -> list[str]``: write the target's files for
   the open ``source`` device, atomically, and return their paths;
-- ``check(path) -> list[str]``: every rule of the target ``path`` breaks, one
-  sentence each (empty: the target would take it).
+- ``check(path, policy=None) -> list[str]``: every rule of the target ``path``
+  breaks, one sentence each (empty: the target would take it); images are opened
+  under ``policy`` (untrusted mode, ``-U``).
 
 Targets never import a format package: disks are written with
 ``registry.get(name).writer(path, size, options)`` and read with ``open_image``, so a
@@ -132,14 +133,14 @@ def detect_format(path: str) -> str:
         return unread_format(head) or "an unreadable image"
 
 
-def read_info(path: str, fmt: str):
+def read_info(path: str, fmt: str, policy=None):
     """``(ImageInfo, None)``, or ``(None, reason)`` when the image does not open (a
     differencing disk without its parent, a damaged header): for a checker that is a
     rule broken, since the target could not read it either."""
     from ..errors import DiskforgeError
     from ..registry import open_image
     try:
-        with open_image(path, fmt) as dev:
+        with open_image(path, fmt, policy=policy) as dev:
             return dev.info(), None
     except DiskforgeError as e:
         return None, f"cannot be read as {fmt}: {e.message}"

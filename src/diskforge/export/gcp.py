@@ -122,7 +122,7 @@ def write_sparse_targz(source: BlockDevice, out: str, size: int, member: str,
 
 # -- check ---------------------------------------------------------------------------------
 
-def check(path: str) -> list[str]:
+def check(path: str, policy=None) -> list[str]:
     import gzip
     import tarfile
     import zlib
@@ -167,6 +167,7 @@ def check(path: str) -> list[str]:
         if not regular:
             problems.append(f"{MEMBER} is not a regular file")
         if size == 0 or size % UNIT:
+            up = round_up(max(size, 1), UNIT)
             problems.append(f"{MEMBER} is {size} bytes ({size_text(size)}), not a whole"
-                            f" number of GiB: round it up to {round_up(max(size, 1), UNIT)}")
+                            f" number of GiB: round it up to {up}")
     return problems

@@ -40,7 +40,7 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
     return [out]
 
 
-def check(path: str) -> list[str]:
+def check(path: str, policy=None) -> list[str]:
     from .base import detect_format, read_info
     fmt = detect_format(path)
     if fmt == "vpc":
@@ -49,7 +49,7 @@ def check(path: str) -> list[str]:
     if fmt != "vhdx":
         return [f"is {fmt}, not a VHDX: Hyper-V attaches VHDX (or VHD) files only"]
     problems = []
-    info, unreadable = read_info(path, "vhdx")
+    info, unreadable = read_info(path, "vhdx", policy)
     if info is None:
         return problems + [unreadable]
     d = info.details

@@ -59,26 +59,27 @@ def export_with(source: BlockDevice, out: str, opts: ExportOptions,
 
 # -- check ---------------------------------------------------------------------------------
 
-def check(path: str) -> list[str]:
-    return check_pair(path, buses=("virtio", "scsi", "sata"))
+def check(path: str, policy=None) -> list[str]:
+    return check_pair(path, buses=("virtio", "scsi", "sata"), policy=policy)
 
 
-def check_pair(path: str, *, buses: tuple[str, ...]) -> list[str]:
+def check_pair(path: str, *, buses: tuple[str, ...], policy=None) -> list[str]:
     from ..devices import open_input_file
     with open_input_file(path) as f:
         head = f.read(XML_LIMIT + 1)
     if head.lstrip()[:1] == b"<":
-        return check_xml(path, head, buses)
-    problems = check_disk(path)
+        return check_xml(path, head, buses, policy)
+    problems = check_disk(path, policy=policy)
     xml_path = sibling(path, ".xml")
     if os.path.exists(xml_path) and os.path.abspath(xml_path) != os.path.abspath(path):
         with open_input_file(xml_path) as f:
             problems += [f"{os.path.basename(xml_path)}: {p}"
-                         for p in check_xml(xml_path, f.read(XML_LIMIT + 1), buses)]
+                         for p in check_xml(xml_path, f.read(XML_LIMIT + 1), buses,
+                                            policy)]
     return problems
 
 
-def check_disk(path: str, declared: str | None = None) -> list[str]:
+def check_disk(path: str, declared: str | None = None, policy=None) -> list[str]:
     from .base import detect_format, read_info
     fmt = detect_format(path)
     if fmt not in DISK_FORMATS:
@@ -87,7 +88,7 @@ def check_disk(path: str, declared: str | None = None) -> list[str]:
     if declared is not None and declared != fmt:
         problems.append(f"the XML says <driver type='{declared}'> but the file is {fmt}"
                         " (libvirt does not probe: the guest would see the container)")
-    info, unreadable = read_info(path, fmt)
+    info, unreadable = read_info(path, fmt, policy)
     if info is None:
         return problems + [unreadable]
     if info.backing_filename:
@@ -98,7 +99,8 @@ def check_disk(path: str, declared: str | None = None) -> list[str]:
     return problems
 
 
-def check_xml(path: str, data: bytes, buses: tuple[str, ...]) -> list[str]:
+def check_xml(path: str, data: bytes, buses: tuple[str, ...],
+              policy=None) -> list[str]:
     import xml.etree.ElementTree as ET
     if len(data) > XML_LIMIT:
         return ["the domain XML is over 1 MiB: not a domain definition"]
@@ -139,5 +141,5 @@ def check_xml(path: str, data: bytes, buses: tuple[str, ...]) -> list[str]:
         if declared is None:
             problems.append(f"disk {file} has no <driver type=...>: libvirt would read"
                             " it as raw")
-        problems += [f"{file}: {p}" for p in check_disk(full, declared)]
+        problems += [f"{file}: {p}" for p in check_disk(full, declared, policy)]
     return problems

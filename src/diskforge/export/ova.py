@@ -1,15 +1,19 @@
 """OVA for vSphere, VMware Workstation and VirtualBox: an OVF 1.0 package in one tar.
 
 Rules: DSP0243 1.0 (the envelope, ``ovf.py``; the package and the manifest,
-``ova_package.py``); VMware's "OVF Tool User's Guide" and "Deploy an OVF or OVA
-template" (https://docs.vmware.com/en/VMware-vSphere/8.0/vsphere-vm-administration/GUID-17BEDA21-43F6-41F4-8FB2-E01D275FE9B4.html):
-disks are stream-optimized VMDKs named by the exact ``ovf:format`` URI, the manifest
-is ``SHA256(name)= hex`` (or SHA1 for vCenter before 6.5, ``--manifest sha1``),
+``ova_package.py``) and what vSphere enforces: disks are stream-optimized VMDKs named
+by the exact ``ovf:format`` URI; manifest lines are exactly ``SHA256(name)= hex``
+(ESXi refuses ``SHA1 (name) = hex`` with spaces:
+https://communities.vmware.com/t5/Virtual-Appliances-Discussions/Format-of-OVA-manifest-file-depending-on-OVF-or-VMX-version/td-p/2895698);
+SHA256 needs vSphere 6.5 or later, older clients take only SHA1 (``--manifest sha1``;
+VMware KB 2151537, and
+https://williamlam.com/2016/11/default-hashing-algorithm-changed-in-ovftool-4-2-preventing-ovfova-import-using-vsphere-c-client.html);
 the tar holds the ``.ovf`` first, then the ``.mf``, then the disks.
 
 The disk is written with the registry's ``vmdk`` writer (``subformat=streamOptimized``)
-to a private folder beside ``OUT``, hashed, and packed; the folder is removed
-whatever happens, and ``OUT`` appears atomically.
+to a private folder beside ``OUT`` (flock'ed while the export runs), hashed, and
+packed; the folder is removed whatever happens, or by the next export to the same
+``OUT`` after a ``kill -9``, and ``OUT`` appears atomically.
 """
 
 from __future__ import annotations
@@ -113,11 +117,13 @@ def _work_folder(out: str) -> tuple[str, int]:
 
 # -- check ---------------------------------------------------------------------------------
 
-def check(path: str) -> list[str]:
+def check(path: str, policy=None) -> list[str]:
+    """(``policy`` is unused: the package's members are read as bytes, not opened as
+    images.)"""
     return check_package(path)
 
 
-def check_package(path: str, *, need_stream: bool = True) -> list[str]:
+def check_package(path: str) -> list[str]:
     import hashlib
     import tarfile
 
@@ -199,7 +205,7 @@ def check_package(path: str, *, need_stream: bool = True) -> list[str]:
             if is_vmdk and d.format != VMDK_STREAM_URI:
                 problems.append(f"disk {label}: ovf:format is {printable(d.format)!r},"
                                 f" not exactly '{VMDK_STREAM_URI}'")
-            if m is not None and need_stream and (not is_vmdk or facts.create_type != STREAM):
+            if m is not None and (not is_vmdk or facts.create_type != STREAM):
                 kind = f"createType={facts.create_type}" if is_vmdk else "not a VMDK"
                 problems.append(f"disk {label} is not a stream-optimized VMDK ({kind})")
             if is_vmdk and facts.capacity is not None and d.capacity is not None \

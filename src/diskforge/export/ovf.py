@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
-RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
-VSSD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
+CIM = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/"
+RASD_NS = CIM + "CIM_ResourceAllocationSettingData"
+VSSD_NS = CIM + "CIM_VirtualSystemSettingData"
 VMW_NS = "http://www.vmware.com/schema/ovf"
-VMDK_STREAM_URI = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
+VMDK_STREAM_URI = ("http://www.vmware.com/interfaces/specifications/vmdk.html"
+                   "#streamOptimized")
 NETWORK = "VM Network"
 # OperatingSystemSection ovf:id (CIM_OperatingSystem.OsType): 101 "Linux 64-Bit"
 OS_ID, VMW_OS_TYPE = 101, "otherLinux64Guest"
@@ -49,7 +51,8 @@ class Vm:
 
 def _item(fields: list[tuple[str, str]]) -> str:
     """A hardware ``Item``: RASD elements sorted by name, as the CIM schema orders them."""
-    inner = "".join(f"        <rasd:{k}>{escape(v)}</rasd:{k}>\n" for k, v in sorted(fields))
+    inner = "".join(f"        <rasd:{k}>{escape(v)}</rasd:{k}>\n"
+                    for k, v in sorted(fields))
     return f"      <Item>\n{inner}      </Item>\n"
 
 
@@ -57,7 +60,8 @@ def envelope(vm: Vm) -> bytes:
     """The ``.ovf`` descriptor of a one-disk VM, UTF-8."""
     name = escape(vm.name)
     items = [
-        _item([("AllocationUnits", "hertz * 10^6"), ("Description", "Number of Virtual CPUs"),
+        _item([("AllocationUnits", "hertz * 10^6"),
+               ("Description", "Number of Virtual CPUs"),
                ("ElementName", f"{vm.cpus} virtual CPU(s)"), ("InstanceID", "1"),
                ("ResourceType", "3"), ("VirtualQuantity", str(vm.cpus))]),
         _item([("AllocationUnits", "byte * 2^20"), ("Description", "Memory Size"),

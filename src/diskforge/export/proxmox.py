@@ -25,5 +25,5 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
     return export_with(source, out, opts, progress, bus="scsi", cache="none")
 
 
-def check(path: str) -> list[str]:
-    return check_pair(path, buses=("scsi", "virtio", "sata"))
+def check(path: str, policy=None) -> list[str]:
+    return check_pair(path, buses=("scsi", "virtio", "sata"), policy=policy)

@@ -144,7 +144,8 @@ def sparse_headers(name: str, realsize: int, regions: list[tuple[int, int]],
     blocks = [_with_checksum(head)]
     while rest:
         chunk, rest = rest[:21], rest[21:]
-        blocks.append(SparseHeader.build(dict(sp=sp(chunk, 21), isextended=1 if rest else 0)))
+        blocks.append(SparseHeader.build(dict(sp=sp(chunk, 21),
+                                              isextended=1 if rest else 0)))
     return b"".join(blocks)
 
 
