@@ -51,6 +51,8 @@ def test_unknown_target_and_bad_options(src, tmp_path):
         diskforge.export(src, "ova", str(tmp_path / "x.ova"), colour="red")
     with pytest.raises(UsageError, match="invalid --cpus"):
         diskforge.export(src, "libvirt", str(tmp_path / "x.qcow2"), cpus=0)
+    with pytest.raises(UsageError, match="invalid --memory '2G': expected int"):
+        diskforge.export(src, "libvirt", str(tmp_path / "x.qcow2"), memory="2G")
     with pytest.raises(UsageError, match="invalid --name"):
         diskforge.export(src, "libvirt", str(tmp_path / "x.qcow2"), name="a\nb")
     assert os.listdir(tmp_path) == []

@@ -113,4 +113,3 @@ def info(path: str | os.PathLike, fmt: str | None = None, *,
     from .registry import open_image
     with open_image(path, fmt, policy=policy) as dev:
         return dev.info()
-

@@ -45,6 +45,11 @@ class ExportOptions:
     package: str = ""           # aws: "vmdk" or "ova" (default: from OUT's extension)
 
     def validate(self) -> None:
+        for key, kind in (("cpus", int), ("memory", int), ("name", str), ("firmware", str),
+                          ("manifest", str), ("package", str)):
+            value = getattr(self, key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UsageError(f"invalid --{key} {value!r}: expected {kind.__name__}")
         if not 1 <= self.cpus <= 768:
             raise UsageError(f"invalid --cpus {self.cpus}: from 1 to 768")
         if not 4 <= self.memory <= 24 << 20:
