@@ -66,7 +66,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--memory", type=int, default=1024, metavar="MIB",
                    help="memory in MiB (ova, libvirt, proxmox)")
     p.add_argument("--name", help="VM name (default: OUT's file name)")
-    p.add_argument("--firmware", choices=("bios", "efi"), default="bios")
+    p.add_argument("--firmware", choices=("bios", "efi"), default="bios",
+                   help="BIOS or UEFI boot (ova, libvirt, proxmox)")
     p.add_argument("--manifest", choices=("sha1", "sha256", "none"), default="sha256",
                    help="OVA manifest digest (sha1 for vCenter before 6.5)")
     p.add_argument("--package", choices=("vmdk", "ova"),
