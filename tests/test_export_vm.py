@@ -6,6 +6,7 @@ format URIs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 import uuid
@@ -264,6 +265,10 @@ def test_hyperv_dynamic_vhdx_32m_blocks(src, tmp_path):
         d = dev.info().details
         assert digest == hashlib.sha256(dev.read(0, dev.size)).hexdigest()
     assert d["subformat"] == "dynamic" and d["logical-sector-size"] == 512
+    assert d["log"]["offset"] % MiB == 0 and d["log"]["length"] % MiB == 0
+    blocks = [e["offset"] - e["start"] % (32 * MiB)
+              for e in json.loads(cli("map", "--output", "json", out)[1]) if "offset" in e]
+    assert blocks and all(b % MiB == 0 for b in blocks)      # payload blocks 1 MiB aligned
     assert diskforge.export.check("hyperv", out) == []
 
 
