@@ -41,7 +41,6 @@ SparseExtentHeader = Struct(
     "doubleEndLineChar2" / Bytes(1),
     "compressAlgorithm" / Int16ul,
 )
-COMPRESSION_DEFLATE = 1
 _CREATE_TYPE = re.compile(rb'^\s*createType\s*=\s*"([^"\r\n]*)"', re.M)
 
 
@@ -49,7 +48,6 @@ _CREATE_TYPE = re.compile(rb'^\s*createType\s*=\s*"([^"\r\n]*)"', re.M)
 class VmdkFacts:
     create_type: str | None
     capacity: int | None          # bytes; from the sparse header
-    compressed: bool = False
 
 
 def peek(path: str) -> VmdkFacts | None:
@@ -78,8 +76,7 @@ def peek_file(f, base: int, name: str) -> VmdkFacts | None:
                               field="descriptorSize")
         f.seek(base + h.descriptorOffset * SECTOR)
         desc = f.read(h.descriptorSize * SECTOR)
-    return VmdkFacts(_create_type(desc), h.capacity * SECTOR,
-                     h.compressAlgorithm == COMPRESSION_DEFLATE)
+    return VmdkFacts(_create_type(desc), h.capacity * SECTOR)
 
 
 def _create_type(text: bytes) -> str | None:
