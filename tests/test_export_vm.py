@@ -322,6 +322,17 @@ def test_check_libvirt_wrong_driver_type(src, tmp_path):
                         " (libvirt does not probe: the guest would see the container)"]
 
 
+def test_check_libvirt_xml_the_schema_refuses(src, tmp_path):
+    need("virt-xml-validate")
+    out = str(tmp_path / "web.qcow2")
+    diskforge.export(src, "libvirt", out)
+    xml = tmp_path / "web.xml"
+    xml.write_text(xml.read_text().replace("<vcpu", "<vcpus"))
+    xml.write_text(xml.read_text().replace("</vcpu>", "</vcpus>"))
+    problems = diskforge.export.check("libvirt", str(xml))
+    assert len(problems) == 1 and problems[0].startswith("virt-xml-validate refuses it: ")
+
+
 @pytest.fixture(scope="module")
 def bootable(tmp_path_factory):
     need("qemu-system-x86_64")
