@@ -124,114 +124,137 @@ def check(path: str, policy=None) -> list[str]:
 
 
 def check_package(path: str) -> list[str]:
-    import hashlib
+    """Every rule of an OVF package the tar at ``path`` breaks: its layout, its
+    descriptor's references, its disks and its manifest."""
     import tarfile
 
     from ..devices import open_input_file
     from ..errors import printable
-    from .ovf import VMDK_STREAM_URI, read_envelope
-    from .vmdk_peek import peek_file
-    problems: list[str] = []
+    from .ovf import read_envelope
     with open_input_file(path) as f:
         try:
-            tar = tarfile.open(fileobj=f, mode="r:")
             members = []
-            for m in tar:    # bounded: a package of more files is not an OVA anyone makes
-                members.append(m)
+            for m in tarfile.open(fileobj=f, mode="r:"):
+                members.append(m)   # bounded: a package of more files is no OVA
                 if len(members) > MAX_FILES:
                     return [f"holds more than {MAX_FILES} files: not an OVF package"]
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             return [f"not an uncompressed tar archive ({e}): an OVA is a plain tar of"
                     " the .ovf, the .mf and the disks"]
-        names = [m.name for m in members]
-        by_name = {m.name: m for m in members}
-        if not names:
+        if not members:
             return ["the archive is empty"]
-        if not names[0].endswith(".ovf"):
-            problems.append(f"the first file is {printable(names[0])!r}, not the .ovf"
-                            " descriptor")
-        for m in members:
-            if not m.isreg():
-                problems.append(f"{printable(m.name)!r} is not a regular file")
-            if "/" in m.name.strip("/") or m.name.startswith("/"):
-                problems.append(f"{printable(m.name)!r} is in a folder: an OVA's files"
-                                " sit at the top of the archive")
-        ovfs = [m for m in members if m.name.endswith(".ovf")]
-        if len(ovfs) != 1:
-            problems.append(f"holds {len(ovfs)} .ovf descriptors, not one")
-            if not ovfs:
-                return problems
-        mfs = [n for n in names if n.endswith(".mf")]
-        if len(mfs) > 1:
-            problems.append(f"holds {len(mfs)} manifests, not one")
-        if mfs and names.index(mfs[0]) != names.index(ovfs[0].name) + 1:
-            problems.append(f"the manifest {printable(mfs[0])!r} must come right after"
-                            " the descriptor")
-
-        def read_member(m, limit: int) -> bytes:
-            if m.size > limit:
-                raise ValueError(f"{m.name} is {m.size} bytes, more than {limit}")
-            f.seek(m.offset_data)
-            return f.read(m.size)
-
-        try:
-            files, disks = read_envelope(read_member(ovfs[0], OVF_LIMIT))
-        except ValueError as e:
-            problems.append(f"descriptor {printable(ovfs[0].name)!r}: {e}")
+        problems, ovf, mf = _layout(members)
+        if ovf is None:
             return problems
-        refs = [href for _, href, _ in files]
-        for fid, href, size in files:
-            m = by_name.get(href)
-            if m is None:
-                problems.append(f"the descriptor references {printable(href)!r}, which"
-                                " is not in the archive")
-            elif size is not None and size != m.size:
-                problems.append(f"File {printable(href)!r}: ovf:size is {size}, the file"
-                                f" is {m.size} bytes")
-        packed = [n for n in names if not n.endswith((".ovf", ".mf", ".cert"))]
-        unknown = [n for n in packed if n not in refs]
-        for n in unknown:
-            problems.append(f"{printable(n)!r} is in the archive but not in the"
-                            " descriptor's References")
-        in_order = [n for n in packed if n in refs]
-        if in_order != [r for r in refs if r in by_name]:
-            problems.append("the files are not in the order of the descriptor's"
-                            " References")
-        for d in disks:
-            label = printable(d.file or d.disk_id)
-            m = by_name.get(d.file) if d.file else None
-            facts = peek_file(f, m.offset_data, d.file) if m is not None else None
-            is_vmdk = facts is not None
-            if is_vmdk and d.format != VMDK_STREAM_URI:
-                problems.append(f"disk {label}: ovf:format is {printable(d.format)!r},"
-                                f" not exactly '{VMDK_STREAM_URI}'")
-            if m is not None and (not is_vmdk or facts.create_type != STREAM):
-                kind = f"createType={facts.create_type}" if is_vmdk else "not a VMDK"
-                problems.append(f"disk {label} is not a stream-optimized VMDK ({kind})")
-            if is_vmdk and facts.capacity is not None and d.capacity is not None \
-                    and facts.capacity != d.capacity:
-                problems.append(f"disk {label}: ovf:capacity says {d.capacity} bytes,"
-                                f" the VMDK holds {facts.capacity}")
-        if mfs:
+        try:
+            files, disks = read_envelope(_read_member(f, ovf, OVF_LIMIT))
+        except ValueError as e:
+            return problems + [f"descriptor {printable(ovf.name)!r}: {e}"]
+        by_name = {m.name: m for m in members}
+        problems += _references(members, files)
+        problems += _disks(f, by_name, disks)
+        if mf is not None:
             from .ova_package import check_manifest
-
-            def digest_of(name: str, alg: str) -> str:
-                m = by_name[name]
-                h = hashlib.new(alg)
-                f.seek(m.offset_data)
-                left = m.size
-                while left:
-                    block = f.read(min(1 << 20, left))
-                    if not block:
-                        break
-                    h.update(block)
-                    left -= len(block)
-                return h.hexdigest()
-
             try:
-                text = read_member(by_name[mfs[0]], OVF_LIMIT)
+                text = _read_member(f, mf, OVF_LIMIT)
             except ValueError as e:
                 problems.append(f"manifest: {e}")
             else:
-                problems += check_manifest(text, {n: None for n in names}, digest_of)
+                problems += check_manifest(text, {m.name: None for m in members},
+                                           lambda name, alg: _digest(f, by_name[name], alg))
     return problems
+
+
+def _layout(members) -> tuple[list[str], object, object]:
+    """Problems of the archive's layout, and its descriptor and manifest members."""
+    from ..errors import printable
+    problems = []
+    names = [m.name for m in members]
+    if not names[0].endswith(".ovf"):
+        problems.append(f"the first file is {printable(names[0])!r}, not the .ovf"
+                        " descriptor")
+    for m in members:
+        if not m.isreg():
+            problems.append(f"{printable(m.name)!r} is not a regular file")
+        if "/" in m.name.strip("/") or m.name.startswith("/"):
+            problems.append(f"{printable(m.name)!r} is in a folder: an OVA's files sit"
+                            " at the top of the archive")
+    ovfs = [m for m in members if m.name.endswith(".ovf")]
+    if len(ovfs) != 1:
+        problems.append(f"holds {len(ovfs)} .ovf descriptors, not one")
+    mfs = [m for m in members if m.name.endswith(".mf")]
+    if len(mfs) > 1:
+        problems.append(f"holds {len(mfs)} manifests, not one")
+    if ovfs and mfs and names.index(mfs[0].name) != names.index(ovfs[0].name) + 1:
+        problems.append(f"the manifest {printable(mfs[0].name)!r} must come right after"
+                        " the descriptor")
+    return problems, ovfs[0] if ovfs else None, mfs[0] if mfs else None
+
+
+def _references(members, files) -> list[str]:
+    """The descriptor's References against the archive: present, sized, in order."""
+    from ..errors import printable
+    problems = []
+    by_name = {m.name: m for m in members}
+    refs = [href for _, href, _ in files]
+    for _, href, size in files:
+        m = by_name.get(href)
+        if m is None:
+            problems.append(f"the descriptor references {printable(href)!r}, which is not"
+                            " in the archive")
+        elif size is not None and size != m.size:
+            problems.append(f"File {printable(href)!r}: ovf:size is {size}, the file is"
+                            f" {m.size} bytes")
+    packed = [m.name for m in members if not m.name.endswith((".ovf", ".mf", ".cert"))]
+    for n in packed:
+        if n not in refs:
+            problems.append(f"{printable(n)!r} is in the archive but not in the"
+                            " descriptor's References")
+    if [n for n in packed if n in refs] != [r for r in refs if r in by_name]:
+        problems.append("the files are not in the order of the descriptor's References")
+    return problems
+
+
+def _disks(f, by_name, disks) -> list[str]:
+    """Each Disk: a stream-optimized VMDK, named by the exact format URI, of the
+    capacity the descriptor states."""
+    from ..errors import printable
+    from .ovf import VMDK_STREAM_URI
+    from .vmdk_peek import peek_file
+    problems = []
+    for d in disks:
+        label = printable(d.file or d.disk_id)
+        m = by_name.get(d.file) if d.file else None
+        facts = peek_file(f, m.offset_data, d.file) if m is not None else None
+        if facts is not None and d.format != VMDK_STREAM_URI:
+            problems.append(f"disk {label}: ovf:format is {printable(d.format)!r}, not"
+                            f" exactly '{VMDK_STREAM_URI}'")
+        if m is not None and (facts is None or facts.create_type != STREAM):
+            kind = "not a VMDK" if facts is None else f"createType={facts.create_type}"
+            problems.append(f"disk {label} is not a stream-optimized VMDK ({kind})")
+        if facts is not None and facts.capacity is not None and d.capacity is not None \
+                and facts.capacity != d.capacity:
+            problems.append(f"disk {label}: ovf:capacity says {d.capacity} bytes, the VMDK"
+                            f" holds {facts.capacity}")
+    return problems
+
+
+def _read_member(f, m, limit: int) -> bytes:
+    if m.size > limit:
+        raise ValueError(f"{m.name} is {m.size} bytes, more than {limit}")
+    f.seek(m.offset_data)
+    return f.read(m.size)
+
+
+def _digest(f, m, alg: str) -> str:
+    import hashlib
+    h = hashlib.new(alg)
+    f.seek(m.offset_data)
+    left = m.size
+    while left:
+        block = f.read(min(1 << 20, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
