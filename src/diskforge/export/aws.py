@@ -67,10 +67,10 @@ def check(path: str, policy=None) -> list[str]:
     if fmt not in ACCEPTED:
         return [f"is {fmt}: AWS VM Import takes OVA, stream-optimized VMDK, VHD, VHDX"
                 " or raw images"]
-    problems = []
     info, unreadable = read_info(path, fmt, policy)
     if info is None:
-        return problems + [unreadable]
+        return [unreadable]
+    problems = []
     if info.backing_filename or info.details.get("disk-type") == "differencing" \
             or info.details.get("subformat") == "differencing":
         problems.append("is a differencing disk: AWS needs a standalone disk")

@@ -64,11 +64,11 @@ def check(path: str, policy=None) -> list[str]:
     if fmt != "vpc":
         hint = " (Hyper-V's VHDX: convert it to a fixed VHD)" if fmt == "vhdx" else ""
         return [f"is {fmt}, not a VHD{hint}: Azure takes fixed VHDs only"]
-    problems = []
     file_size = os.stat(path).st_size
     info, unreadable = read_info(path, "vpc", policy)
     if info is None:
-        return problems + [unreadable]
+        return [unreadable]
+    problems = []
     d = info.details
     kind = d.get("disk-type")
     if kind != "fixed":

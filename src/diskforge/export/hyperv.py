@@ -48,10 +48,10 @@ def check(path: str, policy=None) -> list[str]:
                 " generation 1 VMs only)"]
     if fmt != "vhdx":
         return [f"is {fmt}, not a VHDX: Hyper-V attaches VHDX (or VHD) files only"]
-    problems = []
     info, unreadable = read_info(path, "vhdx", policy)
     if info is None:
-        return problems + [unreadable]
+        return [unreadable]
+    problems = []
     d = info.details
     if d.get("subformat") == "differencing" or info.backing_filename:
         problems.append("is a differencing disk: import needs a standalone disk (merge"
