@@ -1,4 +1,4 @@
-"""Hostile qcow2, VHD and VHDX images (issue 12, item 4): decompression bombs, tables
+"""Hostile qcow2, VHD, VHDX and VDI images (issue 12, item 4): decompression bombs, tables
 sized by headers that a sparse file satisfies, a pending VHDX log that extends the file,
 and huge-but-empty disks (as large as each format allows) through map, check, convert,
 compare and serve.
@@ -169,6 +169,24 @@ def test_vhd_bat_larger_than_the_budget(workdir):
         ok_or_one_line(code, err, rss)
         assert code == 1 and "VhdDynamicDiskHeader.max_table_entries" in err, err
         assert "256 MiB" in err
+
+
+def test_vdi_block_map_larger_than_the_budget(workdir):
+    """A VDI whose header claims 2^28 blocks (a 1 GiB map) in a sparse file that holds
+    it: refused before the map is read."""
+    need("qemu-img")
+    img = os.path.join(workdir, "map.vdi")
+    run("qemu-img", "create", "-q", "-f", "vdi", img, "1G")
+    with open(img, "r+b") as f:
+        f.seek(72 + 272)
+        f.write(struct.pack("<I", 0xFFFFFE00))          # offData
+        f.seek(72 + 312)
+        f.write(struct.pack("<I", 1 << 28))             # cBlocks
+        f.truncate(5 << 30)
+    for cmd in ("info", "map", "check"):
+        code, _, err, rss = measured(cmd, img)
+        ok_or_one_line(code, err, rss)
+        assert code == 1 and ".cBlocks" in err and "256 MiB" in err, err
 
 
 def test_qcow2_check_counters_of_a_huge_sparse_file(workdir):
@@ -349,11 +367,13 @@ def test_vhdx_pending_log_that_extends_the_file_to_64_tib(workdir):
 
 def _huge_images(workdir):
     """(format, path) of the largest empty image each format allows, made by qemu-img:
-    qcow2 2 EiB (2 MiB clusters, the 32 MiB L1 limit), VHD 2040 GiB, VHDX 64 TiB."""
+    qcow2 2 EiB (2 MiB clusters, the 32 MiB L1 limit), VHD 2040 GiB, VHDX 64 TiB; VDI
+    4 TiB (qemu writes its whole block map, 16 MiB here)."""
     made = []
     for name, args in (("qcow2", ["-f", "qcow2", "-o", "cluster_size=2M", "2048P"]),
                        ("vpc", ["-f", "vpc", "2040G"]),
-                       ("vhdx", ["-f", "vhdx", "64T"])):
+                       ("vhdx", ["-f", "vhdx", "64T"]),
+                       ("vdi", ["-f", "vdi", "4T"])):
         path = os.path.join(workdir, f"huge-{name}.img")
         run("qemu-img", "create", "-q", *args[:-1], path, args[-1])
         made.append((name, path))
@@ -366,7 +386,7 @@ def huge(tmp_path_factory):
     return dict(_huge_images(str(tmp_path_factory.mktemp("huge"))))
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "vpc", "vhdx"])
+@pytest.mark.parametrize("fmt", ["qcow2", "vpc", "vhdx", "vdi"])
 @pytest.mark.parametrize("cmd", ["map", "check", "convert", "compare"])
 def test_huge_empty_images(huge, fmt, cmd, tmp_path):
     img = huge[fmt]

@@ -282,7 +282,6 @@ def read_probe_window(path: str) -> tuple[bytes, bytes, int]:
 # show the container instead of the disk inside it, and a VM booted on it would write
 # into the container: so probing refuses them, and ``-f raw`` reads the bytes on purpose.
 UNREAD_SIGNATURES = (
-    (0x40, b"\x7f\x10\xda\xbe", "VDI (VirtualBox)"),
     (0, b"QED\x00", "QED"),
     (0, b"QFI\xfb\x00\x00\x00\x01", "qcow version 1"),
     (0, b"WithoutFreeSpace", "Parallels"),
