@@ -26,17 +26,22 @@ def _q_ok(path: str, raw: str) -> None:
     run("qemu-img", "compare", "-f", "raw", "-F", "vmdk", raw, path)
 
 
+@pytest.mark.parametrize("maker", ["qemu-img", "diskforge"])
 @pytest.mark.parametrize("opts", ["subformat=monolithicSparse",
                                   "subformat=twoGbMaxExtentSparse",
                                   "subformat=monolithicFlat",
                                   "subformat=twoGbMaxExtentFlat",
                                   "zeroed_grain=on"])
-def test_convert_n_into_qemu_made_vmdks(workdir, opts):
+def test_convert_n_into_vmdks(workdir, opts, maker):
+    """Into files qemu-img wrote and files diskforge's writer wrote."""
     need("qemu-img")
     src = make_sparse(os.path.join(workdir, "src.raw"), SIZE, LAYOUT)
     old = make_sparse(os.path.join(workdir, "old.raw"), SIZE, [(0, b"\xff" * SIZE)])
     path = os.path.join(workdir, "t.vmdk")
-    run("qemu-img", "convert", "-O", "vmdk", "-o", opts, old, path)
+    if maker == "qemu-img":
+        run("qemu-img", "convert", "-O", "vmdk", "-o", opts, old, path)
+    else:
+        assert cli("convert", "-O", "vmdk", "-o", opts, old, path)[0] == 0
     code, _, err = cli("convert", "-n", "-O", "vmdk", src, path)
     assert code == 0, err
     _q_ok(path, src)
@@ -80,6 +85,20 @@ def _chain(d: str) -> tuple[str, str, str, str]:
     flat = p("flat.raw")
     run("qemu-img", "convert", "-O", "raw", p("top.vmdk"), flat)
     return p("base.vmdk"), p("mid.vmdk"), p("top.vmdk"), flat
+
+
+def test_commit_into_a_chain_diskforge_made(workdir):
+    need("qemu-img")
+    p = lambda n: os.path.join(workdir, n)  # noqa: E731
+    make_sparse(p("b.raw"), SIZE, [(0, b"\x11" * (3 * MIB))])
+    make_sparse(p("t.raw"), SIZE, [(0, b"\x11" * (3 * MIB)), (MIB + 5, b"\x77" * 9000)])
+    assert cli("convert", "-O", "vmdk", p("b.raw"), p("base.vmdk"))[0] == 0
+    code, _, err = cli("convert", "-O", "vmdk", "-B", "base.vmdk", p("t.raw"),
+                       p("top.vmdk"))
+    assert code == 0, err
+    assert cli("commit", p("top.vmdk"))[0] == 0
+    _q_ok(p("base.vmdk"), p("t.raw"))
+    _q_ok(p("top.vmdk"), p("t.raw"))
 
 
 def test_commit_into_the_parent_then_the_top_reads_through(workdir):
