@@ -14,7 +14,7 @@ import struct
 import pytest
 from conftest import (REAL, cli, make_sparse, need, need_real, one_line_error,
                       qemu_img_json, run, sha256_file)
-from vmdk_helpers import build, descriptor, expected
+from vmdk_helpers import build, build_cowd, descriptor, expected
 
 import diskforge
 from diskforge.errors import DiskforgeError, SafetyError, UnsupportedError
@@ -199,6 +199,33 @@ def test_hand_built_layouts_read_like_qemu(workdir, grain, gtes, version, compre
         data = dev.read(0, dev.size)
     assert data == expected(capacity, grains, grain)
     _ours_equals_qemus(path, workdir)
+
+
+def test_esx_snapshot_of_a_vmfs_disk_reads_like_qemu(workdir):
+    """An ESX snapshot: a vmfs (flat) base and a vmfsSparse delta whose extent is a
+    COWD file, 1-sector grains, tables of 4096 entries."""
+    need("qemu-img")
+    p = lambda n: os.path.join(workdir, n)  # noqa: E731
+    sectors = 12288                          # 6 MiB: the delta needs 3 grain tables
+    with open(p("base-flat.vmdk"), "wb") as f:
+        f.write(bytes(range(256)) * (sectors * 2))
+    with open(p("base.vmdk"), "w") as f:
+        f.write(descriptor(sectors, "base-flat.vmdk", cid="0000cafe", create_type="vmfs",
+                           extent_type="VMFS"))
+    grains = {0: b"\x01" * 512, 4095: b"\x02" * 512, 4096: b"\x03" * 100,
+              sectors - 1: b"\x04" * 512}
+    build_cowd(p("snap-delta.vmdk"), sectors, grains)
+    with open(p("snap.vmdk"), "w") as f:
+        f.write(descriptor(sectors, "snap-delta.vmdk", create_type="vmfsSparse",
+                           extent_type="VMFSSPARSE", parent="base.vmdk",
+                           parent_cid="0000cafe"))
+    _ours_equals_qemus(p("snap.vmdk"), workdir)
+    with diskforge.open(p("snap.vmdk")) as dev:
+        assert dev.info().format_specific["extents"][0]["format"] == "VMFSSPARSE"
+        runs = [(e.offset, e.length, e.kind.value) for e in dev.extents()]
+    assert runs[:2] == [(0, 512, "data"), (512, 4094 * 512, "backing")]
+    with pytest.raises(UnsupportedError, match="not supported yet: writing VMFSSPARSE"):
+        diskforge.open(p("snap.vmdk"), writable=True)
 
 
 def test_stream_footer_is_found_as_qemu_finds_it(workdir):

@@ -104,3 +104,27 @@ def expected(capacity: int, grains: dict[int, bytes], grain: int = 128) -> bytes
         n = min(len(data), len(disk) - off)
         disk[off:off + n] = data[:n]
     return bytes(disk)
+
+
+def build_cowd(path: str, capacity: int, grains: dict[int, bytes],
+               grain: int = 1) -> None:
+    """An ESX ``COWD`` extent (vmfsSparse delta) as qemu's VMDK3Header lays it out: a
+    2048-byte header, the grain directory at sector 4, grain tables of 4096 entries,
+    then the grains."""
+    gtes = 4096
+    ngt = -(-capacity // (grain * gtes))
+    gd_sectors = -(-ngt * 4 // SECTOR)
+    tables = 4 + gd_sectors
+    at = tables + ngt * gtes * 4 // SECTOR
+    out = bytearray(at * SECTOR)
+    struct.pack_into("<4sIIIIIII", out, 0, b"COWD", 1, 3, capacity, grain, 4, ngt, 0)
+    for i in range(ngt):
+        struct.pack_into("<I", out, 4 * SECTOR + 4 * i, tables + i * gtes * 4 // SECTOR)
+    for g in sorted(grains):
+        i, j = divmod(g, gtes)
+        struct.pack_into("<I", out, (tables * SECTOR) + i * gtes * 4 + 4 * j,
+                         len(out) // SECTOR)
+        out += grains[g].ljust(grain * SECTOR, b"\0")
+    struct.pack_into("<I", out, 28, len(out) // SECTOR)        # freeSector
+    with open(path, "wb") as f:
+        f.write(out)

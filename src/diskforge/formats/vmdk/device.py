@@ -45,7 +45,7 @@ from ...errors import (CorruptImage, FormatError, ImageIOError, SafetyError,
 from ...policy import OpenPolicy, beside
 from ...registry import open_image
 from . import descriptor as dsc
-from .extents import DATA, UNALLOCATED, ZERO, FlatExtent, VmdkExtent, ZeroExtent
+from .extents import DATA, ZERO, FlatExtent, VmdkExtent, ZeroExtent
 from .sesparse import SeSparseExtent
 from .sparse import MAX_CAPACITY, SparseExtent, open_cowd, open_hosted
 from .structs import (COWD_MAGIC, SECTOR, SESPARSE_MAGIC, SPARSE_HEADER_SIZE, SPARSE_MAGIC,
@@ -201,7 +201,7 @@ class VmdkDevice(FileDevice):
         return backend
 
     def _check_writable(self) -> None:
-        for ext, line in zip(self.extents_, self.lines):
+        for ext in self.extents_:
             if ext.access != "RW":
                 raise UnsupportedError(f"not supported yet: writing a VMDK with an"
                                        f" {ext.access} extent", self.path)
@@ -264,7 +264,8 @@ class VmdkDevice(FileDevice):
 
     # -- reading -------------------------------------------------------------------------
     def _pieces(self, offset: int, length: int):
-        """``(extent, offset in it, bytes, offset in the request)``."""
+        """``(index, extent, offset in it, bytes, offset in the request)`` of each
+        extent a range touches."""
         end = offset + length
         k = bisect.bisect_right(self.starts, offset) - 1
         pos = offset

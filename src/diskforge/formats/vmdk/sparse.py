@@ -38,7 +38,7 @@ from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, COWD_GTES_PER_GT,
                       GD_AT_END, GRAIN_MARKER_SIZE, GTE_ZEROED, MARKER_EOS, MARKER_FOOTER,
                       MAX_GRAIN_SECTORS, NEWLINE_TEST, SECTOR, SPARSE_HEADER_SIZE,
                       SPARSE_MAGIC, COWDiskHeader, GrainMarker, MetadataMarker,
-                      SparseExtentHeader, sectors)
+                      SparseExtentHeader)
 
 MAX_GTES_PER_GT = 512           # qemu refuses more ("L2 table size too big")
 GT_CACHE = 4096                 # grain tables kept per extent (8 MiB at 512 entries)
@@ -473,5 +473,3 @@ def open_cowd(backend: FileBackend, access: str = "RW",
     ext.writable = False
     return ext
 
-
-__all__ = ["SparseExtent", "open_hosted", "open_cowd", "sectors"]
