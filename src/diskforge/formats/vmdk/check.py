@@ -79,9 +79,10 @@ def check_extent(ext: SparseExtent, disk_start: int) -> ExtentStats:
         tables.append(at)
         if not holes.empty(at, ext.gt_bytes):
             _entries(ext, i, end, disk_start, grains, st)
+    rtables = array("Q")
     if ext.rgd is not None:
-        _compare_directories(ext, holes, _Holes(ext), tables, st)
-    _overlaps(ext, tables, grains, st)
+        _compare_directories(ext, holes, _Holes(ext), rtables, st)
+    _overlaps(ext, (tables, rtables), grains, st)
     return st
 
 
@@ -137,7 +138,8 @@ def _compare_directories(ext: SparseExtent, holes: _Holes, rholes: _Holes,
                                     f"redundant directory entry {i}"))
 
 
-def _overlaps(ext: SparseExtent, tables: array, grains: array, st: ExtentStats) -> None:
+def _overlaps(ext: SparseExtent, tables: tuple[array, array], grains: array,
+              st: ExtentStats) -> None:
     """Grains and grain tables that overlap each other or the other structures."""
     gd_bytes = -(-ext.ngt * 4 // SECTOR) * SECTOR
     header = 2048 if ext.structure == "COWDiskHeader" else SECTOR
@@ -146,9 +148,12 @@ def _overlaps(ext: SparseExtent, tables: array, grains: array, st: ExtentStats) 
     if ext.rgd is not None:
         meta.append((ext.rgd_at, ext.rgd_at + gd_bytes, "the redundant grain directory"))
     gt, grain = ext.gt_bytes, ext.grain
+    # each directory's tables and the grains are in file order already in the files
+    # VMware and qemu write (sorted only when not), then merged
     regions = heapq.merge(
         sorted(meta),
-        ((t, t + gt, "a grain table") for t in _sorted(tables, ext.path, "GrainDirectory")),
+        *(((t, t + gt, "a grain table") for t in _sorted(ts, ext.path, "GrainDirectory"))
+          for ts in tables),
         ((g, g + grain, "a grain") for g in _sorted(grains, ext.path, "GrainTable")))
     last_end, last_what = 0, None
     for start, stop, what in regions:
