@@ -144,6 +144,9 @@ def test_grain_marker_lba_must_match_the_table(workdir):
                                  os.path.join(workdir, "out.raw"))
     ok_or_one_line(code, err, rss, "GrainMarker.lba")
     assert code == 1
+    code, out, err, rss = measured("check", path)
+    ok_or_one_line(code, err, rss, report=True)
+    assert code == 2 and "says lba 128" in out
 
 
 def test_grain_marker_size_beyond_the_grain(workdir):
