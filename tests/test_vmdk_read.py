@@ -14,7 +14,7 @@ import struct
 import pytest
 from conftest import (REAL, cli, make_sparse, need, need_real, one_line_error,
                       qemu_img_json, run, sha256_file)
-from vmdk_helpers import build, build_cowd, descriptor, expected
+from vmdk_helpers import build, build_cowd, descriptor, expected, header
 
 import diskforge
 from diskforge.errors import DiskforgeError, SafetyError, UnsupportedError
@@ -226,6 +226,21 @@ def test_esx_snapshot_of_a_vmfs_disk_reads_like_qemu(workdir):
     assert runs[:2] == [(0, 512, "data"), (512, 4094 * 512, "backing")]
     with pytest.raises(UnsupportedError, match="not supported yet: writing VMFSSPARSE"):
         diskforge.open(p("snap.vmdk"), writable=True)
+
+
+def test_a_sparse_header_holding_only_a_descriptor_reads_like_qemu(workdir):
+    """capacity 0 and a descriptor offset: the file is a descriptor holder, whose
+    descriptor names the extents (qemu's vmdk_open_vmdk4)."""
+    need("qemu-img")
+    p = lambda n: os.path.join(workdir, n)  # noqa: E731
+    with open(p("data-flat.vmdk"), "wb") as f:
+        f.write(os.urandom(64 * 512))
+    text = descriptor(64, "data-flat.vmdk", create_type="monolithicFlat",
+                      extent_type="FLAT").replace('vmdk"\n', 'vmdk" 0\n').encode()
+    with open(p("holder.vmdk"), "wb") as f:
+        f.write(header(capacity=0, desc_offset=1, desc_size=20))
+        f.write(text.ljust(20 * 512, b"\0"))
+    _ours_equals_qemus(p("holder.vmdk"), workdir)
 
 
 def test_stream_footer_is_found_as_qemu_finds_it(workdir):
