@@ -251,9 +251,15 @@ class VmdkDevice(FileDevice):
                                                                         "monolithicSparse")
 
     def qemu_readable(self) -> bool:
-        """Whether QEMU's vmdk driver reads this file as diskforge does."""
+        """Whether QEMU's vmdk driver reads this file as diskforge does (and opens it
+        for writing too: it refuses to for seSparse and uncompressed version-3
+        extents, which a VM's disk needs)."""
         if self.window or self.cid_mismatch:
             return False
+        for ext in self.extents_:
+            if isinstance(ext, SeSparseExtent) or (
+                    getattr(ext, "version", 0) == 3 and not ext.compressed):
+                return False
         if not self.monolithic:
             if self.create_type not in QEMU_DESCRIPTOR_TYPES:
                 return False
