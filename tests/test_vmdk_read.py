@@ -348,6 +348,7 @@ def test_real_sesparse_reads_as_qemu_reads_it_through_a_written_descriptor(workd
     with diskforge.open(path) as dev:
         assert any(e.kind.value == "data" for e in dev.extents())
         assert dev.info().format_specific["create-type"] == "seSparse"
+        assert diskforge.registry.get("vmdk").qemu_driver(dev) is None  # QEMU: read-only
     with pytest.raises(UnsupportedError, match="not supported yet"):
         diskforge.open(path, writable=True)
 
