@@ -1,0 +1,141 @@
+"""An OVF package as files by name: an OVA (a tar, read in place) or a descriptor
+with its files beside it (a folder as ovftool and VirtualBox export it).
+
+Both answer the same questions (the descriptor, the manifest and certificate names,
+a reader for any file of the package), so the device and the manifest check do not
+care which one they hold. In a tar a file is a member found by exact name (nothing
+is opened on disk by a member's name); beside an ``.ovf`` it is a file resolved
+through the open policy, like a backing file (confined to the descriptor's
+directory unless the user allowed more).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ...blockdev import FileBackend, WindowBackend
+from ...errors import FormatError, UnsupportedError
+from ...limits import check_alloc
+from . import ovf, tar
+
+
+class Package:
+    """What the OVA and OVF-folder forms share."""
+
+    kind = ""
+    path: str
+    backend: FileBackend            # the .ova or the .ovf, held open (and locked)
+    descriptor: str                 # the descriptor's name in the package
+    manifest: str | None
+    certificate: str | None
+    envelope: ovf.Envelope
+
+    def reader(self, name: str):
+        """A backend reading the package's file ``name``, to close after use."""
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        """Every file of the package, descriptor first."""
+        raise NotImplementedError
+
+    def read_small(self, name: str, limit: int, what: str) -> bytes:
+        """The whole of a small file (descriptor, manifest), checked against ``limit``
+        before anything is read."""
+        with self.reader(name) as r:
+            check_alloc(r.size, self.path, what, "size", budget=limit)
+            return r.read_exact(0, r.size, what)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class TarPackage(Package):
+    """An ``.ova``: the descriptor must be the archive's first member (DSP0243)."""
+
+    kind = "ova"
+
+    def __init__(self, path: str, backend: FileBackend) -> None:
+        self.path, self.backend = path, backend
+        self.members = {m.name: m for m in tar.index(backend, path)}
+        first = next(iter(self.members.values()), None)
+        if first is None or not first.is_file or not first.name.lower().endswith(".ovf"):
+            shown = "no member" if first is None else f"'{first.name}'"
+            raise FormatError(f"the first member is {shown}, not an OVF descriptor (.ovf)"
+                              " as an OVA starts", path, structure="tar",
+                              field="first member")
+        self.descriptor = first.name
+        base = first.name[:-4]
+        self.manifest = self._companion(base, ".mf")
+        self.certificate = self._companion(base, ".cert")
+        self.envelope = ovf.parse(self.read_small(first.name, ovf.MAX_OVF,
+                                                  "OVF descriptor"),
+                                  f"{path}:{first.name}")
+
+    def _companion(self, base: str, ext: str) -> str | None:
+        """``base.mf`` (the name DSP0243 gives it), else the one member ending so."""
+        if base + ext in self.members:
+            return base + ext
+        found = [n for n, m in self.members.items() if m.is_file and
+                 n.lower().endswith(ext)]
+        return found[0] if len(found) == 1 else None
+
+    def names(self) -> list[str]:
+        return [n for n, m in self.members.items() if m.is_file]
+
+    def member(self, name: str, why: str) -> tar.Member:
+        ovf.check_href(name, self.path, in_tar=True)
+        m = self.members.get(name)
+        if m is None:
+            raise FormatError(f"{why} '{name}' is not in the archive", self.path,
+                              structure="References", field="File.href")
+        if not m.is_file:
+            raise FormatError(f"{why} '{name}' is a {m.kind}, not a file", self.path,
+                              structure="References", field="File.href")
+        return m
+
+    def reader(self, name: str) -> WindowBackend:
+        m = self.member(name, "file")
+        return WindowBackend(self.backend, m.offset, m.size, f"{self.path}:{name}")
+
+
+class FolderPackage(Package):
+    """An ``.ovf`` with its files beside it."""
+
+    kind = "ovf"
+
+    def __init__(self, path: str, backend: FileBackend, policy) -> None:
+        self.path, self.backend, self.policy = path, backend, policy
+        self.descriptor = os.path.basename(path)
+        check_alloc(backend.size, path, "OVF descriptor", "size", budget=ovf.MAX_OVF)
+        self.envelope = ovf.parse(backend.read_exact(0, backend.size, "OVF descriptor"),
+                                  path)
+        base = os.path.splitext(path)[0]
+        self.manifest = os.path.basename(base + ".mf") \
+            if os.path.isfile(base + ".mf") else None
+        self.certificate = os.path.basename(base + ".cert") \
+            if os.path.isfile(base + ".cert") else None
+
+    def names(self) -> list[str]:
+        listed = [f.href for f in self.envelope.files]
+        extra = [n for n in (self.manifest, self.certificate) if n]
+        return [self.descriptor] + extra + listed
+
+    def resolve(self, name: str) -> str:
+        """Where the file ``name`` is, allowed by the open policy."""
+        if name == self.descriptor:
+            return self.path
+        ovf.check_href(name, self.path, in_tar=False)
+        return self.policy.resolve(self.path, name, "OVF file")
+
+    def reader(self, name: str) -> FileBackend:
+        return FileBackend(self.resolve(name), lock=True)
+
+
+def open_package(path: str, backend: FileBackend, policy) -> Package:
+    """The package in the open file ``path``: a tar (an OVA) or an OVF descriptor."""
+    head = backend.pread(0, 64 << 10)
+    if tar.first_member_name(head) is not None:
+        return TarPackage(path, backend)
+    if b"<" in head[:512]:
+        return FolderPackage(path, backend, policy)
+    raise UnsupportedError("neither a tar (OVA) nor an OVF descriptor", path)
