@@ -133,8 +133,8 @@ class FolderPackage(Package):
 
 def open_package(path: str, backend: FileBackend, policy) -> Package:
     """The package in the open file ``path``: a tar (an OVA) or an OVF descriptor."""
-    head = backend.pread(0, 64 << 10)
-    if tar.first_member_name(head) is not None:
+    head = backend.pread(0, tar.BLOCK)
+    if tar.starts_a_tar(head):
         return TarPackage(path, backend)
     if b"<" in head[:512]:
         return FolderPackage(path, backend, policy)

@@ -234,6 +234,18 @@ def index(backend, path: str) -> list[Member]:
     return members
 
 
+def starts_a_tar(head: bytes) -> bool:
+    """True when ``head`` begins with a tar header whose checksum holds: the file is an
+    archive (and is read as one, so its damage is reported as a tar's)."""
+    block = head[:BLOCK]
+    if len(block) < BLOCK or block == ZERO_BLOCK:
+        return False
+    try:
+        return checksum_ok(block, "", 0)
+    except FormatError:
+        return False
+
+
 def first_member_name(head: bytes) -> str | None:
     """The name of the first member when ``head`` (the file's first bytes) starts a tar
     whose first header checks out: for probing. Long names and pax headers are
