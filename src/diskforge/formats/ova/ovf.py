@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from ...errors import FormatError, LimitError, UnsupportedError
 
 MAX_OVF = 8 << 20          # real descriptors are 5-100 KiB
-MAX_ELEMENTS = 200_000
+MAX_ELEMENTS = 100_000
 MAX_DEPTH = 64
 
 # CIM_ResourceAllocationSettingData.ResourceType values used in OVF hardware sections
