@@ -265,3 +265,11 @@ def test_manifest_naming_files_that_are_not_there(workdir, good):
     assert code == 2, out + err
     assert "leaves the package" in out and "'gone.vmdk' is not in the archive" in out
     assert f"'{DISK}' is not in the manifest" in out
+
+
+def test_unknown_xml_encoding(workdir, good):
+    """Found by the fuzzer: expat raises LookupError for an unknown encoding name."""
+    _, disk = good
+    text = _ovf().replace('<?xml version="1.0"?>', '<?xml version="1.0" encoding="UVF-8"?>')
+    ova = build_ova(os.path.join(workdir, "enc.ova"), text, "x.ovf", {DISK: disk})
+    _fails("info", ova, fields=("OVF descriptor.encoding",))

@@ -146,6 +146,9 @@ def parse_xml(data: bytes, path: str) -> Node:
         raise FormatError(f"not well-formed XML: {xml.parsers.expat.ErrorString(e.code)}"
                           f" at line {e.lineno}, column {e.offset}", path,
                           structure="OVF descriptor") from None
+    except (LookupError, ValueError) as e:     # an unknown encoding= in the declaration
+        raise FormatError(f"not readable XML: {e}", path, structure="OVF descriptor",
+                          field="encoding") from None
     if not root or root[0].tag != "Envelope":
         raise FormatError("the root element is not an OVF Envelope", path,
                           structure="OVF descriptor", field="Envelope")
