@@ -121,7 +121,8 @@ def test_tar_index_matches_gnu_tar(workdir, fmt):
         with open(os.path.join(src, n), "wb") as f:
             f.write(data)
     out = os.path.join(workdir, "t.tar")
-    run("tar", "-c", "-f", out, f"--format={fmt}", "-C", src, *names)
+    run("tar", "-c", "-f", out, f"--format={fmt}", "-C", src,
+        *(names if fmt != "ustar" else ["./" + n for n in names]))
     from diskforge.blockdev import FileBackend
     with FileBackend(out) as b:
         members = {m.name: m for m in tar.index(b, out)}
@@ -195,6 +196,10 @@ def test_disk_by_number_by_name_and_by_id(workdir):
     assert code == 0 and json.loads(out)[0]["start"] == 0
     code, out, _ = cli("compare", "--disk", "2", "--disk2", "2", ova, ova)
     assert code == 0
+    code, out, err = cli("compare", "--disk", "2", ova, d2)     # --disk is image1's only
+    assert code == 0, err
+    code, out, _ = cli("compare", ova, d2)
+    assert code == 1
     code, _, err = cli("info", "--disk", "3", ova)
     one_line_error(code, err)
     assert "has 2 disks" in err

@@ -48,10 +48,15 @@ def add_disk_arg(p: argparse.ArgumentParser, flag: str = "--disk",
                    " (default: the first; or name one as FILE.ova:NAME)")
 
 
+_ARGS = object()
+
+
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
-                snapshot: str | None = None, disk: int | None = None):
+                snapshot: str | None = None, disk: "int | None | object" = _ARGS):
+    """Open a source image as the command line asks (policy, ``-U``, ``--disk``: by
+    default ``args.disk`` when the command has one)."""
     from ..registry import open_image
-    if disk is None:
+    if disk is _ARGS:
         disk = getattr(args, "disk", None)
     return open_image(path, fmt, writable=writable, policy=policy_from(args),
                       snapshot=snapshot, member=disk)

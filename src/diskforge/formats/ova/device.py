@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ...blockdev import FilterDevice, ImageInfo
 from ...checks import Repair
-from ...errors import FormatError, UnsupportedError, UsageError
+from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import open_image, probe, probe_backend
 from . import manifest as mf
 from .ovf import Disk
@@ -164,7 +164,7 @@ class OvaDevice(FilterDevice):
                     if r.size != f.size:
                         problems.append(f"'{f.href}': References says ovf:size={f.size},"
                                         f" the file holds {r.size} bytes")
-            except (FormatError, UnsupportedError) as e:
+            except DiskforgeError as e:
                 problems.append(f"'{f.href}': {e.message}")
         if pkg.manifest is None:
             if not problems:
@@ -187,7 +187,7 @@ class OvaDevice(FilterDevice):
         for name, group in by_file.items():
             try:
                 reader = pkg.reader(name)
-            except (FormatError, UnsupportedError) as e:
+            except DiskforgeError as e:
                 problems.append(f"manifest line {group[0].line}: '{name}': {e.message}")
                 continue
             with reader:

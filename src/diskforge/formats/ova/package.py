@@ -34,10 +34,6 @@ class Package:
         """A backend reading the package's file ``name``, to close after use."""
         raise NotImplementedError
 
-    def names(self) -> list[str]:
-        """Every file of the package, descriptor first."""
-        raise NotImplementedError
-
     def read_small(self, name: str, limit: int, what: str) -> bytes:
         """The whole of a small file (descriptor, manifest), checked against ``limit``
         before anything is read."""
@@ -79,9 +75,6 @@ class TarPackage(Package):
                  n.lower().endswith(ext)]
         return found[0] if len(found) == 1 else None
 
-    def names(self) -> list[str]:
-        return [n for n, m in self.members.items() if m.is_file]
-
     def member(self, name: str, why: str) -> tar.Member:
         ovf.check_href(name, self.path, in_tar=True)
         m = self.members.get(name)
@@ -114,11 +107,6 @@ class FolderPackage(Package):
             if os.path.isfile(base + ".mf") else None
         self.certificate = os.path.basename(base + ".cert") \
             if os.path.isfile(base + ".cert") else None
-
-    def names(self) -> list[str]:
-        listed = [f.href for f in self.envelope.files]
-        extra = [n for n in (self.manifest, self.certificate) if n]
-        return [self.descriptor] + extra + listed
 
     def resolve(self, name: str) -> str:
         """Where the file ``name`` is, allowed by the open policy."""

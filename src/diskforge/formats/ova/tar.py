@@ -79,6 +79,13 @@ class Member:
         return self.kind == "file"
 
 
+def _strip_dot(name: str) -> str:
+    """``./vm.ovf`` is ``vm.ovf`` (``tar -C dir .`` spells every name so)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
 def _text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -194,7 +201,7 @@ def index(backend, path: str) -> list[Member]:
             name = _text(h.prefix) + "/" + _text(h.name)
         else:
             name = _text(h.name)
-        name = pax.get("path", long_name if long_name is not None else name)
+        name = _strip_dot(pax.get("path", long_name if long_name is not None else name))
         if flag == b"S" or any(k.startswith("GNU.sparse.") for k in pax):
             raise UnsupportedError(f"not supported yet: GNU sparse tar members ('{name}'"
                                    f" at offset {pos})", path)
@@ -279,5 +286,5 @@ def first_member_name(head: bytes) -> str | None:
             name = _text(h.name)
             if h.magic == USTAR_MAGIC and h.prefix[:1] != b"\0":
                 name = _text(h.prefix) + "/" + name
-        return name
+        return _strip_dot(name)
     return None
