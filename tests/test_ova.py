@@ -319,3 +319,34 @@ def test_real_virtualbox_package(workdir):
     assert code == 0, err
     assert os.path.getsize(out) == 8 << 30
     run("qemu-img", "compare", "-F", "vmdk", out, os.path.join(stage, UBUNTU_DISK))
+
+
+def test_map_offsets_are_the_archives(workdir):
+    """``map`` names the .ova, so "Mapped to" is where the bytes are in the .ova."""
+    ova, disk = ubuntu_ova(workdir, "raw")
+    code, out, err = cli("map", "--output", "json", ova)
+    assert code == 0, err
+    data = [e for e in json.loads(out) if e["data"]]
+    assert data and all("offset" in e for e in data)
+    src = open(disk + ".src", "rb").read()
+    with open(ova, "rb") as f:
+        for e in data:
+            f.seek(e["offset"])
+            assert f.read(e["length"]) == src[e["start"]:e["start"] + e["length"]]
+
+
+def test_a_path_with_a_colon_that_exists_is_itself(workdir):
+    ova, _ = ubuntu_ova(workdir, "qcow2")
+    odd = ova + ":" + UBUNTU_DISK
+    shutil.copy(ova, odd)
+    code, out, err = cli("info", "--output", "json", odd)
+    assert code == 0, err
+    assert json.loads(out)["filename"] == odd
+
+
+def test_untrusted_mode_reads_packages(workdir):
+    ova, disk = ubuntu_ova(workdir, "qcow2")
+    out = os.path.join(workdir, "u.raw")
+    code, _, err = cli("--untrusted", "convert", "-O", "raw", ova, out)
+    assert code == 0, err
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", out, disk + ".src")

@@ -19,7 +19,7 @@ would be looked for beside the package, not in it; not supported yet), compresse
 
 from __future__ import annotations
 
-from ...blockdev import FilterDevice, ImageInfo
+from ...blockdev import Extent, FilterDevice, ImageInfo, WindowBackend
 from ...checks import Repair
 from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import open_image, probe, probe_backend
@@ -122,6 +122,18 @@ class OvaDevice(FilterDevice):
         self.format = "ova"
         self.path = package.path
         self.verify_notes: list[str] = []
+        backend = getattr(inner, "backend", None)
+        self.host_shift = backend.offset if isinstance(backend, WindowBackend) else 0
+
+    def extents(self, offset: int = 0, length: int | None = None):
+        """The disk's extents, with host offsets moved from the disk member to the
+        archive (``map`` names the .ova, so its offsets are the .ova's)."""
+        shift = self.host_shift
+        if not shift:
+            return self.inner.extents(offset, length)
+        return (e if e.host_offset is None else
+                Extent(e.offset, e.length, e.kind, e.allocated, e.host_offset + shift)
+                for e in self.inner.extents(offset, length))
 
     def info(self) -> ImageInfo:
         inner = self.inner.info()
