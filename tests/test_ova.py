@@ -291,7 +291,11 @@ def test_convert_refuses_writing_onto_the_package(workdir):
 @needs_vmdk
 def test_stream_vmdk_disk_converts(workdir):
     disk = make_disk(os.path.join(workdir, "d.vmdk"), "vmdk-stream")
-    ova = build_ova(os.path.join(workdir, "s.ova"), _text("vmware.ovf"), "vmware.ovf",
+    # ovftool's descriptor with qemu-img's stream VMDK in place of its own (ovf:size
+    # follows the file: verify compares them)
+    text = _text("vmware.ovf").replace('ovf:size="152576"',
+                                       f'ovf:size="{os.path.getsize(disk)}"')
+    ova = build_ova(os.path.join(workdir, "s.ova"), text, "vmware.ovf",
                     {"input.vmdk": disk})
     out = os.path.join(workdir, "out.qcow2")
     code, _, err = cli("convert", ova, out)
@@ -350,3 +354,18 @@ def test_untrusted_mode_reads_packages(workdir):
     code, _, err = cli("--untrusted", "convert", "-O", "raw", ova, out)
     assert code == 0, err
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", out, disk + ".src")
+
+
+def test_verify_compares_ovf_size_with_the_file(workdir):
+    """ovftool's descriptor says ovf:size="152576" for input.vmdk; a raw disk of 1 MiB
+    under that name is reported (the disk itself reads fine)."""
+    disk = make_disk(os.path.join(workdir, "d.raw"), "raw", MIB)
+    ova = build_ova(os.path.join(workdir, "s.ova"), _text("vmware.ovf"), "vmware.ovf",
+                    {"input.vmdk": disk})
+    code, out, err = cli("verify", ova)
+    assert code == 2, out + err
+    assert "'input.vmdk': References says ovf:size=152576, the file holds 1048576" in out
+    code, out, err = cli("info", "--output", "json", ova)
+    data = json.loads(out)["format-specific"]["data"]
+    assert code == 0 and data["virtual-system"]["cpus"] == 2
+    assert data["disks"][0]["capacity"] == 1 << 30 and data["disk"]["format"] == "raw"
