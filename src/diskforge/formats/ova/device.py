@@ -19,13 +19,13 @@ would be looked for beside the package, not in it; not supported yet), compresse
 
 from __future__ import annotations
 
-from ...blockdev import Extent, FilterDevice, ImageInfo, WindowBackend
+from ...blockdev import Extent, FileBackend, FilterDevice, ImageInfo, WindowBackend
 from ...checks import Repair
 from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import open_image, probe, probe_backend
 from . import manifest as mf
 from .ovf import Disk
-from .package import FolderPackage, Package, TarPackage
+from .package import FolderPackage, Package, TarPackage, open_package
 
 CHUNK = 1 << 20             # bytes hashed per read when verifying
 
@@ -244,8 +244,6 @@ class OvaDevice(FilterDevice):
 
 def open_ova(path: str, *, policy, member: "str | int | None" = None) -> OvaDevice:
     """The package at ``path`` opened as the disk ``member`` picks (module docstring)."""
-    from ...blockdev import FileBackend
-    from .package import open_package
     backend = FileBackend(path, lock=True)
     try:
         pkg = open_package(path, backend, policy)
