@@ -403,7 +403,7 @@ def _system(env: Node, vs: Node, path: str) -> VirtualSystem:
                                     "model": sub or None, "name": label})
         elif rtype == DISK_DRIVE:
             host = i.get("HostResource") or ""
-            m = re.fullmatch(r"(?:ovf:)?/disk/(.+)", host.strip())
+            m = re.fullmatch(r"(?:ovf:)?/+disk/(.+)", host.strip())
             parent = by_id.get(i.get("Parent"), {})
             out.disks.append({"disk-id": m.group(1) if m else None,
                               "controller": parent.get("ElementName") or

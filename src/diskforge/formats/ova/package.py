@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 
 from ...blockdev import FileBackend, WindowBackend
-from ...errors import FormatError, UnsupportedError
+from ...devices import is_block_device
+from ...errors import FormatError, SafetyError, UnsupportedError
 from ...limits import check_alloc
 from . import ovf, tar
 
@@ -109,11 +110,17 @@ class FolderPackage(Package):
             if os.path.isfile(base + ".cert") else None
 
     def resolve(self, name: str) -> str:
-        """Where the file ``name`` is, allowed by the open policy."""
+        """Where the file ``name`` is, allowed by the open policy; a regular file, as
+        every file an image names must be (DESIGN.md): never a device."""
         if name == self.descriptor:
             return self.path
         ovf.check_href(name, self.path, in_tar=False)
-        return self.policy.resolve(self.path, name, "OVF file")
+        path = self.policy.resolve(self.path, name, "OVF file")
+        if is_block_device(path):
+            raise SafetyError(f"OVF file '{name}' is a block device; files a descriptor"
+                              " names are opened only when they are regular files",
+                              self.path)
+        return path
 
     def reader(self, name: str) -> FileBackend:
         return FileBackend(self.resolve(name), lock=True)
