@@ -69,6 +69,19 @@ def test_vmware_ovftool_descriptor():
     assert len(vs.nics) == 4 and vs.disks[0]["disk-id"] == "vmdisk1"
 
 
+def test_vmware_ovf_0_9_sections():
+    """Before DSP0243 1.0, VMware wrote ``Section xsi:type="ovf:DiskSection_Type"``."""
+    env = ovf.parse(open(fixture("v0.9.ovf"), "rb").read(), "v0.9.ovf")
+    assert env.version == "0.9"
+    d = env.disks[0]
+    assert (d.disk_id, d.file.href, d.capacity, d.format_name) == \
+        ("vmdisk1", "input.vmdk", 1 << 30, "vmdk (monolithicSparse)")
+    vs = env.system                      # ovf:Content xsi:type="ovf:VirtualSystem_Type"
+    assert (vs.id, vs.os_id, vs.os_type, vs.cpus, vs.memory) == \
+        ("v0.9", 107, "other26xLinux64Guest", 1, 8192 * MIB)
+    assert [n["network"] for n in vs.nics] == ["bridged"]
+
+
 def test_deployment_options_pick_the_default_configuration():
     """input.ovf has three configurations; the default is 4 CPUs, 4 GiB, 3 NICs."""
     env = ovf.parse(open(fixture("input.ovf"), "rb").read(), "input.ovf")

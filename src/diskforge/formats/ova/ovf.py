@@ -2,7 +2,8 @@
 
 Parsed from DMTF DSP0243 (Open Virtualization Format Specification) versions 1.x
 (namespace ``http://schemas.dmtf.org/ovf/envelope/1``) and 2.x (``.../envelope/2``),
-and VMware's pre-standard 0.9 (``Section xsi:type="ovf:DiskSection_Type"``), in the
+and VMware's pre-standard 0.9 (``Section xsi:type="ovf:DiskSection_Type"``,
+``Content xsi:type="ovf:VirtualSystem_Type"``), in the
 spellings VMware ovftool, VirtualBox and others write. Elements are matched by local
 name (writers disagree on prefixes: ``ovf:Disk`` or a default namespace; ``rasd:``,
 ``sasd:`` and ``epasd:`` items carry the same fields).
@@ -63,10 +64,11 @@ FORMAT_URIS = {
 
 class Node:
     """One element: local name, attributes by local name, children, text."""
-    __slots__ = ("tag", "attrs", "children", "text")
+    __slots__ = ("tag", "ns", "attrs", "children", "text")
 
-    def __init__(self, tag: str, attrs: dict[str, str]) -> None:
+    def __init__(self, tag: str, attrs: dict[str, str], ns: str = "") -> None:
         self.tag = tag
+        self.ns = ns
         self.attrs = attrs
         self.children: list[Node] = []
         self.text = ""
@@ -96,6 +98,26 @@ def _local(name: str) -> str:
     return name.rsplit(" ", 1)[-1]
 
 
+def _is_ovf_ns(ns: str) -> bool:
+    return "schemas.dmtf.org/ovf/envelope" in ns or "vmware.com/schema/ovf/1/envelope" in ns
+
+
+def _attrs(raw: dict[str, str]) -> dict[str, str]:
+    """Attributes by local name (an OVF-namespace attribute wins over another
+    namespace's of the same local name: ``ovf:id`` over ``vbox:id``), and by their
+    qualified ``"uri name"`` too."""
+    out: dict[str, str] = {}
+    rank: dict[str, int] = {}
+    for k, v in raw.items():
+        ns, _, local = k.rpartition(" ")
+        r = 2 if _is_ovf_ns(ns) else 1 if not ns else 0
+        if r >= rank.get(local, -1):
+            out[local], rank[local] = v, r
+        if ns:
+            out[k] = v
+    return out
+
+
 def parse_xml(data: bytes, path: str) -> Node:
     """The element tree of ``data``, parsed safely (see the module docstring)."""
     if len(data) > MAX_OVF:
@@ -119,8 +141,7 @@ def parse_xml(data: bytes, path: str) -> Node:
         if count[0] > MAX_ELEMENTS or len(stack) >= MAX_DEPTH:
             raise LimitError(f"OVF descriptor: more than {MAX_ELEMENTS} elements or"
                              f" {MAX_DEPTH} levels", path)
-        node = Node(_local(name), {_local(k): v for k, v in attrs.items()})
-        node.attrs.update({k: v for k, v in attrs.items() if " " in k})  # qualified too
+        node = Node(_local(name), _attrs(attrs), name.rpartition(" ")[0])
         if stack:
             stack[-1].children.append(node)
         else:
@@ -294,11 +315,13 @@ def _sections(parent: Node, name: str) -> list[Node]:
 
 
 def _version(env: Node) -> str:
+    """``ovf:version`` when the envelope states it, else what its namespace says."""
     v = env.attrs.get("version")
     if v:
         return v
-    ns = next((k.rsplit(" ", 1)[0] for k in env.attrs if " " in k), "")
-    return "2.0" if "envelope/2" in ns else "1.x"
+    if "envelope/2" in env.ns:
+        return "2.x"
+    return "0.9" if "vmware.com/schema/ovf/1/envelope" in env.ns else "1.x"
 
 
 def parse(data: bytes, path: str) -> Envelope:
@@ -343,7 +366,8 @@ def parse(data: bytes, path: str) -> Envelope:
                               files.get(ref) if ref else None))
     networks = [n.attrs.get("name", "") for s in _sections(env, "NetworkSection")
                 for n in s.findall("Network")]
-    systems = [n for n in env.walk() if n.tag == "VirtualSystem"]
+    systems = [n for n in env.walk() if n.tag == "VirtualSystem" or (
+        n.tag == "Content" and n.attrs.get("type", "").endswith("VirtualSystem_Type"))]
     system = _system(env, systems[0], path) if systems else None
     return Envelope(_version(env), list(files.values()), disks, networks, system,
                     len(systems))
