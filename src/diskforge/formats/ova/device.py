@@ -19,13 +19,19 @@ would be looked for beside the package, not in it; not supported yet), compresse
 
 from __future__ import annotations
 
-from ...blockdev import Extent, FileBackend, FilterDevice, ImageInfo, WindowBackend
-from ...checks import Repair
+from ...blockdev import (BlockDevice, Extent, FileBackend, FilterDevice, ImageInfo,
+                         WindowBackend)
+from ...checks import CheckResult, Repair
 from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import open_image, probe, probe_backend
 from . import manifest as mf
 from .ovf import Disk
 from .package import FolderPackage, Package, TarPackage, open_package
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ...policy import OpenPolicy
+    from ...registry import Format
 
 CHUNK = 1 << 20             # bytes hashed per read when verifying
 
@@ -57,7 +63,7 @@ def choose_disk(pkg: Package, member: "str | int | None") -> tuple[Disk, int]:
     raise UsageError(f"no disk '{member}' in the package (its disks: {known})", pkg.path)
 
 
-def open_disk(pkg: Package, disk: Disk, policy):
+def open_disk(pkg: Package, disk: Disk, policy: "OpenPolicy") -> BlockDevice:
     """The disk's device, read by its own format's plugin."""
     if disk.file is None:
         raise UnsupportedError(f"disk '{disk.disk_id}' has no file: an empty disk of"
@@ -105,7 +111,7 @@ def _compact(value):
     return value
 
 
-def _refuse_nesting(plugin, name: str) -> None:
+def _refuse_nesting(plugin: "Format", name: str) -> None:
     if getattr(plugin, "members", False):
         raise UnsupportedError(f"the disk is itself an {plugin.name.upper()} package;"
                                " nested packages are refused", name)
@@ -151,7 +157,7 @@ class OvaDevice(FilterDevice):
         out.details = {"disk-info": inner.to_json()}
         return out
 
-    def check(self, repair: Repair = Repair.NONE):
+    def check(self, repair: Repair = Repair.NONE) -> "CheckResult":
         """The disk's own consistency check (the package has none of its own)."""
         if repair is not Repair.NONE:
             raise UnsupportedError("OVA packages are read-only; convert the disk out to"
@@ -242,7 +248,8 @@ class OvaDevice(FilterDevice):
             self.package.close()
 
 
-def open_ova(path: str, *, policy, member: "str | int | None" = None) -> OvaDevice:
+def open_ova(path: str, *, policy: "OpenPolicy",
+             member: "str | int | None" = None) -> OvaDevice:
     """The package at ``path`` opened as the disk ``member`` picks (module docstring)."""
     backend = FileBackend(path, lock=True)
     try:

@@ -88,5 +88,6 @@ def parse(data: bytes, path: str) -> tuple[list[Entry], list[str]]:
     return entries, problems
 
 
-def hasher(entry: Entry):
+def hasher(entry: Entry) -> "hashlib._Hash":
+    """A fresh hash object of the entry's algorithm."""
     return hashlib.new(ALGORITHMS[entry.algorithm][0])

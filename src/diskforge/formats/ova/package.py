@@ -19,6 +19,10 @@ from ...errors import FormatError, SafetyError, UnsupportedError
 from ...limits import check_alloc
 from . import ovf, tar
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ...policy import OpenPolicy
+
 
 class Package:
     """What the OVA and OVF-folder forms share."""
@@ -31,7 +35,7 @@ class Package:
     certificate: str | None
     envelope: ovf.Envelope
 
-    def reader(self, name: str):
+    def reader(self, name: str) -> "FileBackend | WindowBackend":
         """A backend reading the package's file ``name``, to close after use."""
         raise NotImplementedError
 
@@ -97,7 +101,7 @@ class FolderPackage(Package):
 
     kind = "ovf"
 
-    def __init__(self, path: str, backend: FileBackend, policy) -> None:
+    def __init__(self, path: str, backend: FileBackend, policy: "OpenPolicy") -> None:
         self.path, self.backend, self.policy = path, backend, policy
         self.descriptor = os.path.basename(path)
         check_alloc(backend.size, path, "OVF descriptor", "size", budget=ovf.MAX_OVF)
@@ -126,7 +130,7 @@ class FolderPackage(Package):
         return FileBackend(self.resolve(name), lock=True)
 
 
-def open_package(path: str, backend: FileBackend, policy) -> Package:
+def open_package(path: str, backend: FileBackend, policy: "OpenPolicy") -> Package:
     """The package in the open file ``path``: a tar (an OVA) or an OVF descriptor."""
     head = backend.pread(0, tar.BLOCK)
     if tar.starts_a_tar(head):
