@@ -279,6 +279,8 @@ def test_ovf_folder_opens_its_disks_through_the_policy(workdir):
     assert code == 0, text + err
     code, text, _ = cli("info", "--output", "json", ovf_path)
     assert json.loads(text)["format-specific"]["data"]["package"] == "ovf"
+    code, text, _ = cli("map", "--output", "json", ovf_path)   # offsets of another file
+    assert code == 0 and not any("offset" in e for e in json.loads(text))
     # the same descriptor naming a disk outside its folder: refused, unless allowed
     outside = make_disk(os.path.join(workdir, "outside.qcow2"), "qcow2")
     with open(ovf_path, "w") as f:

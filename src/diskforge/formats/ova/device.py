@@ -129,16 +129,18 @@ class OvaDevice(FilterDevice):
         self.path = package.path
         self.verify_notes: list[str] = []
         backend = getattr(inner, "backend", None)
-        self.host_shift = backend.offset if isinstance(backend, WindowBackend) else 0
+        # where the disk's bytes are in the file ``map`` names (the package's): a
+        # member's offset in the archive; beside an .ovf they are in another file
+        self.host_shift = backend.offset if isinstance(backend, WindowBackend) else None
 
     def extents(self, offset: int = 0, length: int | None = None):
         """The disk's extents, with host offsets moved from the disk member to the
-        archive (``map`` names the .ova, so its offsets are the .ova's)."""
+        archive (``map`` names the .ova, so its offsets are the .ova's); a disk
+        beside an .ovf is another file, so there ``map`` shows no offsets."""
         shift = self.host_shift
-        if not shift:
-            return self.inner.extents(offset, length)
         return (e if e.host_offset is None else
-                Extent(e.offset, e.length, e.kind, e.allocated, e.host_offset + shift)
+                Extent(e.offset, e.length, e.kind, e.allocated,
+                       None if shift is None else e.host_offset + shift)
                 for e in self.inner.extents(offset, length))
 
     def info(self) -> ImageInfo:
