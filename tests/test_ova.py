@@ -293,6 +293,29 @@ def test_ovf_folder_opens_its_disks_through_the_policy(workdir):
     assert os.path.exists(outside)
 
 
+def test_chunked_disk(workdir):
+    """ovftool's --chunkSize: the disk split into NAME.000000000, .000000001...
+    (here by coreutils split), each chunk in the manifest, read joined in place."""
+    need("split")
+    disk = make_disk(os.path.join(workdir, "d.qcow2"), "qcow2", 8 * MIB)
+    size = os.path.getsize(disk)
+    chunk = 50000          # not a multiple of anything qcow2 aligns to: reads cross
+    assert size > 2 * chunk
+    run("split", "-b", str(chunk), "-d", "-a", "9", disk, disk + ".")
+    chunks = {f"{UBUNTU_DISK}.{i:09d}": f"{disk}.{i:09d}" for i in range(-(-size // chunk))}
+    text = _text("ubuntu.2.0.ovf").replace(
+        'ovf:id="file1"', f'ovf:id="file1" ovf:size="{size}" ovf:chunkSize="{chunk}"')
+    ova = build_ova(os.path.join(workdir, "chunks.ova"), text, "ubuntu.2.0.ovf", chunks)
+    out = os.path.join(workdir, "out.raw")
+    code, _, err = cli("convert", "-O", "raw", ova, out)
+    assert code == 0, err
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", out, disk)
+    code, text_out, err = cli("verify", ova)
+    assert code == 0, text_out + err
+    code, text_out, _ = cli("map", "--output", "json", ova)   # chunks: no one offset
+    assert code == 0 and not any("offset" in e for e in json.loads(text_out))
+
+
 def test_convert_refuses_writing_onto_the_package(workdir):
     ova, _ = ubuntu_ova(workdir, "raw")
     before = open(ova, "rb").read()
@@ -384,3 +407,25 @@ def test_verify_compares_ovf_size_with_the_file(workdir):
     data = json.loads(out)["format-specific"]["data"]
     assert code == 0 and data["virtual-system"]["cpus"] == 2
     assert data["disks"][0]["capacity"] == 1 << 30 and data["disk"]["format"] == "raw"
+
+
+def test_joined_chunks_read_as_one_file(workdir):
+    import random
+
+    from diskforge.blockdev import FileBackend
+    from diskforge.formats.ova.package import Joined
+    data = bytes((i * 7 + 3) % 256 for i in range(300000))
+    parts = []
+    for i, (a, b) in enumerate([(0, 100000), (100000, 200000), (200000, 300000)]):
+        p = os.path.join(workdir, str(i))
+        with open(p, "wb") as f:
+            f.write(data[a:b])
+        parts.append(FileBackend(p))
+    with Joined(parts, "j") as j:
+        rng = random.Random(1)
+        for _ in range(500):
+            o, n = rng.randrange(0, 310000), rng.randrange(0, 150000)
+            assert j.pread(o, n) == data[o:o + n]
+        assert sum(n for _, n, _ in j.data_ranges(50000, 10 ** 9)) == 250000
+        with pytest.raises(Exception, match="read-only"):
+            j.pwrite(0, b"x")

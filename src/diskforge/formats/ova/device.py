@@ -14,7 +14,8 @@ name or ``ovf:diskId`` (``vm.ova:NAME``), or the N-th (``--disk N``, 1-based, in
 Refused: a disk that is itself an OVA or OVF (no nesting), a disk that names other
 files (a backing file, an extent, a data file: an OVA is self-contained, and those
 would be looked for beside the package, not in it; not supported yet), compressed
-(``ovf:compression``) or chunked (``ovf:chunkSize``) files (not supported yet).
+(``ovf:compression``) files (not supported yet). Chunked files (``ovf:chunkSize``, as
+ovftool splits large disks) are read joined (``package.Joined``).
 """
 
 from __future__ import annotations
@@ -72,26 +73,27 @@ def open_disk(pkg: Package, disk: Disk, policy: "OpenPolicy") -> BlockDevice:
     if f.compression:
         raise UnsupportedError(f"not supported yet: compressed OVF files ('{f.href}' has"
                                f" ovf:compression={f.compression})", pkg.path)
-    if f.chunk_size:
-        raise UnsupportedError(f"not supported yet: chunked OVF files ('{f.href}' has"
-                               f" ovf:chunkSize={f.chunk_size})", pkg.path)
     if disk.parent_ref:
         raise UnsupportedError(f"not supported yet: OVF differencing disks ('{disk.disk_id}'"
                                f" has ovf:parentRef={disk.parent_ref})", pkg.path)
-    if isinstance(pkg, TarPackage):
-        window = pkg.reader(f.href)
-        plugin = probe_backend(window, window.path)
-        _refuse_nesting(plugin, window.path)
-        if not plugin.can_read:
-            raise UnsupportedError(f"not supported yet: reading {plugin.name} images",
-                                   window.path)
-        dev = plugin.open(window.path, policy=policy, backend=window)
-        name = window.path
-    else:
+    if isinstance(pkg, FolderPackage) and not f.chunk_size:
         path = pkg.resolve(f.href)
         _refuse_nesting(probe(path), path)
         dev = open_image(path, policy=policy)
         name = path
+    else:                       # a tar member, or chunks: read through a backend
+        reader = pkg.file_reader(f)
+        name = reader.path
+        try:
+            plugin = probe_backend(reader, name)
+            _refuse_nesting(plugin, name)
+            if not plugin.can_read:
+                raise UnsupportedError(f"not supported yet: reading {plugin.name} images",
+                                       name)
+        except BaseException:
+            reader.close()
+            raise
+        dev = plugin.open(name, policy=policy, backend=reader)
     extra = [p for p in dev.files() if p != name]
     if dev.backing is not None or extra:
         dev.close()
@@ -180,7 +182,7 @@ class OvaDevice(FilterDevice):
             if f.size is None:
                 continue
             try:
-                with pkg.reader(f.href) as r:
+                with pkg.file_reader(f) as r:
                     if r.size != f.size:
                         problems.append(f"'{f.href}': References says ovf:size={f.size},"
                                         f" the file holds {r.size} bytes")
@@ -229,7 +231,8 @@ class OvaDevice(FilterDevice):
                                     f" not match: the file's is {got}, the manifest"
                                     f" says {e.digest}")
         listed = set(by_file)
-        for name in [pkg.descriptor] + [f.href for f in pkg.envelope.files]:
+        for name in [pkg.descriptor] + [n for f in pkg.envelope.files
+                                        for n in pkg.file_names(f)]:
             if name not in listed:
                 problems.append(f"'{name}' is not in the manifest (DSP0243: every file"
                                 " of the package has a digest there)")

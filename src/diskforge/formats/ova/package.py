@@ -11,6 +11,7 @@ directory unless the user allowed more).
 
 from __future__ import annotations
 
+import bisect
 import os
 
 from ...blockdev import FileBackend, WindowBackend
@@ -18,6 +19,8 @@ from ...devices import is_block_device
 from ...errors import FormatError, SafetyError, UnsupportedError
 from ...limits import check_alloc
 from . import ovf, tar
+
+MAX_CHUNKS = 100_000        # ovftool splits at 1 GiB or more: 100 TB of disk
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,6 +41,56 @@ class Package:
     def reader(self, name: str) -> "FileBackend | WindowBackend":
         """A backend reading the package's file ``name``, to close after use."""
         raise NotImplementedError
+
+    def has(self, name: str) -> bool:
+        """True when the package holds a file ``name``."""
+        raise NotImplementedError
+
+    def file_names(self, f: ovf.FileRef) -> list[str]:
+        """The names a References entry stands for: its href, or with ovf:chunkSize
+        its chunks (DSP0243 "File references": ``href.000000000``, ``.000000001``...,
+        nine digits), as many as are there, at most ``MAX_CHUNKS``."""
+        if not f.chunk_size:
+            return [f.href]
+        names = []
+        while len(names) < MAX_CHUNKS and self.has(f"{f.href}.{len(names):09d}"):
+            names.append(f"{f.href}.{len(names):09d}")
+        return names
+
+    def file_reader(self, f: ovf.FileRef) -> "FileBackend | WindowBackend | Joined":
+        """A reader of the whole file a References entry names: its chunks joined
+        when it has them, each chunkSize bytes but the last, adding up to ovf:size
+        (which a chunked file must state: a missing last chunk is caught so)."""
+        if not f.chunk_size:
+            return self.reader(f.href)
+        if f.size is None:
+            raise FormatError(f"'{f.href}' is chunked (ovf:chunkSize) but has no"
+                              " ovf:size to check its chunks against", self.path,
+                              structure="References", field="File.size")
+        names = self.file_names(f)
+        parts = []
+        try:
+            for i, name in enumerate(names):
+                parts.append(self.reader(name))
+                n = parts[-1].size
+                if n > f.chunk_size or (n != f.chunk_size and i < len(names) - 1) or n == 0:
+                    raise FormatError(f"chunk '{name}' holds {n} bytes; ovf:chunkSize is"
+                                      f" {f.chunk_size}", self.path,
+                                      structure="References", field="File.chunkSize")
+            total = sum(p.size for p in parts)
+            if total != f.size:
+                raise FormatError(f"the {len(names)} chunks of '{f.href}' hold {total}"
+                                  f" bytes; ovf:size says {f.size}", self.path,
+                                  structure="References", field="File.size")
+        except BaseException:
+            for p in parts:
+                p.close()
+            raise
+        return Joined(parts, self.reader_name(f.href))
+
+    def reader_name(self, name: str) -> str:
+        """How a file of the package is named in messages."""
+        return f"{self.path}:{name}"
 
     def read_small(self, name: str, limit: int, what: str) -> bytes:
         """The whole of a small file (descriptor, manifest), checked against ``limit``
@@ -95,6 +148,10 @@ class TarPackage(Package):
         m = self.member(name, "file")
         return WindowBackend(self.backend, m.offset, m.size, f"{self.path}:{name}")
 
+    def has(self, name: str) -> bool:
+        m = self.members.get(name)
+        return m is not None and m.is_file
+
 
 class FolderPackage(Package):
     """An ``.ovf`` with its files beside it."""
@@ -128,6 +185,81 @@ class FolderPackage(Package):
 
     def reader(self, name: str) -> FileBackend:
         return FileBackend(self.resolve(name), lock=True)
+
+    def has(self, name: str) -> bool:
+        return os.path.isfile(self.resolve(name))
+
+    def reader_name(self, name: str) -> str:
+        return self.resolve(name)
+
+
+class Joined:
+    """Chunks read as one file (FileBackend's reading interface, as WindowBackend
+    offers it): a chunked disk is read in place, each read split at chunk ends.
+    Owns its parts."""
+
+    is_block_device = False
+    writable = False
+
+    def __init__(self, parts: list, name: str) -> None:
+        self.parts = parts
+        self.path = name
+        self.starts = []
+        pos = 0
+        for p in parts:
+            self.starts.append(pos)
+            pos += p.size
+        self.length = pos
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+    def allocated_bytes(self) -> int:
+        return sum(p.allocated_bytes() for p in self.parts)
+
+    def readinto(self, offset: int, buf) -> int:
+        mv = memoryview(buf).cast("B")
+        done = 0
+        while done < len(mv) and 0 <= offset + done < self.length:
+            pos = offset + done
+            i = bisect.bisect_right(self.starts, pos) - 1
+            part = self.parts[i]
+            n = min(len(mv) - done, part.size - (pos - self.starts[i]))
+            got = part.readinto(pos - self.starts[i], mv[done:done + n])
+            done += got
+            if got < n:
+                break
+        return done
+
+    read_exact = FileBackend.read_exact
+    pread = FileBackend.pread
+
+    def data_ranges(self, offset: int, end: int):
+        end = min(end, self.length)
+        for start, p in zip(self.starts, self.parts):
+            lo, hi = max(offset, start), min(end, start + p.size)
+            if lo < hi:
+                for pos, n, data in p.data_ranges(lo - start, hi - start):
+                    yield pos + start, n, data
+
+    def _refuse(self, *args, **kwargs):
+        raise UnsupportedError("is read-only here (chunks of an OVF package)", self.path)
+
+    pwrite = write_zeroes = truncate = punch_hole = _refuse
+
+    def flush(self, *, durable: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def open_package(path: str, backend: FileBackend, policy: "OpenPolicy") -> Package:
