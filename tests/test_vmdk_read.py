@@ -451,14 +451,21 @@ def test_parent_loops_are_refused(workdir):
 def test_a_disk_inside_another_file_reads_through_the_given_backend(workdir):
     """Format.open(backend=...): the monolithic case reads through it; a descriptor
     naming extent files says not supported yet."""
-    from diskforge.blockdev import FileBackend
+    from diskforge.blockdev import FileBackend, WindowBackend
     from diskforge.registry import get
     path = os.path.join(workdir, "m.vmdk")
     build(path, 64, {0: b"\x42" * 65536}, desc=descriptor(64, "m.vmdk"))
+    pack = os.path.join(workdir, "pack")          # the disk 1 KiB into another file
+    with open(pack, "wb") as out, open(path, "rb") as f:
+        out.write(b"\xee" * 1024 + f.read() + b"\xee" * 1024)
     fmt = get("vmdk")
-    with fmt.open(path, backend=FileBackend(path), policy=OpenPolicy()) as dev:
-        assert dev.read(0, 4) == b"\x42" * 4
+    inner = FileBackend(pack)
+    window = WindowBackend(inner, 1024, os.path.getsize(path), "pack:m.vmdk")
+    with fmt.open(path, backend=window, policy=OpenPolicy()) as dev:
+        assert dev.read(0, dev.size) == expected(64, {0: b"\x42" * 65536})
         assert fmt.qemu_driver(dev) is None
+        assert dev.check().corruptions == 0
+    inner.close()
     flat = _flat_descriptor(workdir, "m.vmdk")
     with pytest.raises(UnsupportedError, match="not supported yet"):
         fmt.open(flat, backend=FileBackend(flat), policy=OpenPolicy())
