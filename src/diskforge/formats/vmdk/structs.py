@@ -146,6 +146,7 @@ def default_geometry(capacity_sectors: int, adapter_type: str) -> tuple[int, int
     heads, secs = (16, 63) if adapter_type == "ide" else (255, 63)
     return capacity_sectors // (heads * secs), heads, secs
 
+
 # The footer of a stream-optimized extent whose header says gdOffset == GD_AT_END: the
 # last three sectors are a footer marker, the footer (a header copy with the real
 # gdOffset) and the end-of-stream marker (spec: "Stream-Optimized Compressed Sparse
