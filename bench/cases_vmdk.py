@@ -3,9 +3,7 @@ deflate runs in the convert pool; qemu-img's in one thread) and vmdk → raw, be
 qemu-img in the same run.
 
 The vmdk → raw rows read one monolithicSparse VMDK that qemu-img made from the mixed
-disk (built once in the bench directory), so both tools read the very same file; they
-need diskforge's VMDK reader (issue 14's reading half): until it is installed,
-diskforge's row there is left out (as a tool that is not installed), not failed.
+disk (built once in the bench directory), so both tools read the very same file.
 """
 
 import os
@@ -31,12 +29,6 @@ def _vmdk_source(ctx) -> None:
             pass
 
 
-def _vmdk_reader() -> bool:
-    from diskforge.registry import UnknownFormatError, get
-    try:
-        return get("vmdk").can_read
-    except UnknownFormatError:
-        return False
 
 
 def _to_vmdk(subformat: str, name: str) -> list:
@@ -58,7 +50,7 @@ CASES = [
     Case("vmdk monolithicSparse->raw", [
         Tool("diskforge", lambda c: diskforge_cmd() + ["convert", "-O", "raw",
                                                        c.cache["vmdk"], c.path("out-df.raw")],
-             out("out-df.raw"), _vmdk_reader),
+             out("out-df.raw")),
         Tool("qemu-img", lambda c: ["qemu-img", "convert", "-f", "vmdk", "-O", "raw",
                                     c.cache["vmdk"], c.path("out-qi.raw")],
              out("out-qi.raw"), have("qemu-img")),

@@ -4,16 +4,10 @@ packaging before diskforge's own stream-optimized writer is registered."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import random
-import shutil
 import subprocess
 
-import pytest
 
-from diskforge.blockdev import ImageWriter
-from diskforge.options import Options, option
 
 MiB = 1 << 20
 
@@ -56,72 +50,3 @@ def gunzip_to(gz: str, out: str) -> str:
     with open(out, "wb") as f:
         subprocess.run(["gzip", "-dc", gz], stdout=f, check=True)
     return out
-
-
-# -- a stand-in stream-optimized VMDK writer -----------------------------------------------
-
-@dataclasses.dataclass
-class _VmdkOptions(Options):
-    subformat: str = option("streamOptimized", "VMDK kind", choices=("streamOptimized",))
-
-
-class _QemuImgVmdkWriter(ImageWriter):
-    """Collects the disk in a sparse raw file, then has qemu-img write the VMDK."""
-
-    def __init__(self, path: str, size: int):
-        self.path, self.size = path, size
-        self.raw = path + ".standin.raw"
-        self.f = open(self.raw, "wb")
-        self.f.truncate(size)
-
-    def write_prepared(self, offset, data) -> None:
-        self.f.seek(offset)
-        self.f.write(data)
-
-    def zero(self, offset, length) -> None:
-        pass
-
-    def _finish(self) -> None:
-        self.f.close()
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o",
-                        "subformat=streamOptimized", self.raw, self.path], check=True,
-                       capture_output=True)
-        os.unlink(self.raw)
-
-    def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        if os.path.exists(self.raw):
-            os.unlink(self.raw)
-
-
-class QemuImgVmdk:
-    """Looks like the registry's vmdk plugin to ``export.base.write_disk``."""
-    name = "vmdk"
-    can_write = True
-    options = _VmdkOptions
-
-    def writer(self, path, size, options, *, backing=None):
-        return _QemuImgVmdkWriter(path, size)
-
-
-@pytest.fixture
-def qemu_img_vmdk(monkeypatch):
-    """Make ``registry.get("vmdk")`` the qemu-img stand-in for one test."""
-    if shutil.which("qemu-img") is None:
-        pytest.skip("reference tool 'qemu-img' is not installed (.ci/run installs it)")
-    import diskforge.registry as registry
-    real = registry.get
-
-    def get(name):
-        return QemuImgVmdk() if name.strip().lower() == "vmdk" else real(name)
-    monkeypatch.setattr(registry, "get", get)
-    return QemuImgVmdk
-
-
-def need_vmdk_writer() -> None:
-    """Skip unless diskforge's own VMDK writer is registered."""
-    from diskforge.export.ova import vmdk_writable
-    if not vmdk_writable():
-        pytest.skip("no VMDK writer registered yet (registry.get('vmdk').can_write is"
-                    " false): the stream-optimized writer lands with the VMDK issue")

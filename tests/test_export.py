@@ -66,18 +66,6 @@ def test_cli_usage_errors_are_one_line(src, tmp_path):
     one_line_error(*cli("export", src, str(tmp_path / "x"))[::2])
 
 
-@pytest.mark.parametrize("target,out", [("ova", "vm.ova"), ("aws", "vm.vmdk")])
-def test_without_a_vmdk_writer_ova_and_aws_say_not_supported_yet(src, tmp_path, target,
-                                                                 out):
-    from diskforge.export.ova import vmdk_writable
-    if vmdk_writable():
-        pytest.skip("a VMDK writer is registered: the OVA and AWS exports work")
-    code, _, err = cli("export", "--to", target, src, str(tmp_path / out))
-    one_line_error(code, err)
-    assert "not supported yet: writing vmdk images, which this export needs" in err
-    assert os.listdir(tmp_path) == []
-
-
 def test_refuses_to_write_onto_its_input(src, tmp_path):
     copy = str(tmp_path / "same.qcow2")
     diskforge.convert(src, copy)

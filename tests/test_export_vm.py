@@ -14,8 +14,7 @@ import uuid
 import pytest
 from conftest import (cli, libvhdi_sha256, need, need_real, qemu_img_json, run,
                       sha256_file)
-from export_helpers import MiB, gunzip_to, need_vmdk_writer, source_disk
-from export_helpers import qemu_img_vmdk  # noqa: F401  (a fixture)
+from export_helpers import MiB, gunzip_to, source_disk
 from isotools import qemu_boot
 
 import diskforge
@@ -84,7 +83,7 @@ def _read_ova_back(ova: str, src: str, tmp_path, *, manifest: str = "sha256") ->
     assert disks[0].format == STREAM_URI and disks[0].capacity == os.path.getsize(src)
 
 
-def test_ova_package_with_qemu_img_standing_in(src, tmp_path, qemu_img_vmdk):
+def test_ova_package(src, tmp_path):
     out = str(tmp_path / "web.ova")
     code, stdout, err = cli("export", "--to", "ova", "--cpus", "2", "--memory", "2048",
                             "--firmware", "efi", src, out)
@@ -99,7 +98,7 @@ def test_ova_package_with_qemu_img_standing_in(src, tmp_path, qemu_img_vmdk):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".web.ova")]
 
 
-def test_an_interrupted_ova_export_leaves_nothing(src, tmp_path, qemu_img_vmdk):
+def test_an_interrupted_ova_export_leaves_nothing(src, tmp_path):
     def stop(done, total):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
@@ -107,7 +106,7 @@ def test_an_interrupted_ova_export_leaves_nothing(src, tmp_path, qemu_img_vmdk):
     assert os.listdir(tmp_path) == []
 
 
-def test_ova_removes_a_killed_runs_work_folder(src, tmp_path, qemu_img_vmdk, capsys):
+def test_ova_removes_a_killed_runs_work_folder(src, tmp_path, capsys):
     stale = tmp_path / ".web.ova.k1ll3d.diskforge-work"
     stale.mkdir()
     (stale / "lock").write_bytes(b"")
@@ -118,23 +117,14 @@ def test_ova_removes_a_killed_runs_work_folder(src, tmp_path, qemu_img_vmdk, cap
 
 
 @pytest.mark.parametrize("manifest", ["sha1", "none"])
-def test_ova_manifest_choices(src, tmp_path, qemu_img_vmdk, manifest):
+def test_ova_manifest_choices(src, tmp_path, manifest):
     out = str(tmp_path / "web.ova")
     diskforge.export(src, "ova", out, manifest=manifest)
     _read_ova_back(out, src, tmp_path, manifest=manifest)
     assert diskforge.export.check("ova", out) == []
 
 
-def test_ova_with_diskforge_vmdk_writer(src, tmp_path):
-    need_vmdk_writer()
-    out = str(tmp_path / "web.ova")
-    diskforge.export(src, "ova", out)
-    _read_ova_back(out, src, tmp_path)
-    assert diskforge.export.check("ova", out) == []
-
-
-def test_aws_ova_with_diskforge_vmdk_writer(src, tmp_path):
-    need_vmdk_writer()
+def test_aws_ova(src, tmp_path):
     out = str(tmp_path / "web.ova")
     diskforge.export(src, "aws", out)
     _read_ova_back(out, src, tmp_path)

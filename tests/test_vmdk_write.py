@@ -24,7 +24,6 @@ from conftest import cli, make_sparse, need_real, one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diskforge import registry
 from diskforge.blockdev import Backing
 from diskforge.formats.vmdk import FORMAT, VmdkOptions
 from diskforge.ops.convert import convert
@@ -38,18 +37,6 @@ needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-img not installed")
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
               "twoGbMaxExtentFlat", "streamOptimized")
 SIZE = (3 << 20) + 5 * 512 + 100     # not a whole number of grains, nor of sectors
-
-
-@pytest.fixture(autouse=True)
-def vmdk_registered():
-    """Until the reader's entry point is on main, the plugin is registered here (and
-    removed again, so other tests see the registry as it was)."""
-    added = "vmdk" not in registry._eps()
-    if added:
-        registry.register(FORMAT)
-    yield
-    if added:
-        registry._loaded.pop("vmdk", None)
 
 
 def mixed_disk(path: str, size: int = SIZE, seed: int = 7) -> bytes:

@@ -33,17 +33,6 @@ MAX_FILES = 4096
 STREAM = "streamOptimized"
 
 
-def vmdk_writable() -> bool:
-    """Whether a stream-optimized VMDK writer is registered (the OVA and AWS exports
-    need one)."""
-    from ..errors import UnknownFormatError
-    from ..registry import get
-    try:
-        return get("vmdk").can_write
-    except UnknownFormatError:
-        return False
-
-
 def export(source: BlockDevice, out: str, opts: ExportOptions,
            progress: Progress | None = None) -> list[str]:
     write_ova_for(source, out, opts, progress)

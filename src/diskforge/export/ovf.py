@@ -79,7 +79,7 @@ def envelope(vm: Vm) -> bytes:
                ("ElementName", "Network adapter 1"), ("InstanceID", "5"),
                ("ResourceSubType", "VmxNet3"), ("ResourceType", "10")]),
     ]
-    firmware = (f'      <vmw:Config ovf:required="false" vmw:key="firmware"'
+    firmware = ('      <vmw:Config ovf:required="false" vmw:key="firmware"'
                 f' vmw:value="efi"/>\n' if vm.firmware == "efi" else "")
     text = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
