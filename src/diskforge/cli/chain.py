@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from .image import (add_force_share_arg, add_policy_args, open_source, policy_from,
                     progress_for)

@@ -7,7 +7,6 @@ Spellings follow qemu-img (``-f``, ``-O``, ``-o``, ``-B``, ``-F``, ``-c``, ``-n`
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import replace
 
 

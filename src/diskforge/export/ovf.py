@@ -80,7 +80,7 @@ def envelope(vm: Vm) -> bytes:
                ("ResourceSubType", "VmxNet3"), ("ResourceType", "10")]),
     ]
     firmware = ('      <vmw:Config ovf:required="false" vmw:key="firmware"'
-                f' vmw:value="efi"/>\n' if vm.firmware == "efi" else "")
+                ' vmw:value="efi"/>\n' if vm.firmware == "efi" else "")
     text = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f'<Envelope xmlns="{OVF_NS}" xmlns:ovf="{OVF_NS}" xmlns:rasd="{RASD_NS}"'

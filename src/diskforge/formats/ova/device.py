@@ -27,7 +27,7 @@ from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import open_image, probe, probe_backend
 from . import manifest as mf
 from .ovf import Disk
-from .package import FolderPackage, Package, TarPackage, open_package
+from .package import FolderPackage, Package, open_package
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
