@@ -286,10 +286,6 @@ UNREAD_SIGNATURES = (
     (0, b"COWD", "VMDK (ESX COWD extent)"),
     (0, b"# Disk DescriptorFile", "VMDK (descriptor)"),
     (0, b"\xbe\xba\xfe\xca\x00\x00\x00\x00", "VMDK (seSparse extent)"),
-    (0, b"QED\x00", "QED"),
-    (0, b"QFI\xfb\x00\x00\x00\x01", "qcow version 1"),
-    (0, b"WithoutFreeSpace", "Parallels"),
-    (0, b"WithouFreSpacExt", "Parallels"),
     (0, b"shdw\x00\x00\x00\x01", "Apple ASIF"),  # magic, version 1 (big-endian)
 )
 

@@ -1,0 +1,2 @@
+from ...registry import Format
+FORMAT = Format()
