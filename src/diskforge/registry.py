@@ -373,8 +373,6 @@ def probe(path: str) -> Format:
 def _probe_directory(path: str) -> Format | None:
     """Some formats are directories (DMG sparse bundles): plugins probe them by a
     ``probe_directory(path)`` method when they have one."""
-    if os.path.exists(os.path.join(path, "DiskDescriptor.xml")):
-        raise UnsupportedError("not supported yet: Parallels disk bundles", path)
     for plugin in all_formats().values():
         fn = getattr(plugin, "probe_directory", None)
         if fn is not None and fn(path):
