@@ -163,7 +163,8 @@ class ParallelsImage(FileDevice):
         outside the file are corruptions, space after the last cluster is leaked.
         Repairing needs a writable image: not supported yet."""
         res = CheckResult(filename=self.path, format="parallels")
-        size, cs = self.file_size, self.cs
+        # qemu measures the file in whole sectors (bdrv_getlength rounds up)
+        size, cs = -(-self.file_size // SECTOR) * SECTOR, self.cs
         if self.unclean:
             res.add(ProblemKind.CORRUPTION, "ERROR image was not closed correctly",
                     "ParallelsHeader", "inuse")
@@ -177,15 +178,14 @@ class ParallelsImage(FileDevice):
             if i >= nbat:
                 break
             off = self._host(i)
-            if off > size:
+            if off > size:       # counted as allocated all the same, as qemu 7.2 does
                 res.add(ProblemKind.CORRUPTION, f"ERROR cluster {i} is outside image",
                         "BAT", str(i))
-            else:
-                allocated += 1
-                high = max(high, off)
-                if prev and prev + cs != off:
-                    fragmented += 1
-                prev = off
+            allocated += 1
+            high = max(high, off)
+            if prev and prev + cs != off:
+                fragmented += 1
+            prev = off
             i += 1
             if i < nbat and bat[i] == 0:
                 prev = 0      # qemu restarts its contiguity test after a hole

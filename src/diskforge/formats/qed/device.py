@@ -12,8 +12,8 @@ invalid L1 or L2 entry raises a one-line CorruptImage naming the entry (qemu fai
 read with EINVAL); ``check`` counts them, as ``qemu-img check`` does.
 
 An image whose need-check bit (``QED_F_NEED_CHECK``) is set opens read-only as qemu
-opens it read-only, without a check (it may help recover data), and ``info`` reports it
-as dirty. A backing file is opened through the open policy; its format is raw when
+opens it read-only, without a check (it may help recover data); ``info`` shows the bit
+as ``need-check`` and, as qemu-img 7.2 does, a clear ``dirty-flag``. A backing file is opened through the open policy; its format is raw when
 ``QED_F_BACKING_FORMAT_NO_PROBE`` is set, otherwise probed (untrusted mode refuses both,
 see ``OpenPolicy.check_backing_format``).
 """
@@ -347,8 +347,9 @@ class QedDevice(FileDevice):
             filename=self.path, format="qed", virtual_size=self.size,
             actual_size=self.backend.allocated_bytes(), cluster_size=self.cs,
             backing_filename=self.backing_file, full_backing_filename=full,
-            backing_format=self.backing_format, dirty=self.need_check,
-            details={"table-size": h.table_size, "header-size": h.header_size,
+            backing_format=self.backing_format,
+            details={"need-check": self.need_check,
+                     "table-size": h.table_size, "header-size": h.header_size,
                      "features": h.features, "compat-features": h.compat_features,
                      "autoclear-features": h.autoclear_features,
                      "l1-table-offset": h.l1_table_offset})
