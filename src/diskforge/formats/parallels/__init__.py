@@ -35,8 +35,9 @@ class ParallelsFormat(Format):
     description = "Parallels Desktop (read-only): expandable images, .hdd bundles"
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
-        if head[:16] in _MAGICS and head[16:20] == _VERSION:
-            return 100
+        if head[:16] in _MAGICS:
+            # another version is still ours to refuse by name, not a raw disk
+            return 100 if head[16:20] == _VERSION else 50
         if head.lstrip()[:5] == b"<?xml" and b"<Parallels_disk_image" in head[:4096]:
             return 100          # a bundle's DiskDescriptor.xml, named directly
         return 0

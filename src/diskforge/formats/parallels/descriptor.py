@@ -66,6 +66,10 @@ class Descriptor:
                 return [guids.pop()]
             parents = set(self.shots.values())
             leaves = sorted(g for g in self.shots if g not in parents)
+            if not leaves:
+                raise FormatError("every snapshot is another's parent (a loop)", path,
+                                  structure="DiskDescriptor.Snapshots.Shot",
+                                  field="ParentGUID")
             if len(leaves) == 1:
                 top = leaves[0]
             elif DEFAULT_TOP_GUID in leaves:

@@ -196,8 +196,8 @@ class ParallelsImage(FileDevice):
                     f" {leaked}", "BAT", None, count=-(-leaked // cs))
         if allocated:
             res.allocated_clusters = allocated
-            res.fragmented_clusters = fragmented
-            res.compressed_clusters = 0
+            # as qemu-img, which leaves the counts out when they are zero
+            res.fragmented_clusters = fragmented or None
         return res
 
     def info(self) -> ImageInfo:

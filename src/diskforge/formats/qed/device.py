@@ -330,8 +330,8 @@ class QedDevice(FileDevice):
         res.total_clusters = -(-self.size // cs)
         if allocated:
             res.allocated_clusters = allocated
-            res.fragmented_clusters = fragmented
-            res.compressed_clusters = 0
+            # as qemu-img, which leaves the counts out when they are zero
+            res.fragmented_clusters = fragmented or None
         if self.need_check:
             res.note("Warning: the image's need-check bit (QED_F_NEED_CHECK) is set")
         return res
