@@ -40,7 +40,11 @@ def unpacked(relpath: str, dest: str) -> str:
 
 def expected(relpath: str) -> tuple[int, str]:
     """(size, sha256) of the flat disk, from the real samples' EXPECTED.tsv."""
-    with open(os.path.join(REAL, "EXPECTED.tsv")) as f:
+    import pytest
+    table = os.path.join(REAL, "EXPECTED.tsv")
+    if not os.path.exists(table):
+        pytest.skip(f"{table} not found")
+    with open(table) as f:
         for line in f:
             cols = line.rstrip("\n").split("\t")
             if cols[0] == relpath:
