@@ -18,11 +18,12 @@ to read the disk and is not read.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 
 from ...blockdev import (BlockDevice, Extent, ExtentKind, FileDevice, ImageInfo, coalesce,
                          fill_zero, skip_filled)
-from ...byteorder import le_array
+from ...byteorder import to_host_le
 from ...checks import CheckResult, ProblemKind, Repair
 from ...errors import CorruptImage, FormatError, UnsupportedError
 from ...limits import check_alloc
@@ -77,7 +78,12 @@ class ParallelsImage(FileDevice):
         if HEADER_SIZE + 4 * n > size:
             raise self._err(f"the BAT ({n} entries) runs past the end of the file ({size}"
                             " bytes)", "ParallelsHeader", "bat_entries")
-        self.bat = le_array(f.read_exact(HEADER_SIZE, 4 * n, "BAT"), "I")
+        # read straight into the array: one copy of a large BAT in memory, not three
+        self.bat = array("I", [0]) * n
+        if f.readinto(HEADER_SIZE, self.bat) != 4 * n:
+            raise self._err("the BAT is cut short by the end of the file",
+                            "ParallelsHeader", "bat_entries")
+        to_host_le(self.bat)
         # where the data area starts, in sectors (parallels.txt "data_off")
         self.data_off = h.data_off or -(-(HEADER_SIZE + 4 * n) // SECTOR)
         self.unclean = h.inuse == HEADER_INUSE_MAGIC

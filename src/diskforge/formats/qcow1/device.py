@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from ...blockdev import (Extent, ExtentKind, FileDevice, ImageInfo, coalesce, fill_zero,
                          skip_filled)
-from ...byteorder import be_array
+from ...byteorder import to_host_be
 from ...errors import CorruptImage, FormatError, UnsupportedError
 from ...limits import check_alloc
 from ...policy import OpenPolicy
@@ -91,7 +91,7 @@ class Qcow1Device(FileDevice):
             raise self._err(f"the L1 table ({self.l1_size} entries at offset"
                             f" {self.l1_offset}) runs past the end of the file ({size}"
                             " bytes)", "QCowHeader", "l1_table_offset")
-        self.l1 = be_array(f.read_exact(self.l1_offset, 8 * self.l1_size, "L1 table"))
+        self.l1 = self._table(self.l1_offset, self.l1_size, "L1 table")
         self.l2_cache: collections.OrderedDict[int, array] = collections.OrderedDict()
         self.l2_capacity = max(4, L2_CACHE_BYTES // (8 * self.l2_entries))
         self._last_compressed: tuple[int, bytes] | None = None
@@ -101,6 +101,15 @@ class Qcow1Device(FileDevice):
 
     def _err(self, message: str, structure: str, field: str | None = None) -> FormatError:
         return FormatError(message, self.path, structure=structure, field=field)
+
+    def _table(self, offset: int, n: int, what: str) -> array:
+        """``n`` big-endian 64-bit entries at ``offset``, read straight into the array
+        (one copy of a large table in memory, not three)."""
+        table = array("Q", [0]) * n
+        if self.backend.readinto(offset, table) != 8 * n:
+            raise self._err(f"{what} at offset {offset} (+{8 * n}) is past the end of the"
+                            f" file ({self.file_size} bytes): truncated", what)
+        return to_host_be(table)
 
     def _backing_name(self) -> str | None:
         h = self.header
@@ -147,7 +156,7 @@ class Qcow1Device(FileDevice):
             raise CorruptImage(f"L1 entry {l1_index}: L2 table at offset {off} (+{n}) is"
                                f" past the end of the file ({self.file_size} bytes)",
                                self.path, structure="L1 table", field=str(l1_index))
-        table = be_array(self.backend.read_exact(off, n, f"L2 table {l1_index}"))
+        table = self._table(off, self.l2_entries, f"L2 table {l1_index}")
         self.l2_cache[off] = table
         if len(self.l2_cache) > self.l2_capacity:
             self.l2_cache.popitem(last=False)

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from ...blockdev import (Extent, ExtentKind, FileDevice, ImageInfo, coalesce, fill_zero,
                          skip_filled)
-from ...byteorder import le_array
+from ...byteorder import to_host_le
 from ...checks import CheckResult, ProblemKind, Repair
 from ...errors import CorruptImage, FormatError, UnsupportedError
 from ...limits import check_alloc
@@ -96,7 +96,7 @@ class QedDevice(FileDevice):
             raise self._err(f"L1 table offset {h.l1_table_offset} {problem}", "QEDHeader",
                             "l1_table_offset")
         check_alloc(self.table_bytes, self.path, "QEDHeader", "table_size")
-        self.l1 = le_array(f.read_exact(h.l1_table_offset, self.table_bytes, "L1 table"))
+        self.l1 = self._table(h.l1_table_offset, "L1 table")
         self.l2_cache: collections.OrderedDict[int, array] = collections.OrderedDict()
         self.l2_capacity = max(2, L2_CACHE_BYTES // self.table_bytes)
         self.backing_file: str | None = None
@@ -109,6 +109,15 @@ class QedDevice(FileDevice):
 
     def _err(self, message: str, structure: str, field: str | None = None) -> FormatError:
         return FormatError(message, self.path, structure=structure, field=field)
+
+    def _table(self, offset: int, what: str) -> array:
+        """A table's little-endian 64-bit entries at ``offset``, read straight into the
+        array (one copy of a large table in memory, not three)."""
+        table = array("Q", [0]) * self.table_entries
+        if self.backend.readinto(offset, table) != self.table_bytes:
+            raise self._err(f"{what} at offset {offset} (+{self.table_bytes}) is past the"
+                            f" end of the file ({self.file_size} bytes): truncated", what)
+        return to_host_le(table)
 
     # -- offsets, as qed_check_cluster_offset and qed_check_table_offset judge them ------
     def _cluster_problem(self, offset: int) -> str | None:
@@ -168,8 +177,7 @@ class QedDevice(FileDevice):
         if problem:
             raise CorruptImage(f"L1 entry {l1_index}: L2 table offset {off} {problem}",
                                self.path, structure="L1 table", field=str(l1_index))
-        table = le_array(self.backend.read_exact(off, self.table_bytes,
-                                                 f"L2 table {l1_index}"))
+        table = self._table(off, f"L2 table {l1_index}")
         self.l2_cache[off] = table
         if len(self.l2_cache) > self.l2_capacity:
             self.l2_cache.popitem(last=False)
@@ -299,8 +307,7 @@ class QedDevice(FileDevice):
                 res.add(ProblemKind.CORRUPTION, f"ERROR: L1 entry {i}: L2 table offset"
                         f" {off} {problem}", "L1 table", str(i))
             elif mark(off, tclusters, f"L2 table {i}", "L1 table", i):
-                table = le_array(self.backend.read_exact(off, self.table_bytes,
-                                                         f"L2 table {i}"))
+                table = self._table(off, f"L2 table {i}")
                 j = 0
                 while j < per:
                     j = skip_filled(table, j, per)
