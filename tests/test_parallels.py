@@ -172,10 +172,10 @@ def descriptor(size_sectors: int, storages, shots=((GUID0, NULL),), top=None) ->
     return "\n".join(parts)
 
 
-def _bundle(tmp_path, xml: str) -> str:
+def _bundle(tmp_path, xml: "str | bytes") -> str:
     d = tmp_path / "t.hdd"
     d.mkdir(exist_ok=True)
-    (d / "DiskDescriptor.xml").write_text(xml)
+    (d / "DiskDescriptor.xml").write_bytes(xml if isinstance(xml, bytes) else xml.encode())
     return str(d)
 
 
@@ -292,6 +292,8 @@ def test_cluster_past_the_end(small, tmp_path):
      ["not supported yet: encrypted Parallels disks"]),
     (lambda x: x.replace("<Disk_Parameters>", "<Disk_Parameters><", 1),
      ["not well-formed XML"]),
+    (lambda x: x.encode("utf-16"), ["not UTF-8 text"]),
+    (lambda x: x.encode().replace(b"<Name>t", b"<Name>t\0"), ["NUL byte"]),
 ])
 def test_hostile_descriptors(tmp_path, change, words):
     need("qemu-img")

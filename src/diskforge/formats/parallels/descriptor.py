@@ -6,9 +6,9 @@ snapshot, each with its ``GUID``, ``Type`` — ``Plain`` for raw bytes, ``Compre
 for an expandable image — and ``File``) and its snapshots (``Snapshots/Shot``, each
 with its ``GUID`` and ``ParentGUID``; ``TopGUID`` the current one when present).
 
-Safety: the file is read only up to ``MAX_DESCRIPTOR`` bytes, and a document type
-declaration (and so any entity) is refused before parsing, so no entity expansion or
-external reference can happen. Every number is checked before it is used; the walk up
+Safety: the file is read only up to ``MAX_DESCRIPTOR`` bytes, it must be UTF-8 without
+NUL bytes, and a document type declaration (and so any entity) is refused before
+parsing, so no entity expansion or external reference can happen. Every number is checked before it is used; the walk up
 the snapshot tree is bounded by the number of snapshots and refuses loops.
 """
 
@@ -110,12 +110,20 @@ def parse(data: bytes, path: str) -> Descriptor:
     import xml.etree.ElementTree as ET
     if len(data) > MAX_DESCRIPTOR:
         raise LimitError(f"DiskDescriptor.xml is more than {MAX_DESCRIPTOR} bytes", path)
+    # UTF-8 only and no NUL: a UTF-16 document could hide a declaration from the test
+    # below (Parallels writes UTF-8)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError("not UTF-8 text", path, structure="DiskDescriptor") from None
+    if b"\0" in data:
+        raise FormatError("holds a NUL byte", path, structure="DiskDescriptor")
     if _DTD.search(data):
         raise FormatError("a document type declaration is not allowed (entities are"
                           " refused)", path, structure="DiskDescriptor")
     try:
         root = ET.fromstring(data)
-    except ET.ParseError as e:
+    except (ET.ParseError, ValueError) as e:
         raise FormatError(f"not well-formed XML ({e})", path,
                           structure="DiskDescriptor") from None
     if root.tag != "Parallels_disk_image":
