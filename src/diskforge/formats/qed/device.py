@@ -279,8 +279,8 @@ class QedDevice(FileDevice):
         res = CheckResult(filename=self.path, format="qed")
         cs, per = self.cs, self.table_entries
         nclusters = self.clusters_end // cs
-        check_alloc(nclusters // 8 + 1, self.path, "check", "used clusters")
-        used = bytearray(nclusters)      # a byte per cluster: bounded by the file
+        check_alloc(nclusters, self.path, "check", "used clusters")
+        used = bytearray(nclusters)      # a byte per cluster of the file
         tclusters = self.table_bytes // cs
 
         def mark(offset: int, count: int, what: str, structure: str, index: int) -> bool:
