@@ -2,8 +2,9 @@
 
 Read: every cluster and table size the specification allows, zero clusters, backing
 files (through the OpenPolicy; ``QED_F_BACKING_FORMAT_NO_PROBE`` names the backing file
-raw), images whose need-check bit is set (read as qemu reads them read-only); ``check`` as qemu-img checks QED. Refused with "not supported yet": writing.
-The layout as implemented and the quirks are in ``formats/qed.md``; the modules:
+raw), images whose need-check bit is set (read as qemu reads them read-only);
+``check`` as qemu-img checks QED. Refused with "not supported yet": writing. The
+layout as implemented and the quirks are in ``formats/qed.md``; the modules:
 ``structs`` (the header, constants) <- ``device`` (the BlockDevice and its check).
 
 This module stays light: probing imports nothing else.
