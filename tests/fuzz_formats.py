@@ -53,7 +53,8 @@ FIXTURES = os.path.join(HERE, "..", "fixtures")
 BLOCK = 512
 FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "vdi": ".vdi",
            "dmg": ".dmg", "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle",
-           "iso": ".iso", "ova": ".ova", "vmdk": ".vmdk"}
+           "iso": ".iso", "ova": ".ova", "vmdk": ".vmdk", "qcow": ".qcow", "qed": ".qed",
+           "parallels": ".hds"}
 EPOCH = "1700000000"            # SOURCE_DATE_EPOCH for every seed made here
 CPU_SECONDS = 10                # per input; valid seeds take milliseconds
 WALL_SECONDS = 60               # per input: a backstop for what does not use the CPU
@@ -311,6 +312,41 @@ def make_seeds(fmt: str, d: str) -> list[str]:
     elif fmt == "sparsebundle":
         _bundle_seed(p("b.bundle"))
         seeds = [p("b.bundle")]
+    elif fmt == "qcow":
+        # plain and compressed (qemu-img 7.2 exits 1 after writing a compressed qcow,
+        # the image complete), and an overlay of a parent with a write of its own
+        _sh("qemu-img", "convert", "-O", "qcow", small, p("q.qcow"))
+        subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow", small, p("z.qcow")],
+                       timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _sh("qemu-img", "create", "-q", "-f", "qcow", p("parent.qcow"), "1M")
+        _sh("qemu-img", "create", "-q", "-f", "qcow", "-b", "parent.qcow", "-F", "qcow",
+            p("child.qcow"))
+        _sh("qemu-io", "-c", "write -P 0xa5 1k 2k", p("child.qcow"))
+        seeds = [p("q.qcow"), p("z.qcow"), p("child.qcow")]
+    elif fmt == "qed":
+        # small clusters with data, and an overlay with data and a zero cluster
+        _sh("qemu-img", "convert", "-O", "qed", "-o", "cluster_size=4096", small,
+            p("q.qed"))
+        _sh("qemu-img", "create", "-q", "-f", "qed", p("parent.qed"), "1M")
+        _sh("qemu-img", "create", "-q", "-f", "qed", "-b", "parent.qed", "-F", "qed",
+            p("child.qed"))
+        _sh("qemu-io", "-c", "write -P 0xa5 1k 2k", "-c", "write -z 64k 64k",
+            p("child.qed"))
+        seeds = [p("q.qed"), p("child.qed")]
+    elif fmt == "parallels":
+        # qemu's "WithouFreSpacExt" with 4 KiB clusters, and the same rewritten as a
+        # "WithoutFreeSpace" image (BAT in sectors)
+        _sh("qemu-img", "convert", "-O", "parallels", "-o", "cluster_size=4k", small,
+            p("new.hds"))
+        data = bytearray(open(p("new.hds"), "rb").read())
+        import struct
+        tracks, n = struct.unpack_from("<II", data, 28)
+        bat = struct.unpack_from(f"<{n}I", data, 64)
+        data[:16] = b"WithoutFreeSpace"
+        struct.pack_into(f"<{n}I", data, 64, *(e * tracks for e in bat))
+        with open(p("old.hds"), "wb") as f:
+            f.write(data)
+        seeds = [p("new.hds"), p("old.hds")]
     elif fmt == "iso":
         tree = p("tree")
         os.makedirs(os.path.join(tree, "a", "b"))

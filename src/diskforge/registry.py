@@ -285,10 +285,6 @@ def read_probe_window(path: str) -> tuple[bytes, bytes, int]:
 # show the container instead of the disk inside it, and a VM booted on it would write
 # into the container: so probing refuses them, and ``-f raw`` reads the bytes on purpose.
 UNREAD_SIGNATURES = (
-    (0, b"QED\x00", "QED"),
-    (0, b"QFI\xfb\x00\x00\x00\x01", "qcow version 1"),
-    (0, b"WithoutFreeSpace", "Parallels"),
-    (0, b"WithouFreSpacExt", "Parallels"),
     (0, b"shdw\x00\x00\x00\x01", "Apple ASIF"),  # magic, version 1 (big-endian)
 )
 
@@ -397,8 +393,6 @@ def _best(path: str, head: bytes, tail: bytes, size: int, backend=None) -> Forma
 def _probe_directory(path: str) -> Format | None:
     """Some formats are directories (DMG sparse bundles): plugins probe them by a
     ``probe_directory(path)`` method when they have one."""
-    if os.path.exists(os.path.join(path, "DiskDescriptor.xml")):
-        raise UnsupportedError("not supported yet: Parallels disk bundles", path)
     for plugin in all_formats().values():
         fn = getattr(plugin, "probe_directory", None)
         if fn is not None and fn(path):
