@@ -55,11 +55,14 @@ def __getattr__(name: str):
 
 
 def open(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
-         policy: "OpenPolicy | None" = None, snapshot: str | None = None) -> "BlockDevice":
+         policy: "OpenPolicy | None" = None, snapshot: str | None = None,
+         disk: "str | int | None" = None) -> "BlockDevice":
     """Open an image as a BlockDevice (format probed unless given); ``snapshot`` (ID or
-    name) opens an internal snapshot as a read-only view."""
+    name) opens an internal snapshot as a read-only view; ``disk`` picks one disk of an
+    OVA or OVF (its file name, disk id or 1-based number; ``"vm.ova:NAME"`` too)."""
     from .registry import open_image
-    return open_image(path, fmt, writable=writable, policy=policy, snapshot=snapshot)
+    return open_image(path, fmt, writable=writable, policy=policy, snapshot=snapshot,
+                      member=disk)
 
 
 def create(path: str | os.PathLike, size: int, fmt: str | None = None,
