@@ -57,6 +57,7 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     import json
+    import sys
 
     from ..errors import printable
     from ..export.importer import import_ova
@@ -87,7 +88,7 @@ def cmd_import(args) -> int:
         for path in [d.output for d in plan.disks] + [plan.xml]:
             print(printable(path))
         for note in plan.notes:
-            print(f"note: {printable(note)}")
+            print(f"diskforge: note: {printable(note)}", file=sys.stderr)
     return EXIT_OK
 
 
