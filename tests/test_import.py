@@ -276,6 +276,15 @@ def test_empty_disk_created_from_capacity(tmp_path):
     info = qemu_img_json("info", str(tmp_path / "out" / "data.qcow2"))
     assert info["virtual-size"] == 2 * MIB
     assert qemu_img_json("map", str(tmp_path / "out" / "data.qcow2"))[0]["data"] is False
+    # an absurd capacity: the writer's own limit, one line naming the output and disk
+    huge = text.replace('ovf:capacity="2" ovf:capacityAllocationUnits="byte * 2^20"',
+                        'ovf:capacity="1" ovf:capacityAllocationUnits="byte * 2^60"')
+    assert huge != text
+    ova = _variant(tmp_path, huge, {"sys.qcow2": str(tmp_path / "s.qcow2")})
+    code, _, err = cli("import", ova, str(tmp_path / "huge"))
+    one_line_error(code, err)
+    assert "data.qcow2: disk 2 'data' (1152921504606846976 bytes)" in err
+    assert not (tmp_path / "huge").exists()
 
 
 def test_existing_output_refused_untouched(two, tmp_path):

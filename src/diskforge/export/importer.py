@@ -405,6 +405,18 @@ def _sizes(plan: ImportPlan, path: str, source_fmt, policy) -> None:
         d.size = -(-d.size // 512) * 512
 
 
+def _name_final(e: BaseException, stage: str | None, d: DiskPlan | None) -> None:
+    """An error about a file in the staging directory names the output the user asked
+    for instead, and which disk it was (a writer refusing the size, a full disk)."""
+    from ..errors import DiskforgeError, printable
+    if not (isinstance(e, DiskforgeError) and stage and e.path and d is not None and
+            os.path.abspath(e.path).startswith(stage + os.sep)):
+        return
+    e.path = d.output
+    e.message = f"disk {d.number} '{d.disk_id}' ({d.size} bytes): {e.message}"
+    e.args = (f"{printable(e.path)}: {printable(e.message)}",)
+
+
 def _run(plan: ImportPlan, path: str, source_fmt, plugin, wopts, progress,
          policy) -> None:
     import tempfile
@@ -420,11 +432,13 @@ def _run(plan: ImportPlan, path: str, source_fmt, plugin, wopts, progress,
     placed: list[str] = []
     stage = None
     ok = False
+    current: DiskPlan | None = None
     try:
         stage = tempfile.mkdtemp(prefix=".import-", suffix=".diskforge-tmp",
                                  dir=plan.outdir)
         done = 0
         for d in plan.disks:
+            current = d
             staged = os.path.join(stage, os.path.basename(d.output))
             writer = plugin.writer(staged, d.size, wopts)
             if d.file is None:
@@ -438,6 +452,7 @@ def _run(plan: ImportPlan, path: str, source_fmt, plugin, wopts, progress,
             with open_image(path, source_fmt, policy=policy, member=d.number) as dev:
                 convert(dev, writer, progress=step)
             done += d.size
+        current = None
         m = Machine(name=plan.name, disk_path="", memory_mib=plan.memory_mib,
                     cpus=plan.cpus, firmware=plan.firmware,
                     disks=[DiskSpec(d.output, plan.format, d.bus, d.scsi_model)
@@ -456,7 +471,8 @@ def _run(plan: ImportPlan, path: str, source_fmt, plugin, wopts, progress,
             os.rename(os.path.join(stage, os.path.basename(final)), final)
             placed.append(final)
         ok = True
-    except BaseException:
+    except BaseException as e:
+        _name_final(e, stage, current)
         for final in placed:
             try:
                 os.unlink(final)
