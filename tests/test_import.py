@@ -132,15 +132,22 @@ REAL = {
 }
 
 
-@pytest.mark.parametrize("descriptor", sorted(REAL))
-def test_real_descriptors(descriptor, tmp_path):
-    """COT's descriptors, each with a qcow2 disk made by qemu-img under the file name
-    the descriptor references (the disk's format is probed, never taken from it)."""
+@pytest.mark.parametrize("descriptor, disk_format",
+                         [(d, "qcow2") for d in sorted(REAL)] +
+                         [("vmware.ovf", "vmdk-stream"), ("input.ovf", "raw"),
+                          ("ubuntu.2.0.ovf", "vpc")])
+def test_real_descriptors(descriptor, disk_format, tmp_path):
+    """COT's descriptors, each with a disk made by qemu-img (qcow2, raw, VHD, stream
+    VMDK) under the file name the descriptor references (the disk's format is probed,
+    never taken from the descriptor)."""
     from diskforge.formats.ova.ovf import parse
+    if disk_format == "vmdk-stream" and not vmdk_readable():
+        pytest.skip("no VMDK reader registered yet (registry.get('vmdk').can_read is"
+                    " false): the reader lands with the VMDK issue")
     with open(fixture(descriptor), "rb") as f:
         text = f.read()
     env = parse(text, descriptor)
-    disk = make_disk(str(tmp_path / "d.qcow2"), "qcow2")
+    disk = make_disk(str(tmp_path / "d.img"), disk_format)
     href = env.disks[0].file.href
     extra = {f.href: b"not a disk\n" for f in env.files if f.href != href}
     ova = build_ova(str(tmp_path / "vm.ova"), text, descriptor, {href: disk},
