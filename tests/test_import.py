@@ -243,6 +243,9 @@ BASE = two_disk_ovf("sys.qcow2", "data.qcow2")
     ("href", BASE.replace('ovf:href="data.qcow2"', 'ovf:href="../data.qcow2"'),
      "File.href"),
     ("missing", BASE.replace('ovf:href="data.qcow2"', 'ovf:href="gone.qcow2"'), "gone"),
+    ("nics", BASE.replace("<vmw:Config", "<Item><rasd:InstanceID>9</rasd:InstanceID>"
+                          "<rasd:ResourceType>10</rasd:ResourceType></Item>" * 65
+                          + "<vmw:Config"), "ResourceType=10"),
 ])
 def test_hostile_descriptor_one_line_nothing_written(case, text, field, tmp_path):
     ova = _variant(tmp_path, text)
@@ -272,6 +275,15 @@ def test_hostile_names_stay_in_outdir(tmp_path):
     assert not (tmp_path / "etc").exists()
     assert machine(validate(str(out / "evil.xml")))["files"] == ["x.qcow2", "data.qcow2"]
     assert ET.parse(out / "evil.xml").getroot().findtext("name") == "evil"
+
+
+def test_safe_names():
+    from diskforge.export.importer import safe_name
+    assert safe_name("../../etc/passwd", "d") == "passwd"
+    assert safe_name("C:\\vms\\disk 1.vmdk", "d") == "disk_1.vmdk"
+    assert safe_name("..", "d") == "d" and safe_name(".bashrc", "d") == "bashrc"
+    assert safe_name("a\x00b\nc", "d") == "a_b_c"
+    assert len(safe_name("x" * 500, "d")) == 100
 
 
 def test_empty_disk_created_from_capacity(tmp_path):
@@ -337,3 +349,26 @@ def test_failing_second_disk_leaves_nothing(tmp_path):
     code, _, err = cli("import", ova, str(tmp_path / "out"))
     one_line_error(code, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_domain_xml_mixed_buses_and_scsi_models(tmp_path):
+    """Two SCSI models get a controller each and the disks an address on theirs;
+    target names count per prefix (vd*, sd* shared by SCSI and SATA)."""
+    from diskforge.export.domain_xml import DiskSpec, Machine, domain_xml
+    m = Machine(name="mixed", disk_path="", nics=["e1000", "virtio"],
+                disks=[DiskSpec("/v/a.qcow2", bus="scsi", scsi_model="lsilogic"),
+                       DiskSpec("/v/b.qcow2", bus="sata"),
+                       DiskSpec("/v/c.qcow2", bus="scsi", scsi_model="vmpvscsi"),
+                       DiskSpec("/v/d.qcow2", bus="virtio"),
+                       DiskSpec("/v/e.qcow2", bus="scsi", scsi_model="lsilogic")])
+    path = tmp_path / "mixed.xml"
+    path.write_bytes(domain_xml(m))
+    dom = validate(str(path))
+    disks = dom.findall("devices/disk")
+    assert [d.find("target").get("dev") for d in disks] == ["sda", "sdb", "sdc", "vda",
+                                                           "sdd"]
+    assert [(a.get("controller"), a.get("unit")) for a in
+            (d.find("address") for d in disks) if a is not None] == \
+        [("0", "0"), ("1", "0"), ("0", "1")]
+    assert machine(dom)["scsi"] == ["lsilogic", "vmpvscsi"]
+    assert machine(dom)["nics"] == ["e1000", "virtio"]

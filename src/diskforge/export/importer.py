@@ -19,7 +19,7 @@ What is written in OUTDIR (created when missing):
   VM was given that much);
 - ``NAME.xml``, the domain (``NAME`` is the virtual system's name, made safe the
   same way): CPUs and memory from the hardware items, firmware (``efi`` when the
-  OVF says so, else BIOS), machine q35, the disks in the order of the hardware
+  OVF says so: VMware's ``efi``, VirtualBox's ``EFI``/``EFI64``..., else BIOS), machine q35, the disks in the order of the hardware
   section's disk items (disks no item attaches are written but left out of the XML,
   and the plan says so), NICs on libvirt's ``default`` network (the OVF's network
   names mean nothing on the host).
@@ -204,7 +204,9 @@ def _hardware(env, path: str, opts: dict) -> tuple[str, int, int, str]:
                                   path, structure="VirtualHardwareSection",
                                   field="Item(ResourceType=4).VirtualQuantity")
             memory = -(-vs.memory // MiB)
-    firmware = opts.get("firmware") or ("efi" if (vs.firmware or "") == "efi" else "bios")
+    # VMware writes "efi"; VirtualBox "EFI", "EFI32", "EFI64" or "EFIDUAL"
+    firmware = opts.get("firmware") or \
+        ("efi" if (vs.firmware or "").startswith("efi") else "bios")
     return name, cpus, memory, firmware
 
 
@@ -332,9 +334,9 @@ def _check_opts(opts: dict) -> None:
         raise UsageError(f"unknown import option(s): {', '.join(unknown)} (known:"
                          f" {', '.join(sorted(known))})")
     from .base import ExportOptions
-    ExportOptions(cpus=opts.get("cpus") or 1, memory=opts.get("memory") or 1024,
-                  name=opts.get("name") or "",
-                  firmware=opts.get("firmware") or "bios").validate()
+    given = {k: opts[k] for k in ("cpus", "memory", "name", "firmware")
+             if opts.get(k) is not None}
+    ExportOptions(**given).validate()
     if opts.get("bus") not in (None, *BUSES):
         raise UsageError(f"invalid --bus '{opts['bus']}': {', '.join(BUSES)}")
     model = opts.get("nic_model")
