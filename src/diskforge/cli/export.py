@@ -93,7 +93,6 @@ def cmd_import(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    add_import_parser(sub)
     from ..export import TARGETS
     p = sub.add_parser(
         "export", help="write an image the way a cloud or hypervisor imports it"
@@ -122,6 +121,7 @@ def add_parsers(sub) -> None:
     add_policy_args(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="SRC OUT, or FILE with --check")
     p.set_defaults(func=cmd_export)
+    add_import_parser(sub)
 
 
 def add_import_parser(sub) -> None:

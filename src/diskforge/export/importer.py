@@ -59,7 +59,9 @@ Atomic as a whole: everything is written into a hidden staging directory in OUTD
 (``.import-XXXXXXXX.diskforge-tmp``), then renamed into place; a failure or an
 interruption removes the staging directory and whatever was already renamed, so an
 aborted import leaves nothing (and OUTDIR itself is removed again when the import
-created it). An existing file under an output name is never overwritten.
+created it). Only a process killed outright (``kill -9``, a power cut) can leave the
+hidden staging directory behind; nothing is ever left under an output name. An
+existing file under an output name is never overwritten.
 
 Not supported yet: VirtualSystemCollection packages (several virtual systems),
 CD/DVD and floppy drives (the plan lists how many were left out), the OVF's network
@@ -298,11 +300,12 @@ def plan_import(dev, path: str, outdir: str, fmt: str, opts: dict) -> ImportPlan
                                        ctrl.get("type") == "scsi" else None)
         order.append(d)
     if not vs.disks:        # no disk items at all: attach every disk, in order
+        bus = opts.get("bus") or "virtio"
         for d in disks:
-            d.attached, d.bus = True, opts.get("bus") or "virtio"
+            d.attached, d.bus = True, bus
             order.append(d)
-        notes.append("the hardware section has no disk drives: every disk attached"
-                     " on virtio")
+        notes.append(f"the hardware section has no disk drives: every disk attached"
+                     f" on {bus}")
     for d in disks:
         if not d.attached:
             notes.append(f"disk {d.number} '{d.disk_id}' is attached to no drive of the"
