@@ -9,7 +9,7 @@ quirks of real packages are in ``formats/ova.md``; the modules here:
 - ``tar``: indexing the archive in place (ustar, GNU, pax);
 - ``ovf``: the descriptor, parsed safely (expat, bounded, no DTDs);
 - ``manifest``: the ``.mf`` in every spelling tools write;
-- ``package``: the two forms (tar, folder) as files by name;
+- ``package``: the two forms (tar, folder) as files by name, chunked files joined;
 - ``device``: the BlockDevice over the chosen disk, ``info``, ``verify``.
 
 Imports go one way: tar, ovf, manifest <- package <- device. Probing imports only

@@ -6,7 +6,8 @@ a reader for any file of the package), so the device and the manifest check do n
 care which one they hold. In a tar a file is a member found by exact name (nothing
 is opened on disk by a member's name); beside an ``.ovf`` it is a file resolved
 through the open policy, like a backing file (confined to the descriptor's
-directory unless the user allowed more).
+directory unless the user allowed more). A chunked file (``ovf:chunkSize``) is its
+chunks read as one (``Joined``).
 """
 
 from __future__ import annotations
