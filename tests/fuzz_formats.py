@@ -52,9 +52,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "fixtures")
 BLOCK = 512
 FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "vdi": ".vdi",
-           "dmg": ".dmg",
-           "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle", "iso": ".iso",
-           "ova": ".ova"}
+           "dmg": ".dmg", "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle",
+           "iso": ".iso", "ova": ".ova"}
 EPOCH = "1700000000"            # SOURCE_DATE_EPOCH for every seed made here
 CPU_SECONDS = 10                # per input; valid seeds take milliseconds
 WALL_SECONDS = 60               # per input: a backstop for what does not use the CPU
