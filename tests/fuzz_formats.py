@@ -53,7 +53,7 @@ FIXTURES = os.path.join(HERE, "..", "fixtures")
 BLOCK = 512
 FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "vdi": ".vdi",
            "dmg": ".dmg", "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle",
-           "iso": ".iso", "ova": ".ova"}
+           "iso": ".iso", "ova": ".ova", "vmdk": ".vmdk"}
 EPOCH = "1700000000"            # SOURCE_DATE_EPOCH for every seed made here
 CPU_SECONDS = 10                # per input; valid seeds take milliseconds
 WALL_SECONDS = 60               # per input: a backstop for what does not use the CPU
@@ -278,6 +278,8 @@ def make_seeds(fmt: str, d: str) -> list[str]:
             f.seek(-(-size // (1 << 20)) * (1 << 20))
             f.write(bytes(1 << 20))
         seeds = [p("d.vhdx"), p("child.vhdx"), p("log.vhdx")]
+    elif fmt == "vmdk":
+        seeds = _vmdk_seeds(d)
     elif fmt == "vdi":
         # qemu's (dynamic with data, static), ours (1 MiB blocks, and 4 KiB blocks with
         # a zero entry), and a differencing child of ours beside its parent
@@ -344,6 +346,41 @@ def make_seeds(fmt: str, d: str) -> list[str]:
                 member)
             seeds.append(p(name + ".ova"))
     return seeds
+
+
+def _vmdk_seeds(d: str) -> list[str]:
+    """Hand-built (so pinned: qemu-img picks random CIDs) hosted sparse files of every
+    flag (grain sizes, zeroed grains, compressed grains with markers, a parent), a
+    descriptor file naming a flat extent, an ESX COWD extent, and the committed
+    qemu-made fixture."""
+    sys.path.insert(0, HERE)
+    import struct
+
+    from vmdk_helpers import build, descriptor
+    p = lambda name: os.path.join(d, name)  # noqa: E731
+    data = {0: bytes(range(256)) * 16, 2: b"\x55" * 4096}
+    build(p("m.vmdk"), 256, data, grain=8, gtes=16, zeroed=(5,),
+          desc=descriptor(256, "m.vmdk"))
+    build(p("s.vmdk"), 256, data, grain=8, gtes=16, compress=True, markers=True,
+          version=3, desc=descriptor(256, "s.vmdk", create_type="streamOptimized"))
+    build(p("parent.vmdk"), 256, {1: b"\xaa" * 4096}, grain=8, gtes=16,
+          desc=descriptor(256, "parent.vmdk", cid="0000abcd"))
+    build(p("child.vmdk"), 256, {3: b"\xbb" * 100}, grain=8, gtes=16,
+          desc=descriptor(256, "child.vmdk", parent="parent.vmdk", parent_cid="0000abcd"))
+    with open(p("flat.vmdk"), "w") as f:
+        f.write(descriptor(64, "parent.vmdk", create_type="monolithicFlat",
+                           extent_type="FLAT").replace('vmdk"\n\n#', 'vmdk" 1\nRW 8 ZERO\n\n#'))
+    cowd = bytearray(2048 + 512 + 4 * 4096 + 512)
+    struct.pack_into("<4sIIIIIII", cowd, 0, b"COWD", 1, 3, 64, 1, 4, 1, 0)
+    struct.pack_into("<I", cowd, 2048, 5)                   # grain table at sector 5
+    struct.pack_into("<I", cowd, 2560 + 4 * 3, (len(cowd) - 512) // 512)
+    cowd[-512:] = b"\xcc" * 512
+    with open(p("cowd.vmdk"), "wb") as f:
+        f.write(cowd)
+    shutil.copy(os.path.join(FIXTURES, "vmdk", "dfvfs_qemu_ext2_monolithicSparse.vmdk"),
+                p("q.vmdk"))
+    return [p(n) for n in ("m.vmdk", "s.vmdk", "child.vmdk", "flat.vmdk", "cowd.vmdk",
+                           "q.vmdk")]
 
 
 def encode(path: str) -> tuple[dict, bytes]:

@@ -174,7 +174,7 @@ def test_driver_choice_matches_what_qemu_reads(request, tmp_path, build, want, q
 
 
 def test_formats_qemu_only_reads_go_direct_when_named(tmp_path):
-    """vmdk has no diskforge plugin yet: ``-f vmdk`` attaches QEMU's driver."""
+    """A qemu-made VMDK, which QEMU reads as diskforge does, attaches QEMU's driver."""
     need("qemu-img")
     d = str(tmp_path)
     src = make_sparse(os.path.join(d, "src.raw"), SIZE, LAYOUT)

@@ -232,13 +232,15 @@ class Extent:
     ``allocated`` and ``host_offset`` exist for ``map`` (qemu-img's ``present`` and
     ``offset``): a ZERO extent may be a zero cluster stored here (allocated) or a hole
     (not allocated); ``host_offset`` is where the bytes live in this layer's file, when
-    they live in one place contiguously.
+    they live in one place contiguously. ``host_file`` names that file when it is not
+    the layer's own (a VMDK's separate extent files); None means the layer's file.
     """
     offset: int
     length: int
     kind: ExtentKind
     allocated: bool = True
     host_offset: int | None = None
+    host_file: str | None = None
 
     @property
     def end(self) -> int:
@@ -252,12 +254,12 @@ def coalesce(extents) -> Iterator[Extent]:
         if e.length <= 0:
             continue
         if (cur is not None and cur.end == e.offset and cur.kind is e.kind
-                and cur.allocated == e.allocated
+                and cur.allocated == e.allocated and cur.host_file == e.host_file
                 and ((cur.host_offset is None and e.host_offset is None)
                      or (cur.host_offset is not None and e.host_offset is not None
                          and cur.host_offset + cur.length == e.host_offset))):
             cur = Extent(cur.offset, cur.length + e.length, cur.kind, cur.allocated,
-                         cur.host_offset)
+                         cur.host_offset, cur.host_file)
         else:
             if cur is not None:
                 yield cur
@@ -311,8 +313,8 @@ def _chain_extents(dev: "BlockDevice", offset: int, length: int,
             yield LayerExtent(e, depth, dev)
         else:
             host = None if e.host_offset is None else e.host_offset + start - e.offset
-            yield LayerExtent(Extent(start, stop - start, e.kind, e.allocated, host),
-                              depth, dev)
+            yield LayerExtent(Extent(start, stop - start, e.kind, e.allocated, host,
+                                     e.host_file), depth, dev)
         if pos >= end:
             return
     if pos < end:

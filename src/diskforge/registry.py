@@ -285,10 +285,6 @@ def read_probe_window(path: str) -> tuple[bytes, bytes, int]:
 # show the container instead of the disk inside it, and a VM booted on it would write
 # into the container: so probing refuses them, and ``-f raw`` reads the bytes on purpose.
 UNREAD_SIGNATURES = (
-    (0, b"KDMV", "VMDK (sparse extent)"),
-    (0, b"COWD", "VMDK (ESX COWD extent)"),
-    (0, b"# Disk DescriptorFile", "VMDK (descriptor)"),
-    (0, b"\xbe\xba\xfe\xca\x00\x00\x00\x00", "VMDK (seSparse extent)"),
     (0, b"QED\x00", "QED"),
     (0, b"QFI\xfb\x00\x00\x00\x01", "qcow version 1"),
     (0, b"WithoutFreeSpace", "Parallels"),

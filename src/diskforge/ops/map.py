@@ -55,11 +55,11 @@ def resolve(dev: BlockDevice, offset: int = 0,
             # subclusters, preallocated clusters): "present" false, "offset" set
             yield MapEntry(e.offset, e.length, depth, e.allocated, True, False,
                            e.host_offset,
-                           le.device.path if e.allocated and e.host_offset is not None
-                           else None)
+                           e.host_file or le.device.path
+                           if e.allocated and e.host_offset is not None else None)
         else:
             yield MapEntry(e.offset, e.length, depth, True, False, True, e.host_offset,
-                           le.device.path)
+                           e.host_file or le.device.path)
 
 
 def map_image(dev: BlockDevice, offset: int = 0,

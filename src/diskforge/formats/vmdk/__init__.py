@@ -8,8 +8,13 @@ in ``formats/vmdk.md``; the modules here:
 
 - ``structs``: the sparse extent header, markers, COWD header, constants (the leaf);
 - ``descriptor``: the text descriptor, parsed, validated and written;
-- ``device``: the BlockDevice (every extent kind, snapshot chains, check, writing in
-  place);
+- ``extents``: the extent interface, FLAT/VMFS, ZERO and NOACCESS extents;
+- ``sparse``: hosted sparse (KDMV, streamOptimized) and ESX COWD extents: grain
+  directories, compressed grains, writing in place;
+- ``sesparse``: ESXi seSparse extents (read only);
+- ``check``: grain directories and tables against the file;
+- ``device``: the BlockDevice (descriptor and extents opened through the policy,
+  snapshot chains, info, writing in place);
 - ``layout``: where the writers put things (sparse-extent layout, extent names, the
   descriptor written), and ``measure``;
 - ``parent``: a delta disk's parent CID, read from the parent's descriptor;
@@ -17,7 +22,8 @@ in ``formats/vmdk.md``; the modules here:
   delta disks);
 - ``stream``: the ImageWriter for streamOptimized, as ESXi and AWS accept it.
 
-Imports go one way: structs <- descriptor <- device, layout, parent <- writer <- stream.
+Imports go one way: structs <- descriptor, extents <- sparse, sesparse <- check <-
+device; structs <- descriptor <- layout, parent <- writer <- stream.
 
 This module stays light: probing imports nothing else.
 """
@@ -68,6 +74,7 @@ class VmdkFormat(Format):
     description = "VMware virtual disk: monolithic/split sparse and flat, streamOptimized," \
                   " ESX vmfs, snapshots"
     options = VmdkOptions
+    random_write = True     # hosted sparse and flat kinds; the device refuses the rest
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         from .structs import COWD_MAGIC, SESPARSE_MAGIC, SPARSE_MAGIC
@@ -75,6 +82,19 @@ class VmdkFormat(Format):
             return 100
         from .descriptor import looks_like_descriptor
         return 100 if looks_like_descriptor(head) else 0
+
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
+        from .device import VmdkDevice
+        return VmdkDevice(path, writable=writable, policy=policy, backend=backend,
+                          window=backend is not None)
+
+    def qemu_driver(self, device) -> str | None:
+        """QEMU's vmdk driver reads monolithic files and the descriptor kinds it
+        opens (monolithicFlat, vmfs, vmfsSparse, seSparse, twoGbMaxExtent*) as
+        diskforge does, but skips extent lines that are not RW (and ZERO extents),
+        which shortens the disk, and refuses reads through a parent whose CID does not
+        match: those are served over NBD (``VmdkDevice.qemu_readable``)."""
+        return "vmdk" if device.qemu_readable() else None
 
     def writer(self, path: str, size: int, options: Options, *, backing=None,
                seed: int | None = None):

@@ -145,3 +145,60 @@ def default_geometry(capacity_sectors: int, adapter_type: str) -> tuple[int, int
     geometry of SCSI disks, but VMware's tools expect the keys to be there."""
     heads, secs = (16, 63) if adapter_type == "ide" else (255, 63)
     return capacity_sectors // (heads * secs), heads, secs
+
+
+# The footer of a stream-optimized extent whose header says gdOffset == GD_AT_END: the
+# last three sectors are a footer marker, the footer (a header copy with the real
+# gdOffset) and the end-of-stream marker (spec: "Stream-Optimized Compressed Sparse
+# Extents"; found at end - 1536 bytes, as qemu's vmdk_open_vmdk4 looks for it).
+FOOTER_FROM_END = 3 * SECTOR
+
+# seSparse, as qemu's block/vmdk.c reads it ("format not officially documented"): a
+# const header in sector 0, a volatile header it points at, 64-bit grain directory and
+# grain table entries.
+SESPARSE_VOLATILE_MAGIC = b"\xfe\xca\xfe\xca\x00\x00\x00\x00"  # 0x00000000cafecafe
+SESPARSE_VERSION = 0x0000000200000001
+SESPARSE_GRAIN_SECTORS = 8            # the only grain size qemu (and ESXi) use
+SESPARSE_GT_SECTORS = 64              # grain table size, sectors: 4096 entries
+
+# qemu: VMDKSESparseConstHeader
+SESparseConstHeader = Struct(
+    "magic" / Bytes(8),
+    "version" / Int64ul,
+    "capacity" / Int64ul,
+    "grain_size" / Int64ul,
+    "grain_table_size" / Int64ul,
+    "flags" / Int64ul,
+    "reserved1" / Int64ul,
+    "reserved2" / Int64ul,
+    "reserved3" / Int64ul,
+    "reserved4" / Int64ul,
+    "volatile_header_offset" / Int64ul,
+    "volatile_header_size" / Int64ul,
+    "journal_header_offset" / Int64ul,
+    "journal_header_size" / Int64ul,
+    "journal_offset" / Int64ul,
+    "journal_size" / Int64ul,
+    "grain_dir_offset" / Int64ul,
+    "grain_dir_size" / Int64ul,
+    "grain_tables_offset" / Int64ul,
+    "grain_tables_size" / Int64ul,
+    "free_bitmap_offset" / Int64ul,
+    "free_bitmap_size" / Int64ul,
+    "backmap_offset" / Int64ul,
+    "backmap_size" / Int64ul,
+    "grains_offset" / Int64ul,
+    "grains_size" / Int64ul,
+    "pad" / Bytes(304),
+)
+assert SESparseConstHeader.sizeof() == SECTOR
+
+# qemu: VMDKSESparseVolatileHeader
+SESparseVolatileHeader = Struct(
+    "magic" / Bytes(8),
+    "free_gt_number" / Int64ul,
+    "next_txn_seq_number" / Int64ul,
+    "replay_journal" / Int64ul,
+    "pad" / Bytes(480),
+)
+assert SESparseVolatileHeader.sizeof() == SECTOR
