@@ -9,6 +9,7 @@ The Python API is small and stable::
     diskforge.create("new.qcow2", 10 << 30)
     print(diskforge.info("disk.qcow2").virtual_size)
     diskforge.export("disk.qcow2", "azure", "disk.vhd")    # a cloud's import rules
+    diskforge.import_ova("vm.ova", "vms/")             # disks + libvirt domain XML
 
 For images uploaded by others, pass ``policy=diskforge.OpenPolicy.untrusted()`` (or set
 ``DISKFORGE_UNTRUSTED=1``): confinement and backing-format rules in this process; run
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from .ops.convert import ConvertStats
     from .policy import OpenPolicy
 
-__all__ = ["open", "create", "convert", "info", "export", "DiskforgeError", "OpenPolicy"]
+__all__ = ["open", "create", "convert", "info", "export", "import_ova", "DiskforgeError",
+           "OpenPolicy"]
 
 
 def __getattr__(name: str):
@@ -116,3 +118,13 @@ def info(path: str | os.PathLike, fmt: str | None = None, *,
     from .registry import open_image
     with open_image(path, fmt, policy=policy) as dev:
         return dev.info()
+
+
+def import_ova(path: str | os.PathLike, outdir: str | os.PathLike = ".",
+               **opts: "Any") -> "Any":
+    """Import an OVF package (``.ova``, or ``.ovf`` with its files): each disk converted
+    into ``outdir`` (qcow2 unless ``fmt=``) and a libvirt domain XML from its hardware
+    section; returns the plan carried out (``dry_run=True``: only decided). Options
+    and the mapping rules: ``diskforge/export/importer.py``."""
+    from .export.importer import import_ova as run
+    return run(path, outdir, **opts)

@@ -4,6 +4,11 @@ define (https://libvirt.org/formatdomain.html): name, UUID, memory, vCPUs, firmw
 OVMF), the machine type, the disk (driver, source, target, bus), one NIC on libvirt's
 ``default`` network, a serial console.
 
+A machine with several disks (``import`` of an OVA) lists them in ``Machine.disks``
+(each with its own bus, and for SCSI the controller model: one SCSI controller per
+model, disks addressed to theirs) and its NIC models in ``Machine.nics``; the export
+targets leave both empty and describe their one disk and NIC with the flat fields.
+
 Built with ElementTree so every value is escaped; the result is what
 ``virt-xml-validate FILE domain`` accepts (tests/test_export_libvirt.py).
 """
@@ -12,7 +17,17 @@ from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DiskSpec:
+    """One disk of a machine with several: its file, format and bus (virtio, scsi,
+    sata); ``scsi_model`` is the libvirt SCSI controller model it hangs on."""
+    path: str
+    format: str = "qcow2"
+    bus: str = "virtio"
+    scsi_model: str = "virtio-scsi"
 
 
 @dataclass
@@ -29,9 +44,21 @@ class Machine:
     nic_model: str = "virtio"
     cache: str | None = None        # the disk driver's cache mode, when a target sets one
     uuid: str | None = None
+    disks: list[DiskSpec] = field(default_factory=list)   # empty: the one disk above
+    nics: list[str] | None = None   # NIC models; None: one NIC of ``nic_model``
 
 
-_TARGET_DEV = {"virtio": "vda", "scsi": "sda", "sata": "sda"}
+_DEV_PREFIX = {"virtio": "vd", "scsi": "sd", "sata": "sd"}
+
+
+def _dev_name(prefix: str, n: int) -> str:
+    """The n-th (0-based) target name as libvirt spells them: sda .. sdz, sdaa .."""
+    letters = ""
+    n += 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        letters = chr(ord("a") + r) + letters
+    return prefix + letters
 
 
 def domain_xml(m: Machine) -> bytes:
@@ -54,18 +81,31 @@ def domain_xml(m: Machine) -> bytes:
     ET.SubElement(dom, "on_reboot").text = "restart"
     ET.SubElement(dom, "on_crash").text = "destroy"
     devices = ET.SubElement(dom, "devices")
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    driver = {"name": "qemu", "type": m.disk_format}
-    if m.cache:
-        driver["cache"] = m.cache
-    ET.SubElement(disk, "driver", **driver)
-    ET.SubElement(disk, "source", file=m.disk_path)
-    ET.SubElement(disk, "target", dev=_TARGET_DEV[m.bus], bus=m.bus)
-    if m.bus == "scsi":
-        ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
-    nic = ET.SubElement(devices, "interface", type="network")
-    ET.SubElement(nic, "source", network="default")
-    ET.SubElement(nic, "model", type=m.nic_model)
+    disks = m.disks or [DiskSpec(m.disk_path, m.disk_format, m.bus)]
+    scsi_models = list(dict.fromkeys(d.scsi_model for d in disks if d.bus == "scsi"))
+    used = {prefix: 0 for prefix in _DEV_PREFIX.values()}
+    units = [0] * len(scsi_models)
+    for d in disks:
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        driver = {"name": "qemu", "type": d.format}
+        if m.cache:
+            driver["cache"] = m.cache
+        ET.SubElement(disk, "driver", **driver)
+        ET.SubElement(disk, "source", file=d.path)
+        prefix = _DEV_PREFIX[d.bus]
+        ET.SubElement(disk, "target", dev=_dev_name(prefix, used[prefix]), bus=d.bus)
+        used[prefix] += 1
+        if d.bus == "scsi" and len(scsi_models) > 1:
+            index = scsi_models.index(d.scsi_model)
+            ET.SubElement(disk, "address", type="drive", controller=str(index), bus="0",
+                          target="0", unit=str(units[index]))
+            units[index] += 1
+    for index, model in enumerate(scsi_models):
+        ET.SubElement(devices, "controller", type="scsi", index=str(index), model=model)
+    for model in ([m.nic_model] if m.nics is None else m.nics):
+        nic = ET.SubElement(devices, "interface", type="network")
+        ET.SubElement(nic, "source", network="default")
+        ET.SubElement(nic, "model", type=model)
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "target", port="0")
     console = ET.SubElement(devices, "console", type="pty")
