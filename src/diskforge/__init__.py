@@ -46,11 +46,17 @@ def __getattr__(name: str):
 
 
 def open(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
-         policy: "OpenPolicy | None" = None, snapshot: str | None = None) -> "BlockDevice":
+         policy: "OpenPolicy | None" = None, snapshot: str | None = None,
+         key: bytes | str | None = None) -> "BlockDevice":
     """Open an image as a BlockDevice (format probed unless given); ``snapshot`` (ID or
-    name) opens an internal snapshot as a read-only view."""
+    name) opens an internal snapshot as a read-only view; ``key`` is the passphrase of
+    an encrypted image (raw LUKS, qcow2 with ``encrypt.format=luks``; a str is taken
+    as UTF-8, as qemu's ``secret`` object takes its data)."""
     from .registry import open_image
-    return open_image(path, fmt, writable=writable, policy=policy, snapshot=snapshot)
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    return open_image(path, fmt, writable=writable, policy=policy, snapshot=snapshot,
+                      key=key)
 
 
 def create(path: str | os.PathLike, size: int, fmt: str | None = None,

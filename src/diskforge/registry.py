@@ -54,6 +54,8 @@ class Format:
     random_write: bool = False
     # True when open() takes ``snapshot=`` (a read-only view of an internal snapshot)
     snapshots: bool = False
+    # True when open() takes ``key=`` (the passphrase of an encrypted image, bytes)
+    takes_key: bool = False
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         """Confidence 0..100 that a file with this head and tail is in this format."""
@@ -366,6 +368,8 @@ def probe(path: str) -> Format:
                                    " their header); give -f raw to read the file's bytes"
                                    " as a raw disk", path)
         encrypted = encrypted_format(path, head, size)
+        if encrypted and "luks" in all_formats():  # by LUKS2's secondary header copy
+            return get("luks")
         if encrypted:
             raise UnsupportedError(f"encrypted ({encrypted}); not supported yet: reading"
                                    " encrypted images (give -f raw to read the encrypted"
@@ -400,8 +404,12 @@ def check_readable(path: str) -> None:
 
 def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
                policy: OpenPolicy | None = None,
-               snapshot: str | None = None) -> "BlockDevice":
+               snapshot: str | None = None, key: bytes | None = None) -> "BlockDevice":
     """Open ``path`` as a BlockDevice: with the named format, or by probing.
+
+    ``key`` is the passphrase of an encrypted image (LUKS, qcow2 with LUKS), given to
+    the formats that take one (``Format.takes_key``) and ignored by the others, as
+    qemu's ``key-secret`` is meaningless to an unencrypted image.
 
     Block devices (``/dev/...``) open as raw unless a format is named. ``snapshot``
     (an ID or name) opens that internal snapshot as a read-only view. Every file of
@@ -414,11 +422,11 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: boo
     if writable and policy.force_share:
         raise UsageError(FORCE_SHARE_WRITE, path)
     with force_share(policy.force_share):
-        return _open_image(path, fmt, writable, policy, snapshot)
+        return _open_image(path, fmt, writable, policy, snapshot, key)
 
 
 def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
-                snapshot: str | None) -> "BlockDevice":
+                snapshot: str | None, key: bytes | None = None) -> "BlockDevice":
     check_readable(path)
     if fmt:
         plugin = get(fmt)
@@ -437,4 +445,6 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
         if not plugin.snapshots:
             raise UnsupportedError(f"{plugin.name} images have no internal snapshots", path)
         return plugin.open(path, writable=writable, policy=policy, snapshot=snapshot)
+    if key is not None and plugin.takes_key:
+        return plugin.open(path, writable=writable, policy=policy, key=key)
     return plugin.open(path, writable=writable, policy=policy)
