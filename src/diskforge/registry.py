@@ -441,10 +441,11 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
                                " (convert to a writable format instead)", path)
     policy.check_referenced_format(path, plugin.name)
     policy = policy.descend(path)
+    extra: dict[str, object] = {}
+    if key is not None and plugin.takes_key:
+        extra["key"] = key
     if snapshot is not None:
         if not plugin.snapshots:
             raise UnsupportedError(f"{plugin.name} images have no internal snapshots", path)
-        return plugin.open(path, writable=writable, policy=policy, snapshot=snapshot)
-    if key is not None and plugin.takes_key:
-        return plugin.open(path, writable=writable, policy=policy, key=key)
-    return plugin.open(path, writable=writable, policy=policy)
+        extra["snapshot"] = snapshot
+    return plugin.open(path, writable=writable, policy=policy, **extra)
