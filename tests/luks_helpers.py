@@ -53,3 +53,44 @@ def luks2(path: str, *extra: str) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"cryptsetup luksFormat failed: {proc.stderr.decode()}")
     return path
+
+
+QEMU_SECRET = "secret,id=s0,data=x"
+
+
+def qemu_io_write(path: str, driver: str, *commands: str) -> None:
+    """Write known data into an encrypted image through qemu-io (QEMU encrypts it)."""
+    need("qemu-io")
+    key = "encrypt.key-secret" if driver == "qcow2" else "key-secret"
+    argv = ["qemu-io", "--object", QEMU_SECRET, "--image-opts",
+            f"driver={driver},{key}=s0,file.filename={path}"]
+    for c in commands:
+        argv += ["-c", c]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
+
+
+def qemu_plaintext(path: str, driver: str, out: str) -> str:
+    """What qemu-img reads from an encrypted image, as a raw file."""
+    key = "encrypt.key-secret" if driver == "qcow2" else "key-secret"
+    proc = subprocess.run(["qemu-img", "convert", "--object", QEMU_SECRET, "--image-opts",
+                           f"driver={driver},{key}=s0,file.filename={path}", "-O", "raw",
+                           out], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def cryptsetup_encrypt(plain: str, out: str, *extra: str, passphrase: bytes = b"x") -> str:
+    """A LUKS2 container made by cryptsetup's own (userspace, offline) encryption of
+    the raw file ``plain``: ``reencrypt --encrypt`` with ``--reduce-device-size 4M``
+    puts the header in front, so the first ``size(plain) - 4 MiB`` bytes of ``plain``
+    are what the container holds. No root or device-mapper needed."""
+    need("cryptsetup")
+    import shutil
+    shutil.copy(plain, out)
+    proc = subprocess.run(["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2",
+                           "--batch-mode", "--reduce-device-size", "4M", "--key-file", "-",
+                           *extra, out], input=passphrase, capture_output=True, timeout=120)
+    if proc.returncode != 0:
+        raise AssertionError(f"cryptsetup reencrypt failed: {proc.stderr.decode()}")
+    return out
