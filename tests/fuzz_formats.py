@@ -53,7 +53,9 @@ FIXTURES = os.path.join(HERE, "..", "fixtures")
 BLOCK = 512
 FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "vdi": ".vdi",
            "dmg": ".dmg",
-           "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle", "iso": ".iso"}
+           "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle", "iso": ".iso",
+           "luks": ".luks"}
+KEY = b"x"                      # the passphrase of the encrypted seeds
 EPOCH = "1700000000"            # SOURCE_DATE_EPOCH for every seed made here
 CPU_SECONDS = 10                # per input; valid seeds take milliseconds
 WALL_SECONDS = 60               # per input: a backstop for what does not use the CPU
@@ -322,6 +324,15 @@ def make_seeds(fmt: str, d: str) -> list[str]:
             p("x.iso"), tree)
         _df("iso", "build", "-q", "--udf", tree, p("u.iso"))
         seeds = [p("x.iso"), p("u.iso")]
+    elif fmt == "luks":
+        # committed (cryptsetup's salts and keys are random, so seeds made here would
+        # differ from run to run); their passphrase is KEY
+        import gzip
+        for name in ("cryptsetup261_luks1_cbc_essiv.img", "cryptsetup261_luks2_argon2id.img"):
+            with gzip.open(os.path.join(FIXTURES, "luks", name + ".gz")) as f, \
+                    open(p(name), "wb") as out:
+                out.write(f.read())
+            seeds.append(p(name))
     return seeds
 
 
@@ -421,7 +432,7 @@ def exercise(path: str, fmt: str) -> None:
     from diskforge.policy import OpenPolicy
     from diskforge.registry import open_image, probe
     probe(path)
-    with open_image(path, fmt, policy=OpenPolicy()) as dev:
+    with open_image(path, fmt, policy=OpenPolicy(), key=KEY) as dev:
         dev.info()
         first_data = None
         for e in islice(dev.extents(), MAX_EXTENTS):
@@ -481,6 +492,15 @@ def child(d: str, libfuzzer_args: list[str]) -> None:
         # fuzz_cli.py).
         from diskforge.formats.dmg import reader
         reader.READAHEAD_BYTES = 0
+        # a LUKS header's KDF cost is capped at seconds of work, which is right for a
+        # user's command but would let mutated costs eat the fuzzing budget: the caps
+        # are lowered here (their checks run the same, against smaller numbers)
+        from diskforge.crypto import kdf
+        kdf.PBKDF2_MAX_ITERATIONS = 20_000
+        kdf.BUDGET_PBKDF2_ITERATIONS = 40_000
+        kdf.ARGON2_MAX_MEMORY_KIB = 1024
+        kdf.ARGON2_MAX_TIME = 8
+        kdf.BUDGET_ARGON2_KIB_PASSES = 16384
     layouts = json.load(open(os.path.join(d, "layouts.json")))
     work = os.path.join(d, "work")
     crashes = os.path.join(d, "crashes")

@@ -9,13 +9,17 @@ more than a bounded time.
 The caps are above what cryptsetup and qemu-img write: cryptsetup benchmarks Argon2 to
 at most 1 GiB and 4 threads (``--pbkdf-memory`` accepts up to 4 GiB, which is refused
 here: a LimitError naming the field), and PBKDF2 to about 2 s of iterations on the
-machine that made the header (a few million on a fast one).
+machine that made the header (a few million on a fast one). Argon2's memory is the
+one allocation a valid header sizes beyond the per-command budget (``limits.py``), so
+it may use four times that budget: 1 GiB normally, 256 MiB in untrusted mode (whose
+budget is lower), where a header made on a big machine is refused rather than run.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+from .. import limits
 from ..errors import LimitError, UnsupportedError
 from .ciphers import hash_name
 
@@ -66,8 +70,9 @@ def argon2(kind: str, password: bytes, salt: bytes, time: int, memory_kib: int,
            budget: KdfBudget | None = None) -> bytes:
     """Argon2i or Argon2id (RFC 9106), with cryptsetup's parameter names: ``time``
     passes over ``memory_kib`` KiB with ``lanes`` lanes."""
+    memory_cap = min(ARGON2_MAX_MEMORY_KIB, 4 * limits.MEMORY_BUDGET >> 10)
     for field, value, top in (("time", time, ARGON2_MAX_TIME),
-                              ("memory", memory_kib, ARGON2_MAX_MEMORY_KIB),
+                              ("memory", memory_kib, memory_cap),
                               ("cpus", lanes, ARGON2_MAX_LANES)):
         if value < 1:
             raise LimitError(f"{where}.{field}: {value} is not a valid Argon2 cost", path)
