@@ -292,7 +292,6 @@ UNREAD_SIGNATURES = (
     (0, b"QFI\xfb\x00\x00\x00\x01", "qcow version 1"),
     (0, b"WithoutFreeSpace", "Parallels"),
     (0, b"WithouFreSpacExt", "Parallels"),
-    (0, b"shdw\x00\x00\x00\x01", "Apple ASIF"),  # magic, version 1 (big-endian)
 )
 
 
