@@ -54,7 +54,7 @@ BLOCK = 512
 FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "vdi": ".vdi",
            "dmg": ".dmg",
            "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle", "iso": ".iso",
-           "luks": ".luks"}
+           "luks": ".luks", "asif": ".asif"}
 KEY = b"x"                      # the passphrase of the encrypted seeds
 EPOCH = "1700000000"            # SOURCE_DATE_EPOCH for every seed made here
 CPU_SECONDS = 10                # per input; valid seeds take milliseconds
@@ -324,6 +324,23 @@ def make_seeds(fmt: str, d: str) -> list[str]:
             p("x.iso"), tree)
         _df("iso", "build", "-q", "--udf", tree, p("u.iso"))
         seeds = [p("x.iso"), p("u.iso")]
+    elif fmt == "asif":
+        # no tool on Linux writes ASIF: a small image laid out as formats/asif.md says
+        # (the real sample is AGPL and 261 MiB), chunks of 64 KiB
+        import struct
+        chunk = 64 << 10
+        buf = bytearray(4 * chunk)
+        struct.pack_into(">4sIII QQ 16s QQ IHH Q", buf, 0, b"shdw", 1, 512, 0, 512, 1024,
+                         bytes(range(16)), 4 * chunk // 512, 4 * chunk // 512, chunk, 512,
+                         0, 0)
+        struct.pack_into(">QQ", buf, 512, 2, 1)
+        struct.pack_into(">QQ", buf, 1024, 1, 0)
+        struct.pack_into(">QQQ", buf, chunk, 2, 0, 3)
+        buf[2 * chunk:2 * chunk + 4096] = b"\xa0" * 4096
+        buf[3 * chunk:3 * chunk + 4096] = b"\xa2" * 4096
+        with open(p("s.asif"), "wb") as f:
+            f.write(buf)
+        seeds = [p("s.asif")]
     elif fmt == "luks":
         # committed (cryptsetup's salts and keys are random, so seeds made here would
         # differ from run to run); their passphrase is KEY
