@@ -3,6 +3,8 @@ with LUKS, cryptsetup for LUKS2."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 
 import pytest
@@ -94,3 +96,21 @@ def cryptsetup_encrypt(plain: str, out: str, *extra: str, passphrase: bytes = b"
     if proc.returncode != 0:
         raise AssertionError(f"cryptsetup reencrypt failed: {proc.stderr.decode()}")
     return out
+
+
+def rewrite_luks2(path: str, mutate) -> None:
+    """Rewrite both copies of a LUKS2 header's JSON with ``mutate(meta)`` (a dict, or
+    the JSON text as bytes), checksums recomputed, so only the JSON is hostile."""
+    with open(path, "r+b") as f:
+        head = f.read(8 << 20)
+        hdr_size = int.from_bytes(head[8:16], "big")
+        for off in (0, hdr_size):
+            area = bytearray(head[off:off + hdr_size])
+            meta = json.loads(area[4096:].split(b"\0", 1)[0])
+            new = mutate(meta)
+            text = new if isinstance(new, bytes) else json.dumps(new).encode()
+            area[4096:] = text[:hdr_size - 4096].ljust(hdr_size - 4096, b"\0")
+            area[448:512] = bytes(64)
+            area[448:480] = hashlib.sha256(area).digest()
+            f.seek(off)
+            f.write(area)

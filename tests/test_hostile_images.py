@@ -446,3 +446,40 @@ def test_huge_empty_images_served_over_nbd(huge, fmt, tmp_path):
             raise
     with open(rss_file) as f:
         assert int(f.read().split()[-1]) * 1024 < RSS_LIMIT
+
+
+def test_luks2_header_asking_for_argon2_memory_beyond_the_cap(workdir):
+    """A LUKS2 key slot whose Argon2 would take 4 GiB (cryptsetup accepts that much)
+    is refused before the KDF runs: quickly, and without allocating it."""
+    pytest.importorskip("cryptography")
+    import base64
+    from luks_helpers import luks2, rewrite_luks2
+    path = luks2(os.path.join(workdir, "h.img"))
+
+    def greedy(meta):
+        meta["keyslots"]["0"]["kdf"] = {"type": "argon2id", "time": 4, "memory": 4 << 20,
+                                        "cpus": 4,
+                                        "salt": base64.b64encode(bytes(32)).decode()}
+        return meta
+    rewrite_luks2(path, greedy)
+    code, out, err, rss = measured("info", "--object", "secret,id=s,data=x", path)
+    ok_or_one_line(code, err, rss, "keyslot 0 kdf.memory")
+    assert code == 1
+
+
+def test_asif_directory_naming_one_table_many_times(workdir):
+    """Every entry of a huge ASIF's directory names the same allocated table: map and
+    convert do the table's work once, and stay small."""
+    chunk = 64 << 10
+    n = 4096
+    buf = bytearray(4 * chunk)
+    size = n * 6144 * chunk  # 6144 data chunks per table at 64 KiB chunks
+    struct.pack_into(">4sIII QQ 16s QQ IHH Q", buf, 0, b"shdw", 1, 512, 0, 4 * chunk,
+                     4 * chunk, bytes(16), size // 512, size // 512, chunk, 512, 0, 0)
+    struct.pack_into(">Q", buf, chunk, 2)
+    path = os.path.join(workdir, "h.asif")
+    with open(path, "wb") as f:
+        f.write(buf + struct.pack(">Q", 1) + struct.pack(">Q", 1) * n)
+    code, out, err, rss = measured("map", "--output", "json", path)
+    ok_or_one_line(code, err, rss)
+    assert code == 0 and out.count("\n") == 2 * n

@@ -22,7 +22,7 @@ import time
 import pytest
 from conftest import cli, need, one_line_error
 from luks_helpers import (QEMU_SECRET, cryptsetup_encrypt, luks2, qemu_img_encrypted,
-                          qemu_io_write, qemu_plaintext)
+                          qemu_io_write, qemu_plaintext, rewrite_luks2)
 
 pytest.importorskip("cryptography", reason="the 'cryptography' package (diskforge[luks])")
 
@@ -233,24 +233,6 @@ def test_writing_luks_is_not_supported_yet(small_luks1, workdir):
 
 def _luks2(workdir: str) -> str:
     return luks2(os.path.join(workdir, "h.img"), "--luks2-metadata-size", "16k")
-
-
-def rewrite_luks2(path: str, mutate) -> None:
-    """Rewrite both copies of a LUKS2 header's JSON with ``mutate(meta)`` (a dict, or
-    the JSON text as bytes), checksums recomputed, so only the JSON is hostile."""
-    with open(path, "r+b") as f:
-        head = f.read(8 << 20)
-        hdr_size = int.from_bytes(head[8:16], "big")
-        for off in (0, hdr_size):
-            area = bytearray(head[off:off + hdr_size])
-            meta = json.loads(area[4096:].split(b"\0", 1)[0])
-            new = mutate(meta)
-            text = new if isinstance(new, bytes) else json.dumps(new).encode()
-            area[4096:] = text[:hdr_size - 4096].ljust(hdr_size - 4096, b"\0")
-            area[448:512] = bytes(64)
-            area[448:480] = hashlib.sha256(area).digest()
-            f.seek(off)
-            f.write(area)
 
 
 def _slot(meta):
