@@ -89,8 +89,7 @@ def test_policy_refuses_loops_and_deep_chains(tmp_path):
     ("generated-local/qemu72_v1.qcow.gz", "qcow version 1"),
     ("parallels/expanding.hdd/expanding.hdd.0.{5fbaabe3-6958-40ff-92a7-860e329aab41}.hds.gz",
      "Parallels"),
-    ("asif/dissect_basic.asif.gz", "Apple ASIF"),
-])
+])  # ASIF: read since issue 16 (test_asif.py)
 def test_recognised_but_unread_formats_are_refused_not_read_as_raw(tmp_path, relpath, name):
     """Real samples of formats without a plugin: a clear "not supported yet", never a
     silent raw reading of the container (which a booted VM could then write into)."""
