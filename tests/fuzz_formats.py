@@ -52,9 +52,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "fixtures")
 BLOCK = 512
 FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "vdi": ".vdi",
-           "dmg": ".dmg",
-           "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle", "iso": ".iso",
-           "luks": ".luks", "asif": ".asif"}
+           "dmg": ".dmg", "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle",
+           "iso": ".iso", "ova": ".ova", "luks": ".luks", "asif": ".asif"}
 KEY = b"x"                      # the passphrase of the encrypted seeds
 EPOCH = "1700000000"            # SOURCE_DATE_EPOCH for every seed made here
 CPU_SECONDS = 10                # per input; valid seeds take milliseconds
@@ -324,6 +323,27 @@ def make_seeds(fmt: str, d: str) -> list[str]:
             p("x.iso"), tree)
         _df("iso", "build", "-q", "--udf", tree, p("u.iso"))
         seeds = [p("x.iso"), p("u.iso")]
+    elif fmt == "ova":
+        # real descriptors (VirtualBox's OVF 2.0, ovftool's 1.0) with a raw and a qcow2
+        # disk and a SHA256 manifest, in a ustar and a pax archive
+        _sh("qemu-img", "convert", "-O", "qcow2", small, p("q.qcow2"))
+        for name, ovf, disk, member, fmt_ in (
+                ("v", "ubuntu.2.0.ovf", small, "ubuntu.2.0-disk1.vmdk", "ustar"),
+                ("w", "vmware.ovf", p("q.qcow2"), "input.vmdk", "pax")):
+            stage = p(name + ".stage")
+            os.makedirs(stage)
+            shutil.copy(os.path.join(FIXTURES, "ova", ovf), stage)
+            shutil.copy(disk, os.path.join(stage, member))
+            with open(os.path.join(stage, ovf[:-4] + ".mf"), "w") as f:
+                for n in (ovf, member):
+                    digest = hashlib.sha256(open(os.path.join(stage, n), "rb").read())
+                    f.write(f"SHA256({n})= {digest.hexdigest()}\n")
+            pax = ["--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"]
+            _sh("tar", "-c", "-f", p(name + ".ova"), f"--format={fmt_}", "--owner=0",
+                "--group=0", "--numeric-owner", f"--mtime=@{EPOCH}",
+                *(pax if fmt_ == "pax" else ()), "-C", stage, ovf, ovf[:-4] + ".mf",
+                member)
+            seeds.append(p(name + ".ova"))
     elif fmt == "asif":
         # no tool on Linux writes ASIF: a small image laid out as formats/asif.md says
         # (the real sample is AGPL and 261 MiB), chunks of 64 KiB
@@ -451,6 +471,8 @@ def exercise(path: str, fmt: str) -> None:
     probe(path)
     with open_image(path, fmt, policy=OpenPolicy(), key=KEY) as dev:
         dev.info()
+        if fmt == "ova":        # the manifest check streams every member
+            dev.verify()
         first_data = None
         for e in islice(dev.extents(), MAX_EXTENTS):
             if first_data is None and e.kind.value == "data":

@@ -363,6 +363,63 @@ def test_vhdx_pending_log_that_extends_the_file_to_64_tib(workdir):
     assert os.path.getsize(out_img) < 64 * MIB
 
 
+# -- OVA: packages whose headers and descriptors ask for too much ---------------------
+
+def _ova(workdir: str, name: str, ovf_text: bytes, disk: str | None = None,
+         pax: dict | None = None) -> str:
+    """An OVA (descriptor first, then the disk) written by Python's tarfile, which
+    writes pax headers as asked."""
+    import io
+    import tarfile
+    path = os.path.join(workdir, name)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("vm.ovf")
+        info.size = len(ovf_text)
+        info.pax_headers = pax or {}
+        t.addfile(info, io.BytesIO(ovf_text))
+        if disk:
+            t.add(disk, "disk.vhd")
+    return path
+
+
+def _ovf_text(extra: str = "") -> bytes:
+    return ('<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/'
+            'envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References>'
+            '<File ovf:href="disk.vhd" ovf:id="f"/></References><DiskSection><Disk '
+            'ovf:diskId="d" ovf:fileRef="f" ovf:capacity="1"/></DiskSection>'
+            f'<VirtualSystem ovf:id="vm">{extra}</VirtualSystem></Envelope>').encode()
+
+
+def test_hostile_ova_packages_stay_small(workdir):
+    """150,000 elements (the limit is 100,000), a pax header claiming 8 GiB in a small
+    file, a real 1.5 MiB pax header (the limit is 1 MiB): one line each, quickly, in
+    little memory. And a 2040 GiB empty VHD inside an OVA converts through the window
+    without reading what its extents call empty."""
+    need("qemu-img")
+    elements = _ova(workdir, "elements.ova", _ovf_text("<a/>" * 150_000))
+    claimed = _ova(workdir, "claimed.ova", _ovf_text(), pax={"comment": "x"})
+    with open(claimed, "r+b") as f:
+        block = bytearray(f.read(512))
+        block[124:136] = b"77777777777\0"
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+        f.seek(0)
+        f.write(block)
+    big = _ova(workdir, "bigpax.ova", _ovf_text(), pax={"comment": "x" * (3 << 19)})
+    for path, field in ((elements, "100000 elements"), (claimed, "tar header.size"),
+                        (big, "pax extended header.size")):
+        code, _, err, rss = measured("info", "-f", "ova", path)
+        ok_or_one_line(code, err, rss, field)
+        assert code != 0
+    vhd = os.path.join(workdir, "huge.vhd")
+    run("qemu-img", "create", "-q", "-f", "vpc", vhd, "2040G")
+    ova = _ova(workdir, "huge.ova", _ovf_text(), disk=vhd)
+    out = os.path.join(workdir, "out.qcow2")
+    code, _, err, rss = measured("convert", ova, out)
+    ok_or_one_line(code, err, rss)
+    assert code == 0 and os.path.getsize(out) < 64 * MIB
+
+
 # -- huge but empty: as large as each format allows ------------------------------------
 
 def _huge_images(workdir):

@@ -41,13 +41,29 @@ def policy_from(args, *, share: bool = True):
     return replace(policy, force_share=share and getattr(args, "force_share", False))
 
 
+def add_disk_arg(p: argparse.ArgumentParser, flag: str = "--disk",
+                 which: str = "") -> None:
+    """``--disk N``: the N-th disk (1-based) of a source that holds several (an OVA or
+    OVF); ``vm.ova:NAME`` picks one by its file name or disk id instead."""
+    p.add_argument(flag, type=int, metavar="N",
+                   help=f"read disk N (1-based) of {which or 'the'} OVA/OVF source"
+                   " (default: the first; or name one as FILE.ova:NAME)")
+
+
+_ARGS = object()
+
+
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
-                snapshot: str | None = None):
+                snapshot: str | None = None, disk: "int | None | object" = _ARGS):
+    """Open a source image as the command line asks (policy, ``-U``, ``--disk``: by
+    default ``args.disk`` when the command has one)."""
     from ..registry import open_image
     from .secrets import source_from
+    if disk is _ARGS:
+        disk = getattr(args, "disk", None)
     path, fmt, key = source_from(args, path, fmt)
     return open_image(path, fmt, writable=writable, policy=policy_from(args),
-                      snapshot=snapshot, key=key)
+                      snapshot=snapshot, member=disk, key=key)
 
 
 def wants_option_help(spec: list[str]) -> bool:
@@ -227,7 +243,7 @@ def cmd_convert(args) -> int:
 def cmd_compare(args) -> int:
     from ..ops.compare import compare
     with open_source(args.image1, args.f, args, snapshot=args.snapshot) as a, \
-            open_source(args.image2, args.F, args) as b:
+            open_source(args.image2, args.F, args, disk=args.disk2) as b:
         with progress_for(args) as bar:
             result = compare(a, b, strict=args.s, progress=bar)
     if not args.q:
@@ -285,6 +301,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-f", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--backing-chain", action="store_true", help="also show every backing image")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
@@ -316,6 +333,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-m", type=int, metavar="N", help="compression threads")
     p.add_argument("-p", action="store_true", help="show progress even when not a TTY")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_snapshot_arg(p, "read the source's internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
@@ -331,6 +349,8 @@ def add_parsers(sub) -> None:
     p.add_argument("-s", action="store_true", help="strict: sizes and allocation must match")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_disk_arg(p, "--disk", "the first image, if an")
+    add_disk_arg(p, "--disk2", "the second image, if an")
     add_force_share_arg(p)
     add_snapshot_arg(p, "compare the first image's internal snapshot SNAPSHOT")
     add_policy_args(p)
@@ -343,6 +363,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--start-offset", metavar="OFFSET")
     p.add_argument("--max-length", metavar="LEN")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_snapshot_arg(p, "map the internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
@@ -355,6 +376,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-f", metavar="FMT", help="format of FILE")
     p.add_argument("--size", metavar="SIZE", help="measure an empty disk of this size")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename", nargs="?")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .image import add_force_share_arg, add_policy_args, open_source
+from .image import add_disk_arg, add_force_share_arg, add_policy_args, open_source
 
 
 def cmd_check(args) -> int:
@@ -75,6 +75,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-f", metavar="FMT")
     p.add_argument("-r", choices=("leaks", "all"), help="repair leaks, or everything")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
