@@ -7,7 +7,6 @@ import hashlib
 import json
 import subprocess
 
-import pytest
 from conftest import need
 
 SECRET = ["--object", "secret,id=s0,data=x"]

@@ -12,7 +12,6 @@ stripes, KDF costs) give one line, quickly.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random

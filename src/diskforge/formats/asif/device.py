@@ -42,7 +42,8 @@ class AsifDevice(FileDevice):
             raise UnsupportedError(f"AsifHeader.version: not supported yet: version"
                                    f" {h.version}", self.path)
         self.geo = g = geometry(h, self.path)
-        if h.sector_count > h.max_sector_count or h.max_sector_count * g.block_size >= 1 << 63:
+        if h.sector_count > h.max_sector_count \
+                or h.max_sector_count * g.block_size >= 1 << 63:
             raise FormatError(f"{h.sector_count} blocks (maximum {h.max_sector_count}) is"
                               " out of range", self.path, structure="AsifHeader",
                               field="sector_count")

@@ -59,9 +59,10 @@ class LuksDevice(FileDevice):
         specific: dict[str, object] = {}
         if h.version == 1:
             mode, _, ivgen = h.mode.partition("-")
+            bits = h.key_size * 8 // (2 if mode == "xts" else 1)  # XTS: two AES keys
             specific = {"ivgen-alg": ivgen.split(":")[0] or None,
                         "hash-alg": h.details["hash-alg"],
-                        "cipher-alg": f"{h.cipher}-{h.key_size * 8 // (2 if mode == 'xts' else 1)}",
+                        "cipher-alg": f"{h.cipher}-{bits}",
                         "uuid": h.uuid, "cipher-mode": mode,
                         "payload-offset": h.payload_offset,
                         "master-key-iters": h.details["master-key-iters"]}
