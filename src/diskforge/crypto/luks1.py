@@ -73,10 +73,12 @@ def parse_luks1(raw: bytes, path: str | None, file_size: int) -> LuksHeader:
                           structure="LuksPhdr", field="keyBytes")
     payload = h.payloadOffset * SECTOR
     slots: list[KeySlot] = []
+    shown: list[dict[str, object]] = []  # qemu-img info's "slots"
     end = PHDR_SIZE
     for i, kb in enumerate(h.keyblock):
         where = f"keyblock[{i}]"
         if kb.active == LUKS_KEY_DISABLED:
+            shown.append({"active": False, "key-offset": kb.keyMaterialOffset * SECTOR})
             continue
         if kb.active != LUKS_KEY_ENABLED:
             raise FormatError(f"0x{kb.active:08x} is neither enabled nor disabled", path,
@@ -91,6 +93,8 @@ def parse_luks1(raw: bytes, path: str | None, file_size: int) -> LuksHeader:
                               f" ({file_size} bytes)", path,
                               structure=f"LuksPhdr.{where}", field="keyMaterialOffset")
         end = max(end, offset + size)
+        shown.append({"active": True, "iters": kb.passwordIterations, "key-offset": offset,
+                      "stripes": kb.stripes})
         slots.append(KeySlot(str(i), Kdf("pbkdf2", bytes(kb.passwordSalt), hash_spec,
                                          kb.passwordIterations),
                              offset, size, cipher, mode, h.keyBytes, kb.stripes, hash_spec))
@@ -104,6 +108,5 @@ def parse_luks1(raw: bytes, path: str | None, file_size: int) -> LuksHeader:
         version=1, uuid=uuid, cipher=cipher, mode=mode, key_size=h.keyBytes,
         payload_offset=payload, payload_size=None, sector_size=SECTOR, iv_tweak=0,
         keyslots=slots, digests=[digest], header_size=max(end, payload),
-        details={"cipher-alg": cipher, "cipher-mode": mode, "hash-alg": hash_spec,
-                 "payload-offset": payload, "master-key-iters": h.mkDigestIterations,
-                 "uuid": uuid, "key-slots": [s.name for s in slots]})
+        details={"hash-alg": hash_spec, "master-key-iters": h.mkDigestIterations,
+                 "slots": shown})

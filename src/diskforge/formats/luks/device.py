@@ -57,19 +57,20 @@ class LuksDevice(FileDevice):
     def info(self) -> ImageInfo:
         h = self.volume.header
         specific: dict[str, object] = {}
-        if h.version == 1:
+        details: dict[str, object] = {"luks-version": h.version}
+        if h.version == 1:  # qemu-img info's keys, in its order
             mode, _, ivgen = h.mode.partition("-")
             bits = h.key_size * 8 // (2 if mode == "xts" else 1)  # XTS: two AES keys
             specific = {"ivgen-alg": ivgen.split(":")[0] or None,
+                        "ivgen-hash-alg": ivgen.partition(":")[2] or None,
                         "hash-alg": h.details["hash-alg"],
                         "cipher-alg": f"{h.cipher}-{bits}",
-                        "uuid": h.uuid, "cipher-mode": mode,
+                        "uuid": h.uuid, "cipher-mode": mode, "slots": h.details["slots"],
                         "payload-offset": h.payload_offset,
                         "master-key-iters": h.details["master-key-iters"]}
-            if ":" in ivgen:
-                specific["ivgen-hash-alg"] = ivgen.split(":", 1)[1]
             specific = {k: v for k, v in specific.items() if v is not None}
+        else:  # qemu does not read LUKS2: diskforge's own names
+            details.update(h.details)
         return ImageInfo(filename=self.path, format="luks", virtual_size=self.size,
                          actual_size=self.backend.allocated_bytes(), encrypted=True,
-                         format_specific=specific,
-                         details={"luks-version": h.version, **h.details})
+                         format_specific=specific, details=details)
