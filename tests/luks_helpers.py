@@ -88,13 +88,16 @@ def cryptsetup_encrypt(plain: str, out: str, *extra: str, passphrase: bytes = b"
     are what the container holds. No root or device-mapper needed."""
     need("cryptsetup")
     import shutil
-    shutil.copy(plain, out)
-    proc = subprocess.run(["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2",
-                           "--batch-mode", "--reduce-device-size", "4M", "--key-file", "-",
-                           *extra, out], input=passphrase, capture_output=True, timeout=120)
-    if proc.returncode != 0:
-        raise AssertionError(f"cryptsetup reencrypt failed: {proc.stderr.decode()}")
-    return out
+    for _ in range(3):  # costs are forced (no benchmark), but a busy machine once
+        shutil.copy(plain, out)  # failed a run with nothing on stderr: retried whole
+        proc = subprocess.run(["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2",
+                               "--batch-mode", "--reduce-device-size", "4M", "--key-file",
+                               "-", *extra, out], input=passphrase, capture_output=True,
+                               timeout=120)
+        if proc.returncode == 0:
+            return out
+    raise AssertionError(f"cryptsetup reencrypt failed ({proc.returncode}):"
+                         f" {proc.stdout.decode()} {proc.stderr.decode()}")
 
 
 def rewrite_luks2(path: str, mutate) -> None:
