@@ -1,7 +1,7 @@
 """Hostile qcow2, VHD, VHDX, VDI, LUKS2 and ASIF images (issue 12, item 4; issue 16):
 decompression bombs, KDF costs, tables sized by headers that a sparse file satisfies,
-a pending VHDX log that extends the file, and huge-but-empty disks (as large as each format allows) through map, check, convert,
-compare and serve.
+a pending VHDX log that extends the file, and huge-but-empty disks (as large as each
+format allows) through map, check, convert, compare and serve.
 
 Every case runs the real CLI in a child process with a time limit and measures its peak
 RSS (GNU time's %M): it must end in success (for ``check``, its report) or in one line
