@@ -54,7 +54,8 @@ BLOCK = 512
 FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "vdi": ".vdi",
            "dmg": ".dmg", "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle",
            "iso": ".iso", "ova": ".ova", "vmdk": ".vmdk", "qcow": ".qcow", "qed": ".qed",
-           "parallels": ".hds"}
+           "parallels": ".hds", "luks": ".luks", "asif": ".asif"}
+KEY = b"x"                      # the passphrase of the encrypted seeds
 EPOCH = "1700000000"            # SOURCE_DATE_EPOCH for every seed made here
 CPU_SECONDS = 10                # per input; valid seeds take milliseconds
 WALL_SECONDS = 60               # per input: a backstop for what does not use the CPU
@@ -381,6 +382,32 @@ def make_seeds(fmt: str, d: str) -> list[str]:
                 *(pax if fmt_ == "pax" else ()), "-C", stage, ovf, ovf[:-4] + ".mf",
                 member)
             seeds.append(p(name + ".ova"))
+    elif fmt == "asif":
+        # no tool on Linux writes ASIF: a small image laid out as formats/asif.md says
+        # (the real sample is AGPL and 261 MiB), chunks of 64 KiB
+        import struct
+        chunk = 64 << 10
+        buf = bytearray(4 * chunk)
+        struct.pack_into(">4sIII QQ 16s QQ IHH Q", buf, 0, b"shdw", 1, 512, 0, 512, 1024,
+                         bytes(range(16)), 4 * chunk // 512, 4 * chunk // 512, chunk, 512,
+                         0, 0)
+        struct.pack_into(">QQ", buf, 512, 2, 1)
+        struct.pack_into(">QQ", buf, 1024, 1, 0)
+        struct.pack_into(">QQQ", buf, chunk, 2, 0, 3)
+        buf[2 * chunk:2 * chunk + 4096] = b"\xa0" * 4096
+        buf[3 * chunk:3 * chunk + 4096] = b"\xa2" * 4096
+        with open(p("s.asif"), "wb") as f:
+            f.write(buf)
+        seeds = [p("s.asif")]
+    elif fmt == "luks":
+        # committed (cryptsetup's salts and keys are random, so seeds made here would
+        # differ from run to run); their passphrase is KEY
+        import gzip
+        for name in ("cryptsetup261_luks1_cbc_essiv.img", "cryptsetup261_luks2_argon2id.img"):
+            with gzip.open(os.path.join(FIXTURES, "luks", name + ".gz")) as f, \
+                    open(p(name), "wb") as out:
+                out.write(f.read())
+            seeds.append(p(name))
     return seeds
 
 
@@ -515,7 +542,7 @@ def exercise(path: str, fmt: str) -> None:
     from diskforge.policy import OpenPolicy
     from diskforge.registry import open_image, probe
     probe(path)
-    with open_image(path, fmt, policy=OpenPolicy()) as dev:
+    with open_image(path, fmt, policy=OpenPolicy(), key=KEY) as dev:
         dev.info()
         if fmt == "ova":        # the manifest check streams every member
             dev.verify()
@@ -577,6 +604,15 @@ def child(d: str, libfuzzer_args: list[str]) -> None:
         # fuzz_cli.py).
         from diskforge.formats.dmg import reader
         reader.READAHEAD_BYTES = 0
+        # a LUKS header's KDF cost is capped at seconds of work, which is right for a
+        # user's command but would let mutated costs eat the fuzzing budget: the caps
+        # are lowered here (their checks run the same, against smaller numbers)
+        from diskforge.crypto import kdf
+        kdf.PBKDF2_MAX_ITERATIONS = 20_000
+        kdf.BUDGET_PBKDF2_ITERATIONS = 40_000
+        kdf.ARGON2_MAX_MEMORY_KIB = 1024
+        kdf.ARGON2_MAX_TIME = 8
+        kdf.BUDGET_ARGON2_KIB_PASSES = 16384
     layouts = json.load(open(os.path.join(d, "layouts.json")))
     work = os.path.join(d, "work")
     crashes = os.path.join(d, "crashes")

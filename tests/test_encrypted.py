@@ -1,8 +1,8 @@
-"""Encrypted images are recognised and refused plainly, never read as raw ciphertext:
-raw LUKS1 (qemu-img's luks format), LUKS2 (cryptsetup; by its primary or its secondary
-header) and qcow2 with the old AES encryption (qcow2 with LUKS: test_qcow2_malformed).
-``-f raw`` still reads the bytes on purpose, as for the other recognised-but-unread
-formats."""
+"""Encrypted images opened without a key are recognised and refused plainly (saying how
+to give the key), never read as raw ciphertext: raw LUKS1 (qemu-img's luks format),
+LUKS2 (cryptsetup; by its primary or its secondary header) and qcow2 with the old AES
+encryption, which is not read at all (qcow2 with LUKS: test_qcow2_malformed; reading
+with a key: test_luks). ``-f raw`` still reads the bytes on purpose."""
 
 import os
 import struct
@@ -15,7 +15,7 @@ from luks_helpers import SECRET, luks1, luks2
 
 def refused(path: str, kind: str, workdir: str) -> None:
     """info, convert, compare and map all refuse ``path`` with one line naming it."""
-    line = f"{path}: encrypted ({kind}); not supported yet"
+    line = f"{path}: encrypted ({kind}); give its passphrase: --object secret"
     out = os.path.join(workdir, "out.raw")
     for argv, status in ((["info", path], 1), (["convert", "-O", "raw", path, out], 1),
                          (["compare", path, path], 2), (["map", path], 1)):
@@ -51,7 +51,7 @@ def test_luks2_with_a_wiped_primary_header_is_refused_by_its_secondary(workdir, 
     path = luks2(os.path.join(workdir, "disk.img"), "--luks2-metadata-size", metadata)
     with open(path, "r+b") as f:
         f.write(bytes(4096))  # the primary binary header gone
-    refused(path, "LUKS2, by its secondary header", workdir)
+    refused(path, "LUKS2", workdir)  # found by its secondary header
 
 
 def test_qcow2_with_the_old_aes_encryption_is_refused(workdir):

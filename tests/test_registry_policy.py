@@ -81,22 +81,3 @@ def test_policy_refuses_loops_and_deep_chains(tmp_path):
         p.descend(str(tmp_path / "c")).descend(str(tmp_path / "d"))
 
 
-@pytest.mark.parametrize("relpath,name", [
-    ("asif/dissect_basic.asif.gz", "Apple ASIF"),
-])
-def test_recognised_but_unread_formats_are_refused_not_read_as_raw(tmp_path, relpath, name):
-    """Real samples of formats without a plugin: a clear "not supported yet", never a
-    silent raw reading of the container (which a booted VM could then write into)."""
-    import gzip
-    import shutil
-
-    from conftest import cli, need_real, one_line_error
-    src = need_real(relpath)
-    path = str(tmp_path / os.path.basename(relpath).removesuffix(".gz"))
-    with (gzip.open(src) if src.endswith(".gz") else open(src, "rb")) as f, \
-            open(path, "wb") as out:
-        shutil.copyfileobj(f, out)
-    code, _, err = cli("info", path)
-    one_line_error(code, err)
-    assert f"not supported yet: {name} images" in err
-    assert cli("info", "-f", "raw", path)[0] == 0

@@ -58,13 +58,19 @@ def __getattr__(name: str):
 
 def open(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
          policy: "OpenPolicy | None" = None, snapshot: str | None = None,
-         disk: "str | int | None" = None) -> "BlockDevice":
+         disk: "str | int | None" = None, key: bytes | str | None = None
+         ) -> "BlockDevice":
     """Open an image as a BlockDevice (format probed unless given); ``snapshot`` (ID or
     name) opens an internal snapshot as a read-only view; ``disk`` picks one disk of an
-    OVA or OVF (its file name, disk id or 1-based number; ``"vm.ova:NAME"`` too)."""
+    OVA or OVF (its file name, disk id or 1-based number; ``"vm.ova:NAME"`` too);
+    ``key`` is the passphrase of an encrypted image (raw LUKS, qcow2 with
+    ``encrypt.format=luks``; a str is taken as UTF-8, as qemu's ``secret`` object takes
+    its data)."""
     from .registry import open_image
+    if isinstance(key, str):
+        key = key.encode("utf-8")
     return open_image(path, fmt, writable=writable, policy=policy, snapshot=snapshot,
-                      member=disk)
+                      member=disk, key=key)
 
 
 def create(path: str | os.PathLike, size: int, fmt: str | None = None,

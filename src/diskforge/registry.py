@@ -54,6 +54,8 @@ class Format:
     random_write: bool = False
     # True when open() takes ``snapshot=`` (a read-only view of an internal snapshot)
     snapshots: bool = False
+    # True when open() takes ``key=`` (the passphrase of an encrypted image, bytes)
+    takes_key: bool = False
     # True when the file holds several disks and open() takes ``member=`` (a name, or
     # a 1-based number): an OVA's disks, picked by ``vm.ova:NAME`` or ``--disk N``
     members: bool = False
@@ -281,15 +283,8 @@ def read_probe_window(path: str) -> tuple[bytes, bytes, int]:
     return head, tail, size
 
 
-# Formats diskforge recognises but cannot read yet. Falling back to raw for them would
-# show the container instead of the disk inside it, and a VM booted on it would write
-# into the container: so probing refuses them, and ``-f raw`` reads the bytes on purpose.
-UNREAD_SIGNATURES = (
-    (0, b"shdw\x00\x00\x00\x01", "Apple ASIF"),  # magic, version 1 (big-endian)
-)
-
-
-# Encrypted containers, refused the same way (``-f raw`` reads the ciphertext on purpose).
+# Encrypted containers: read by the luks plugin when a key is given, and never silently
+# read as a raw disk (``-f raw`` reads the ciphertext on purpose).
 # LUKS1 and LUKS2 (cryptsetup's on-disk format specifications): magic "LUKS\xba\xbe" and
 # a big-endian version. LUKS2 keeps a second copy of its binary header ("SKUL\xba\xbe")
 # right after the first, at one of the offsets its hdr_size allows (16 KiB - 4 MiB), so
@@ -302,14 +297,6 @@ ENCRYPTED_SIGNATURES = (
     (0, b"LUKS\xba\xbe\x00\x02", "LUKS2"),
 ) + tuple((off, b"SKUL\xba\xbe\x00\x02" + off.to_bytes(8, "big"),
            "LUKS2, by its secondary header") for off in LUKS2_SECONDARY_OFFSETS)
-
-
-def unread_format(head: bytes) -> str | None:
-    """The name of a recognised format diskforge has no reader for, or None."""
-    for offset, magic, name in UNREAD_SIGNATURES:
-        if head[offset:offset + len(magic)] == magic:
-            return name
-    return None
 
 
 def encrypted_format(path: str, head: bytes, size: int, reader=None) -> str | None:
@@ -366,8 +353,8 @@ def probe_backend(backend, name: str) -> Format:
 
 
 def _best(path: str, head: bytes, tail: bytes, size: int, backend=None) -> Format:
-    """The plugin most confident about these bytes; raw only when no format, known
-    but unread or encrypted, claims them."""
+    """The plugin most confident about these bytes; raw only when no format claims
+    them and they are not an encrypted container."""
     best, best_score = None, 0
     for plugin in all_formats().values():
         if not plugin.can_probe:
@@ -376,12 +363,9 @@ def _best(path: str, head: bytes, tail: bytes, size: int, backend=None) -> Forma
         if score > best_score:
             best, best_score = plugin, score
     if best is None or best.name == "raw":
-        unread = unread_format(head)
-        if unread:
-            raise UnsupportedError(f"not supported yet: {unread} images (recognised by"
-                                   " their header); give -f raw to read the file's bytes"
-                                   " as a raw disk", path)
         encrypted = encrypted_format(path, head, size, backend)
+        if encrypted and "luks" in all_formats():  # by LUKS2's secondary header copy
+            return get("luks")
         if encrypted:
             raise UnsupportedError(f"encrypted ({encrypted}); not supported yet: reading"
                                    " encrypted images (give -f raw to read the encrypted"
@@ -414,9 +398,13 @@ def check_readable(path: str) -> None:
 
 def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
                policy: OpenPolicy | None = None,
-               snapshot: str | None = None, member: "str | int | None" = None
-               ) -> "BlockDevice":
+               snapshot: str | None = None, member: "str | int | None" = None,
+               key: bytes | None = None) -> "BlockDevice":
     """Open ``path`` as a BlockDevice: with the named format, or by probing.
+
+    ``key`` is the passphrase of an encrypted image (LUKS, qcow2 with LUKS), given to
+    the formats that take one (``Format.takes_key``) and ignored by the others, as
+    qemu's ``key-secret`` is meaningless to an unencrypted image.
 
     Block devices (``/dev/...``) open as raw unless a format is named. ``snapshot``
     (an ID or name) opens that internal snapshot as a read-only view. ``member`` picks
@@ -432,7 +420,7 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: boo
     if writable and policy.force_share:
         raise UsageError(FORCE_SHARE_WRITE, path)
     with force_share(policy.force_share):
-        return _open_image(path, fmt, writable, policy, snapshot, member)
+        return _open_image(path, fmt, writable, policy, snapshot, member, key)
 
 
 def split_member(path: str, fmt: str | None = None) -> tuple[str, str] | None:
@@ -452,7 +440,8 @@ def split_member(path: str, fmt: str | None = None) -> tuple[str, str] | None:
 
 
 def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
-                snapshot: str | None, member: "str | int | None" = None) -> "BlockDevice":
+                snapshot: str | None, member: "str | int | None" = None,
+                key: bytes | None = None) -> "BlockDevice":
     inside = split_member(path, fmt)
     if inside is not None:
         if member is not None:
@@ -476,10 +465,13 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
                          " a disk of a file that holds several (ova, ovf)", path)
     policy.check_referenced_format(path, plugin.name)
     policy = policy.descend(path)
+    extra: dict[str, object] = {}
+    if key is not None and plugin.takes_key:
+        extra["key"] = key
     if snapshot is not None:
         if not plugin.snapshots:
             raise UnsupportedError(f"{plugin.name} images have no internal snapshots", path)
-        return plugin.open(path, writable=writable, policy=policy, snapshot=snapshot)
+        extra["snapshot"] = snapshot
     if member is not None:
-        return plugin.open(path, writable=writable, policy=policy, member=member)
-    return plugin.open(path, writable=writable, policy=policy)
+        extra["member"] = member
+    return plugin.open(path, writable=writable, policy=policy, **extra)

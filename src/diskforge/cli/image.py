@@ -13,6 +13,8 @@ from dataclasses import replace
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
                    help="also open files an image names (backing files, extents) under DIR")
+    from .secrets import add_secret_args  # --object secret, --image-opts
+    add_secret_args(p)
 
 
 def add_force_share_arg(p: argparse.ArgumentParser) -> None:
@@ -55,10 +57,12 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
     """Open a source image as the command line asks (policy, ``-U``, ``--disk``: by
     default ``args.disk`` when the command has one)."""
     from ..registry import open_image
+    from .secrets import source_from
     if disk is _ARGS:
         disk = getattr(args, "disk", None)
+    path, fmt, key = source_from(args, path, fmt)
     return open_image(path, fmt, writable=writable, policy=policy_from(args),
-                      snapshot=snapshot, member=disk)
+                      snapshot=snapshot, member=disk, key=key)
 
 
 def wants_option_help(spec: list[str]) -> bool:

@@ -126,16 +126,15 @@ def size_text(n: int) -> str:
 
 
 def detect_format(path: str) -> str:
-    """The format ``path`` is in, as the registry names it, or the name of a format
-    diskforge recognises without reading ("VMDK (sparse extent)"): checkers report
-    what a file is even when no plugin reads it."""
+    """The format ``path`` is in, as the registry names it ("an unreadable image" when
+    probing refuses it, an encrypted container without its key): checkers report what
+    a file is even when it cannot be read."""
     from ..errors import UnsupportedError
-    from ..registry import probe, read_probe_window, unread_format
+    from ..registry import probe
     try:
         return probe(path).name
     except UnsupportedError:
-        head, _, _ = read_probe_window(path)
-        return unread_format(head) or "an unreadable image"
+        return "an unreadable image"
 
 
 def read_info(path: str, fmt: str, policy=None):

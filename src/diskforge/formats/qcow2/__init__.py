@@ -8,8 +8,10 @@ read-only views. Written: ``create``/``convert`` with qemu-img's options
 (``device.py``). Operations: check and repair (``check.py``), snapshots
 (``snapshot.py``), resize, rebase, commit, amend (``maintenance.py``), measure.
 
-Refused with a clear message: encryption (AES, LUKS), unknown incompatible feature
-bits; writing to an image whose corrupt bit is set (read it, or repair it first).
+Encrypted with ``encrypt.format=luks``: read with a key (``encryption.py``), refused
+without one. Refused with a clear message: the old AES encryption, unknown
+incompatible feature bits; writing to an image whose corrupt bit is set (read it, or
+repair it first).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class Qcow2Format(Format):
     options = Qcow2Options
     random_write = True
     snapshots = True
+    takes_key = True
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         if head[:4] == QCOW_MAGIC and len(head) >= 8:
@@ -102,13 +105,15 @@ class Qcow2Format(Format):
         return 0
 
     def open(self, path: str, *, writable: bool = False, policy=None,
-             snapshot: str | None = None, backend=None):
+             snapshot: str | None = None, backend=None, key: bytes | None = None):
         from .device import Qcow2Device
         return Qcow2Device(path, writable=writable, policy=policy, snapshot=snapshot,
-                           backend=backend)
+                           backend=backend, key=key)
 
-    def qemu_driver(self, device) -> str:
-        return "qcow2"  # QEMU's own format: every file diskforge opens, QEMU reads
+    def qemu_driver(self, device) -> str | None:
+        # QEMU's own format: every file diskforge opens, QEMU reads; an encrypted one
+        # would need its secret handed over too, so it is served over NBD instead
+        return None if device.crypto is not None else "qcow2"
 
     def resume_writer(self, path: str, size: int, options: Options, *, backing=None,
                       state: dict):

@@ -301,8 +301,9 @@ class ClusterMap:
 
     def _extents(self, offset, length, backing):
         for g, n, kind, host in self.runs(offset, length):
-            if kind == QCOW2_SUBCLUSTER_NORMAL:
-                yield Extent(g, n, ExtentKind.DATA, True, host)
+            if kind == QCOW2_SUBCLUSTER_NORMAL:  # encrypted bytes are not the disk's:
+                yield Extent(g, n, ExtentKind.DATA, True,  # no offset, as qemu
+                             None if self.crypto is not None else host)
             elif kind == QCOW2_SUBCLUSTER_COMPRESSED:
                 yield Extent(g, n, ExtentKind.DATA, True, None)
             elif kind == QCOW2_SUBCLUSTER_ZERO_PLAIN:
@@ -322,7 +323,9 @@ class ClusterMap:
         self.check_range(offset, n)
         for g, k, kind, host in self.runs(offset, n):
             dst = mv[g - offset:g - offset + k]
-            if kind == QCOW2_SUBCLUSTER_NORMAL:
+            if kind == QCOW2_SUBCLUSTER_NORMAL and self.crypto is not None:
+                self.crypto.read(self.data, host, dst)
+            elif kind == QCOW2_SUBCLUSTER_NORMAL:
                 got = self.data.readinto(host, dst)
                 if got < k:  # past the end of the file: qemu reads zeros there too
                     fill_zero(dst[got:])

@@ -42,9 +42,10 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
     snapshot = None                     # the internal snapshot this view shows
     data: FileBackend | None = None     # where guest clusters live: the image itself
                                         # or its external data file
+    crypto = None                       # encryption.ClusterCrypto when encrypted
 
     # -- opening -------------------------------------------------------------------------
-    def _open(self, snapshot: str | None = None) -> None:
+    def _open(self, snapshot: str | None = None, key: bytes | None = None) -> None:
         self.data = self.backend
         size = self.backend.size
         head = self.backend.pread(0, min(size, 1 << 16))
@@ -55,6 +56,9 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         self.header = h = parse_header(head, size, self.path)
         self.geo: Geometry = h.geometry
         self.cs = h.cluster_size
+        if h.crypt_method:  # encrypt.format=luks: encryption.py decrypts data clusters
+            from .encryption import ClusterCrypto
+            self.crypto = ClusterCrypto(self, key)
         self.cluster_bits = h.cluster_bits
         self.l2_entries = self.geo.l2_entries
         self.l2_bits = self.geo.l2_bits
@@ -133,7 +137,7 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
             actual_size=self.backend.allocated_bytes(), cluster_size=self.cs,
             backing_filename=h.backing_file, full_backing_filename=full,
             backing_format=h.backing_format, dirty=h.dirty,
-            format_specific=self.format_specific(),
+            encrypted=self.crypto is not None, format_specific=self.format_specific(),
             snapshots=[s.to_json() for s in self.snapshots],
             details=self._details())
 
@@ -229,8 +233,8 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
 
 
 def open_device(path: str, *, writable: bool = False, policy=None,
-                snapshot: str | None = None) -> Qcow2Device:
-    return Qcow2Device(path, writable=writable, policy=policy, snapshot=snapshot)
+                snapshot: str | None = None, key: bytes | None = None) -> Qcow2Device:
+    return Qcow2Device(path, writable=writable, policy=policy, snapshot=snapshot, key=key)
 
 
 __all__ = ["Qcow2Device", "open_device"]

@@ -1,0 +1,66 @@
+"""qcow2 with ``encrypt.format=luks`` (``crypt_method`` 2): unlocking and decrypting
+data clusters, kept apart from the read path so that it stays one call there.
+
+qcow2.txt, "Full disk encryption header pointer": the crypto header extension names
+the clusters (``offset``, ``length``) holding a LUKS1 header and its key material;
+key slot offsets count from that header's start, and its payload offset is unused.
+Guest data clusters are encrypted in 512-byte sectors whose IV is the sector's *host*
+offset / 512 (QEMU's ``qcow2_co_decrypt``; the old AES method used the guest offset),
+so a cluster reads back only at the offset where it was written. Zero and
+unallocated clusters are not encrypted: they read as zeros or from the backing file,
+as in a plain qcow2.
+
+Reading only; writing encrypted qcow2 images (and crypt_method 1, the old AES) is not
+supported yet. The LUKS work is the core ``diskforge.crypto`` package's.
+"""
+
+from __future__ import annotations
+
+from ...blockdev import fill_zero
+from ...errors import FormatError, UnsupportedError
+
+SECTOR = 512
+
+
+class ClusterCrypto:
+    """The unlocked LUKS header of an encrypted qcow2: decrypts what is read from the
+    image's (or its external data file's) data clusters."""
+
+    def __init__(self, device, key: bytes | None) -> None:
+        from ...crypto import open_volume
+        h = device.header
+        path = device.path
+        if h.crypto is None:
+            raise FormatError("crypt_method 2 (LUKS) without a full disk encryption header"
+                              " extension", path, structure="QCowHeader",
+                              field="crypt_method")
+        offset, length = h.crypto
+        file_size = device.backend.size
+        if offset % device.cs or offset < device.cs or length < 592 \
+                or offset + length > file_size:
+            raise FormatError(f"LUKS header at {offset} (+{length}) is not whole clusters"
+                              f" inside the file ({file_size} bytes)", path,
+                              structure="Qcow2CryptoHeaderExtension", field="offset")
+        if device.writable:
+            raise UnsupportedError("not supported yet: writing encrypted qcow2 images", path)
+
+        def read(pos: int, n: int) -> bytes:
+            if pos >= length:
+                return b""
+            return device.backend.pread(offset + pos, min(n, length - pos))
+
+        self.volume = open_volume(read, length, key, path, option="encrypt.key-secret")
+        self.path = path
+
+    def read(self, data, host: int, dst) -> None:
+        """Fill ``dst`` with the plaintext of the bytes at ``host`` in ``data`` (a
+        FileBackend), reading whole sectors around them."""
+        k = len(dst)
+        start = host // SECTOR * SECTOR
+        end = -(-(host + k) // SECTOR) * SECTOR
+        cipher = bytearray(end - start)
+        got = data.readinto(start, cipher)
+        if got < len(cipher):  # past the end of the file: qemu reads zeros there
+            fill_zero(cipher, got)
+        plain = self.volume.cipher.decrypt(cipher, start // SECTOR)
+        dst[:] = plain[host - start:host - start + k]
