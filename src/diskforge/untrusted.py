@@ -120,6 +120,13 @@ def _on_sigxcpu(signum, frame):
     import resource
     if not _cpu_state.get("raised"):
         _cpu_state["raised"] = True
+        # The kernel would repeat SIGXCPU every CPU second from here on, and once the
+        # interpreter finalizes (after the one-line error), SIGXCPU is back at its
+        # default action and kills: so the next one comes only a second before the
+        # hard limit's SIGKILL, the whole grace is for unwinding and exiting.
+        soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        if hard != resource.RLIM_INFINITY and hard - 1 > soft:
+            resource.setrlimit(resource.RLIMIT_CPU, (hard - 1, hard))
         raise CpuTimeExceeded(f"CPU time limit of {cpu_seconds()} s exceeded (untrusted"
                               " mode; DISKFORGE_UNTRUSTED_CPU_SECONDS sets it)")
     used = resource.getrusage(resource.RUSAGE_SELF)
