@@ -265,3 +265,18 @@ def test_interrupted_resize_leaves_a_readable_disk(disk, workdir, monkeypatch, k
             break
     else:
         pytest.fail("the resize did not finish within 40 writes")
+
+
+def test_damaged_disk_is_not_resized(disk, workdir):
+    """A footer whose checksum fails: one line naming the field, nothing written."""
+    from vhd_helpers import patch_footer
+    src, _ = disk
+    path = make(workdir, src, "d.vhd", "diskforge")
+    patch_footer(path, fix_checksum=False, current_size=1 << 30)
+    before = open(path, "rb").read()
+    for argv in (("resize", path, "20M"), ("rebase", "-u", "-b", "x.vhd", "-F", "vpc",
+                                          path)):
+        code, _, err = cli(*argv)
+        one_line_error(code, err)
+        assert "checksum" in err
+    assert open(path, "rb").read() == before

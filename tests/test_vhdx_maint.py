@@ -311,3 +311,17 @@ def test_interrupted_resize_leaves_a_readable_disk(disk, workdir, monkeypatch, s
             break
     else:
         pytest.fail("the resize did not finish within 60 writes")
+
+
+def test_damaged_disk_is_not_resized(disk, workdir):
+    """A truncated file (its regions past the end): one line naming the structure,
+    nothing written."""
+    src, _ = disk
+    path = make(workdir, src, "d.vhdx", "diskforge")
+    with open(path, "r+b") as f:
+        f.truncate(2 * MiB)
+    before = open(path, "rb").read()
+    code, _, err = cli("resize", path, "20M")
+    one_line_error(code, err)
+    assert "RegionTableEntry" in err or "metadata" in err.lower()
+    assert open(path, "rb").read() == before
