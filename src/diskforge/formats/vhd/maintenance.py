@@ -122,10 +122,10 @@ def _write_header(dev, **fields) -> None:
 
 
 def _next_structure(dev) -> int:
-    """Where the first structure after the BAT starts (a block, locator data or the
-    footer): how far the BAT may grow in place."""
+    """Where the first structure after the BAT starts (a block, locator data, the
+    header or the footer): how far the BAT may grow in place."""
     bat_at = dev.bat_at
-    starts = [dev.footer_at]
+    starts = [dev.footer_at] + ([dev.header_at] if dev.header_at > bat_at else [])
     starts += [off for _, _, off, _, _ in dev.locator_entries if off >= bat_at]
     starts += [dev.bat[i] * SECTOR for i in dev._used_blocks()
                if dev.bat[i] * SECTOR >= bat_at]
