@@ -59,6 +59,8 @@ def size_fields(size: int) -> dict:
 
 
 def resize(dev, size: int, shrink: bool) -> None:
+    """Change the disk's size in the order the module docstring gives, so that an
+    interruption leaves a disk every reader opens."""
     check_size(dev, size)
     if size < dev.size and not shrink:
         raise UsageError("Use the --shrink option to perform a shrink operation", dev.path)

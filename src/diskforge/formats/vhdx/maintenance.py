@@ -129,6 +129,8 @@ def _ensure_bat(dev, need: int) -> None:
 # -- resize ---------------------------------------------------------------------------------
 
 def resize(dev, size: int, shrink: bool) -> None:
+    """Change the disk's size, every visible step through the log (module docstring),
+    under a new DataWriteGuid: children made from the old disk no longer match it."""
     check_size(dev, size)
     if size < dev.size and not shrink:
         raise UsageError("Use the --shrink option to perform a shrink operation", dev.path)
@@ -276,6 +278,9 @@ def _locator(dev, parent, name: str) -> dict[str, str]:
 
 
 def set_backing(dev, name: str | None, fmt: str | None) -> None:
+    """Record ``name`` (a VHDX beside or relative to this file) as the parent, or drop
+    the parent: the metadata changes in one logged entry, after the BAT has room for a
+    differencing disk's sector bitmap entries."""
     if fmt not in (None, "vhdx"):
         raise UnsupportedError(f"a VHDX differencing disk's parent must be a VHDX, not"
                                f" {fmt}", dev.path)
