@@ -76,6 +76,24 @@ def pyvhdi_sha256(path: str, parents: list[str] = ()) -> tuple[int, str]:
     return libvhdi_sha256(path, parents)
 
 
+def pyvhdi_prefix(path: str, parents: list[str], n: int) -> bytes:
+    """The first ``n`` bytes as libvhdi reads them (it fails to read the blocks of a
+    differencing disk that lie past its parent's end, which every other reader takes
+    as zeros)."""
+    import pytest
+    pyvhdi = pytest.importorskip("pyvhdi")
+    files = [pyvhdi.file() for _ in range(1 + len(parents))]
+    for f, p in zip(files, [path, *parents]):
+        f.open(p)
+    for child, parent in reversed(list(zip(files, files[1:]))):
+        child.set_parent(parent)
+    try:
+        return files[0].read_buffer_at_offset(n, 0)
+    finally:
+        for f in files:
+            f.close()
+
+
 # -- surgery --------------------------------------------------------------------------------
 
 def footer_offsets(path: str) -> list[int]:

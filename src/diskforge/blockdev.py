@@ -466,6 +466,11 @@ class BlockDevice(abc.ABC):
         raise UnsupportedError(f"{self.format} images have no backing file to change",
                                self.path)
 
+    def relink_backing(self) -> None:
+        """The backing file was just written (``commit``): record what the format keeps
+        of its identity (VHDX: its DataWriteGuid), so the image still opens on it.
+        Formats that record nothing do nothing."""
+
     def make_empty(self) -> None:
         """Drop what this layer stores so it reads through to its backing file (what
         ``commit`` does to the committed image)."""

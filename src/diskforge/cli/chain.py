@@ -41,7 +41,9 @@ def cmd_commit(args) -> int:
     from ..errors import UsageError
     from ..ops.commit import chain_depth, commit
     from ..registry import open_image
-    top = open_source(args.filename, args.f, args)
+    # writable from the start, as qemu-img opens it: emptied afterwards, and re-linked
+    # to the written base where the format records the base's identity (VHDX)
+    top = open_source(args.filename, args.f, args, writable=True)
     try:
         if top.backing is None:
             raise UsageError("the image has no backing file to commit into", args.filename)
@@ -59,11 +61,13 @@ def cmd_commit(args) -> int:
                 commit(top, base, depth, progress=bar)
         finally:
             base.close()
+        if depth == 1:
+            top.relink_backing()
+        if not (args.d or args.b):  # -b implies -d: the layers between would show through
+            top.make_empty()
+        top.flush()
     finally:
         top.close()
-    if not (args.d or args.b):  # -b implies -d: the layers between would show through
-        with open_source(args.filename, args.f, args, writable=True) as dev:
-            dev.make_empty()
     if not args.q:
         print("Image committed.")
     return 0

@@ -44,7 +44,10 @@ def rebase(image: BlockDevice, new_backing: BlockDevice | None, name: str | None
         old = image.backing
         total = image.size
         for ext in list(image.extents()):
-            if ext.kind is ExtentKind.BACKING:
+            # an image without a backing file stores nothing in its ZERO extents either:
+            # once it has one they may read from it, so they are compared too
+            if ext.kind is ExtentKind.BACKING or (old is None and
+                                                  ext.kind is ExtentKind.ZERO):
                 for off, n in pieces(ext.offset, ext.length, BATCH):
                     ob, nb = bytearray(n), bytearray(n)
                     _read(old, off, ob)

@@ -11,9 +11,11 @@ place. The layout as implemented, the size rules and the quirks of real files ar
 - ``geometry``: CHS geometry and which size a reader believes (qemu's rules);
 - ``locators``: parent locators, how a parent is found and the entries written;
 - ``device``: the BlockDevice (reading, extents, check, writing in place);
+- ``maintenance``: resize (grow, shrink), a parent for a dynamic disk, emptying and
+  re-linking for commit (used by ``device``, which imports it when asked);
 - ``writer``: the ImageWriter (new fixed, dynamic and differencing disks).
 
-Imports go one way: structs <- geometry, locators <- device <- writer.
+Imports go one way: structs <- geometry, locators <- maintenance <- device <- writer.
 
 This module stays light: probing imports nothing else.
 """

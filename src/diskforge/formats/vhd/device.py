@@ -522,16 +522,40 @@ class VhdDevice(FileDevice):
         if self.writable:
             self.backend.flush()
 
-    def set_backing(self, name: str | None, fmt: str | None) -> None:
-        """Point a differencing disk at another parent without copying (rebase -u).
-        The new parent must be a VHD: its unique id is recorded. With no name, the
-        disk becomes a plain dynamic disk."""
+    # -- maintenance (maintenance.py) -------------------------------------------------------
+    def _maintainable(self) -> None:
         if not self.writable:
             raise UnsupportedError("vpc image is open read-only", self.path)
         self._ensure_sound()
-        if self.disk_type != DIFFERENCING:
-            raise UnsupportedError("not supported yet: giving a parent to a VHD that is"
-                                   " not a differencing disk", self.path)
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Grow, or shrink with ``shrink``, any VHD (qemu-img cannot): maintenance.py."""
+        from . import maintenance
+        self._maintainable()
+        maintenance.resize(self, size, shrink)
+
+    def make_empty(self) -> None:
+        from . import maintenance
+        self._maintainable()
+        maintenance.make_empty(self)
+
+    def relink_backing(self) -> None:
+        from . import maintenance
+        self._maintainable()
+        maintenance.relink(self)
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Point a differencing disk at another parent without copying (rebase -u), or
+        give a dynamic disk one (it becomes a differencing disk: its stored blocks keep
+        reading whole, every other block reads from the parent). The new parent must be
+        a VHD: its unique id is recorded. With no name, a differencing disk becomes a
+        plain dynamic disk."""
+        self._maintainable()
+        if self.disk_type == FIXED:
+            raise UnsupportedError("a fixed VHD cannot have a parent (convert it to a"
+                                   " dynamic one first)", self.path)
+        if self.disk_type == DYNAMIC and name is None:
+            return
         if fmt not in (None, "vpc", "vhd"):
             raise UnsupportedError(f"a VHD differencing disk's parent must be a VHD, not"
                                    f" {fmt}", self.path)
@@ -568,12 +592,19 @@ class VhdDevice(FileDevice):
             except BaseException:
                 new_parent.close()
                 raise
+        if self.disk_type == DYNAMIC:
+            from .maintenance import fill_bitmaps
+            fill_bitmaps(self)
         self.backend.pwrite(self.header_at, raw)
+        self.backend.flush()
         self.header_raw = raw
         self.header = VhdDynamicDiskHeader.parse(raw)
         self.locator_entries = self._read_locators(self.header)
+        # the footer's disk type last: until then readers see the old kind of disk
         if name is None:
             self._write_type(DYNAMIC)
+        elif self.disk_type == DYNAMIC:
+            self._write_type(DIFFERENCING)
         if self.backing is not None:
             self.backing.close()
         self.backing = new_parent

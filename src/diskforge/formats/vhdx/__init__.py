@@ -5,7 +5,8 @@ The package: ``structs`` (the specification's structures and constants, the BAT
 index arithmetic and the sector bitmap's bit order; it imports no sibling), ``crc32c``
 (its checksum), ``bat`` (the BAT read in pieces),
 ``tables`` (header section and metadata region), ``log`` (log search, replay and
-entries), ``device`` (the BlockDevice, random-access writes included), ``writer``
+entries), ``device`` (the BlockDevice, random-access writes included),
+``maintenance`` (resize, rebase, emptying and re-linking for commit), ``writer``
 (new files for convert and create). See formats/vhdx.md.
 """
 

@@ -590,13 +590,17 @@ class VhdxDevice(FileDevice):
 
     def _log_commit(self, sectors: dict[int, bytes]) -> None:
         """Write metadata sectors through the log (2.3): log entry, flush, apply, flush.
-        Each entry is its own tail, since everything before it is applied already."""
+        Each entry is its own tail, since everything before it is applied already.
+        When the log is empty (LogGuid zero) the first entry is written before the
+        header names its LogGuid: a crash in between leaves an empty log, never a
+        LogGuid whose log holds no entry (which a reader must refuse as corrupt)."""
         h = self.header
         if h.LogLength == 0:
             raise UnsupportedError("not supported yet: writing to a VHDX without a log",
                                    self.path)
+        pending = None
         if h.LogGuid == ZERO_GUID:
-            self._update_header(LogGuid=new_guid())
+            pending = new_guid()
             self._log_pos = 0
         items = sorted(sectors.items())
         per_entry = (h.LogLength // LOG_SECTOR - 1) // 2  # descriptors and data fit
@@ -607,10 +611,14 @@ class VhdxDevice(FileDevice):
                 self._log_pos = 0
             size = self.backend.size
             entry = build_entry(sequence=self._log_seq, tail=self._log_pos,
-                                log_guid=self.header.LogGuid, flushed_file_offset=size,
-                                last_file_offset=size, data=part)
+                                log_guid=pending or self.header.LogGuid,
+                                flushed_file_offset=size, last_file_offset=size,
+                                data=part)
             self.backend.pwrite(h.LogOffset + self._log_pos, entry)
             self.backend.flush()
+            if pending is not None:
+                self._update_header(LogGuid=pending)
+                pending = None
             for off, sector in part:
                 self.backend.pwrite(off, sector)
             self.backend.flush()
@@ -750,6 +758,33 @@ class VhdxDevice(FileDevice):
     def flush(self) -> None:
         if self.writable:
             self.backend.flush()
+
+    # -- maintenance (maintenance.py) -------------------------------------------------------
+    def _maintainable(self) -> None:
+        if not self.writable:
+            raise UnsupportedError("vhdx image is open read-only", self.path)
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Grow, or shrink with ``shrink`` (qemu-img cannot): maintenance.py."""
+        from . import maintenance
+        self._maintainable()
+        maintenance.resize(self, size, shrink)
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Give this disk a VHDX parent (rebase), another one, or none."""
+        from . import maintenance
+        self._maintainable()
+        maintenance.set_backing(self, name, fmt)
+
+    def make_empty(self) -> None:
+        from . import maintenance
+        self._maintainable()
+        maintenance.make_empty(self)
+
+    def relink_backing(self) -> None:
+        from . import maintenance
+        self._maintainable()
+        maintenance.relink(self)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
