@@ -127,13 +127,3 @@ def two_disk_ovf(disk1: str, disk2: str, fmt_uri: str = "http://www.gnome.org/~m
   </VirtualSystem>
 </Envelope>
 """
-
-
-def vmdk_readable() -> bool:
-    """True once a vmdk plugin that reads is installed (the reader is another branch)."""
-    from diskforge import registry
-    from diskforge.errors import UnknownFormatError
-    try:
-        return registry.get("vmdk").can_read
-    except UnknownFormatError:
-        return False

@@ -12,8 +12,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from conftest import cli, need, one_line_error, qemu_img_json, run
-from ova_helpers import (MIB, build_ova, extract, fixture, make_disk, two_disk_ovf,
-                         vmdk_readable)
+from ova_helpers import MIB, build_ova, extract, fixture, make_disk, two_disk_ovf
 
 import diskforge
 from diskforge.errors import DiskforgeError
@@ -141,9 +140,6 @@ def test_real_descriptors(descriptor, disk_format, tmp_path):
     VMDK) under the file name the descriptor references (the disk's format is probed,
     never taken from the descriptor)."""
     from diskforge.formats.ova.ovf import parse
-    if disk_format == "vmdk-stream" and not vmdk_readable():
-        pytest.skip("no VMDK reader registered yet (registry.get('vmdk').can_read is"
-                    " false): the reader lands with the VMDK issue")
     with open(fixture(descriptor), "rb") as f:
         text = f.read()
     env = parse(text, descriptor)
@@ -170,9 +166,6 @@ def test_real_descriptors(descriptor, disk_format, tmp_path):
 
 def test_real_virtualbox_package_with_stream_vmdk(tmp_path):
     """VirtualBox's own export (descriptor, manifest, stream VMDK) as COT ships it."""
-    if not vmdk_readable():
-        pytest.skip("no VMDK reader registered yet (registry.get('vmdk').can_read is"
-                    " false): the reader lands with the VMDK issue")
     ova = build_ova(str(tmp_path / "ubuntu.ova"), open(fixture("ubuntu.2.0.ovf"),
                                                        "rb").read(),
                     "ubuntu.2.0.ovf", {"ubuntu.2.0-disk1.vmdk":
@@ -203,10 +196,6 @@ def test_folder_ovf(tmp_path):
 def test_round_trip_export_then_import(tmp_path):
     """export --to ova, then import: the disk comes back bit for bit, CPUs, memory and
     firmware survive."""
-    from diskforge.export.ova import vmdk_writable
-    if not (vmdk_writable() and vmdk_readable()):
-        pytest.skip("export --to ova writes a stream VMDK and import reads it: needs the"
-                    " VMDK writer and reader (registry.get('vmdk'), the VMDK issue)")
     src = make_disk(str(tmp_path / "src.qcow2"), "qcow2", 6 * MIB)
     ova = str(tmp_path / "web.ova")
     code, _, err = cli("export", "--to", "ova", "--cpus", "3", "--memory", "768",

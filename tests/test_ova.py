@@ -12,16 +12,12 @@ import shutil
 
 import pytest
 from conftest import cli, need, one_line_error, run
-from ova_helpers import (MIB, build_ova, extract, fixture, make_disk, two_disk_ovf,
-                         vmdk_readable)
+from ova_helpers import MIB, build_ova, extract, fixture, make_disk, two_disk_ovf
 
 from diskforge.formats.ova import manifest as mf
 from diskforge.formats.ova import ovf, tar
 
 UBUNTU_DISK = "ubuntu.2.0-disk1.vmdk"
-needs_vmdk = pytest.mark.skipif(not vmdk_readable(),
-                                reason="the vmdk reader is not installed yet (branch"
-                                " h-vmdk-read); these run once it is merged")
 
 
 def _text(name: str) -> str:
@@ -326,7 +322,6 @@ def test_convert_refuses_writing_onto_the_package(workdir):
 
 # -- stream VMDK disks: the OVAs VMware and VirtualBox write --------------------------
 
-@needs_vmdk
 def test_stream_vmdk_disk_converts(workdir):
     disk = make_disk(os.path.join(workdir, "d.vmdk"), "vmdk-stream")
     # ovftool's descriptor with qemu-img's stream VMDK in place of its own (ovf:size
@@ -343,7 +338,6 @@ def test_stream_vmdk_disk_converts(workdir):
     assert code == 0, text + err
 
 
-@needs_vmdk
 def test_real_virtualbox_package(workdir):
     """COT's VirtualBox export as it was made: its own descriptor, manifest (SHA256) and
     streamOptimized disk, put in a tar in DSP0243's order."""
