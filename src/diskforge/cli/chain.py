@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .image import (add_force_share_arg, add_policy_args, open_source, policy_from,
-                    progress_for)
+from .image import (add_cache_args, add_force_share_arg, add_policy_args, open_source,
+                    policy_from, progress_for)
 
 
 def cmd_rebase(args) -> int:
@@ -80,6 +80,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-u", action="store_true", help="unsafe: only change the name")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_cache_args(p)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
@@ -92,6 +93,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-d", action="store_true", help="do not empty the image afterwards")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_cache_args(p, source=False)
     add_policy_args(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_commit)

@@ -41,19 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="for images uploaded by others: confine the files they name,"
                         " refuse raw backing files, limit memory and CPU time (also"
                         " DISKFORGE_UNTRUSTED=1)")
-    parser.add_argument("--version", action=_VersionAction, nargs=0,
-                        help="show the version and exit")
+    parser.add_argument("-V", "--version", action=_VersionAction, nargs=0,
+                        help="show diskforge's version and the qemu-img version whose"
+                        " interface it follows, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in GROUPS:
         importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
     return parser
 
 
+# The qemu-img release whose command line and outputs diskforge follows. Scripts probe
+# ``qemu-img --version`` with a regex on "qemu-img version X.Y.Z" to pick flags.
+QEMU_IMG_INTERFACE = "7.2.0"
+
+
 class _VersionAction(argparse.Action):
-    """Looks the version up only when asked (importlib.metadata is slow to import)."""
+    """Looks the version up only when asked (importlib.metadata is slow to import).
+    Two lines: diskforge's own version, then qemu-img's spelling of the interface it
+    follows, so a script that parses qemu-img's version line finds one it knows."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(_version())
+        print(f"qemu-img version {QEMU_IMG_INTERFACE} (interface followed by diskforge)")
         parser.exit(0)
 
 
@@ -112,9 +121,16 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 1
-    if args.sync:
-        from ..atomic import set_durable
-        set_durable(True)
+    if hasattr(args, "cache") or hasattr(args, "src_cache"):
+        from .image import apply_cache_modes
+        try:
+            apply_cache_modes(args)  # -t none/writethrough/directsync: flushed outputs
+        except DiskforgeError as e:
+            print(f"diskforge: {e}", file=sys.stderr)
+            return getattr(args, "error_status", 1)
+    if args.sync or getattr(args, "flush_output", False) or "diskforge.atomic" in sys.modules:
+        from ..atomic import set_durable  # per command: main() may run many in a process
+        set_durable(args.sync or getattr(args, "flush_output", False))
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary outputs on kill
     error_status = getattr(args, "error_status", 1)
     try:
