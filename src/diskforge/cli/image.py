@@ -247,7 +247,7 @@ def cmd_convert(args) -> int:
                          "Expecting a source and a target image file name")
     *sources, args.target = args.files
     fmt = target_format(args.target, args.O)
-    opt_size, args.o = pop_size(args.o)
+    _, args.o = pop_size(args.o)  # qemu-img takes the size from the source, always
     options = options_or_help(fmt, args.o)
     if options is None:
         return 0
@@ -265,13 +265,6 @@ def cmd_convert(args) -> int:
     src = _open_sources(sources, args)
     base = None
     try:
-        size = src.size
-        if opt_size is not None:
-            from ..options import parse_size
-            size = parse_size(opt_size, "image size")
-            if size < src.size:
-                raise UsageError(f"the target size ({size} bytes) is smaller than the"
-                                 f" source ({src.size} bytes)", args.target)
         backing = None
         if args.B:
             base, backing = open_backing(args.B, args.F, args.target, args)
@@ -290,7 +283,7 @@ def cmd_convert(args) -> int:
         else:
             from ..ops.measure import require_room
             require_room(args.target, fmt, options, source=src, base=base)
-            writer = fmt.writer(args.target, size, options, backing=backing)
+            writer = fmt.writer(args.target, src.size, options, backing=backing)
         try:
             with progress_for(args) as bar:
                 progress = _throttled(bar, args.r) if args.r else bar

@@ -76,13 +76,14 @@ class ProgressBar:
         self.close()
 
     def close(self) -> None:
-        """End the progress line: qemu-img prints the final step and a newline even
-        when the work reported nothing (an empty image)."""
+        """End the progress line: the final step (when not printed yet: an empty
+        image reports nothing) and a newline, as qemu-img."""
         if self.closed:
             return
         self.closed = True
         if self.mode == "qemu":
-            self._qemu(100.0)
+            if self.printed < 100.0:
+                self._qemu(100.0)
             self.stream.write("\n")
             self.stream.flush()
         elif self.mode == "bar" and self.drawn and self.tty:
