@@ -77,8 +77,16 @@ def option_help(fmt, *, amend: bool = False) -> str:
         r = rows.get(name)
         typ = _QEMU_TYPE.get(r["type"], "str") if r else "size"
         text = r["help"] if r else "Virtual disk size"
+        extra = []
         if r and r.get("choices"):
-            text += f" (allowed values: {', '.join(r['choices'])})"
+            extra.append("allowed values: " + ", ".join(r["choices"]))
+        default = r["default"] if r else None
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        if default not in (None, ""):
+            extra.append(f"default: {default}")
+        if extra:
+            text += f" ({'; '.join(extra)})"
         head = f"  {name}=<{typ}>"
         lines.append(f"{head:<24} - {text}" if len(head) < 24 else f"{head} - {text}")
     title = f"Amend options for '{fmt.name}':" if amend else f"Supported {fmt.name} options:"
