@@ -368,3 +368,14 @@ def test_qemu_img_matrix(group, tmp_path, capsys):
 def test_every_invocation_is_in_a_group():
     assert all(any(argv[0] in g for g in GROUPS.values()) for argv in MATRIX)
     assert set(KNOWN) <= {" ".join(argv) for argv in MATRIX}
+
+
+def test_readme_quotes_the_known_differences():
+    """The README's "Differences from qemu-img" states every reason in KNOWN and the
+    count the floors give, so the two cannot drift apart."""
+    from conftest import REPO
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    missing = [why for why in set(KNOWN.values()) if why not in readme]
+    assert not missing, f"README.md lacks: {missing}"
+    assert f"{sum(FLOOR.values())} of {len(MATRIX)} match" in readme
