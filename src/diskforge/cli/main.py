@@ -14,7 +14,7 @@ from ..errors import DiskforgeError
 from ..untrusted import CpuTimeExceeded
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "maintenance", "chain", "snapshot", "imaging", "verify", "formats_cmd",
+GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "imaging", "verify", "formats_cmd",
           "hypervisor", "iso")
 
 
