@@ -14,8 +14,8 @@ from ..errors import DiskforgeError
 from ..untrusted import CpuTimeExceeded
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "imaging", "verify", "formats_cmd",
-          "hypervisor", "iso")
+GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "bench", "imaging", "verify",
+          "formats_cmd", "hypervisor", "iso")
 
 
 class OneLineParser(argparse.ArgumentParser):
