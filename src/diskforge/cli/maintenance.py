@@ -52,9 +52,11 @@ def cmd_resize(args) -> int:
             raise UsageError("the new size would be negative", args.filename)
         if new % 512 and dev.format != "raw":
             raise UsageError("The new size must be a multiple of 512", args.filename)
-        if new < dev.size and not args.shrink:
+        if new < dev.size and not (args.shrink or args.safe_shrink):
             raise UsageError("Use the --shrink option to perform a shrink operation",
                              args.filename)
+        if new < dev.size and args.safe_shrink:
+            _refuse_cutting_data(dev, new)
         old = dev.size
         prealloc = args.preallocation or "off"
         if prealloc != "off" and (dev.format != "raw" or new < old):
@@ -62,7 +64,7 @@ def cmd_resize(args) -> int:
                              f" {dev.format} images" if new >= old else
                              "Preallocation can only be used for growing images",
                              args.filename)
-        dev.resize(new, shrink=args.shrink)
+        dev.resize(new, shrink=args.shrink or args.safe_shrink)
         if new > old and prealloc in ("falloc", "full"):
             _preallocate(dev, old, new - old, prealloc)
         if args.fix_gpt:
@@ -73,6 +75,18 @@ def cmd_resize(args) -> int:
         print("Image resized." + (" Backup GPT moved to the new end." if args.fix_gpt
                                   else ""))
     return 0
+
+
+def _refuse_cutting_data(dev, new: int) -> None:
+    """``--safe-shrink``: shrink only when nothing allocated lies past the new end
+    (``--shrink`` discards it, as qemu-img does)."""
+    from ..blockdev import ExtentKind
+    from ..errors import UsageError
+    for e in dev.extents(new, dev.size - new):
+        if e.kind is ExtentKind.DATA:
+            raise UsageError(f"shrinking to {new} bytes would cut allocated data at offset"
+                             f" {e.offset} (+{e.length}); --safe-shrink cuts nothing"
+                             " allocated (--shrink discards it)", dev.path)
 
 
 def _preallocate(dev, offset: int, length: int, mode: str) -> None:
@@ -149,7 +163,10 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("resize", help="change an image's virtual size")
     p.add_argument("-f", metavar="FMT")
-    p.add_argument("--shrink", action="store_true", help="allow making the image smaller")
+    p.add_argument("--shrink", action="store_true", help="allow making the image smaller"
+                   " (what lies past the new end is discarded, as qemu-img)")
+    p.add_argument("--safe-shrink", action="store_true",
+                   help="shrink only if nothing allocated lies past the new end")
     p.add_argument("--fix-gpt", action="store_true",
                    help="move the backup GPT to the new end of the disk (like sgdisk -e)")
     p.add_argument("--preallocation", choices=("off", "metadata", "falloc", "full"),
