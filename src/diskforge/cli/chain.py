@@ -16,6 +16,10 @@ def cmd_rebase(args) -> int:
     if args.b is None:
         raise UsageError("give the new backing file with -b (-b \"\" removes it)")
     name = args.b or None
+    if getattr(args, "image_opts", False):
+        from .qemu_text import image_opts
+        args.filename, opt_fmt, _ = image_opts(args.filename)
+        args.f = args.f or opt_fmt
     # -U shares the new backing file only, as qemu-img rebase -U: never the image
     image = open_image(args.filename, args.f, writable=True,
                        policy=policy_from(args, share=False))

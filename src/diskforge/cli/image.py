@@ -68,8 +68,14 @@ def policy_from(args, *, share: bool = True):
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
                 snapshot: str | None = None):
     from ..registry import open_image
-    from .qemu_text import snapshot_spec
-    dev = open_image(path, fmt, writable=writable, policy=policy_from(args),
+    from .qemu_text import image_opts, snapshot_spec
+    policy = policy_from(args)
+    if getattr(args, "image_opts", False):  # an option string names the image
+        path, opt_fmt, share = image_opts(path)
+        fmt = fmt or opt_fmt
+        if share and not writable:
+            policy = replace(policy, force_share=True)
+    dev = open_image(path, fmt, writable=writable, policy=policy,
                      snapshot=snapshot_spec(snapshot))
     if getattr(args, "src_cache", None) in ("none", "directsync") and not writable:
         use_direct_io(dev)
@@ -246,6 +252,12 @@ def cmd_convert(args) -> int:
         raise UsageError("Expecting image file name" if not args.files else
                          "Expecting a source and a target image file name")
     *sources, args.target = args.files
+    if args.target_image_opts:
+        if not args.n:
+            raise UsageError("--target-image-opts requires use of -n flag")
+        from .qemu_text import image_opts
+        args.target, target_fmt, _ = image_opts(args.target)
+        args.O = args.O or target_fmt
     fmt = target_format(args.target, args.O)
     _, args.o = pop_size(args.o)  # qemu-img takes the size from the source, always
     options = options_or_help(fmt, args.o)
@@ -456,7 +468,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--details", action="store_true",
                    help="also show diskforge's extra facts: the format's header details"
                    " and the partition table (the 'diskforge' and 'partitions' JSON keys)")
-    p.add_argument("--image-opts", action="store_true", help=argparse.SUPPRESS)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
@@ -499,6 +510,8 @@ def add_parsers(sub) -> None:
                    help="with -n: the target already reads as zeros, skip writing them")
     p.add_argument("--salvage", action="store_true",
                    help="read errors become zeros (each reported) instead of failing")
+    p.add_argument("--target-image-opts", action="store_true",
+                   help="with -n: TARGET is an option string (driver=,file.filename=)")
     add_cache_args(p)
     add_force_share_arg(p)
     add_snapshot_arg(p, "read the source's internal snapshot SNAPSHOT (ID or name)")

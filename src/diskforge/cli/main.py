@@ -47,7 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in GROUPS:
         importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
+    for name in QEMU_IMG_COMMANDS:  # qemu-img's options common to its subcommands
+        p = sub.choices[name]
+        p.add_argument("--object", action="append", default=[], metavar="OBJECTDEF",
+                       help="a qemu object (secret,id=ID,data=...|file=...)")
+        if name != "create":
+            p.add_argument("--image-opts", action="store_true",
+                           help="the image is named by an option string"
+                           " (driver=FMT,file.filename=PATH,file.locking=off)")
     return parser
+
+
+# the subcommands that are qemu-img's, which take --object and --image-opts
+QEMU_IMG_COMMANDS = ("amend", "bench", "check", "commit", "compare", "convert", "create",
+                     "dd", "info", "map", "measure", "rebase", "resize", "snapshot")
 
 
 # The qemu-img release whose command line and outputs diskforge follows. Scripts probe
@@ -117,10 +130,25 @@ def _main(argv: list[str] | None) -> int:
     if argv[:1] == ["resize"] and len(argv) > 2 and argv[-1][:1] == "-" \
             and argv[-1][1:2].isdigit() and "--" not in argv:
         argv = argv[:-1] + ["--", argv[-1]]  # "resize img -1G": a size, not a flag
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    variadic = next((n for n in ("files", "operands") if isinstance(getattr(args, n, None),
+                                                                   list)), None)
+    if extra and variadic and not any(e.startswith("-") for e in extra):
+        # file names after options (qemu-img's getopt permutes; argparse fills a
+        # variadic positional from its first run of names only)
+        getattr(args, variadic).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 1
+    if getattr(args, "object", None):
+        from .qemu_text import check_objects
+        try:
+            check_objects(args.object)
+        except DiskforgeError as e:
+            print(f"diskforge: {e}", file=sys.stderr)
+            return getattr(args, "error_status", 1)
     if hasattr(args, "cache") or hasattr(args, "src_cache"):
         from .image import apply_cache_modes
         try:

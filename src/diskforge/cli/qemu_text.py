@@ -147,3 +147,57 @@ def snapshot_spec(text: str | None) -> str | None:
         raise UsageError(f"invalid snapshot spec '{text}': give snapshot.name= or"
                          " snapshot.id=, not both")
     return name or ident
+
+
+# --image-opts keys that change nothing diskforge does (qemu's AIO engine, discard and
+# zero-detection policies, flush tuning): accepted so scripts that pass them work
+_IGNORED_IMAGE_OPTS = {"aio", "file.aio", "discard", "detect-zeroes", "read-only",
+                       "auto-read-only", "cache.no-flush", "cache.direct", "force-share"}
+
+
+def image_opts(text: str) -> tuple[str, str | None, bool]:
+    """``--image-opts`` and ``--target-image-opts``: the image named by an option string
+    (``driver=qcow2,file.filename=disk.qcow2,file.locking=off``) instead of a file name.
+    Returns the path, the format (``driver``; None: probe) and whether locks are shared
+    (``file.locking=off``, read as ``-U``). Encryption keys are refused, as diskforge
+    does not read encrypted images yet."""
+    from ..errors import UnsupportedError
+    values = split_option_string(text)
+    path = values.pop("file.filename", None) or values.pop("filename", None)
+    if not path:
+        raise UsageError(f"Could not open '{text}': --image-opts needs file.filename=")
+    driver = values.pop("driver", None)
+    if driver == "file":
+        driver = "raw"
+    protocol = values.pop("file.driver", "file")
+    if protocol != "file":
+        raise UnsupportedError(f"not supported yet: --image-opts file.driver={protocol}"
+                               " (only file)", path)
+    locking = values.pop("file.locking", values.pop("locking", "auto"))
+    if locking not in ("on", "off", "auto"):
+        raise UsageError(f"invalid value '{locking}' for file.locking: on, off or auto")
+    for key in list(values):
+        if key.startswith("encrypt."):
+            raise UnsupportedError("not supported yet: encrypted images"
+                                   f" ({key})", path)
+        if key in _IGNORED_IMAGE_OPTS:
+            del values[key]
+    if values:
+        raise UsageError(f"--image-opts: unknown or unsupported key(s) "
+                         + ", ".join(sorted(values)), path)
+    return path, driver, locking == "off"
+
+
+def check_objects(specs: list[str]) -> None:
+    """``--object``: qemu's objects; only ``secret`` is meaningful to qemu-img's
+    commands, and diskforge needs one only for encrypted images, which it does not
+    read yet. Validate the syntax so a typo still fails."""
+    for spec in specs:
+        kind, _, rest = spec.partition(",")
+        values = split_option_string(rest)
+        if kind == "qom-type":
+            kind = values.pop("qom-type", "")
+        if kind != "secret":
+            raise UsageError(f"--object {kind}: not supported (only secret objects)")
+        if "id" not in values or not ({"data", "file"} & values.keys()):
+            raise UsageError("--object secret needs id= and data= or file=")
