@@ -187,3 +187,23 @@ def test_errors_use_qemu_img_words(workdir):
         code, _, err = cli(*argv)
         one_line_error(code, err)
         assert f"Could not open '{missing}': No such file or directory" in err
+
+
+def test_image_opts_and_objects(disk, workdir):
+    """--image-opts names the image by an option string; keys diskforge cannot honour
+    and objects other than secrets are one-line errors, never silently ignored."""
+    code, out, _ = cli("info", "--image-opts", f"driver=raw,file.filename={disk}")
+    assert code == 0 and "file format: raw" in out
+    for opts, words in ((f"driver=raw,file.filename={disk},encrypt.key-secret=s0",
+                         "not supported yet: encrypted"),
+                        (f"file.filename={disk},file.driver=nbd", "file.driver=nbd"),
+                        (f"file.filename={disk},bogus=1", "bogus"),
+                        (disk, "needs file.filename=")):
+        code, _, err = cli("info", "--image-opts", opts)
+        one_line_error(code, err)
+        assert words in err
+    code, _, err = cli("info", "--object", "iothread,id=t0", disk)
+    one_line_error(code, err)
+    code, _, err = cli("info", "--object", "secret,id=s0", disk)
+    one_line_error(code, err)
+    assert cli("info", "--object", "secret,id=s0,data=x", disk)[0] == 0
