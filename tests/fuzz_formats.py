@@ -51,8 +51,9 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "fixtures")
 BLOCK = 512
-FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "dmg": ".dmg",
-           "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle", "iso": ".iso"}
+FORMATS = {"raw": ".raw", "qcow2": ".qcow2", "vpc": ".vhd", "vhdx": ".vhdx", "vdi": ".vdi",
+           "dmg": ".dmg", "sparseimage": ".sparseimage", "sparsebundle": ".sparsebundle",
+           "iso": ".iso", "ova": ".ova"}
 EPOCH = "1700000000"            # SOURCE_DATE_EPOCH for every seed made here
 CPU_SECONDS = 10                # per input; valid seeds take milliseconds
 WALL_SECONDS = 60               # per input: a backstop for what does not use the CPU
@@ -162,6 +163,17 @@ def _drop_absolute_locator(path: str) -> None:
         f.write(hd)
 
 
+def _pin_vdi(path: str, create: int, linkage: int = 0) -> None:
+    """Fixed UUIDs in a VDI header (uuidCreate and uuidModify from ``create``, the
+    parent's in uuidLinkage and uuidParentModify from ``linkage``), so the seed is the
+    same file on every run and a child still names its pinned parent."""
+    def ids(n: int) -> bytes:
+        return (bytes([n]) * 16 + bytes([n + 1]) * 16) if n else bytes(32)
+    with open(path, "r+b") as f:
+        f.seek(72 + 320)
+        f.write(ids(create) + ids(linkage))
+
+
 def _pin_qcow2_snapshots(path: str) -> None:
     """Zero the dates (date_sec, date_nsec, vm_clock_nsec) of every QCowSnapshotHeader."""
     import struct
@@ -266,6 +278,25 @@ def make_seeds(fmt: str, d: str) -> list[str]:
             f.seek(-(-size // (1 << 20)) * (1 << 20))
             f.write(bytes(1 << 20))
         seeds = [p("d.vhdx"), p("child.vhdx"), p("log.vhdx")]
+    elif fmt == "vdi":
+        # qemu's (dynamic with data, static), ours (1 MiB blocks, and 4 KiB blocks with
+        # a zero entry), and a differencing child of ours beside its parent
+        _sh("qemu-img", "create", "-q", "-f", "vdi", p("d.vdi"), "3M")
+        _sh("qemu-io", "-c", "write -P 0x55 4k 9k", "-c", "write -P 0x66 2M 4k", p("d.vdi"))
+        _sh("qemu-img", "convert", "-O", "vdi", "-o", "static=on", small, p("s.vdi"))
+        _df("convert", "-O", "vdi", "-o", "block_size=4k", small, p("b.vdi"))
+        _df("convert", "-O", "vdi", small, p("parent.vdi"))
+        changed = p("changed.raw")
+        with open(small, "rb") as f, open(changed, "wb") as out:
+            data = bytearray(f.read())
+            data[1024:3072] = b"\xa5" * 2048
+            out.write(data)
+        _pin_vdi(p("parent.vdi"), 10)
+        _df("convert", "-q", "-O", "vdi", "-B", "parent.vdi", changed, "child.vdi", cwd=d)
+        for name, n in (("d.vdi", 1), ("s.vdi", 3), ("b.vdi", 5)):
+            _pin_vdi(p(name), n)
+        _pin_vdi(p("child.vdi"), 12, 10)
+        seeds = [p("d.vdi"), p("s.vdi"), p("b.vdi"), p("child.vdi")]
     elif fmt == "dmg":
         for name in ("node-udif_compression-zlib.dmg", "node-udif_compression-bz2.dmg",
                      "node-udif_compression-lzfse.dmg", "dmgwiz_input_lzma.dmg",
@@ -291,6 +322,27 @@ def make_seeds(fmt: str, d: str) -> list[str]:
             p("x.iso"), tree)
         _df("iso", "build", "-q", "--udf", tree, p("u.iso"))
         seeds = [p("x.iso"), p("u.iso")]
+    elif fmt == "ova":
+        # real descriptors (VirtualBox's OVF 2.0, ovftool's 1.0) with a raw and a qcow2
+        # disk and a SHA256 manifest, in a ustar and a pax archive
+        _sh("qemu-img", "convert", "-O", "qcow2", small, p("q.qcow2"))
+        for name, ovf, disk, member, fmt_ in (
+                ("v", "ubuntu.2.0.ovf", small, "ubuntu.2.0-disk1.vmdk", "ustar"),
+                ("w", "vmware.ovf", p("q.qcow2"), "input.vmdk", "pax")):
+            stage = p(name + ".stage")
+            os.makedirs(stage)
+            shutil.copy(os.path.join(FIXTURES, "ova", ovf), stage)
+            shutil.copy(disk, os.path.join(stage, member))
+            with open(os.path.join(stage, ovf[:-4] + ".mf"), "w") as f:
+                for n in (ovf, member):
+                    digest = hashlib.sha256(open(os.path.join(stage, n), "rb").read())
+                    f.write(f"SHA256({n})= {digest.hexdigest()}\n")
+            pax = ["--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"]
+            _sh("tar", "-c", "-f", p(name + ".ova"), f"--format={fmt_}", "--owner=0",
+                "--group=0", "--numeric-owner", f"--mtime=@{EPOCH}",
+                *(pax if fmt_ == "pax" else ()), "-C", stage, ovf, ovf[:-4] + ".mf",
+                member)
+            seeds.append(p(name + ".ova"))
     return seeds
 
 
@@ -392,6 +444,8 @@ def exercise(path: str, fmt: str) -> None:
     probe(path)
     with open_image(path, fmt, policy=OpenPolicy()) as dev:
         dev.info()
+        if fmt == "ova":        # the manifest check streams every member
+            dev.verify()
         first_data = None
         for e in islice(dev.extents(), MAX_EXTENTS):
             if first_data is None and e.kind.value == "data":

@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,3 +85,74 @@ def test_coalesce_joins_only_continuing_extents():
                          Extent(24, 4, Z, False), Extent(28, 0, Z)]))
     assert got == [Extent(0, 15, D, True, 100), Extent(15, 5, D, True, 500),
                    Extent(20, 8, Z, False)]
+
+
+# -- WindowBackend: part of a file read as a file (a disk inside an OVA) -----------------
+
+def _windowed(tmp_path):
+    from diskforge.blockdev import FileBackend, WindowBackend
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(b"A" * 1000)
+        f.truncate(3 << 20)          # a hole from 1000 to 3 MiB...
+        f.seek(2 << 20)
+        f.write(b"B" * 4096)         # ...with data at 2 MiB
+    inner = FileBackend(str(path))
+    return inner, WindowBackend(inner, 500, (2 << 20) + 100 - 500, "f:member")
+
+
+def test_window_reads_are_shifted_and_clipped(tmp_path):
+    inner, w = _windowed(tmp_path)
+    with inner:
+        assert (w.size, w.path, w.writable, w.is_block_device) == \
+            ((2 << 20) - 400, "f:member", False, False)
+        assert w.pread(0, 600) == b"A" * 500 + bytes(100)
+        end = w.pread(w.size - 200, 1000)        # clipped at the window's end
+        assert end == bytes(100) + b"B" * 100
+        assert w.pread(w.size, 10) == b"" and w.pread(w.size + 5, 10) == b""
+        buf = bytearray(300)
+        assert w.readinto(w.size - 100, buf) == 100
+        assert w.read_exact(0, 10) == b"A" * 10
+        from diskforge.errors import FormatError
+        with pytest.raises(FormatError, match="f:member: .*truncated"):
+            w.read_exact(w.size - 5, 10, "grain")
+
+
+def test_window_holes_and_allocation(tmp_path):
+    inner, w = _windowed(tmp_path)
+    with inner:
+        runs = list(w.data_ranges(0, w.size + 12345))
+        assert runs[0][0] == 0 and runs[-1][0] + runs[-1][1] == w.size
+        assert sum(n for _, n, _ in runs) == w.size
+        data = [(o, n) for o, n, d in runs if d]
+        # the first block holds the A's; the B's at 2 MiB are 1524+ bytes inside
+        assert data[0][0] == 0 and any(o <= (2 << 20) - 500 < o + n for o, n in data)
+        assert 0 < w.allocated_bytes() < w.size
+        assert list(w.data_ranges(w.size, w.size + 10)) == []
+
+
+def test_window_refuses_writes_and_leaves_the_file_open(tmp_path):
+    from diskforge.errors import UnsupportedError
+    inner, w = _windowed(tmp_path)
+    with inner:
+        for call in (lambda: w.pwrite(0, b"x"), lambda: w.write_zeroes(0, 1),
+                     lambda: w.truncate(0), lambda: w.punch_hole(0, 1)):
+            with pytest.raises(UnsupportedError, match="f:member: is read-only"):
+                call()
+        w.flush()
+        w.close()
+        assert inner.pread(0, 1) == b"A"      # the inner file is its opener's
+    with pytest.raises(Exception):
+        w.pread(0, 1)
+
+
+def test_a_format_reads_through_a_window(tmp_path):
+    """Format.open(name, backend=window): a raw disk that is bytes 500.. of a file."""
+    from diskforge import registry
+    inner, w = _windowed(tmp_path)
+    with inner:
+        plugin = registry.probe_backend(w, w.path)
+        assert plugin.name == "raw"
+        with plugin.open(w.path, backend=w) as dev:
+            assert dev.size == w.size
+            assert dev.read(490, 20) == b"A" * 10 + bytes(10)

@@ -18,7 +18,8 @@ from conftest import need
 
 FUZZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_formats.py")
 RUNS = 2000   # about 7 s of CPU after 5 s of seeds and instrumentation
-FORMATS = ("raw", "qcow2", "vpc", "vhdx", "dmg", "sparseimage", "sparsebundle", "iso")
+FORMATS = ("raw", "qcow2", "vpc", "vhdx", "vdi", "dmg", "sparseimage", "sparsebundle",
+           "iso", "ova")
 
 
 @pytest.mark.slow

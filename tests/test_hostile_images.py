@@ -1,4 +1,4 @@
-"""Hostile qcow2, VHD and VHDX images (issue 12, item 4): decompression bombs, tables
+"""Hostile qcow2, VHD, VHDX and VDI images (issue 12, item 4): decompression bombs, tables
 sized by headers that a sparse file satisfies, a pending VHDX log that extends the file,
 and huge-but-empty disks (as large as each format allows) through map, check, convert,
 compare and serve.
@@ -169,6 +169,24 @@ def test_vhd_bat_larger_than_the_budget(workdir):
         ok_or_one_line(code, err, rss)
         assert code == 1 and "VhdDynamicDiskHeader.max_table_entries" in err, err
         assert "256 MiB" in err
+
+
+def test_vdi_block_map_larger_than_the_budget(workdir):
+    """A VDI whose header claims 2^28 blocks (a 1 GiB map) in a sparse file that holds
+    it: refused before the map is read."""
+    need("qemu-img")
+    img = os.path.join(workdir, "map.vdi")
+    run("qemu-img", "create", "-q", "-f", "vdi", img, "1G")
+    with open(img, "r+b") as f:
+        f.seek(72 + 272)
+        f.write(struct.pack("<I", 0xFFFFFE00))          # offData
+        f.seek(72 + 312)
+        f.write(struct.pack("<I", 1 << 28))             # cBlocks
+        f.truncate(5 << 30)
+    for cmd in ("info", "map", "check"):
+        code, _, err, rss = measured(cmd, img)
+        ok_or_one_line(code, err, rss)
+        assert code == 1 and ".cBlocks" in err and "256 MiB" in err, err
 
 
 def test_qcow2_check_counters_of_a_huge_sparse_file(workdir):
@@ -345,15 +363,74 @@ def test_vhdx_pending_log_that_extends_the_file_to_64_tib(workdir):
     assert os.path.getsize(out_img) < 64 * MIB
 
 
+# -- OVA: packages whose headers and descriptors ask for too much ---------------------
+
+def _ova(workdir: str, name: str, ovf_text: bytes, disk: str | None = None,
+         pax: dict | None = None) -> str:
+    """An OVA (descriptor first, then the disk) written by Python's tarfile, which
+    writes pax headers as asked."""
+    import io
+    import tarfile
+    path = os.path.join(workdir, name)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("vm.ovf")
+        info.size = len(ovf_text)
+        info.pax_headers = pax or {}
+        t.addfile(info, io.BytesIO(ovf_text))
+        if disk:
+            t.add(disk, "disk.vhd")
+    return path
+
+
+def _ovf_text(extra: str = "") -> bytes:
+    return ('<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/'
+            'envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References>'
+            '<File ovf:href="disk.vhd" ovf:id="f"/></References><DiskSection><Disk '
+            'ovf:diskId="d" ovf:fileRef="f" ovf:capacity="1"/></DiskSection>'
+            f'<VirtualSystem ovf:id="vm">{extra}</VirtualSystem></Envelope>').encode()
+
+
+def test_hostile_ova_packages_stay_small(workdir):
+    """150,000 elements (the limit is 100,000), a pax header claiming 8 GiB in a small
+    file, a real 1.5 MiB pax header (the limit is 1 MiB): one line each, quickly, in
+    little memory. And a 2040 GiB empty VHD inside an OVA converts through the window
+    without reading what its extents call empty."""
+    need("qemu-img")
+    elements = _ova(workdir, "elements.ova", _ovf_text("<a/>" * 150_000))
+    claimed = _ova(workdir, "claimed.ova", _ovf_text(), pax={"comment": "x"})
+    with open(claimed, "r+b") as f:
+        block = bytearray(f.read(512))
+        block[124:136] = b"77777777777\0"
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+        f.seek(0)
+        f.write(block)
+    big = _ova(workdir, "bigpax.ova", _ovf_text(), pax={"comment": "x" * (3 << 19)})
+    for path, field in ((elements, "100000 elements"), (claimed, "tar header.size"),
+                        (big, "pax extended header.size")):
+        code, _, err, rss = measured("info", "-f", "ova", path)
+        ok_or_one_line(code, err, rss, field)
+        assert code != 0
+    vhd = os.path.join(workdir, "huge.vhd")
+    run("qemu-img", "create", "-q", "-f", "vpc", vhd, "2040G")
+    ova = _ova(workdir, "huge.ova", _ovf_text(), disk=vhd)
+    out = os.path.join(workdir, "out.qcow2")
+    code, _, err, rss = measured("convert", ova, out)
+    ok_or_one_line(code, err, rss)
+    assert code == 0 and os.path.getsize(out) < 64 * MIB
+
+
 # -- huge but empty: as large as each format allows ------------------------------------
 
 def _huge_images(workdir):
     """(format, path) of the largest empty image each format allows, made by qemu-img:
-    qcow2 2 EiB (2 MiB clusters, the 32 MiB L1 limit), VHD 2040 GiB, VHDX 64 TiB."""
+    qcow2 2 EiB (2 MiB clusters, the 32 MiB L1 limit), VHD 2040 GiB, VHDX 64 TiB; VDI
+    4 TiB (qemu writes its whole block map, 16 MiB here)."""
     made = []
     for name, args in (("qcow2", ["-f", "qcow2", "-o", "cluster_size=2M", "2048P"]),
                        ("vpc", ["-f", "vpc", "2040G"]),
-                       ("vhdx", ["-f", "vhdx", "64T"])):
+                       ("vhdx", ["-f", "vhdx", "64T"]),
+                       ("vdi", ["-f", "vdi", "4T"])):
         path = os.path.join(workdir, f"huge-{name}.img")
         run("qemu-img", "create", "-q", *args[:-1], path, args[-1])
         made.append((name, path))
@@ -366,7 +443,7 @@ def huge(tmp_path_factory):
     return dict(_huge_images(str(tmp_path_factory.mktemp("huge"))))
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "vpc", "vhdx"])
+@pytest.mark.parametrize("fmt", ["qcow2", "vpc", "vhdx", "vdi"])
 @pytest.mark.parametrize("cmd", ["map", "check", "convert", "compare"])
 def test_huge_empty_images(huge, fmt, cmd, tmp_path):
     img = huge[fmt]

@@ -128,6 +128,9 @@ CASES = [
     pytest.param(_diskforge("dmg", "-o", "format=UDZO"), "dmg", "dmg", id="dmg-UDZO"),
     pytest.param(_diskforge("dmg", "-o", "format=UDRO"), "dmg", "dmg", id="dmg-UDRO"),
     pytest.param(_iso, "raw", "raw", id="iso"),
+    pytest.param(_qemu_img("vdi"), "vdi", "vdi", id="vdi-dynamic"),
+    pytest.param(_qemu_img("vdi", "-o", "static=on"), "vdi", "vdi", id="vdi-static"),
+    pytest.param(_diskforge("vdi"), "vdi", "vdi", id="vdi-ours"),
     # through diskforge's NBD export
     pytest.param(_vhdx_pending_log, None, "vhdx", id="vhdx-pending-log"),
     pytest.param(_diskforge("vhdx", "-o", "logical_sector_size=4096"), None, "vhdx",
@@ -135,6 +138,8 @@ CASES = [
     pytest.param(_child("vhdx"), None, "vhdx", id="vhdx-differencing"),
     pytest.param(_child("vpc"), None, "vpc", id="vpc-differencing"),
     pytest.param(_vpc_damaged_copy, None, "vpc", id="vpc-damaged-footer-copy"),
+    pytest.param(_child("vdi"), None, "vdi", id="vdi-differencing"),
+    pytest.param(_diskforge("vdi", "-o", "block_size=64k"), None, "vdi", id="vdi-64k-blocks"),
     pytest.param(_diskforge("dmg", "-o", "format=ULFO"), None, "dmg", id="dmg-ULFO"),
     pytest.param(_diskforge("dmg", "-o", "format=ULMO"), None, "dmg", id="dmg-ULMO"),
     pytest.param(_diskforge("dmg", "-o", "format=UDBZ"), None, "dmg", id="dmg-UDBZ"),
@@ -169,7 +174,7 @@ def test_driver_choice_matches_what_qemu_reads(request, tmp_path, build, want, q
 
 
 def test_formats_qemu_only_reads_go_direct_when_named(tmp_path):
-    """vmdk and vdi have no diskforge plugin yet: ``-f vmdk`` attaches QEMU's driver."""
+    """vmdk has no diskforge plugin yet: ``-f vmdk`` attaches QEMU's driver."""
     need("qemu-img")
     d = str(tmp_path)
     src = make_sparse(os.path.join(d, "src.raw"), SIZE, LAYOUT)

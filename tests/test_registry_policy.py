@@ -85,7 +85,6 @@ def test_policy_refuses_loops_and_deep_chains(tmp_path):
     ("vmdk/dfvfs_qemu_ext2_monolithicSparse.vmdk", "VMDK (sparse extent)"),
     ("vmdk/monolithicFlat/monolithicFlat.vmdk", "VMDK (descriptor)"),
     ("vmdk/dissect_esxi_sesparse.vmdk.gz", "VMDK (seSparse extent)"),
-    ("vdi/dissect_qemu_basic.vdi.gz", "VDI (VirtualBox)"),
     ("generated-local/qemu72_basic.qed.gz", "QED"),
     ("generated-local/qemu72_v1.qcow.gz", "qcow version 1"),
     ("parallels/expanding.hdd/expanding.hdd.0.{5fbaabe3-6958-40ff-92a7-860e329aab41}.hds.gz",

@@ -8,6 +8,7 @@ The Python API is small and stable::
     diskforge.convert("disk.vmdk", "disk.qcow2")      # format from the extension
     diskforge.create("new.qcow2", 10 << 30)
     print(diskforge.info("disk.qcow2").virtual_size)
+    diskforge.export("disk.qcow2", "azure", "disk.vhd")    # a cloud's import rules
 
 For images uploaded by others, pass ``policy=diskforge.OpenPolicy.untrusted()`` (or set
 ``DISKFORGE_UNTRUSTED=1``): confinement and backing-format rules in this process; run
@@ -34,23 +35,34 @@ if TYPE_CHECKING:
     from .ops.convert import ConvertStats
     from .policy import OpenPolicy
 
-__all__ = ["open", "create", "convert", "info", "DiskforgeError", "OpenPolicy"]
+__all__ = ["open", "create", "convert", "info", "export", "DiskforgeError", "OpenPolicy"]
 
 
 def __getattr__(name: str):
-    """``diskforge.OpenPolicy`` without importing it at ``import diskforge``."""
+    """``diskforge.OpenPolicy`` and ``diskforge.export`` without importing them at
+    ``import diskforge``. ``export`` is the callable package ``diskforge/export/``:
+    ``diskforge.export(src, target, out, **opts)`` writes what a cloud or hypervisor
+    imports (returns the paths written) and ``diskforge.export.check(target, path)``
+    lists the rules a file breaks; a function of that name here would be replaced by
+    the package as soon as any of its modules is imported."""
     if name == "OpenPolicy":
         from .policy import OpenPolicy
         return OpenPolicy
+    if name == "export":
+        import importlib
+        return importlib.import_module(".export", __name__)
     raise AttributeError(f"module 'diskforge' has no attribute '{name}'")
 
 
 def open(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
-         policy: "OpenPolicy | None" = None, snapshot: str | None = None) -> "BlockDevice":
+         policy: "OpenPolicy | None" = None, snapshot: str | None = None,
+         disk: "str | int | None" = None) -> "BlockDevice":
     """Open an image as a BlockDevice (format probed unless given); ``snapshot`` (ID or
-    name) opens an internal snapshot as a read-only view."""
+    name) opens an internal snapshot as a read-only view; ``disk`` picks one disk of an
+    OVA or OVF (its file name, disk id or 1-based number; ``"vm.ova:NAME"`` too)."""
     from .registry import open_image
-    return open_image(path, fmt, writable=writable, policy=policy, snapshot=snapshot)
+    return open_image(path, fmt, writable=writable, policy=policy, snapshot=snapshot,
+                      member=disk)
 
 
 def create(path: str | os.PathLike, size: int, fmt: str | None = None,

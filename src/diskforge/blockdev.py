@@ -961,3 +961,77 @@ class FileBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class WindowBackend:
+    """A read-only window ``[offset, offset+length)`` of another backend, seen as a
+    file of ``length`` bytes: FileBackend's reading interface, so any format's reader
+    opens a disk stored inside another file (a member of an OVA's tar) in place,
+    without extracting it (``Format.open(name, backend=WindowBackend(...))``).
+
+    Reads are clipped to the window (never a byte of the neighbouring member), holes
+    are the inner file's holes shifted into the window, and every write is refused.
+    ``name`` names the window in messages (``vm.ova:disk1.vmdk``). The inner backend
+    stays its opener's: closing the window does not close it, so several windows (the
+    disk, the members a manifest check streams) share one open file and its locks.
+    """
+
+    is_block_device = False
+    writable = False
+
+    def __init__(self, inner: "FileBackend | WindowBackend", offset: int, length: int,
+                 name: str | None = None) -> None:
+        if offset < 0 or length < 0:
+            raise UsageError(f"window {offset}+{length} is not a range of the file",
+                             inner.path)
+        self.inner = inner
+        self.offset = offset
+        self.length = length
+        self.path = name if name is not None else inner.path
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+    def allocated_bytes(self) -> int:
+        return sum(n for _, n, data in self.data_ranges(0, self.length) if data)
+
+    def readinto(self, offset: int, buf) -> int:
+        """Read up to ``len(buf)`` bytes at ``offset`` of the window; short only at
+        the window's end (or where the inner file ends first)."""
+        if self.closed:
+            raise ImageIOError("read after close", self.path)
+        mv = memoryview(buf).cast("B")
+        n = max(0, min(len(mv), self.length - offset))
+        if n == 0 or offset < 0:
+            return 0
+        return self.inner.readinto(self.offset + offset, mv[:n])
+
+    read_exact = FileBackend.read_exact
+    pread = FileBackend.pread
+
+    def data_ranges(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        end = min(end, self.length)
+        if end <= offset:
+            return
+        for pos, n, data in self.inner.data_ranges(self.offset + offset, self.offset + end):
+            yield pos - self.offset, n, data
+
+    def _refuse(self, *args, **kwargs):
+        raise UnsupportedError("is read-only here (a window onto part of another file);"
+                               " nothing is written into it", self.path)
+
+    pwrite = write_zeroes = truncate = punch_hole = _refuse
+
+    def flush(self, *, durable: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

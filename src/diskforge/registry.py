@@ -54,6 +54,9 @@ class Format:
     random_write: bool = False
     # True when open() takes ``snapshot=`` (a read-only view of an internal snapshot)
     snapshots: bool = False
+    # True when the file holds several disks and open() takes ``member=`` (a name, or
+    # a 1-based number): an OVA's disks, picked by ``vm.ova:NAME`` or ``--disk N``
+    members: bool = False
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         """Confidence 0..100 that a file with this head and tail is in this format."""
@@ -286,7 +289,6 @@ UNREAD_SIGNATURES = (
     (0, b"COWD", "VMDK (ESX COWD extent)"),
     (0, b"# Disk DescriptorFile", "VMDK (descriptor)"),
     (0, b"\xbe\xba\xfe\xca\x00\x00\x00\x00", "VMDK (seSparse extent)"),
-    (0x40, b"\x7f\x10\xda\xbe", "VDI (VirtualBox)"),
     (0, b"QED\x00", "QED"),
     (0, b"QFI\xfb\x00\x00\x00\x01", "qcow version 1"),
     (0, b"WithoutFreeSpace", "Parallels"),
@@ -318,12 +320,13 @@ def unread_format(head: bytes) -> str | None:
     return None
 
 
-def encrypted_format(path: str, head: bytes, size: int) -> str | None:
+def encrypted_format(path: str, head: bytes, size: int, reader=None) -> str | None:
     """The kind of encrypted container ``path`` is ("LUKS1"), or None. Signatures past
     the probe window are read with one small read each (only a file that would
-    otherwise be read as raw gets here)."""
+    otherwise be read as raw gets here), through ``reader`` when the image is read
+    through an open backend."""
     from .blockdev import FileBackend
-    backend = None
+    backend = reader
     try:
         for offset, magic, name in ENCRYPTED_SIGNATURES:
             if offset + len(magic) > size:
@@ -336,7 +339,7 @@ def encrypted_format(path: str, head: bytes, size: int) -> str | None:
             if found == magic:
                 return name
     finally:
-        if backend is not None:
+        if backend is not None and backend is not reader:
             backend.close()
     return None
 
@@ -353,6 +356,26 @@ def probe(path: str) -> Format:
     if size == 0 and not is_block_device(path):
         raise UnknownFormatError("empty file (0 bytes), not a disk image; use -f raw to"
                                  " treat it as an empty raw disk", path)
+    return _best(path, head, tail, size)
+
+
+def probe_backend(backend, name: str) -> Format:
+    """Guess the format of an image read through an open backend (a disk inside an
+    OVA, see blockdev.WindowBackend) by the same rules as a file: ``name`` names it in
+    messages."""
+    size = backend.size
+    if size == 0:
+        raise UnknownFormatError("empty (0 bytes), not a disk image", name)
+    head = backend.pread(0, min(size, PROBE_BYTES))
+    tail_start = max(0, size - PROBE_BYTES)
+    tail = head[tail_start:] if size <= len(head) else backend.pread(tail_start,
+                                                                     size - tail_start)
+    return _best(name, head, tail, size, backend)
+
+
+def _best(path: str, head: bytes, tail: bytes, size: int, backend=None) -> Format:
+    """The plugin most confident about these bytes; raw only when no format, known
+    but unread or encrypted, claims them."""
     best, best_score = None, 0
     for plugin in all_formats().values():
         if not plugin.can_probe:
@@ -366,7 +389,7 @@ def probe(path: str) -> Format:
             raise UnsupportedError(f"not supported yet: {unread} images (recognised by"
                                    " their header); give -f raw to read the file's bytes"
                                    " as a raw disk", path)
-        encrypted = encrypted_format(path, head, size)
+        encrypted = encrypted_format(path, head, size, backend)
         if encrypted:
             raise UnsupportedError(f"encrypted ({encrypted}); not supported yet: reading"
                                    " encrypted images (give -f raw to read the encrypted"
@@ -409,13 +432,17 @@ def _could_not_open(path: str, reason: str) -> ImageIOError:
 
 def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,
                policy: OpenPolicy | None = None,
-               snapshot: str | None = None) -> "BlockDevice":
+               snapshot: str | None = None, member: "str | int | None" = None
+               ) -> "BlockDevice":
     """Open ``path`` as a BlockDevice: with the named format, or by probing.
 
     Block devices (``/dev/...``) open as raw unless a format is named. ``snapshot``
-    (an ID or name) opens that internal snapshot as a read-only view. Every file of
-    the image holds QEMU's image locks while it is open (``locks.py``); a read-only
-    open under ``policy.force_share`` shares everything, a writable one is refused.
+    (an ID or name) opens that internal snapshot as a read-only view. ``member`` picks
+    one disk of a file that holds several (an OVA's, by file name or disk id, or its
+    1-based number); ``vm.ova:NAME``, a path that does not exist whose part before the
+    last ':' is such a file, means the same. Every file of the image holds QEMU's
+    image locks while it is open (``locks.py``); a read-only open under
+    ``policy.force_share`` shares everything, a writable one is refused.
     """
     from .locks import FORCE_SHARE_WRITE, force_share
     path = os.fspath(path)
@@ -423,11 +450,33 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: boo
     if writable and policy.force_share:
         raise UsageError(FORCE_SHARE_WRITE, path)
     with force_share(policy.force_share):
-        return _open_image(path, fmt, writable, policy, snapshot)
+        return _open_image(path, fmt, writable, policy, snapshot, member)
+
+
+def split_member(path: str, fmt: str | None = None) -> tuple[str, str] | None:
+    """``(container, NAME)`` when ``path`` is ``container:NAME``: ``path`` itself does
+    not exist, and the part before its last ':' is a regular file in a format that
+    holds several disks (an OVA or OVF). A path that exists is always itself."""
+    if ":" not in path or os.path.lexists(path):
+        return None
+    container, _, name = path.rpartition(":")
+    if not name or not os.path.isfile(container):
+        return None
+    try:
+        plugin = get(fmt) if fmt else probe(container)
+    except (UnknownFormatError, UnsupportedError, ImageIOError):
+        return None
+    return (container, name) if plugin.members else None
 
 
 def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
-                snapshot: str | None) -> "BlockDevice":
+                snapshot: str | None, member: "str | int | None" = None) -> "BlockDevice":
+    inside = split_member(path, fmt)
+    if inside is not None:
+        if member is not None:
+            raise UsageError(f"two disks asked for: '{inside[1]}' in the name and"
+                             f" {member!r} (--disk)", path)
+        path, member = inside
     check_readable(path)
     if fmt:
         plugin = get(fmt)
@@ -440,10 +489,15 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
     if writable and not plugin.random_write:
         raise UnsupportedError(f"{plugin.name} images cannot be opened for writing"
                                " (convert to a writable format instead)", path)
+    if member is not None and not plugin.members:
+        raise UsageError(f"{plugin.name} images hold one disk; --disk and FILE:NAME pick"
+                         " a disk of a file that holds several (ova, ovf)", path)
     policy.check_referenced_format(path, plugin.name)
     policy = policy.descend(path)
     if snapshot is not None:
         if not plugin.snapshots:
             raise UnsupportedError(f"{plugin.name} images have no internal snapshots", path)
         return plugin.open(path, writable=writable, policy=policy, snapshot=snapshot)
+    if member is not None:
+        return plugin.open(path, writable=writable, policy=policy, member=member)
     return plugin.open(path, writable=writable, policy=policy)

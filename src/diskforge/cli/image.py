@@ -65,10 +65,26 @@ def policy_from(args, *, share: bool = True):
     return replace(policy, force_share=share and getattr(args, "force_share", False))
 
 
+def add_disk_arg(p: argparse.ArgumentParser, flag: str = "--disk",
+                 which: str = "") -> None:
+    """``--disk N``: the N-th disk (1-based) of a source that holds several (an OVA or
+    OVF); ``vm.ova:NAME`` picks one by its file name or disk id instead."""
+    p.add_argument(flag, type=int, metavar="N",
+                   help=f"read disk N (1-based) of {which or 'the'} OVA/OVF source"
+                   " (default: the first; or name one as FILE.ova:NAME)")
+
+
+_ARGS = object()
+
+
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
-                snapshot: str | None = None):
+                snapshot: str | None = None, disk: "int | None | object" = _ARGS):
+    """Open a source image as the command line asks (policy, ``-U``, ``--disk``: by
+    default ``args.disk`` when the command has one)."""
     from ..registry import open_image
     from .qemu_text import image_opts, snapshot_spec
+    if disk is _ARGS:
+        disk = getattr(args, "disk", None)
     policy = policy_from(args)
     if getattr(args, "image_opts", False):  # an option string names the image
         path, opt_fmt, share = image_opts(path)
@@ -76,7 +92,7 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
         if share and not writable:
             policy = replace(policy, force_share=True)
     dev = open_image(path, fmt, writable=writable, policy=policy,
-                     snapshot=snapshot_spec(snapshot))
+                     snapshot=snapshot_spec(snapshot), member=disk)
     if getattr(args, "src_cache", None) in ("none", "directsync") and not writable:
         use_direct_io(dev)
     return dev
@@ -403,7 +419,7 @@ def _throttled(progress, rate_text: str):
 def cmd_compare(args) -> int:
     from ..ops.compare import compare
     with open_source(args.image1, args.f, args, snapshot=args.snapshot) as a, \
-            open_source(args.image2, args.F, args) as b:
+            open_source(args.image2, args.F, args, disk=args.disk2) as b:
         with progress_for(args) as bar:
             result = compare(a, b, strict=args.s, progress=bar)
             if not args.q:  # before progress's closing newline, as qemu-img
@@ -468,6 +484,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--details", action="store_true",
                    help="also show diskforge's extra facts: the format's header details"
                    " and the partition table (the 'diskforge' and 'partitions' JSON keys)")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
@@ -513,6 +530,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--target-image-opts", action="store_true",
                    help="with -n: TARGET is an option string (driver=,file.filename=)")
     add_cache_args(p)
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_snapshot_arg(p, "read the source's internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
@@ -529,6 +547,8 @@ def add_parsers(sub) -> None:
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
     add_cache_args(p, target=False)
+    add_disk_arg(p, "--disk", "the first image, if an")
+    add_disk_arg(p, "--disk2", "the second image, if an")
     add_force_share_arg(p)
     add_snapshot_arg(p, "compare the first image's internal snapshot SNAPSHOT")
     add_policy_args(p)
@@ -541,6 +561,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--start-offset", metavar="OFFSET")
     p.add_argument("--max-length", metavar="LEN")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_snapshot_arg(p, "map the internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
@@ -553,6 +574,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-f", metavar="FMT", help="format of FILE")
     p.add_argument("--size", metavar="SIZE", help="measure an empty disk of this size")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_snapshot_arg(p, "measure the source's internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .image import add_force_share_arg, add_policy_args, open_source
+from .image import add_disk_arg, add_force_share_arg, add_policy_args, open_source
 
 
 # Formats qemu-img 7.2 can check (a driver with bdrv_co_check); for the others it
@@ -156,6 +156,7 @@ def add_parsers(sub) -> None:
                    " (VHD footers and BAT, DMG checksums) instead of exit 63")
     from .image import add_cache_args
     add_cache_args(p, target=False)
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")

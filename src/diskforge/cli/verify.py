@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-from .image import add_force_share_arg, add_policy_args, open_source, progress_for
+from .image import (add_disk_arg, add_force_share_arg, add_policy_args, open_source,
+                    progress_for)
 
 EXIT_OK, EXIT_ERROR, EXIT_MISMATCH = 0, 1, 2
 
@@ -24,6 +25,7 @@ def cmd_verify(args) -> int:
     from ..ops.imaging import IntegrityRecord, record_path, verify_record
     problems: list[str] = []
     checked: list[str] = []
+    notes: list[str] = []
     rec_file = args.record or record_path(args.filename)
     if args.record and not os.path.exists(args.record):
         raise UnsupportedError("no such integrity record", args.record)
@@ -34,6 +36,8 @@ def cmd_verify(args) -> int:
             checked.append(f"{fmt} checksums")
         except UnsupportedError:
             pass
+        # what the format saw but could not check (an OVA's certificate)
+        notes = list(getattr(dev, "verify_notes", ()))
         if os.path.exists(rec_file):
             record = IntegrityRecord.load(rec_file)
             with progress_for(args) as bar:
@@ -44,7 +48,9 @@ def cmd_verify(args) -> int:
                                f" there is no integrity record ({rec_file})", args.filename)
     if args.output == "json":
         print(json.dumps({"filename": args.filename, "format": fmt, "checked": checked,
-                          "verified": not problems, "problems": problems}, indent=4))
+                          "verified": not problems, "problems": problems,
+                          "notes": notes}, indent=4))
+        notes = []
     elif problems:
         from ..errors import printable
         for p in problems:   # they quote blkx names from inside the image
@@ -53,6 +59,10 @@ def cmd_verify(args) -> int:
               f" ({', '.join(checked)}): the image is corrupt")
     elif not args.q:
         print(f"{args.filename}: verify passed ({', '.join(checked)})")
+    if notes and not args.q:
+        from ..errors import printable
+        for n in notes:
+            print(f"{args.filename}: note: {printable(n)}")
     return EXIT_MISMATCH if problems else EXIT_OK
 
 
@@ -65,6 +75,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet: only the exit status")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    add_disk_arg(p)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")

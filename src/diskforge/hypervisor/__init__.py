@@ -33,7 +33,7 @@ Left for later:
 - Attaching a non-QEMU format by file name (it needs a long-lived export: use
   ``diskforge serve`` and attach the URI); TLS for NBD; QEMU-compatible image locks
   taken by ``diskforge serve`` itself.
-- vmdk and vdi files (no diskforge plugin yet) reach QEMU's driver only when named
+- vmdk files (no diskforge plugin yet) reach QEMU's driver only when named
   (``-f vmdk``); unnamed they probe as raw, as everywhere in diskforge.
 """
 

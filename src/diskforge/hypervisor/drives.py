@@ -10,7 +10,7 @@ QEMU's driver name for the opened image, or None for "export it over NBD" (a VHD
 a pending log, a differencing VHD, a DMG with LZFSE chunks; see each plugin). Every
 layer of a backing chain must be readable by QEMU for the image to go direct.
 
-Formats diskforge has no plugin for yet (``vmdk``, ``vdi``) go to QEMU's driver when
+Formats diskforge has no plugin for yet (``vmdk``) go to QEMU's driver when
 named with ``-f``; unnamed, such a file probes as raw here as everywhere in diskforge.
 
 Files an image names (backing files) are checked against the open policy before QEMU
@@ -30,7 +30,7 @@ from ..errors import DiskforgeError, UsageError
 from ..policy import OpenPolicy
 
 # formats QEMU reads that diskforge has no plugin for (yet): attached with QEMU's driver
-QEMU_ONLY_FORMATS = ("vmdk", "vdi")
+QEMU_ONLY_FORMATS = ("vmdk",)
 
 
 @dataclass

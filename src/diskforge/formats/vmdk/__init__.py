@@ -10,10 +10,14 @@ in ``formats/vmdk.md``; the modules here:
 - ``descriptor``: the text descriptor, parsed, validated and written;
 - ``device``: the BlockDevice (every extent kind, snapshot chains, check, writing in
   place);
-- ``writer``: the ImageWriter (every subformat qemu-img writes, streamOptimized as
-  ESXi and AWS accept it).
+- ``layout``: where the writers put things (sparse-extent layout, extent names, the
+  descriptor written), and ``measure``;
+- ``parent``: a delta disk's parent CID, read from the parent's descriptor;
+- ``writer``: the ImageWriter for the hosted kinds (monolithic/split, sparse/flat,
+  delta disks);
+- ``stream``: the ImageWriter for streamOptimized, as ESXi and AWS accept it.
 
-Imports go one way: structs <- descriptor <- device <- writer.
+Imports go one way: structs <- descriptor <- device, layout, parent <- writer <- stream.
 
 This module stays light: probing imports nothing else.
 """
@@ -24,7 +28,7 @@ import dataclasses
 
 from ...errors import UsageError
 from ...options import Options, option
-from ...registry import Format
+from ...registry import Format, Measurement
 
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
               "twoGbMaxExtentFlat", "streamOptimized")
@@ -71,6 +75,39 @@ class VmdkFormat(Format):
             return 100
         from .descriptor import looks_like_descriptor
         return 100 if looks_like_descriptor(head) else 0
+
+    def writer(self, path: str, size: int, options: Options, *, backing=None,
+               seed: int | None = None):
+        """A new image of ``options.subformat``. ``seed`` fixes the random CID (and a
+        stream's longContentID) so that tests and reproducible builds get the same
+        bytes; by default they are random, as VMware's and qemu's."""
+        if not isinstance(options, VmdkOptions):
+            raise UsageError("internal: vmdk writer given foreign options", path)
+        if backing is None and options.backing_file:
+            backing = _backing_from_options(options)
+        if options.subformat == "streamOptimized":
+            from .stream import StreamWriter
+            return StreamWriter(path, size, options, backing, seed=seed)
+        from .writer import VmdkWriter
+        return VmdkWriter(path, size, options, backing, seed=seed)
+
+    def compressed(self, options: Options) -> Options:
+        """``convert -c`` as qemu-img: a streamOptimized image is compressed anyway;
+        the other subformats have no compressed grains, and qemu-img writes them
+        uncompressed without complaint, so do we."""
+        return options
+
+    def measure(self, size: int, options: Options, allocated) -> Measurement:
+        from .layout import measure
+        required, full = measure(size, options, allocated)
+        return Measurement(required=required, fully_allocated=full)
+
+
+def _backing_from_options(options: VmdkOptions):
+    """``-o backing_file=NAME`` from the Python API: the parent is read for its CID
+    when the writer starts (relative to the new image, as qemu resolves it)."""
+    from ...blockdev import Backing
+    return Backing(name=options.backing_file, format=options.backing_fmt or "vmdk")
 
 
 FORMAT = VmdkFormat()

@@ -58,8 +58,8 @@ class ExtentLine:
         if self.filename is None:
             return f"{self.access} {self.sectors} {self.type}"
         text = f'{self.access} {self.sectors} {self.type} "{self.filename}"'
-        if self.type in ("FLAT", "VMFS") and self.offset:
-            text += f" {self.offset}"
+        if self.type in ("FLAT", "VMFS"):
+            text += f" {self.offset}"   # VMware and qemu always write it, 0 included
         return text
 
 

@@ -1,0 +1,151 @@
+"""What every export target shares: the options a user gives, the size rounding, the
+one way a disk is written (a format plugin's writer, found through the registry), and
+how a checker reports the rules a file breaks.
+
+A target module (``azure.py``, ``gcp.py`` ...) holds only its own rules and exposes:
+
+- ``NAME`` and ``SUMMARY`` (one line for ``--help``);
+- ``export(source, out, opts, progress) -> list[str]``: write the target's files for
+  the open ``source`` device, atomically, and return their paths;
+- ``check(path, policy=None) -> list[str]``: every rule of the target ``path``
+  breaks, one sentence each (empty: the target would take it); images are opened
+  under ``policy`` (untrusted mode, ``-U``).
+
+Targets never import a format package: disks are written with
+``registry.get(name).writer(path, size, options)`` and read with ``open_image``, so a
+target works with any plugin that gives that format (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from ..blockdev import BlockDevice
+from ..errors import UsageError
+
+Progress = Callable[[int, int], None]
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    """The virtual machine around the disk (OVA, libvirt) and the packaging choices.
+
+    Only the targets that describe a machine read ``cpus``, ``memory``, ``name`` and
+    ``firmware``; ``manifest`` is the OVA manifest's digest (``none``: no manifest,
+    for tools that cannot check one); ``package`` chooses AWS's upload form."""
+    cpus: int = 1
+    memory: int = 1024          # MiB
+    name: str = ""
+    firmware: str = "bios"
+    manifest: str = "sha256"
+    package: str = ""           # aws: "vmdk" or "ova" (default: from OUT's extension)
+
+    def validate(self) -> None:
+        for key, kind in (("cpus", int), ("memory", int), ("name", str), ("firmware", str),
+                          ("manifest", str), ("package", str)):
+            value = getattr(self, key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UsageError(f"invalid --{key} {value!r}: expected {kind.__name__}")
+        if not 1 <= self.cpus <= 768:
+            raise UsageError(f"invalid --cpus {self.cpus}: from 1 to 768")
+        if not 4 <= self.memory <= 24 << 20:
+            raise UsageError(f"invalid --memory {self.memory}: MiB, from 4 to {24 << 20}")
+        if self.firmware not in ("bios", "efi"):
+            raise UsageError(f"invalid --firmware '{self.firmware}': bios or efi")
+        if self.manifest not in ("sha1", "sha256", "none"):
+            raise UsageError(f"invalid --manifest '{self.manifest}': sha1, sha256 or none")
+        if self.package not in ("", "vmdk", "ova"):
+            raise UsageError(f"invalid --package '{self.package}': vmdk or ova")
+        bad = [c for c in self.name if ord(c) < 32 or c in "<>&\"'/\\"]
+        if bad or len(self.name) > 80:
+            raise UsageError("invalid --name: at most 80 characters, without control"
+                             " characters, quotes, <, >, & or slashes")
+
+    @classmethod
+    def from_mapping(cls, opts: dict) -> "ExportOptions":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(opts) - names)
+        if unknown:
+            raise UsageError(f"unknown export option(s): {', '.join(unknown)} (known:"
+                             f" {', '.join(sorted(names))})")
+        obj = cls(**opts)
+        obj.validate()
+        return obj
+
+    def vm_name(self, out: str) -> str:
+        """``--name``, else the output's file name without its extension."""
+        if self.name:
+            return self.name
+        base = os.path.basename(out)
+        stem = base.split(".", 1)[0] or "disk"
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)[:80]
+
+
+def round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def write_disk(fmt: str, options: str, source: BlockDevice, out: str, size: int,
+               progress: Progress | None) -> None:
+    """Convert ``source`` into a new ``fmt`` image of ``size`` bytes (at least the
+    source's: the rest reads as zeros) at ``out``, through the registry."""
+    from ..errors import UnknownFormatError, UnsupportedError
+    from ..ops.convert import convert
+    from ..registry import get
+    try:
+        plugin = get(fmt)
+    except UnknownFormatError:
+        plugin = None
+    if plugin is None or not plugin.can_write:
+        raise UnsupportedError(f"not supported yet: writing {fmt} images, which this"
+                               " export needs", out)
+    opts = plugin.options.parse(options, format_name=plugin.name)
+    if size < source.size:
+        raise UsageError(f"internal: export would shrink the disk ({source.size} ->"
+                         f" {size} bytes)", out)
+    convert(source, plugin.writer(out, size, opts), progress=progress)
+
+
+def sibling(out: str, suffix: str) -> str:
+    """``OUT`` with its last extension replaced by ``suffix`` (the domain XML beside
+    ``disk.qcow2`` is ``disk.xml``)."""
+    root, ext = os.path.splitext(out)
+    return (root if ext else out) + suffix
+
+
+def size_text(n: int) -> str:
+    """Bytes with the largest binary unit that divides them exactly, for messages."""
+    for unit, name in ((TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if n and n % unit == 0:
+            return f"{n // unit} {name}"
+    return f"{n} bytes"
+
+
+def detect_format(path: str) -> str:
+    """The format ``path`` is in, as the registry names it, or the name of a format
+    diskforge recognises without reading ("VMDK (sparse extent)"): checkers report
+    what a file is even when no plugin reads it."""
+    from ..errors import UnsupportedError
+    from ..registry import probe, read_probe_window, unread_format
+    try:
+        return probe(path).name
+    except UnsupportedError:
+        head, _, _ = read_probe_window(path)
+        return unread_format(head) or "an unreadable image"
+
+
+def read_info(path: str, fmt: str, policy=None):
+    """``(ImageInfo, None)``, or ``(None, reason)`` when the image does not open (a
+    differencing disk without its parent, a damaged header): for a checker that is a
+    rule broken, since the target could not read it either."""
+    from ..errors import DiskforgeError
+    from ..registry import open_image
+    try:
+        with open_image(path, fmt, policy=policy) as dev:
+            return dev.info(), None
+    except DiskforgeError as e:
+        return None, f"cannot be read as {fmt}: {e.message}"
