@@ -172,7 +172,8 @@ MATRIX: list[list[str]] = [
     # dd
     ["dd", "if=base.qcow2", "of=dd.raw", "bs=1M", "count=4"],
     ["dd", "-O", "qcow2", "if=base.qcow2", "of=dd.qcow2", "bs=64k", "skip=16"],
-    ["dd", "if=ov.qcow2", "of=dd.raw"], ["dd", "if=base.qcow2", "of=dd.raw", "bs=1000", "count=3"],
+    ["dd", "if=ov.qcow2", "of=dd.raw"],
+    ["dd", "if=base.qcow2", "of=dd.raw", "bs=1000", "count=3"],
     ["dd", "-f", "raw", "if=disk.raw", "of=dd.raw", "bs=4k", "count=100", "skip=256"],
     ["dd", "if=base.qcow2", "bs=1M"], ["dd", "if=base.qcow2", "of=dd.raw", "bs=0"],
     ["dd", "if=base.qcow2", "of=dd.raw", "bs=1M", "skip=20"],

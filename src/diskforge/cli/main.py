@@ -93,8 +93,10 @@ def _on_sigterm(signum, frame):
 
 def _inputs(args) -> str | None:
     """The image this command works on, to name in a resource-limit error."""
-    for name in ("filename", "source", "image", "image1"):
+    for name in ("filename", "source", "image", "image1", "files"):
         value = getattr(args, name, None)
+        if isinstance(value, list) and value:  # convert's SOURCE... TARGET
+            value = value[0]
         if isinstance(value, str) and value:
             return value
     return None
