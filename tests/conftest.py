@@ -82,6 +82,13 @@ def cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def cli_merged(*argv: str) -> tuple[int, str, str]:
+    """``cli`` with stderr put before stdout in the second field: ``check`` prints its
+    findings on stderr and its summary on stdout, as qemu-img does."""
+    code, out, err = cli(*argv)
+    return code, err + out, err
+
+
 def cli_process(*argv: str, **kw) -> subprocess.CompletedProcess:
     """Run ``python -m diskforge ARGV`` as a separate process (for exit paths, signals)."""
     return subprocess.run([sys.executable, "-m", "diskforge", *argv], capture_output=True,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -54,7 +55,7 @@ def test_compare_exit_codes(image, workdir):
     theirs = run("qemu-img", "compare", image, other, check=False)
     assert (theirs.returncode, theirs.stdout.strip()) == (1, out.strip())
     code, _, err = cli("compare", image, os.path.join(workdir, "missing.raw"))
-    assert code == 2 and "no such file" in err
+    assert code == 2 and "Could not open '" in err and "No such file or directory" in err
 
 
 def test_compare_sizes(workdir):
@@ -76,9 +77,14 @@ def test_create_and_convert_infer_format_from_extension(workdir):
 
 
 def test_option_help_lists_options_with_defaults(workdir):
+    """qemu-img's layout ("Supported raw options:", "  name=<type>   - help"), with the
+    choices and defaults in the text; no file names needed, as qemu-img."""
     code, out, _ = cli("convert", "-O", "raw", "-o", "help", "a", "b")
-    assert code == 0 and "preallocation=<off|falloc|full>" in out and "default: off" in out
+    assert code == 0 and out.startswith("Supported raw options:\n")
+    assert "  preallocation=<str>    - " in out and "off, falloc, full; default: off" in out
     assert cli("create", "-f", "raw", "-o", "?", "x")[1] == out
+    assert cli("create", "-f", "raw", "-o", "help")[:2] == (0, out)
+    assert cli("convert", "-O", "raw", "-o", "?")[:2] == (0, out)
 
 
 def test_formats_table_comes_from_the_registry(monkeypatch):
@@ -163,16 +169,65 @@ def test_empty_file_opens_as_raw_when_named(workdir):
 
 
 def test_python_m_and_version():
+    """diskforge's version, then qemu-img's version line for the interface it follows
+    (scripts match "qemu-img version X.Y" to pick flags); -V is the same."""
     proc = cli_process("--version")
-    assert proc.returncode == 0 and proc.stdout.startswith("diskforge ")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0].startswith("diskforge ")
+    assert lines[1].startswith("qemu-img version 7.2.0 ")
+    assert cli_process("-V").stdout == proc.stdout
 
 
-def test_progress_silent_when_not_a_tty(image, workdir):
+def _run_on_a_tty(argv: list[str], env: dict | None = None) -> tuple[int, bytes]:
+    """Run ``diskforge ARGV`` with stdout and stderr on a pseudo-terminal: (status,
+    everything it printed)."""
+    import pty
+    import subprocess
+    import sys
+    main, sub = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "diskforge", *argv], stdout=sub,
+                            stderr=sub, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    os.close(sub)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    return proc.wait(), b"".join(chunks)
+
+
+def test_progress_only_with_p_as_qemu_img_prints_it(image, workdir):
+    """Without -p nothing, terminal or not; with -p qemu-img's lines on stdout (from
+    0.00 to 100.00, each ending in \r, then a newline), nothing on stderr; diskforge's
+    bar only when DISKFORGE_PROGRESS=bar asks for it."""
     proc = cli_process("convert", image, os.path.join(workdir, "p.raw"))
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == ""
-    proc = cli_process("convert", "-p", image, os.path.join(workdir, "p2.raw"))
-    assert "100.00/100%" in proc.stderr
+    assert _run_on_a_tty(["convert", image, os.path.join(workdir, "tty.raw")]) == (0, b"")
+    proc = subprocess_bytes("convert", "-p", image, os.path.join(workdir, "p2.raw"))
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert proc.stdout.startswith(b"    (0.00/100%)\r")
+    assert proc.stdout.endswith(b"    (100.00/100%)\r\n")
+    steps = proc.stdout[:-1].split(b"\r")[:-1]
+    assert all(re.fullmatch(rb"    \(\d+\.\d\d/100%\)", s) for s in steps)
     assert stat.S_ISREG(os.stat(os.path.join(workdir, "p2.raw")).st_mode)
+    code, seen = _run_on_a_tty(["convert", image, os.path.join(workdir, "b.raw")],
+                               env={"DISKFORGE_PROGRESS": "bar"})
+    assert code == 0 and b"MB/s" in seen and b"100.00%" in seen
+    code, seen = _run_on_a_tty(["convert", "-q", image, os.path.join(workdir, "q.raw")],
+                               env={"DISKFORGE_PROGRESS": "bar"})
+    assert (code, seen) == (0, b"")
+
+
+def subprocess_bytes(*argv: str):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "diskforge", *argv], capture_output=True)
 
 
 def test_convert_n_writes_into_an_existing_target(image, workdir):

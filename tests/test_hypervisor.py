@@ -554,7 +554,7 @@ def test_boot_errors_are_one_line(tmp_path):
     need("qemu-system-x86_64")
     code, out, err = cli("boot", str(tmp_path / "missing.qcow2"), "--serial", "none")
     one_line_error(code, err)
-    assert "no such file" in err
+    assert "no such file" in err.lower()
     code, out, err = cli("attach", "--qmp", str(tmp_path / "nosock"), "--connect-timeout",
                          "0.5", str(tmp_path / "x"))
     one_line_error(code, err)

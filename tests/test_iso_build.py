@@ -292,7 +292,7 @@ def test_el_torito_bios_and_uefi_seen_by_xorriso(tmp_path):
                      report)
     assert os.path.getsize(iso) % (1 << 20) == 0   # padded to whole cylinders
     # our info reads the same entries, and the 0xEF partition from diskforge.partitions
-    info = json.loads(cli("info", "--output", "json", iso)[1])
+    info = json.loads(cli("info", "--details", "--output", "json", iso)[1])
     entries = info["format-specific"]["data"]["el-torito"]["entries"]
     assert [(e["platform"], e["boot-info-table"]) for e in entries] == \
         [("x86 BIOS", True), ("UEFI", False)]
@@ -352,7 +352,7 @@ def test_progress_when_asked(tmp_path):
     src = make_tree(str(tmp_path / "src"), deep=False)
     proc = cli_process("iso", "build", "-p", src, str(tmp_path / "p.iso"))
     assert proc.returncode == 0
-    assert "(100.00/100%)" in proc.stderr
+    assert "(100.00/100%)" in proc.stdout  # qemu-img's -p lines, on stdout
 
 
 def test_memory_follows_the_listing_not_the_data(tmp_path):

@@ -114,7 +114,7 @@ def test_udf_genisoimage(tmp_path):
     code, out, _ = cli("iso", "ls", "--output", "json", iso)
     assert json.loads(out)["namespace"] == "udf"   # no Rock Ridge: UDF has the names
     extract_and_compare(iso, src, str(tmp_path), "--namespace", "udf")
-    code, out, _ = cli("info", "--output", "json", iso)
+    code, out, _ = cli("info", "--details", "--output", "json", iso)
     assert json.loads(out)["format-specific"]["data"]["udf"] == "NSR02"
 
 
@@ -156,7 +156,7 @@ def test_el_torito(tool, tmp_path):
     got = open(os.path.join(tmp_path, "out", "isolinux", "isolinux.bin"), "rb").read()
     want = open(ISOLINUX, "rb").read()
     assert got[:8] == want[:8] and got[64:] == want[64:] and got[8:64] != want[8:64]
-    code, out, _ = cli("info", "--output", "json", iso)
+    code, out, _ = cli("info", "--details", "--output", "json", iso)
     facts = json.loads(out)["format-specific"]["data"]
     entries = facts["el-torito"]["entries"]
     assert [(e["platform"], e["emulation"], e["boot-info-table"]) for e in entries] == [
@@ -177,7 +177,7 @@ def test_hybrid_xorriso(tmp_path):
         "-o", iso, src)
     extract_and_compare(iso, src, str(tmp_path),
                         ignore=("isolinux/isolinux.bin", "isolinux/boot.cat"))
-    code, out, _ = cli("info", "--output", "json", iso)
+    code, out, _ = cli("info", "--details", "--output", "json", iso)
     info = json.loads(out)
     assert info["format"] == "iso"
     table = info["partitions"]
@@ -202,10 +202,10 @@ def test_hybrid_isohybrid(tmp_path):
     run("isohybrid", "--uefi", iso)
     extract_and_compare(iso, src, str(tmp_path),
                         ignore=("isolinux/isolinux.bin", "isolinux/boot.cat"))
-    code, out, _ = cli("info", "--output", "json", iso)
+    code, out, _ = cli("info", "--details", "--output", "json", iso)
     table = json.loads(out)["partitions"]
     assert table["scheme"] in ("mbr", "gpt")
-    code, out, _ = cli("info", iso)
+    code, out, _ = cli("info", "--details", iso)
     assert "EL TORITO" in out or "el-torito" in out
 
 
@@ -261,7 +261,7 @@ def test_real_hybrid_sample_partitions(tmp_path):
     plain = str(tmp_path / "h.iso")
     with gzip.open(path) as f, open(plain, "wb") as g:
         shutil.copyfileobj(f, g)
-    code, out, _ = cli("info", "--output", "json", plain)
+    code, out, _ = cli("info", "--details", "--output", "json", plain)
     info = json.loads(out)
     parts = info["partitions"]["partitions"]
     assert [(p["type"], p["start"]) for p in parts] == [("0x83", 0), ("0xef", 366592)]
@@ -298,7 +298,7 @@ def test_probe_and_volume_facts(tmp_path):
     import diskforge
     with diskforge.open(iso) as dev:
         assert dev.format == "iso"
-    code, out, _ = cli("info", "--output", "json", iso)
+    code, out, _ = cli("info", "--details", "--output", "json", iso)
     facts = json.loads(out)["format-specific"]["data"]
     assert facts["volume-id"] == "MY_VOLUME"
     assert facts["publisher"] == "ACME" and facts["preparer"] == "PREP"

@@ -166,7 +166,7 @@ def test_convert_reads_the_disk_in_place(workdir, disk_fmt):
 
 def test_info_shows_the_machine_and_the_disk(workdir):
     ova, _ = ubuntu_ova(workdir, "qcow2")
-    code, out, err = cli("info", "--output", "json", ova)
+    code, out, err = cli("info", "--details", "--output", "json", ova)
     assert code == 0, err
     info = json.loads(out)
     assert (info["format"], info["virtual-size"]) == ("ova", 4 * MIB)

@@ -73,7 +73,7 @@ def test_gpt_matches_sgdisk_and_survives_a_corrupt_primary(workdir):
     assert not broken.primary_ok and broken.backup_ok
     assert [p.start for p in broken.partitions] == [p.start for p in table.partitions]
     assert any("primary GPT is corrupt" in p for p in broken.problems)
-    code, out, _ = cli("info", path)
+    code, out, _ = cli("info", "--details", path)
     assert code == 0 and "primary GPT is corrupt" in out and "root fs" in out
 
 

@@ -88,11 +88,14 @@ def l2_offset(path):
 def test_truncated_files(workdir, image, cut, expect):
     with open(image, "r+b") as f:
         f.truncate(cut)
-    fails("info", "-f", "qcow2", image, expect=expect)
+    # info reads the headers only, as qemu-img's; --details also reads the partition
+    # table through the L2 tables
+    details = ["--details"] if expect == "L2 table" else []
+    fails("info", *details, "-f", "qcow2", image, expect=expect)
     fails("convert", "-f", "qcow2", "-O", "raw", image, os.path.join(workdir, "o.raw"),
           expect=expect)
     if cut >= 4:  # still recognised as qcow2 without -f
-        fails("info", image, expect=expect)
+        fails("info", *details, image, expect=expect)
     assert not os.path.exists(os.path.join(workdir, "o.raw"))
 
 
@@ -264,10 +267,8 @@ def test_check_of_data_clusters_named_far_past_eof(workdir, image):
     theirs = run("qemu-img", "check", image, check=False)
     proc = cli_process("check", image, preexec_fn=_cap, timeout=60)
     assert proc.returncode == theirs.returncode == 2
-    # qemu-img prints the messages on stderr, the counts and the summary on stdout
-    ours = proc.stdout.splitlines()
-    n = len(theirs.stderr.splitlines())
-    assert ours[:n] == theirs.stderr.splitlines()
-    assert "\n".join(ours[n:]) + "\n" == theirs.stdout
+    # qemu-img prints the messages on stderr, the counts and the summary on stdout;
+    # diskforge too, the same lines
+    assert proc.stderr == theirs.stderr and proc.stdout == theirs.stdout
     assert "exceeding the end of the file by one cluster or more: offset 0x200000000000" \
-        in proc.stdout
+        in proc.stderr

@@ -155,11 +155,21 @@ def test_resize_grow_and_shrink(workdir):
         assert cli("resize", "--shrink", path, str(3 * MIB))[0] == 0
         clean(path)
         same(src, path)
-        code, _, err = cli("resize", "--shrink", path, str(2 * MIB))
+        code, _, err = cli("resize", "--safe-shrink", path, str(2 * MIB))
         one_line_error(code, err)
         assert "would cut allocated data" in err
         code, _, err = cli("resize", path, str(2 * MIB))
         one_line_error(code, err)
+        # --shrink discards what lies past the new end, as qemu-img does
+        assert cli("resize", "--shrink", path, str(2 * MIB - 4096))[0] == 0
+        clean(path)
+        with diskforge.open(path) as dev:
+            assert dev.size == 2 * MIB - 4096
+            assert dev.read(0, dev.size) == bytes(data[:2 * MIB - 4096])
+        assert cli("resize", path, str(3 * MIB))[0] == 0
+        clean(path)
+        with diskforge.open(path) as dev:  # what was cut does not come back
+            assert dev.read(2 * MIB - 4096, MIB + 4096) == bytes(MIB + 4096)
     # growing an overlay whose backing file is larger: the new area reads zeros
     raw_of(workdir, "big.raw", b"\xee" * (4 * MIB))
     top = os.path.join(workdir, "top.qcow2")

@@ -13,7 +13,8 @@ import shutil
 import pytest
 
 import diskforge
-from conftest import (cli, make_sparse, need, need_real, run, sha256_device, sha256_file)
+from conftest import (cli, cli_merged, make_sparse, need, need_real, run, sha256_device,
+                      sha256_file)
 from vdi_helpers import (ZERO, build, header, uuid, virtualbox_header_problems,
                          virtualbox_layout_differences)
 
@@ -93,7 +94,7 @@ def test_real_sample_reads_as_expected(tmp_path):
     with diskforge.open(img) as dev:
         assert dev.format == "vdi" and dev.size == int(size)
         assert sha256_device(dev) == digest
-    code, out, err = cli("check", img)
+    code, out, err = cli_merged("check", img)
     assert code == 0, out + err
 
 
@@ -136,7 +137,7 @@ def test_reads_block_sizes_extra_data_and_old_headers(tmp_path, kw):
         for e in dev.extents():
             if e.kind.value == "zero":
                 assert not disk[e.offset:e.end].strip(b"\0")
-    assert cli("check", img)[0] == 0
+    assert cli_merged("check", img)[0] == 0
 
 
 def test_static_and_qemu_driver_choice(tmp_path):
@@ -283,7 +284,7 @@ def test_check_reports_what_qemu_img_check_reports(tmp_path):
         f.seek(header(img)["offBlocks"] + 12)
         f.write((1).to_bytes(4, "little"))
     q = run("qemu-img", "check", img, check=False)
-    code, out, _ = cli("check", img)
+    code, out, _ = cli_merged("check", img)
     assert q.returncode == code == 2
     assert "also used by" in out and "allocated blocks mismatch" in out
 
@@ -295,25 +296,25 @@ def test_check_repairs_past_the_end_entries_and_the_count(tmp_path):
     with open(img, "r+b") as f:
         f.seek(h["offBlocks"] + 8)
         f.write((7).to_bytes(4, "little"))   # block 2 stored far past the end
-    code, out, _ = cli("check", img)
+    code, out, _ = cli_merged("check", img)
     assert code == 2 and "past the end of the file" in out
     code, _, err = cli("convert", "-O", "raw", img, str(tmp_path / "x.raw"))
     assert code != 0 and "VDIIMAGEBLOCKPOINTER[2]" in err and len(err.splitlines()) == 1
-    code, out, _ = cli("check", "-r", "all", img)
+    code, out, _ = cli_merged("check", "-r", "all", img)
     assert code == 0, out
-    assert cli("check", img)[0] == 0
+    assert cli_merged("check", img)[0] == 0
     with open(img, "r+b") as f:              # a count that disagrees, alone: -r leaks
         f.seek(72 + 4 * 3 + 256 + 4 * 2 + 16 + 4 + 8 + 12)
         f.write((1).to_bytes(4, "little"))
-    code, out, _ = cli("check", img)
+    code, out, _ = cli_merged("check", img)
     assert code == 2 and "mismatch" in out
-    assert cli("check", "-r", "leaks", img)[0] == 0
+    assert cli_merged("check", "-r", "leaks", img)[0] == 0
     assert header(img)["cBlocksAllocated"] == 2
 
 
 def test_info_shows_the_header(tmp_path):
     img = build(str(tmp_path / "i.vdi"), bytes(MIB), block_size=64 << 10)
-    code, out, err = cli("info", "--output", "json", img)
+    code, out, err = cli("info", "--details", "--output", "json", img)
     assert code == 0, err
     j = json.loads(out)
     assert j["format"] == "vdi" and j["cluster-size"] == 64 << 10

@@ -11,7 +11,7 @@ import random
 import pytest
 
 import diskforge
-from conftest import cli, need, one_line_error, run
+from conftest import cli, cli_merged, need, one_line_error, run
 from vdi_helpers import build, header, uuid, virtualbox_header_problems, \
     virtualbox_layout_differences
 
@@ -130,7 +130,7 @@ def test_a_parent_modified_later_is_used_with_a_warning(tmp_path):
                   create=uuid(2), linkage=uuid(1), parent_modify=uuid(4))
     with diskforge.open(child) as dev:
         assert dev.read(0, 16) == b"\x07" * 16
-    code, out, _ = cli("check", child)
+    code, out, _ = cli_merged("check", child)
     assert code == 0 and "was modified after" in out
 
 

@@ -5,8 +5,8 @@ import json
 import os
 
 import pytest
-from conftest import (cli, make_sparse, need, need_real, qemu_img_json, run, sha256_device,
-                      sha256_file)
+from conftest import (cli, cli_merged, make_sparse, need, need_real, qemu_img_json, run,
+                      sha256_device, sha256_file)
 from vhd_helpers import (FIXTURES, gunzip, have_pyvhdi, pyvhdi_sha256, qemu_raw,
                          random_disk, sha256)
 
@@ -32,7 +32,8 @@ def test_names_and_extensions():
     assert get("vpc") is get("vhd") is get("VHD")
     assert get("vpc").name == "vpc"
     code, out, _ = cli("convert", "-O", "vhd", "-o", "help", "x", "y")
-    assert code == 0 and "subformat=<dynamic|fixed>" in out and "force_size" in out
+    assert code == 0 and "subformat=<str>" in out and "dynamic, fixed" in out
+    assert "force_size" in out
 
 
 # -- reading what qemu-img makes -------------------------------------------------------------
@@ -310,7 +311,7 @@ def test_writable_open_random_writes(workdir, opts):
         dev.flush()
     assert read_all(vhd) == model
     assert qemu_raw(vhd) == model
-    code, out, _ = cli("check", vhd)
+    code, out, _ = cli_merged("check", "--format-checks", vhd)
     assert code == 0, out
 
 
@@ -339,7 +340,7 @@ def test_writable_open_of_a_windows_dynamic_disk(workdir):
     assert run("qemu-img", "compare", "-f", "raw", "-F", "vpc", model, vhd,
                check=False).returncode == 0
     assert cli("compare", model, vhd)[0] == 0
-    assert cli("check", vhd)[0] == 0
+    assert cli_merged("check", "--format-checks", vhd)[0] == 0
 
 
 def test_qemu_writes_into_our_image(workdir):
@@ -366,17 +367,17 @@ def test_check_clean_and_stale_footer_copy(workdir):
     vhd = os.path.join(workdir, "o.vhd")
     src = make_sparse(os.path.join(workdir, "s.raw"), 6 << 20, [(1 << 20, b"z" * 9000)])
     assert cli("convert", "-O", "vpc", src, vhd)[0] == 0
-    code, out, _ = cli("check", vhd)
+    code, out, _ = cli_merged("check", "--format-checks", vhd)
     assert code == 0 and "No errors" in out
     from vhd_helpers import patch_footer
     patch_footer(vhd, where=[os.path.getsize(vhd) - 512], fix_checksum=False,
                  time_stamp=12345)
-    code, out, _ = cli("check", "--output", "json", vhd)
+    code, out, _ = cli("check", "--format-checks", "--output", "json", vhd)
     assert code == 2 and json.loads(out)["corruptions"] == 1
     assert read_all(vhd)[1 << 20:(1 << 20) + 9000] == b"z" * 9000  # the copy at 0 serves
-    code, out, _ = cli("check", "-r", "all", vhd)
+    code, out, _ = cli_merged("check", "--format-checks", "-r", "all", vhd)
     assert code == 0 and "Repaired" in out
-    assert cli("check", vhd)[0] == 0
+    assert cli_merged("check", "--format-checks", vhd)[0] == 0
 
 
 def test_probe_of_an_old_511_byte_footer(workdir):
@@ -393,7 +394,7 @@ def test_probe_of_an_old_511_byte_footer(workdir):
 def test_info_json_names(workdir):
     vhd = os.path.join(workdir, "o.vhd")
     assert cli("create", "-q", "-o", "block_size=512K", vhd, "3M")[0] == 0
-    code, out, _ = cli("info", "--output", "json", vhd)
+    code, out, _ = cli("info", "--details", "--output", "json", vhd)
     d = json.loads(out)
     assert d["format"] == "vpc" and d["cluster-size"] == 512 << 10
     assert d["virtual-size"] == 3 << 20

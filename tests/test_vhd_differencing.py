@@ -6,7 +6,7 @@ import random
 import shutil
 
 import pytest
-from conftest import cli, need, one_line_error, run
+from conftest import cli, cli_merged, need, one_line_error, run
 from vhd_helpers import (have_pyvhdi, patch_header, pyvhdi_sha256, qemu_raw, random_disk,
                          read_header, sha256)
 
@@ -299,7 +299,7 @@ def test_writes_into_a_differencing_disk(chain):
     assert read_all(child) == model
     assert read_all(os.path.join(d, "parent.vhd")) == base  # the parent is untouched
     assert qemu_raw(child) == own_sectors(child)
-    assert cli("check", child)[0] == 0
+    assert cli_merged("check", "--format-checks", child)[0] == 0
 
 
 def test_rebase_unsafe(chain):
@@ -314,7 +314,7 @@ def test_rebase_unsafe(chain):
         assert dev.backing.path.endswith("copy.vhd") and dev.read(0, dev.size) == new
         assert dev.info().backing_filename == ".\\copy.vhd"
     os.unlink(os.path.join(d, "parent.vhd"))
-    assert cli("check", child)[0] == 0
+    assert cli_merged("check", "--format-checks", child)[0] == 0
     with diskforge.open(child, writable=True) as dev:  # no parent: a dynamic disk
         dev.set_backing(None, None)
     with diskforge.open(child) as dev:
@@ -337,7 +337,7 @@ def test_changed_parent_is_a_check_warning(chain):
     child = os.path.join(d, "child.vhd")
     assert cli("create", "-q", "-b", "parent.vhd", child)[0] == 0
     os.utime(os.path.join(d, "parent.vhd"), (1, 1_000_000_000))
-    code, out, _ = cli("check", child)
+    code, out, _ = cli_merged("check", "--format-checks", child)
     assert code == 0 and "Warning: parent time stamp" in out
 
 

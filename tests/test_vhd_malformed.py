@@ -6,7 +6,7 @@ import os
 import tracemalloc
 
 import pytest
-from conftest import cli, make_sparse, one_line_error
+from conftest import cli, cli_merged, make_sparse, one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vhd_helpers import FIXTURES, gunzip, patch_bat, patch_footer, patch_header, read_header
@@ -47,9 +47,9 @@ def test_footer_checksum_is_verified_and_reported_by_check(workdir, fixed):
     fails("convert", "-O", "raw", fixed, out, match="VhdFooter.checksum")
     assert not os.path.exists(out)
     fails("info", fixed, match="checksum")
-    code, text, _ = cli("check", "--output", "json", fixed)
+    code, text, _ = cli("check", "--format-checks", "--output", "json", fixed)
     assert code == 2 and json.loads(text)["corruptions"] == 1
-    code, text, _ = cli("check", fixed)
+    code, text, _ = cli_merged("check", "--format-checks", fixed)
     assert "VhdFooter.checksum" in text
     with diskforge.open(fixed) as dev:
         assert dev.verify() and "checksum" in dev.verify()[0]
@@ -62,7 +62,7 @@ def test_hand_edited_real_files_with_bad_checksums(workdir, name):
     vhd = gunzip(os.path.join(FIXTURES, f"{name}.vhd.gz"), os.path.join(workdir, "x.vhd"))
     fails("convert", "-O", "raw", vhd, os.path.join(workdir, "o.raw"),
           match="VhdFooter.checksum")
-    code, text, _ = cli("check", vhd)
+    code, text, _ = cli_merged("check", "--format-checks", vhd)
     assert code == 2 and "VhdFooter.checksum" in text
     if "differential" in name:  # its header was edited too
         assert "VhdDynamicDiskHeader.checksum" in text
@@ -73,7 +73,7 @@ def test_a_damaged_footer_copy_falls_back_to_the_footer(dynamic):
     with diskforge.open(dynamic) as dev:
         assert dev.read(0, 5000) == b"a" * 5000
         assert dev.verify()
-    code, text, _ = cli("check", dynamic)
+    code, text, _ = cli_merged("check", "--format-checks", dynamic)
     assert code == 2 and "copy at offset 0" in text
 
 
@@ -161,7 +161,7 @@ def test_bat_too_small_or_huge(dynamic):
     finally:
         tracemalloc.stop()
     assert os.path.getsize(dynamic) < 2 << 20
-    code, out, _ = cli("check", dynamic)
+    code, out, _ = cli_merged("check", "--format-checks", dynamic)
     assert code == 0 and "more than the file holds" in out
 
 
@@ -212,10 +212,10 @@ def test_overlapping_blocks_are_corruption(dynamic):
         f.seek(hd.table_offset)
         first = int.from_bytes(f.read(4), "big")
     patch_bat(dynamic, 10, first + 1)  # block 10 inside block 0
-    code, text, _ = cli("check", dynamic)
+    code, text, _ = cli_merged("check", "--format-checks", dynamic)
     assert code == 2 and "overlaps block 0" in text
     patch_bat(dynamic, 10, 1)  # inside the header
-    code, text, _ = cli("check", dynamic)
+    code, text, _ = cli_merged("check", "--format-checks", dynamic)
     assert code == 2 and "overlaps the dynamic disk header" in text
 
 

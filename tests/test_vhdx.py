@@ -6,8 +6,8 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import cli, make_sparse, need, need_real, one_line_error, qemu_img_json, run
-from conftest import sha256_device, sha256_file
+from conftest import cli, cli_merged, make_sparse, need, need_real, one_line_error, qemu_img_json
+from conftest import run, sha256_device, sha256_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vhdx_helpers import MiB, headers, libvhdi_sha, padded_sha, random_disk
@@ -89,7 +89,7 @@ def test_reads_windows_made_samples(workdir, name):
         info = dev.info()
         assert info.details["creator"].startswith("Microsoft Windows")
         assert info.details["subformat"] == ("fixed" if "fixed" in name else "dynamic")
-    code, out, _ = cli("check", img)
+    code, out, _ = cli_merged("check", img)
     assert code == 0, out
 
 

@@ -11,7 +11,8 @@ import shutil
 import uuid
 
 import pytest
-from conftest import cli, need, one_line_error, run, sha256_device, sha256_file
+from conftest import (cli, cli_merged, need, one_line_error, run, sha256_device,
+                      sha256_file)
 from vhdx_helpers import (MiB, headers, pending_log, rewrite_headers, random_disk,
                           write_at)
 
@@ -50,7 +51,7 @@ def test_pending_log_reads_as_the_replayed_disk(workdir, wrapped):
         assert sha256_device(dev) == sha256_file(expected)
         assert dev.info().details["log"]["replayed"] == 2
     assert sha256_file(img) == before   # nothing written
-    code, report, _ = cli("check", img)
+    code, report, _ = cli_merged("check", img)
     assert code == 0 and "2 pending entries, replayed in memory" in report
     assert sha256_file(img) == before
     out = os.path.join(workdir, "ours.raw")
@@ -112,7 +113,7 @@ def test_one_damaged_header_opens_from_the_other(workdir):
         assert sha256_device(dev) == good
         assert dev.info().details["damaged-headers"] == [current + 1]
         assert any("checksum" in p for p in dev.verify())
-    code, out, _ = cli("check", img)
+    code, out, _ = cli_merged("check", img)
     assert code == 2 and "header" in out
 
 

@@ -5,7 +5,7 @@ import os
 import struct
 
 import pytest
-from conftest import cli, one_line_error, sha256_device, sha256_file
+from conftest import cli, cli_merged, one_line_error, sha256_device, sha256_file
 from vhdx_helpers import (MiB, metadata_item, metadata_offset, random_disk, read_at,
                           set_bat_entry, write_at)
 
@@ -144,7 +144,7 @@ def test_check_reports_bat_entries_past_eof_and_overlaps(img):
         host = (dev.bat[first] >> 20) << 20
     set_bat_entry(img, first + 1, 6, host)   # two blocks share one place
     set_bat_entry(img, first + 2, 6, 1 << 40)
-    code, out, _ = cli("check", img)
+    code, out, _ = cli_merged("check", img)
     assert code == 2
     assert "overlaps" in out and "outside the file" in out
 

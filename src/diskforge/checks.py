@@ -125,7 +125,10 @@ class CheckResult:
                            ("allocated-clusters", self.allocated_clusters),
                            ("fragmented-clusters", self.fragmented_clusters),
                            ("compressed-clusters", self.compressed_clusters)):
-            if value is not None:
+            # qemu-img leaves the fragmented and compressed counts out when zero
+            if value is not None and (value or key in ("image-end-offset",
+                                                       "total-clusters",
+                                                       "allocated-clusters")):
                 d[key] = value
         for key, value in (("corruptions", self.corruptions), ("leaks", self.leaks),
                            ("corruptions-fixed", self.corruptions_fixed),
@@ -134,8 +137,18 @@ class CheckResult:
                 d[key] = value
         return d
 
+    def problem_lines(self) -> list[str]:
+        """The findings, one line each (qemu-img prints them on stderr)."""
+        return [printable(m) for m in self.messages]   # they may quote names
+
     def format_human(self) -> str:
-        lines = [printable(m) for m in self.messages]   # they may quote names
+        """Findings and summary together (for a log; the CLI prints the findings on
+        stderr and ``format_summary`` on stdout, as qemu-img)."""
+        return "\n".join([*self.problem_lines(), self.format_summary()])
+
+    def format_summary(self) -> str:
+        """What qemu-img prints on stdout: the counts, the allocation line, the end."""
+        lines = []
         if self.leaks_fixed or self.corruptions_fixed:
             lines.append(f"The following inconsistencies were found and repaired:\n\n"
                          f"    {self.leaks_fixed} leaked clusters\n"

@@ -385,15 +385,23 @@ def _probe_directory(path: str) -> Format | None:
 
 
 def check_readable(path: str) -> None:
-    """Turn the common reasons a file cannot be opened into one clear line."""
+    """Turn the common reasons a file cannot be opened into one clear line, in
+    qemu-img's words where scripts grep for them (``Could not open 'X': No such file or
+    directory``)."""
     try:
         os.stat(path)
     except FileNotFoundError:
-        raise ImageIOError("no such file", path) from None
+        raise _could_not_open(path, "No such file or directory") from None
     except OSError as e:
         raise ImageIOError.from_os(e, path) from None
     if not os.access(path, os.R_OK):
-        raise ImageIOError("permission denied (not readable)", path)
+        raise _could_not_open(path, "Permission denied")
+
+
+def _could_not_open(path: str, reason: str) -> ImageIOError:
+    err = ImageIOError(f"Could not open '{path}': {reason}")
+    err.path = path
+    return err
 
 
 def open_image(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = False,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 
-from .image import (add_force_share_arg, add_policy_args, open_source, policy_from,
-                    progress_for)
+from .image import (add_cache_args, add_force_share_arg, add_policy_args, open_source,
+                    policy_from, progress_for)
 
 
 def cmd_rebase(args) -> int:
@@ -15,6 +15,10 @@ def cmd_rebase(args) -> int:
     if args.b is None:
         raise UsageError("give the new backing file with -b (-b \"\" removes it)")
     name = args.b or None
+    if getattr(args, "image_opts", False):
+        from .qemu_text import image_opts
+        args.filename, opt_fmt, _, _ = image_opts(args.filename)
+        args.f = args.f or opt_fmt
     # -U shares the new backing file only, as qemu-img rebase -U: never the image
     image = open_image(args.filename, args.f, writable=True,
                        policy=policy_from(args, share=False))
@@ -83,6 +87,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-u", action="store_true", help="unsafe: only change the name")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_cache_args(p)
     add_force_share_arg(p)
     add_policy_args(p)
     p.add_argument("filename")
@@ -95,6 +100,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-d", action="store_true", help="do not empty the image afterwards")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_cache_args(p, source=False)
     add_policy_args(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_commit)

@@ -13,8 +13,6 @@ from dataclasses import replace
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
                    help="also open files an image names (backing files, extents) under DIR")
-    from .secrets import add_secret_args  # --object secret, --image-opts
-    add_secret_args(p)
 
 
 def add_force_share_arg(p: argparse.ArgumentParser) -> None:
@@ -25,7 +23,33 @@ def add_force_share_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_snapshot_arg(p: argparse.ArgumentParser, text: str) -> None:
-    p.add_argument("--snapshot", "-l", metavar="SNAPSHOT", help=text)
+    p.add_argument("--snapshot", "-l", metavar="SNAPSHOT", help=text
+                   + " (also qemu-img's snapshot.name=NAME / snapshot.id=ID)")
+
+
+def add_cache_args(p: argparse.ArgumentParser, *, target: bool = True,
+                   source: bool = True) -> None:
+    """qemu-img's ``-t CACHE`` (the image written) and ``-T SRC_CACHE`` (images read)."""
+    if target:
+        p.add_argument("-t", metavar="CACHE", dest="cache",
+                       help="cache mode of the image written: none (O_DIRECT),"
+                       " writethrough/directsync (flushed at the end), writeback/unsafe"
+                       " (no final flush)")
+    if source:
+        p.add_argument("-T", metavar="SRC_CACHE", dest="src_cache",
+                       help="cache mode of the images read: none or directsync read with"
+                       " O_DIRECT where the file system allows")
+
+
+def apply_cache_modes(args) -> None:
+    """Validate ``-t``/``-T`` and honour them: writethrough, directsync and none flush
+    the output to disk before it is renamed into place (qemu-img's flush on close);
+    writeback and unsafe skip that flush (diskforge's default, as qemu-img convert's
+    default ``unsafe``). ``none`` on the source reads with O_DIRECT (``policy_from``)."""
+    from .qemu_text import cache_mode
+    args.cache = cache_mode(getattr(args, "cache", None), "target")
+    args.src_cache = cache_mode(getattr(args, "src_cache", None), "source")
+    args.flush_output = args.cache in ("none", "writethrough", "directsync")
 
 
 def policy_from(args, *, share: bool = True):
@@ -57,12 +81,35 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
     """Open a source image as the command line asks (policy, ``-U``, ``--disk``: by
     default ``args.disk`` when the command has one)."""
     from ..registry import open_image
-    from .secrets import source_from
+    from .qemu_text import image_opts, snapshot_spec
+    from .secrets import key_for
     if disk is _ARGS:
         disk = getattr(args, "disk", None)
-    path, fmt, key = source_from(args, path, fmt)
-    return open_image(path, fmt, writable=writable, policy=policy_from(args),
-                      snapshot=snapshot, member=disk, key=key)
+    policy = policy_from(args)
+    key_id = None
+    if getattr(args, "image_opts", False):  # an option string names the image
+        path, opt_fmt, share, key_id = image_opts(path)
+        fmt = fmt or opt_fmt
+        if share and not writable:
+            policy = replace(policy, force_share=True)
+    dev = open_image(path, fmt, writable=writable, policy=policy,
+                     snapshot=snapshot_spec(snapshot), member=disk,
+                     key=key_for(args, key_id))
+    if getattr(args, "src_cache", None) in ("none", "directsync") and not writable:
+        use_direct_io(dev)
+    return dev
+
+
+def use_direct_io(dev) -> int:
+    """``-T none``: every file of the image and its backing chain read with O_DIRECT
+    where its file system allows; how many files do."""
+    count = 0
+    while dev is not None:
+        backend = getattr(dev, "backend", None)
+        if backend is not None and hasattr(backend, "use_direct_io"):
+            count += backend.use_direct_io()
+        dev = dev.backing
+    return count
 
 
 def wants_option_help(spec: list[str]) -> bool:
@@ -85,15 +132,17 @@ def parse_options(fmt, spec: list[str]):
 
 def options_or_help(fmt, spec: list[str]):
     """The ``-o`` options parsed for ``fmt``, or None once the format's option help
-    is printed (``-o help``, as qemu-img answers it): the caller then exits 0."""
+    is printed (``-o help``/``-o ?``, in qemu-img's layout): the caller then exits 0."""
     if wants_option_help(spec):
-        print(fmt.options.help_text(fmt.name), end="")
+        from .qemu_text import option_help
+        print(option_help(fmt), end="")
         return None
     return parse_options(fmt, spec)
 
 
 def progress_for(args, label: str = ""):
-    """The bar ``-p``/``-q`` ask for; a context manager (``with progress_for(args) as
+    """Progress as ``-p``/``-q`` ask for it (see progress.py: qemu-img's lines on stdout
+    with ``-p``, nothing without); a context manager (``with progress_for(args) as
     bar:``) that ends its line however the work ends."""
     from .progress import ProgressBar
     return ProgressBar(label, force=getattr(args, "p", False), quiet=getattr(args, "q", False))
@@ -135,7 +184,11 @@ def open_backing(name: str, fmt: str | None, target: str, args, *, share: bool =
 def cmd_info(args) -> int:
     from ..ops.info import format_human, format_json, image_info
     with open_source(args.filename, args.f, args) as dev:
-        infos = image_info(dev, backing_chain=args.backing_chain)
+        infos = image_info(dev, backing_chain=args.backing_chain, partitions=args.details)
+    if not args.details:  # qemu-img's output exactly; diskforge's extras on request
+        for info in infos:
+            info.details = {}
+            info.partitions = None
     if args.output == "json":
         print(format_json(infos, args.backing_chain))
     else:
@@ -146,14 +199,25 @@ def cmd_info(args) -> int:
 # -- create -------------------------------------------------------------------------------
 
 def cmd_create(args) -> int:
-    from ..options import parse_size
-    from ..registry import target_format
-    fmt = target_format(args.filename, args.f)
+    from ..options import merge_option_strings, parse_size, split_option_string
+    from ..registry import get, target_format
+    from .qemu_text import formatting_line, pop_size
+    if args.filename is None and wants_option_help(args.o):
+        fmt = get(args.f or "raw")  # qemu-img: -o help needs no file name
+    elif args.filename is None:
+        from ..errors import UsageError
+        raise UsageError("Expecting image file name")
+    else:
+        fmt = target_format(args.filename, args.f)
+    opt_size, args.o = pop_size(args.o)
     options = options_or_help(fmt, args.o)
     if options is None:
         return 0
+    given = split_option_string(merge_option_strings(*args.o))
     args.b, args.F, options = backing_from_options(args.b, args.F, options)
     backing = backing_dev = None
+    if args.size is None and opt_size is not None:
+        args.size = opt_size
     size = parse_size(args.size, "image size") if args.size is not None else None
     try:
         if args.b:
@@ -177,7 +241,10 @@ def cmd_create(args) -> int:
         from ..ops.measure import require_room
         require_room(args.filename, fmt, options, size=size)
         if not args.q:
-            print(f"Formatting '{args.filename}', fmt={fmt.name} size={size}")
+            given = {k: v for k, v in given.items()
+                     if k not in ("backing_file", "backing_fmt")}
+            print(formatting_line(args.filename, fmt.name, size, given, args.b,
+                                  args.F or (backing.format if backing else None)))
         writer = fmt.writer(args.filename, size, options, backing=backing)
         with writer:
             writer.finish()
@@ -192,16 +259,40 @@ def cmd_create(args) -> int:
 def cmd_convert(args) -> int:
     from ..atomic import refuse_overwrite
     from ..blockdev import DeviceWriter
+    from ..errors import UsageError
     from ..ops.convert import convert
-    from ..registry import target_format
+    from ..registry import get, target_format
+    from .qemu_text import pop_size
+    if len(args.files) < 2:
+        if wants_option_help(args.o):  # qemu-img: -o help needs no file names
+            options_or_help(get(args.O or "raw"), args.o)
+            return 0
+        raise UsageError("Expecting image file name" if not args.files else
+                         "Expecting a source and a target image file name")
+    *sources, args.target = args.files
+    if args.target_image_opts:
+        if not args.n:
+            raise UsageError("--target-image-opts requires use of -n flag")
+        from .qemu_text import image_opts
+        args.target, target_fmt, _, _ = image_opts(args.target)
+        args.O = args.O or target_fmt
     fmt = target_format(args.target, args.O)
+    _, args.o = pop_size(args.o)  # qemu-img takes the size from the source, always
     options = options_or_help(fmt, args.o)
     if options is None:
         return 0
     args.B, args.F, options = backing_from_options(args.B, args.F, options)
+    if args.target_is_zero and not args.n:
+        raise UsageError("--target-is-zero requires use of -n flag")
+    if args.target_is_zero and args.B:
+        raise UsageError("--target-is-zero cannot be used with -B")
+    if args.C and (args.c or args.B):
+        raise UsageError("Copy offloading (-C) cannot be used with compression (-c) or a"
+                         " backing file (-B)")
+    sparse = _sparse_size(args.S)
     if args.c:
         options = fmt.compressed(options)
-    src = open_source(args.source, args.f, args, snapshot=args.snapshot)
+    src = _open_sources(sources, args)
     base = None
     try:
         backing = None
@@ -216,25 +307,113 @@ def cmd_convert(args) -> int:
                              policy=policy_from(args, share=False))
             if dev.size < src.size:
                 dev.close()
-                from ..errors import UsageError
                 raise UsageError(f"target is smaller ({dev.size} bytes) than the source"
                                  f" ({src.size} bytes)", args.target)
-            writer = DeviceWriter(dev)
+            writer = _zeroed_target_writer(dev) if args.target_is_zero else DeviceWriter(dev)
         else:
             from ..ops.measure import require_room
             require_room(args.target, fmt, options, source=src, base=base)
             writer = fmt.writer(args.target, src.size, options, backing=backing)
         try:
             with progress_for(args) as bar:
-                convert(src, writer, base=base, progress=bar, workers=args.m)
+                progress = _throttled(bar, args.r) if args.r else bar
+                if args.C:
+                    from ..ops.offload import offload_copy
+                    offload_copy(src, writer, progress)
+                else:
+                    convert(src, writer, base=base, progress=progress, workers=args.m,
+                            sparse_size=sparse)
         finally:
             if args.n:
                 dev.close()
+        failures = getattr(src, "failures", [])
+        if failures:
+            import sys
+            lost = sum(n for _, n in failures)
+            print(f"diskforge: {len(failures)} unreadable ranges ({lost} bytes) were"
+                  " written as zeros (--salvage)", file=sys.stderr)
     finally:
         src.close()
         if base is not None:
             base.close()
     return 0
+
+
+def _sparse_size(text: str | None) -> int | None:
+    """``-S``: qemu-img accepts 0 or a multiple of 512 (bytes, with suffixes)."""
+    if text is None:
+        return None
+    from ..errors import UsageError
+    from ..options import parse_size
+    n = parse_size(text, "sparse size (-S)")
+    if n % 512:
+        raise UsageError(f"Invalid buffer size for sparse output specified: {text}"
+                         " (0 or a multiple of 512)")
+    return n
+
+
+def _open_sources(names: list[str], args):
+    """The source: one image, or several read end to end (qemu-img's concatenation),
+    wrapped for ``--salvage`` so unreadable sectors read as zeros."""
+    if len(names) > 1 and args.snapshot:
+        from ..errors import UsageError
+        raise UsageError("-l cannot be used with more than one source image")
+    opened = []
+    try:
+        for name in names:
+            opened.append(open_source(name, args.f, args, snapshot=args.snapshot))
+    except BaseException:
+        for dev in opened:
+            dev.close()
+        raise
+    if len(opened) == 1:
+        src = opened[0]
+    else:
+        from ..ops.concat import ConcatDevice
+        src = ConcatDevice(opened)
+    if args.salvage:
+        import sys
+
+        from ..errors import printable
+        from ..ops.salvage import SalvagingDevice
+
+        def report(offset: int, length: int, why: str) -> None:
+            print(f"diskforge: {printable(src.path)}: read error at offset {offset}"
+                  f" ({length} bytes), written as zeros: {why}", file=sys.stderr)
+        src = SalvagingDevice(src, report)
+    return src
+
+
+def _zeroed_target_writer(dev):
+    """``convert -n --target-is-zero``: the target already reads as zeros, so zero
+    ranges are not written at all (qemu-img skips them the same way)."""
+    from ..blockdev import DeviceWriter
+
+    class ZeroedTargetWriter(DeviceWriter):
+        def zero(self, offset: int, length: int) -> None:
+            pass
+    return ZeroedTargetWriter(dev)
+
+
+def _throttled(progress, rate_text: str):
+    """``-r RATE``: the copy is limited to RATE bytes a second (qemu-img's
+    ``rate-limit``), by sleeping in the progress callback the pipeline calls after
+    every batch; the limit holds on average from the start of the copy."""
+    import time
+
+    from ..errors import UsageError
+    from ..options import parse_size
+    rate = parse_size(rate_text, "rate limit (-r)")
+    if rate <= 0:
+        raise UsageError(f"Invalid rate limit specified: {rate_text}")
+    start = time.monotonic()
+
+    def step(done: int, total: int) -> None:
+        ahead = done / rate - (time.monotonic() - start)
+        if ahead > 0:
+            time.sleep(ahead)
+        progress(done, total)
+    return step
 
 
 # -- compare ------------------------------------------------------------------------------
@@ -245,8 +424,8 @@ def cmd_compare(args) -> int:
             open_source(args.image2, args.F, args, disk=args.disk2) as b:
         with progress_for(args) as bar:
             result = compare(a, b, strict=args.s, progress=bar)
-    if not args.q:
-        print(result.message)
+            if not args.q:  # before progress's closing newline, as qemu-img
+                print(result.message)
     return 0 if result.identical else 1
 
 
@@ -279,8 +458,12 @@ def cmd_measure(args) -> int:
     if (args.size is None) == (args.filename is None):
         raise UsageError("give either --size SIZE or an image file")
     if args.filename:
-        with open_source(args.filename, args.f, args) as src:
+        with open_source(args.filename, args.f, args, snapshot=args.snapshot) as src:
             m = measure(fmt, options, source=src)
+            if m.bitmaps is None and fmt.name == "qcow2" and src.format == "qcow2":
+                # qemu-img reports the bitmaps of a source that can hold persistent
+                # bitmaps, none included
+                m = replace(m, bitmaps=0)
     else:
         m = measure(fmt, options, size=parse_size(args.size, "size"))
     if args.output == "json":
@@ -300,6 +483,9 @@ def add_parsers(sub) -> None:
     p.add_argument("-f", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--backing-chain", action="store_true", help="also show every backing image")
+    p.add_argument("--details", action="store_true",
+                   help="also show diskforge's extra facts: the format's header details"
+                   " and the partition table (the 'diskforge' and 'partitions' JSON keys)")
     add_disk_arg(p)
     add_force_share_arg(p)
     add_policy_args(p)
@@ -315,8 +501,8 @@ def add_parsers(sub) -> None:
     p.add_argument("-u", action="store_true", help="do not open the backing file")
     p.add_argument("-q", action="store_true", help="quiet")
     add_policy_args(p)
-    p.add_argument("filename")
-    p.add_argument("size", nargs="?", help="virtual size (k, M, G, T suffixes)")
+    p.add_argument("filename", nargs="?")
+    p.add_argument("size", nargs="?", help="virtual size (k, M, G, T suffixes; or -o size=)")
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("convert", help="convert an image to another format (sparse-aware)")
@@ -330,14 +516,28 @@ def add_parsers(sub) -> None:
     p.add_argument("-F", metavar="BACKING_FMT", help="format of BACKING")
     p.add_argument("-n", action="store_true", help="write into an existing target")
     p.add_argument("-m", type=int, metavar="N", help="compression threads")
-    p.add_argument("-p", action="store_true", help="show progress even when not a TTY")
+    p.add_argument("-p", action="store_true", help="print progress (qemu-img's lines)")
     p.add_argument("-q", action="store_true", help="quiet")
+    p.add_argument("-S", metavar="SIZE", help="zero-detection granularity: zero runs of"
+                   " at least SIZE stay holes; 0 writes everything")
+    p.add_argument("-W", action="store_true", help="allow out-of-order writes (accepted;"
+                   " diskforge writes in order, which -W permits)")
+    p.add_argument("-C", action="store_true", help="copy offloading (copy_file_range),"
+                   " raw file to raw file; holes kept")
+    p.add_argument("-r", metavar="RATE", help="limit the copy to RATE bytes a second")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="with -n: the target already reads as zeros, skip writing them")
+    p.add_argument("--salvage", action="store_true",
+                   help="read errors become zeros (each reported) instead of failing")
+    p.add_argument("--target-image-opts", action="store_true",
+                   help="with -n: TARGET is an option string (driver=,file.filename=)")
+    add_cache_args(p)
     add_disk_arg(p)
     add_force_share_arg(p)
     add_snapshot_arg(p, "read the source's internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
-    p.add_argument("source")
-    p.add_argument("target")
+    p.add_argument("files", nargs="*", metavar="SOURCE... TARGET",
+                   help="one or more source images (read end to end) and the target")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compare", help="compare two images' contents (exit 0 same,"
@@ -348,6 +548,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-s", action="store_true", help="strict: sizes and allocation must match")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet")
+    add_cache_args(p, target=False)
     add_disk_arg(p, "--disk", "the first image, if an")
     add_disk_arg(p, "--disk2", "the second image, if an")
     add_force_share_arg(p)
@@ -377,6 +578,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
     add_disk_arg(p)
     add_force_share_arg(p)
+    add_snapshot_arg(p, "measure the source's internal snapshot SNAPSHOT (ID or name)")
     add_policy_args(p)
     p.add_argument("filename", nargs="?")
     p.set_defaults(func=cmd_measure)

@@ -14,8 +14,8 @@ from ..errors import DiskforgeError
 from ..untrusted import CpuTimeExceeded
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "maintenance", "chain", "snapshot", "imaging", "verify", "formats_cmd",
-          "hypervisor", "iso", "export")
+GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "bench", "imaging", "verify",
+          "formats_cmd", "hypervisor", "iso", "export")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -41,19 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="for images uploaded by others: confine the files they name,"
                         " refuse raw backing files, limit memory and CPU time (also"
                         " DISKFORGE_UNTRUSTED=1)")
-    parser.add_argument("--version", action=_VersionAction, nargs=0,
-                        help="show the version and exit")
+    parser.add_argument("-V", "--version", action=_VersionAction, nargs=0,
+                        help="show diskforge's version and the qemu-img version whose"
+                        " interface it follows, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in GROUPS:
         importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
+    for name in QEMU_IMG_COMMANDS:  # qemu-img's options common to its subcommands
+        p = sub.choices[name]
+        p.add_argument("--object", action="append", default=[], metavar="OBJECTDEF",
+                       help="a secret, as qemu-img defines it: secret,id=ID,data=TEXT"
+                       " (or file=PATH; format=raw|base64), the passphrase of an"
+                       " encrypted image")
+        if name != "create":
+            p.add_argument("--image-opts", action="store_true",
+                           help="the image is named by an option string (driver=FMT,"
+                           "file.filename=PATH,file.locking=off,key-secret=ID)")
     return parser
 
 
+# the subcommands that are qemu-img's, which take --object and --image-opts
+QEMU_IMG_COMMANDS = ("amend", "bench", "check", "commit", "compare", "convert", "create",
+                     "dd", "info", "map", "measure", "rebase", "resize", "snapshot")
+
+
+# The qemu-img release whose command line and outputs diskforge follows. Scripts probe
+# ``qemu-img --version`` with a regex on "qemu-img version X.Y.Z" to pick flags.
+QEMU_IMG_INTERFACE = "7.2.0"
+
+
 class _VersionAction(argparse.Action):
-    """Looks the version up only when asked (importlib.metadata is slow to import)."""
+    """Looks the version up only when asked (importlib.metadata is slow to import).
+    Two lines: diskforge's own version, then qemu-img's spelling of the interface it
+    follows, so a script that parses qemu-img's version line finds one it knows."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(_version())
+        print(f"qemu-img version {QEMU_IMG_INTERFACE} (interface followed by diskforge)")
         parser.exit(0)
 
 
@@ -71,8 +95,10 @@ def _on_sigterm(signum, frame):
 
 def _inputs(args) -> str | None:
     """The image this command works on, to name in a resource-limit error."""
-    for name in ("filename", "source", "image", "image1"):
+    for name in ("filename", "source", "image", "image1", "files"):
         value = getattr(args, name, None)
+        if isinstance(value, list) and value:  # convert's SOURCE... TARGET
+            value = value[0]
         if isinstance(value, str) and value:
             return value
     return None
@@ -108,13 +134,36 @@ def _main(argv: list[str] | None) -> int:
     if argv[:1] == ["resize"] and len(argv) > 2 and argv[-1][:1] == "-" \
             and argv[-1][1:2].isdigit() and "--" not in argv:
         argv = argv[:-1] + ["--", argv[-1]]  # "resize img -1G": a size, not a flag
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    variadic = next((n for n in ("files", "operands") if isinstance(getattr(args, n, None),
+                                                                   list)), None)
+    if extra and variadic and not any(e.startswith("-") for e in extra):
+        # file names after options (qemu-img's getopt permutes; argparse fills a
+        # variadic positional from its first run of names only)
+        getattr(args, variadic).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 1
-    if args.sync:
-        from ..atomic import set_durable
-        set_durable(True)
+    if getattr(args, "object", None):
+        from .secrets import parse_secret
+        try:
+            for spec in args.object:  # a typo fails before anything is opened
+                parse_secret(spec)
+        except DiskforgeError as e:
+            print(f"diskforge: {e}", file=sys.stderr)
+            return getattr(args, "error_status", 1)
+    if hasattr(args, "cache") or hasattr(args, "src_cache"):
+        from .image import apply_cache_modes
+        try:
+            apply_cache_modes(args)  # -t none/writethrough/directsync: flushed outputs
+        except DiskforgeError as e:
+            print(f"diskforge: {e}", file=sys.stderr)
+            return getattr(args, "error_status", 1)
+    if args.sync or getattr(args, "flush_output", False) or "diskforge.atomic" in sys.modules:
+        from ..atomic import set_durable  # per command: main() may run many in a process
+        set_durable(args.sync or getattr(args, "flush_output", False))
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary outputs on kill
     error_status = getattr(args, "error_status", 1)
     try:

@@ -15,17 +15,25 @@ __all__ = ["EXIT_CLEAN", "EXIT_CORRUPT", "EXIT_ERROR", "EXIT_LEAKS", "EXIT_UNSUP
            "CheckResult", "Repair", "check_image"]
 
 
-def check_image(dev, repair: "Repair | str | None" = None) -> CheckResult:
-    """The format's own check (when it has one) plus the partition table's: a corrupt
-    primary GPT, entries past the end, a looping EBR chain are corruptions too.
+def check_image(dev, repair: "Repair | str | None" = None, *, format_checks: bool = True,
+                partitions: bool = True) -> CheckResult:
+    """The format's own check (when it has one and ``format_checks``) plus, with
+    ``partitions``, the partition table's: a corrupt primary GPT, entries past the end,
+    a looping EBR chain are corruptions too.
 
     Raises UnsupportedError only when there is nothing at all to check."""
     from ..errors import DiskforgeError, UnsupportedError
     from ..partitions import read_partitions
-    try:
-        result = dev.check(Repair.parse(repair))
-    except UnsupportedError:
-        result = None
+    result = None
+    if format_checks:
+        try:
+            result = dev.check(Repair.parse(repair))
+        except UnsupportedError:
+            result = None
+    if not partitions:
+        if result is None:
+            raise UnsupportedError("This image format does not support checks", dev.path)
+        return result
     try:
         table = read_partitions(dev)
     except DiskforgeError as e:

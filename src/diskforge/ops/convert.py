@@ -110,11 +110,12 @@ class _Pipeline:
     """The state of one convert run: the writer, the optional pool, the stats."""
 
     def __init__(self, writer: ImageWriter, base: BlockDevice | None, workers: int,
-                 batch: int):
+                 batch: int, gran: int, detect_zeros: bool = True):
         self.writer = writer
         self.base = base
         self.batch = batch
-        self.gran = max(512, writer.granularity)
+        self.gran = gran
+        self.detect_zeros = detect_zeros
         self.stats = ConvertStats()
         self.pool = None
         if workers > 0 and writer.parallel:
@@ -212,6 +213,8 @@ class _Pipeline:
             tap(off, view, n)
         if self.base is not None:
             self._differences(buf, start, off, n)
+        elif not self.detect_zeros:
+            self.data(off, view)
         else:
             for ro, rn, z in zero_runs(buf, off, self.gran, n, start):
                 if z:
@@ -286,7 +289,8 @@ def _base_zero_ranges(base: BlockDevice, offset: int, length: int):
 def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | None = None,
             progress: "Progress | None" = None, batch_size: int = DEFAULT_BATCH,
             workers: int | None = None, tap=None, start: int = 0,
-            end: int | None = None, finish: bool = True) -> ConvertStats:
+            end: int | None = None, finish: bool = True,
+            sparse_size: int | None = None) -> ConvertStats:
     """Copy ``source`` into ``writer``, then ``writer.finish()``.
 
     ``base``: the image the output will be backed by; only what differs from it is
@@ -295,15 +299,19 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
     range of the disk once, in order (``data`` is None for ranges known to be zeros):
     imaging hashes the disk with it in the same pass. ``start``/``end`` limit the run to
     part of the disk (imaging runs in segments, and resumes), and ``finish=False``
-    leaves the writer open for the caller.
+    leaves the writer open for the caller. ``sparse_size`` is qemu-img's ``-S``: runs
+    of zeros shorter than it are written as data (rounded up to the writer's own
+    granularity), and 0 writes everything, zeros included, as data.
     On any exception, KeyboardInterrupt included, the writer is aborted (leaving
     nothing behind) and the exception re-raised.
     """
     gran = max(512, writer.granularity)
+    if sparse_size:
+        gran = -(-sparse_size // gran) * gran
     batch = max(gran, (batch_size // gran) * gran)
     if workers is None:
         workers = (os.cpu_count() or 1) if writer.parallel else 0
-    pipe = _Pipeline(writer, base, workers, batch)
+    pipe = _Pipeline(writer, base, workers, batch, gran, detect_zeros=sparse_size != 0)
     pipe.stats.virtual_size = total = source.size
     stop = total if end is None else min(end, total)
     done = start
@@ -316,6 +324,8 @@ def convert(source: BlockDevice, writer: ImageWriter, *, base: BlockDevice | Non
                 elif tap is None and _same_file(source.backing, base):
                     pipe.stats.bytes_skipped += ext.length  # reads through already
                     kind = None
+            if kind is ExtentKind.ZERO and not pipe.detect_zeros:
+                kind = ExtentKind.DATA  # -S 0: zeros are written out as data
             if kind is ExtentKind.ZERO:
                 if tap:
                     tap(ext.offset, None, ext.length)

@@ -12,10 +12,24 @@ from .map import map_image
 
 def measure(fmt: Format, options: Options, *, size: int | None = None,
             source: BlockDevice | None = None) -> Measurement:
-    """Exactly one of ``size`` (an empty disk) or ``source`` (its allocated contents)."""
+    """Exactly one of ``size`` (an empty disk) or ``source`` (its allocated contents).
+
+    As qemu-img, a source's allocation is counted in its own allocation units (its
+    cluster size: a VHD's 2 MiB blocks, a VHDX's payload blocks), even where diskforge
+    maps it more finely (a VHD's sector bitmaps), so the two tools agree on what an
+    image needs."""
     if source is not None:
-        allocated = [Extent(e.start, e.length, ExtentKind.DATA)
-                     for e in map_image(source) if e.data]
+        unit = source.info().cluster_size or 1
+        allocated: list[Extent] = []
+        for e in map_image(source):
+            if not e.data:
+                continue
+            start = e.start - e.start % unit
+            end = min(source.size, -(-(e.start + e.length) // unit) * unit)
+            if allocated and start <= allocated[-1].offset + allocated[-1].length:
+                last = allocated.pop()
+                start, end = last.offset, max(end, last.offset + last.length)
+            allocated.append(Extent(start, end - start, ExtentKind.DATA))
         return fmt.measure(source.size, options, allocated)
     return fmt.measure(size or 0, options, None)
 

@@ -193,6 +193,8 @@ class _Check:
         self.compare(table)
         self.check_copied()
         top = self.refs.highest()
+        if not self.repair.leaks:  # as qemu-img: leaked clusters still end the image
+            top = max(top, getattr(self, "ondisk_top", -1))
         self.res.image_end_offset = (top + 1) * cs
         return self.res
 
@@ -396,6 +398,7 @@ class _Check:
                     raw = dev.backend.read_exact(off, cs, "refcount block")
                 ondisk[ti] = decode(raw, order)
         self.ondisk = ondisk
+        self.ondisk_top = _highest_counted(ondisk, epb, top)
         fix_leaks = self.repair.leaks
         fix_errors = self.repair.errors
         inplace: list[tuple[int, int]] = []
@@ -529,3 +532,15 @@ class _Check:
                         self.res.corruptions -= 1
             if changed:
                 dev.l2_dirty.add(off)
+
+
+def _highest_counted(ondisk: "dict[int, array]", epb: int, top: int) -> int:
+    """The highest cluster below ``top`` whose on-disk refcount is not zero (-1: none).
+    qemu-img's image end offset counts these too, leaked or not; the scan goes down
+    from the last refcount block read and stops at the first one in use."""
+    for ti in sorted(ondisk, reverse=True):
+        blk = ondisk[ti]
+        for i in range(min(epb, top - ti * epb) - 1, -1, -1):
+            if blk[i]:
+                return ti * epb + i
+    return -1

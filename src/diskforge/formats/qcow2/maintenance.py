@@ -73,7 +73,13 @@ def resize(dev, size: int, *, shrink: bool = False) -> None:
         if dev.snapshots:
             raise UnsupportedError("cannot shrink an image that has internal snapshots",
                                    dev.path)
-        for g, n, kind, _ in dev.runs(size, old - size):
+        # as qemu-img: the whole clusters past the new end are discarded (the one the
+        # new end falls in is kept); ``resize --safe-shrink`` refuses instead
+        cut = -(-size // cs) * cs
+        if cut < old:
+            dev.write_zeroes(cut, old - cut)
+            dev.flush()
+        for g, n, kind, _ in dev.runs(cut, old - cut) if cut < old else ():
             if kind not in (QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN,
                             QCOW2_SUBCLUSTER_ZERO_PLAIN):
                 raise UsageError(f"shrinking to {size} bytes would cut allocated data at"

@@ -144,9 +144,9 @@ def find(snaps: list[Snapshot], key: str, path: str | None = None) -> Snapshot:
 
 def new_snapshot(snaps: list[Snapshot], name: str, l1_offset: int, l1_size: int,
                  disk_size: int) -> Snapshot:
-    """The entry for a new snapshot: the next free numeric ID, now as its date."""
-    if any(s.name == name for s in snaps):
-        raise UsageError(f"a snapshot named '{name}' already exists")
+    """The entry for a new snapshot: the next free numeric ID, now as its date. A name
+    already taken makes a second snapshot of that name, as qemu-img does (it is then
+    named by its ID)."""
     ids = [int(s.id) for s in snaps if s.id.isdigit()]
     now = time.time_ns()
     return Snapshot(l1_offset, l1_size, str(max(ids, default=0) + 1), name,

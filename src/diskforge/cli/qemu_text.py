@@ -1,0 +1,187 @@
+"""qemu-img's wording where scripts read it: the ``Formatting ...`` line of ``create``,
+the ``-o help`` listing, the cache modes of ``-t``/``-T`` and ``-l`` snapshot specs.
+
+Kept apart from the subcommands so that each of them stays thin, and so that what is
+copied from qemu-img's behaviour (not its code) is in one place to check against a new
+qemu-img release (``main.QEMU_IMG_INTERFACE`` names the one followed).
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..options import parse_size, split_option_string
+
+# The order in which qemu-img 7.2's ``create`` prints each format's options on its
+# ``Formatting 'NAME', fmt=FMT ...`` line, with the default it prints when the option was
+# not given (None: printed only when given). Observed from qemu-img itself; formats not
+# listed print ``size`` then the given options in the order given.
+_FORMATTING: dict[str, list[tuple[str, str | None]]] = {
+    "qcow2": [("encrypt.format", None), ("encrypt.key-secret", None),
+              ("encrypt.cipher-alg", None), ("encrypt.cipher-mode", None),
+              ("encrypt.ivgen-alg", None), ("encrypt.ivgen-hash-alg", None),
+              ("encrypt.hash-alg", None), ("encrypt.iter-time", None),
+              ("cluster_size", "65536"), ("extended_l2", "off"), ("preallocation", None),
+              ("compression_type", "zlib"), ("size", None), ("compat", None),
+              ("backing_file", None), ("backing_fmt", None), ("encryption", None),
+              ("data_file", None), ("data_file_raw", None), ("lazy_refcounts", "off"),
+              ("refcount_bits", "16")],
+    "raw": [("size", None), ("preallocation", None)],
+    "vpc": [("size", None), ("subformat", None), ("force_size", None)],
+    "vhdx": [("size", None), ("log_size", "1048576"), ("block_size", "0"),
+             ("subformat", None), ("block_state_zero", None)],
+}
+
+# options whose values qemu-img prints as a byte count whatever suffix was given
+_SIZE_KEYS = {"size", "cluster_size", "log_size", "block_size"}
+
+
+def formatting_line(filename: str, fmt: str, size: int, given: dict[str, str],
+                    backing: str | None = None, backing_fmt: str | None = None) -> str:
+    """``Formatting 'disk.qcow2', fmt=qcow2 cluster_size=65536 ... size=N ...``, as
+    qemu-img's ``create`` prints it before creating the image."""
+    values = dict(given)
+    values["size"] = str(size)
+    if backing:
+        values["backing_file"] = backing
+    if backing_fmt:
+        values["backing_fmt"] = backing_fmt
+    for key in _SIZE_KEYS & values.keys():
+        try:
+            values[key] = str(parse_size(values[key]))
+        except UsageError:
+            pass
+    order = _FORMATTING.get(fmt)
+    parts = []
+    if order is None:
+        parts.append(f"size={size}")
+        parts += [f"{k}={v}" for k, v in values.items() if k != "size"]
+    else:
+        for key, default in order:
+            value = values.get(key, default)
+            if value is not None:
+                parts.append(f"{key}={value}")
+    return f"Formatting '{filename}', fmt={fmt} " + " ".join(parts)
+
+
+_QEMU_TYPE = {"bool": "bool (on/off)", "int": "num", "size": "size", "str": "str"}
+
+
+def option_help(fmt, *, amend: bool = False) -> str:
+    """A format's ``-o`` options in qemu-img's layout (``Supported qcow2 options:``, one
+    ``  name=<type> - help`` line each, sorted by name, ``size`` included), with
+    diskforge's own descriptions."""
+    rows = {r["name"]: r for r in fmt.options.describe()}
+    lines = []
+    names = sorted(set(rows) | {"size"})
+    for name in names:
+        r = rows.get(name)
+        typ = _QEMU_TYPE.get(r["type"], "str") if r else "size"
+        text = r["help"] if r else "Virtual disk size"
+        extra = []
+        if r and r.get("choices"):
+            extra.append("allowed values: " + ", ".join(r["choices"]))
+        default = r["default"] if r else None
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        if default not in (None, ""):
+            extra.append(f"default: {default}")
+        if extra:
+            text += f" ({'; '.join(extra)})"
+        head = f"  {name}=<{typ}>"
+        lines.append(f"{head:<24} - {text}" if len(head) < 24 else f"{head} - {text}")
+    title = f"Amend options for '{fmt.name}':" if amend else f"Supported {fmt.name} options:"
+    out = title + "\n" + "\n".join(lines) + "\n"
+    if not amend:
+        out += ("\nThe protocol level may support further options.\n"
+                "Specify the target filename to include those options.\n")
+    return out
+
+
+def pop_size(specs: list[str]) -> tuple[str | None, list[str]]:
+    """qemu-img takes the virtual size as ``-o size=...`` too: take it out of the ``-o``
+    strings (the last one given wins) and return it with what is left."""
+    size = None
+    rest = []
+    for spec in specs:
+        if spec.strip() in ("help", "?"):
+            rest.append(spec)
+            continue
+        values = split_option_string(spec)
+        if "size" in values:
+            size = values.pop("size")
+            spec = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in values.items())
+        if spec:
+            rest.append(spec)
+    return size, rest
+
+
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def cache_mode(value: str | None, what: str) -> str | None:
+    """Validate a ``-t``/``-T`` cache mode (qemu's names; ``off`` is ``none``'s alias
+    in qemu, ``directsync`` is O_DIRECT plus a flush at the end)."""
+    if value is None:
+        return None
+    if value == "off":
+        return "none"
+    if value not in CACHE_MODES:
+        raise UsageError(f"Invalid {what} cache option: {value} (one of "
+                         + ", ".join(CACHE_MODES) + ")")
+    return value
+
+
+def snapshot_spec(text: str | None) -> str | None:
+    """``-l``'s argument: ``snapshot.name=NAME``, ``snapshot.id=ID`` or a bare ID or
+    name, as qemu-img's convert accepts; the ID or name to look for."""
+    if text is None:
+        return None
+    if "=" not in text or not text.startswith("snapshot."):
+        return text
+    values = split_option_string(text)
+    name, ident = values.pop("snapshot.name", None), values.pop("snapshot.id", None)
+    if values:
+        raise UsageError(f"invalid snapshot spec '{text}': only snapshot.name= and"
+                         " snapshot.id= are known")
+    if name and ident:
+        raise UsageError(f"invalid snapshot spec '{text}': give snapshot.name= or"
+                         " snapshot.id=, not both")
+    return name or ident
+
+
+# --image-opts keys that change nothing diskforge does (qemu's AIO engine, discard and
+# zero-detection policies, flush tuning): accepted so scripts that pass them work
+_IGNORED_IMAGE_OPTS = {"aio", "file.aio", "discard", "detect-zeroes", "read-only",
+                       "auto-read-only", "cache.no-flush", "cache.direct", "force-share"}
+
+
+def image_opts(text: str) -> tuple[str, str | None, bool, str | None]:
+    """``--image-opts`` and ``--target-image-opts``: the image named by an option string
+    (``driver=qcow2,file.filename=disk.qcow2,file.locking=off``) instead of a file name.
+    Returns the path, the format (``driver``; None: probe), whether locks are shared
+    (``file.locking=off``, read as ``-U``) and the id of the secret holding its
+    passphrase (``key-secret=`` for LUKS, ``encrypt.key-secret=`` for qcow2)."""
+    from ..errors import UnsupportedError
+    values = split_option_string(text)
+    path = values.pop("file.filename", None) or values.pop("filename", None)
+    if not path:
+        raise UsageError(f"Could not open '{text}': --image-opts needs file.filename=")
+    driver = values.pop("driver", None)
+    if driver == "file":
+        driver = "raw"
+    protocol = values.pop("file.driver", "file")
+    if protocol != "file":
+        raise UnsupportedError(f"not supported yet: --image-opts file.driver={protocol}"
+                               " (only file)", path)
+    locking = values.pop("file.locking", values.pop("locking", "auto"))
+    if locking not in ("on", "off", "auto"):
+        raise UsageError(f"invalid value '{locking}' for file.locking: on, off or auto")
+    key_id = values.pop("key-secret", None) or values.pop("encrypt.key-secret", None)
+    values.pop("encrypt.format", None)  # the image says which; diskforge reads both
+    for key in list(values):
+        if key in _IGNORED_IMAGE_OPTS:
+            del values[key]
+    if values:
+        raise UsageError("--image-opts: unknown or unsupported key(s) "
+                         + ", ".join(sorted(values)), path)
+    return path, driver, locking == "off", key_id
