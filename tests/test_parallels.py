@@ -142,9 +142,9 @@ def test_check_matches_qemu_img(tmp_path):
         i = next(k for k, e in enumerate(dev.bat) if e)
     patch(img, 64 + 4 * i, "<I", 1 << 20)        # a cluster outside the file
     assert _check_both(img) == 2
-    code, out, _ = cli("check", img)
-    assert "ERROR image was not closed correctly" in out
-    assert f"ERROR cluster {i} is outside image" in out
+    code, _, err = cli("check", img)  # the findings on stderr, as qemu-img prints them
+    assert "ERROR image was not closed correctly" in err
+    assert f"ERROR cluster {i} is outside image" in err
 
 
 # -- bundles assembled here ----------------------------------------------------------------

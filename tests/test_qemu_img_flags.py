@@ -195,7 +195,7 @@ def test_image_opts_and_objects(disk, workdir):
     code, out, _ = cli("info", "--image-opts", f"driver=raw,file.filename={disk}")
     assert code == 0 and "file format: raw" in out
     for opts, words in ((f"driver=raw,file.filename={disk},encrypt.key-secret=s0",
-                         "not supported yet: encrypted"),
+                         "No secret with id 's0'"),
                         (f"file.filename={disk},file.driver=nbd", "file.driver=nbd"),
                         (f"file.filename={disk},bogus=1", "bogus"),
                         (disk, "needs file.filename=")):

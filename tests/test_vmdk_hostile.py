@@ -94,7 +94,7 @@ def test_grains_past_the_end_read_as_zeros_and_check_says_so(workdir):
     _patch(path, lay["gt"], struct.pack("<I", 1 << 28))
     code, out, err, rss = measured("check", path)
     ok_or_one_line(code, err, rss, report=True)
-    assert code == 2 and "points after EOF" in out
+    assert code == 2 and "points after EOF" in err
 
 
 def test_directory_of_one_table_named_many_times_is_bounded_by_the_file(workdir):
@@ -146,7 +146,7 @@ def test_grain_marker_lba_must_match_the_table(workdir):
     assert code == 1
     code, out, err, rss = measured("check", path)
     ok_or_one_line(code, err, rss, report=True)
-    assert code == 2 and "says lba 128" in out
+    assert code == 2 and "says lba 128" in err
 
 
 def test_grain_marker_size_beyond_the_grain(workdir):

@@ -141,7 +141,7 @@ def test_info_matches_qemus_format_specific_keys(workdir):
         run("qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={sub},"
             "adapter_type=lsilogic,hwversion=7", src, path)
         theirs = qemu_img_json("info", path)
-        code, out, _ = cli("info", "--output", "json", path)
+        code, out, _ = cli("info", "--details", "--output", "json", path)
         ours = json.loads(out)
         assert code == 0
         for key in ("virtual-size", "format"):
@@ -492,8 +492,8 @@ def test_check_is_clean_on_qemu_images_and_finds_damage(workdir):
     with open(os.path.join(workdir, "d.vmdk"), "r+b") as f:
         f.seek(lay["gt"] + 4)
         f.write(struct.pack("<I", 0x100000))
-    code, out, _ = cli("check", os.path.join(workdir, "d.vmdk"))
-    assert code == 2
-    assert "points after EOF" in out and "differs between the primary" in out
+    code, _, err = cli("check", os.path.join(workdir, "d.vmdk"))
+    assert code == 2  # the findings on stderr, as qemu-img prints them
+    assert "points after EOF" in err and "differs between the primary" in err
     theirs = run("qemu-img", "check", os.path.join(workdir, "d.vmdk"), check=False)
     assert theirs.returncode != 0 and "points after EOF" in theirs.stderr
