@@ -5,10 +5,12 @@
     python bench/run.py --size 256M     # a smaller disk for a quick look
 
 Cases live in ``bench/cases_*.py`` (each module has ``CASES``), so a format adds its rows
-in its own file. Each command runs ``--repeat`` times, the tools interleaved, on a warm page cache; the
-table shows the best wall time, throughput over the virtual size, the output's allocated
-size, the peak RSS of that process (from wait4), and diskforge's time divided by each
-other tool's (below 1.0: diskforge is faster).
+in its own file. Each command runs ``--repeat`` times, the tools interleaved, each run
+after a ``sync`` (so one tool's dirty pages are not written back during another's run),
+on a warm page cache; the table shows the best and the median wall time, throughput
+over the virtual size (best run), the output's allocated size, the peak RSS of that
+process, and diskforge's time divided by each other tool's, best and median (below 1.0:
+diskforge is faster).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -80,6 +83,7 @@ def run_once(argv: list[str]) -> tuple[float, int]:
     gnu_time = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
     with tempfile.NamedTemporaryFile("r") as rss_file:
         full = ([gnu_time, "-f", "%M", "-o", rss_file.name] if gnu_time else []) + argv
+        os.sync()
         start = time.perf_counter()
         proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -156,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     compileall.compile_dir(os.path.dirname(diskforge.__file__), quiet=1)
 
     results = []
-    header = (f"{'case':<28}{'tool':<24}{'seconds':>9}{'MB/s':>9}{'output MiB':>12}"
-              f"{'peak RSS MiB':>14}{'diskforge/tool':>16}")
+    header = (f"{'case':<28}{'tool':<12}{'best s':>9}{'median s':>10}{'MB/s':>9}"
+              f"{'output MiB':>12}{'peak RSS MiB':>14}{'ratio best':>12}{'ratio median':>14}")
     print(header)
     print("-" * len(header))
     for case in load_cases():
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         tools = [t for t in case.tools if t.available()]
         missing = [t.name for t in case.tools if not t.available()]
         case.setup(ctx)
-        best: dict[str, float] = {}
+        times: dict[str, list[float]] = {}
         rss: dict[str, int] = {}
         out_size: dict[str, int | None] = {}
         for _ in range(args.repeat):  # interleaved, so drift hits every tool alike
@@ -176,19 +180,25 @@ def main(argv: list[str] | None = None) -> int:
                 secs, peak = run_once(tool.argv(ctx))
                 out_size[tool.name] = allocated(out)
                 remove(out)
-                best[tool.name] = min(secs, best.get(tool.name, secs))
+                times.setdefault(tool.name, []).append(secs)
                 rss[tool.name] = max(peak, rss.get(tool.name, 0))
-        rows = [(t.name, best[t.name], rss[t.name], out_size[t.name]) for t in tools]
-        ours = next((r[1] for r in rows if r[0] == "diskforge"), None)
-        for i, (name, secs, rss, out_size) in enumerate(rows):
+        rows = [(t.name, min(times[t.name]), statistics.median(times[t.name]),
+                 rss[t.name], out_size[t.name]) for t in tools]
+        ours = next((r[1:3] for r in rows if r[0] == "diskforge"), None)
+        for i, (name, secs, med, rss, out_size) in enumerate(rows):
             mbps = case.bytes_of(ctx) / secs / 1e6 if secs else 0
-            ratio = "" if name == "diskforge" or ours is None else f"{ours / secs:.2f}"
-            print(f"{case.name if i == 0 else '':<28}{name:<24}{secs:>9.3f}{mbps:>9.0f}"
-                  f"{'' if out_size is None else f'{out_size / 2**20:.1f}':>12}"
-                  f"{rss / 2**20:>14.1f}{ratio:>16}")
+            ratio = ratio_med = ""
+            if name != "diskforge" and ours is not None:
+                ratio, ratio_med = f"{ours[0] / secs:.2f}", f"{ours[1] / med:.2f}"
+            print(f"{case.name if i == 0 else '':<28}{name:<12}{secs:>9.3f}{med:>10.3f}"
+                  f"{mbps:>9.0f}{'' if out_size is None else f'{out_size / 2**20:.1f}':>12}"
+                  f"{rss / 2**20:>14.1f}{ratio:>12}{ratio_med:>14}")
             results.append({"case": case.name, "tool": name, "seconds": secs,
+                            "median_seconds": med, "runs": times[name],
                             "mb_per_s": mbps, "output_bytes": out_size, "peak_rss": rss,
-                            "ratio_diskforge_over_tool": ours / secs if ours and secs else None})
+                            "ratio_diskforge_over_tool": ours[0] / secs if ours and secs
+                            else None,
+                            "median_ratio": ours[1] / med if ours and med else None})
         for name in missing:
             print(f"{'':<28}{name:<24}  (not installed: skipped)")
         sys.stdout.flush()
