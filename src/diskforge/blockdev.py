@@ -605,6 +605,87 @@ class FileBytesDevice(FileDevice):
             for o, n, data in self.backend.data_ranges(offset, offset + length))
 
 
+# The kinds of a run of a table-mapped disk (``TableDevice._runs``).
+RUN_UNALLOCATED = 0   # not stored here: the backing device, or zeros without one
+RUN_ZERO = 1          # reads as zeros, whatever the backing device holds
+RUN_DATA = 2          # stored uncompressed at ``host``
+RUN_COMPRESSED = 3    # one compressed cluster; ``host`` is what the format needs to find it
+
+
+class TableDevice(FileDevice):
+    """A device whose format maps the disk through tables to runs of the file (qcow
+    version 1, QED, Parallels): a subclass yields the runs of a range from ``_runs``
+    (built with :func:`merge_runs`) and, if it has compressed clusters, reads one with
+    ``_read_compressed``; reading, the extent map and the backing fallback are written
+    once, here. ``backing`` is the backing device or None."""
+
+    backing: "BlockDevice | None" = None
+
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """``(pos, n, kind, host)`` covering ``[offset, offset+length)`` in order."""
+        raise NotImplementedError
+
+    def _read_compressed(self, pos: int, host: int, piece: memoryview) -> None:
+        raise UnsupportedError("internal: this format has no compressed clusters",
+                               self.path)
+
+    def readinto(self, offset: int, buf) -> int:
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
+        self.check_range(offset, n)
+        for pos, cnt, kind, host in self._runs(offset, n):
+            piece = mv[pos - offset:pos - offset + cnt]
+            if kind == RUN_DATA:
+                got = self.backend.readinto(host, piece)
+                if got < cnt:  # a last cluster cut short reads as zeros, as in qemu
+                    fill_zero(piece, got)
+            elif kind == RUN_COMPRESSED:
+                self._read_compressed(pos, host, piece)
+            elif kind == RUN_UNALLOCATED and self.backing is not None and \
+                    pos < self.backing.size:
+                inside = min(cnt, self.backing.size - pos)
+                self.backing.readinto(pos, piece[:inside])
+                fill_zero(piece, inside)
+            else:
+                fill_zero(piece)
+        return n
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        if length is None:
+            length = self.size - offset
+        self.check_range(offset, length)
+        hole = ExtentKind.BACKING if self.backing is not None else ExtentKind.ZERO
+
+        def gen():
+            for pos, cnt, kind, host in self._runs(offset, length):
+                if kind == RUN_DATA:
+                    yield Extent(pos, cnt, ExtentKind.DATA, True, host)
+                elif kind == RUN_COMPRESSED:
+                    yield Extent(pos, cnt, ExtentKind.DATA, True)
+                elif kind == RUN_ZERO:
+                    yield Extent(pos, cnt, ExtentKind.ZERO, True)
+                else:
+                    yield Extent(pos, cnt, hole, False)
+        return coalesce(gen())
+
+
+def merge_runs(pieces) -> Iterator[tuple[int, int, int, int]]:
+    """Join consecutive ``(pos, n, kind, host)`` pieces into runs: unallocated and zero
+    pieces of one kind always, data pieces when their bytes follow each other in the
+    file, compressed clusters never (each is decompressed on its own)."""
+    run: list[int] | None = None
+    for pos, n, kind, host in pieces:
+        if run is not None and run[2] == kind and kind != RUN_COMPRESSED and \
+                (kind != RUN_DATA or run[3] + run[1] == host):
+            run[1] += n
+            continue
+        if run is not None:
+            yield run[0], run[1], run[2], run[3]
+        run = [pos, n, kind, host]
+    if run is not None:
+        yield run[0], run[1], run[2], run[3]
+
+
 class FilterDevice(BlockDevice):
     """A device that forwards to an inner one, as nbdkit's filters forward to ``next``:
     subclasses override only what they change (a rescue reader that maps read errors

@@ -21,8 +21,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
-from ...blockdev import (BlockDevice, Extent, ExtentKind, FileDevice, ImageInfo, coalesce,
-                         fill_zero, skip_filled)
+from ...blockdev import (RUN_DATA, RUN_UNALLOCATED, BlockDevice, ImageInfo, TableDevice,
+                         merge_runs, skip_filled)
 from ...byteorder import to_host_le
 from ...checks import CheckResult, ProblemKind, Repair
 from ...errors import CorruptImage, FormatError, UnsupportedError
@@ -31,10 +31,9 @@ from .structs import (EMPTY_IMAGE_FLAG, HEADER_INUSE_MAGIC, HEADER_MAGIC, HEADER
                       HEADER_SIZE, HEADER_VERSION, MAX_BAT_ENTRIES, MAX_TRACKS, SECTOR,
                       ParallelsHeader)
 
-_UNALLOC, _DATA = 0, 1
 
 
-class ParallelsImage(FileDevice):
+class ParallelsImage(TableDevice):
     """One expandable image file as a block device; ``parent`` (a bundle's older
     snapshot of the same extent) supplies what the BAT does not allocate."""
 
@@ -96,20 +95,19 @@ class ParallelsImage(FileDevice):
         """Byte offset of the cluster BAT entry ``index`` names (it is not 0)."""
         return self.bat[index] * self.off_multiplier * SECTOR
 
-    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """``(offset, length, kind, host)``: unallocated stretches found at memory speed
-        (``skip_filled``), contiguous clusters merged."""
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """``(offset, length, kind, host)`` pieces for ``merge_runs``: unallocated
+        stretches found at memory speed (``skip_filled``)."""
         cs, nbat = self.cs, len(self.bat)
         end = offset + length
         pos = offset
-        run: list[int] | None = None
         while pos < end:
             ci = pos // cs
             if ci >= nbat:
-                kind, host, stop = _UNALLOC, 0, end
+                kind, host, stop = RUN_UNALLOCATED, 0, end
             elif self.bat[ci] == 0:
                 nxt = skip_filled(self.bat, ci, min(nbat, -(-end // cs)))
-                kind, host = _UNALLOC, 0
+                kind, host = RUN_UNALLOCATED, 0
                 stop = end if nxt >= nbat else min(end, nxt * cs)
             else:
                 start = self._host(ci)
@@ -117,52 +115,13 @@ class ParallelsImage(FileDevice):
                     raise CorruptImage(f"BAT entry {ci}: cluster at offset {start} is past"
                                        f" the end of the file ({self.file_size} bytes)",
                                        self.path, structure="BAT", field=str(ci))
-                kind, host = _DATA, start + pos % cs
+                kind, host = RUN_DATA, start + pos % cs
                 stop = min(end, (ci + 1) * cs)
-            n = stop - pos
-            if run is not None and run[2] == kind and \
-                    (kind == _UNALLOC or run[3] + run[1] == host):
-                run[1] += n
-            else:
-                if run is not None:
-                    yield run[0], run[1], run[2], run[3]
-                run = [pos, n, kind, host]
+            yield pos, stop - pos, kind, host
             pos = stop
-        if run is not None:
-            yield run[0], run[1], run[2], run[3]
 
-    def readinto(self, offset: int, buf) -> int:
-        mv = memoryview(buf).cast("B")
-        n = len(mv)
-        self.check_range(offset, n)
-        for pos, cnt, kind, host in self._runs(offset, n):
-            at = pos - offset
-            piece = mv[at:at + cnt]
-            if kind == _DATA:
-                got = self.backend.readinto(host, piece)
-                if got < cnt:     # a last cluster cut short reads as zeros, as in qemu
-                    fill_zero(piece, got)
-            elif self.backing is not None and pos < self.backing.size:
-                inside = min(cnt, self.backing.size - pos)
-                self.backing.readinto(pos, piece[:inside])
-                fill_zero(piece, inside)
-            else:
-                fill_zero(piece)
-        return n
-
-    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        if length is None:
-            length = self.size - offset
-        self.check_range(offset, length)
-        hole = ExtentKind.BACKING if self.backing is not None else ExtentKind.ZERO
-
-        def gen():
-            for pos, cnt, kind, host in self._runs(offset, length):
-                if kind == _DATA:
-                    yield Extent(pos, cnt, ExtentKind.DATA, True, host)
-                else:
-                    yield Extent(pos, cnt, hole, False)
-        return coalesce(gen())
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        return merge_runs(self._pieces(offset, length))
 
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
         """As qemu 7.2's parallels_co_check: an image not closed cleanly and clusters

@@ -22,8 +22,8 @@ import zlib
 from array import array
 from collections.abc import Iterator
 
-from ...blockdev import (Extent, ExtentKind, FileDevice, ImageInfo, coalesce, fill_zero,
-                         skip_filled)
+from ...blockdev import (RUN_COMPRESSED, RUN_DATA, RUN_UNALLOCATED, ImageInfo,
+                         TableDevice, merge_runs, skip_filled)
 from ...byteorder import to_host_be
 from ...errors import CorruptImage, FormatError, UnsupportedError
 from ...limits import check_alloc
@@ -37,10 +37,9 @@ from .structs import (HEADER_SIZE, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L2_BI
 L2_CACHE_BYTES = 16 << 20
 
 # what one run of the map is
-_UNALLOC, _DATA, _COMPRESSED = 0, 1, 2
 
 
-class Qcow1Device(FileDevice):
+class Qcow1Device(TableDevice):
     """A qcow version 1 image opened read-only as a block device."""
 
     format = "qcow"
@@ -162,15 +161,14 @@ class Qcow1Device(FileDevice):
             self.l2_cache.popitem(last=False)
         return table
 
-    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """``(offset, length, kind, host)`` runs of ``[offset, offset+length)``:
-        unallocated runs found a table at a time (``skip_filled``), contiguous data
-        clusters merged, one run per compressed cluster (``host`` is its L2 entry).
-        The walk costs per allocated cluster, not per cluster of the disk."""
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """``(offset, length, kind, host)`` pieces of ``[offset, offset+length)`` for
+        ``merge_runs``: unallocated stretches found a table at a time (``skip_filled``),
+        one piece per compressed cluster (``host`` is its L2 entry). The walk costs per
+        allocated cluster, not per cluster of the disk."""
         cs, bits, per = self.cs, self.cluster_bits, self.l2_entries
         end = offset + length
         pos = offset
-        run: list[int] | None = None    # [start, length, kind, host]
         while pos < end:
             ci = pos >> bits
             l1i, l2i = divmod(ci, per)
@@ -179,16 +177,16 @@ class Qcow1Device(FileDevice):
             if table is None:
                 last = min(len(self.l1), -(-end // (per * cs)))
                 nxt = skip_filled(self.l1, l1i + 1, last)
-                kind, host, stop = _UNALLOC, 0, min(end, nxt * per * cs)
+                kind, host, stop = RUN_UNALLOCATED, 0, min(end, nxt * per * cs)
             else:
                 entry = table[l2i]
                 if entry == 0:
                     last = min(per, -(-span_end >> bits) - l1i * per)
                     nxt = skip_filled(table, l2i, last)
-                    kind, host = _UNALLOC, 0
+                    kind, host = RUN_UNALLOCATED, 0
                     stop = min(span_end, (l1i * per + nxt) * cs)
                 elif entry & QCOW_OFLAG_COMPRESSED:
-                    kind, host = _COMPRESSED, entry
+                    kind, host = RUN_COMPRESSED, entry
                     stop = min(end, (ci + 1) * cs)
                 else:
                     if entry >= self.file_size:
@@ -196,19 +194,13 @@ class Qcow1Device(FileDevice):
                                            " is past the end of the file"
                                            f" ({self.file_size} bytes)", self.path,
                                            structure="L2 table", field=str(ci))
-                    kind, host = _DATA, entry + (pos & (cs - 1))
+                    kind, host = RUN_DATA, entry + (pos & (cs - 1))
                     stop = min(end, (ci + 1) * cs)
-            n = stop - pos
-            if run is not None and run[2] == kind and kind != _COMPRESSED and \
-                    (kind == _UNALLOC or run[3] + run[1] == host):
-                run[1] += n
-            else:
-                if run is not None:
-                    yield run[0], run[1], run[2], run[3]
-                run = [pos, n, kind, host]
+            yield pos, stop - pos, kind, host
             pos = stop
-        if run is not None:
-            yield run[0], run[1], run[2], run[3]
+
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        return merge_runs(self._pieces(offset, length))
 
     def _compressed(self, entry: int, ci: int) -> bytes:
         """A compressed cluster, inflated: exactly one cluster or a CorruptImage."""
@@ -233,45 +225,10 @@ class Qcow1Device(FileDevice):
         self._last_compressed = (entry, out)
         return out
 
-    # -- reading -----------------------------------------------------------------------
-    def readinto(self, offset: int, buf) -> int:
-        mv = memoryview(buf).cast("B")
-        n = len(mv)
-        self.check_range(offset, n)
-        for pos, cnt, kind, host in self._runs(offset, n):
-            at = pos - offset
-            piece = mv[at:at + cnt]
-            if kind == _DATA:
-                got = self.backend.readinto(host, piece)
-                if got < cnt:       # a last cluster cut short: zeros, as qemu reads it
-                    fill_zero(piece, got)
-            elif kind == _COMPRESSED:
-                ci = pos >> self.cluster_bits
-                inc = pos & (self.cs - 1)
-                piece[:] = self._compressed(host, ci)[inc:inc + cnt]
-            elif self.backing is not None and pos < self.backing.size:
-                inside = min(cnt, self.backing.size - pos)
-                self.backing.readinto(pos, piece[:inside])
-                fill_zero(piece, inside)
-            else:
-                fill_zero(piece)
-        return n
-
-    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        if length is None:
-            length = self.size - offset
-        self.check_range(offset, length)
-        hole = ExtentKind.BACKING if self.backing is not None else ExtentKind.ZERO
-
-        def gen():
-            for pos, cnt, kind, host in self._runs(offset, length):
-                if kind == _DATA:
-                    yield Extent(pos, cnt, ExtentKind.DATA, True, host)
-                elif kind == _COMPRESSED:
-                    yield Extent(pos, cnt, ExtentKind.DATA, True)
-                else:
-                    yield Extent(pos, cnt, hole, False)
-        return coalesce(gen())
+    def _read_compressed(self, pos: int, host: int, piece: memoryview) -> None:
+        inside = pos & (self.cs - 1)
+        piece[:] = self._compressed(host, pos >> self.cluster_bits)[inside:inside +
+                                                                    len(piece)]
 
     # -- facts -------------------------------------------------------------------------
     def info(self) -> ImageInfo:

@@ -25,8 +25,8 @@ import os
 from array import array
 from collections.abc import Iterator
 
-from ...blockdev import (Extent, ExtentKind, FileDevice, ImageInfo, coalesce, fill_zero,
-                         skip_filled)
+from ...blockdev import (RUN_DATA, RUN_UNALLOCATED, RUN_ZERO, ImageInfo, TableDevice,
+                         merge_runs, skip_filled)
 from ...byteorder import to_host_le
 from ...checks import CheckResult, ProblemKind, Repair
 from ...errors import CorruptImage, FormatError, UnsupportedError
@@ -40,10 +40,9 @@ from .structs import (HEADER_SIZE, MAX_BACKING_NAME, MAX_CLUSTER_SIZE, MAX_TABLE
 
 L2_CACHE_BYTES = 16 << 20
 
-_UNALLOC, _ZERO, _DATA = 0, 1, 2
 
 
-class QedDevice(FileDevice):
+class QedDevice(TableDevice):
     """A QED image opened read-only as a block device."""
 
     format = "qed"
@@ -183,15 +182,14 @@ class QedDevice(FileDevice):
             self.l2_cache.popitem(last=False)
         return table
 
-    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """``(offset, length, kind, host)`` runs: stretches of empty L1 and L2 entries
-        skipped at memory speed (``skip_filled``), contiguous data clusters merged, so
-        the walk costs per allocated cluster, not per cluster of the disk."""
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """``(offset, length, kind, host)`` pieces for ``merge_runs``: stretches of empty
+        L1 and L2 entries skipped at memory speed (``skip_filled``), so the walk costs
+        per allocated cluster, not per cluster of the disk."""
         cs, bits, per = self.cs, self.cluster_bits, self.table_entries
         span = per * cs                 # the bytes one L2 table maps
         end = offset + length
         pos = offset
-        run: list[int] | None = None
         while pos < end:
             ci = pos >> bits
             l1i, l2i = divmod(ci, per)
@@ -199,7 +197,7 @@ class QedDevice(FileDevice):
             if table is None:
                 last = min(len(self.l1), -(-end // span))
                 nxt = skip_filled(self.l1, l1i + 1, last)
-                kind, host, stop = _UNALLOC, 0, min(end, nxt * span)
+                kind, host, stop = RUN_UNALLOCATED, 0, min(end, nxt * span)
             else:
                 entry = table[l2i]
                 table_end = min(end, (l1i + 1) * span)
@@ -212,7 +210,7 @@ class QedDevice(FileDevice):
                     else:
                         while j < last and table[j] == QED_ZERO_CLUSTER:
                             j += 1
-                    kind = _UNALLOC if entry == 0 else _ZERO
+                    kind = RUN_UNALLOCATED if entry == 0 else RUN_ZERO
                     host, stop = 0, min(table_end, (l1i * per + j) * cs)
                 else:
                     problem = self._cluster_problem(entry)
@@ -220,56 +218,14 @@ class QedDevice(FileDevice):
                         raise CorruptImage(f"L2 entry {ci}: data cluster offset {entry}"
                                            f" {problem}", self.path, structure="L2 table",
                                            field=str(ci))
-                    kind, host = _DATA, entry + (pos & (cs - 1))
+                    kind, host = RUN_DATA, entry + (pos & (cs - 1))
                     stop = min(end, (ci + 1) * cs)
-            n = stop - pos
-            if run is not None and run[2] == kind and \
-                    (kind != _DATA or run[3] + run[1] == host):
-                run[1] += n
-            else:
-                if run is not None:
-                    yield run[0], run[1], run[2], run[3]
-                run = [pos, n, kind, host]
+            yield pos, stop - pos, kind, host
             pos = stop
-        if run is not None:
-            yield run[0], run[1], run[2], run[3]
 
     # -- reading -----------------------------------------------------------------------
-    def readinto(self, offset: int, buf) -> int:
-        mv = memoryview(buf).cast("B")
-        n = len(mv)
-        self.check_range(offset, n)
-        for pos, cnt, kind, host in self._runs(offset, n):
-            at = pos - offset
-            piece = mv[at:at + cnt]
-            if kind == _DATA:
-                got = self.backend.readinto(host, piece)
-                if got < cnt:
-                    fill_zero(piece, got)
-            elif kind == _UNALLOC and self.backing is not None and \
-                    pos < self.backing.size:
-                inside = min(cnt, self.backing.size - pos)
-                self.backing.readinto(pos, piece[:inside])
-                fill_zero(piece, inside)
-            else:
-                fill_zero(piece)
-        return n
-
-    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        if length is None:
-            length = self.size - offset
-        self.check_range(offset, length)
-        hole = ExtentKind.BACKING if self.backing is not None else ExtentKind.ZERO
-
-        def gen():
-            for pos, cnt, kind, host in self._runs(offset, length):
-                if kind == _DATA:
-                    yield Extent(pos, cnt, ExtentKind.DATA, True, host)
-                elif kind == _ZERO:
-                    yield Extent(pos, cnt, ExtentKind.ZERO, True)
-                else:
-                    yield Extent(pos, cnt, hole, False)
-        return coalesce(gen())
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        return merge_runs(self._pieces(offset, length))
 
     # -- checking ----------------------------------------------------------------------
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
