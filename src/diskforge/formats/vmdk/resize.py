@@ -1,0 +1,177 @@
+"""Growing a VMDK in place (``diskforge resize``; qemu-img cannot resize a vmdk).
+
+Supported: a monolithicSparse disk (one hosted ``KDMV`` extent of version 1 or 2,
+uncompressed) and the flat kinds whose last extent is a FLAT/VMFS file named by a
+descriptor file (monolithicFlat, vmfs). Every other kind answers "not supported yet".
+
+Order of writes, chosen so that an interruption leaves the old disk readable:
+
+- sparse: the new grain tables are appended (holes: the file is extended, not
+  written), then the grain directories — in the padding of their last sector when
+  the new entries fit there, otherwise as new copies at the end of the file — then
+  the embedded descriptor (extent line sectors, ``ddb.geometry.cylinders``; qemu and
+  diskforge size a sparse extent by its header, not by this line), and the header
+  (``capacity``, ``gdOffset``, ``rgdOffset``) LAST, in one sector write. Until that
+  write every reader still sees the old header, directory and capacity.
+- flat: the flat file is extended (a hole), then the descriptor is rewritten in one
+  write; until then the descriptor still names the old size.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+
+from ...byteorder import le_bytes
+from ...errors import UnsupportedError, UsageError
+from ...limits import check_alloc
+from .extents import FlatExtent
+from .sparse import MAX_CAPACITY, SparseExtent
+from .structs import SECTOR, SparseExtentHeader
+
+EXTENT_LINE = re.compile(r"(?m)^([ \t]*(?:RW|RDONLY|NOACCESS)[ \t]+)(\d+)")
+CYLINDERS = re.compile(r'(?m)^([ \t]*ddb\.geometry\.cylinders[ \t]*=[ \t]*"?)(\d+)')
+
+
+def resize(dev, size: int, shrink: bool) -> None:
+    """Grow ``dev`` (a writable VmdkDevice) to ``size`` bytes (module docstring)."""
+    if not dev.writable:
+        raise UnsupportedError("vmdk image is open read-only", dev.path)
+    if size % SECTOR:
+        raise UsageError("The new size must be a multiple of 512", dev.path)
+    kind = dev.create_type
+    if size == dev.size:
+        return
+    if size < dev.size:
+        raise UnsupportedError(f"not supported yet: shrinking {kind} vmdk images",
+                               dev.path)
+    if size // SECTOR > MAX_CAPACITY:
+        raise UsageError(f"{size} bytes is beyond any VMDK", dev.path)
+    last = dev.extents_[-1]
+    if dev.monolithic and isinstance(last, SparseExtent) and kind == "monolithicSparse" \
+            and last.structure == "SparseExtentHeader" and last.writable:
+        _grow_sparse(dev, last, size)
+    elif not dev.monolithic and kind in ("monolithicFlat", "vmfs") \
+            and isinstance(last, FlatExtent) and dev.descriptor_room == 0:
+        _grow_flat(dev, last, size)
+    else:
+        raise UnsupportedError(f"not supported yet: resizing {kind} vmdk images",
+                               dev.path)
+    dev.size = size
+
+
+def _new_descriptor(dev, sectors: int, total_sectors: int) -> bytes:
+    """The descriptor text with the last extent line's sector count set to
+    ``sectors`` and the cylinders recomputed for the whole disk (as qemu computes
+    them: sectors / (heads * sectors per track), keeping the heads and sectors)."""
+    text = dev.descriptor_raw.decode("latin-1")
+    lines = list(EXTENT_LINE.finditer(text))
+    if not lines:
+        raise UnsupportedError("not supported yet: resizing a vmdk whose descriptor has"
+                               " no extent line", dev.path)
+    m = lines[-1]
+    text = text[:m.start(2)] + str(sectors) + text[m.end(2):]
+    ddb = dev.descriptor.ddb
+    try:
+        heads = int(ddb.get("ddb.geometry.heads", "0"))
+        secs = int(ddb.get("ddb.geometry.sectors", "0"))
+    except ValueError:
+        heads = secs = 0
+    c = CYLINDERS.search(text)
+    if c and heads > 0 and secs > 0:
+        text = text[:c.start(2)] + str(total_sectors // (heads * secs)) + text[c.end(2):]
+    return text.encode("latin-1")
+
+
+def _store_descriptor(dev, raw: bytes) -> None:
+    from . import descriptor as dsc
+    if dev.descriptor_room:
+        if len(raw) > dev.descriptor_room:
+            raise UnsupportedError("not supported yet: growing a vmdk whose embedded"
+                                   f" descriptor would no longer fit its"
+                                   f" {dev.descriptor_room} bytes", dev.path)
+        dev.backend.pwrite(dev.descriptor_at, raw.ljust(dev.descriptor_room, b"\0"))
+    else:
+        dev.backend.pwrite(0, raw)        # one write: never shorter than the old text
+        if len(raw) < dev.backend.size:
+            dev.backend.truncate(len(raw))
+    dev.descriptor = dsc.parse(raw, dev.path)
+    dev.descriptor_raw = raw
+
+
+def _grow_flat(dev, ext: FlatExtent, size: int) -> None:
+    sectors = ext.size // SECTOR + (size - dev.size) // SECTOR
+    raw = _new_descriptor(dev, sectors, size // SECTOR)
+    end = ext.start + sectors * SECTOR
+    if ext.backend.size < end:
+        ext.backend.truncate(end)          # a hole: reads as zeros
+    _store_descriptor(dev, raw)
+    ext.size = sectors * SECTOR
+
+
+def _sector_up(n: int) -> int:
+    return -(-n // SECTOR) * SECTOR
+
+
+def _grow_sparse(dev, ext: SparseExtent, size: int) -> None:
+    capacity = size // SECTOR
+    per_gt = ext.grain_sectors * ext.gtes
+    old_n, new_n = ext.ngt, -(-capacity // per_gt)
+    if new_n > 0xFFFFFFFF:
+        raise UsageError(f"{size} bytes needs more grain tables than a VMDK holds",
+                         dev.path)
+    check_alloc(4 * new_n, dev.path, "SparseExtentHeader", "capacity")
+    raw = None
+    if dev.descriptor is not None:
+        raw = _new_descriptor(dev, capacity, capacity)
+        if dev.descriptor_room and len(raw) > dev.descriptor_room:
+            raise UnsupportedError("not supported yet: growing a vmdk whose embedded"
+                                   " descriptor would no longer fit its"
+                                   f" {dev.descriptor_room} bytes", dev.path)
+    backend = ext.backend
+    added = new_n - old_n
+    fits = _sector_up(4 * new_n) == _sector_up(4 * old_n)
+    gds = [ext.gd, ext.rgd] if ext.rgd is not None else [ext.gd]
+    new_at = []
+    end = _sector_up(max(ext.file_size, backend.size))
+    gt_room = _sector_up(ext.gt_bytes)
+    tables = []                             # per directory: the new tables' sectors
+    for _ in gds:
+        tables.append([(end + k * gt_room) // SECTOR for k in range(added)])
+        end += added * gt_room
+    if end > backend.size and added:
+        backend.truncate(end)               # new tables: holes, read as zeros
+    for gd, at, new in zip(gds, (ext.gd_at, ext.rgd_at), tables):
+        entries = array("I", gd)
+        entries.extend(new)
+        if fits:
+            if added:
+                backend.pwrite(at + 4 * old_n, le_bytes(array("I", new)))
+            new_at.append(at)
+        else:
+            room = _sector_up(4 * new_n)
+            backend.pwrite(end, le_bytes(entries).ljust(room, b"\0"))
+            new_at.append(end)
+            end += room
+    ext.file_size = max(ext.file_size, end, backend.size)
+    if raw is not None and dev.descriptor_room:
+        _store_descriptor(dev, raw)
+    h = dict(ext.header)
+    h.pop("_io", None)
+    h["capacity"] = capacity
+    h["gdOffset"] = new_at[0] // SECTOR
+    if ext.rgd is not None:
+        h["rgdOffset"] = new_at[1] // SECTOR
+    header = SparseExtentHeader.build(h)
+    backend.pwrite(0, header)               # last: the switch to the new size
+    ext.header = SparseExtentHeader.parse(header)
+    ext.size = capacity * SECTOR
+    ext.ngt = new_n
+    ext.gd = array("I", ext.gd)
+    ext.gd.extend(tables[0])
+    ext.gd_at = new_at[0]
+    if ext.rgd is not None:
+        ext.rgd = array("I", ext.rgd)
+        ext.rgd.extend(tables[1])
+        ext.rgd_at = new_at[1]
+    ext._hole = (0, 0)
