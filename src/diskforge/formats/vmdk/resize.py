@@ -27,6 +27,7 @@ from ...errors import UnsupportedError, UsageError
 from ...limits import check_alloc
 from .extents import FlatExtent
 from .sparse import MAX_CAPACITY, SparseExtent
+from .layout import SPLIT_SECTORS
 from .structs import SECTOR, SparseExtentHeader
 
 EXTENT_LINE = re.compile(r"(?m)^([ \t]*(?:RW|RDONLY|NOACCESS)[ \t]+)(\d+)")
@@ -48,12 +49,20 @@ def resize(dev, size: int, shrink: bool) -> None:
     if size // SECTOR > MAX_CAPACITY:
         raise UsageError(f"{size} bytes is beyond any VMDK", dev.path)
     last = dev.extents_[-1]
-    if dev.monolithic and isinstance(last, SparseExtent) and kind == "monolithicSparse" \
-            and last.structure == "SparseExtentHeader" and last.writable:
-        _grow_sparse(dev, last, size)
-    elif not dev.monolithic and kind in ("monolithicFlat", "vmfs") \
+    sectors = last.size // SECTOR + (size - dev.size) // SECTOR   # of the last extent
+    split = kind in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+    if split and sectors > SPLIT_SECTORS:
+        raise UnsupportedError(f"not supported yet: growing {kind} vmdk images past"
+                               " their last extent's 2 GiB (adding extent files)",
+                               dev.path)
+    sparse = isinstance(last, SparseExtent) and last.structure == "SparseExtentHeader" \
+        and last.writable
+    if sparse and (dev.monolithic and kind == "monolithicSparse"
+                   or not dev.monolithic and kind == "twoGbMaxExtentSparse"):
+        _grow_sparse(dev, last, sectors, size // SECTOR)
+    elif not dev.monolithic and kind in ("monolithicFlat", "vmfs", "twoGbMaxExtentFlat") \
             and isinstance(last, FlatExtent) and dev.descriptor_room == 0:
-        _grow_flat(dev, last, size)
+        _grow_flat(dev, last, sectors, size // SECTOR)
     else:
         raise UnsupportedError(f"not supported yet: resizing {kind} vmdk images",
                                dev.path)
@@ -99,9 +108,8 @@ def _store_descriptor(dev, raw: bytes) -> None:
     dev.descriptor_raw = raw
 
 
-def _grow_flat(dev, ext: FlatExtent, size: int) -> None:
-    sectors = ext.size // SECTOR + (size - dev.size) // SECTOR
-    raw = _new_descriptor(dev, sectors, size // SECTOR)
+def _grow_flat(dev, ext: FlatExtent, sectors: int, total: int) -> None:
+    raw = _new_descriptor(dev, sectors, total)
     end = ext.start + sectors * SECTOR
     if ext.backend.size < end:
         ext.backend.truncate(end)          # a hole: reads as zeros
@@ -113,17 +121,16 @@ def _sector_up(n: int) -> int:
     return -(-n // SECTOR) * SECTOR
 
 
-def _grow_sparse(dev, ext: SparseExtent, size: int) -> None:
-    capacity = size // SECTOR
+def _grow_sparse(dev, ext: SparseExtent, capacity: int, total: int) -> None:
     per_gt = ext.grain_sectors * ext.gtes
     old_n, new_n = ext.ngt, -(-capacity // per_gt)
     if new_n > 0xFFFFFFFF:
-        raise UsageError(f"{size} bytes needs more grain tables than a VMDK holds",
+        raise UsageError(f"{capacity} sectors need more grain tables than a VMDK holds",
                          dev.path)
     check_alloc(4 * new_n, dev.path, "SparseExtentHeader", "capacity")
     raw = None
     if dev.descriptor is not None:
-        raw = _new_descriptor(dev, capacity, capacity)
+        raw = _new_descriptor(dev, capacity, total)
         if dev.descriptor_room and len(raw) > dev.descriptor_room:
             raise UnsupportedError("not supported yet: growing a vmdk whose embedded"
                                    " descriptor would no longer fit its"
@@ -175,3 +182,5 @@ def _grow_sparse(dev, ext: SparseExtent, size: int) -> None:
         ext.rgd.extend(tables[1])
         ext.rgd_at = new_at[1]
     ext._hole = (0, 0)
+    if raw is not None and not dev.descriptor_room:
+        _store_descriptor(dev, raw)         # a descriptor file: after the header
