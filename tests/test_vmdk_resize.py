@@ -5,6 +5,7 @@ new size with the old data. Kinds not handled answer "not supported yet"."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -89,7 +90,6 @@ def test_grow_monolithic_flat(tmp_path, maker):
     code, out, err = cli("resize", image, "+" + str(new - OLD))
     assert code == 0, err
     flat = str(tmp_path / f"disk-{maker}-flat.vmdk")
-    import os
     st = os.stat(flat)
     assert st.st_size == new and st.st_blocks * 512 < (16 << 20)    # grown as a hole
     expect_same(image, raw, new)
@@ -97,15 +97,20 @@ def test_grow_monolithic_flat(tmp_path, maker):
 
 @needs_qemu
 @pytest.mark.parametrize("sub,new", [("monolithicSparse", 5 << 30),  # directory moves
-                                     ("twoGbMaxExtentSparse", 2 << 30)])
+                                     ("twoGbMaxExtentSparse", 5 << 30)])
 def test_interrupted_grow_leaves_old_or_new_disk(tmp_path, monkeypatch, sub, new):
     image, raw = made(tmp_path, "qemu", sub)
-    pristine = image + ".orig"
-    shutil.copyfile(image, pristine)
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    for f in tmp_path.glob("disk-qemu*"):
+        shutil.copyfile(f, pristine / f.name)
     real = FileBackend.pwrite
     n = 0
     while True:
-        shutil.copyfile(pristine, image)
+        for f in tmp_path.glob("disk-qemu*"):     # extent files an interruption left
+            f.unlink()
+        for f in pristine.iterdir():
+            shutil.copyfile(f, tmp_path / f.name)
         count = [0]
 
         def failing(self, offset, data, _limit=n, _count=count):
@@ -127,9 +132,10 @@ def test_interrupted_grow_leaves_old_or_new_disk(tmp_path, monkeypatch, sub, new
         info = qemu("info", "--output", "json", image)
         assert info.returncode == 0, info.stderr
         size = int(info.stdout.split('"virtual-size":')[1].split(",")[0])
-        # the header is written last (a descriptor file after it, which qemu does not
-        # size a sparse extent by)
-        assert size == new if done else size in (OLD, new)
+        # the header is written last; a split disk's descriptor file after the last
+        # extent's header, so between the two the disk reads as the old data with the
+        # last extent grown to 2 GiB
+        assert size == new if done else size in (OLD, 2 << 30)
         shutil.copyfile(raw, tmp_path / "want.raw")
         with open(tmp_path / "want.raw", "r+b") as f:
             f.truncate(size)
@@ -144,17 +150,39 @@ def test_interrupted_grow_leaves_old_or_new_disk(tmp_path, monkeypatch, sub, new
 
 @needs_qemu
 @pytest.mark.parametrize("maker", ["qemu", "diskforge"])
-@pytest.mark.parametrize("sub", ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
-def test_grow_two_gb_last_extent_up_to_2_gib(tmp_path, maker, sub):
+@pytest.mark.parametrize("sub,letter", [("twoGbMaxExtentSparse", "s"),
+                                        ("twoGbMaxExtentFlat", "f")])
+def test_grow_two_gb_across_extent_boundaries(tmp_path, maker, sub, letter):
     image, raw = made(tmp_path, maker, sub)
-    code, _, err = cli("resize", image, str(2 << 30))
+    new = (4 << 30) + (1 << 30)        # the last extent to 2 GiB, then 2 GiB, then 1 GiB
+    code, _, err = cli("resize", image, str(new))
     assert code == 0, err
-    expect_same(image, raw, 2 << 30)
+    lines = [ln for ln in open(image).read().splitlines() if ln.startswith("RW ")]
+    stem = f"disk-{maker}-{letter}"
+    kind = "SPARSE" if letter == "s" else "FLAT"
+    assert [ln.split()[:3] for ln in lines] == [
+        ["RW", "4194304", kind], ["RW", "4194304", kind], ["RW", "2097152", kind]]
+    assert [ln.split('"')[1] for ln in lines] == [f"{stem}{i:03d}.vmdk" for i in (1, 2, 3)]
+    blocks = sum(os.stat(tmp_path / f"{stem}{i:03d}.vmdk").st_blocks for i in (2, 3))
+    assert blocks * 512 < (1 << 20)                 # sparse files
+    expect_same(image, raw, new)
+    r = subprocess.run(["qemu-io", "-c", f"write -P 0x77 {new - 65536} 65536", image],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert qemu("check", image).returncode == 0
+    with open_image(image, "vmdk") as dev:
+        assert dev.read(new - 65536, 65536) == b"\x77" * 65536
+
+
+def test_grow_two_gb_refuses_existing_extent_file(tmp_path):
+    image, _ = made(tmp_path, "diskforge", "twoGbMaxExtentSparse")
+    (tmp_path / "disk-diskforge-s002.vmdk").write_bytes(b"keep")
     before = open(image, "rb").read()
-    code, _, err = cli("resize", image, str((2 << 30) + 512))
+    code, _, err = cli("resize", image, str(3 << 30))
     one_line_error(code, err)
-    assert "not supported yet: growing " + sub in err and "adding extent files" in err
+    assert "disk-diskforge-s002.vmdk" in err and "already exists" in err
     assert open(image, "rb").read() == before
+    assert (tmp_path / "disk-diskforge-s002.vmdk").read_bytes() == b"keep"
 
 
 def test_other_kinds_not_supported_yet(tmp_path):

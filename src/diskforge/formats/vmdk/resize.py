@@ -19,16 +19,19 @@ Order of writes, chosen so that an interruption leaves the old disk readable:
 
 from __future__ import annotations
 
+import os
 import re
 from array import array
 
+from ...atomic import AtomicFile
+from ...blockdev import FileBackend
 from ...byteorder import le_bytes
-from ...errors import UnsupportedError, UsageError
+from ...errors import SafetyError, UnsupportedError, UsageError
 from ...limits import check_alloc
 from .extents import FlatExtent
-from .sparse import MAX_CAPACITY, SparseExtent
-from .layout import SPLIT_SECTORS
-from .structs import SECTOR, SparseExtentHeader
+from .layout import SPLIT_SECTORS, SparseLayout, extent_names, sparse_header, split_extents
+from .sparse import MAX_CAPACITY, SparseExtent, open_hosted
+from .structs import FLAG_REDUNDANT_GT, SECTOR, SparseExtentHeader
 
 EXTENT_LINE = re.compile(r"(?m)^([ \t]*(?:RW|RDONLY|NOACCESS)[ \t]+)(\d+)")
 CYLINDERS = re.compile(r'(?m)^([ \t]*ddb\.geometry\.cylinders[ \t]*=[ \t]*"?)(\d+)')
@@ -51,25 +54,86 @@ def resize(dev, size: int, shrink: bool) -> None:
     last = dev.extents_[-1]
     sectors = last.size // SECTOR + (size - dev.size) // SECTOR   # of the last extent
     split = kind in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+    more: list[int] = []                    # sectors of the extent files to add
     if split and sectors > SPLIT_SECTORS:
-        raise UnsupportedError(f"not supported yet: growing {kind} vmdk images past"
-                               " their last extent's 2 GiB (adding extent files)",
-                               dev.path)
+        more = split_extents(sectors - SPLIT_SECTORS, True)
+        sectors = SPLIT_SECTORS
     sparse = isinstance(last, SparseExtent) and last.structure == "SparseExtentHeader" \
         and last.writable
     if sparse and (dev.monolithic and kind == "monolithicSparse"
                    or not dev.monolithic and kind == "twoGbMaxExtentSparse"):
-        _grow_sparse(dev, last, sectors, size // SECTOR)
+        added = _add_extents(dev, last, more) if more else []
+        if sectors * SECTOR > last.size:
+            _grow_sparse(dev, last, sectors, size // SECTOR, added)
+        else:
+            _store_descriptor(dev, _new_descriptor(dev, sectors, size // SECTOR, added))
     elif not dev.monolithic and kind in ("monolithicFlat", "vmfs", "twoGbMaxExtentFlat") \
             and isinstance(last, FlatExtent) and dev.descriptor_room == 0:
-        _grow_flat(dev, last, sectors, size // SECTOR)
+        added = _add_extents(dev, last, more) if more else []
+        _grow_flat(dev, last, sectors, size // SECTOR, added)
     else:
         raise UnsupportedError(f"not supported yet: resizing {kind} vmdk images",
                                dev.path)
+    _open_added(dev, len(added))
     dev.size = size
 
 
-def _new_descriptor(dev, sectors: int, total_sectors: int) -> bytes:
+def _add_extents(dev, last, more: list[int]) -> list[str]:
+    """Create the extent files a split disk grows into, named as the writer names
+    them (``-s002.vmdk``, ``-f002.vmdk`` ...), before the descriptor names them: an
+    interruption leaves unused files beside the old disk. Returns the extent lines."""
+    kind = dev.create_type
+    have = len(dev.extents_)
+    names = extent_names(dev.path, kind, have + len(more))[have:]
+    folder = os.path.dirname(os.path.abspath(dev.path))
+    for name in names:
+        if os.path.lexists(os.path.join(folder, name)):
+            raise SafetyError(f"the extent file '{name}' a grown disk needs already"
+                              " exists; refused", dev.path)
+    lines = []
+    for name, n in zip(names, more):
+        with AtomicFile(os.path.join(folder, name)) as out:
+            if isinstance(last, SparseExtent):
+                _write_empty_sparse(out, last, n)
+                lines.append(f'RW {n} SPARSE "{name}"')
+            else:
+                out.truncate(n * SECTOR)
+                lines.append(f'RW {n} FLAT "{name}" 0')
+            out.commit()
+    return lines
+
+
+def _write_empty_sparse(out, like: SparseExtent, capacity: int) -> None:
+    """An empty hosted sparse extent laid out as the writer (and qemu) lay out split
+    extents, with ``like``'s version, flags, grain and table size."""
+    h = like.header
+    layout = SparseLayout(capacity, embedded_descriptor=False, grain=like.grain_sectors,
+                          gtes_per_gt=like.gtes)
+    redundant = bool(h.flags & FLAG_REDUNDANT_GT)
+    out.truncate(layout.overhead * SECTOR)          # the grain tables: holes
+    for at in ([layout.rgd_offset] if redundant else []) + [layout.gd_offset]:
+        gd = array("I", (layout.gt_at(at, i) for i in range(layout.gt_count)))
+        out.pwrite(at * SECTOR, le_bytes(gd))
+    out.pwrite(0, sparse_header(layout, version=h.version, flags=h.flags,
+                                gd_offset=layout.gd_offset,
+                                rgd_offset=layout.rgd_offset if redundant else 0,
+                                overhead=layout.overhead))
+
+
+def _open_added(dev, count: int) -> None:
+    """Open the extents the descriptor now names past the ones already open."""
+    for line in dev.descriptor.extents[len(dev.descriptor.extents) - count:]:
+        full = os.path.join(os.path.dirname(os.path.abspath(dev.path)), line.filename)
+        backend = dev._backends[os.path.realpath(full)] = FileBackend(full, writable=True)
+        if line.type == "SPARSE":
+            ext = open_hosted(backend, "RW", "SPARSE")
+        else:
+            ext = FlatExtent(backend, line.sectors, line.offset * SECTOR, line.type)
+        dev._add(ext, line)
+
+
+def _new_descriptor(dev, sectors: int, total_sectors: int,
+                    added: list[str] = ()) -> bytes:
     """The descriptor text with the last extent line's sector count set to
     ``sectors`` and the cylinders recomputed for the whole disk (as qemu computes
     them: sectors / (heads * sectors per track), keeping the heads and sectors)."""
@@ -79,7 +143,12 @@ def _new_descriptor(dev, sectors: int, total_sectors: int) -> bytes:
         raise UnsupportedError("not supported yet: resizing a vmdk whose descriptor has"
                                " no extent line", dev.path)
     m = lines[-1]
-    text = text[:m.start(2)] + str(sectors) + text[m.end(2):]
+    eol = text.find("\n", m.end(2))
+    eol = len(text) if eol < 0 else eol + 1
+    new = "".join(line + "\n" for line in added)
+    if added and not text[:eol].endswith("\n"):
+        new = "\n" + new
+    text = text[:m.start(2)] + str(sectors) + text[m.end(2):eol] + new + text[eol:]
     ddb = dev.descriptor.ddb
     try:
         heads = int(ddb.get("ddb.geometry.heads", "0"))
@@ -108,8 +177,9 @@ def _store_descriptor(dev, raw: bytes) -> None:
     dev.descriptor_raw = raw
 
 
-def _grow_flat(dev, ext: FlatExtent, sectors: int, total: int) -> None:
-    raw = _new_descriptor(dev, sectors, total)
+def _grow_flat(dev, ext: FlatExtent, sectors: int, total: int,
+               added: list[str]) -> None:
+    raw = _new_descriptor(dev, sectors, total, added)
     end = ext.start + sectors * SECTOR
     if ext.backend.size < end:
         ext.backend.truncate(end)          # a hole: reads as zeros
@@ -121,7 +191,8 @@ def _sector_up(n: int) -> int:
     return -(-n // SECTOR) * SECTOR
 
 
-def _grow_sparse(dev, ext: SparseExtent, capacity: int, total: int) -> None:
+def _grow_sparse(dev, ext: SparseExtent, capacity: int, total: int,
+                 added: list[str] = ()) -> None:
     per_gt = ext.grain_sectors * ext.gtes
     old_n, new_n = ext.ngt, -(-capacity // per_gt)
     if new_n > 0xFFFFFFFF:
@@ -130,7 +201,7 @@ def _grow_sparse(dev, ext: SparseExtent, capacity: int, total: int) -> None:
     check_alloc(4 * new_n, dev.path, "SparseExtentHeader", "capacity")
     raw = None
     if dev.descriptor is not None:
-        raw = _new_descriptor(dev, capacity, total)
+        raw = _new_descriptor(dev, capacity, total, added)
         if dev.descriptor_room and len(raw) > dev.descriptor_room:
             raise UnsupportedError("not supported yet: growing a vmdk whose embedded"
                                    " descriptor would no longer fit its"
