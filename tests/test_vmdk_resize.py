@@ -207,3 +207,42 @@ def test_shrink_and_odd_sizes_refused(tmp_path):
         with pytest.raises(Exception, match="multiple of 512"):
             dev.resize(OLD + 100)
     assert open(image, "rb").read() == before
+
+
+# -- bad input and limits: one line, nothing written -------------------------------------
+
+def test_sparse_past_2_tib_refused(tmp_path):
+    image, _ = made(tmp_path, "diskforge", "monolithicSparse")
+    before = open(image, "rb").read()
+    code, _, err = cli("resize", image, str(3 << 40))
+    one_line_error(code, err)
+    assert "at most 2 TiB" in err
+    assert open(image, "rb").read() == before
+
+
+def test_full_embedded_descriptor_not_supported_yet(tmp_path):
+    image, _ = made(tmp_path, "diskforge", "monolithicSparse")
+    with open(image, "r+b") as f:
+        head = f.read(512)
+        at = int.from_bytes(head[28:36], "little") * 512
+        room = int.from_bytes(head[36:44], "little") * 512
+        f.seek(at)
+        text = f.read(room).split(b"\0", 1)[0]
+        pad = b"#" * (room - len(text) - 2) + b"\n"          # one byte left
+        f.seek(at)
+        f.write(text + pad)
+    before = open(image, "rb").read()
+    code, _, err = cli("resize", image, str(5 << 30))      # 131072 -> 10485760 sectors
+    one_line_error(code, err)
+    assert "not supported yet" in err and "descriptor" in err
+    assert open(image, "rb").read() == before
+
+
+def test_truncated_image_refused(tmp_path):
+    image, _ = made(tmp_path, "diskforge", "monolithicSparse")
+    with open(image, "r+b") as f:
+        f.truncate(4096)
+    before = open(image, "rb").read()
+    code, _, err = cli("resize", image, str(2 * OLD))
+    one_line_error(code, err)
+    assert open(image, "rb").read() == before

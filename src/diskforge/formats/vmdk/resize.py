@@ -29,7 +29,7 @@ from ...byteorder import le_bytes
 from ...errors import SafetyError, UnsupportedError, UsageError
 from ...limits import check_alloc
 from .extents import FlatExtent
-from .layout import SPLIT_SECTORS, SparseLayout, extent_names, sparse_header, split_extents
+from .layout import MAX_SPARSE_BYTES, SPLIT_SECTORS, SparseLayout, extent_names, sparse_header, split_extents
 from .sparse import MAX_CAPACITY, SparseExtent, open_hosted
 from .structs import FLAG_REDUNDANT_GT, SECTOR, SparseExtentHeader
 
@@ -193,11 +193,11 @@ def _sector_up(n: int) -> int:
 
 def _grow_sparse(dev, ext: SparseExtent, capacity: int, total: int,
                  added: list[str] = ()) -> None:
+    if capacity * SECTOR > MAX_SPARSE_BYTES:
+        raise UsageError(f"a sparse VMDK extent holds at most {MAX_SPARSE_BYTES >> 40}"
+                         " TiB (32-bit grain offsets)", dev.path)
     per_gt = ext.grain_sectors * ext.gtes
     old_n, new_n = ext.ngt, -(-capacity // per_gt)
-    if new_n > 0xFFFFFFFF:
-        raise UsageError(f"{capacity} sectors need more grain tables than a VMDK holds",
-                         dev.path)
     check_alloc(4 * new_n, dev.path, "SparseExtentHeader", "capacity")
     raw = None
     if dev.descriptor is not None:
@@ -214,6 +214,10 @@ def _grow_sparse(dev, ext: SparseExtent, capacity: int, total: int,
     end = _sector_up(max(ext.file_size, backend.size))
     gt_room = _sector_up(ext.gt_bytes)
     tables = []                             # per directory: the new tables' sectors
+    if (end + len(gds) * (added * gt_room + _sector_up(4 * new_n))) // SECTOR > 0xFFFFFFFF:
+        raise UnsupportedError("not supported yet: growing a sparse VMDK extent whose"
+                               " new grain tables would lie past 2 TiB in the file",
+                               dev.path)
     for _ in gds:
         tables.append([(end + k * gt_room) // SECTOR for k in range(added)])
         end += added * gt_room
