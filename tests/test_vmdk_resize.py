@@ -246,3 +246,36 @@ def test_truncated_image_refused(tmp_path):
     code, _, err = cli("resize", image, str(2 * OLD))
     one_line_error(code, err)
     assert open(image, "rb").read() == before
+
+
+@needs_qemu
+def test_bytes_and_entries_past_the_old_end_read_as_zeros_after_grow(tmp_path):
+    """Another tool may leave bytes past the capacity in the last grain, a grain table
+    entry past it, or a flat file longer than its extent: grown over, they read as
+    zeros."""
+    old = (48 << 20) - 32768                # half a grain short, mid grain table
+    image = str(tmp_path / "p.vmdk")
+    assert qemu("create", "-f", "vmdk", image, str(old)).returncode == 0
+    r = subprocess.run(["qemu-io", "-c", f"write -P 0x44 {old - 4096} 4096", image],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with open_image(image, "vmdk", writable=True) as dev:
+        ext = dev.extents_[0]
+        g = (old - 1) // ext.grain
+        e = ext.entry(g)
+        ext.backend.pwrite(e * 512 + 65536 - 32768, b"\xee" * 32768)   # past the end
+        ext._set(g + 1, e)                                              # an entry too
+    code, _, err = cli("resize", image, str(OLD + (1 << 20)))
+    assert code == 0, err
+    raw = make_sparse(str(tmp_path / "p.raw"), OLD + (1 << 20),
+                      [(old - 4096, b"\x44" * 4096)])
+    r = qemu("compare", "-f", "raw", "-F", "vmdk", raw, image)
+    assert r.returncode == 0, r.stdout + r.stderr
+    flat_desc, _ = made(tmp_path, "diskforge", "monolithicFlat")
+    flat = str(tmp_path / "disk-diskforge-flat.vmdk")
+    with open(flat, "ab") as f:
+        f.write(b"\xee" * 8192)
+    code, _, err = cli("resize", flat_desc, str(OLD + (1 << 20)))
+    assert code == 0, err
+    with open_image(flat_desc, "vmdk") as dev:
+        assert dev.read(OLD, 1 << 20) == bytes(1 << 20)

@@ -177,10 +177,35 @@ def _store_descriptor(dev, raw: bytes) -> None:
     dev.descriptor_raw = raw
 
 
+def _clear_past_end(ext: SparseExtent) -> None:
+    """What lies past the old end in the last grain and the last grain table (another
+    tool may have left bytes or entries there) is cleared before the disk grows over
+    it, so the new part reads as zeros. Harmless to the old disk: none of it is
+    inside."""
+    gs = ext.grain_sectors
+    cap = ext.size // SECTOR
+    g, tail = divmod(cap, gs)
+    if tail:
+        e = ext.entry(g)
+        if e and not ext._zeroed(e):
+            ext.backend.pwrite((e + tail) * SECTOR, bytes((gs - tail) * SECTOR))
+        g += 1
+    i, j = divmod(g, ext.gtes)
+    gt = ext._gt(i) if i < ext.ngt else None
+    if gt is not None:
+        for k in range(j, ext.gtes):
+            if gt[k]:
+                ext._set(i * ext.gtes + k, 0)
+
+
 def _grow_flat(dev, ext: FlatExtent, sectors: int, total: int,
                added: list[str]) -> None:
     raw = _new_descriptor(dev, sectors, total, added)
     end = ext.start + sectors * SECTOR
+    old_end = ext.start + ext.size
+    stale = min(ext.backend.size, end) - old_end
+    if stale > 0 and not ext.backend.punch_hole(old_end, stale):
+        ext.backend.write_zeroes(old_end, stale)   # bytes past the old end read as zeros
     if ext.backend.size < end:
         ext.backend.truncate(end)          # a hole: reads as zeros
     _store_descriptor(dev, raw)
@@ -206,6 +231,7 @@ def _grow_sparse(dev, ext: SparseExtent, capacity: int, total: int,
             raise UnsupportedError("not supported yet: growing a vmdk whose embedded"
                                    " descriptor would no longer fit its"
                                    f" {dev.descriptor_room} bytes", dev.path)
+    _clear_past_end(ext)
     backend = ext.backend
     added = new_n - old_n
     fits = _sector_up(4 * new_n) == _sector_up(4 * old_n)
