@@ -1,8 +1,10 @@
-"""Growing a VMDK in place (``diskforge resize``; qemu-img cannot resize a vmdk).
+"""Resizing a VMDK in place (``diskforge resize``; qemu-img cannot resize a vmdk).
 
-Supported: a monolithicSparse disk (one hosted ``KDMV`` extent of version 1 or 2,
-uncompressed) and the flat kinds whose last extent is a FLAT/VMFS file named by a
-descriptor file (monolithicFlat, vmfs). Every other kind answers "not supported yet".
+Supported: monolithicSparse and twoGbMaxExtentSparse (hosted ``KDMV`` extents of
+version 1 or 2, uncompressed) and the flat kinds named by a descriptor file
+(monolithicFlat, twoGbMaxExtentFlat, vmfs). A split disk grows its last extent up to
+2 GiB, then adds extent files. Shrinking stays inside the last extent. Every other
+kind answers "not supported yet".
 
 Order of writes, chosen so that an interruption leaves the old disk readable:
 
@@ -38,7 +40,7 @@ CYLINDERS = re.compile(r'(?m)^([ \t]*ddb\.geometry\.cylinders[ \t]*=[ \t]*"?)(\d
 
 
 def resize(dev, size: int, shrink: bool) -> None:
-    """Grow ``dev`` (a writable VmdkDevice) to ``size`` bytes (module docstring)."""
+    """Resize ``dev`` (a writable VmdkDevice) to ``size`` bytes (module docstring)."""
     if not dev.writable:
         raise UnsupportedError("vmdk image is open read-only", dev.path)
     if size % SECTOR:
@@ -46,13 +48,13 @@ def resize(dev, size: int, shrink: bool) -> None:
     kind = dev.create_type
     if size == dev.size:
         return
-    if size < dev.size:
-        raise UnsupportedError(f"not supported yet: shrinking {kind} vmdk images",
-                               dev.path)
     if size // SECTOR > MAX_CAPACITY:
         raise UsageError(f"{size} bytes is beyond any VMDK", dev.path)
     last = dev.extents_[-1]
     sectors = last.size // SECTOR + (size - dev.size) // SECTOR   # of the last extent
+    if size < dev.size:
+        _shrink(dev, last, sectors, size, shrink)
+        return
     split = kind in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
     more: list[int] = []                    # sectors of the extent files to add
     if split and sectors > SPLIT_SECTORS:
@@ -75,6 +77,53 @@ def resize(dev, size: int, shrink: bool) -> None:
         raise UnsupportedError(f"not supported yet: resizing {kind} vmdk images",
                                dev.path)
     _open_added(dev, len(added))
+    dev.size = size
+
+
+def _shrink(dev, last, sectors: int, size: int, shrink: bool) -> None:
+    """Shrink within the last extent (sparse: a smaller capacity, then the grain table
+    entries past it cleared; flat: a shorter extent line, then the file cut when it
+    ended with the extent). Dropping whole extents is not supported yet."""
+    kind = dev.create_type
+    if not shrink:
+        raise UsageError("Use the --shrink option to perform a shrink operation",
+                         dev.path)
+    sparse = isinstance(last, SparseExtent) and last.structure == "SparseExtentHeader" \
+        and last.writable and kind in ("monolithicSparse", "twoGbMaxExtentSparse")
+    flat = isinstance(last, FlatExtent) and not dev.monolithic \
+        and kind in ("monolithicFlat", "vmfs", "twoGbMaxExtentFlat")
+    if sectors <= 0 or not (sparse or flat):
+        what = "past the last extent (dropping extent files)" if sectors <= 0 and \
+            (sparse or flat) else "images"
+        raise UnsupportedError(f"not supported yet: shrinking {kind} vmdk {what}",
+                               dev.path)
+    raw = _new_descriptor(dev, sectors, size // SECTOR) if dev.descriptor else None
+    if raw is not None and dev.descriptor_room and len(raw) > dev.descriptor_room:
+        raise UnsupportedError("not supported yet: a vmdk whose embedded descriptor"
+                               " would no longer fit", dev.path)
+    if flat:
+        old_end = last.start + last.size
+        _store_descriptor(dev, raw)
+        last.size = sectors * SECTOR
+        if last.backend.size == old_end:
+            last.backend.truncate(last.start + last.size)
+    else:
+        if raw is not None and dev.descriptor_room:
+            _store_descriptor(dev, raw)
+        h = dict(last.header)
+        h.pop("_io", None)
+        h["capacity"] = sectors
+        header = SparseExtentHeader.build(h)
+        last.backend.pwrite(0, header)      # the switch; then what is past the end
+        last.header = SparseExtentHeader.parse(header)
+        last.size = sectors * SECTOR
+        last.ngt = -(-sectors // (last.grain_sectors * last.gtes))
+        last.gd = last.gd[:last.ngt]
+        if last.rgd is not None:
+            last.rgd = last.rgd[:last.ngt]
+        _clear_past_end(last)
+        if raw is not None and not dev.descriptor_room:
+            _store_descriptor(dev, raw)
     dev.size = size
 
 
