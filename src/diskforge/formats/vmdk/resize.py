@@ -31,7 +31,8 @@ from ...byteorder import le_bytes
 from ...errors import SafetyError, UnsupportedError, UsageError
 from ...limits import check_alloc
 from .extents import FlatExtent
-from .layout import MAX_SPARSE_BYTES, SPLIT_SECTORS, SparseLayout, extent_names, sparse_header, split_extents
+from .layout import (MAX_SPARSE_BYTES, SPLIT_SECTORS, SparseLayout, extent_names,
+                     sparse_header, split_extents)
 from .sparse import MAX_CAPACITY, SparseExtent, open_hosted
 from .structs import FLAG_REDUNDANT_GT, SECTOR, SparseExtentHeader
 
