@@ -5,12 +5,13 @@ new size with the old data. Kinds not handled answer "not supported yet"."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
 
 import pytest
-from conftest import cli, make_sparse, one_line_error
+from conftest import cli, make_sparse, need_real, one_line_error
 
 from diskforge.blockdev import FileBackend
 from diskforge.registry import open_image
@@ -318,3 +319,45 @@ def test_shrink_dropping_extent_files_not_supported_yet(tmp_path):
     one_line_error(code, err)
     assert "not supported yet: shrinking twoGbMaxExtentSparse vmdk past the last" in err
     assert open(image, "rb").read() == before
+
+
+REAL_DISKS = [  # (files under fixtures-real/vmdk, the disk to resize): made by VMware
+    (["vmdkrs_monolithicSparse.vmdk.gz"], "vmdkrs_monolithicSparse.vmdk"),
+    (["twoGbMaxExtentSparse/twoGbMaxExtentSparse.vmdk",
+      "twoGbMaxExtentSparse/twoGbMaxExtentSparse-s001.vmdk.gz"], "twoGbMaxExtentSparse.vmdk"),
+    (["vmfs_thick/vmfs_thick.vmdk", "vmfs_thick/vmfs_thick-flat.vmdk.gz"],
+     "vmfs_thick.vmdk"),
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("files,disk", REAL_DISKS, ids=[d for _, d in REAL_DISKS])
+def test_grow_real_vmware_disks(tmp_path, files, disk):
+    for rel in files:
+        src = need_real("vmdk/" + rel)
+        name = os.path.basename(rel)
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(src, "rb") as f, open(tmp_path / name.removesuffix(".gz"), "wb") as o:
+            shutil.copyfileobj(f, o)
+    image = str(tmp_path / disk)
+    raw = str(tmp_path / "want.raw")
+    assert qemu("convert", "-O", "raw", image, raw).returncode == 0
+    old = os.path.getsize(raw)
+    new = old + (3 << 30)                  # a split disk gains an extent file
+    code, _, err = cli("resize", image, "+3G")
+    assert code == 0, err
+    with open(raw, "r+b") as f:
+        f.truncate(new)
+    r = qemu("compare", "-f", "raw", "-F", "vmdk", raw, image)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert qemu("check", image).returncode == 0
+    h = pyvmdk.handle()
+    h.open(image)
+    h.open_extent_data_files()
+    try:
+        assert h.get_media_size() == new
+        with open(raw, "rb") as f:
+            assert h.read_buffer_at_offset(old, 0) == f.read(old)
+        assert h.read_buffer_at_offset(1 << 20, new - (1 << 20)) == bytes(1 << 20)
+    finally:
+        h.close()
