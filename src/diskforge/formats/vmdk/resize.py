@@ -220,9 +220,9 @@ def _store_descriptor(dev, raw: bytes) -> None:
                                    f" {dev.descriptor_room} bytes", dev.path)
         dev.backend.pwrite(dev.descriptor_at, raw.ljust(dev.descriptor_room, b"\0"))
     else:
-        dev.backend.pwrite(0, raw)        # one write: never shorter than the old text
-        if len(raw) < dev.backend.size:
-            dev.backend.truncate(len(raw))
+        # one write, never shorter than the old text (blank lines pad a shrunk one)
+        raw = raw + b"\n" * (dev.backend.size - len(raw))
+        dev.backend.pwrite(0, raw)
     dev.descriptor = dsc.parse(raw, dev.path)
     dev.descriptor_raw = raw
 
@@ -281,29 +281,30 @@ def _grow_sparse(dev, ext: SparseExtent, capacity: int, total: int,
             raise UnsupportedError("not supported yet: growing a vmdk whose embedded"
                                    " descriptor would no longer fit its"
                                    f" {dev.descriptor_room} bytes", dev.path)
-    _clear_past_end(ext)
     backend = ext.backend
-    added = new_n - old_n
+    count = new_n - old_n                   # grain tables added
     fits = _sector_up(4 * new_n) == _sector_up(4 * old_n)
     gds = [ext.gd, ext.rgd] if ext.rgd is not None else [ext.gd]
     new_at = []
     end = _sector_up(max(ext.file_size, backend.size))
     gt_room = _sector_up(ext.gt_bytes)
     tables = []                             # per directory: the new tables' sectors
-    if (end + len(gds) * (added * gt_room + _sector_up(4 * new_n))) // SECTOR > 0xFFFFFFFF:
+    if (end + len(gds) * (count * gt_room + _sector_up(4 * new_n))) // SECTOR > 0xFFFFFFFF:
         raise UnsupportedError("not supported yet: growing a sparse VMDK extent whose"
                                " new grain tables would lie past 2 TiB in the file",
                                dev.path)
+    _clear_past_end(ext)                    # the first write
+    end = _sector_up(max(ext.file_size, backend.size))
     for _ in gds:
-        tables.append([(end + k * gt_room) // SECTOR for k in range(added)])
-        end += added * gt_room
-    if end > backend.size and added:
+        tables.append([(end + k * gt_room) // SECTOR for k in range(count)])
+        end += count * gt_room
+    if end > backend.size and count:
         backend.truncate(end)               # new tables: holes, read as zeros
     for gd, at, new in zip(gds, (ext.gd_at, ext.rgd_at), tables):
         entries = array("I", gd)
         entries.extend(new)
         if fits:
-            if added:
+            if count:
                 backend.pwrite(at + 4 * old_n, le_bytes(array("I", new)))
             new_at.append(at)
         else:
