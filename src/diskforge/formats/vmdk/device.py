@@ -432,8 +432,8 @@ class VmdkDevice(FileDevice):
         self.cid_mismatch = None
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
-        """Grow the disk in place (``resize.py`` says which kinds, and in what order
-        it writes so an interruption leaves the old disk readable)."""
+        """Grow or shrink the disk in place (``resize.py`` says which kinds, and in
+        what order it writes so an interruption leaves the old disk readable)."""
         from .resize import resize
         resize(self, size, shrink)
 
