@@ -431,6 +431,12 @@ class VmdkDevice(FileDevice):
         self.backing = new
         self.cid_mismatch = None
 
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Grow or shrink the disk in place (``resize.py`` says which kinds, and in
+        what order it writes so an interruption leaves the old disk readable)."""
+        from .resize import resize
+        resize(self, size, shrink)
+
     def make_empty(self) -> None:
         """Unmap every grain so the disk reads through to its parent (commit), and
         record the parent's current CID (commit has just written it)."""
