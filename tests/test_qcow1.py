@@ -50,7 +50,7 @@ def test_info_matches_qemu_img(tmp_path):
 
 def test_overlay_reads_through_its_backing_file(tmp_path):
     need("qemu-io")
-    src = pattern_disk(str(tmp_path / "base.raw"))
+    pattern_disk(str(tmp_path / "base.raw"))
     img = str(tmp_path / "ov.qcow")
     run("qemu-img", "create", "-q", "-f", "qcow", "-b", "base.raw", "-F", "raw", img)
     run("qemu-io", "-c", "write -P 0x77 1M 64k", img)
