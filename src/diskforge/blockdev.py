@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .checks import CheckResult, Repair
-from .errors import DiskforgeError, ImageIOError, UnsupportedError, UsageError
+from .errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from .locks import Access, Hold, access_for, acquire
 
 
@@ -566,6 +566,10 @@ class FileDevice(BlockDevice):
     def _open(self, **kwargs) -> None:
         """Read and validate the image's structures (``self.backend`` is open)."""
 
+    def _err(self, message: str, structure: str, field: str | None = None) -> FormatError:
+        """A FormatError naming this image and the structure and field at fault."""
+        return FormatError(message, self.path, structure=structure, field=field)
+
     def close(self) -> None:
         if self.closed:
             return
@@ -945,7 +949,6 @@ class FileBackend:
 
     def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
         """Read exactly ``length`` bytes or raise a FormatError naming ``what``."""
-        from .errors import FormatError
         buf = bytearray(length)
         if self.readinto(offset, buf) != length:
             raise FormatError(f"{what} at offset {offset} (+{length}) is past the end of the"

@@ -25,7 +25,7 @@ from ...blockdev import (RUN_DATA, RUN_UNALLOCATED, BlockDevice, ImageInfo, Tabl
                          merge_runs, skip_filled)
 from ...byteorder import to_host_le
 from ...checks import CheckResult, ProblemKind, Repair
-from ...errors import CorruptImage, FormatError, UnsupportedError
+from ...errors import CorruptImage, UnsupportedError
 from ...limits import check_alloc
 from .structs import (EMPTY_IMAGE_FLAG, HEADER_INUSE_MAGIC, HEADER_MAGIC, HEADER_MAGIC2,
                       HEADER_SIZE, HEADER_VERSION, MAX_BAT_ENTRIES, MAX_TRACKS, SECTOR,
@@ -87,9 +87,6 @@ class ParallelsImage(TableDevice):
         self.data_off = h.data_off or -(-(HEADER_SIZE + 4 * n) // SECTOR)
         self.unclean = h.inuse == HEADER_INUSE_MAGIC
         self.backing = parent
-
-    def _err(self, message: str, structure: str, field: str | None = None) -> FormatError:
-        return FormatError(message, self.path, structure=structure, field=field)
 
     def _host(self, index: int) -> int:
         """Byte offset of the cluster BAT entry ``index`` names (it is not 0)."""

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from ...blockdev import (RUN_COMPRESSED, RUN_DATA, RUN_UNALLOCATED, ImageInfo,
                          TableDevice, merge_runs, skip_filled)
 from ...byteorder import to_host_be
-from ...errors import CorruptImage, FormatError, UnsupportedError
+from ...errors import CorruptImage, UnsupportedError
 from ...limits import check_alloc
 from ...policy import OpenPolicy
 from ...registry import open_image
@@ -35,8 +35,6 @@ from .structs import (HEADER_SIZE, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L2_BI
                       compressed_location)
 
 L2_CACHE_BYTES = 16 << 20
-
-# what one run of the map is
 
 
 class Qcow1Device(TableDevice):
@@ -97,9 +95,6 @@ class Qcow1Device(TableDevice):
         self.backing_file = self._backing_name()
         if self.backing_file:
             self._open_backing(self.backing_file)
-
-    def _err(self, message: str, structure: str, field: str | None = None) -> FormatError:
-        return FormatError(message, self.path, structure=structure, field=field)
 
     def _table(self, offset: int, n: int, what: str) -> array:
         """``n`` big-endian 64-bit entries at ``offset``, read straight into the array

@@ -29,7 +29,7 @@ from ...blockdev import (RUN_DATA, RUN_UNALLOCATED, RUN_ZERO, ImageInfo, TableDe
                          merge_runs, skip_filled)
 from ...byteorder import to_host_le
 from ...checks import CheckResult, ProblemKind, Repair
-from ...errors import CorruptImage, FormatError, UnsupportedError
+from ...errors import CorruptImage, UnsupportedError
 from ...limits import check_alloc
 from ...policy import OpenPolicy
 from ...registry import open_image
@@ -39,7 +39,6 @@ from .structs import (HEADER_SIZE, MAX_BACKING_NAME, MAX_CLUSTER_SIZE, MAX_TABLE
                       QED_MAGIC, QED_ZERO_CLUSTER, QEDHeader, is_power_of_two)
 
 L2_CACHE_BYTES = 16 << 20
-
 
 
 class QedDevice(TableDevice):
@@ -105,9 +104,6 @@ class QedDevice(TableDevice):
             if h.features & QED_F_BACKING_FORMAT_NO_PROBE:
                 self.backing_format = "raw"
             self._open_backing()
-
-    def _err(self, message: str, structure: str, field: str | None = None) -> FormatError:
-        return FormatError(message, self.path, structure=structure, field=field)
 
     def _table(self, offset: int, what: str) -> array:
         """A table's little-endian 64-bit entries at ``offset``, read straight into the

@@ -32,7 +32,7 @@ from ...blockdev import (ZEROES, Extent, ExtentKind, FileDevice, ImageInfo, coal
                          fill_zero, pieces, skip_filled)
 from ...byteorder import le_array, le_bytes
 from ...checks import CheckResult, Problem, ProblemKind, Repair
-from ...errors import CorruptImage, FormatError, UnsupportedError, UsageError
+from ...errors import CorruptImage, UnsupportedError, UsageError
 from ...limits import check_alloc
 from .structs import (HEADER0_SIZE, HEADER1_SIZE, HEADER1PLUS_SIZE, IMAGE_TYPES,
                       NULL_UUID, PREHEADER_SIZE, SECTOR, VDI_IMAGE_BLOCK_FREE,
@@ -64,9 +64,6 @@ class VdiDevice(FileDevice):
             self.backing = find_parent(self)
 
     # -- opening ------------------------------------------------------------------------
-    def _err(self, message: str, structure: str, field: str | None = None) -> FormatError:
-        return FormatError(message, self.path, structure=structure, field=field)
-
     def _load(self) -> None:
         f = self.backend
         self.file_size = size = f.size
