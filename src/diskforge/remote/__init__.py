@@ -1,0 +1,55 @@
+"""Images that live elsewhere: ``http(s)://`` (range requests), ``s3://bucket/key`` and
+``nbd://host[:port]/name`` / ``nbd+unix:///name?socket=PATH``.
+
+Each scheme is a *backend* under ``BlockDevice`` with FileBackend's reading interface
+(``path``, ``size``, ``readinto``, ``pread``, ``read_exact``, ``data_ranges``,
+``allocated_bytes``, ``flush``, ``close``; writes refused unless the scheme writes), so
+every format plugin reads through it without knowing (``Format.open(url,
+backend=...)``). One module per scheme, imported only when a name with that scheme
+is opened, so the base install and ``diskforge info`` on a local file never pay for
+them. A remote image is untrusted (``OpenPolicy.untrusted()``): the names it holds
+resolve only to objects beside it, never to local files.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UsageError
+
+# scheme -> module under diskforge.remote that has open_backend(url, **options)
+SCHEMES = {
+    "http": "http", "https": "http",
+    "s3": "s3",
+    "nbd": "nbd", "nbds": "nbd", "nbd+unix": "nbd",
+}
+
+
+def scheme_of(name: str) -> str | None:
+    """The remote scheme ``name`` uses (lower case), or None for a local path."""
+    head, sep, _ = name.partition("://")
+    if not sep or "/" in head:
+        return None
+    head = head.lower()
+    return head if head in SCHEMES else None
+
+
+def is_remote(name: object) -> bool:
+    return isinstance(name, str) and scheme_of(name) is not None
+
+
+def _module(name: str):
+    scheme = scheme_of(name)
+    if scheme is None:
+        raise UsageError("not a remote name (http://, https://, s3://, nbd://)", name)
+    try:
+        return importlib.import_module(f"{__name__}.{SCHEMES[scheme]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith(__name__):
+            raise UsageError(f"not supported yet: {scheme}:// images", name) from None
+        raise
+
+
+def open_backend(url: str, **options):
+    """An open read backend for ``url`` (see the module docstring)."""
+    return _module(url).open_backend(url, **options)
