@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 
 from conftest import need
@@ -93,7 +94,7 @@ def cryptsetup_encrypt(plain: str, out: str, *extra: str, passphrase: bytes = b"
         proc = subprocess.run(["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2",
                                "--batch-mode", "--reduce-device-size", "4M", "--key-file",
                                "-", *extra, out], input=passphrase, capture_output=True,
-                               timeout=120)
+                               timeout=120, cwd=os.path.dirname(os.path.abspath(out)))
         if proc.returncode == 0:
             return out
     raise AssertionError(f"cryptsetup reencrypt failed ({proc.returncode}):"

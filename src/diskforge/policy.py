@@ -95,6 +95,10 @@ class OpenPolicy:
             return cls.untrusted(allowed_roots)
         return cls.default(allowed_roots)
 
+    def _with_chain(self, other: "OpenPolicy") -> "OpenPolicy":
+        """This policy, continuing ``other``'s chain and force-share choice."""
+        return replace(self, chain=other.chain, force_share=other.force_share)
+
     @property
     def is_untrusted(self) -> bool:
         return self.mode == UNTRUSTED

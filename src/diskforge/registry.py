@@ -450,6 +450,10 @@ def split_member(path: str, fmt: str | None = None) -> tuple[str, str] | None:
 def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
                 snapshot: str | None, member: "str | int | None" = None,
                 key: bytes | None = None) -> "BlockDevice":
+    if "://" in path:
+        from . import remote
+        if remote.is_remote(path):
+            return _open_remote(path, fmt, writable, policy, snapshot, key)
     inside = split_member(path, fmt)
     if inside is not None:
         if member is not None:
@@ -483,3 +487,34 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
     if member is not None:
         extra["member"] = member
     return plugin.open(path, writable=writable, policy=policy, **extra)
+
+
+def _open_remote(url: str, fmt: str | None, writable: bool, policy: OpenPolicy,
+                 snapshot: str | None, key: bytes | None) -> "BlockDevice":
+    """An image at a URL (``remote/``): always under the untrusted policy, since what
+    it names must not reach local files, read through its scheme's backend."""
+    from . import remote
+    if writable:
+        raise UnsupportedError("not supported yet: opening a remote image for writing"
+                               " in place (convert to a local file)", url)
+    if not policy.is_untrusted:
+        policy = OpenPolicy.untrusted(policy.allowed_roots)._with_chain(policy)
+    backend = remote.open_backend(url)
+    try:
+        plugin = get(fmt) if fmt else probe_backend(backend, url)
+        if not plugin.can_read:
+            raise UnsupportedError(f"not supported yet: reading {plugin.name} images", url)
+        policy.check_referenced_format(url, plugin.name)
+        policy = policy.descend(url)
+        extra: dict[str, object] = {}
+        if key is not None and plugin.takes_key:
+            extra["key"] = key
+        if snapshot is not None:
+            if not plugin.snapshots:
+                raise UnsupportedError(f"{plugin.name} images have no internal snapshots",
+                                       url)
+            extra["snapshot"] = snapshot
+        return plugin.open(url, writable=False, policy=policy, backend=backend, **extra)
+    except BaseException:
+        backend.close()
+        raise
