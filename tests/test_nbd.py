@@ -26,7 +26,7 @@ from conftest import cli, cli_process, make_sparse, need, run, sha256_file
 import diskforge
 from diskforge.blockdev import BlockDevice, Extent, ExtentKind
 from diskforge.hypervisor import nbd as N
-from diskforge.hypervisor import nbd_protocol as P
+from diskforge import nbd_protocol as P
 from diskforge.hypervisor.nbd import NBDServer, flat_extents
 
 MiB = 1 << 20

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 
 from ..blockdev import BlockDevice, Extent, ExtentKind, aligned_buffer, chain_extents
 from ..errors import DiskforgeError, UsageError
-from .nbd_protocol import (
+from ..nbd_protocol import (
     NBDMAGIC, IHAVEOPT, NBD_REP_MAGIC, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
     NBD_STRUCTURED_REPLY_MAGIC, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES,
     NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_HAS_FLAGS,
