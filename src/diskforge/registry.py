@@ -12,6 +12,7 @@ extension.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from dataclasses import dataclass
@@ -391,16 +392,17 @@ def check_readable(path: str) -> None:
     try:
         os.stat(path)
     except FileNotFoundError:
-        raise _could_not_open(path, "No such file or directory") from None
+        raise _could_not_open(path, "No such file or directory", errno.ENOENT) from None
     except OSError as e:
         raise ImageIOError.from_os(e, path) from None
     if not os.access(path, os.R_OK):
-        raise _could_not_open(path, "Permission denied")
+        raise _could_not_open(path, "Permission denied", errno.EACCES)
 
 
-def _could_not_open(path: str, reason: str) -> ImageIOError:
+def _could_not_open(path: str, reason: str, code: int) -> ImageIOError:
     err = ImageIOError(f"Could not open '{path}': {reason}")
     err.path = path
+    err.errno = code  # as ImageIOError.from_os gives it: callers tell lasting errors apart
     return err
 
 

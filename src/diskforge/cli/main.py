@@ -15,7 +15,7 @@ from ..untrusted import CpuTimeExceeded
 
 # subcommand group modules, each with add_parsers(subparsers)
 GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "bench", "imaging", "verify",
-          "formats_cmd", "hypervisor", "iso", "export")
+          "formats_cmd", "hypervisor", "iso", "export", "batch")
 
 
 class OneLineParser(argparse.ArgumentParser):
