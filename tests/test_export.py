@@ -163,13 +163,12 @@ def test_check_names_from_inside_are_escaped(tmp_path):
 
 
 def test_check_vmdk_with_oversized_descriptor(tmp_path):
-    from diskforge.export.vmdk_peek import SparseExtentHeader
+    from diskforge.formats.vmdk.structs import SparseExtentHeader
     head = SparseExtentHeader.build(dict(
         magicNumber=b"KDMV", version=1, flags=3, capacity=2048, grainSize=128,
         descriptorOffset=1, descriptorSize=1 << 40, numGTEsPerGT=512, rgdOffset=0,
-        gdOffset=0, overHead=128, uncleanShutdown=0, singleEndLineChar=b"\n",
-        nonEndLineChar=b" ", doubleEndLineChar1=b"\r", doubleEndLineChar2=b"\n",
-        compressAlgorithm=0))
+        gdOffset=0, overHead=128, uncleanShutdown=0, newlineTest=b"\n \r\n",
+        compressAlgorithm=0, pad=bytes(433)))
     path = str(tmp_path / "h.vmdk")
     with open(path, "wb") as f:
         f.write(head.ljust(512, b"\0"))

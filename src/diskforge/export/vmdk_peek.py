@@ -1,10 +1,11 @@
 """What an import rule needs to know of a VMDK: its ``createType`` and capacity.
 
 AWS and vSphere decide on the descriptor's ``createType`` ("streamOptimized" or
-not), which is text, so the checkers read it here rather than through a VMDK reader:
-they then work on any VMDK, whether or not a plugin reads that kind, and never
-decode grains. Layouts from VMware's "Virtual Disk Format 5.0" specification:
-"Hosted Sparse Extent Header" (``SparseExtentHeader``, magic ``KDMV``, the embedded
+not), which is text, so the checkers read it here rather than opening the disk: they
+then judge any VMDK, including kinds the reader refuses (raw-device maps) and flat
+descriptors whose extents are not beside them, and never decode grains. Layouts from
+VMware's "Virtual Disk Format 5.0" specification: "Hosted Sparse Extent Header"
+(``SparseExtentHeader``, declared once by the VMDK plugin: magic ``KDMV``, the embedded
 descriptor at ``descriptorOffset`` sectors, ``descriptorSize`` sectors long) and "The
 Descriptor File" (a text file starting ``# Disk DescriptorFile``).
 """
@@ -14,33 +15,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from construct import Bytes, Int8ub, Int16ul, Int32ul, Int64ul, Struct
-
 from ..errors import FormatError
+from ..formats.vmdk.structs import SparseExtentHeader  # declared once, by the plugin
 
 SECTOR = 512
 MAX_DESCRIPTOR = 64 << 10     # real descriptors are under 2 KiB; qemu reads at most 1 MiB
 
-# spec: "Hosted Sparse Extent Header"
-SparseExtentHeader = Struct(
-    "magicNumber" / Bytes(4),
-    "version" / Int32ul,
-    "flags" / Int32ul,
-    "capacity" / Int64ul,
-    "grainSize" / Int64ul,
-    "descriptorOffset" / Int64ul,
-    "descriptorSize" / Int64ul,
-    "numGTEsPerGT" / Int32ul,
-    "rgdOffset" / Int64ul,
-    "gdOffset" / Int64ul,
-    "overHead" / Int64ul,
-    "uncleanShutdown" / Int8ub,
-    "singleEndLineChar" / Bytes(1),
-    "nonEndLineChar" / Bytes(1),
-    "doubleEndLineChar1" / Bytes(1),
-    "doubleEndLineChar2" / Bytes(1),
-    "compressAlgorithm" / Int16ul,
-)
 _CREATE_TYPE = re.compile(rb'^\s*createType\s*=\s*"([^"\r\n]*)"', re.M)
 
 
