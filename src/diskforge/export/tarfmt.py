@@ -17,34 +17,15 @@ last, empty region at its end, as GNU tar writes it.
 
 from __future__ import annotations
 
-from construct import Bytes, Const, Int8ub, Padding, Struct
+from construct import Bytes, Const, Int8ub, Struct
 
-BLOCK = 512
+from ..tarheader import BLOCK, PosixHeader
+
 RECORD = 20 * BLOCK   # GNU tar's default blocking factor: archives end on a record
 
 REGTYPE, GNUTYPE_SPARSE = b"0", b"S"
 USTAR_MAGIC = b"ustar\x0000"      # magic "ustar\0" + version "00" (POSIX)
 OLDGNU_MAGIC = b"ustar  \x00"     # magic "ustar " + version " \0" (GNU before POSIX)
-
-# tar.h: "struct posix_header" (offsets 0-499; 500-511 pad)
-PosixHeader = Struct(
-    "name" / Bytes(100),
-    "mode" / Bytes(8),
-    "uid" / Bytes(8),
-    "gid" / Bytes(8),
-    "size" / Bytes(12),
-    "mtime" / Bytes(12),
-    "chksum" / Bytes(8),
-    "typeflag" / Bytes(1),
-    "linkname" / Bytes(100),
-    "magic" / Bytes(8),           # magic[6] + version[2]
-    "uname" / Bytes(32),
-    "gname" / Bytes(32),
-    "devmajor" / Bytes(8),
-    "devminor" / Bytes(8),
-    "prefix" / Bytes(155),
-    Padding(12),
-)
 
 # tar.h: "struct sparse"
 Sparse = Struct("offset" / Bytes(12), "numbytes" / Bytes(12))
@@ -111,9 +92,9 @@ def member_header(name: str, size: int, mtime: int, *, mode: int = 0o644,
     return bytearray(PosixHeader.build(dict(
         name=_text(name, 100), mode=number(mode, 8), uid=number(0, 8), gid=number(0, 8),
         size=number(size, 12), mtime=number(mtime, 12), chksum=b" " * 8,
-        typeflag=typeflag, linkname=bytes(100), magic=magic, uname=_text(uname, 32),
-        gname=_text(gname, 32), devmajor=number(0, 8), devminor=number(0, 8),
-        prefix=bytes(155))))
+        typeflag=typeflag, linkname=bytes(100), magic=magic[:6], version=magic[6:],
+        uname=_text(uname, 32), gname=_text(gname, 32), devmajor=number(0, 8),
+        devminor=number(0, 8), prefix=bytes(155), pad=bytes(12))))
 
 
 def ustar_header(name: str, size: int, mtime: int) -> bytes:

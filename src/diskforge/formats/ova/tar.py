@@ -23,39 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from construct import Bytes, Struct
-
 from ...errors import FormatError, LimitError, UnsupportedError
 from ...limits import check_alloc
+from ...tarheader import BLOCK, CHKSUM_AT, CHKSUM_LEN, PosixHeader
 
-BLOCK = 512
 MAX_META = 1 << 20          # a long name or pax header; real ones are a few hundred bytes
 MAX_MEMBERS = 100_000       # an OVA holds a handful
 ZERO_BLOCK = bytes(BLOCK)
 
-# spec: IEEE Std 1003.1-2001, pax, "ustar Interchange Format" (header block). GNU
-# headers (magic "ustar  \0") use the last 167 bytes differently (atime, ctime, the
-# old sparse map): for them ``prefix`` is not part of the name.
-PosixHeader = Struct(
-    "name" / Bytes(100),
-    "mode" / Bytes(8),
-    "uid" / Bytes(8),
-    "gid" / Bytes(8),
-    "size" / Bytes(12),
-    "mtime" / Bytes(12),
-    "chksum" / Bytes(8),
-    "typeflag" / Bytes(1),
-    "linkname" / Bytes(100),
-    "magic" / Bytes(6),
-    "version" / Bytes(2),
-    "uname" / Bytes(32),
-    "gname" / Bytes(32),
-    "devmajor" / Bytes(8),
-    "devminor" / Bytes(8),
-    "prefix" / Bytes(155),
-    "pad" / Bytes(12),
-)
-CHKSUM_AT, CHKSUM_LEN = 148, 8
 USTAR_MAGIC = b"ustar\0"
 GNU_MAGIC = b"ustar "
 
