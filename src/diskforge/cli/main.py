@@ -14,7 +14,7 @@ from ..errors import DiskforgeError
 from ..untrusted import CpuTimeExceeded
 
 # subcommand group modules, each with add_parsers(subparsers)
-GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "bench", "imaging", "verify",
+GROUPS = ("image", "maintenance", "chain", "snapshot", "bitmap", "dd", "bench", "imaging", "verify",
           "formats_cmd", "hypervisor", "iso", "export")
 
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the subcommands that are qemu-img's, which take --object and --image-opts
-QEMU_IMG_COMMANDS = ("amend", "bench", "check", "commit", "compare", "convert", "create",
+QEMU_IMG_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
                      "dd", "info", "map", "measure", "rebase", "resize", "snapshot")
 
 
