@@ -252,6 +252,19 @@ def serialize(bm: DirtyBitmap, cs: int) -> tuple[int, list[tuple[int, bytes]]]:
     return size, clusters
 
 
+def measure_bitmaps(bitmaps: list[DirtyBitmap], cs: int) -> int:
+    """Bytes these bitmaps take in a new image of ``cs``-byte clusters, counted as
+    qemu's qcow2_get_persistent_dirty_bitmap_size: every data cluster allocated, the
+    tables, and the directory."""
+    total = dir_size = 0
+    for bm in bitmaps:
+        clusters = -(-(-(-bm.nbits // 8)) // cs)
+        total += clusters * cs + -(-clusters * 8 // cs) * cs
+        dir_size += BITMAP_DIR_ENTRY_SIZE + len(bm.name.encode("utf-8"))
+        dir_size += -dir_size % 8
+    return total + -(-dir_size // cs) * cs
+
+
 def build_directory(entries: list[tuple[int, int, int, int, str]]) -> bytes:
     """The bitmap directory for (table offset, table size, flags, granularity bits,
     name) entries, each padded to 8 bytes (qcow2.txt "Bitmap directory")."""
