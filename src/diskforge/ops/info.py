@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from ..blockdev import BlockDevice, ImageInfo
@@ -123,6 +124,9 @@ def format_json(infos: list[ImageInfo], backing_chain: bool) -> str:
     return qemu_json(data if backing_chain else data[0])
 
 
+_ESCAPE = re.compile(r"\\\\|\\u[0-9a-f]{4}")
+
+
 def qemu_json(value: Any, indent: int = 0) -> str:
     """``json.dumps(value, indent=4)`` as qemu's pretty printer writes it: the same but
     for empty lists and objects, which qemu opens and closes on two lines (a bitmap
@@ -134,6 +138,9 @@ def qemu_json(value: Any, indent: int = 0) -> str:
                  for k, v in value.items()]
     elif isinstance(value, (list, tuple)):
         items = [f"{inner}{qemu_json(v, indent + 4)}" for v in value]
+    elif isinstance(value, str):  # qemu writes \u escapes with upper-case hex digits
+        return _ESCAPE.sub(lambda m: m[0] if m[0] == "\\\\" else "\\u" + m[0][2:].upper(),
+                           json.dumps(value))
     else:
         return json.dumps(value)
     opening, closing = ("{", "}") if isinstance(value, dict) else ("[", "]")
