@@ -37,8 +37,10 @@ def cmd_bitmap(args) -> int:
         raise UsageError("Expecting filename and bitmap name")
     granularity = parse_granularity(args.g)
     with open_source(args.filename, args.f, args, writable=True) as dev:
-        if args.b:
-            with open_source(args.b, args.F, args) as src:
+        if args.b:  # a file name (qemu-img takes no option string there)
+            from argparse import Namespace
+            plain = Namespace(**{**vars(args), "image_opts": False})
+            with open_source(args.b, args.F, plain) as src:
                 edit_bitmaps(dev, args.bitmap, actions, granularity=granularity,
                              source=src)
         else:
