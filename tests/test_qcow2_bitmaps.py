@@ -565,6 +565,18 @@ def test_shared_and_misplaced_bitmap_clusters_are_corruption(workdir):
         code, out, err = cli("check", work)
         assert code == 2 and words in err, out + err
         assert theirs.returncode in (1, 2)  # qemu: corrupt, or cannot open it at all
+        with open(work, "rb") as f:
+            before = f.read()
+        for argv in (["bitmap", "--clear", work, "b0"], ["bitmap", "--remove", work, "b1"],
+                     ["convert", "--bitmaps", "-O", "qcow2", work, work + ".o"]):
+            code, out, err = cli(*argv)   # refused before anything is written
+            if argv[0] == "convert" and words.startswith("refcount"):
+                assert code == 0, err     # (reading a shared cluster is harmless)
+            else:
+                one_line_error(code, err)
+                assert "bitmap table" in err, err
+            with open(work, "rb") as f:
+                assert f.read() == before
 
 
 def test_amend_keeps_bitmaps(image):

@@ -12,6 +12,7 @@ left as they are; nothing is ever dropped.
 
 from __future__ import annotations
 
+import collections
 from array import array
 from dataclasses import dataclass
 
@@ -227,7 +228,11 @@ def _load_bits(dev, b: Bitmap) -> bytearray:
         off = entry & BME_TABLE_ENTRY_OFFSET_MASK
         lo, hi = i * cs, min(nbytes, (i + 1) * cs)
         if off:
-            dev.check_table_offset(off, "bitmap data cluster")
+            if off < cs or off + cs > dev.backend.size:
+                raise FormatError(f"bitmap '{b.name}': data cluster at {off:#x} is in the"
+                                  " header or past the end of the file"
+                                  f" ({dev.backend.size} bytes)", dev.path,
+                                  structure="bitmap table", field=f"entry {i}")
             bits[lo:hi] = dev.backend.read_exact(off, cs, "bitmap data")[:hi - lo]
         elif entry & BME_TABLE_ENTRY_FLAG_ALL_ONES:
             bits[lo:hi] = b"\xff" * (hi - lo)
@@ -279,6 +284,25 @@ def build_directory(entries: list[tuple[int, int, int, int, str]]) -> bytes:
     return bytes(out)
 
 
+def _old_clusters(dev, dropped: list[Bitmap]) -> "collections.Counter[int]":
+    """Clusters (with how many references) that storing a new directory frees: the
+    data clusters and tables of ``dropped``, and the old directory."""
+    cs = dev.cs
+    out: collections.Counter[int] = collections.Counter()
+    for ob in dropped:
+        for entry in read_table(dev, ob):
+            off = entry & BME_TABLE_ENTRY_OFFSET_MASK
+            if off and table_entry_error(entry, cs) is None:
+                out[off // cs] += 1
+        first = ob.table_offset // cs
+        out.update(range(first, first + -(-ob.table_size * 8 // cs)))
+    ext = dev.header.bitmaps
+    if ext is not None:
+        first = ext.directory_offset // cs
+        out.update(range(first, first + -(-ext.directory_size // cs)))
+    return out
+
+
 def check_new(dev, name: str, granularity: int) -> None:
     """qemu's qcow2_co_can_store_new_dirty_bitmap, with its words."""
     where = f"Can't make bitmap '{name}' persistent in '{dev.path}': "
@@ -312,17 +336,23 @@ def store(dev, bitmaps: list[DirtyBitmap]) -> None:
         raise UsageError("Cannot store dirty bitmaps in qcow2 v2 files", dev.path)
     load(dev, data=False)              # writes tracked so far are on disk, consistent
     old = {b.name: b for b in read_directory(dev)}
-    dev.bitmaps = None
     cs = dev.cs
     refs = dev.refs
+    kept_names = {bm.name for bm in bitmaps if bm.bits is None}
+    frees = _old_clusters(dev, [b for n, b in old.items() if n not in kept_names])
+    for c, n in frees.items():  # before anything changes: a cluster two bitmaps share
+        if refs.get(c) < n:      # (or one named twice) cannot be freed twice
+            raise FormatError(f"cluster {c} is named {n} times by bitmap tables or the"
+                              f" directory but counted {refs.get(c)} times; run"
+                              " 'diskforge check -r all'", dev.path,
+                              structure="bitmap table", field="offset")
+    dev.bitmaps = None
     entries = []
-    kept: set[str] = set()
     for bm in bitmaps:
         gbits = bm.granularity.bit_length() - 1
         if bm.bits is None:           # inconsistent: stays as it is on disk
             ob = old[bm.name]
             entries.append((ob.table_offset, ob.table_size, ob.flags, gbits, bm.name))
-            kept.add(bm.name)
             continue
         if bm.size != dev.size:
             bm.resize(dev.size)
@@ -336,16 +366,9 @@ def store(dev, bitmaps: list[DirtyBitmap]) -> None:
         dev.backend.pwrite(toff, be_bytes(table))
         entries.append((toff, tb_size, BME_FLAG_AUTO if bm.enabled else 0, gbits,
                         bm.name))
-    for name, ob in old.items():     # freed once the header no longer names them
-        if name in kept:
-            continue
-        for entry in read_table(dev, ob):
-            off = entry & BME_TABLE_ENTRY_OFFSET_MASK
-            if off and table_entry_error(entry, cs) is None:
-                refs.free(off // cs)
-        refs.free(ob.table_offset // cs, -(-ob.table_size * 8 // cs))
-    if h.bitmaps is not None:
-        refs.free(h.bitmaps.directory_offset // cs, -(-h.bitmaps.directory_size // cs))
+    for c, n in frees.items():         # freed once the header no longer names them
+        for _ in range(n):
+            refs.free(c)
     if entries:
         raw = build_directory(entries)
         doff = refs.alloc(-(-len(raw) // cs)) * cs
