@@ -88,10 +88,13 @@ class DirtyBitmap:
                              f" {self.size}, source size is {other.size}) and can't be"
                              " merged")
         if other.granularity == self.granularity:
-            n = len(self.bits)
-            mixed = int.from_bytes(self.bits, "little") | int.from_bytes(other.bits,
-                                                                         "little")
-            self.bits[:] = mixed.to_bytes(n, "little")
+            mine, theirs = self.bits, other.bits
+            for i in range(0, len(mine), 1 << 20):  # a MiB at a time: bounded memory
+                a, b = mine[i:i + (1 << 20)], theirs[i:i + (1 << 20)]
+                if b.count(0) != len(b):
+                    mine[i:i + len(a)] = (int.from_bytes(a, "little")
+                                          | int.from_bytes(b, "little")).to_bytes(
+                                              len(a), "little")
             return
         for offset, length in other.dirty_ranges():
             self.set_range(offset, length)
@@ -203,17 +206,20 @@ def apply_actions(bitmaps: list[DirtyBitmap], name: str,
     ``can_store(name, granularity)`` raises when the image cannot hold a new
     persistent bitmap (qcow2 v2, a bitmap too large); ``source`` is where ``--merge``
     finds its source bitmap (another image's, or by default these same bitmaps).
-    A failing action raises "Operation OP on bitmap NAME failed: ..."; those before
-    it have taken effect (the caller stores them, as qemu does)."""
+    A failing action raises "Operation OP on bitmap NAME failed: ..." (its
+    ``actions_done`` says how many before it took effect; the caller stores those, as
+    qemu does)."""
     if source is None:
         source = bitmaps
-    for op, arg in actions:
+    for done, (op, arg) in enumerate(actions):
         try:
             _apply(bitmaps, name, op, arg, size, granularity, default_granularity,
                    can_store, source, path)
         except DiskforgeError as e:  # (a format's own refusal too: qcow2 v2, raw)
-            raise UsageError(f"Operation {op} on bitmap {name} failed: {e.message}",
-                             path) from None
+            error = UsageError(f"Operation {op} on bitmap {name} failed: {e.message}",
+                               path)
+            error.actions_done = done  # type: ignore[attr-defined]
+            raise error from None
 
 
 def _apply(bitmaps: list[DirtyBitmap], name: str, op: str, arg: str | None, size: int,

@@ -24,26 +24,21 @@ def edit_bitmaps(dev: BlockDevice, name: str, actions: Sequence[tuple[str, str |
     kept = dev.load_bitmaps()
     supported = kept is not None
     kept = kept if kept is not None else []
-    before = _snapshot(kept)
     src = None
     if source is not None:
         src = source.load_bitmaps() or []
     error: DiskforgeError | None = None
+    done = len(actions)
     try:
         apply_actions(kept, name, actions, size=dev.size, granularity=granularity,
                       default_granularity=dev.default_bitmap_granularity(),
                       can_store=dev.check_new_bitmap, source=src, path=dev.path)
     except DiskforgeError as e:
-        error = e
-    if supported and _snapshot(kept) != before:
+        error, done = e, getattr(e, "actions_done", 0)
+    if supported and done:
         dev.store_bitmaps(kept)
     if error is not None:
         raise error
-
-
-def _snapshot(bitmaps: list[DirtyBitmap]) -> list[tuple]:
-    return [(b.name, b.granularity, b.enabled, None if b.bits is None else bytes(b.bits))
-            for b in bitmaps]
 
 
 def bitmaps_to_copy(src: BlockDevice, *, skip_broken: bool,
