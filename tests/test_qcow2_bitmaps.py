@@ -254,6 +254,15 @@ def test_qemu_img_continues_on_our_bitmaps(workdir):
     assert "bitmaps" not in run("qemu-img", "info", path).stdout
 
 
+def test_bitmap_takes_image_opts_and_objects(image):
+    opts = f"driver=qcow2,file.filename={image}"
+    assert cli("bitmap", "--object", "secret,id=s0,data=x", "--add", "--image-opts",
+               opts, "io")[0] == 0
+    assert cli("bitmap", "--merge", "b0", "--image-opts", opts, "io")[0] == 0
+    clean(image)
+    assert dirty(image, "io") == dirty(image, "b0")
+
+
 def test_bitmap_refused_where_qemu_refuses(workdir):
     v2 = os.path.join(workdir, "v2.qcow2")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "1M")
@@ -554,6 +563,16 @@ def test_shared_and_misplaced_bitmap_clusters_are_corruption(workdir):
         f.seek(entries[0].table_offset)
         e0 = f.read(8)
     assert int.from_bytes(e0, "big")  # b0's first cluster has data
+    # a loop: b1's table is the directory itself, whose first 8 bytes (b0's table
+    # offset) then read as b1's one data cluster
+    work = os.path.join(workdir, "loop.qcow2")
+    shutil.copy(path, work)
+    _poke(work, entries[1].entry_offset, struct.pack(">Q", ext.directory_offset))
+    code, out, err = cli("check", work)
+    assert code == 2 and "reference=2" in err, out + err
+    code, _, err = cli("bitmap", "--remove", work, "b1")
+    one_line_error(code, err)
+    assert "named 2 times" in err and "bitmap table.offset" in err
     for entry, words in ((e0, "refcount=1 reference=2"),
                          (struct.pack(">Q", ext.directory_offset), "reference=2"),
                          (struct.pack(">Q", 512), "table entry 0"),

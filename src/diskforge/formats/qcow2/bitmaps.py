@@ -1,13 +1,21 @@
-"""Persistent dirty bitmaps (qcow2.txt "Bitmaps"): read for ``info`` and ``check``,
-and kept true when diskforge writes into an image that has them.
+"""Persistent dirty bitmaps (qcow2.txt "Bitmaps extension", "Bitmap directory",
+"Bitmap table"; qemu's block/qcow2-bitmap.c): the directory read and validated with
+qemu's rules, whole bitmaps loaded and stored, and the bitmaps kept true when
+diskforge writes into an image that has them.
+
+Whole bitmaps (``load``/``store``: the ``bitmap`` subcommand, ``convert --bitmaps``,
+resize) go through ``dirty_bitmaps.DirtyBitmap``; storing writes them as qemu does
+when it closes an image: new data clusters (only where a bit is set) and a new table
+for every consistent bitmap, in-use ones left as they are, a new directory, the header
+last, and only then are the old clusters freed.
 
 A bitmap with the ``auto`` flag must record every write. So, as qemu does, writing
 into such an image first marks those bitmaps ``in_use`` on disk, sets the bits of
 every written range (granularity = one bit per ``1 << granularity_bits`` bytes, least
 significant bit first), stores the changed bitmap clusters on ``flush``, and clears
-``in_use`` on ``close``. A crash leaves ``in_use`` set: the bitmap is then known to be
-inconsistent rather than silently wrong. Bitmaps without ``auto`` (disabled) are
-left as they are; nothing is ever dropped.
+``in_use`` on ``close`` (``Bitmaps``). A crash leaves ``in_use`` set: the bitmap is
+then known to be inconsistent rather than silently wrong. Bitmaps without ``auto``
+(disabled) are left as they are; nothing is ever dropped.
 """
 
 from __future__ import annotations
