@@ -376,6 +376,10 @@ def test_convert_copies_bitmaps_as_qemu_img(image, workdir, opts):
     same_bitmaps(ours, theirs)
     assert qmp_bitmaps(ours) == qmp_bitmaps(theirs)
     assert run("qemu-img", "compare", image, ours).returncode == 0
+    salvaged = os.path.join(workdir, "salvaged.qcow2")
+    code, _, err = cli("convert", "--salvage", "--bitmaps", "-O", "qcow2", image, salvaged)
+    assert code == 0, err
+    same_bitmaps(salvaged, ours)
     # and a target that exists (-n), with bitmaps of its own
     target = os.path.join(workdir, "n.qcow2")
     run("qemu-img", "create", "-q", "-f", "qcow2", target, "16M")
