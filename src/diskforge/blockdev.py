@@ -482,6 +482,28 @@ class BlockDevice(abc.ABC):
         raise UnsupportedError(f"not supported yet: amending {self.format} images",
                                self.path)
 
+    # persistent dirty bitmaps (``diskforge bitmap``, ``convert --bitmaps``, see
+    # dirty_bitmaps.py); formats that cannot hold them have none and store none
+    def load_bitmaps(self, *, data: bool = True) -> "list | None":
+        """The image's persistent bitmaps (``DirtyBitmap``; without their bits unless
+        ``data``), or None when the format (or this version of it) has no place for
+        them."""
+        return None
+
+    def store_bitmaps(self, bitmaps: list) -> None:
+        """Replace the image's persistent bitmaps with ``bitmaps``."""
+        if bitmaps:
+            raise UnsupportedError(f"Can't store persistent bitmaps to {self.path}:"
+                                   " Operation not supported", self.path)
+
+    def check_new_bitmap(self, name: str, granularity: int) -> None:
+        """Raise (qemu's words) when a new persistent bitmap cannot be stored here."""
+        raise UnsupportedError(f"Can't store persistent bitmaps to {self.path}:"
+                               " Operation not supported")
+
+    def default_bitmap_granularity(self) -> int:
+        return 65536
+
     # internal snapshots (``diskforge snapshot``); a snapshot is found by ID, then name
     def list_snapshots(self) -> list[dict[str, object]]:
         """qemu-img's JSON for each internal snapshot."""

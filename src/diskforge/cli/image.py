@@ -289,12 +289,21 @@ def cmd_convert(args) -> int:
     if args.C and (args.c or args.B):
         raise UsageError("Copy offloading (-C) cannot be used with compression (-c) or a"
                          " backing file (-B)")
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if args.bitmaps and len(sources) > 1:
+        raise UsageError("Copying bitmaps only possible with single source")
     sparse = _sparse_size(args.S)
     if args.c:
         options = fmt.compressed(options)
     src = _open_sources(sources, args)
     base = None
     try:
+        copied = None
+        if args.bitmaps:  # checked before anything is written, as qemu-img does
+            from ..ops.bitmap import bitmaps_to_copy
+            copied = bitmaps_to_copy(src, skip_broken=args.skip_broken_bitmaps,
+                                     warn=_warning)
         backing = None
         if args.B:
             base, backing = open_backing(args.B, args.F, args.target, args)
@@ -314,6 +323,12 @@ def cmd_convert(args) -> int:
             from ..ops.measure import require_room
             require_room(args.target, fmt, options, source=src, base=base)
             writer = fmt.writer(args.target, src.size, options, backing=backing)
+            if copied is not None:
+                if not getattr(writer, "supports_bitmaps", False):
+                    writer.abort()
+                    raise UsageError(f"Format driver '{fmt.name}' does not support"
+                                     " bitmaps", args.target)
+                writer.add_bitmaps(copied)
         try:
             with progress_for(args) as bar:
                 progress = _throttled(bar, args.r) if args.r else bar
@@ -323,6 +338,9 @@ def cmd_convert(args) -> int:
                 else:
                     convert(src, writer, base=base, progress=progress, workers=args.m,
                             sparse_size=sparse)
+            if copied is not None and args.n:
+                from ..ops.bitmap import add_copied_bitmaps
+                add_copied_bitmaps(dev, copied)
         finally:
             if args.n:
                 dev.close()
@@ -337,6 +355,11 @@ def cmd_convert(args) -> int:
         if base is not None:
             base.close()
     return 0
+
+
+def _warning(text: str) -> None:
+    import sys
+    print(f"diskforge: warning: {text}", file=sys.stderr)
 
 
 def _sparse_size(text: str | None) -> int | None:
@@ -460,17 +483,12 @@ def cmd_measure(args) -> int:
     if args.filename:
         with open_source(args.filename, args.f, args, snapshot=args.snapshot) as src:
             m = measure(fmt, options, source=src)
-            if m.bitmaps is None and fmt.name == "qcow2" and src.format == "qcow2":
-                # qemu-img reports the bitmaps of a source that can hold persistent
-                # bitmaps, none included
-                m = replace(m, bitmaps=0)
     else:
         m = measure(fmt, options, size=parse_size(args.size, "size"))
     if args.output == "json":
-        d = {"required": m.required, "fully-allocated": m.fully_allocated}
-        if m.bitmaps is not None:
-            d["bitmaps"] = m.bitmaps
-        print(json.dumps(d, indent=4))
+        d = {"bitmaps": m.bitmaps} if m.bitmaps is not None else {}
+        d.update({"required": m.required, "fully-allocated": m.fully_allocated})
+        print(json.dumps(d, indent=4))  # (qemu-img's key order)
     else:
         print(f"required size: {m.required}\nfully allocated size: {m.fully_allocated}")
         if m.bitmaps is not None:
@@ -531,6 +549,11 @@ def add_parsers(sub) -> None:
                    help="read errors become zeros (each reported) instead of failing")
     p.add_argument("--target-image-opts", action="store_true",
                    help="with -n: TARGET is an option string (driver=,file.filename=)")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy the source's persistent dirty bitmaps (qcow2 to qcow2)")
+    p.add_argument("--skip-broken-bitmaps", action="store_true",
+                   help="with --bitmaps: leave out inconsistent (in-use) bitmaps, with a"
+                   " warning, instead of failing")
     add_cache_args(p)
     add_disk_arg(p)
     add_force_share_arg(p)

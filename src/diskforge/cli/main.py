@@ -17,6 +17,8 @@ from ..untrusted import CpuTimeExceeded
 GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "bench", "imaging", "verify",
           "formats_cmd", "hypervisor", "iso", "export", "batch")
 
+GROUPS += ("bitmap",)  # (its own line: the list above is where other groups join)
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad invocation as one line (and the exit status the
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the subcommands that are qemu-img's, which take --object and --image-opts
-QEMU_IMG_COMMANDS = ("amend", "bench", "check", "commit", "compare", "convert", "create",
+QEMU_IMG_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
                      "dd", "info", "map", "measure", "rebase", "resize", "snapshot")
 
 

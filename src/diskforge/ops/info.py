@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from ..blockdev import BlockDevice, ImageInfo
@@ -51,8 +52,11 @@ def _render_value(value: Any, indent: int) -> list[str]:
                 lines.append(f"{pad}{k}: {_scalar(v)}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            lines.append(f"{pad}[{i}]:")
-            lines.extend(_render_value(v, indent + 4))
+            if isinstance(v, (dict, list)):
+                lines.append(f"{pad}[{i}]:")
+                lines.extend(_render_value(v, indent + 4))
+            else:  # qemu: a list of strings (bitmap flags) one "[i]: value" a line
+                lines.append(f"{pad}[{i}]: {_scalar(v)}")
     else:
         lines.append(f"{pad}{_scalar(value)}")
     return lines
@@ -117,4 +121,29 @@ def snapshot_table(snapshots: list[dict[str, Any]]) -> list[str]:
 
 def format_json(infos: list[ImageInfo], backing_chain: bool) -> str:
     data = [i.to_json() for i in infos]
-    return json.dumps(data if backing_chain else data[0], indent=4)
+    return qemu_json(data if backing_chain else data[0])
+
+
+_ESCAPE = re.compile(r"\\\\|\\u[0-9a-f]{4}")
+
+
+def qemu_json(value: Any, indent: int = 0) -> str:
+    """``json.dumps(value, indent=4)`` as qemu's pretty printer writes it: the same but
+    for empty lists and objects, which qemu opens and closes on two lines (a bitmap
+    without flags is ``"flags": [`` then ``]``)."""
+    pad = " " * indent
+    inner = " " * (indent + 4)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(str(k))}: {qemu_json(v, indent + 4)}"
+                 for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [f"{inner}{qemu_json(v, indent + 4)}" for v in value]
+    elif isinstance(value, str):  # qemu writes \u escapes with upper-case hex digits
+        return _ESCAPE.sub(lambda m: m[0] if m[0] == "\\\\" else "\\u" + m[0][2:].upper(),
+                           json.dumps(value))
+    else:
+        return json.dumps(value)
+    opening, closing = ("{", "}") if isinstance(value, dict) else ("[", "]")
+    if not items:
+        return f"{opening}\n{pad}{closing}"
+    return opening + "\n" + ",\n".join(items) + f"\n{pad}{closing}"

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..blockdev import BlockDevice, Extent, ExtentKind
 from ..options import Options
 from ..registry import Format, Measurement
@@ -30,8 +32,23 @@ def measure(fmt: Format, options: Options, *, size: int | None = None,
                 last = allocated.pop()
                 start, end = last.offset, max(end, last.offset + last.length)
             allocated.append(Extent(start, end - start, ExtentKind.DATA))
-        return fmt.measure(source.size, options, allocated)
+        m = fmt.measure(source.size, options, allocated)
+        return _with_bitmaps(m, fmt, options, source)
     return fmt.measure(size or 0, options, None)
+
+
+def _with_bitmaps(m: Measurement, fmt: Format, options: Options,
+                  source: BlockDevice) -> Measurement:
+    """qemu-img's "bitmaps" line: for a target format that can hold persistent bitmaps
+    (``measure_bitmaps``) and a source that can have them, what copying them adds
+    (``convert --bitmaps``), 0 when it has none."""
+    counter = getattr(fmt, "measure_bitmaps", None)
+    if counter is None:
+        return m
+    found = source.load_bitmaps(data=False)
+    if found is None:
+        return m
+    return replace(m, bitmaps=counter(options, found))
 
 
 def require_room(target: str, fmt: Format, options: Options, *, size: int | None = None,

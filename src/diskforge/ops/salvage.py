@@ -27,6 +27,10 @@ class SalvagingDevice(BlockDevice):
         self.report = report
         self.failures: list[tuple[int, int]] = []
 
+    def load_bitmaps(self, *, data: bool = True):
+        """The source's own (``convert --salvage --bitmaps``)."""
+        return self.inner.load_bitmaps(data=data)
+
     def readinto(self, offset: int, buf) -> int:
         mv = memoryview(buf).cast("B")
         self._read(offset, mv, max(SECTOR, len(mv)))

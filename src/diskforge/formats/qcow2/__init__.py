@@ -149,6 +149,14 @@ class Qcow2Format(Format):
         from .maintenance import measure
         return measure(size, options, allocated)
 
+    def measure_bitmaps(self, options: Options, bitmaps: list) -> int | None:
+        """``qemu-img measure``'s "bitmaps" bytes: what ``convert --bitmaps`` adds for a
+        source's persistent bitmaps; None for a v2 target, which cannot hold them."""
+        from .bitmaps import measure_bitmaps
+        if not isinstance(options, Qcow2Options) or options.version < 3:
+            return None
+        return measure_bitmaps(bitmaps, options.cluster_size)
+
 
 def _backing_from_options(path: str, options: Qcow2Options):
     """``-o backing_file=NAME``: open it (relative to the new image, as qemu does) for

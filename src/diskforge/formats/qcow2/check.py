@@ -26,7 +26,7 @@ from ...blockdev import skip_filled
 from ...errors import FormatError, LimitError
 from ...limits import check_alloc
 from ...checks import CheckResult, Problem, ProblemKind, Repair
-from .bitmaps import read_directory, read_table
+from .bitmaps import read_directory, read_table, table_entry_error
 from .maintenance import rebuild_refcounts
 from .refcount import decode, refcount_layout
 from .structs import (BME_TABLE_ENTRY_OFFSET_MASK, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
@@ -364,14 +364,15 @@ class _Check:
                            "bitmap_table_offset")
                 continue
             for i in _used(table):
+                why = table_entry_error(table[i], self.cs)
+                if why is not None:  # (qemu counts these as corruptions, silently)
+                    self.error(f"ERROR bitmap '{b.name}': table entry {i}"
+                               f" ({table[i]:#x}): {why}", "bitmap table entry",
+                               f"entry {i}")
+                    continue
                 off = table[i] & BME_TABLE_ENTRY_OFFSET_MASK
-                if not off:
-                    continue
-                if not self._table_ok(off):
-                    self.error(f"ERROR bitmap '{b.name}': data cluster at {off:#x} is"
-                               " invalid", "bitmap table entry", "offset")
-                    continue
-                self.count(off, self.cs)
+                if off:  # (counted as qemu counts it: wherever it points, a cluster
+                    self.count(off, self.cs)  # counted twice shows as corruption)
 
     # -- comparing with the refcounts ----------------------------------------------------
     def _refcount_table(self) -> array:

@@ -23,6 +23,7 @@ from ...policy import OpenPolicy
 from ...registry import open_image
 from . import maintenance
 from . import snapshot as snapshot_table
+from . import bitmaps as bitmap_store
 from .bitmaps import Bitmaps, read_directory
 from .check import check as check_image
 from .cluster import ClusterMap
@@ -214,6 +215,22 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
     def amend(self, options, given: set[str]) -> None:
         self._require_writable()
         maintenance.amend(self, options, given)
+
+    # persistent dirty bitmaps (bitmaps.py)
+    def load_bitmaps(self, *, data: bool = True) -> list | None:
+        if not bitmap_store.supports_bitmaps(self):
+            return None
+        return bitmap_store.load(self, data=data)
+
+    def store_bitmaps(self, kept: list) -> None:
+        self._require_writable()
+        bitmap_store.store(self, kept)
+
+    def check_new_bitmap(self, name: str, granularity: int) -> None:
+        bitmap_store.check_new(self, name, granularity)
+
+    def default_bitmap_granularity(self) -> int:
+        return bitmap_store.default_granularity(self.cs)
 
     # snapshots
     def list_snapshots(self) -> list[dict]:

@@ -10,6 +10,7 @@ from array import array
 from ...byteorder import be_bytes
 from ...errors import DiskforgeError, UnsupportedError, UsageError
 from ...registry import Measurement
+from . import bitmaps
 from .refcount import Refcounts, encode, refcount_layout, refcount_metadata_size
 from .snapshot import read_l1, update_refcounts
 from .structs import (L1E_OFFSET_MASK, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
@@ -58,12 +59,33 @@ def measure(size: int, options, allocated) -> Measurement:
 # -- resize ----------------------------------------------------------------------------------
 
 def resize(dev, size: int, *, shrink: bool = False) -> None:
-    old = dev.size
-    if size == old:
+    """Grow, or with ``shrink`` cut, the virtual disk. Persistent bitmaps follow the
+    new size as qemu-img resize makes them (new area clean, bits past a new end
+    dropped); an inconsistent (in-use) bitmap refuses the resize, as in qemu."""
+    if size == dev.size:
         return
-    if dev.header.bitmaps is not None:
-        raise UnsupportedError("not supported yet: resizing a qcow2 image that has"
-                               " persistent bitmaps", dev.path)
+    if dev.header.bitmaps is None:
+        _resize(dev, size, shrink)
+        return
+    kept = bitmaps.load(dev)
+    for bm in kept:
+        if not bm.consistent:
+            raise UsageError(f"Bitmap '{bm.name}' is inconsistent and cannot be used (try"
+                             " 'bitmap --remove' to delete this bitmap from disk)",
+                             dev.path)
+    tracker, dev.bitmaps = dev.bitmaps, None   # resizing is not a guest write
+    try:
+        _resize(dev, size, shrink)
+    except BaseException:
+        dev.bitmaps = tracker
+        raise
+    for bm in kept:
+        bm.resize(size)
+    bitmaps.store(dev, kept)
+
+
+def _resize(dev, size: int, shrink: bool) -> None:
+    old = dev.size
     dev.flush()
     cs = dev.cs
     if size < old:
@@ -169,8 +191,8 @@ def make_empty(dev) -> None:
     update_refcounts(dev, dev.l1, -1)
     dev.l1 = array("Q", bytes(8 * dev.l1_size))
     dev.l1_dirty = True
-    if dev.bitmaps is not None:
-        dev.bitmaps.mark_all()
+    # no bitmap changes: what the image reads is what it read before (the data went
+    # into the backing file), and qemu-img commit leaves the bitmaps as they were
     dev.flush()
     dev.l2_cache.clear()
 

@@ -265,6 +265,10 @@ def create(dev, name: str) -> Snapshot:
 def apply(dev, key: str) -> None:
     _no_data_file(dev)
     snap = find(dev.snapshots, key, dev.path)
+    if dev.header.bitmaps is not None:
+        # as qemu-img: going back in time would make every bitmap wrong
+        raise UsageError(f"Could not apply snapshot '{key}': Device has active dirty"
+                         " bitmaps", dev.path)
     dev.flush()
     cs = dev.cs
     sl1 = read_l1(dev, snap)
@@ -284,8 +288,6 @@ def apply(dev, key: str) -> None:
     if snap.disk_size is not None and snap.disk_size != dev.size:
         dev.size = dev.header.size = snap.disk_size
         dev.header_dirty = True
-    if dev.bitmaps is not None:
-        dev.bitmaps.mark_all()
     dev.flush()
     fix_copied(dev)
     dev.flush()

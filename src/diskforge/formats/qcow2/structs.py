@@ -166,8 +166,14 @@ BME_FLAG_AUTO = 1 << 1
 BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
+BME_RESERVED_FLAGS = 0xFFFF_FFFC   # qemu 7.2 knows in_use and auto only
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF00_0000_0000_01FE
 BME_MAX_TABLE_SIZE = 0x8000000   # qemu's limit, entries
+BME_MAX_PHYS_SIZE = 0x20000000   # qemu's limit on a bitmap's data, bytes
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_GRANULARITY_BITS = 31
 BME_MAX_NAME_SIZE = 1023
+BT_DIRTY_TRACKING_BITMAP = 1     # the only bitmap type qcow2.txt defines
 
 # QEMU's QCow2SubclusterType (block/qcow2.h): what one L2 entry (or one subcluster of an
 # extended entry) says about a guest range; the cluster map's runs carry these. Without

@@ -28,10 +28,12 @@ from ...blockdev import ZEROES, Backing, ImageWriter, is_zero
 from ..._fallocate import allocate
 from ...errors import FormatError, ImageIOError, UnsupportedError, UsageError
 from ...policy import beside
+from . import bitmaps as bitmap_store
 from . import codec
-from .header import Header
+from .header import BitmapsExt, Header
 from .refcount import all_ones_block, encode, refcount_layout
-from .structs import (COMPRESSION_ZSTD, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+from .structs import (BME_FLAG_AUTO, COMPRESSION_ZSTD, QCOW2_AUTOCLEAR_BITMAPS,
+                      QCOW2_AUTOCLEAR_DATA_FILE_RAW,
                       QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_COMPRESSION,
                       QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2, QCOW_MAX_L1_SIZE,
                       QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, V2_HEADER_LENGTH,
@@ -98,6 +100,7 @@ class Qcow2Writer(ImageWriter):
         self.part: tuple[int, bytearray] | None = None
         self.adv = 0                    # preallocation: clusters given a host so far
         self.has_backing = backing is not None
+        self.bitmaps: list = []         # DirtyBitmaps to store (convert --bitmaps)
         if resume is not None:
             self._restore(resume)
 
@@ -395,6 +398,42 @@ class Qcow2Writer(ImageWriter):
             self.out.pwrite(self.cbuf_off, self.cbuf)
         self.cbuf = bytearray()
 
+    # -- persistent bitmaps (convert --bitmaps) --------------------------------------------
+    @property
+    def supports_bitmaps(self) -> bool:
+        return self.version >= 3
+
+    def add_bitmaps(self, bitmaps: list) -> None:
+        """Store these ``DirtyBitmap``s in the image when it is finished."""
+        if bitmaps and not self.supports_bitmaps:
+            raise UsageError("Format driver 'qcow2' does not support bitmaps (compat=0.10)",
+                             self.path)
+        for bm in bitmaps:
+            bm.resize(self.size)
+        self.bitmaps.extend(bitmaps)
+
+    def _write_bitmaps(self) -> BitmapsExt | None:
+        """Data clusters, tables and directory after the guest data, before the
+        refcounts (which then count them like every other cluster)."""
+        if not self.bitmaps:
+            return None
+        cs = self.cs
+        entries = []
+        for bm in self.bitmaps:
+            size, clusters = bitmap_store.serialize(bm, cs)
+            table = array("Q", bytes(8 * size))
+            for i, chunk in clusters:
+                table[i] = self._alloc(1) * cs
+                self.out.pwrite(table[i], chunk)
+            toff = self._alloc(-(-size * 8 // cs)) * cs
+            self.out.pwrite(toff, be_bytes(table))
+            entries.append((toff, size, BME_FLAG_AUTO if bm.enabled else 0,
+                            bm.granularity.bit_length() - 1, bm.name))
+        raw = bitmap_store.build_directory(entries)
+        doff = self._alloc(-(-len(raw) // cs)) * cs
+        self.out.pwrite(doff, raw)
+        return BitmapsExt(len(entries), len(raw), doff)
+
     # -- resumable output (imaging) ---------------------------------------------------------
     def checkpoint(self) -> dict:
         """Write out what only memory holds (the partial unit, compressed bytes, the L2
@@ -465,6 +504,7 @@ class Qcow2Writer(ImageWriter):
         self._flush_cbuf()
         if self.l1_size:
             self.out.pwrite(cs, be_bytes(self.l1))
+        bitmaps = self._write_bitmaps()
         used = self.next_cluster
         table, blocks = refcount_layout(used, cs, self.geo.refcount_order)
         total = used + table + blocks
@@ -486,6 +526,9 @@ class Qcow2Writer(ImageWriter):
                 raw = all_ones_block(count, epb, order)
             self.out.pwrite((used + table + i) * cs, raw)
         h = self._header(used * cs, table)
+        if bitmaps is not None:
+            h.bitmaps = bitmaps
+            h.autoclear_features |= QCOW2_AUTOCLEAR_BITMAPS
         buf = h.build()
         self.out.pwrite(0, buf)
         self._preallocate(total * cs)
