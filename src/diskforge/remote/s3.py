@@ -144,7 +144,7 @@ def error(exc: BaseException, url: str, doing: str) -> ImageIOError:
                             url)
     code, status = _code(exc), _status(exc)
     if code in ("NoSuchKey", "404", "NotFound"):
-        return ImageIOError(f"Could not open '{url}': No such object", url)
+        return ImageIOError(f"Could not open '{url}': No such object")
     if code == "NoSuchBucket":
         return ImageIOError(f"{doing}: no such bucket", url)
     if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -182,6 +182,7 @@ class S3Backend:
 
     is_block_device = False
     writable = False
+    remote = True  # a whole image of its own, unlike a window into another file
 
     def __init__(self, url: str, *, block_size: int = BLOCK, inflight: int = INFLIGHT,
                  **options) -> None:
@@ -193,8 +194,14 @@ class S3Backend:
         self.block = block_size
         self.inflight = inflight
         self.client = client(options, pool=inflight + 2)
-        head = retrying(lambda: self.client.head_object(Bucket=self.bucket, Key=self.key),
-                        url, "reading the object's size (HEAD)")
+        try:
+            head = retrying(lambda: self.client.head_object(Bucket=self.bucket,
+                                                            Key=self.key),
+                            url, "reading the object's size (HEAD)")
+        except ImageIOError as e:
+            if "No such object" in str(e):  # a HEAD's 404 has no body to say which
+                self._bucket_exists()
+            raise
         self._size = int(head["ContentLength"])
         self.etag = head.get("ETag")
         self.closed = False
@@ -204,6 +211,13 @@ class S3Backend:
         self._end = -1                         # where the previous read ended
         self._pool = None
         self.requests = 0                      # GETs made (tests and bench read it)
+
+    def _bucket_exists(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:  # noqa: BLE001 - only a clear 404 changes the message
+            if _status(e) == 404 or _code(e) in ("404", "NoSuchBucket"):
+                raise ImageIOError("no such bucket", self.path) from None
 
     @property
     def size(self) -> int:
