@@ -228,8 +228,8 @@ def test_outputs_larger_than_a_part_upload_in_parts(s3, tmp_path, monkeypatch):
     need("qemu-img")
     monkeypatch.setenv("DISKFORGE_S3_PART_SIZE", str(PART))
     rnd = os.urandom(MiB)
-    src = make_sparse(str(tmp_path / "big.raw"), 23 * MiB + 4096,
-                      [(o * MiB, rnd) for o in range(0, 23, 2)] + [(23 * MiB, rnd[:4096])])
+    src = make_sparse(str(tmp_path / "big.raw"), 13 * MiB + 4096,
+                      [(o * MiB, rnd) for o in range(0, 13, 2)] + [(13 * MiB, rnd[:4096])])
     for kind, fmt, opts in [("raw", "raw", ()), ("qcow2", "qcow2", ()),
                             ("vmdk", "vmdk", ("-o", "subformat=streamOptimized"))]:
         url = f"s3://{s3.bucket}/big.{kind}"
@@ -317,10 +317,10 @@ def test_dd_and_export_targets_upload(s3, tmp_path):
     code, _, err = cli("export", "--to", "gcp", src, f"s3://{s3.bucket}/image.tar.gz")
     assert code == 0, err
     got = get(s3, "image.tar.gz", str(tmp_path / "image.tar.gz"))
-    with tarfile.open(got) as t:
-        member = t.extractfile("disk.raw").read()
-    assert member[:6 * MiB] == open(tmp_path / "src.raw", "rb").read()
-    assert member[6 * MiB:] == bytes(len(member) - 6 * MiB)
+    with tarfile.open(got) as t:  # GCP's disk.raw: whole GiB, an oldgnu sparse member
+        info = t.getmember("disk.raw")
+        assert info.size == 1 << 30 and info.issparse()
+        assert t.extractfile(info).read(6 * MiB) == open(tmp_path / "src.raw", "rb").read()
 
 
 # -- presigned URLs --------------------------------------------------------------------
@@ -339,7 +339,8 @@ def test_presign_prints_a_url_that_reads_the_object(s3, tmp_path):
 
 def test_a_presigned_url_converts_through_http(s3, tmp_path):
     try:
-        import diskforge.remote.http  # noqa: F401  (the HTTP backend, another branch)
+        import importlib
+        importlib.import_module("diskforge.remote.http")  # the HTTP backend (another branch)
     except ImportError:
         pytest.skip("diskforge.remote.http (the HTTP backend) is not merged yet")
     src = qemu_made(tmp_path, "qcow2")
