@@ -42,12 +42,8 @@ atexit.register(_stop)
 
 
 def _available() -> bool:
-    try:
-        import boto3  # noqa: F401
-        import moto.server  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from importlib.util import find_spec
+    return find_spec("boto3") is not None and find_spec("moto") is not None
 
 
 def _free_port() -> int:
@@ -95,7 +91,7 @@ _DOWNLOAD = ("import boto3, sys; boto3.client('s3', endpoint_url=sys.argv[1])"
 def _download_then_convert(ctx) -> list[str]:
     scratch = ctx.path("s3-download.qcow2")
     out = ctx.path("s3-out.raw")
-    script = (f'"$0" -c "$1" "$2" "$3" "$4" && qemu-img convert -O raw "$4" "$5";'
+    script = ('"$0" -c "$1" "$2" "$3" "$4" && qemu-img convert -O raw "$4" "$5";'
               ' s=$?; rm -f "$4"; exit $s')
     return ["sh", "-c", script, sys.executable, _DOWNLOAD, ctx.cache["s3"], BUCKET,
             scratch, out]

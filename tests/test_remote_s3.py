@@ -354,3 +354,23 @@ def test_a_presigned_url_converts_through_http(s3, tmp_path):
     assert code == 0, err
     assert sha256_file(remote) == sha256_file(local)
     assert url
+
+
+def test_imaging_to_s3_goes_on_without_checkpoints(s3, tmp_path):
+    """``image``'s checkpoints need a partial output that lasts: an upload has none, so
+    the run goes on without them and leaves no resume record, only the image and its
+    integrity record."""
+    import diskforge
+    from diskforge.ops.imaging import image
+    from diskforge.registry import get
+    src = source_raw(str(tmp_path / "d.raw"), 2 * MiB)
+    url = f"s3://{s3.bucket}/img/d.qcow2"
+    fmt = get("qcow2")
+    with diskforge.open(src) as dev:
+        writer = fmt.writer(url, dev.size, fmt.options.parse(""))
+        result = image(dev, writer, url, fmt_name="qcow2", chunk=64 << 10,
+                       checkpoint_every=256 << 10)
+    assert sorted(keys(s3)) == ["img/d.qcow2", "img/d.qcow2.integrity.json"]
+    assert result.sha256 == hashlib.sha256(open(src, "rb").read()).hexdigest()
+    assert cli("compare", src, url)[0] == 0
+    assert pending_uploads(s3) == []

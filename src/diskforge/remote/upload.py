@@ -36,6 +36,15 @@ from ..errors import ImageIOError, UnsupportedError
 MAX_PARTS = 10_000
 
 
+def _no_checkpoints(durable: bool, target: str) -> None:
+    """A durable flush is a writer's checkpoint (``image``'s resumable runs): nothing of
+    an upload lasts before it completes, so say so, and imaging goes on without
+    checkpoints (``ops/imaging.py`` takes UnsupportedError so)."""
+    if durable:
+        raise UnsupportedError("not supported yet: checkpoints of an upload (an"
+                               " interrupted run to object storage starts again)", target)
+
+
 def upload_class(stream: bool) -> type:
     return StreamUpload if stream else SpoolUpload
 
@@ -73,6 +82,9 @@ class SpoolUpload(AtomicFile):
 
     def use_direct_io(self) -> bool:
         return False
+
+    def flush(self, *, durable: bool = True) -> None:
+        _no_checkpoints(durable, self.target)
 
     def commit(self, *, durable: bool | None = None) -> None:
         """Upload the spool, then make the object appear."""
@@ -234,7 +246,7 @@ class StreamUpload(AtomicFile):
         return False
 
     def flush(self, *, durable: bool = True) -> None:
-        pass
+        _no_checkpoints(durable, self.target)
 
     def commit(self, *, durable: bool | None = None) -> None:
         """Send what is left and the first part, then make the object appear."""
