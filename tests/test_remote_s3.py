@@ -132,6 +132,7 @@ def test_ranged_reads_with_readahead_return_the_object(s3, tmp_path):
         for off, n in [(299_000, 5000), (5, 70000), (16383, 2), (0, 1), (150_000, 40000)]:
             assert b.pread(off, n) == data[off:off + n]
         assert b.pread(len(data), 10) == b""
+        assert b.pread(0, len(data)) == data  # one read over more blocks than are kept
         assert list(b.data_ranges(0, 1 << 40)) == [(0, len(data), True)]
 
 
@@ -374,3 +375,31 @@ def test_imaging_to_s3_goes_on_without_checkpoints(s3, tmp_path):
     assert result.sha256 == hashlib.sha256(open(src, "rb").read()).hexdigest()
     assert cli("compare", src, url)[0] == 0
     assert pending_uploads(s3) == []
+
+
+def test_credentials_profile_and_endpoint_come_from_the_standard_places(s3, tmp_path,
+                                                                        monkeypatch):
+    """AWS_PROFILE with the config files, AWS_ENDPOINT_URL_S3, then --s3-endpoint; and
+    with no credentials anywhere, one line saying where they are looked for."""
+    src = make_sparse(str(tmp_path / "c.raw"), MiB, [(0, b"boot" * 128)])
+    url = put(s3, "c.raw", src)
+    config, creds = tmp_path / "config", tmp_path / "credentials"
+    config.write_text("[profile df]\nregion = us-east-1\n")
+    creds.write_text("[df]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_PROFILE", "df")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("DISKFORGE_S3_ENDPOINT", "")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
+    code, out, err = cli("info", url)
+    assert code == 0 and "virtual size: 1 MiB" in out, err
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    code, out, err = cli("--s3-endpoint", s3.endpoint, "info", url)
+    assert code == 0 and "virtual size: 1 MiB" in out, err
+    monkeypatch.delenv("AWS_PROFILE")
+    code, _, err = cli("--s3-endpoint", s3.endpoint, "info", url)
+    one_line_error(code, err)
+    assert "no AWS credentials" in err

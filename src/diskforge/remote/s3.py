@@ -17,8 +17,8 @@ Reading (:class:`S3Backend`): one HEAD for the size and ETag, then ranged GETs o
 ``BLOCK`` bytes. A read that continues where the previous one ended starts readahead:
 the next ``inflight`` blocks are fetched by a small thread pool while the caller works
 on the current one, as nbdcopy keeps several requests in flight. Cached and pending
-blocks are capped (``2 * inflight + 2``), so memory is bounded by the requests in
-flight, never by the object's size. Every GET carries ``If-Match: ETAG``: an object
+blocks are capped (``inflight + 2``: 48 MiB by default; those behind the reader go
+first), so memory is bounded by the requests in flight, never by the object's size. Every GET carries ``If-Match: ETAG``: an object
 replaced mid-read fails with one clear line instead of mixing two versions into the
 output. Transient failures (connection drops, timeouts, a short body, 5xx, throttling)
 are retried with exponential backoff; botocore's own retries cover failures before the
@@ -39,6 +39,7 @@ import os
 import random
 import threading
 import time
+from concurrent.futures import CancelledError
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ImageIOError, UsageError
@@ -207,7 +208,7 @@ class S3Backend:
         self.closed = False
         self._lock = threading.Lock()
         self._blocks: dict[int, object] = {}   # block index -> Future[bytes], LRU order
-        self._limit = 2 * inflight + 2
+        self._limit = inflight + 2             # the one being read, those ahead, one behind
         self._end = -1                         # where the previous read ended
         self._pool = None
         self.requests = 0                      # GETs made (tests and bench read it)
@@ -258,9 +259,10 @@ class S3Backend:
 
         return retrying(attempt, self.path, f"reading bytes {start}-{end - 1}")
 
-    def _future(self, index: int):
+    def _future(self, index: int, reading: int | None = None):
         """The (possibly pending) block ``index``, most recently used last; the caller
-        holds ``_lock``."""
+        holds ``_lock``. Over the cap, blocks outside the window around the block being
+        read (``reading``: one behind, ``inflight`` ahead) go first, oldest first."""
         fut = self._blocks.pop(index, None)
         if fut is None:
             if self._pool is None:
@@ -269,9 +271,13 @@ class S3Backend:
                                                 thread_name_prefix="diskforge-s3")
             fut = self._pool.submit(self._get, index)
         self._blocks[index] = fut
-        while len(self._blocks) > self._limit:
-            oldest = next(iter(self._blocks))
-            self._blocks.pop(oldest).cancel()
+        if len(self._blocks) > self._limit:
+            at = index if reading is None else reading
+            keys = [k for k in self._blocks if k != index]
+            victims = [k for k in keys if not at - 1 <= k <= at + self.inflight]
+            victims += [k for k in keys if k not in victims]
+            for k in victims[:len(self._blocks) - self._limit]:
+                self._blocks.pop(k).cancel()
         return fut
 
     def readinto(self, offset: int, buf) -> int:
@@ -283,18 +289,22 @@ class S3Backend:
         if n == 0 or offset < 0:
             return 0
         first, last = offset // self.block, (offset + n - 1) // self.block
+        nblocks = -(-self._size // self.block)
         with self._lock:
-            sequential = offset == self._end  # continues the previous read
-            futures = [(i, self._future(i)) for i in range(first, last + 1)]
-            if sequential:  # readahead: keep the next blocks coming
-                stop = min(last + 1 + self.inflight, -(-self._size // self.block))
-                for i in range(last + 1, stop):
-                    if i not in self._blocks:
-                        self._future(i)
+            sequential = offset == self._end  # continues the previous read: read ahead
             self._end = offset + n
         done = 0
-        for i, fut in futures:
-            data = fut.result()
+        for i in range(first, last + 1):  # one block at a time: a huge read stays bounded
+            with self._lock:
+                fut = self._future(i)
+                if sequential:
+                    for k in range(i + 1, min(i + 1 + self.inflight, nblocks)):
+                        if k not in self._blocks:
+                            self._future(k, i)
+            try:
+                data = fut.result()
+            except CancelledError:  # evicted by another thread's reads meanwhile
+                data = self._get(i)
             lo = max(offset, i * self.block) - i * self.block
             hi = min(offset + n, (i + 1) * self.block) - i * self.block
             mv[done:done + hi - lo] = data[lo:hi]

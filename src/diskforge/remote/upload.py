@@ -122,8 +122,7 @@ class StreamUpload(AtomicFile):
     sent as zeros when the part holding it is cut."""
 
     remote = True
-    is_block_device = False
-    fd = -1
+    is_block_device = False  # and no ``fd``: what needs a file (-C) says not supported
 
     def __init__(self, target: str, *, mode: int = 0o644, zero_fill: bool = True,
                  trailer: str | None = None, sidecar: bool = False,
