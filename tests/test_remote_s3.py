@@ -341,7 +341,7 @@ def test_presign_prints_a_url_that_reads_the_object(s3, tmp_path):
 def test_a_presigned_url_converts_through_http(s3, tmp_path):
     try:
         import importlib
-        importlib.import_module("diskforge.remote.http")  # the HTTP backend (another branch)
+        importlib.import_module("diskforge.remote.http")  # the HTTP backend
     except ImportError:
         pytest.skip("diskforge.remote.http (the HTTP backend) is not merged yet")
     src = qemu_made(tmp_path, "qcow2")

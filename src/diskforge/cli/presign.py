@@ -17,7 +17,8 @@ def cmd_presign(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("presign", help="print a presigned HTTPS GET URL for an s3:// object")
+    p = sub.add_parser("presign",
+                       help="print a presigned HTTPS GET URL for an s3:// object")
     p.add_argument("--expires", type=int, default=3600, metavar="SECONDS",
                    help="how long the URL works (default 3600; at most 604800, 7 days)")
     p.add_argument("url", metavar="s3://BUCKET/KEY")

@@ -1,36 +1,36 @@
 """``s3://bucket/key``: images read from and written to S3 and S3-compatible stores.
 
-Library: boto3 (botocore), the standard client. It already does what must not be
-written again here: the credential chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
+Library: boto3 (botocore), the standard client. It already does what must not be written
+again here: the credential chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
 /``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``~/.aws/config``/``credentials``, instance
-roles), SigV4 signing, region resolution and the ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL`` endpoint variables. It is the optional extra ``diskforge[s3]`` and
-is imported only when an ``s3://`` name is used.
+roles), SigV4 signing and region resolution. It is the optional extra ``diskforge[s3]``
+and is imported only when an ``s3://`` name is used.
 
 Endpoint, in order: ``endpoint_url=`` given to :func:`open_backend`/:func:`open_upload`,
 ``DISKFORGE_S3_ENDPOINT`` (what the global ``--s3-endpoint URL`` option sets, so child
-processes of a batch see it too), then botocore's own ``AWS_ENDPOINT_URL_S3`` and
-``AWS_ENDPOINT_URL``. With an explicit endpoint (MinIO, Ceph, moto, R2) requests use
-path-style addressing, which every S3-compatible server takes.
+processes of a batch see it too), then the standard ``AWS_ENDPOINT_URL_S3`` and
+``AWS_ENDPOINT_URL``, then the profile's own setting. With an explicit endpoint (MinIO,
+Ceph, moto, R2) requests use path-style addressing, which every S3-compatible server
+takes.
 
 Reading (:class:`S3Backend`): one HEAD for the size and ETag, then ranged GETs of
 ``BLOCK`` bytes. A read that continues where the previous one ended starts readahead:
 the next ``inflight`` blocks are fetched by a small thread pool while the caller works
 on the current one, as nbdcopy keeps several requests in flight. Cached and pending
 blocks are capped (``inflight + 2``: 48 MiB by default; those behind the reader go
-first), so memory is bounded by the requests in flight, never by the object's size. Every GET carries ``If-Match: ETAG``: an object
-replaced mid-read fails with one clear line instead of mixing two versions into the
-output. Transient failures (connection drops, timeouts, a short body, 5xx, throttling)
-are retried with exponential backoff; botocore's own retries cover failures before the
-body, ours the body itself.
+first), so memory is bounded by the requests in flight, never by the object's size.
+Every GET carries ``If-Match: ETAG``: an object replaced mid-read fails with one clear
+line instead of mixing two versions into the output. Transient failures (connection
+drops, timeouts, a short body, 5xx, throttling) are retried with exponential backoff;
+botocore's own retries cover failures before the body, ours the body itself.
 
 Writing (:class:`S3Upload`): a multipart upload whose parts are uploaded by a bounded
 pool while the writer goes on (parts may be uploaded in any order: S3 assembles them by
 number, which lets a streamed output send its first part, the one holding headers
 patched at the end, last). An output of one part or less is one PUT. The object appears
-only when the upload completes; ``abort()`` (AbortMultipartUpload) on any failure
-leaves nothing under the key and no pending upload. ``remote/upload.py`` turns this into
-an output file for the writers (streamed or spooled).
+only when the upload completes; ``abort()`` (AbortMultipartUpload) on any failure leaves
+nothing under the key and no pending upload. ``remote/upload.py`` turns this into an
+output file for the writers (streamed or spooled).
 """
 
 from __future__ import annotations
@@ -79,9 +79,15 @@ def parse(url: str) -> tuple[str, str]:
 
 
 def endpoint(options: dict) -> str | None:
-    """The endpoint URL to use, or None for botocore's own choice (AWS, or the
-    ``AWS_ENDPOINT_URL*`` variables it reads itself)."""
-    return options.get("endpoint_url") or os.environ.get("DISKFORGE_S3_ENDPOINT") or None
+    """The endpoint URL to use, or None for botocore's own choice (AWS, or an
+    ``endpoint_url`` in the profile). The ``AWS_ENDPOINT_URL*`` variables are read
+    here too, so botocore releases older than their support (1.31) honour them."""
+    env = os.environ.get
+    for value in (options.get("endpoint_url"), env("DISKFORGE_S3_ENDPOINT"),
+                  env("AWS_ENDPOINT_URL_S3"), env("AWS_ENDPOINT_URL")):
+        if value:
+            return value
+    return None
 
 
 def client(options: dict | None = None, *, pool: int = INFLIGHT + 2):
@@ -89,18 +95,16 @@ def client(options: dict | None = None, *, pool: int = INFLIGHT + 2):
     options = options or {}
     boto3, botocore = _boto()
     url = endpoint(options)
-    explicit = url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL")
     config = botocore.config.Config(
         signature_version="s3v4",
         retries={"max_attempts": 4, "mode": "standard"},
         max_pool_connections=pool,
         connect_timeout=20, read_timeout=60,
-        s3={"addressing_style": "path"} if explicit else None)
+        s3={"addressing_style": "path"} if url else None)
     try:
         session = boto3.session.Session(profile_name=options.get("profile"))
         region = options.get("region") or session.region_name
-        if region is None and explicit:
+        if region is None and url:
             region = "us-east-1"  # S3-compatible servers take any; SigV4 needs one
         return session.client("s3", endpoint_url=url, region_name=region, config=config)
     except botocore.exceptions.BotoCoreError as e:  # unknown profile, bad endpoint URL
