@@ -403,3 +403,34 @@ def test_credentials_profile_and_endpoint_come_from_the_standard_places(s3, tmp_
     code, _, err = cli("--s3-endpoint", s3.endpoint, "info", url)
     one_line_error(code, err)
     assert "no AWS credentials" in err
+
+
+def test_a_server_that_goes_away_briefly_is_retried(s3, tmp_path):
+    """The server stops (connections refused) and comes back on the same port a moment
+    later, keeping its objects: the read in between succeeds through the retries."""
+    import threading
+    from diskforge.remote.s3 import S3Backend
+    data = os.urandom(200_000)
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket=s3.bucket, Key="r",
+                                                          Body=data)
+    again = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port,
+                                           verbose=False)
+    try:
+        with S3Backend(f"s3://{s3.bucket}/r", block_size=65536, inflight=1,
+                       endpoint_url=endpoint) as b:
+            assert b.pread(0, 10) == data[:10]
+            srv.stop()
+            srv._server.server_close()  # stop() leaves the socket listening
+            threading.Timer(0.3, again.start).start()
+            assert b.pread(100_000, 50_000) == data[100_000:150_000]
+    finally:
+        deadline = time.monotonic() + 30
+        while again._server is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if again._server is not None:
+            again.stop()
+            again._server.server_close()
