@@ -89,9 +89,9 @@ class AtomicFile(FileBackend):
     def __new__(cls, target: "str | os.PathLike | None" = None, *args, **kwargs):
         if cls is AtomicFile and isinstance(target, str) and "://" in target:
             from .remote import is_remote
-            if is_remote(target):
-                from .remote.upload import upload_class
-                return object.__new__(upload_class(kwargs.get("stream", False)))
+            if is_remote(target):  # not an AtomicFile, so __init__ is not run on it
+                from .remote.upload import open_output
+                return open_output(target, unfinished=_UNFINISHED, **kwargs)
         return object.__new__(cls)
 
     def __init__(self, target: str | os.PathLike, *, mode: int = 0o644,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 
-from ..atomic import _UNFINISHED, AtomicFile
 from ..blockdev import FileBackend
 from ..errors import ImageIOError, UnsupportedError
 
@@ -45,8 +44,12 @@ def _no_checkpoints(durable: bool, target: str) -> None:
                                " interrupted run to object storage starts again)", target)
 
 
-def upload_class(stream: bool) -> type:
-    return StreamUpload if stream else SpoolUpload
+def open_output(target: str, *, unfinished: set, stream: bool = False, **kwargs):
+    """The output ``AtomicFile(target, stream=...)`` stands for (``atomic.py``).
+    ``unfinished`` is atomic's set of outputs to discard if the process is ended
+    before they are (passed in, so this module does not import ``atomic``)."""
+    cls = StreamUpload if stream else SpoolUpload
+    return cls(target, unfinished)
 
 
 def _open_upload(target: str):
@@ -59,15 +62,13 @@ def _part_size() -> int:
     return part_size_from_environment()
 
 
-class SpoolUpload(AtomicFile):
+class SpoolUpload(FileBackend):
     """A spooled upload (see the module docstring): a real, unnamed temporary file, so
     every writer (and anything it does with ``fd``) works as on a local file."""
 
     remote = True
 
-    def __init__(self, target: str, *, mode: int = 0o644, zero_fill: bool = True,
-                 trailer: str | None = None, sidecar: bool = False,
-                 stream: bool = False) -> None:
+    def __init__(self, target: str, unfinished: set) -> None:
         import tempfile
         self.target = target
         self.committed = False
@@ -77,7 +78,8 @@ class SpoolUpload(AtomicFile):
         self.part_size = _part_size()
         fd, spool = tempfile.mkstemp(prefix="diskforge-spool-")
         os.unlink(spool)
-        _UNFINISHED.add(self)
+        self._unfinished = unfinished
+        unfinished.add(self)
         FileBackend.__init__(self, target, writable=True, fd=fd, lock=False)
 
     def use_direct_io(self) -> bool:
@@ -102,11 +104,11 @@ class SpoolUpload(AtomicFile):
             self.discard()
             raise
         self.committed = True
-        _UNFINISHED.discard(self)
+        self._unfinished.discard(self)
         self.close()
 
     def discard(self) -> None:
-        _UNFINISHED.discard(self)
+        self._unfinished.discard(self)
         self.close()
         if not self.committed:
             self.upload.abort()
@@ -115,8 +117,15 @@ class SpoolUpload(AtomicFile):
         raise UnsupportedError("not supported yet: resuming an upload (an interrupted"
                                " run to object storage starts again)", self.target)
 
+    def __enter__(self):
+        return self
 
-class StreamUpload(AtomicFile):
+    def __exit__(self, exc_type, exc, tb) -> None:  # as AtomicFile: a failure discards
+        if exc_type is not None:
+            self.discard()
+
+
+class StreamUpload:
     """A streamed upload (see the module docstring). ``size`` is the highest offset
     written or truncated to; what lies between written ranges reads as zeros and is
     sent as zeros when the part holding it is cut."""
@@ -124,9 +133,7 @@ class StreamUpload(AtomicFile):
     remote = True
     is_block_device = False  # and no ``fd``: what needs a file (-C) says not supported
 
-    def __init__(self, target: str, *, mode: int = 0o644, zero_fill: bool = True,
-                 trailer: str | None = None, sidecar: bool = False,
-                 stream: bool = True) -> None:
+    def __init__(self, target: str, unfinished: set) -> None:
         self.path = self.target = target
         self.writable = True
         self.committed = False
@@ -140,7 +147,8 @@ class StreamUpload(AtomicFile):
         self.number = 2                 # the next part to send
         self.end = 0                    # the output's size so far
         self.closed = False
-        _UNFINISHED.add(self)
+        self._unfinished = unfinished
+        unfinished.add(self)
 
     def _part_len(self, number: int) -> int:
         """Part ``number``'s size: the base size, doubled every 1,000 parts so an output
@@ -263,11 +271,11 @@ class StreamUpload(AtomicFile):
             self.discard()
             raise
         self.committed = True
-        _UNFINISHED.discard(self)
+        self._unfinished.discard(self)
         self.close()
 
     def discard(self) -> None:
-        _UNFINISHED.discard(self)
+        self._unfinished.discard(self)
         if not self.committed:
             self.upload.abort()
         self.close()
@@ -275,6 +283,13 @@ class StreamUpload(AtomicFile):
     def detach(self) -> None:
         raise UnsupportedError("not supported yet: resuming an upload (an interrupted"
                                " run to object storage starts again)", self.target)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # as AtomicFile: a failure discards
+        if exc_type is not None:
+            self.discard()
 
     def close(self) -> None:
         self.closed = True
