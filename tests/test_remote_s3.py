@@ -434,3 +434,28 @@ def test_a_server_that_goes_away_briefly_is_retried(s3, tmp_path):
         if again._server is not None:
             again.stop()
             again._server.server_close()
+
+
+def test_a_streamed_upload_takes_patches_to_its_first_part_only(s3, monkeypatch):
+    """Headers patched at the end land in part 1 (sent last); a write further back,
+    into a part already sent, fails and the upload is aborted, never corrupted."""
+    from diskforge.atomic import AtomicFile
+    from diskforge.errors import UnsupportedError
+    monkeypatch.setenv("DISKFORGE_S3_PART_SIZE", str(PART))
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    out = AtomicFile(f"s3://{s3.bucket}/s.raw", stream=True)
+    for i in range(12):
+        out.pwrite(i * MiB, chunk)
+    out.pwrite(0, b"HEADER")
+    with pytest.raises(UnsupportedError, match="already uploaded"):
+        out.pwrite(6 * MiB, b"late")
+    out.discard()
+    assert keys(s3) == [] and pending_uploads(s3) == []
+    with AtomicFile(f"s3://{s3.bucket}/s.raw", stream=True) as out:
+        for i in range(12):
+            out.pwrite(i * MiB, chunk)
+        out.pwrite(0, b"HEADER")
+        out.truncate(13 * MiB)  # a zero tail, sent as zeros
+        out.commit()
+    body = s3.get_object(Bucket=s3.bucket, Key="s.raw")["Body"].read()
+    assert body == b"HEADER" + (chunk * 12)[6:] + bytes(MiB)

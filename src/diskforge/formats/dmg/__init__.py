@@ -57,7 +57,8 @@ class DmgFormat(Format):
 
     def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
         if backend is not None:  # a remote object (remote/): read through its backend
-            if not getattr(backend, "remote", False):
+            from ...remote import is_remote
+            if not is_remote(path):  # a window onto part of another file (an OVA member)
                 backend.close()
                 raise UnsupportedError("not supported yet: reading a DMG stored inside"
                                        " another file", path)
