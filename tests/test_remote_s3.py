@@ -459,3 +459,24 @@ def test_a_streamed_upload_takes_patches_to_its_first_part_only(s3, monkeypatch)
         out.commit()
     body = s3.get_object(Bucket=s3.bucket, Key="s.raw")["Body"].read()
     assert body == b"HEADER" + (chunk * 12)[6:] + bytes(MiB)
+
+
+def test_an_overlay_written_to_s3_names_its_base_beside_it(s3, tmp_path):
+    """``convert -B base.qcow2 ... s3://b/dir/delta.qcow2``: the base is the object
+    beside the new image, as qemu-img resolves a relative -B; only what differs is
+    uploaded, and the chain reads back whole."""
+    need("qemu-img")
+    base = qemu_made(tmp_path, "qcow2")
+    put(s3, "ch/base.qcow2", base)
+    mod = str(tmp_path / "src.raw")  # qemu_made's raw, changed in one cluster
+    with open(mod, "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"changed!" * 512)
+    url = f"s3://{s3.bucket}/ch/delta.qcow2"
+    code, _, err = cli("convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", mod, url)
+    assert code == 0, err
+    code, out, err = cli("info", url)
+    assert "backing file: base.qcow2" in out, err
+    assert cli("compare", mod, url)[0] == 0
+    got = get(s3, "ch/delta.qcow2", str(tmp_path / "delta.qcow2"))
+    assert os.path.getsize(got) < os.path.getsize(base)

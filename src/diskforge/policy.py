@@ -167,6 +167,18 @@ def beside(image: str | os.PathLike, name: str) -> str:
     checks on where it may lead."""
     if os.path.isabs(name):
         return name
+    image = os.fspath(image)
+    if "://" in name or "://" in image:  # remote names: URLs resolve against URLs
+        from .remote import is_remote
+        if is_remote(name):
+            return name
+        if is_remote(image):
+            import posixpath
+            scheme, _, rest = image.partition("://")
+            host, _, path = rest.partition("/")
+            joined = posixpath.normpath(posixpath.join(posixpath.dirname("/" + path),
+                                                       name))
+            return f"{scheme}://{host}{joined}"
     return os.path.join(os.path.dirname(os.path.abspath(image)), name)
 
 
