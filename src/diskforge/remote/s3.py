@@ -14,11 +14,11 @@ Ceph, moto, R2) requests use path-style addressing, which every S3-compatible se
 takes.
 
 Reading (:class:`S3Backend`): one HEAD for the size and ETag, then ranged GETs of
-``BLOCK`` bytes. A read that continues where the previous one ended starts readahead:
-the next ``inflight`` blocks are fetched by a small thread pool while the caller works
-on the current one, as nbdcopy keeps several requests in flight. Cached and pending
-blocks are capped (``inflight + 2``: 48 MiB by default; those behind the reader go
-first), so memory is bounded by the requests in flight, never by the object's size.
+``BLOCK`` bytes. A read that moves on from where the previous one ended starts
+readahead: the next ``inflight`` blocks are fetched by a small thread pool while the
+caller works on the current one, as nbdcopy keeps several requests in flight. Cached and
+pending blocks are capped (``inflight + 2``: 48 MiB by default; those behind the reader
+go first), so memory is bounded by the requests in flight, never by the object's size.
 Every GET carries ``If-Match: ETAG``: an object replaced mid-read fails with one clear
 line instead of mixing two versions into the output. Transient failures (connection
 drops, timeouts, a short body, 5xx, throttling) are retried with exponential backoff;
@@ -213,7 +213,7 @@ class S3Backend:
         self._lock = threading.Lock()
         self._blocks: dict[int, object] = {}   # block index -> Future[bytes], LRU order
         self._limit = inflight + 2             # the one being read, those ahead, one behind
-        self._end = -1                         # where the previous read ended
+        self._start = self._end = -(1 << 62)   # the previous read's range
         self._pool = None
         self.requests = 0                      # GETs made (tests and bench read it)
 
@@ -295,8 +295,10 @@ class S3Backend:
         first, last = offset // self.block, (offset + n - 1) // self.block
         nblocks = -(-self._size // self.block)
         with self._lock:
-            sequential = offset == self._end  # continues the previous read: read ahead
-            self._end = offset + n
+            # moving forward from the previous read, at most a little past its end (a
+            # compressed cluster's sectors overlap the next one's): read ahead
+            sequential = self._start <= offset <= self._end + (64 << 10)
+            self._start, self._end = offset, offset + n
         done = 0
         for i in range(first, last + 1):  # one block at a time: a huge read stays bounded
             with self._lock:
