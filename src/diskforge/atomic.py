@@ -77,11 +77,26 @@ class AtomicFile(FileBackend):
     must end the file (VHD footer, UDIF koly), for formats that therefore cannot be
     written onto a device. ``sidecar``: a small record beside an image (integrity
     record, bad-sector map, resume state, manifest), never written onto a device.
+
+    A ``target`` that is a remote name (``s3://bucket/key``) gives an upload with the
+    same interface instead (``remote/upload.py``): ``stream=True`` says the writer
+    only appends (apart from rewriting its first few MiB, headers patched at the
+    end), so the output is uploaded as it is produced; otherwise it is spooled to a
+    temporary file in ``$TMPDIR`` and uploaded at ``commit()``. Locally ``stream``
+    changes nothing.
     """
+
+    def __new__(cls, target: "str | os.PathLike | None" = None, *args, **kwargs):
+        if cls is AtomicFile and isinstance(target, str) and "://" in target:
+            from .remote import is_remote
+            if is_remote(target):  # not an AtomicFile, so __init__ is not run on it
+                from .remote.upload import open_output
+                return open_output(target, unfinished=_UNFINISHED, **kwargs)
+        return object.__new__(cls)
 
     def __init__(self, target: str | os.PathLike, *, mode: int = 0o644,
                  zero_fill: bool = True, trailer: str | None = None,
-                 sidecar: bool = False):
+                 sidecar: bool = False, stream: bool = False):
         self.target = final_path(target)
         self.committed = False
         self.in_place = False

@@ -112,6 +112,10 @@ class OpenPolicy:
             raise SafetyError(f"empty {what} name", referrer)
         if "\0" in reference:
             raise SafetyError(f"{what} name contains a NUL byte", referrer)
+        if "://" in referrer:
+            from .remote import is_remote
+            if is_remote(referrer):
+                return _resolve_remote(referrer, reference, what)
         base_dir = os.path.dirname(os.path.abspath(referrer))
         path = beside(referrer, reference)
         real = os.path.realpath(path)
@@ -148,7 +152,7 @@ class OpenPolicy:
 
     def descend(self, path: str) -> "OpenPolicy":
         """The policy for opening ``path`` one level further down the chain."""
-        real = os.path.realpath(path)
+        real = path if "://" in path else os.path.realpath(path)  # a URL is its own name
         if real in self.chain:
             raise SafetyError("backing chain loop: this file is already in the chain", path)
         if len(self.chain) >= self.max_depth:
@@ -163,8 +167,44 @@ def beside(image: str | os.PathLike, name: str) -> str:
     checks on where it may lead."""
     if os.path.isabs(name):
         return name
+    image = os.fspath(image)
+    if "://" in name or "://" in image:  # remote names: URLs resolve against URLs
+        from .remote import is_remote
+        if is_remote(name):
+            return name
+        if is_remote(image):
+            import posixpath
+            scheme, _, rest = image.partition("://")
+            host, _, path = rest.partition("/")
+            joined = posixpath.normpath(posixpath.join(posixpath.dirname("/" + path),
+                                                       name))
+            return f"{scheme}://{host}{joined}"
     return os.path.join(os.path.dirname(os.path.abspath(image)), name)
 
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _resolve_remote(referrer: str, reference: str, what: str) -> str:
+    """A name written inside a remote image (``s3://bucket/dir/img``) resolves only to
+    an object under the image's own prefix (``s3://bucket/dir/``): relative names
+    against it, full URLs only when they stay under it; never a local file, whatever
+    the mode (a remote image is always untrusted)."""
+    import posixpath
+    from urllib.parse import urlsplit
+    ref = urlsplit(referrer)
+    prefix = posixpath.dirname(ref.path)
+    if "://" in reference:
+        other = urlsplit(reference)
+        same = (other.scheme.lower(), other.netloc) == (ref.scheme.lower(), ref.netloc)
+        path = posixpath.normpath(other.path) if same else None
+    elif reference.startswith("/"):
+        path = None
+    else:
+        path = posixpath.normpath(posixpath.join(prefix, reference))
+    if path is None or not path.startswith(prefix.rstrip("/") + "/"):
+        raise SafetyError(f"{what} '{reference}' is not an object beside the image; a"
+                          f" remote image may name only objects under"
+                          f" {ref.scheme}://{ref.netloc}{prefix}/", referrer)
+    return f"{ref.scheme}://{ref.netloc}{path}"

@@ -15,9 +15,7 @@ from ..untrusted import CpuTimeExceeded
 
 # subcommand group modules, each with add_parsers(subparsers)
 GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "bench", "imaging", "verify",
-          "formats_cmd", "hypervisor", "iso", "export", "batch")
-
-GROUPS += ("bitmap",)  # (its own line: the list above is where other groups join)
+          "formats_cmd", "hypervisor", "iso", "export", "batch", "bitmap", "presign")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="for images uploaded by others: confine the files they name,"
                         " refuse raw backing files, limit memory and CPU time (also"
                         " DISKFORGE_UNTRUSTED=1)")
+    parser.add_argument("--s3-endpoint", metavar="URL",
+                        help="the S3-compatible server for s3:// names (MinIO, Ceph...);"
+                        " default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS")
     parser.add_argument("-V", "--version", action=_VersionAction, nargs=0,
                         help="show diskforge's version and the qemu-img version whose"
                         " interface it follows, and exit")
@@ -166,6 +167,9 @@ def _main(argv: list[str] | None) -> int:
     if args.sync or getattr(args, "flush_output", False) or "diskforge.atomic" in sys.modules:
         from ..atomic import set_durable  # per command: main() may run many in a process
         set_durable(args.sync or getattr(args, "flush_output", False))
+    if args.s3_endpoint:  # read by remote/s3.py, and inherited by child processes
+        import os
+        os.environ["DISKFORGE_S3_ENDPOINT"] = args.s3_endpoint
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary outputs on kill
     error_status = getattr(args, "error_status", 1)
     try:

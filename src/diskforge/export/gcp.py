@@ -84,7 +84,7 @@ def write_sparse_targz(source: BlockDevice, out: str, size: int, member: str,
     check_alloc(len(regions) // 2 * 128, out, "GNU sparse map", "regions")
     pairs = [(regions[i], regions[i + 1]) for i in range(0, len(regions), 2)]
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
-    f = AtomicFile(out)
+    f = AtomicFile(out, stream=True)
     try:
         pos = [0]
 

@@ -39,6 +39,12 @@ def export_with(source: BlockDevice, out: str, opts: ExportOptions,
                 progress: Progress | None, **machine) -> list[str]:
     """The qcow2 + domain XML pair, with the target's machine settings."""
     from ..atomic import AtomicFile
+    from ..remote import is_remote
+    if is_remote(out):
+        from ..errors import UnsupportedError
+        raise UnsupportedError("not supported yet: this export to object storage (its"
+                               " domain XML names the disk by its local path); export"
+                               " to a local folder instead", out)
     xml_path = sibling(out, ".xml")
     if os.path.abspath(xml_path) == os.path.abspath(out):
         from ..errors import UsageError

@@ -79,6 +79,12 @@ def _work_folder(out: str) -> tuple[str, int]:
     import sys
 
     from ..errors import printable
+    from ..remote import is_remote
+    if is_remote(out):  # an upload: the disk is staged in $TMPDIR, the tar streamed
+        folder = tempfile.mkdtemp(prefix=".diskforge-ova.", suffix=WORK_SUFFIX)
+        fd = os.open(os.path.join(folder, "lock"), os.O_CREAT | os.O_EXCL | os.O_RDWR,
+                     0o600)
+        return folder, fd
     directory, base = os.path.split(os.path.abspath(out))
     for entry in os.listdir(directory):
         if not (entry.startswith(f".{base}.") and entry.endswith(WORK_SUFFIX)):

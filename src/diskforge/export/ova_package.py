@@ -49,7 +49,7 @@ def write_ova(out: str, files: list[tuple[str, bytes | str]]) -> None:
     path of a file to copy; written beside ``out`` and renamed into place."""
     from ..atomic import AtomicFile
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
-    f = AtomicFile(out)
+    f = AtomicFile(out, stream=True)
     try:
         pos = 0
         for name, content in files:

@@ -83,12 +83,13 @@ class RawWriter(ImageWriter):
         if resume_from is not None:  # an interrupted run's partial file, as it was
             self.out = AtomicFile.reopen(path, resume_from)
         else:  # a block device is written in place; this writer zeroes its zero runs
-            self.out = AtomicFile(path, zero_fill=False)
+            self.out = AtomicFile(path, zero_fill=False, stream=True)
         self.in_place = self.out.in_place
         try:
             self.out.truncate(size)  # on a device: refused when it is too small
             if resume_from is None and not self.in_place \
-                    and options.preallocation == "falloc" and size:
+                    and options.preallocation == "falloc" and size \
+                    and not getattr(self.out, "remote", False):
                 from .._fallocate import allocate
                 allocate(self.out.fd, 0, size)
         except BaseException:

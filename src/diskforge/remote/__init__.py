@@ -53,3 +53,12 @@ def _module(name: str):
 def open_backend(url: str, **options):
     """An open read backend for ``url`` (see the module docstring)."""
     return _module(url).open_backend(url, **options)
+
+
+def open_upload(url: str, **options):
+    """A new upload to ``url`` (``part``/``put``/``complete``/``abort``); the outputs
+    over it are in ``remote/upload.py``. Only schemes that write have one."""
+    module = _module(url)
+    if not hasattr(module, "open_upload"):
+        raise UsageError(f"not supported yet: writing to {scheme_of(url)}:// names", url)
+    return module.open_upload(url, **options)

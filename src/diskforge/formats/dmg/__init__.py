@@ -56,17 +56,25 @@ class DmgFormat(Format):
         return 0
 
     def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
-        if backend is not None:
-            backend.close()
-            raise UnsupportedError("not supported yet: reading a DMG stored inside another"
-                                   " file", path)
-        from ...registry import read_probe_window
-        head, tail, _ = read_probe_window(path)
+        if backend is not None:  # a remote object (remote/): read through its backend
+            from ...remote import is_remote
+            if not is_remote(path):  # a window onto part of another file (an OVA member)
+                backend.close()
+                raise UnsupportedError("not supported yet: reading a DMG stored inside"
+                                       " another file", path)
+            size = backend.size
+            head = backend.pread(0, min(size, 1 << 16))
+            tail = backend.pread(max(0, size - (1 << 16)), 1 << 16)
+        else:
+            from ...registry import read_probe_window
+            head, tail, _ = read_probe_window(path)
         kind = _encrypted(head, tail)
         if kind is not None and tail[-512:-508] != b"koly":
             raise UnsupportedError(f"encrypted DMG is not supported ({kind}); decrypt it"
                                    " first (hdiutil convert -format UDZO)", path)
         from .reader import DmgDevice
+        if backend is not None:
+            return DmgDevice(path, backend=backend)
         return DmgDevice(os.fspath(path))
 
     def qemu_driver(self, device) -> str | None:

@@ -101,7 +101,7 @@ class DmgWriter(ImageWriter):
         self.chunk_bytes = BZIP2_CHUNK_BYTES if self.kind == codecs.BZIP2 else CHUNK_BYTES
         # BLKXTable.BuffersNeeded: hdiutil writes a chunk plus 8 sectors (2056)
         self.buffers_needed = self.chunk_bytes // SECTOR + 8 if self.compress else 0
-        self.out = AtomicFile(path, trailer="UDIF trailer (koly)")
+        self.out = AtomicFile(path, trailer="UDIF trailer (koly)", stream=True)
         self.pos = 0                 # disk bytes accounted for
         self.data_pos = 0            # end of the data fork so far
         self.data_crc = 0

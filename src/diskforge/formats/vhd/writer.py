@@ -67,7 +67,8 @@ class VhdWriter(ImageWriter):
         self.disk_type = FIXED if self.subformat == "fixed" else \
             DIFFERENCING if parent else DYNAMIC
         self.parent = parent
-        self.out = AtomicFile(path, trailer="VHD footer")
+        self.out = AtomicFile(path, trailer="VHD footer",
+                              stream=self.disk_type == FIXED)  # fixed: appends only
         try:
             self._layout()
         except BaseException:

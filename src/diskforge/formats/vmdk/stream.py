@@ -96,7 +96,7 @@ class StreamWriter(ImageWriter):
         self.pos = STREAM_OVERHEAD            # the next sector to write
         self.wbuf = bytearray()
         self.wbuf_at = self.pos
-        self.out = AtomicFile(path, trailer="end-of-stream marker")
+        self.out = AtomicFile(path, trailer="end-of-stream marker", stream=True)
 
     def _grain_len(self, grain: int) -> int:
         """Bytes of disk grain ``grain`` holds (the last one may be short)."""
