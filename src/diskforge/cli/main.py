@@ -162,8 +162,9 @@ def _main(argv: list[str] | None) -> int:
             print(f"diskforge: {e}", file=sys.stderr)
             return getattr(args, "error_status", 1)
     if args.sync or getattr(args, "flush_output", False) or "diskforge.atomic" in sys.modules:
-        from ..atomic import set_durable  # per command: main() may run many in a process
+        from ..atomic import set_direct, set_durable  # per command: main() may run many
         set_durable(args.sync or getattr(args, "flush_output", False))
+        set_direct(getattr(args, "cache", None) in ("none", "directsync"))
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary outputs on kill
     error_status = getattr(args, "error_status", 1)
     try:
