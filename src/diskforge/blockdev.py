@@ -509,6 +509,13 @@ class BlockDevice(abc.ABC):
         own = [self.path] if self.path else []
         return own + (self.backing.files() if self.backing is not None else [])
 
+    def host_backend(self, extent: Extent) -> "FileBackend | None":
+        """The file that holds a DATA ``extent`` of this layer byte for byte at
+        ``extent.host_offset`` — not compressed, not encrypted, not overlaid by a log —
+        so ``convert -C`` can copy it inside the kernel (copy_file_range). None, the
+        default, where a format cannot promise that; formats that can override this."""
+        return None
+
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:
         if self.closed:
@@ -607,6 +614,18 @@ class FileBytesDevice(FileDevice):
         return coalesce(
             Extent(o, n, ExtentKind.DATA if data else ExtentKind.ZERO, True, o)
             for o, n, data in self.backend.data_ranges(offset, offset + length))
+
+    def host_backend(self, extent: Extent) -> "FileBackend | None":
+        return plain_host(self.backend, extent)
+
+
+def plain_host(backend, extent: Extent) -> "FileBackend | None":
+    """``backend`` when it is a local file and ``extent`` names an offset in it (no
+    other file): the usual answer of ``BlockDevice.host_backend`` for formats that
+    store data uncompressed in their own file."""
+    if extent.host_offset is None or extent.host_file is not None:
+        return None
+    return backend if isinstance(backend, FileBackend) else None
 
 
 # The kinds of a run of a table-mapped disk (``TableDevice._runs``).

@@ -296,9 +296,12 @@ def cmd_convert(args) -> int:
         raise UsageError("--target-is-zero requires use of -n flag")
     if args.target_is_zero and args.B:
         raise UsageError("--target-is-zero cannot be used with -B")
-    if args.C and (args.c or args.B):
-        raise UsageError("Copy offloading (-C) cannot be used with compression (-c) or a"
-                         " backing file (-B)")
+    if args.C and args.c:  # qemu-img's refusals, in its words
+        raise UsageError("Cannot enable copy offloading when -c is used")
+    if args.C and args.S is not None:
+        raise UsageError("Cannot enable copy offloading when -S is used")
+    if args.C and args.salvage:
+        raise UsageError("Cannot use copy offloading in salvaging mode")
     sparse = _sparse_size(args.S)
     if args.c:
         options = fmt.compressed(options)
@@ -333,10 +336,14 @@ def cmd_convert(args) -> int:
         try:
             with progress_for(args) as bar:
                 progress = _throttled(bar, args.r) if args.r else bar
-                if args.C:
+                out_fd = None
+                if args.C and base is None:  # with -B, only what differs: convert's job
+                    from ..ops.offload import offload_target
+                    out_fd = offload_target(writer, dev.format if args.n else fmt.name)
+                if out_fd is not None:
                     from ..ops.offload import offload_copy
-                    offload_copy(src, writer, progress)
-                else:
+                    offload_copy(src, writer, out_fd, progress)
+                else:  # as qemu-img when copy_range fails: the ordinary copy
                     convert(src, writer, base=base, progress=progress, workers=args.m,
                             sparse_size=sparse)
         finally:
@@ -538,8 +545,10 @@ def add_parsers(sub) -> None:
                    " at least SIZE stay holes; 0 writes everything")
     p.add_argument("-W", action="store_true", help="allow out-of-order writes (accepted;"
                    " diskforge writes in order, which -W permits)")
-    p.add_argument("-C", action="store_true", help="copy offloading (copy_file_range),"
-                   " raw file to raw file; holes kept")
+    p.add_argument("-C", action="store_true", help="copy offloading (copy_file_range)"
+                   " into a raw file from every run stored as it is (raw, VHD, VHDX,"
+                   " flat VMDK, uncompressed qcow2); holes kept; other runs and"
+                   " targets copied the ordinary way, as qemu-img")
     p.add_argument("-r", metavar="RATE", help="limit the copy to RATE bytes a second")
     p.add_argument("--target-is-zero", action="store_true",
                    help="with -n: the target already reads as zeros, skip writing them")

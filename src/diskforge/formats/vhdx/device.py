@@ -24,7 +24,7 @@ from array import array
 from construct import Container
 
 from ...blockdev import (ZERO_BUFFER_SIZE, ZEROES, Extent, ExtentKind, FileDevice,
-                         ImageInfo, coalesce, fill_zero, pieces)
+                         ImageInfo, coalesce, fill_zero, pieces, plain_host)
 from ...byteorder import le_bytes
 from ...checks import CheckResult, Problem, ProblemKind, Repair
 from ...errors import FormatError, ImageIOError, SafetyError, UnsupportedError
@@ -557,6 +557,11 @@ class VhdxDevice(FileDevice):
         # qemu's vhdx_co_check reports no block counts or end offset, so neither does
         # this (``check`` output stays qemu-img's, line for line)
         return result
+
+    def host_backend(self, extent: Extent):
+        """Payload is stored as it is, unless a log replayed in memory overlays the file
+        (then the file's bytes are not the disk's; ``convert -C``)."""
+        return plain_host(self.backend, extent) if self.io is self.backend else None
 
     def files(self) -> list[str]:
         return [self.path] + (self.parent.files() if self.parent is not None else [])

@@ -334,6 +334,16 @@ class VmdkDevice(FileDevice):
                 else:
                     yield Extent(start + o, n, unalloc, False)
 
+    def host_backend(self, extent: Extent):
+        """Flat extents and uncompressed grains are stored as they are, in the file of
+        the VMDK extent that holds them (``convert -C``); compressed grains have no
+        host offset."""
+        if extent.host_offset is None or not self.extents_:
+            return None
+        k = bisect.bisect_right(self.starts, extent.offset) - 1
+        backend = self.extents_[max(0, k)].backend
+        return backend if isinstance(backend, FileBackend) else None
+
     # -- writing (BlockDevice.write/write_zeroes checked writability and the range) ------
     def _write(self, offset: int, mv: memoryview) -> None:
         self._touch()
