@@ -461,6 +461,14 @@ class BlockDevice(abc.ABC):
         raise UnsupportedError(f"not supported yet: resizing {self.format} images",
                                self.path)
 
+    def preallocate(self, offset: int, length: int, mode: str) -> None:
+        """Allocate ``[offset, offset+length)`` as ``resize --preallocation=MODE`` does
+        for the grown part (``metadata``, ``falloc``, ``full``), contents unchanged.
+        With ``length`` 0 only refuse what cannot be done (``resize`` asks that before
+        it changes the size)."""
+        raise UnsupportedError(f"not supported yet: --preallocation={mode} for"
+                               f" {self.format} images", self.path)
+
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         """Point the image at another backing file (rebase -u) without copying data."""
         raise UnsupportedError(f"{self.format} images have no backing file to change",
