@@ -873,7 +873,6 @@ class FileBackend:
 
     _lock: "Hold | None" = None
     _direct_fd = -1          # a second descriptor with O_DIRECT (qemu-img's -t/-T none)
-    _bounce = None           # the aligned buffer of O_DIRECT writes, made on first use
     DIRECT_ALIGN = 4096      # offsets, lengths and buffers of O_DIRECT reads
     DIRECT_CHUNK = 1 << 20
 
@@ -951,23 +950,26 @@ class FileBackend:
         if head:
             self._buffered_pwrite(offset, mv[:head])
         if body:
-            bounce = self._bounce
-            if bounce is None:
-                bounce = self._bounce = mmap.mmap(-1, self.DIRECT_CHUNK)  # page-aligned
-            done = 0
-            while done < body:
-                k = min(body - done, self.DIRECT_CHUNK)
-                bounce[:k] = mv[head + done:head + done + k]
-                pos = offset + head + done
-                try:
-                    n = os.pwritev(self._direct_fd, [memoryview(bounce)[:k]], pos)
-                except OSError as e:
-                    if e.errno != 22:  # EINVAL: alignment this file refuses; buffered
-                        raise ImageIOError.from_os(e, self.path) from None
-                    n = 0
-                if n < k:  # short or refused: the rest of this piece buffered
-                    self._buffered_pwrite(pos + n, mv[head + done + n:head + done + k])
-                done += k
+            # page-aligned; one per call, so writers in several threads never share it
+            bounce = mmap.mmap(-1, min(body, self.DIRECT_CHUNK))
+            try:
+                done = 0
+                while done < body:
+                    k = min(body - done, self.DIRECT_CHUNK)
+                    bounce[:k] = mv[head + done:head + done + k]
+                    pos = offset + head + done
+                    try:
+                        with memoryview(bounce) as view:
+                            n = os.pwritev(self._direct_fd, [view[:k]], pos)
+                    except OSError as e:
+                        if e.errno != 22:  # EINVAL: alignment this file refuses; buffered
+                            raise ImageIOError.from_os(e, self.path) from None
+                        n = 0
+                    if n < k:  # short or refused: the rest of this piece buffered
+                        self._buffered_pwrite(pos + n, mv[head + done + n:head + done + k])
+                    done += k
+            finally:
+                bounce.close()
         if head + body < len(mv):
             self._buffered_pwrite(offset + head + body, mv[head + body:])
 
@@ -1117,9 +1119,6 @@ class FileBackend:
         if self._direct_fd >= 0:
             os.close(self._direct_fd)
             self._direct_fd = -1
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
