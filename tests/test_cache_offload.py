@@ -111,6 +111,14 @@ def test_cache_none_in_place(disk, workdir):
                                             disk, target), "openat")
     assert code == 0 and any("O_DIRECT" in ln and "t.raw" in ln for ln in lines)
     assert read(target) == read(disk)
+    q = os.path.join(workdir, "q.qcow2")
+    run("qemu-img", "convert", "-O", "qcow2", disk, q)
+    for tool in (["qemu-img"], diskforge()):  # bench -t none reads with O_DIRECT too
+        for extra in ([], ["-w"]):
+            code, lines = traced(workdir, [*tool, "bench", "-c", "8", *extra, "-t", "none",
+                                           q], "openat")
+            assert code == 0
+            assert any("O_DIRECT" in ln and "q.qcow2" in ln for ln in lines), (tool, extra)
 
 
 def test_direct_writes_at_any_offset(workdir):
