@@ -6,7 +6,7 @@ import os
 import zlib
 
 import pytest
-from conftest import cli, need, run
+from conftest import cli, need, one_line_error, run
 from roformat_helpers import (expected, flat_sha256, patch, pattern_disk, refused,
                               same_as_qemu, unpacked)
 
@@ -96,9 +96,14 @@ def test_truncated_header(small):
     refused(small, "too small for a qcow header")
 
 
-def test_aes_encryption_is_not_supported_yet(small):
+def test_aes_encryption_needs_the_passphrase(small):
+    """(AES images with their passphrase: test_qcow1_aes.py)"""
     patch(small, 36, ">I", 1)
-    refused(small, "not supported yet: AES-encrypted qcow images")
+    code, out, _ = cli("info", small)  # as qemu-img info: no key needed
+    assert code == 0 and "encrypted: yes" in out
+    code, _, err = cli("compare", small, small)
+    one_line_error(code, err)
+    assert "encrypt.key-secret" in err
 
 
 @pytest.mark.parametrize("offset,fmt,values,field", [

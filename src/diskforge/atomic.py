@@ -47,7 +47,7 @@ from .devices import open_output_device, refuse_special_output, too_small
 from .errors import ImageIOError, SafetyError, UnsupportedError
 
 __all__ = ["AtomicFile", "final_path", "refuse_overwrite",
-           "remove_stale", "set_durable", "unlink_regular"]
+           "remove_stale", "set_direct", "set_durable", "unlink_regular"]
 
 _durable = False
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
@@ -58,6 +58,17 @@ def set_durable(on: bool) -> None:
     """Make every later commit fdatasync before renaming (``diskforge --sync``)."""
     global _durable
     _durable = bool(on)
+
+
+_direct = False
+
+
+def set_direct(on: bool) -> None:
+    """Write every later output image (not its sidecar records) with O_DIRECT where
+    aligned (qemu-img's ``-t none``/``directsync``; ``FileBackend.use_direct_io``). A
+    file system that refuses O_DIRECT fails the output, as qemu-img fails there."""
+    global _direct
+    _direct = bool(on)
 
 
 def final_path(target: str | os.PathLike) -> str:
@@ -126,6 +137,12 @@ class AtomicFile(FileBackend):
         self.tmp_path, fd = _create_locked(directory, name, mode, self.target)
         _UNFINISHED.add(self)
         super().__init__(self.tmp_path, writable=True, fd=fd)
+        if _direct and not sidecar:
+            try:
+                self.use_direct_io()
+            except BaseException:
+                self.discard()
+                raise
 
     def _open_device(self, zero_fill: bool) -> None:
         fd = open_output_device(self.target)

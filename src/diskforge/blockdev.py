@@ -461,6 +461,14 @@ class BlockDevice(abc.ABC):
         raise UnsupportedError(f"not supported yet: resizing {self.format} images",
                                self.path)
 
+    def preallocate(self, offset: int, length: int, mode: str) -> None:
+        """Allocate ``[offset, offset+length)`` as ``resize --preallocation=MODE`` does
+        for the grown part (``metadata``, ``falloc``, ``full``), contents unchanged.
+        With ``length`` 0 only refuse what cannot be done (``resize`` asks that before
+        it changes the size)."""
+        raise UnsupportedError(f"not supported yet: --preallocation={mode} for"
+                               f" {self.format} images", self.path)
+
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         """Point the image at another backing file (rebase -u) without copying data."""
         raise UnsupportedError(f"{self.format} images have no backing file to change",
@@ -530,6 +538,13 @@ class BlockDevice(abc.ABC):
         writing an output onto one of its own inputs)."""
         own = [self.path] if self.path else []
         return own + (self.backing.files() if self.backing is not None else [])
+
+    def host_backend(self, extent: Extent) -> "FileBackend | None":
+        """The file that holds a DATA ``extent`` of this layer byte for byte at
+        ``extent.host_offset`` — not compressed, not encrypted, not overlaid by a log —
+        so ``convert -C`` can copy it inside the kernel (copy_file_range). None, the
+        default, where a format cannot promise that; formats that can override this."""
+        return None
 
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:
@@ -629,6 +644,18 @@ class FileBytesDevice(FileDevice):
         return coalesce(
             Extent(o, n, ExtentKind.DATA if data else ExtentKind.ZERO, True, o)
             for o, n, data in self.backend.data_ranges(offset, offset + length))
+
+    def host_backend(self, extent: Extent) -> "FileBackend | None":
+        return plain_host(self.backend, extent)
+
+
+def plain_host(backend, extent: Extent) -> "FileBackend | None":
+    """``backend`` when it is a local file and ``extent`` names an offset in it (no
+    other file): the usual answer of ``BlockDevice.host_backend`` for formats that
+    store data uncompressed in their own file."""
+    if extent.host_offset is None or extent.host_file is not None:
+        return None
+    return backend if isinstance(backend, FileBackend) else None
 
 
 # The kinds of a run of a table-mapped disk (``TableDevice._runs``).
@@ -867,7 +894,7 @@ class FileBackend:
     """
 
     _lock: "Hold | None" = None
-    _direct_fd = -1          # a second descriptor with O_DIRECT (qemu-img's -T none)
+    _direct_fd = -1          # a second descriptor with O_DIRECT (qemu-img's -t/-T none)
     DIRECT_ALIGN = 4096      # offsets, lengths and buffers of O_DIRECT reads
     DIRECT_CHUNK = 1 << 20
 
@@ -904,26 +931,69 @@ class FileBackend:
 
     # -- I/O ----------------------------------------------------------------------------
     def use_direct_io(self) -> bool:
-        """Read from now on bypassing the page cache (O_DIRECT), as qemu-img's cache mode
-        ``none`` does; False (and nothing changes) where the file system refuses it.
+        """Read, and when open writable also write, from now on bypassing the page cache
+        (O_DIRECT), as qemu-img's cache mode ``none`` does. False (and nothing changes)
+        where the system has no O_DIRECT or the file is a block device written in place
+        (buffered, as before); where the file system refuses O_DIRECT (EINVAL), an
+        ImageIOError with qemu's words, since qemu-img fails there too.
 
-        Why a second descriptor: the first keeps the locks and serves writes, and
-        O_DIRECT's alignment rules then bind only the reads, which go through an
-        aligned bounce buffer (``_direct_readinto``) whatever the caller asks for."""
+        Why a second descriptor: the first keeps the locks and serves what cannot be
+        aligned, and O_DIRECT's alignment rules then bind only the second, which is
+        used through an aligned bounce buffer (``_direct_readinto``,
+        ``_direct_pwrite``) whatever the caller asks for."""
         if self._direct_fd >= 0:
             return True
         if not hasattr(os, "O_DIRECT") or self.is_block_device and self.writable:
             return False
+        mode = os.O_RDWR if self.writable else os.O_RDONLY
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:
-            return False  # EINVAL: this file system has no O_DIRECT
+            fd = os.open(self.path, mode | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == 22:  # EINVAL; qemu_open's message (util/osdep.c)
+                raise ImageIOError(f"Could not open '{self.path}': filesystem does not"
+                                   " support O_DIRECT", self.path) from None
+            raise ImageIOError.from_os(e, self.path) from None
         a, b = os.fstat(fd), os.fstat(self.fd)
         if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):  # renamed meanwhile: not ours
             os.close(fd)
             return False
         self._direct_fd = fd
         return True
+
+    def _direct_pwrite(self, offset: int, mv: memoryview) -> None:
+        """Write ``mv`` at ``offset``: the whole aligned blocks through the O_DIRECT
+        descriptor (copied into an aligned bounce buffer), an unaligned head and tail
+        through the buffered one. Both reach the same file, and Linux writes back and
+        drops cached pages of a range before direct I/O on it, so the two stay coherent;
+        the pieces never share a page."""
+        align = self.DIRECT_ALIGN
+        head = min(len(mv), -offset % align)
+        body = (len(mv) - head) // align * align
+        if head:
+            self._buffered_pwrite(offset, mv[:head])
+        if body:
+            # page-aligned; one per call, so writers in several threads never share it
+            bounce = mmap.mmap(-1, min(body, self.DIRECT_CHUNK))
+            try:
+                done = 0
+                while done < body:
+                    k = min(body - done, self.DIRECT_CHUNK)
+                    bounce[:k] = mv[head + done:head + done + k]
+                    pos = offset + head + done
+                    try:
+                        with memoryview(bounce) as view:
+                            n = os.pwritev(self._direct_fd, [view[:k]], pos)
+                    except OSError as e:
+                        if e.errno != 22:  # EINVAL: alignment this file refuses; buffered
+                            raise ImageIOError.from_os(e, self.path) from None
+                        n = 0
+                    if n < k:  # short or refused: the rest of this piece buffered
+                        self._buffered_pwrite(pos + n, mv[head + done + n:head + done + k])
+                    done += k
+            finally:
+                bounce.close()
+        if head + body < len(mv):
+            self._buffered_pwrite(offset + head + body, mv[head + body:])
 
     def _direct_readinto(self, offset: int, mv: memoryview) -> int:
         import mmap
@@ -987,6 +1057,12 @@ class FileBackend:
         if self.is_block_device and offset + len(mv) > self.size:
             from .devices import too_small  # a device cannot grow: say so, write nothing
             raise too_small(self.path, self.size, offset + len(mv))
+        if self._direct_fd >= 0 and self.writable:
+            self._direct_pwrite(offset, mv)
+        else:
+            self._buffered_pwrite(offset, mv)
+
+    def _buffered_pwrite(self, offset: int, mv: memoryview) -> None:
         try:
             while len(mv):
                 n = os.pwrite(self.fd, mv, offset)

@@ -32,6 +32,7 @@ def cmd_bench(args) -> int:
         raise UsageError("Flush interval can't be smaller than depth")
     if args.flush_interval is not None and not args.w:
         raise UsageError("--flush-interval is only available in write tests")
+    args.src_cache = getattr(args, "cache", None)  # -t is the image's mode, read or written
     with open_source(args.filename, args.f, args, writable=args.w) as dev:
         if offset + size > dev.size:
             raise UsageError("offset + buffer size is past the end of the image",

@@ -165,8 +165,9 @@ def _main(argv: list[str] | None) -> int:
             print(f"diskforge: {e}", file=sys.stderr)
             return getattr(args, "error_status", 1)
     if args.sync or getattr(args, "flush_output", False) or "diskforge.atomic" in sys.modules:
-        from ..atomic import set_durable  # per command: main() may run many in a process
+        from ..atomic import set_direct, set_durable  # per command: main() may run many
         set_durable(args.sync or getattr(args, "flush_output", False))
+        set_direct(getattr(args, "cache", None) in ("none", "directsync"))
     if args.s3_endpoint:  # read by remote/s3.py, and inherited by child processes
         import os
         os.environ["DISKFORGE_S3_ENDPOINT"] = args.s3_endpoint

@@ -59,14 +59,14 @@ def cmd_resize(args) -> int:
             _refuse_cutting_data(dev, new)
         old = dev.size
         prealloc = args.preallocation or "off"
-        if prealloc != "off" and (dev.format != "raw" or new < old):
-            raise UsageError(f"not supported yet: resize --preallocation={prealloc} for"
-                             f" {dev.format} images" if new >= old else
-                             "Preallocation can only be used for growing images",
+        if prealloc != "off" and new < old:
+            raise UsageError("Preallocation can only be used for growing images",
                              args.filename)
+        if prealloc != "off" and new > old:
+            dev.preallocate(old, 0, prealloc)  # refuses before the size changes
         dev.resize(new, shrink=args.shrink or args.safe_shrink)
-        if new > old and prealloc in ("falloc", "full"):
-            _preallocate(dev, old, new - old, prealloc)
+        if new > old and prealloc != "off":
+            dev.preallocate(old, new - old, prealloc)
         if args.fix_gpt:
             from ..partitions import relocate_backup_gpt
             relocate_backup_gpt(dev)
@@ -87,20 +87,6 @@ def _refuse_cutting_data(dev, new: int) -> None:
             raise UsageError(f"shrinking to {new} bytes would cut allocated data at offset"
                              f" {e.offset} (+{e.length}); --safe-shrink cuts nothing"
                              " allocated (--shrink discards it)", dev.path)
-
-
-def _preallocate(dev, offset: int, length: int, mode: str) -> None:
-    """``resize --preallocation``: allocate the grown part of a raw file, with
-    fallocate (``falloc``) or by writing zeros (``full``), as qemu-img does."""
-    from ..errors import UnsupportedError
-    backend = getattr(dev, "backend", None)
-    if backend is None or backend.is_block_device:
-        raise UnsupportedError(f"not supported yet: --preallocation={mode} here", dev.path)
-    if mode == "full":
-        backend.write_zeroes(offset, length)
-        return
-    from .._fallocate import allocate
-    allocate(backend.fd, offset, length)
 
 
 def cmd_amend(args) -> int:

@@ -29,6 +29,10 @@ _FORMATTING: dict[str, list[tuple[str, str | None]]] = {
     "vpc": [("size", None), ("subformat", None), ("force_size", None)],
     "vhdx": [("size", None), ("log_size", "1048576"), ("block_size", "0"),
              ("subformat", None), ("block_state_zero", None)],
+    "vmdk": [("size", None), ("adapter_type", None), ("backing_file", None),
+             ("backing_fmt", None), ("compat6", "off"), ("hwversion", "undefined"),
+             ("toolsversion", None), ("subformat", None), ("zeroed_grain", None)],
+    "vdi": [("size", None), ("block_size", None), ("static", "off")],
 }
 
 # options whose values qemu-img prints as a byte count whatever suffix was given

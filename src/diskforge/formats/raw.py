@@ -69,6 +69,25 @@ class RawDevice(FileBytesDevice):
         self.backend.truncate(size)
         self.size = size
 
+    def preallocate(self, offset: int, length: int, mode: str) -> None:
+        """``resize --preallocation``: ``falloc`` reserves the range with fallocate,
+        ``full`` writes zeros, as qemu's file driver; raw has no metadata to make."""
+        self.check_writable(offset, length)
+        if mode == "off":
+            return
+        if mode not in ("falloc", "full"):
+            raise UsageError(f"Unsupported preallocation mode: {mode}", self.path)
+        if self.backend.is_block_device:
+            raise UnsupportedError(f"not supported yet: --preallocation={mode} on a"
+                                   " block device", self.path)
+        if length <= 0:
+            return
+        if mode == "full":
+            self.backend.write_zeroes(offset, length)
+            return
+        from .._fallocate import allocate
+        allocate(self.backend.fd, offset, length)
+
     def info(self) -> ImageInfo:
         return ImageInfo(filename=self.path, format="raw", virtual_size=self.size,
                          actual_size=self.backend.allocated_bytes())

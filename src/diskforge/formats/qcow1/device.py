@@ -22,9 +22,10 @@ import zlib
 from array import array
 from collections.abc import Iterator
 
-from ...blockdev import (RUN_COMPRESSED, RUN_DATA, RUN_UNALLOCATED, ImageInfo,
+from ...blockdev import (RUN_COMPRESSED, RUN_DATA, RUN_UNALLOCATED, Extent, ImageInfo,
                          TableDevice, merge_runs, skip_filled)
 from ...byteorder import to_host_be
+from ...crypto.unlock import MISSING_KEY
 from ...errors import CorruptImage, UnsupportedError
 from ...limits import check_alloc
 from ...policy import OpenPolicy
@@ -37,12 +38,21 @@ from .structs import (HEADER_SIZE, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L2_BI
 L2_CACHE_BYTES = 16 << 20
 
 
+def aes_cipher(key: bytes, path: str):
+    """qemu's qcrypto_block_qcow_init: the passphrase's first 16 bytes, zero-padded, are
+    an AES-128 key for CBC with plain64 IVs over 512-byte sectors (no key check exists:
+    a wrong passphrase reads garbage, in qemu too)."""
+    from ...crypto.ciphers import SectorCipher
+    return SectorCipher("aes", "cbc-plain64", bytes(key[:16]).ljust(16, b"\0"), 512,
+                        path, "QCowHeader")
+
+
 class Qcow1Device(TableDevice):
     """A qcow version 1 image opened read-only as a block device."""
 
     format = "qcow"
 
-    def _open(self) -> None:
+    def _open(self, key: bytes | None = None) -> None:
         if self.writable:
             raise UnsupportedError("not supported yet: writing qcow images", self.path)
         f = self.backend
@@ -63,10 +73,10 @@ class Qcow1Device(TableDevice):
         if not MIN_L2_BITS <= h.l2_bits <= MAX_L2_BITS:
             raise self._err(f"l2_bits {h.l2_bits}: the L2 table size must be between 512"
                             " and 64k", "QCowHeader", "l2_bits")
-        if h.crypt_method == QCOW_CRYPT_AES:
-            raise UnsupportedError("not supported yet: AES-encrypted qcow images"
-                                   " (QCowHeader.crypt_method 1)", self.path)
-        if h.crypt_method != QCOW_CRYPT_NONE:
+        self.cipher = None
+        if h.crypt_method == QCOW_CRYPT_AES and key is not None:
+            self.cipher = aes_cipher(key, self.path)
+        if h.crypt_method not in (QCOW_CRYPT_NONE, QCOW_CRYPT_AES):
             raise self._err(f"invalid encryption method {h.crypt_method}", "QCowHeader",
                             "crypt_method")
         if h.size <= 1:
@@ -197,6 +207,49 @@ class Qcow1Device(TableDevice):
     def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         return merge_runs(self._pieces(offset, length))
 
+    # -- AES (crypt_method 1) ------------------------------------------------------------
+    @property
+    def encrypted(self) -> bool:
+        return self.header.crypt_method == QCOW_CRYPT_AES
+
+    def readinto(self, offset: int, buf) -> int:
+        """As every table format reads, except that stored clusters of an encrypted
+        image are deciphered (qemu's qcow_co_preadv: AES-CBC per 512-byte sector, the
+        IV the guest sector number, plain64); compressed clusters are stored plain."""
+        if not self.encrypted:
+            return super().readinto(offset, buf)
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
+        self.check_range(offset, n)
+        for pos, cnt, kind, host in self._runs(offset, n):
+            piece = mv[pos - offset:pos - offset + cnt]
+            if kind != RUN_DATA:
+                super().readinto(pos, piece)
+                continue
+            if self.cipher is None:
+                raise UnsupportedError(MISSING_KEY.format(kind="qcow AES",
+                                                          option="encrypt.key-secret"),
+                                       self.path)
+            lead = pos % 512
+            span = -(-(lead + cnt) // 512) * 512
+            raw = bytearray(span)
+            got = self.backend.readinto(host - lead, raw)
+            if got < span:  # a last cluster cut short reads as zeros, as in qemu
+                raise CorruptImage(f"data cluster at offset {host - lead} (+{span}) is"
+                                   f" past the end of the file ({self.file_size} bytes)",
+                                   self.path, structure="L2 table")
+            plain = self.cipher.decrypt(raw, (pos - lead) // 512)
+            piece[:] = plain[lead:lead + cnt]
+        return n
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """As every table format maps, without host offsets for enciphered data (qemu's
+        map shows none either; and convert -C must not copy ciphertext)."""
+        if not self.encrypted:
+            return super().extents(offset, length)
+        return (Extent(e.offset, e.length, e.kind, e.allocated)
+                for e in super().extents(offset, length))
+
     def _compressed(self, entry: int, ci: int) -> bytes:
         """A compressed cluster, inflated: exactly one cluster or a CorruptImage."""
         if self._last_compressed is not None and self._last_compressed[0] == entry:
@@ -236,6 +289,7 @@ class Qcow1Device(TableDevice):
             filename=self.path, format="qcow", virtual_size=self.size,
             actual_size=self.backend.allocated_bytes(), cluster_size=self.cs,
             backing_filename=self.backing_file, full_backing_filename=full,
+            encrypted=self.encrypted,
             details={"version": h.version, "cluster-bits": h.cluster_bits,
                      "l2-bits": h.l2_bits, "l1-size": self.l1_size,
                      "l1-table-offset": h.l1_table_offset, "mtime": h.mtime})

@@ -14,7 +14,7 @@ import bisect
 from array import array
 
 from ...byteorder import be_array
-from ...blockdev import Extent, ExtentKind, coalesce, fill_zero, skip_filled
+from ...blockdev import Extent, ExtentKind, coalesce, fill_zero, plain_host, skip_filled
 from ...errors import FormatError
 from . import codec
 from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW2_SUBCLUSTER_COMPRESSED,
@@ -298,6 +298,11 @@ class ClusterMap:
         self.check_range(offset, length)
         backing = self.backing is not None
         return coalesce(self._extents(offset, length, backing))
+
+    def host_backend(self, extent: Extent):
+        """Uncompressed clusters are stored as they are, in the image or its external
+        data file (``convert -C``); encrypted ones are not the disk's bytes."""
+        return plain_host(self.data, extent) if self.crypto is None else None
 
     def _extents(self, offset, length, backing):
         for g, n, kind, host in self.runs(offset, length):

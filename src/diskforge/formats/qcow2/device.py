@@ -204,6 +204,10 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         self._require_writable()
         maintenance.resize(self, size, shrink=shrink)
 
+    def preallocate(self, offset: int, length: int, mode: str) -> None:
+        self._require_writable()
+        maintenance.preallocate(self, offset, length, mode)
+
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         self._require_writable()
         maintenance.set_backing(self, name, fmt)

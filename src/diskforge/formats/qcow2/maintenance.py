@@ -18,7 +18,8 @@ from .structs import (L1E_OFFSET_MASK, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
                       QCOW2_INCOMPAT_EXTL2, QCOW2_SUBCLUSTER_COMPRESSED,
                       QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN,
                       QCOW2_SUBCLUSTER_ZERO_PLAIN, QCOW_MAX_L1_SIZE,
-                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
+                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                      REFT_OFFSET_MASK,
                       Geometry)
 
 
@@ -159,6 +160,60 @@ def _resize(dev, size: int, shrink: bool) -> None:
     b = dev.backing
     if b is not None and b.size > old:
         dev.write_zeroes(old, min(size, b.size) - old)
+    dev.flush()
+
+
+def preallocate(dev, offset: int, length: int, mode: str) -> None:
+    """``resize --preallocation=metadata|falloc|full`` of the grown part, as qemu's
+    qcow2_co_truncate does it: every unallocated cluster of the range gets a host
+    cluster (one contiguous run, allocated before any table names it), and its L2
+    entry becomes a normal allocated cluster. ``metadata`` leaves the host run a hole
+    of the file (qemu-img map: present, zero and data), ``falloc`` reserves it with
+    fallocate, ``full`` writes zeros; with an external data file the run is the same
+    range of that file. Refcounts, then L2 tables, then L1 and header are written in
+    that order (``flush``), so an interruption leaks clusters at worst."""
+    if mode == "off":
+        return
+    if dev.extended:
+        raise UnsupportedError(f"not supported yet: --preallocation={mode} on an image"
+                               " with extended L2 entries", dev.path)
+    if length <= 0:
+        return
+    from ..._fallocate import allocate
+    dev.prepare_write()
+    cs = dev.cs
+    first, end = offset // cs, -(-(offset + length) // cs)
+    clusters = []
+    for g, n, kind, _ in dev.runs(first * cs, min(end * cs, dev.size) - first * cs):
+        if kind in (QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, QCOW2_SUBCLUSTER_ZERO_PLAIN):
+            clusters.extend(range(g // cs, -(-(g + n) // cs)))
+    if not clusters:
+        return
+    if dev.has_data_file:
+        hosts = [ci * cs for ci in clusters]
+        runs = [(hosts[0], hosts[-1] + cs - hosts[0])]
+        target = dev.data
+    else:
+        start = dev.refs.alloc(len(clusters)) * cs
+        hosts = [start + i * cs for i in range(len(clusters))]
+        runs = [(start, len(clusters) * cs)]
+        target = dev.backend
+    for host, n in runs:
+        if mode == "falloc":
+            allocate(target.fd, host, n)
+        elif mode == "full":
+            target.write_zeroes(host, n)
+        elif target.size < host + n:  # metadata: the run exists, as a hole
+            target.truncate(host + n)
+    head = offset - first * cs
+    if head and mode == "metadata" and clusters[0] == first:
+        # qemu allocates from the old end, copying the head of that cluster on write:
+        # those bytes are written (as zeros) in the host file, and map shows them so
+        target.write_zeroes(hosts[0], head)
+    for ci, host in zip(clusters, hosts):  # (tables fetched one at a time: cached)
+        l2off, l2 = dev.l2_for_write(ci >> dev.l2_bits)
+        l2[ci & (dev.l2_entries - 1)] = host | QCOW_OFLAG_COPIED
+        dev.l2_dirty.add(l2off)
     dev.flush()
 
 

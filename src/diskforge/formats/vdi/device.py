@@ -503,7 +503,6 @@ class VdiDevice(FileDevice):
         res = CheckResult(filename=self.path, format="vdi")
         vmap = self.map
         n = len(vmap)
-        res.total_clusters = n
         # per possible block index, the first map entry that uses it
         check_alloc(n * 4, self.path, MAP, "duplicate check")
         from array import array
@@ -542,8 +541,7 @@ class VdiDevice(FileDevice):
             res.add(ProblemKind.CORRUPTION, f"ERROR: allocated blocks mismatch, is"
                     f" {allocated}, should be {h.cBlocksAllocated}", self.header_name,
                     "cBlocksAllocated", repairable=count_only)
-        res.allocated_clusters = allocated
-        res.image_end_offset = self.off_data + (self.top + 1) * self.span
+        # like qemu's vdi_co_check: no cluster counts or end offset (qemu-img's output)
         if repair and self.writable:
             if repair.errors and past:
                 # blocks not in the file cannot be read: free their entries, then look

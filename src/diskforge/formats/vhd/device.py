@@ -29,7 +29,7 @@ import heapq
 import os
 
 from ...blockdev import (ZEROES, Extent, ExtentKind, FileDevice, ImageInfo, coalesce,
-                         fill_zero, pieces, skip_filled)
+                         fill_zero, pieces, plain_host, skip_filled)
 from ...byteorder import be_array
 from ...checks import CheckResult, Problem, ProblemKind, Repair
 from ...errors import (CorruptImage, FormatError, ImageIOError, SafetyError,
@@ -436,6 +436,10 @@ class VhdDevice(FileDevice):
                     yield from self._stored(base, host, a, b)
                 else:
                     yield Extent(base + a, b - a, ExtentKind.BACKING, False)
+
+    def host_backend(self, extent: Extent):
+        """Data sectors are stored as they are, fixed or dynamic (``convert -C``)."""
+        return plain_host(self.backend, extent)
 
     def _stored(self, base: int, host: int, a: int, b: int):
         """Extents of bytes ``a..b`` of a block stored at ``host``: where the host file

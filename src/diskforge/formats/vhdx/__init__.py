@@ -25,7 +25,8 @@ class VhdxOptions(Options):
                             " every block allocated (the file stays sparse)",
                             choices=("dynamic", "fixed"))
     block_size: int = option(0, "payload block size, a power of two from 1M to 256M;"
-                             " 0: 32M, or 2M for a differencing disk (Hyper-V's defaults)",
+                             " 0: qemu-img's choice (8M up to 1G, 16M up to 100G, 32M up to"
+                             " 32T, then 64M), or 2M for a differencing disk",
                              kind="size")
     log_size: int = option(1 << 20, "log size, a multiple of 1M", kind="size")
     logical_sector_size: int = option(0, "512 or 4096; 0: 512, or the parent's for a"

@@ -39,6 +39,23 @@ def creator() -> str:
     return "diskforge"
 
 
+def default_block_size(size: int, differencing: bool) -> int:
+    """``block_size=0``: qemu-img's choice by disk size (vhdx_create: 8 MiB up to 1 GiB,
+    16 MiB up to 100 GiB, 32 MiB up to 32 TiB, then 64 MiB), so a script that swaps
+    qemu-img for diskforge gets the same file; a differencing disk (which qemu-img
+    cannot make) gets Hyper-V's 2 MiB. Hyper-V's own 32 MiB is ``block_size=32M``
+    (what ``export --to hyperv`` asks for)."""
+    if differencing:
+        return 2 << 20
+    if size > 32 << 40:
+        return 64 << 20
+    if size > 100 << 30:
+        return 32 << 20
+    if size > 1 << 30:
+        return 16 << 20
+    return 8 << 20
+
+
 class Geometry:
     """Sizes and offsets of a new VHDX, shared by the writer and ``measure``."""
 
@@ -53,7 +70,7 @@ class Geometry:
         self.size = align_up(size, lss)
         if self.size > MAX_DISK_SIZE:
             raise UsageError(f"{size} bytes is more than the 64 TiB VHDX maximum")
-        self.block_size = options.block_size or ((2 << 20) if differencing else (32 << 20))
+        self.block_size = options.block_size or default_block_size(self.size, differencing)
         self.differencing = differencing
         self.fixed = options.subformat == "fixed"
         if self.fixed and differencing:

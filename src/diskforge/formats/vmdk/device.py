@@ -58,6 +58,10 @@ QEMU_EXTENT_TYPES = ("FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE")
 CHECK_MESSAGES = 100        # problems printed one by one; the rest are counted
 
 
+# qemu's order of an extent's keys in info's format-specific data
+_EXTENT_KEYS = ("compressed", "virtual-size", "filename", "cluster-size", "format")
+
+
 class VmdkDevice(FileDevice):
     """A VMDK opened as a block device (module docstring)."""
 
@@ -334,6 +338,16 @@ class VmdkDevice(FileDevice):
                 else:
                     yield Extent(start + o, n, unalloc, False)
 
+    def host_backend(self, extent: Extent):
+        """Flat extents and uncompressed grains are stored as they are, in the file of
+        the VMDK extent that holds them (``convert -C``); compressed grains have no
+        host offset."""
+        if extent.host_offset is None or not self.extents_:
+            return None
+        k = bisect.bisect_right(self.starts, extent.offset) - 1
+        backend = self.extents_[max(0, k)].backend
+        return backend if isinstance(backend, FileBackend) else None
+
     # -- writing (BlockDevice.write/write_zeroes checked writability and the range) ------
     def _write(self, offset: int, mv: memoryview) -> None:
         self._touch()
@@ -461,16 +475,11 @@ class VmdkDevice(FileDevice):
         if repair:
             raise UnsupportedError("not supported yet: repairing VMDKs (qemu-img cannot"
                                    " either)", self.path)
-        total = allocated = compressed = 0
         shown = 0
         for k, ext in enumerate(self.extents_):
             if not isinstance(ext, SparseExtent):
                 continue
             stats = check_extent(ext, self.starts[k])
-            total += stats.total
-            allocated += stats.allocated
-            if ext.compressed:
-                compressed += stats.allocated
             for message, structure, field in stats.problems:
                 shown += 1
                 if shown <= CHECK_MESSAGES:
@@ -483,10 +492,7 @@ class VmdkDevice(FileDevice):
             res.note(f"... and {shown - CHECK_MESSAGES} more problems")
         if self.cid_mismatch:
             res.note(f"Warning: {self.cid_mismatch}")
-        if total:
-            res.total_clusters = total
-            res.allocated_clusters = allocated
-            res.compressed_clusters = compressed
+        # like qemu's vmdk_co_check: no cluster counts, so the output is qemu-img's
         return res
 
     # -- facts -----------------------------------------------------------------------------
@@ -498,7 +504,9 @@ class VmdkDevice(FileDevice):
             if line is None:
                 row["format"] = ""          # as qemu names the extent of a lone file
             row["filename"] = ext.path or (self.path if line is None else "")
-            extents.append(row)
+            # in qemu's order (QAPI ImageInfo's fields), which its text output keeps
+            extents.append({k: row[k] for k in _EXTENT_KEYS if k in row}
+                           | {k: v for k, v in row.items() if k not in _EXTENT_KEYS})
         fs: dict[str, object] = {
             "cid": self.cid if self.cid is not None else 0xFFFFFFFF,
             "parent-cid": d.parent_cid if d is not None else 0xFFFFFFFF,
