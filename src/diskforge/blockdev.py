@@ -850,12 +850,15 @@ class FileBackend:
     DIRECT_CHUNK = 1 << 20
 
     def __init__(self, path: str | os.PathLike, *, writable: bool = False,
-                 fd: int | None = None, lock: "Access | bool" = True):
+                 fd: int | None = None, lock: "Access | bool" = True,
+                 referenced: bool = False):
         self.path = os.fspath(path)
         self.writable = writable
         if fd is None:
-            from .devices import open_input  # FIFOs, sockets, char devices refused
-            fd = open_input(self.path, writable=writable)
+            # FIFOs, sockets, char devices refused; a file an image names
+            # (``referenced``) must be a regular file outside /proc, /sys, /dev
+            from .devices import open_input
+            fd = open_input(self.path, writable=writable, referenced=referenced)
         self.fd = fd
         st = os.fstat(fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)

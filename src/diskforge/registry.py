@@ -454,6 +454,16 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
         from . import remote
         if remote.is_remote(path):
             return _open_remote(path, fmt, writable, policy, snapshot, key)
+    if policy.chain:  # a file another image names: regular files only, not /proc...
+        from .devices import referenced_files
+        with referenced_files():
+            return _open_local(path, fmt, writable, policy, snapshot, member, key)
+    return _open_local(path, fmt, writable, policy, snapshot, member, key)
+
+
+def _open_local(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
+                snapshot: str | None, member: "str | int | None" = None,
+                key: bytes | None = None) -> "BlockDevice":
     inside = split_member(path, fmt)
     if inside is not None:
         if member is not None:
@@ -461,6 +471,13 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
                              f" {member!r} (--disk)", path)
         path, member = inside
     check_readable(path)
+    if policy.chain:  # before a block device is taken for raw, or a FIFO probed
+        real = os.path.realpath(path)
+        from .policy import referenced_file_problem
+        problem = referenced_file_problem(real)
+        if problem:
+            from .errors import SafetyError
+            raise SafetyError(f"named by {policy.chain[-1]}: {problem}", path)
     if fmt:
         plugin = get(fmt)
     elif is_block_device(path):

@@ -197,7 +197,7 @@ class VmdkDevice(FileDevice):
         backend = self._backends.get(real)
         if backend is None:
             backend = self._backends[real] = FileBackend(
-                full, writable=self.writable and line.access == "RW")
+                full, writable=self.writable and line.access == "RW", referenced=True)
         return backend
 
     def _check_writable(self) -> None:
