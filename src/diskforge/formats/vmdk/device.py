@@ -12,8 +12,9 @@ first bytes:
 - a descriptor file: every extent line is opened, in order, as its type says.
 
 Extent and parent file names are attacker input: each goes through the open policy
-(``OpenPolicy.resolve``: confined to the image's directory and the allowed roots) and
-must be a regular file; the parent (``parentFileNameHint``) opens through
+(``OpenPolicy.resolve``: anywhere by default, as qemu-img follows them; confined to
+the image's directory and the allowed roots in untrusted mode) and must be a regular
+file outside /proc, /sys and /dev; the parent (``parentFileNameHint``) opens through
 ``registry.open_image`` with the descended policy, so chains are depth-limited and
 loop-checked as qcow2 backing files are.
 
