@@ -75,6 +75,12 @@ class OpenPolicy:
     max_depth: int = DEFAULT_MAX_DEPTH
     force_share: bool = False
     mode: str = DEFAULT  # DEFAULT or UNTRUSTED (see the module docstring)
+    # False: backing files are not opened at all, only named (qemu's BDRV_O_NO_BACKING,
+    # what ``qemu-img info`` without --backing-chain and ``rebase -u`` use: the file
+    # may be missing or moved). The formats whose backing files qemu follows (qcow2,
+    # qed, qcow, vmdk) honour it; a device opened so reads its unallocated parts as
+    # zeros, so it is for looking at headers and rewriting names, never for reading.
+    open_backing: bool = True
     # real paths of the images already opened above this one in the chain
     chain: tuple[str, ...] = field(default=(), repr=False)
 
@@ -186,10 +192,17 @@ def beside(image: str | os.PathLike, name: str) -> str:
     """Where ``name``, written inside ``image`` (a backing file, data file, parent), is:
     an absolute name as it stands, a relative one in the image's directory, as qemu
     resolves them. The one spelling of that rule; ``OpenPolicy.resolve`` adds the
-    checks on where it may lead."""
+    checks on where it may lead.
+
+    Spelled as qemu's ``path_combine`` spells it: joined to ``image``'s directory *as
+    the image was named* (``top.qcow2`` naming ``base.qcow2`` gives ``base.qcow2``,
+    ``./vm/top.qcow2`` gives ``./vm/base.qcow2``), not made absolute, because that
+    name is what ``info --backing-chain``, ``map`` and the "Could not open" errors
+    print and what scripts compare with qemu-img's output; it names the same file
+    from the same working directory."""
     if os.path.isabs(name):
         return name
-    return os.path.join(os.path.dirname(os.path.abspath(image)), name)
+    return os.path.join(os.path.dirname(os.fspath(image)), name)
 
 
 # Real paths a file named inside an image may never lead to, whatever the mode: their

@@ -470,7 +470,11 @@ def _open_local(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
             raise UsageError(f"two disks asked for: '{inside[1]}' in the name and"
                              f" {member!r} (--disk)", path)
         path, member = inside
-    check_readable(path)
+    try:
+        check_readable(path)
+    except ImageIOError as e:
+        e.backing_missing = bool(policy.chain)  # reported as qemu-img reports it
+        raise
     if policy.chain:  # before a block device is taken for raw, or a FIFO probed
         real = os.path.realpath(path)
         from .policy import referenced_file_problem
@@ -503,7 +507,17 @@ def _open_local(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
         extra["snapshot"] = snapshot
     if member is not None:
         extra["member"] = member
-    return plugin.open(path, writable=writable, policy=policy, **extra)
+    try:
+        return plugin.open(path, writable=writable, policy=policy, **extra)
+    except ImageIOError as e:
+        if not getattr(e, "backing_missing", False):
+            raise
+        # qemu-img's words, which scripts grep for: each image up the chain adds
+        # "Could not open 'IMAGE': Could not open backing file: " to the missing one's
+        outer = ImageIOError(f"Could not open '{path}': Could not open backing file:"
+                             f" {e.message}")
+        outer.backing_missing = True
+        raise outer from None
 
 
 def _open_remote(url: str, fmt: str | None, writable: bool, policy: OpenPolicy,

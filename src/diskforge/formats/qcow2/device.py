@@ -119,6 +119,8 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
             raise FormatError("a raw external data file excludes a backing file", self.path,
                               structure="QCowHeader", field="backing_file_offset")
         policy = self.policy or OpenPolicy().descend(self.path)
+        if not policy.open_backing:
+            return
         full = policy.resolve(self.path, name, "backing file")
         policy.check_backing_format(
             self.path, name, fmt,

@@ -219,7 +219,7 @@ class VmdkDevice(FileDevice):
     def _open_parent(self) -> None:
         d = self.descriptor
         hint = d.parent_hint if d is not None else None
-        if not hint:
+        if not hint or not self.policy.open_backing:
             return
         policy = self.policy
         full = policy.resolve(self.path, hint, "parent (descriptor.parentFileNameHint)")
@@ -533,8 +533,8 @@ class VmdkDevice(FileDevice):
             if d.parent_hint:
                 info.backing_filename = d.parent_hint
                 info.backing_format = "vmdk"
-                if self.backing is not None:
-                    info.full_backing_filename = self.backing.path
+                info.full_backing_filename = self.backing.path \
+                    if self.backing is not None else beside(self.path, d.parent_hint)
         if isinstance(first, SparseExtent):
             h = first.header
             details["sparse-header"] = {
