@@ -33,7 +33,7 @@ step $QEMU_IMG info --backing-chain pool/vms/vm1.qcow2
 step $QEMU_IMG info --backing-chain --output=json -U pool/vms/vm1.qcow2
 step $QEMU_IMG check pool/vms/vm1.qcow2
 step $QEMU_IMG check --output json pool/vms/vm1.qcow2
-step $QEMU_IMG resize pool/vms/vm1.qcow2 +16M
+step $QEMU_IMG resize pool/vms/vm1.qcow2 +8M
 step $QEMU_IMG snapshot -c before-upgrade pool/vms/vm1.qcow2
 step $QEMU_IMG snapshot -l pool/vms/vm1.qcow2
 step $QEMU_IMG map pool/vms/vm1.qcow2
@@ -64,10 +64,10 @@ step $QEMU_IMG compare pool/vms/vm1.qcow2 pool/vms/vm1.raw
 # -- OpenStack: the instance disk names ../_base/HASH ------------------------------------
 H=instances/_base/5a1d0c2e9b8f4c1e
 step $QEMU_IMG info --output=json -U "$H"
-step $QEMU_IMG create -f qcow2 -o backing_file=../_base/5a1d0c2e9b8f4c1e,backing_fmt=raw instances/UUID/disk 96M
+step $QEMU_IMG create -f qcow2 -o backing_file=../_base/5a1d0c2e9b8f4c1e,backing_fmt=raw instances/UUID/disk 24M
 step $QEMU_IMG info --output=json -U instances/UUID/disk
 step $QEMU_IMG info --backing-chain instances/UUID/disk
-step $QEMU_IMG resize instances/UUID/disk 128M
+step $QEMU_IMG resize instances/UUID/disk 32M
 step $QEMU_IMG check instances/UUID/disk
 step $QEMU_IMG map instances/UUID/disk
 step $QEMU_IMG map --output json instances/UUID/disk
