@@ -24,7 +24,6 @@ from conftest import cli, cli_process, need, one_line_error, run
 import diskforge
 from diskforge.blockdev import FileBackend
 from diskforge.errors import SafetyError
-from diskforge.policy import OpenPolicy
 
 MIB = 1 << 20
 TIMEOUT = 60  # generous: a FIFO that is opened would block until this ends the test
