@@ -12,7 +12,9 @@ from dataclasses import replace
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
-                   help="also open files an image names (backing files, extents) under DIR")
+                   help="in untrusted mode (and for an OVF's files), also open files an"
+                   " image names (backing files, extents) under DIR; by default they"
+                   " are followed anywhere, as qemu-img follows them")
 
 
 def add_force_share_arg(p: argparse.ArgumentParser) -> None:
