@@ -183,12 +183,12 @@ def test_backing_loop_and_roots(workdir):
     run("qemu-img", "create", "-q", "-f", "qcow2", a, "1M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b)
     run("qemu-img", "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a)  # a -> b -> a
-    fails("info", b, expect="loop")
+    fails("info", "--backing-chain", b, expect="loop")
     fails("convert", "-O", "raw", a, os.path.join(workdir, "o.raw"), expect="loop")
     itself = os.path.join(workdir, "self.qcow2")
     run("qemu-img", "create", "-q", "-f", "qcow2", itself, "1M")
     run("qemu-img", "rebase", "-u", "-b", "self.qcow2", "-F", "qcow2", itself)
-    fails("info", itself, expect="loop")
+    fails("info", "--backing-chain", itself, expect="loop")
     # outside the image's directory: followed by default, as qemu-img does; refused in
     # untrusted mode, which --allow-root widens
     outside = os.path.join(os.path.dirname(workdir), "outside-" + os.path.basename(workdir))

@@ -46,7 +46,7 @@ def _all_commands_refuse(d: str, path: str, *fields: str, every: bool = False,
     ``path`` with one line naming one of ``fields`` (``untrusted``: in untrusted mode)."""
     out = os.path.join(d, "out.raw")
     err = ""
-    commands = [("info", path), ("convert", "-O", "raw", path, out)]
+    commands = [("info", "--backing-chain", path), ("convert", "-O", "raw", path, out)]
     if every:
         commands += [("map", "--output", "json", path), ("check", path)]
     for argv in commands:

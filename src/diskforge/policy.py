@@ -80,6 +80,7 @@ class OpenPolicy:
     # may be missing or moved). The formats whose backing files qemu follows (qcow2,
     # qed, qcow, vmdk) honour it; a device opened so reads its unallocated parts as
     # zeros, so it is for looking at headers and rewriting names, never for reading.
+    # The CLI never sets it in untrusted mode, where every command checks the chain.
     open_backing: bool = True
     # real paths of the images already opened above this one in the chain
     chain: tuple[str, ...] = field(default=(), repr=False)

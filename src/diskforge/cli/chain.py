@@ -22,9 +22,10 @@ def cmd_rebase(args) -> int:
         args.f = args.f or opt_fmt
     # -U shares the new backing file only, as qemu-img rebase -U: never the image.
     # -u never opens the old backing file (that is what -u is for: it was moved or
-    # deleted), as qemu-img opens the image with BDRV_O_NO_BACKING then
+    # deleted), as qemu-img opens the image with BDRV_O_NO_BACKING then; untrusted
+    # mode still opens and checks the chain it is given
     policy = policy_from(args, share=False)
-    if args.u:
+    if args.u and not policy.is_untrusted:
         policy = replace(policy, open_backing=False)
     image = open_image(args.filename, args.f, writable=True, policy=policy)
     new = None

@@ -90,7 +90,7 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
     if disk is _ARGS:
         disk = getattr(args, "disk", None)
     policy = policy_from(args)
-    if not backing:
+    if not backing and not policy.is_untrusted:  # untrusted: the chain is always checked
         policy = replace(policy, open_backing=False)
     key_id = None
     if getattr(args, "image_opts", False):  # an option string names the image
@@ -191,7 +191,8 @@ def cmd_info(args) -> int:
     from ..ops.info import format_human, format_json, image_info
     # as qemu-img: without --backing-chain the backing file is named, not opened (so
     # an overlay whose backing file moved still shows it); --details reads the
-    # partition table of the whole disk, which needs the chain
+    # partition table of the whole disk, which needs the chain; untrusted mode opens
+    # it anyway, so an upload's chain is refused by every command, info too
     with open_source(args.filename, args.f, args,
                      backing=args.backing_chain or args.details) as dev:
         infos = image_info(dev, backing_chain=args.backing_chain, partitions=args.details)
