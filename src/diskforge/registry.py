@@ -516,7 +516,9 @@ def _open_local(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
         # "Could not open 'IMAGE': Could not open backing file: " to the missing one's
         outer = ImageIOError(f"Could not open '{path}': Could not open backing file:"
                              f" {e.message}")
-        outer.backing_missing = True
+        outer.path, outer.backing_missing = path, True  # (the path: not in str() twice)
+        if hasattr(e, "errno"):  # callers tell lasting errors apart by it
+            outer.errno = e.errno
         raise outer from None
 
 
