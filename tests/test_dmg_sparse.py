@@ -125,17 +125,18 @@ def test_sparsebundle_with_bands_matches_libmodi(tmp_path):
     assert _pymodi_bundle(path, 6) == want
 
 
-def test_sparsebundle_band_outside_the_bundle_is_refused(tmp_path):
+def test_sparsebundle_band_outside_the_bundle_is_refused_when_untrusted(tmp_path):
     path = str(tmp_path / "b.sparsebundle")
     shutil.copytree(SKELETON, path)
     os.mkdir(os.path.join(path, "bands"))
     secret = tmp_path / "secret"
     secret.write_bytes(b"x" * 4096)
     os.symlink(secret, os.path.join(path, "bands", "0"))
-    code, _, err = cli("info", path)
+    code, _, err = cli("--untrusted", "info", path)
     one_line_error(code, err)
     assert "outside" in err
-    assert cli("info", "--allow-root", str(tmp_path), path)[0] == 0
+    assert cli("--untrusted", "info", "--allow-root", str(tmp_path), path)[0] == 0
+    assert cli("info", path)[0] == 0  # followed by default, a regular file
 
 
 @pytest.mark.parametrize("case,message", [

@@ -181,4 +181,5 @@ def test_backing_loop_is_refused(tmp_path):
     a = os.path.join(d, "aaaa.qcow")
     data = open(a, "rb").read().replace(b"bbbb.qcow", b"cccc.qcow", 1)
     open(a, "wb").write(data)
-    refused(os.path.join(d, "cccc.qcow"), "loop")
+    # plain info names the backing file without opening it, as qemu-img's does
+    refused(os.path.join(d, "cccc.qcow"), "loop", cmd="map")

@@ -187,4 +187,5 @@ def test_backing_loop_is_refused(tmp_path):
     a = os.path.join(d, "aaaa.qed")
     data = open(a, "rb").read().replace(b"bbbb.qed", b"cccc.qed", 1)
     open(a, "wb").write(data)
-    refused(os.path.join(d, "cccc.qed"), "loop")
+    # plain info names the backing file without opening it, as qemu-img's does
+    refused(os.path.join(d, "cccc.qed"), "loop", cmd="map")

@@ -55,10 +55,10 @@ def test_probe_falls_back_to_raw_but_write_targets_are_never_guessed(tmp_path):
         registry.get("nope")
 
 
-def test_policy_keeps_references_inside_the_image_directory(tmp_path):
+def test_untrusted_policy_keeps_references_inside_the_image_directory(tmp_path):
     img = tmp_path / "vm" / "disk.qcow2"
     img.parent.mkdir()
-    p = OpenPolicy()
+    p = OpenPolicy.untrusted()
     assert p.resolve(str(img), "base.qcow2") == str(tmp_path / "vm" / "base.qcow2")
     assert p.resolve(str(img), "sub/base.qcow2").endswith("vm/sub/base.qcow2")
     for hostile in ("/etc/passwd", "../outside.qcow2", "sub/../../x"):
@@ -67,9 +67,31 @@ def test_policy_keeps_references_inside_the_image_directory(tmp_path):
     os.symlink("/etc", str(tmp_path / "vm" / "etc-link"))
     with pytest.raises(SafetyError):
         p.resolve(str(img), "etc-link/passwd")
-    allowed = OpenPolicy(allowed_roots=(str(tmp_path),))
+    allowed = OpenPolicy.untrusted(allowed_roots=(str(tmp_path),))
     assert allowed.resolve(str(img), "../outside.qcow2") == str(tmp_path / "vm" /
                                                                   "../outside.qcow2")
+
+
+def test_default_policy_follows_references_anywhere_but_system_files(tmp_path):
+    img = tmp_path / "vm" / "disk.qcow2"
+    img.parent.mkdir()
+    (tmp_path / "outside.qcow2").write_bytes(b"x")
+    p = OpenPolicy()
+    assert p.resolve(str(img), "../outside.qcow2") == str(tmp_path / "vm" /
+                                                            "../outside.qcow2")
+    assert p.resolve(str(img), "/etc/passwd") == "/etc/passwd"
+    assert p.resolve(str(img), "not-there-yet") == str(tmp_path / "vm" / "not-there-yet")
+    os.mkfifo(tmp_path / "vm" / "fifo")
+    os.symlink("/proc/self/environ", tmp_path / "vm" / "env")
+    for name, words in (("fifo", "a FIFO (named pipe); files an image names must be"
+                         " regular files"), ("env", "under /proc"),
+                        ("/sys/kernel/notes", "under /sys"), ("/dev/zero", "under /dev"),
+                        ("../vm/../../" * 20 + "proc/self/mem", "under /proc")):
+        with pytest.raises(SafetyError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            p.resolve(str(img), name)
+    # confine=True (an OVF's files) confines in the default mode too
+    with pytest.raises(SafetyError, match="outside"):
+        p.resolve(str(img), "../outside.qcow2", "OVF file", confine=True)
 
 
 def test_policy_refuses_loops_and_deep_chains(tmp_path):

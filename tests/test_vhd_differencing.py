@@ -149,14 +149,18 @@ def test_parent_outside_the_allowed_roots(chain):
     child = os.path.join(d, "kids", "child.vhd")
     assert cli("convert", "-B", "../parent.vhd", "-O", "vpc", os.path.join(d, "new.raw"),
                child)[0] == 0
-    code, _, err = cli("info", child)
+    # followed by default, as qemu-img follows backing files; confined when untrusted
+    code, _, err = cli("--untrusted", "info", child)
     one_line_error(code, err)
     assert "outside the image's directory" in err and "--allow-root" in err
-    code, _, err = cli("info", "--allow-root", d, child)
+    code, _, err = cli("--untrusted", "info", "--allow-root", d, child)
     assert code == 0, err
+    assert cli("info", child)[0] == 0
     with pytest.raises(SafetyError):
-        diskforge.open(child)
-    with diskforge.open(child, policy=OpenPolicy(allowed_roots=(d,))) as dev:
+        diskforge.open(child, policy=OpenPolicy.untrusted())
+    with diskforge.open(child, policy=OpenPolicy.untrusted(allowed_roots=(d,))) as dev:
+        assert dev.read(0, dev.size) == new
+    with diskforge.open(child) as dev:
         assert dev.read(0, dev.size) == new
 
 
@@ -177,9 +181,12 @@ def test_absolute_locator_elsewhere_is_refused(workdir, chain):
                  parent_unicode_name=bytes(512))
     i = [bytes(e.platform_code) for e in hd.parent_locator_entries].index(b"W2ku")
     patch_header(child, locators={i: {"platform_data_length": len(evil)}})
-    code, _, err = cli("info", child)
+    code, _, err = cli("--untrusted", "info", child)
     one_line_error(code, err)
     assert "/etc/hostname" in err and "outside" in err
+    code, _, err = cli("info", child)  # followed by default: a regular file, not a VHD
+    one_line_error(code, err)
+    assert "/etc/hostname" in err
 
 
 def test_parent_loops_are_refused(workdir):

@@ -27,7 +27,7 @@ def img(workdir):
 
 def fails(path, *words, command=("convert", "-O", "raw")):
     out = os.path.join(os.path.dirname(path), "out.raw")
-    code, _, err = cli(*command, path, out) if command[0] == "convert" else \
+    code, _, err = cli(*command, path, out) if "convert" in command else \
         cli(*command, path)
     one_line_error(code, err)
     for w in words:
@@ -189,10 +189,16 @@ def test_parent_outside_the_allowed_roots(workdir):
     moved = os.path.join(sub, "c.avhdx")
     os.rename(child, moved)
     _set_locator(moved, relative_path="..\\b.vhdx")
-    fails(moved, "outside the image's directory", "--allow-root")
+    # refused in untrusted mode unless --allow-root widens it; followed by default
+    fails(moved, "outside the image's directory", "--allow-root",
+          command=("--untrusted", "convert", "-O", "raw"))
     out = os.path.join(workdir, "ok.raw")
-    code, _, err = cli("convert", "--allow-root", workdir, "-O", "raw", moved, out)
+    code, _, err = cli("--untrusted", "convert", "--allow-root", workdir, "-O", "raw",
+                       moved, out)
     assert code == 0, err
+    assert sha256_file(out) == sha256_file(base_raw)
+    os.unlink(out)
+    assert cli("convert", "-O", "raw", moved, out)[0] == 0
     assert sha256_file(out) == sha256_file(base_raw)
 
 

@@ -10,6 +10,8 @@ import struct
 import zlib
 
 import pytest
+
+import diskforge
 from test_hostile_images import measured, ok_or_one_line
 from vmdk_helpers import FLAG_MARKERS, build, descriptor, header
 
@@ -38,15 +40,18 @@ def _field(path: str, name: str, value: int) -> None:
     _patch(path, OFF[name], struct.pack(fmt, value))
 
 
-def _all_commands_refuse(d: str, path: str, *fields: str, every: bool = False) -> str:
+def _all_commands_refuse(d: str, path: str, *fields: str, every: bool = False,
+                         untrusted: bool = False) -> str:
     """info and convert (and with ``every``, map and check: the same opening) refuse
-    ``path`` with one line naming one of ``fields``."""
+    ``path`` with one line naming one of ``fields`` (``untrusted``: in untrusted mode)."""
     out = os.path.join(d, "out.raw")
     err = ""
-    commands = [("info", path), ("convert", "-O", "raw", path, out)]
+    commands = [("info", "--backing-chain", path), ("convert", "-O", "raw", path, out)]
     if every:
         commands += [("map", "--output", "json", path), ("check", path)]
     for argv in commands:
+        if untrusted:
+            argv = ("--untrusted",) + argv
         code, _, err, rss = measured(*argv)
         ok_or_one_line(code, err, rss, *fields)
         assert code != 0, argv
@@ -195,16 +200,22 @@ def test_descriptor_paths_and_parents(workdir):
              ("abs.vmdk", descriptor(1, outside, create_type="monolithicFlat",
                                      extent_type="FLAT").replace('raw"', 'raw" 0'),
               "outside the image's directory")]
-    os.mkfifo(os.path.join(workdir, "fifo"))
-    cases.append(("fifo.vmdk", descriptor(1, "fifo", create_type="monolithicFlat",
-                                          extent_type="FLAT").replace('fifo"', 'fifo" 0'),
-                  "not a regular file"))
+    # untrusted mode confines extents; the default follows them, as qemu-img does
     for name, text, what in cases:
         path = os.path.join(workdir, name)
         with open(path, "w") as f:
             f.write(text)
-        err = _all_commands_refuse(workdir, path)
+        err = _all_commands_refuse(workdir, path, untrusted=True)
         assert what in err, err
+        with diskforge.open(path) as dev:
+            assert dev.read(0, 512) == (b"secret" * 100)[:512]
+    os.mkfifo(os.path.join(workdir, "fifo"))
+    path = os.path.join(workdir, "fifo.vmdk")
+    with open(path, "w") as f:
+        f.write(descriptor(1, "fifo", create_type="monolithicFlat",
+                           extent_type="FLAT").replace('fifo"', 'fifo" 0'))
+    err = _all_commands_refuse(workdir, path)
+    assert "a FIFO (named pipe); files an image names must be regular files" in err, err
     build(os.path.join(workdir, "a.vmdk"), 64, {},
           desc=descriptor(64, "a.vmdk", parent="b.vmdk"))
     build(os.path.join(workdir, "b.vmdk"), 64, {},

@@ -283,7 +283,9 @@ def chain_extents(dev: "BlockDevice", offset: int = 0,
     backing chain: the one walker of a chain (as QEMU's
     ``bdrv_co_common_block_status_above``), for ``map``, the NBD server's block status
     and imaging. Beyond a shorter backing image, or with none, a BACKING run reads as
-    zeros: a ZERO extent, not allocated, at the depth where the chain ran out. Extents
+    zeros: a ZERO extent, not allocated, at the depth of the layer whose backing image
+    ended (qemu's block status sets ZERO there, on that layer, "offset >= the backing
+    file's length", and ``qemu-img map`` 7.2 prints that layer's depth). Extents
     are clipped to ``[offset, offset+length)``, and a plugin that stops short has the
     rest reported as DATA (always safe)."""
     if length is None:
@@ -306,9 +308,8 @@ def _chain_extents(dev: "BlockDevice", offset: int, length: int,
             if inside:
                 yield from _chain_extents(below, start, inside, depth + 1)
             if start + inside < stop:
-                ran_out = (depth + 1, below) if below is not None else (depth, dev)
                 yield LayerExtent(Extent(start + inside, stop - start - inside,
-                                         ExtentKind.ZERO, False), *ran_out)
+                                         ExtentKind.ZERO, False), depth, dev)
         elif start == e.offset and stop == e.end:
             yield LayerExtent(e, depth, dev)
         else:
@@ -899,12 +900,15 @@ class FileBackend:
     DIRECT_CHUNK = 1 << 20
 
     def __init__(self, path: str | os.PathLike, *, writable: bool = False,
-                 fd: int | None = None, lock: "Access | bool" = True):
+                 fd: int | None = None, lock: "Access | bool" = True,
+                 referenced: bool = False):
         self.path = os.fspath(path)
         self.writable = writable
         if fd is None:
-            from .devices import open_input  # FIFOs, sockets, char devices refused
-            fd = open_input(self.path, writable=writable)
+            # FIFOs, sockets, char devices refused; a file an image names
+            # (``referenced``) must be a regular file outside /proc, /sys, /dev
+            from .devices import open_input
+            fd = open_input(self.path, writable=writable, referenced=referenced)
         self.fd = fd
         st = os.fstat(fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)

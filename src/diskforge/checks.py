@@ -125,10 +125,9 @@ class CheckResult:
                            ("allocated-clusters", self.allocated_clusters),
                            ("fragmented-clusters", self.fragmented_clusters),
                            ("compressed-clusters", self.compressed_clusters)):
-            # qemu-img leaves the fragmented and compressed counts out when zero
-            if value is not None and (value or key in ("image-end-offset",
-                                                       "total-clusters",
-                                                       "allocated-clusters")):
+            # qemu-img leaves each count out when it is zero (collect_image_check's
+            # has_* = value != 0): an empty overlay has no allocated-clusters key
+            if value:
                 d[key] = value
         for key, value in (("corruptions", self.corruptions), ("leaks", self.leaks),
                            ("corruptions-fixed", self.corruptions_fixed),

@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISDIR, "a directory"))
 
+# set while opening a file that another image names (``referenced_files``)
+_referenced: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "diskforge_referenced_file", default=False)
+
 # restore --force: write onto a device even when it is mounted or busy (the user's call)
 _busy_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "diskforge_busy_device_allowed", default=False)
@@ -63,14 +67,32 @@ def special_kind(mode: int) -> str | None:
 
 # -- inputs ------------------------------------------------------------------------------
 
-def open_input(path: str | os.PathLike, *, writable: bool = False) -> int:
+@contextlib.contextmanager
+def referenced_files() -> "Iterator[None]":
+    """Within this block every input opened is a file another image names (a backing
+    file, data file, extent, parent, band): only a regular file whose real path is
+    outside ``policy.SYSTEM_ROOTS`` is accepted, checked on the open descriptor.
+    ``registry.open_image`` sets it around the opening of every image deeper in a
+    chain, so each format's own opens are covered without each format knowing."""
+    token = _referenced.set(True)
+    try:
+        yield
+    finally:
+        _referenced.reset(token)
+
+
+def open_input(path: str | os.PathLike, *, writable: bool = False,
+               referenced: bool = False) -> int:
     """Open ``path`` for reading (or reading and writing), refusing anything that is not
     a regular file or a block device before a single byte is read; the descriptor is
     blocking again when returned. OS failures become one-line ImageIOErrors. A block
     device opened for writing (``convert -n``, ``resize``, ``commit`` ... of an image
-    on a device) gets the output checks: not mounted, swap or held, and O_EXCL."""
+    on a device) gets the output checks: not mounted, swap or held, and O_EXCL.
+    ``referenced`` (or being inside :func:`referenced_files`): the file is one an image
+    names, so it must also be a regular file outside ``/proc``, ``/sys`` and ``/dev``
+    (``policy.referenced_file_problem``), checked on the descriptor itself."""
     try:
-        return _open_checked(os.fspath(path), writable)
+        return _open_checked(os.fspath(path), writable, referenced or _referenced.get())
     except OSError as e:
         raise ImageIOError.from_os(e, os.fspath(path)) from None
 
@@ -82,24 +104,45 @@ def open_input_file(path: str | os.PathLike) -> "BinaryIO":
     return os.fdopen(_open_checked(os.fspath(path), False), "rb")
 
 
-def _open_checked(path: str, writable: bool) -> int:
+def _open_checked(path: str, writable: bool, referenced: bool = False) -> int:
     mode = os.stat(path).st_mode
     kind = special_kind(mode)  # look before opening: nothing blocks
     if kind and kind != "a directory":  # directories: the caller's own message
         raise _refused_input(path, kind)
+    if referenced:
+        _check_referenced(path, os.path.realpath(path), mode)
     if writable and stat.S_ISBLK(mode):  # an image on a device, changed in place
         return open_output_device(path)
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC
     fd = os.open(path, flags)
     try:
-        kind = special_kind(os.fstat(fd).st_mode)  # the name may have been swapped
+        mode = os.fstat(fd).st_mode
+        kind = special_kind(mode)  # the name may have been swapped
         if kind and kind != "a directory":
             raise _refused_input(path, kind)
+        if referenced:  # what was opened, whatever the name leads to by now
+            _check_referenced(path, _real_path_of(fd, path), mode)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _check_referenced(path: str, real: str, mode: int) -> None:
+    from .policy import referenced_file_problem
+    problem = referenced_file_problem(real, mode)
+    if problem:
+        raise SafetyError(problem, path)
+
+
+def _real_path_of(fd: int, path: str) -> str:
+    """The real path of the file open on ``fd`` (the kernel's, from /proc/self/fd), or
+    of ``path`` when /proc is not mounted."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
 
 
 def _refused_input(path: str, kind: str) -> ImageIOError:

@@ -1,32 +1,42 @@
 """Which files an image may make us open.
 
-Images name other files: backing files, external data files, VMDK extents, VHD parent
-locators. A hostile image could name ``/etc/shadow`` or ``/dev/sda`` and have its bytes
-appear as disk contents, or name itself and loop. So a referenced file is opened only
-when it resolves inside the referring image's own directory (or a root the caller
-allowed), chains are depth-limited, and a file already in the chain is refused.
-
-The user's own command-line choices (``-B base``, the image opened) are not checked:
-the policy guards what *files* name, not what *people* name.
+Images name other files: backing files, external data files, VMDK extents, VHD/VHDX/VDI
+parents, bundle bands. A hostile image could name ``/dev/sda`` or ``/proc/self/environ``
+and have its bytes appear as disk contents, name a FIFO and hang the reader, or name
+itself and loop. The user's own command-line choices (``-B base``, the image opened)
+are not checked: the policy guards what *files* name, not what *people* name.
 
 Two modes, both explicit here:
 
 - **default** (``OpenPolicy.default()``, what ``OpenPolicy()`` gives): a user naming an
-  image on the command line. Today it confines referenced files as above and follows
-  backing files of any format, probing one whose format the image does not name. (A
-  later issue relaxes it to follow chains as qemu-img does; ``allow_any_root`` is that
-  switch.)
+  image on the command line. Referenced files are followed wherever they are, as
+  qemu-img follows them, because that is where real chains put them: libvirt pools and
+  oVirt write absolute backing paths into other directories, OpenStack's image cache
+  writes ``../_base/HASH``. What is refused is what no real chain names: anything that
+  is not a regular file (a block or character device, FIFO, socket, directory), and
+  anything whose real path is under ``/proc``, ``/sys`` or ``/dev`` (``SYSTEM_ROOTS``;
+  a symlink to ``/proc/self/environ`` is refused by where it leads). Both are checked
+  twice: when the name is resolved (``resolve``), and again on the descriptor when the
+  file is opened (``devices.open_input`` under ``devices.referenced_files``), so a
+  name swapped in between does not get through. Chains are depth-limited
+  (``DEFAULT_MAX_DEPTH``) and loop-checked (``descend``). Backing files of any format
+  are followed, probing one whose format the image does not name, as qemu-img does.
 - **untrusted** (``OpenPolicy.untrusted()``, ``diskforge --untrusted``,
-  ``DISKFORGE_UNTRUSTED=1``): for services converting images uploaded by others. It
-  stays strict whatever the default becomes: references confined to the image's own
-  directory and the roots the operator allowed (``allow_any_root`` is ignored), chains
-  at most ``UNTRUSTED_MAX_DEPTH`` deep, and no raw backing files — a backing file the
-  image names as raw, or whose format the image does not name (so it would be probed,
-  and a raw guess could expose any file's bytes or let a crafted header pick the
-  format), is refused, as OpenStack's image checks refuse them. The policy is only
-  about which files are opened; the resource limits of untrusted mode (address space,
-  CPU time, a lower memory budget) are in ``untrusted.py``, because they belong to a
-  process, not to one open.
+  ``DISKFORGE_UNTRUSTED=1``; ``serve`` and every remote image use it unless told
+  otherwise): for services converting images uploaded by others. Everything above,
+  and references confined to the image's own directory and the roots the operator
+  allowed (``--allow-root DIR``, ``allowed_roots``), chains at most
+  ``UNTRUSTED_MAX_DEPTH`` deep, and no raw backing files — a backing file the image
+  names as raw, or whose format the image does not name (so it would be probed, and a
+  raw guess could expose any file's bytes or let a crafted header pick the format), is
+  refused, as OpenStack's image checks refuse them. The policy is only about which
+  files are opened; the resource limits of untrusted mode (address space, CPU time, a
+  lower memory budget) are in ``untrusted.py``, because they belong to a process, not
+  to one open.
+
+``allowed_roots`` only widen untrusted mode; the default mode has no confinement to
+widen. (``allow_any_root``, the switch that relaxed confinement before the default
+did, is still accepted and changes nothing: untrusted mode ignores it, as it did.)
 
 ``force_share`` is qemu-img's ``-U``: read-only opens under this policy take QEMU's
 image locks without refusing to share anything (so an image a VM is writing can still
@@ -65,6 +75,13 @@ class OpenPolicy:
     max_depth: int = DEFAULT_MAX_DEPTH
     force_share: bool = False
     mode: str = DEFAULT  # DEFAULT or UNTRUSTED (see the module docstring)
+    # False: backing files are not opened at all, only named (qemu's BDRV_O_NO_BACKING,
+    # what ``qemu-img info`` without --backing-chain and ``rebase -u`` use: the file
+    # may be missing or moved). The formats whose backing files qemu follows (qcow2,
+    # qed, qcow, vmdk) honour it; a device opened so reads its unallocated parts as
+    # zeros, so it is for looking at headers and rewriting names, never for reading.
+    # The CLI never sets it in untrusted mode, where every command checks the chain.
+    open_backing: bool = True
     # real paths of the images already opened above this one in the chain
     chain: tuple[str, ...] = field(default=(), repr=False)
 
@@ -75,7 +92,9 @@ class OpenPolicy:
 
     @classmethod
     def default(cls, allowed_roots: "tuple[str, ...] | list[str]" = ()) -> "OpenPolicy":
-        """The policy for an image a user names: confined references, any backing format."""
+        """The policy for an image a user names: references followed anywhere as
+        qemu-img follows them (regular files outside ``SYSTEM_ROOTS`` only), any
+        backing format. ``allowed_roots`` are kept for a later ``untrusted`` copy."""
         return cls(allowed_roots=tuple(allowed_roots))
 
     @classmethod
@@ -103,10 +122,19 @@ class OpenPolicy:
     def is_untrusted(self) -> bool:
         return self.mode == UNTRUSTED
 
-    def resolve(self, referrer: str, reference: str, what: str = "backing file") -> str:
+    def resolve(self, referrer: str, reference: str, what: str = "backing file", *,
+                confine: bool = False) -> str:
         """Turn ``reference`` (as written inside ``referrer``) into a path we may open.
 
-        Relative names are relative to the referrer's directory, as qemu does.
+        Relative names are relative to the referrer's directory, as qemu does. In both
+        modes the real path must not be under ``SYSTEM_ROOTS`` and, when it exists,
+        must be a regular file (or, for the directories some formats name, such as a
+        bundle's ``bands``, a directory); untrusted mode also confines it to the
+        image's directory and the allowed roots. ``confine`` asks for that confinement
+        in the default mode too, for references that by their specification stay
+        beside the referrer and that no tool writes elsewhere (an OVF descriptor's
+        files). A name that does not exist yet passes here: opening it fails with the
+        usual "No such file" line.
         """
         if not reference:
             raise SafetyError(f"empty {what} name", referrer)
@@ -116,16 +144,21 @@ class OpenPolicy:
             from .remote import is_remote
             if is_remote(referrer):
                 return _resolve_remote(referrer, reference, what)
-        base_dir = os.path.dirname(os.path.abspath(referrer))
         path = beside(referrer, reference)
         real = os.path.realpath(path)
-        if not self.allow_any_root or self.is_untrusted:
+        if self.is_untrusted or confine:
+            base_dir = os.path.dirname(os.path.abspath(referrer))
             roots = [os.path.realpath(base_dir)] + [os.path.realpath(r)
                                                     for r in self.allowed_roots]
             if not any(_inside(real, r) for r in roots):
                 raise SafetyError(
                     f"{what} '{reference}' resolves to {real}, outside the image's directory"
-                    " and the allowed roots (allow it with --allow-root DIR)", referrer)
+                    " and the allowed roots"
+                    f"{' (untrusted mode' if self.is_untrusted else ' ('}; allow it with"
+                    " --allow-root DIR)", referrer)
+        problem = referenced_file_problem(real)
+        if problem:
+            raise SafetyError(f"{what} '{reference}' {problem}", referrer)
         return path
 
     def check_backing_format(self, referrer: str, reference: str, fmt: str | None,
@@ -164,7 +197,14 @@ def beside(image: str | os.PathLike, name: str) -> str:
     """Where ``name``, written inside ``image`` (a backing file, data file, parent), is:
     an absolute name as it stands, a relative one in the image's directory, as qemu
     resolves them. The one spelling of that rule; ``OpenPolicy.resolve`` adds the
-    checks on where it may lead."""
+    checks on where it may lead.
+
+    Spelled as qemu's ``path_combine`` spells it: joined to ``image``'s directory *as
+    the image was named* (``top.qcow2`` naming ``base.qcow2`` gives ``base.qcow2``,
+    ``./vm/top.qcow2`` gives ``./vm/base.qcow2``), not made absolute, because that
+    name is what ``info --backing-chain``, ``map`` and the "Could not open" errors
+    print and what scripts compare with qemu-img's output; it names the same file
+    from the same working directory."""
     if os.path.isabs(name):
         return name
     image = os.fspath(image)
@@ -179,7 +219,34 @@ def beside(image: str | os.PathLike, name: str) -> str:
             joined = posixpath.normpath(posixpath.join(posixpath.dirname("/" + path),
                                                        name))
             return f"{scheme}://{host}{joined}"
-    return os.path.join(os.path.dirname(os.path.abspath(image)), name)
+    return os.path.join(os.path.dirname(image), name)
+
+
+# Real paths a file named inside an image may never lead to, whatever the mode: their
+# "files" are the kernel's (process memory, environment, devices), not disk images.
+SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def referenced_file_problem(real: str, mode: int | None = None) -> str | None:
+    """Why the file at real path ``real`` (of type ``mode``, or as ``stat`` finds it
+    now) must not be opened as something an image names, or None. A file that does
+    not exist has no problem here (opening it reports that)."""
+    import stat
+    for root in SYSTEM_ROOTS:
+        if _inside(real, root):
+            return (f"resolves to {real}, under {root}; files an image names are never"
+                    f" read from {', '.join(SYSTEM_ROOTS)}")
+    if mode is None:
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # directories: bundles' own parts
+        return None
+    kind = ("a block device" if stat.S_ISBLK(mode) else "a character device"
+            if stat.S_ISCHR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return f"resolves to {real}, {kind}; files an image names must be regular files"
 
 
 def _inside(path: str, root: str) -> bool:

@@ -456,13 +456,34 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
         from . import remote
         if remote.is_remote(path):
             return _open_remote(path, fmt, writable, policy, snapshot, key)
+    if policy.chain:  # a file another image names: regular files only, not /proc...
+        from .devices import referenced_files
+        with referenced_files():
+            return _open_local(path, fmt, writable, policy, snapshot, member, key)
+    return _open_local(path, fmt, writable, policy, snapshot, member, key)
+
+
+def _open_local(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
+                snapshot: str | None, member: "str | int | None" = None,
+                key: bytes | None = None) -> "BlockDevice":
     inside = split_member(path, fmt)
     if inside is not None:
         if member is not None:
             raise UsageError(f"two disks asked for: '{inside[1]}' in the name and"
                              f" {member!r} (--disk)", path)
         path, member = inside
-    check_readable(path)
+    try:
+        check_readable(path)
+    except ImageIOError as e:
+        e.backing_missing = bool(policy.chain)  # reported as qemu-img reports it
+        raise
+    if policy.chain:  # before a block device is taken for raw, or a FIFO probed
+        real = os.path.realpath(path)
+        from .policy import referenced_file_problem
+        problem = referenced_file_problem(real)
+        if problem:
+            from .errors import SafetyError
+            raise SafetyError(f"named by {policy.chain[-1]}: {problem}", path)
     if fmt:
         plugin = get(fmt)
     elif is_block_device(path):
@@ -488,7 +509,19 @@ def _open_image(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
         extra["snapshot"] = snapshot
     if member is not None:
         extra["member"] = member
-    return plugin.open(path, writable=writable, policy=policy, **extra)
+    try:
+        return plugin.open(path, writable=writable, policy=policy, **extra)
+    except ImageIOError as e:
+        if not getattr(e, "backing_missing", False):
+            raise
+        # qemu-img's words, which scripts grep for: each image up the chain adds
+        # "Could not open 'IMAGE': Could not open backing file: " to the missing one's
+        outer = ImageIOError(f"Could not open '{path}': Could not open backing file:"
+                             f" {e.message}")
+        outer.path, outer.backing_missing = path, True  # (the path: not in str() twice)
+        if hasattr(e, "errno"):  # callers tell lasting errors apart by it
+            outer.errno = e.errno
+        raise outer from None
 
 
 def _open_remote(url: str, fmt: str | None, writable: bool, policy: OpenPolicy,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 from .image import (add_cache_args, add_force_share_arg, add_policy_args, open_source,
                     policy_from, progress_for)
@@ -19,9 +20,14 @@ def cmd_rebase(args) -> int:
         from .qemu_text import image_opts
         args.filename, opt_fmt, _, _ = image_opts(args.filename)
         args.f = args.f or opt_fmt
-    # -U shares the new backing file only, as qemu-img rebase -U: never the image
-    image = open_image(args.filename, args.f, writable=True,
-                       policy=policy_from(args, share=False))
+    # -U shares the new backing file only, as qemu-img rebase -U: never the image.
+    # -u never opens the old backing file (that is what -u is for: it was moved or
+    # deleted), as qemu-img opens the image with BDRV_O_NO_BACKING then; untrusted
+    # mode still opens and checks the chain it is given
+    policy = policy_from(args, share=False)
+    if args.u and not policy.is_untrusted:
+        policy = replace(policy, open_backing=False)
+    image = open_image(args.filename, args.f, writable=True, policy=policy)
     new = None
     try:
         fmt = args.F

@@ -32,8 +32,16 @@ def cmd_serve(args) -> int:
                    " NBD has no authentication")
     log = (lambda m: print(f"diskforge: {m}", file=sys.stderr, flush=True)) \
         if args.verbose else None
+    # an NBD export hands the image's bytes to whoever connects: what it names is
+    # confined as for an upload unless the user vouches for the image (--trusted)
+    policy = policy_from(args)
+    if not policy.is_untrusted and not args.trusted:
+        from dataclasses import replace
+        from ..policy import OpenPolicy
+        policy = replace(OpenPolicy.untrusted(policy.allowed_roots),
+                         force_share=policy.force_share)
     with open_image(args.image, plugin.name, writable=not read_only,
-                    policy=policy_from(args)) as dev:
+                    policy=policy) as dev:
         server = NBDServer(dev, socket_path=args.socket, host=args.bind, port=args.port,
                            read_only=read_only, export_name=args.export_name,
                            description=args.image, max_clients=args.max_clients, log=log)
@@ -159,6 +167,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-clients", type=int, default=16, metavar="N")
     p.add_argument("-v", "--verbose", action="store_true", help="log each client")
     p.add_argument("-q", action="store_true")
+    p.add_argument("--trusted", action="store_true",
+                   help="follow the files the image names anywhere, as qemu-nbd does"
+                   " (default: untrusted mode's rules, files confined to the image's"
+                   " directory and --allow-root DIRs, no raw backing files)")
     add_force_share_arg(p)
     add_policy_args(p)
     p.set_defaults(func=cmd_serve)

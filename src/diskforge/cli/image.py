@@ -12,7 +12,9 @@ from dataclasses import replace
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
-                   help="also open files an image names (backing files, extents) under DIR")
+                   help="in untrusted mode (and for an OVF's files), also open files an"
+                   " image names (backing files, extents) under DIR; by default they"
+                   " are followed anywhere, as qemu-img follows them")
 
 
 def add_force_share_arg(p: argparse.ArgumentParser) -> None:
@@ -81,15 +83,19 @@ _ARGS = object()
 
 
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
-                snapshot: str | None = None, disk: "int | None | object" = _ARGS):
+                snapshot: str | None = None, disk: "int | None | object" = _ARGS,
+                backing: bool = True):
     """Open a source image as the command line asks (policy, ``-U``, ``--disk``: by
-    default ``args.disk`` when the command has one)."""
+    default ``args.disk`` when the command has one). ``backing=False`` names backing
+    files without opening them (``OpenPolicy.open_backing``)."""
     from ..registry import open_image
     from .qemu_text import image_opts, snapshot_spec
     from .secrets import key_for
     if disk is _ARGS:
         disk = getattr(args, "disk", None)
     policy = policy_from(args)
+    if not backing and not policy.is_untrusted:  # untrusted: the chain is always checked
+        policy = replace(policy, open_backing=False)
     key_id = None
     if getattr(args, "image_opts", False):  # an option string names the image
         path, opt_fmt, share, key_id = image_opts(path)
@@ -193,7 +199,12 @@ def open_backing(name: str, fmt: str | None, target: str, args, *, share: bool =
 
 def cmd_info(args) -> int:
     from ..ops.info import format_human, format_json, image_info
-    with open_source(args.filename, args.f, args) as dev:
+    # as qemu-img: without --backing-chain the backing file is named, not opened (so
+    # an overlay whose backing file moved still shows it); --details reads the
+    # partition table of the whole disk, which needs the chain; untrusted mode opens
+    # it anyway, so an upload's chain is refused by every command, info too
+    with open_source(args.filename, args.f, args,
+                     backing=args.backing_chain or args.details) as dev:
         infos = image_info(dev, backing_chain=args.backing_chain, partitions=args.details)
     if not args.details:  # qemu-img's output exactly; diskforge's extras on request
         for info in infos:

@@ -238,7 +238,7 @@ class SparseBundleDevice(_Banded):
         if f is not None:
             self._open.move_to_end(band)
             return f
-        f = FileBackend(os.path.join(self.bands_dir, f"{band:x}"))
+        f = FileBackend(os.path.join(self.bands_dir, f"{band:x}"), referenced=True)
         self._open[band] = f
         while len(self._open) > OPEN_BANDS:
             self._open.popitem(last=False)[1].close()

@@ -452,7 +452,7 @@ def check_href(href: str, path: str, *, in_tar: bool) -> None:
     """Refuse what cannot be read in place: URLs (``http:``, ``file:``), and in an OVA
     absolute names and ``..`` (its files are members named relative to the package,
     DSP0243 "File references"). Beside an ``.ovf`` the open policy decides instead,
-    as for backing files (confined to the descriptor's directory by default)."""
+    (confined to the descriptor's directory in every mode, ``package.FolderPackage``)."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", href):
         raise UnsupportedError(f"not supported yet: OVF files referenced by URL"
                                f" ('{href}')", path)

@@ -5,8 +5,9 @@ Both answer the same questions (the descriptor, the manifest and certificate nam
 a reader for any file of the package), so the device and the manifest check do not
 care which one they hold. In a tar a file is a member found by exact name (nothing
 is opened on disk by a member's name); beside an ``.ovf`` it is a file resolved
-through the open policy, like a backing file (confined to the descriptor's
-directory unless the user allowed more). A chunked file (``ovf:chunkSize``) is its
+through the open policy, like a backing file, but confined to the descriptor's
+directory in every mode unless the user allowed more (``--allow-root``): an OVF names
+its files relative to itself, and a package comes from someone else. A chunked file (``ovf:chunkSize``) is its
 chunks read as one (``Joined``).
 """
 
@@ -177,7 +178,9 @@ class FolderPackage(Package):
         if name == self.descriptor:
             return self.path
         ovf.check_href(name, self.path, in_tar=False)
-        path = self.policy.resolve(self.path, name, "OVF file")
+        # confined in every mode: an OVF names its files relative to itself
+        # (DSP0243), and a package is someone else's, like an upload
+        path = self.policy.resolve(self.path, name, "OVF file", confine=True)
         if is_block_device(path):
             raise SafetyError(f"OVF file '{name}' is a block device; files a descriptor"
                               " names are opened only when they are regular files",
@@ -185,7 +188,7 @@ class FolderPackage(Package):
         return path
 
     def reader(self, name: str) -> FileBackend:
-        return FileBackend(self.resolve(name), lock=True)
+        return FileBackend(self.resolve(name), lock=True, referenced=True)
 
     def has(self, name: str) -> bool:
         return os.path.isfile(self.resolve(name))

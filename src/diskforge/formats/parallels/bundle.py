@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from ...blockdev import (BlockDevice, Extent, ExtentKind, FileBytesDevice, ImageInfo,
                          chain_extents, coalesce, fill_zero)
 from ...checks import CheckResult, Problem, Repair
+from ...devices import referenced_files
 from ...errors import FormatError, UnsupportedError
 from ...policy import OpenPolicy
 from . import descriptor as desc
@@ -97,16 +98,19 @@ class ParallelsBundle(BlockDevice):
                     raise FormatError(f"no Image for snapshot {guid}", self.descriptor_path,
                                       structure=where)
                 full = self._find(ref.file)
-                if ref.type == "Plain":
-                    if dev is not None:
-                        dev.close()
-                        dev = None
-                    dev = FileBytesDevice(full)
-                elif ref.type == "Compressed":
-                    dev = ParallelsImage(full, policy=self.policy, parent=dev)
-                else:
+                if ref.type not in ("Plain", "Compressed"):
                     raise UnsupportedError(f"not supported yet: Parallels images of type"
                                            f" '{ref.type}' ({where})", self.path)
+                # files the descriptor names: regular files outside /proc, /sys, /dev,
+                # checked again on the open descriptor (policy.py)
+                with referenced_files():
+                    if ref.type == "Plain":
+                        if dev is not None:
+                            dev.close()
+                            dev = None
+                        dev = FileBytesDevice(full)
+                    else:
+                        dev = ParallelsImage(full, policy=self.policy, parent=dev)
         except BaseException:
             if dev is not None:
                 dev.close()

@@ -140,6 +140,8 @@ class Qcow1Device(TableDevice):
         """Through the open policy, as qcow2 does; qcow version 1 names no backing
         format, so the file is probed (untrusted mode refuses that)."""
         policy = self.policy or OpenPolicy().descend(self.path)
+        if not policy.open_backing:
+            return
         full = policy.resolve(self.path, name, "backing file")
         policy.check_backing_format(self.path, name, None,
                                     "QCowHeader (qcow version 1 has no backing format)")

@@ -110,7 +110,7 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
                                    " file that it does not name", self.path)
         policy = self.policy or OpenPolicy()
         full = policy.resolve(self.path, name, "external data file")
-        self.data = FileBackend(full, writable=self.writable)
+        self.data = FileBackend(full, writable=self.writable, referenced=True)
         self.data_path = full
 
     def open_backing(self, name: str, fmt: str | None) -> None:
@@ -120,6 +120,8 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
             raise FormatError("a raw external data file excludes a backing file", self.path,
                               structure="QCowHeader", field="backing_file_offset")
         policy = self.policy or OpenPolicy().descend(self.path)
+        if not policy.open_backing:
+            return
         full = policy.resolve(self.path, name, "backing file")
         policy.check_backing_format(
             self.path, name, fmt,

@@ -152,6 +152,8 @@ class QedDevice(TableDevice):
         name = self.backing_file
         assert name is not None
         policy = self.policy or OpenPolicy().descend(self.path)
+        if not policy.open_backing:
+            return
         full = policy.resolve(self.path, name, "backing file")
         policy.check_backing_format(
             self.path, name, self.backing_format,

@@ -10,7 +10,8 @@ folder above it. The rule:
 1. The ``*.vdi`` files (any case) of the image's own directory, then of its parent
    directory, in name order; at most ``MAX_CANDIDATES`` per directory are looked at.
    Only regular files, and only where the open policy lets the image name a file
-   (by default its own directory; ``--allow-root DIR`` adds more), so the parent
+   (by default anywhere, as for every backing file; in untrusted mode its own
+   directory, and ``--allow-root DIR`` adds more), so in untrusted mode the parent
    directory is searched only when allowed.
 2. A candidate matches when its ``uuidCreate`` is the child's ``uuidLinkage``. The
    first directory with a match wins; two matches there are told apart by
@@ -43,7 +44,7 @@ def _ids(path: str) -> tuple[bytes, bytes] | None:
     """``(uuidCreate, uuidModify)`` of a VDI file, or None when it is not one (a
     glance: nothing locked, only the headers read)."""
     try:
-        with FileBackend(path, lock=False) as f:
+        with FileBackend(path, lock=False, referenced=True) as f:
             head = f.pread(0, PREHEADER_SIZE + HEADER1_SIZE)
     except DiskforgeError:
         return None
@@ -124,7 +125,8 @@ def find_parent(dev) -> str:
                                   " (backing chain loop)", dev.path)
             return path
     hint = " (files outside the image's directory were not looked at: allow their" \
-        " directory with --allow-root DIR)" if refused is not None else ""
+        " directory with --allow-root DIR)" if refused is not None and policy.is_untrusted \
+        else ""
     raise ImageIOError(f"differencing image's parent not found: no .vdi file in"
                        f" {' or '.join(search_dirs(dev.path))} has uuidCreate"
                        f" {uuid_text(want)} ({where}){hint}", dev.path)

@@ -288,9 +288,10 @@ class VhdDevice(FileDevice):
             if refused is not None:
                 raise refused
             where = "; ".join(tried) or "no parent locator or parent name"
+            hint = ", or allow its directory with --allow-root (untrusted mode)" \
+                if policy.is_untrusted else ""
             raise ImageIOError(f"differencing disk's parent not found (tried {where}):"
-                               " put the parent beside it, or allow its directory with"
-                               " --allow-root", self.path)
+                               f" put the parent where a locator says{hint}", self.path)
         parent = self.backing
         want = bytes(hd.parent_unique_id)
         if want != bytes(16) and bytes(parent.unique_id) != want:

@@ -12,8 +12,9 @@ first bytes:
 - a descriptor file: every extent line is opened, in order, as its type says.
 
 Extent and parent file names are attacker input: each goes through the open policy
-(``OpenPolicy.resolve``: confined to the image's directory and the allowed roots) and
-must be a regular file; the parent (``parentFileNameHint``) opens through
+(``OpenPolicy.resolve``: anywhere by default, as qemu-img follows them; confined to
+the image's directory and the allowed roots in untrusted mode) and must be a regular
+file outside /proc, /sys and /dev; the parent (``parentFileNameHint``) opens through
 ``registry.open_image`` with the descended policy, so chains are depth-limited and
 loop-checked as qcow2 backing files are.
 
@@ -201,7 +202,7 @@ class VmdkDevice(FileDevice):
         backend = self._backends.get(real)
         if backend is None:
             backend = self._backends[real] = FileBackend(
-                full, writable=self.writable and line.access == "RW")
+                full, writable=self.writable and line.access == "RW", referenced=True)
         return backend
 
     def _check_writable(self) -> None:
@@ -222,7 +223,7 @@ class VmdkDevice(FileDevice):
     def _open_parent(self) -> None:
         d = self.descriptor
         hint = d.parent_hint if d is not None else None
-        if not hint:
+        if not hint or not self.policy.open_backing:
             return
         policy = self.policy
         full = policy.resolve(self.path, hint, "parent (descriptor.parentFileNameHint)")
@@ -540,8 +541,8 @@ class VmdkDevice(FileDevice):
             if d.parent_hint:
                 info.backing_filename = d.parent_hint
                 info.backing_format = "vmdk"
-                if self.backing is not None:
-                    info.full_backing_filename = self.backing.path
+                info.full_backing_filename = self.backing.path \
+                    if self.backing is not None else beside(self.path, d.parent_hint)
         if isinstance(first, SparseExtent):
             h = first.header
             details["sparse-header"] = {

@@ -174,7 +174,8 @@ def _open_added(dev, count: int) -> None:
     """Open the extents the descriptor now names past the ones already open."""
     for line in dev.descriptor.extents[len(dev.descriptor.extents) - count:]:
         full = os.path.join(os.path.dirname(os.path.abspath(dev.path)), line.filename)
-        backend = dev._backends[os.path.realpath(full)] = FileBackend(full, writable=True)
+        backend = dev._backends[os.path.realpath(full)] = FileBackend(full, writable=True,
+                                                                       referenced=True)
         if line.type == "SPARSE":
             ext = open_hosted(backend, "RW", "SPARSE")
         else:
