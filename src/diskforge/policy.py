@@ -261,6 +261,9 @@ def _resolve_remote(referrer: str, reference: str, what: str) -> str:
     import posixpath
     from urllib.parse import urlsplit
     ref = urlsplit(referrer)
+    if ref.scheme.lower().startswith("nbd"):  # an export is one disk, with nothing beside
+        raise SafetyError(f"{what} '{reference}' cannot be followed: an NBD export names"
+                          " no files beside it", referrer)
     prefix = posixpath.dirname(ref.path)
     if "://" in reference:
         other = urlsplit(reference)
