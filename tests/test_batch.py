@@ -34,9 +34,9 @@ def images(tmp_path):
     src.mkdir()
     raw = str(src / "disk.raw")
     with open(raw, "wb") as f:
-        f.truncate(48 * MiB)
+        f.truncate(32 * MiB)
         f.seek(4 * MiB)
-        f.write(os.urandom(6 * MiB))
+        f.write(os.urandom(4 * MiB))
     run("qemu-img", "convert", "-O", "qcow2", raw, str(src / "disk.qcow2"))
     run("qemu-img", "convert", "-O", "vpc", raw, str(src / "disk.vhd"))
     os.unlink(raw)
@@ -44,7 +44,7 @@ def images(tmp_path):
 
 
 def write_csv(path, rows: list[dict]) -> str:
-    keys = ["id", "op", "source", "target", "format", "options", "to", "args"]
+    keys = ["id", "op", "source", "target", "format", "options", "to", "args"]  # not "local"
     with open(path, "w") as f:
         f.write(",".join(keys) + "\n")
         for row in rows:
@@ -185,21 +185,49 @@ def test_a_transient_fault_is_retried(tmp_path, images):
     qemu_same(str(images / "disk.qcow2"), str(tmp_path / "out.raw"))
 
 
-def test_dask_cluster_survives_a_killed_worker(tmp_path, images):
-    """Ten jobs on a LocalCluster of two worker processes; one worker is killed while
-    it runs a job. Every job still ends done, once, with its output verified, and the
-    killed job leaves no temporary file."""
+@pytest.fixture
+def s3_env(monkeypatch, tmp_path):
+    """moto's S3 server on loopback (the test extra), a bucket, and the environment
+    diskforge reads, set before the cluster starts so its workers inherit it."""
+    boto3 = pytest.importorskip("boto3", reason="boto3 (the s3 extra, in the test extra)")
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (the test extra)")
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_CONFIG_FILE", os.devnull),
+                        ("AWS_SHARED_CREDENTIALS_FILE", os.devnull),
+                        ("DISKFORGE_S3_ENDPOINT", endpoint)):
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="fleet")
+    yield client
+    srv.stop()
+
+
+def test_dask_cluster_survives_a_killed_worker(tmp_path, images, s3_env):
+    """Ten jobs mixing formats, S3 sources and S3 targets on a LocalCluster of two
+    worker processes; one worker is killed while it runs a job. Every job still ends
+    done, once, with its output verified (and read back by qemu-img), no temporary
+    file is left, and no multipart upload is left pending."""
     distributed = pytest.importorskip("distributed")
     out = tmp_path / "out"
     out.mkdir()
+    for name in ("disk.qcow2", "disk.vhd"):
+        s3_env.upload_file(str(images / name), "fleet", f"in/{name}")
     rows = []
     for n in range(10):
-        src = images / ("disk.qcow2" if n % 2 else "disk.vhd")
+        name = "disk.qcow2" if n % 2 else "disk.vhd"
+        src = f"s3://fleet/in/{name}" if n % 3 == 0 else images / name
         fmt, opts = [("vmdk", "subformat=streamOptimized"), ("qcow2", "compression_type=zlib"),
                      ("vpc", ""), ("raw", ""), ("vdi", "")][n % 5]
-        rows.append({"id": f"job{n}", "source": src, "target": out / f"d{n}.{fmt}",
-                     "format": fmt, "options": opts,
-                     "args": "-c" if fmt == "qcow2" else ""})
+        target = f"s3://fleet/out/d{n}.{fmt}" if n % 3 == 1 else out / f"d{n}.{fmt}"
+        rows.append({"id": f"job{n}", "source": src, "target": target, "format": fmt,
+                     "options": opts, "args": "-c" if fmt == "qcow2" else "",
+                     "local": images / name})
     jobs = write_csv(tmp_path / "jobs.csv", rows)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None, worker_dashboard_address=None,
@@ -230,5 +258,11 @@ def test_dask_cluster_survives_a_killed_worker(tmp_path, images):
     assert sorted(ids) == sorted(f"job{n}" for n in range(10))  # each once
     assert all(r["status"] == "done" and r["verified"] for r in lines[:-1])
     for row in rows:
-        qemu_same(str(row["source"]), str(row["target"]))
+        target = str(row["target"])
+        if target.startswith("s3://"):
+            key = target.split("/", 3)[3]
+            target = str(tmp_path / key.replace("/", "_"))
+            s3_env.download_file("fleet", key, target)
+        qemu_same(str(row["local"]), target)
     assert not [p for p in os.listdir(out) if "diskforge-tmp" in p or p.startswith(".")]
+    assert not s3_env.list_multipart_uploads(Bucket="fleet").get("Uploads")
