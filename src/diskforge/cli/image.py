@@ -290,6 +290,9 @@ def cmd_convert(args) -> int:
         raise UsageError("Copy offloading (-C) cannot be used with compression (-c) or a"
                          " backing file (-B)")
     sparse = _sparse_size(args.S)
+    if args.m:  # -m 1: the source's compressed units are decoded in one thread too
+        from .. import parallel
+        parallel.set_threads(args.m)
     if args.c:
         options = fmt.compressed(options)
     src = _open_sources(sources, args)
@@ -515,7 +518,8 @@ def add_parsers(sub) -> None:
                    " writing only what differs from it")
     p.add_argument("-F", metavar="BACKING_FMT", help="format of BACKING")
     p.add_argument("-n", action="store_true", help="write into an existing target")
-    p.add_argument("-m", type=int, metavar="N", help="compression threads")
+    p.add_argument("-m", type=int, metavar="N",
+                   help="threads compressing the target and decoding the source")
     p.add_argument("-p", action="store_true", help="print progress (qemu-img's lines)")
     p.add_argument("-q", action="store_true", help="quiet")
     p.add_argument("-S", metavar="SIZE", help="zero-detection granularity: zero runs of"

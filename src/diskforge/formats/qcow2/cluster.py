@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from array import array
 
+from ... import parallel
 from ...byteorder import be_array
 from ...blockdev import Extent, ExtentKind, coalesce, fill_zero, skip_filled
 from ...errors import FormatError
@@ -321,6 +322,7 @@ class ClusterMap:
         mv = memoryview(buf).cast("B")
         n = len(mv)
         self.check_range(offset, n)
+        compressed = []   # (guest offset, L2 entry, where its bytes go): decoded at once
         for g, k, kind, host in self.runs(offset, n):
             dst = mv[g - offset:g - offset + k]
             if kind == QCOW2_SUBCLUSTER_NORMAL and self.crypto is not None:
@@ -332,11 +334,11 @@ class ClusterMap:
             elif kind in _UNALLOCATED:
                 self._read_backing(g, dst)
             elif kind == QCOW2_SUBCLUSTER_COMPRESSED:
-                cstart = g >> self.cluster_bits << self.cluster_bits
-                data = self._decompress(host, cstart)
-                dst[:] = data[g - cstart:g - cstart + k]
+                compressed.append((g, host, dst))
             else:
                 fill_zero(dst)
+        if compressed:
+            self._read_compressed(compressed)
         return n
 
     def _read_backing(self, g: int, dst) -> None:
@@ -348,23 +350,71 @@ class ClusterMap:
         if inside < k:
             fill_zero(dst[inside:])
 
-    def _decompress(self, entry: int, cstart: int) -> bytes:
-        cached = self._comp_cache
-        if cached is not None and cached[0] == entry:
-            return cached[1]
+    def _read_compressed(self, units: list) -> None:
+        """Fill the compressed clusters a read covers: ``(guest offset, L2 entry, dst)``.
+
+        One cluster (a small read) is decoded here, through the one-cluster cache that
+        makes a walk through a cluster in small reads inflate it once. Several (a
+        convert's batch) are decoded in parallel (``parallel.run``): their bytes read
+        with one pread per contiguous run of the file, each cluster inflated straight
+        into its place in the caller's buffer. The checks are the same either way; a
+        bad L2 entry stops the list there, so its error comes after those of the
+        clusters before it, as in a loop over them."""
+        cb = self.cluster_bits
+        if len(units) == 1:
+            g, entry, dst = units[0]
+            cstart = g >> cb << cb
+            data = self._decompress(entry, cstart)
+            dst[:] = memoryview(data)[g - cstart:g - cstart + len(dst)]
+            return
+        fsize = self.backend.size
+        spans, wheres, bad = [], [], None
+        for i, (g, entry, _) in enumerate(units):
+            try:
+                off, size, where = self._compressed_span(entry, g >> cb << cb, fsize)
+            except FormatError as e:
+                bad, units = e, units[:i]
+                break
+            spans.append((off, size))
+            wheres.append(where)
+        views = parallel.gather(self.backend, spans)
+        ctype, cs, path = self.header.compression_type, self.cs, self.path
+        last = len(units) - 1
+
+        def decode(i: int) -> None:
+            g, entry, dst = units[i]
+            data = codec.decompress(ctype, views[i], cs, wheres[i], path)
+            inside = g & (cs - 1)
+            dst[:] = memoryview(data)[inside:inside + len(dst)]
+            if i == last and inside + len(dst) < cs:
+                self._comp_cache = (entry, data)   # the next read goes on in it
+
+        parallel.run(decode, range(len(units)))
+        if bad is not None:
+            raise bad
+
+    def _compressed_span(self, entry: int, cstart: int, fsize: int) -> tuple[int, int, str]:
+        """Where a compressed cluster's bytes are, checked against the file: ``(host
+        offset, bytes to read, its description for messages)``."""
         if self.data is not self.backend:
             raise FormatError("compressed cluster in an image with an external data file",
                               self.path, structure="L2 entry")
         off, csize = self.geo.compressed_range(entry)
         where = f"for guest offset {cstart:#x} at host {off:#x}"
-        fsize = self.backend.size
         if off < self.cs:
             raise FormatError(f"compressed cluster {where} points into the header",
                               self.path, structure="L2 entry")
         if off >= fsize or off + csize > fsize + 511:
             raise FormatError(f"compressed cluster {where} (+{csize}) is past the end of"
                               f" the file ({fsize} bytes)", self.path, structure="L2 entry")
-        raw = self.backend.pread(off, min(csize, fsize - off))
+        return off, min(csize, fsize - off), where
+
+    def _decompress(self, entry: int, cstart: int) -> bytes:
+        cached = self._comp_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        off, n, where = self._compressed_span(entry, cstart, self.backend.size)
+        raw = self.backend.pread(off, n)
         data = codec.decompress(self.header.compression_type, raw, self.cs, where,
                                 self.path)
         self._comp_cache = (entry, data)
