@@ -27,6 +27,7 @@ from __future__ import annotations
 import zlib
 from array import array
 
+from ... import parallel
 from ...blockdev import FileBackend, fill_zero, pieces, skip_filled
 from ...byteorder import le_array, le_bytes
 from ...errors import FormatError, UnsupportedError
@@ -151,6 +152,7 @@ class SparseExtent(VmdkExtent):
     def readinto(self, offset: int, mv: memoryview, below: Below) -> None:
         grain = self.grain
         run_host = run_at = run_len = 0      # consecutive uncompressed grains: one read
+        compressed = []                      # (grain, sector, start in it, dst): at once
 
         def flush() -> None:
             if run_len:
@@ -170,14 +172,7 @@ class SparseExtent(VmdkExtent):
                 else:
                     fill_zero(mv, at, at + n)
             elif self.compressed:
-                flush()
-                run_len = 0
-                data = self._inflate(g, e)
-                if inside + n > len(data):
-                    raise self._err(f"grain {g} (sector {e}) decompresses to {len(data)}"
-                                    f" bytes, less than the {inside + n} read from it",
-                                    "grain", "GrainTable")
-                mv[at:at + n] = data[inside:inside + n]
+                compressed.append((g, e, inside, mv[at:at + n]))
             else:
                 host = e * SECTOR + inside
                 if run_len and run_host + run_len == host and run_at + run_len == at:
@@ -186,17 +181,66 @@ class SparseExtent(VmdkExtent):
                     flush()
                     run_host, run_at, run_len = host, at, n
         flush()
+        if len(compressed) == 1:
+            g, e, inside, dst = compressed[0]
+            self._place(g, e, self._inflate(g, e), inside, dst)
+        elif compressed:
+            self._inflate_many(compressed)
 
-    def _inflate(self, g: int, e: int) -> bytes:
+    def _place(self, g: int, e: int, data, inside: int, dst: memoryview) -> None:
+        if inside + len(dst) > len(data):
+            raise self._err(f"grain {g} (sector {e}) decompresses to {len(data)}"
+                            f" bytes, less than the {inside + len(dst)} read from it",
+                            "grain", "GrainTable")
+        dst[:] = memoryview(data)[inside:inside + len(dst)]
+
+    def _inflate_many(self, units: list) -> None:
+        """The compressed grains of one read, decoded in parallel (``parallel.run``),
+        each into its place in the caller's buffer. A stream's grains follow each other
+        in the file, so where the next grain of the read starts bounds this one's
+        marker and data: all of them come in one pread (``parallel.gather``), and a
+        grain whose marker says more than that is read on its own, as before. The
+        checks are those of ``_inflate``, made in the worker, and the first failing
+        grain's error is the one raised."""
+        limit = 2 * self.grain + SECTOR + (GRAIN_MARKER_SIZE if self.markers else 0)
+        fsize = self.file_size
+        spans = []
+        for k, (g, e, _, _) in enumerate(units):
+            host = e * SECTOR
+            room = max(0, fsize - host)
+            nxt = units[k + 1][1] * SECTOR if k + 1 < len(units) else 0
+            if self.markers and host < nxt <= host + limit:
+                spans.append((host, min(nxt - host, room)))
+            elif self.markers:
+                spans.append((host, min(self.grain + 2 * SECTOR, room)))
+            else:
+                spans.append((host, min(limit, room)))
+        views = parallel.gather(self.backend, spans)
+        last = len(units) - 1
+
+        def decode(k: int) -> None:
+            g, e, inside, dst = units[k]
+            data = self._inflate(g, e, views[k])
+            self._place(g, e, data, inside, dst)
+            if k == last and inside + len(dst) < len(data):
+                self._last_grain = (e, data)   # the next read goes on in it
+
+        parallel.run(decode, range(len(units)))
+
+    def _inflate(self, g: int, e: int, view: memoryview | None = None) -> bytes:
         """Grain ``g``, stored compressed at sector ``e``, decompressed (once: the last
-        one is kept, so a read call walking a grain in pieces inflates it once)."""
-        if self._last_grain is not None and self._last_grain[0] == e:
+        one is kept, so a read call walking a grain in pieces inflates it once).
+        ``view``: the file's bytes from the grain on, when already read (a parallel
+        read; then nothing is cached here); what it lacks is read from the file."""
+        if view is None and self._last_grain is not None and self._last_grain[0] == e:
             return self._last_grain[1]
         host = e * SECTOR
         limit = 2 * self.grain + SECTOR      # what qemu reads for one grain
         if self.markers:
-            m = GrainMarker.parse(self.backend.read_exact(host, GRAIN_MARKER_SIZE,
-                                                          f"grain marker of grain {g}"))
+            head = view[:GRAIN_MARKER_SIZE] if view is not None and \
+                len(view) >= GRAIN_MARKER_SIZE else \
+                self.backend.read_exact(host, GRAIN_MARKER_SIZE, f"grain marker of grain {g}")
+            m = GrainMarker.parse(head)
             want = g * self.grain_sectors
             if m.lba != want:
                 raise self._err(f"the marker at sector {e} says lba {m.lba}, but grain"
@@ -209,11 +253,16 @@ class SparseExtent(VmdkExtent):
             if host + GRAIN_MARKER_SIZE + m.size > self.file_size:
                 raise self._err(f"compressed grain {g} at sector {e} (+{m.size} bytes)"
                                 " runs past the end of the file", "size", "GrainMarker")
-            raw = self.backend.pread(host + GRAIN_MARKER_SIZE, m.size)
+            end = GRAIN_MARKER_SIZE + m.size
+            raw = view[GRAIN_MARKER_SIZE:end] if view is not None and len(view) >= end \
+                else self.backend.pread(host + GRAIN_MARKER_SIZE, m.size)
         else:
-            raw = self.backend.pread(host, min(limit, max(0, self.file_size - host)))
+            want = min(limit, max(0, self.file_size - host))
+            raw = view if view is not None and len(view) == want else \
+                self.backend.pread(host, want)
         data = self._decompress(raw, g, e)
-        self._last_grain = (e, data)
+        if view is None:
+            self._last_grain = (e, data)
         return data
 
     def _decompress(self, raw: bytes, g: int, e: int) -> bytes:
