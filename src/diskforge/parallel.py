@@ -23,8 +23,10 @@ Errors come out in order: when units fail, the one raised is the first failing u
 and the pool never hangs on it — each unit's own error (a ``FormatError`` naming file,
 structure and field) is re-raised unchanged in the caller's thread.
 
-How many threads: :func:`threads` (the CPU count, or what :func:`set_threads` set —
-``convert -m N`` sets it, so ``-m 1`` reads in one thread as before). ``decoded_by``
+How many threads: :func:`threads` — the CPU count, or what :func:`set_threads` set for
+the process, or what :func:`limit` set for the code it wraps (a context variable, so
+one convert's ``-m 1`` does not slow another thread's; ``convert -m N`` uses it, and
+``-m 1`` reads in one thread as before). ``decoded_by``
 counts the units each thread decoded (tests check the pool is really used; it is not a
 timing measure).
 """
@@ -32,11 +34,15 @@ timing measure).
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 _threads: int | None = None          # None: the CPU count
+_limit: contextvars.ContextVar = contextvars.ContextVar("diskforge_decode_threads",
+                                                        default=None)
 _pool = None
 _pool_lock = threading.Lock()
 _count_lock = threading.Lock()
@@ -55,16 +61,36 @@ def cpu_count() -> int:
 
 def threads() -> int:
     """How many threads decode at once (the caller's included)."""
-    return _threads or cpu_count()
+    return _limit.get() or _threads or cpu_count()
 
 
-def set_threads(n: int | None) -> None:
-    """Decode with at most ``n`` threads (None: the CPU count; 1: in the caller only)."""
-    global _threads
+def _check(n: int | None) -> None:
     if n is not None and n < 1:
         from .errors import UsageError
         raise UsageError(f"invalid thread count {n}: must be at least 1")
+
+
+def set_threads(n: int | None) -> None:
+    """Decode with at most ``n`` threads in this process (None: the CPU count; 1: in
+    the caller only)."""
+    global _threads
+    _check(n)
     _threads = n
+
+
+@contextlib.contextmanager
+def limit(n: int | None) -> Iterator[None]:
+    """Decode with at most ``n`` threads inside the ``with`` block, in this thread
+    (None: no change)."""
+    if n is None:
+        yield
+        return
+    _check(n)
+    token = _limit.set(n)
+    try:
+        yield
+    finally:
+        _limit.reset(token)
 
 
 def _executor():

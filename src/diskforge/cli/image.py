@@ -290,9 +290,6 @@ def cmd_convert(args) -> int:
         raise UsageError("Copy offloading (-C) cannot be used with compression (-c) or a"
                          " backing file (-B)")
     sparse = _sparse_size(args.S)
-    if args.m:  # -m 1: the source's compressed units are decoded in one thread too
-        from .. import parallel
-        parallel.set_threads(args.m)
     if args.c:
         options = fmt.compressed(options)
     src = _open_sources(sources, args)
@@ -324,8 +321,10 @@ def cmd_convert(args) -> int:
                     from ..ops.offload import offload_copy
                     offload_copy(src, writer, progress)
                 else:
-                    convert(src, writer, base=base, progress=progress, workers=args.m,
-                            sparse_size=sparse)
+                    from .. import parallel  # -m 1: the source is decoded in one thread too
+                    with parallel.limit(args.m or None):
+                        convert(src, writer, base=base, progress=progress,
+                                workers=args.m, sparse_size=sparse)
         finally:
             if args.n:
                 dev.close()
