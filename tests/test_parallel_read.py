@@ -151,6 +151,42 @@ def test_a_corrupt_cluster_mid_read_is_the_one_line_error_and_nothing_hangs(tmp_
         assert dev.read(g2 + 65536, 65536) == data[g2 + 65536:g2 + 131072]
 
 
+def test_sequential_reads_decode_ahead_and_report_errors_in_their_turn(tmp_path,
+                                                                       source):
+    """A reader walking forward (as convert does) has the next read decoded ahead: the
+    bytes are the same, a corrupt cluster ahead is reported by the read that covers
+    it (not earlier), and a shorter read than the one decoded ahead is served too."""
+    need("qemu-img")
+    img = str(tmp_path / "c.qcow2")
+    run("qemu-img", "convert", "-c", "-O", "qcow2", source, img)
+    data = open(source, "rb").read()
+    with diskforge.open(img) as dev, parallel.limit(2):
+        before = dict(parallel.decoded_by)
+        for off in range(0, dev.size, MIB):
+            n = min(MIB, dev.size - off)
+            assert dev.read(off, n) == data[off:off + n], off
+        assert any(k.startswith("diskforge-decode") for k in _decoders(before))
+        # a read shorter than the one decoded ahead (an extent ending mid-batch)
+        dev.read(0, MIB)
+        dev.read(MIB, MIB)
+        assert dev._ahead is not None
+        assert dev.read(2 * MIB, MIB // 2 + 4096) == data[2 * MIB:2 * MIB + MIB // 2 + 4096]
+    clusters = _compressed_clusters(img)
+    g1, e1 = clusters[len(clusters) // 2]
+    _corrupt(img, e1, b"\xff" * 64)
+    with diskforge.open(img) as dev, parallel.limit(2):
+        bad_batch = g1 - g1 % MIB
+        for off in range(0, bad_batch, MIB):
+            assert dev.read(off, MIB) == data[off:off + MIB], off
+        assert dev._ahead is not None and dev._ahead.keys[0][0] >= bad_batch
+        with pytest.raises(FormatError) as e:
+            dev.read(bad_batch, MIB)
+        assert f"guest offset {g1:#x}" in str(e.value)
+        # and on past it: the device and the pool go on working
+        off = bad_batch + MIB
+        assert dev.read(off, MIB) == data[off:off + MIB]
+
+
 def test_a_cluster_past_the_end_of_the_file_is_reported_after_earlier_bad_ones(tmp_path,
                                                                                 source):
     """A bad L2 entry (caught before decoding) and a corrupt cluster before it in the

@@ -135,6 +135,8 @@ class _Job:
         self.failed_at = len(items)   # index of the first failure (so far)
         self.error: BaseException | None = None
         self.done = threading.Event()
+        if not items:
+            self.done.set()
 
     def work(self) -> None:
         fn, items, lock = self.fn, self.items, self.lock
@@ -165,8 +167,29 @@ class _Job:
             _count(ran)
 
     def cancel(self) -> None:
+        """Start no more items (those running finish; :meth:`wait` waits for them)."""
         with self.lock:
             self.failed_at = -1
+
+    def wait(self) -> None:
+        """Wait until no item runs any more (cancelled or not), raising nothing."""
+        self.done.wait()
+
+    def settle(self) -> None:
+        """Help with the items left and wait for all (``failed_at`` and ``error`` then
+        say which failed first, if any)."""
+        try:
+            self.work()
+            self.done.wait()
+        except BaseException:
+            self.cancel()   # interrupted while waiting: stop the helpers claiming more
+            raise
+
+    def finish(self) -> None:
+        """:meth:`settle`, then raise the first failing item's error."""
+        self.settle()
+        if self.error is not None:
+            raise self.error
 
 
 def run(fn: Callable[[object], None], items: Sequence) -> None:
@@ -186,14 +209,19 @@ def run(fn: Callable[[object], None], items: Sequence) -> None:
     pool = _executor()
     for _ in range(helpers):
         pool.submit(job.work)
-    try:
-        job.work()
-        job.done.wait()
-    except BaseException:
-        job.cancel()   # interrupted while waiting: stop the helpers claiming more
-        raise
-    if job.error is not None:
-        raise job.error
+    job.finish()
+
+
+def start(fn: Callable[[object], None], items: Sequence) -> _Job:
+    """:func:`run` in the background (read-ahead): the pool starts on the items now;
+    ``finish()`` later helps with what is left, waits, and raises the first failing
+    item's error; ``cancel()`` then ``wait()`` drops it (wait before the buffers or
+    files the items use go away)."""
+    job = _Job(fn, items)
+    pool = _executor()
+    for _ in range(min(threads(), len(items))):
+        pool.submit(job.work)
+    return job
 
 
 def submit(fn: Callable, *args):

@@ -16,7 +16,7 @@ from array import array
 from ... import parallel
 from ...byteorder import be_array
 from ...blockdev import Extent, ExtentKind, coalesce, fill_zero, skip_filled
-from ...errors import FormatError
+from ...errors import DiskforgeError, FormatError
 from . import codec
 from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW2_SUBCLUSTER_COMPRESSED,
                       QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC,
@@ -30,6 +30,26 @@ _HOST_STEPS = (QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_ZERO_ALLOC)
 _HOSTLESS = (QCOW2_SUBCLUSTER_ZERO_PLAIN, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN)
 _UNMERGED = (QCOW2_SUBCLUSTER_COMPRESSED,)
 _UNALLOCATED = (QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC)
+
+
+# the largest read whose successor is decoded ahead (memory: this, and its compressed
+# bytes, per device)
+AHEAD_MAX = 8 << 20
+
+
+class _Ahead:
+    """The decoding of the next read's compressed clusters, started by the last read:
+    ``keys`` says which (guest offset, L2 entry, length), ``dsts`` where they go."""
+
+    __slots__ = ("keys", "dsts", "job", "count", "bad")
+
+    def __init__(self, keys: list, dsts: list, job, count: int, bad) -> None:
+        self.keys, self.dsts, self.job = keys, dsts, job
+        self.count, self.bad = count, bad    # as _decoder returns them
+
+    def drop(self) -> None:
+        self.job.cancel()
+        self.job.wait()
 
 
 def _expected(first: int, step: int, i: int, j: int) -> array:
@@ -337,8 +357,17 @@ class ClusterMap:
                 compressed.append((g, host, dst))
             else:
                 fill_zero(dst)
+        ahead, self._ahead = self._ahead, None
         if compressed:
-            self._read_compressed(compressed)
+            self._read_compressed(compressed, ahead)
+        elif ahead is not None:
+            ahead.drop()
+        # a reader walking forward through compressed clusters (convert, compare):
+        # the next range of the same size is decoded while the caller uses this one
+        if len(compressed) > 1 and offset == self._read_end and not self.writable \
+                and n <= AHEAD_MAX and parallel.threads() > 1:
+            self._ahead = self._read_ahead(offset + n, min(n, self.size - offset - n))
+        self._read_end = offset + n
         return n
 
     def _read_backing(self, g: int, dst) -> None:
@@ -350,16 +379,30 @@ class ClusterMap:
         if inside < k:
             fill_zero(dst[inside:])
 
-    def _read_compressed(self, units: list) -> None:
+    def _read_compressed(self, units: list, ahead: "_Ahead | None" = None) -> None:
         """Fill the compressed clusters a read covers: ``(guest offset, L2 entry, dst)``.
 
         One cluster (a small read) is decoded here, through the one-cluster cache that
         makes a walk through a cluster in small reads inflate it once. Several (a
         convert's batch) are decoded in parallel (``parallel.run``): their bytes read
         with one pread per contiguous run of the file, each cluster inflated straight
-        into its place in the caller's buffer. The checks are the same either way; a
-        bad L2 entry stops the list there, so its error comes after those of the
-        clusters before it, as in a loop over them."""
+        into its place in the caller's buffer -- or, when the previous read started
+        decoding exactly these clusters ahead (``_read_ahead``), copied from there. The
+        checks are the same every way; a bad L2 entry stops the list there, so its
+        error comes after those of the clusters before it, as in a loop over them."""
+        if ahead is not None:
+            m = len(units)
+            if ahead.keys[:m] == [(g, e, len(dst)) for g, e, dst in units]:
+                job = ahead.job      # these clusters (and maybe more) are under way
+                job.settle()
+                if job.failed_at < m:
+                    raise job.error  # the first failing cluster's, in order
+                if ahead.count < m:
+                    raise ahead.bad  # an L2 entry refused before decoding
+                for (_, _, dst), src in zip(units, ahead.dsts):
+                    dst[:] = src
+                return
+            ahead.drop()
         cb = self.cluster_bits
         if len(units) == 1:
             g, entry, dst = units[0]
@@ -367,7 +410,18 @@ class ClusterMap:
             data = self._decompress(entry, cstart)
             dst[:] = memoryview(data)[g - cstart:g - cstart + len(dst)]
             return
-        fsize = self.backend.size
+        decode, count, bad = self._decoder(units, cache_last=True)
+        parallel.run(decode, range(count))
+        if bad is not None:
+            raise bad
+
+    def _decoder(self, units: list, *, cache_last: bool):
+        """``(decode, count, bad)`` for compressed ``units``: ``decode(i)`` inflates the
+        i-th into its ``dst``; the bytes of all are read here (``parallel.gather``).
+        ``bad``: the error of the first unit whose L2 entry fails its checks (only the
+        ``count`` units before it are decoded)."""
+        cb = self.cluster_bits
+        fsize = self.backend.size if self.writable else self.file_size
         spans, wheres, bad = [], [], None
         for i, (g, entry, _) in enumerate(units):
             try:
@@ -379,7 +433,7 @@ class ClusterMap:
             wheres.append(where)
         views = parallel.gather(self.backend, spans)
         ctype, cs, path = self.header.compression_type, self.cs, self.path
-        last = len(units) - 1
+        last = len(units) - 1 if cache_last else -1
 
         def decode(i: int) -> None:
             g, entry, dst = units[i]
@@ -389,9 +443,32 @@ class ClusterMap:
             if i == last and inside + len(dst) < cs:
                 self._comp_cache = (entry, data)   # the next read goes on in it
 
-        parallel.run(decode, range(len(units)))
-        if bad is not None:
-            raise bad
+        return decode, len(units), bad
+
+    def _read_ahead(self, start: int, n: int) -> "_Ahead | None":
+        """Start decoding the compressed clusters of ``[start, start+n)`` into a buffer
+        of our own, on the pool, while the caller uses what it read. Memory: one read's
+        size and its compressed bytes (``AHEAD_MAX`` at most)."""
+        if n <= 0:
+            return None
+        try:
+            units = [(g, host, k) for g, k, kind, host in self.runs(start, n)
+                     if kind == QCOW2_SUBCLUSTER_COMPRESSED]
+            if len(units) < 2:
+                return None
+            buf = memoryview(bytearray(n))
+            placed = [(g, e, buf[g - start:g - start + k]) for g, e, k in units]
+            decode, count, bad = self._decoder(placed, cache_last=False)
+        except DiskforgeError:
+            return None   # the read that needs these reports it, in its turn
+        return _Ahead(units, [dst for _, _, dst in placed],
+                      parallel.start(decode, range(count)), count, bad)
+
+    def drop_read_ahead(self) -> None:
+        """Forget read-ahead, waiting for decodes in flight (before the file closes)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.drop()
 
     def _compressed_span(self, entry: int, cstart: int, fsize: int) -> tuple[int, int, str]:
         """Where a compressed cluster's bytes are, checked against the file: ``(host
