@@ -262,6 +262,18 @@ def test_a_corrupt_stream_vmdk_grain_mid_read_is_the_one_line_error(tmp_path, so
             with pytest.raises(FormatError) as e:
                 dev.read(max(0, g * 65536 - MIB), 3 * MIB)
             assert f"compressed grain {g} " in str(e.value)
+    # read forward in 1 MiB steps (grains decoded ahead): the read covering the bad
+    # grain reports it, the ones before it read right, and the reader goes on after
+    data = open(source, "rb").read()
+    with diskforge.open(img) as dev, parallel.limit(2):
+        bad = g * 65536 - g * 65536 % MIB
+        for off in range(0, bad, MIB):
+            assert dev.read(off, MIB) == data[off:off + MIB], off
+        with pytest.raises(FormatError) as e:
+            dev.read(bad, MIB)
+        assert f"compressed grain {g} " in str(e.value)
+        if bad + 2 * MIB <= dev.size:
+            assert dev.read(bad + MIB, MIB) == data[bad + MIB:bad + 2 * MIB]
 
 
 def _stream_extent(path: str):

@@ -15,8 +15,11 @@ first use, never more than the CPU count):
   unit writing its output straight into its own slice of the caller's buffer. It
   returns only when every unit has finished, so no worker ever touches the buffer
   afterwards. Memory is the caller's buffer plus the compressed bytes of that read.
-- :func:`submit` — read-ahead (DMG): units the reader will want next are decoded while
-  the caller copies and writes the current one; the reader bounds the bytes in flight.
+- :func:`start` and :class:`Ahead` — read-ahead (qcow2, VMDK): when reads walk forward,
+  the units of the next read (of the same size) are decoded into a buffer of the
+  reader's own while the caller uses this one; the next read copies them from there.
+- :func:`submit` — read-ahead by unit (DMG, whose chunks are as large as a read): the
+  reader bounds the bytes in flight.
 
 Errors come out in order: when units fail, the one raised is the first failing unit's
 (what a loop over the units would have raised), units after a failure are not started,
@@ -274,3 +277,45 @@ def gather(backend, spans: Sequence[tuple[int, int]]) -> list[memoryview]:
             a = off - start
             views[i] = mv[a:max(a, min(a + length, got))]
     return views
+
+
+class Ahead:
+    """The units of a reader's next read, being decoded (``start``) into a buffer of
+    the reader's own while the caller uses this read: ``keys`` say which units (in
+    order), ``dsts`` where each is being decoded; ``count`` of them are decodable and
+    ``bad`` is the error of the one after them (refused before decoding), if any.
+
+    Readers start one when a read begins where the last ended (a sequential reader:
+    convert, compare), bounded by the read's size; the next read ``serve``s from it
+    or drops it. Errors keep their order: a unit failing ahead is raised only by a
+    read that covers it."""
+
+    __slots__ = ("keys", "dsts", "job", "count", "bad")
+
+    def __init__(self, keys: list, dsts: list, job: _Job, count: int,
+                 bad: BaseException | None = None) -> None:
+        self.keys, self.dsts, self.job = keys, dsts, job
+        self.count, self.bad = count, bad
+
+    def serve(self, keys: list, dsts: list) -> bool:
+        """Copy the units ``keys`` into ``dsts`` when they are the first ones decoded
+        ahead (True), helping with what is left; else drop the read-ahead (False). The
+        first failing unit's error among them is raised."""
+        m = len(keys)
+        if self.keys[:m] != keys:
+            self.drop()
+            return False
+        job = self.job
+        job.settle()
+        if job.failed_at < m:
+            raise job.error
+        if self.count < m:
+            raise self.bad
+        for dst, src in zip(dsts, self.dsts):
+            dst[:] = src
+        return True
+
+    def drop(self) -> None:
+        """Start nothing more and wait for what runs (its buffer and file stay ours)."""
+        self.job.cancel()
+        self.job.wait()

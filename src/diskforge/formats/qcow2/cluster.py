@@ -37,21 +37,6 @@ _UNALLOCATED = (QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, QCOW2_SUBCLUSTER_UNALLOCATED
 AHEAD_MAX = 8 << 20
 
 
-class _Ahead:
-    """The decoding of the next read's compressed clusters, started by the last read:
-    ``keys`` says which (guest offset, L2 entry, length), ``dsts`` where they go."""
-
-    __slots__ = ("keys", "dsts", "job", "count", "bad")
-
-    def __init__(self, keys: list, dsts: list, job, count: int, bad) -> None:
-        self.keys, self.dsts, self.job = keys, dsts, job
-        self.count, self.bad = count, bad    # as _decoder returns them
-
-    def drop(self) -> None:
-        self.job.cancel()
-        self.job.wait()
-
-
 def _expected(first: int, step: int, i: int, j: int) -> array:
     if step:
         return array("Q", range(first + i * step, first + j * step, step))
@@ -379,7 +364,7 @@ class ClusterMap:
         if inside < k:
             fill_zero(dst[inside:])
 
-    def _read_compressed(self, units: list, ahead: "_Ahead | None" = None) -> None:
+    def _read_compressed(self, units: list, ahead: "parallel.Ahead | None" = None) -> None:
         """Fill the compressed clusters a read covers: ``(guest offset, L2 entry, dst)``.
 
         One cluster (a small read) is decoded here, through the one-cluster cache that
@@ -390,19 +375,9 @@ class ClusterMap:
         decoding exactly these clusters ahead (``_read_ahead``), copied from there. The
         checks are the same every way; a bad L2 entry stops the list there, so its
         error comes after those of the clusters before it, as in a loop over them."""
-        if ahead is not None:
-            m = len(units)
-            if ahead.keys[:m] == [(g, e, len(dst)) for g, e, dst in units]:
-                job = ahead.job      # these clusters (and maybe more) are under way
-                job.settle()
-                if job.failed_at < m:
-                    raise job.error  # the first failing cluster's, in order
-                if ahead.count < m:
-                    raise ahead.bad  # an L2 entry refused before decoding
-                for (_, _, dst), src in zip(units, ahead.dsts):
-                    dst[:] = src
-                return
-            ahead.drop()
+        if ahead is not None and ahead.serve([(g, e, len(dst)) for g, e, dst in units],
+                                             [dst for _, _, dst in units]):
+            return
         cb = self.cluster_bits
         if len(units) == 1:
             g, entry, dst = units[0]
@@ -445,7 +420,7 @@ class ClusterMap:
 
         return decode, len(units), bad
 
-    def _read_ahead(self, start: int, n: int) -> "_Ahead | None":
+    def _read_ahead(self, start: int, n: int) -> "parallel.Ahead | None":
         """Start decoding the compressed clusters of ``[start, start+n)`` into a buffer
         of our own, on the pool, while the caller uses what it read. Memory: one read's
         size and its compressed bytes (``AHEAD_MAX`` at most)."""
@@ -461,8 +436,8 @@ class ClusterMap:
             decode, count, bad = self._decoder(placed, cache_last=False)
         except DiskforgeError:
             return None   # the read that needs these reports it, in its turn
-        return _Ahead(units, [dst for _, _, dst in placed],
-                      parallel.start(decode, range(count)), count, bad)
+        return parallel.Ahead(units, [dst for _, _, dst in placed],
+                              parallel.start(decode, range(count)), count, bad)
 
     def drop_read_ahead(self) -> None:
         """Forget read-ahead, waiting for decodes in flight (before the file closes)."""

@@ -89,7 +89,7 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         self._index_cache: dict[int, tuple[list[int], list[tuple]]] = {}
         self._table_base: dict[int, int] = {}
         self._comp_cache: tuple[int, bytes] | None = None
-        self._ahead = None      # cluster._Ahead: the next read, being decoded
+        self._ahead = None      # parallel.Ahead: the next read, being decoded
         self._read_end = -1     # where the last read ended (read-ahead when the next
                                 # one starts there)
         if h.has_data_file:

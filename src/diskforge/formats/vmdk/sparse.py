@@ -30,7 +30,7 @@ from array import array
 from ... import parallel
 from ...blockdev import FileBackend, fill_zero, pieces, skip_filled
 from ...byteorder import le_array, le_bytes
-from ...errors import FormatError, UnsupportedError
+from ...errors import DiskforgeError, FormatError, UnsupportedError
 from ...limits import check_alloc
 from .extents import DATA, UNALLOCATED, ZERO, Below, VmdkExtent
 from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, COWD_GTES_PER_GT,
@@ -43,6 +43,7 @@ from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, COWD_GTES_PER_GT,
 
 MAX_GTES_PER_GT = 512           # qemu refuses more ("L2 table size too big")
 GT_CACHE = 4096                 # grain tables kept per extent (8 MiB at 512 entries)
+AHEAD_MAX = 8 << 20             # the largest read whose successor is decoded ahead
 MAX_CAPACITY = (1 << 63) // SECTOR
 
 
@@ -77,6 +78,8 @@ class SparseExtent(VmdkExtent):
         self._empty: dict[int, bool] = {}        # whether a table maps nothing
         self._hole = (0, 0)                      # a run of the file known to be a hole
         self._last_grain: tuple[int, bytes] | None = None
+        self._ahead: parallel.Ahead | None = None   # the next read, being decoded
+        self._read_end = -1                       # where the last read ended
         self.gd = self._read_directory(gd_at, "gdOffset")
         self.rgd = self._read_directory(rgd_at, "rgdOffset") if rgd_at else None
 
@@ -181,11 +184,25 @@ class SparseExtent(VmdkExtent):
                     flush()
                     run_host, run_at, run_len = host, at, n
         flush()
-        if len(compressed) == 1:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and compressed and ahead.serve(
+                [(g, e, inside, len(dst)) for g, e, inside, dst in compressed],
+                [dst for _, _, _, dst in compressed]):
+            pass
+        elif len(compressed) == 1:
             g, e, inside, dst = compressed[0]
             self._place(g, e, self._inflate(g, e), inside, dst)
         elif compressed:
-            self._inflate_many(compressed)
+            parallel.run(self._decoder(compressed, cache_last=True), range(len(compressed)))
+        elif ahead is not None:
+            ahead.drop()
+        # a reader walking forward (convert): the next range of this size is decoded
+        # ahead while the caller uses this one
+        n = len(mv)
+        if len(compressed) > 1 and offset == self._read_end and n <= AHEAD_MAX and \
+                parallel.threads() > 1:
+            self._ahead = self._read_ahead(offset + n, min(n, self.size - offset - n))
+        self._read_end = offset + n
 
     def _place(self, g: int, e: int, data, inside: int, dst: memoryview) -> None:
         if inside + len(dst) > len(data):
@@ -194,14 +211,14 @@ class SparseExtent(VmdkExtent):
                             "grain", "GrainTable")
         dst[:] = memoryview(data)[inside:inside + len(dst)]
 
-    def _inflate_many(self, units: list) -> None:
-        """The compressed grains of one read, decoded in parallel (``parallel.run``),
-        each into its place in the caller's buffer. A stream's grains follow each other
-        in the file, so where the next grain of the read starts bounds this one's
-        marker and data: all of them come in one pread (``parallel.gather``), and a
-        grain whose marker says more than that is read on its own, as before. The
-        checks are those of ``_inflate``, made in the worker, and the first failing
-        grain's error is the one raised."""
+    def _decoder(self, units: list, *, cache_last: bool):
+        """``decode(k)`` for the compressed grains ``(grain, sector, start in it,
+        dst)`` of one read, run in parallel (``parallel.run``), each into its place.
+        A stream's grains follow each other in the file, so where the next grain of the
+        read starts bounds this one's marker and data: all of them come in one pread
+        (``parallel.gather``, here), and a grain whose marker says more than that is
+        read on its own, as before. The checks are those of ``_inflate``, made in the
+        worker, and the first failing grain's error is the one raised."""
         limit = 2 * self.grain + SECTOR + (GRAIN_MARKER_SIZE if self.markers else 0)
         fsize = self.file_size
         spans = []
@@ -216,7 +233,7 @@ class SparseExtent(VmdkExtent):
             else:
                 spans.append((host, min(limit, room)))
         views = parallel.gather(self.backend, spans)
-        last = len(units) - 1
+        last = len(units) - 1 if cache_last else -1
 
         def decode(k: int) -> None:
             g, e, inside, dst = units[k]
@@ -225,7 +242,35 @@ class SparseExtent(VmdkExtent):
             if k == last and inside + len(dst) < len(data):
                 self._last_grain = (e, data)   # the next read goes on in it
 
-        parallel.run(decode, range(len(units)))
+        return decode
+
+    def _read_ahead(self, start: int, n: int) -> "parallel.Ahead | None":
+        """Start decoding the compressed grains of ``[start, start+n)`` into a buffer
+        of our own (at most ``AHEAD_MAX``), on the pool."""
+        if n <= 0:
+            return None
+        try:
+            keys = []
+            for pos, k in pieces(start, n, self.grain):
+                g, inside = divmod(pos, self.grain)
+                e = self.entry(g)
+                if e and not self._zeroed(e):
+                    keys.append((g, e, inside, k, pos - start))
+            if len(keys) < 2:
+                return None
+            buf = memoryview(bytearray(n))
+            units = [(g, e, inside, buf[at:at + k]) for g, e, inside, k, at in keys]
+            decode = self._decoder(units, cache_last=False)
+        except DiskforgeError:
+            return None   # the read that needs these reports it, in its turn
+        return parallel.Ahead([key[:4] for key in keys], [u[3] for u in units],
+                              parallel.start(decode, range(len(units))), len(units))
+
+    def close(self) -> None:
+        """Drop read-ahead, waiting for decodes in flight (before the file closes)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.drop()
 
     def _inflate(self, g: int, e: int, view: memoryview | None = None) -> bytes:
         """Grain ``g``, stored compressed at sector ``e``, decompressed (once: the last
