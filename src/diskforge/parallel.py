@@ -127,7 +127,8 @@ def _count(n: int) -> None:
 class _Job:
     """One :func:`run`: items are claimed in order by whichever thread asks next."""
 
-    __slots__ = ("fn", "items", "lock", "next", "left", "failed_at", "error", "done")
+    __slots__ = ("fn", "items", "lock", "next", "left", "failed_at", "error", "done",
+                 "cancelled")
 
     def __init__(self, fn: Callable, items: Sequence):
         self.fn = fn
@@ -138,6 +139,7 @@ class _Job:
         self.failed_at = len(items)   # index of the first failure (so far)
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.cancelled = False
         if not items:
             self.done.set()
 
@@ -156,7 +158,7 @@ class _Job:
                 if i >= n:
                     break
                 self.next = i + 1
-                skip = i > self.failed_at
+                skip = self.cancelled or i > self.failed_at
             if skip:
                 continue
             try:
@@ -172,7 +174,7 @@ class _Job:
     def cancel(self) -> None:
         """Start no more items (those running finish; :meth:`wait` waits for them)."""
         with self.lock:
-            self.failed_at = -1
+            self.cancelled = True
 
     def wait(self) -> None:
         """Wait until no item runs any more (cancelled or not), raising nothing."""
@@ -307,6 +309,8 @@ class Ahead:
             return False
         job = self.job
         job.settle()
+        if job.cancelled:    # dropped by another thread's read meanwhile: not served
+            return False
         if job.failed_at < m:
             raise job.error
         if self.count < m:
