@@ -366,3 +366,28 @@ def test_coalesce_reads_groups_neighbouring_ranges():
         (1000, 800, [0, 1, 2]), (9000, 25, [3, 4]), (100, 5, [5])]
     assert [g[2] for g in parallel.coalesce_reads(spans, gap=0, limit=500)] == \
         [[0], [1], [2], [3, 4], [5]]
+
+
+def test_the_stdlib_zlib_fallback_reads_the_same(tmp_path, source):
+    """Without zlib-ng (the ``fast`` extra) the standard library inflates: the same
+    bytes, the same one-line errors."""
+    from diskforge import deflate
+    need("qemu-img")
+    img = str(tmp_path / "c.qcow2")
+    run("qemu-img", "convert", "-c", "-O", "qcow2", source, img)
+    vmdk = str(tmp_path / "s.vmdk")
+    run("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", source,
+        vmdk)
+    deflate.use_stdlib()
+    try:
+        for path in (img, vmdk):
+            assert flat_sha256(path)[1] == sha256_file(source)
+        g, e = _compressed_clusters(img)[10]
+        _corrupt(img, e, b"\xff" * 64)
+        out = str(tmp_path / "out.raw")
+        code, _, err = cli("convert", "-O", "raw", img, out)
+        one_line_error(code, err)
+        assert f"guest offset {g:#x}" in err
+        assert deflate.IMPLEMENTATION == "zlib"
+    finally:
+        deflate.reset()

@@ -16,6 +16,7 @@ import sys
 import threading
 import zlib
 
+from ... import deflate
 from ...errors import FormatError
 from .structs import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
@@ -65,14 +66,14 @@ def decompress(ctype: int, data: bytes, cluster_size: int, where: str,
     """
     try:
         if ctype == COMPRESSION_ZLIB:
-            out = zlib.decompressobj(-15).decompress(data, cluster_size)
+            out = deflate.decompressobj(-15).decompress(data, cluster_size)
         elif ctype == COMPRESSION_ZSTD:
             out = _zstd_bounded(data, cluster_size)
         else:  # pragma: no cover - refused when the header is parsed
             raise FormatError(f"unknown compression type {ctype}", path)
     except FormatError:
         raise
-    except Exception as e:  # zlib.error, zstandard.ZstdError, ValueError
+    except Exception as e:  # deflate.ERRORS, zstandard.ZstdError, ValueError
         reason = str(e) or type(e).__name__
         raise FormatError(f"compressed cluster {where} is corrupt: {reason}", path,
                           structure="L2 entry") from None

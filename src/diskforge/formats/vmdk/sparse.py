@@ -27,7 +27,7 @@ from __future__ import annotations
 import zlib
 from array import array
 
-from ... import parallel
+from ... import deflate, parallel
 from ...blockdev import FileBackend, fill_zero, pieces, skip_filled
 from ...byteorder import le_array, le_bytes
 from ...errors import DiskforgeError, FormatError, UnsupportedError
@@ -312,7 +312,7 @@ class SparseExtent(VmdkExtent):
 
     def _decompress(self, raw: bytes, g: int, e: int) -> bytes:
         for wbits in (15, -15):             # zlib streams (VMware, qemu); raw deflate
-            d = zlib.decompressobj(wbits)
+            d = deflate.decompressobj(wbits)
             try:
                 out = d.decompress(raw, self.grain)
                 if not d.eof and d.decompress(d.unconsumed_tail, 1):
@@ -321,7 +321,7 @@ class SparseExtent(VmdkExtent):
                 if not d.eof:
                     raise zlib.error("the stream ends early (truncated)")
                 return out
-            except zlib.error as exc:
+            except deflate.ERRORS as exc:
                 err = exc
         raise self._err(f"compressed grain {g} at sector {e} does not inflate: {err}",
                         "grain", "GrainTable")
