@@ -6,8 +6,8 @@ reads are one coroutine, one core). zlib, zstandard, bz2 and lzma release the GI
 they decode, and so does LZFSE (called through ctypes, which drops it), so threads give
 real parallelism; ADC is pure Python and gains nothing, but loses nothing either.
 
-Two ways in, one shared pool of worker threads (``diskforge-decode-N``, started on
-first use, never more than the CPU count):
+Three ways in, one shared pool of worker threads (``diskforge-decode_N``, started on
+first use, as many as the CPUs):
 
 - :func:`run` — a read that covers several units: the format gathers them (bounds
   checked, compressed bytes read with one pread per contiguous run of the file), then
@@ -29,9 +29,8 @@ structure and field) is re-raised unchanged in the caller's thread.
 How many threads: :func:`threads` — the CPU count, or what :func:`set_threads` set for
 the process, or what :func:`limit` set for the code it wraps (a context variable, so
 one convert's ``-m 1`` does not slow another thread's; ``convert -m N`` uses it, and
-``-m 1`` reads in one thread as before). ``decoded_by``
-counts the units each thread decoded (tests check the pool is really used; it is not a
-timing measure).
+``-m 1`` reads in one thread as before). ``decoded_by`` counts the units each thread
+decoded (tests check with it that the pool is really used; it is not a timing).
 """
 
 from __future__ import annotations
@@ -50,7 +49,8 @@ _pool = None
 _pool_lock = threading.Lock()
 _count_lock = threading.Lock()
 
-#: units decoded per thread name (cumulative; tests and ``--debug`` look at it)
+#: units decoded per thread name (cumulative, for tests; forgotten past 256 names, so a
+#: long-running server whose client threads each decode stays bounded)
 decoded_by: collections.Counter = collections.Counter()
 
 
@@ -121,6 +121,8 @@ if hasattr(os, "register_at_fork"):
 def _count(n: int) -> None:
     name = threading.current_thread().name
     with _count_lock:
+        if len(decoded_by) > 256 and name not in decoded_by:
+            decoded_by.clear()
         decoded_by[name] += n
 
 
