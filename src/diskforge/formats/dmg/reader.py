@@ -49,6 +49,7 @@ class DmgDevice(FileDevice):
         self._cache_bytes = 0
         self._lock = threading.Lock()
         self._ahead: dict[int, object] = {}   # run index -> Future
+        self._running: list = []              # dropped at a jump, but still decoding
         self._ahead_bytes = 0
         self._ahead_next = 0
         self._last_run = -1
@@ -157,9 +158,15 @@ class DmgDevice(FileDevice):
     def _cancel_ahead(self, wait: bool = False) -> None:
         """A jump: what was being prepared is probably not wanted any more. ``wait``:
         also wait for the decodes already running (before the file is closed)."""
+        running = [f for f in self._running if not f.done()]
         for fut in self._ahead.values():
-            if not fut.cancel() and wait:
-                fut.exception()   # the result (or a _Failed) is dropped
+            if not fut.cancel():
+                running.append(fut)   # already decoding: it reads the file until done
+        if wait:
+            for fut in running:
+                fut.exception()       # the result (or a _Failed) is dropped
+            running = []
+        self._running = running
         self._ahead.clear()
         self._ahead_bytes = 0
         self._ahead_next = 0
@@ -299,7 +306,8 @@ class DmgDevice(FileDevice):
                          format_specific=specific, details=details)
 
     def close(self) -> None:
-        if not self.closed and getattr(self, "_ahead", None):
+        if not self.closed and (getattr(self, "_ahead", None) or
+                                getattr(self, "_running", None)):
             with self._lock:
                 self._cancel_ahead(wait=True)
         super().close()
