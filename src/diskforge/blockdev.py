@@ -670,7 +670,8 @@ class TableDevice(FileDevice):
     """A device whose format maps the disk through tables to runs of the file (qcow
     version 1, QED, Parallels): a subclass yields the runs of a range from ``_runs``
     (built with :func:`merge_runs`) and, if it has compressed clusters, reads one with
-    ``_read_compressed``; reading, the extent map and the backing fallback are written
+    ``_read_compressed`` (called from several threads at once when a read covers
+    several: it must only read the file and write its piece); reading, the extent map and the backing fallback are written
     once, here. ``backing`` is the backing device or None."""
 
     backing: "BlockDevice | None" = None
@@ -687,6 +688,7 @@ class TableDevice(FileDevice):
         mv = memoryview(buf).cast("B")
         n = len(mv)
         self.check_range(offset, n)
+        compressed = []
         for pos, cnt, kind, host in self._runs(offset, n):
             piece = mv[pos - offset:pos - offset + cnt]
             if kind == RUN_DATA:
@@ -694,7 +696,7 @@ class TableDevice(FileDevice):
                 if got < cnt:  # a last cluster cut short reads as zeros, as in qemu
                     fill_zero(piece, got)
             elif kind == RUN_COMPRESSED:
-                self._read_compressed(pos, host, piece)
+                compressed.append((pos, host, piece))
             elif kind == RUN_UNALLOCATED and self.backing is not None and \
                     pos < self.backing.size:
                 inside = min(cnt, self.backing.size - pos)
@@ -702,6 +704,13 @@ class TableDevice(FileDevice):
                 fill_zero(piece, inside)
             else:
                 fill_zero(piece)
+        if len(compressed) == 1:
+            self._read_compressed(*compressed[0])
+        elif compressed:
+            # a large read's compressed clusters, decoded on all cores (parallel.py);
+            # _read_compressed must be safe to call from several threads at once
+            from . import parallel
+            parallel.run(lambda unit: self._read_compressed(*unit), compressed)
         return n
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:

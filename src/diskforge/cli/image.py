@@ -370,8 +370,10 @@ def cmd_convert(args) -> int:
                     from ..ops.offload import offload_copy
                     offload_copy(src, writer, out_fd, progress)
                 else:  # as qemu-img when copy_range fails: the ordinary copy
-                    convert(src, writer, base=base, progress=progress, workers=args.m,
-                            sparse_size=sparse)
+                    from .. import parallel  # -m 1: the source is decoded in one thread too
+                    with parallel.limit(args.m or None):
+                        convert(src, writer, base=base, progress=progress,
+                                workers=args.m, sparse_size=sparse)
             if copied is not None and args.n:
                 from ..ops.bitmap import add_copied_bitmaps
                 add_copied_bitmaps(dev, copied)
@@ -567,7 +569,8 @@ def add_parsers(sub) -> None:
                    " writing only what differs from it")
     p.add_argument("-F", metavar="BACKING_FMT", help="format of BACKING")
     p.add_argument("-n", action="store_true", help="write into an existing target")
-    p.add_argument("-m", type=int, metavar="N", help="compression threads")
+    p.add_argument("-m", type=int, metavar="N",
+                   help="threads compressing the target and decoding the source")
     p.add_argument("-p", action="store_true", help="print progress (qemu-img's lines)")
     p.add_argument("-q", action="store_true", help="quiet")
     p.add_argument("-S", metavar="SIZE", help="zero-detection granularity: zero runs of"

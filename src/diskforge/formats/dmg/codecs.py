@@ -18,6 +18,7 @@ import lzma
 import struct
 import zlib
 
+from ... import deflate
 from .adc import AdcError, adc_decompress
 from .structs import (ADC, BZIP2, COMMENT, IGNORE, LZFSE, LZMA, RAW, TERMINATOR,
                       ZERO_FILL, ZLIB)
@@ -44,7 +45,7 @@ def decompress(kind: int, data, size: int) -> bytes:
     """The ``size`` bytes chunk ``data`` (any buffer) of type ``kind`` decodes to."""
     try:
         if kind == ZLIB:
-            d = zlib.decompressobj()
+            d = deflate.decompressobj()
             out = d.decompress(data, size)
             if not d.eof and d.decompress(d.unconsumed_tail, 1):
                 raise ChunkError(f"decompresses to more than its declared {size} bytes")
@@ -67,7 +68,7 @@ def decompress(kind: int, data, size: int) -> bytes:
             return adc_decompress(data, size)
         else:
             raise ChunkError(f"chunk type 0x{kind:08x} is not compressed")
-    except (zlib.error, OSError, EOFError, lzma.LZMAError, AdcError) as e:
+    except (*deflate.ERRORS, OSError, EOFError, lzma.LZMAError, AdcError) as e:
         raise ChunkError(f"corrupt {NAMES.get(kind, hex(kind))} data ({e})") from None
     if len(out) != size:
         raise ChunkError(f"decompresses to {len(out)} bytes, not the declared {size}")

@@ -9,18 +9,20 @@ next read in it none). ``extents()`` reports zero-fill, ignore and gaps as ZERO,
 convert of a DMG stays sparse.
 
 Sequential readers (convert, compare, verify) get read-ahead: once reads walk forward
-through compressed chunks, the next few are decompressed in a thread pool (zlib, bz2,
-lzma and lzfse release the GIL) while the caller copies and writes the current one.
+through compressed chunks, the next few are decompressed on diskforge's shared decoding
+pool (``parallel.submit``; zlib, bz2, lzma and lzfse release the GIL) while the caller
+copies and writes the current one, at most READAHEAD_BYTES of output in flight. With
+one decoding thread (``convert -m 1``) there is no read-ahead.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import os
 import threading
 import zlib
 
+from ... import parallel
 from ...blockdev import Extent, ExtentKind, FileDevice, ImageInfo, coalesce, fill_zero
 from ...errors import FormatError
 from . import codecs, udif
@@ -33,7 +35,6 @@ READAHEAD_BYTES = 8 << 20   # decompressed bytes being prepared ahead of the rea
 
 class DmgDevice(FileDevice):
     format = "dmg"
-    _pool = None   # the read-ahead pool, started by the first sequential reads
 
     def _open(self) -> None:
         file_size = self.backend.size
@@ -48,6 +49,7 @@ class DmgDevice(FileDevice):
         self._cache_bytes = 0
         self._lock = threading.Lock()
         self._ahead: dict[int, object] = {}   # run index -> Future
+        self._running: list = []              # dropped at a jump, but still decoding
         self._ahead_bytes = 0
         self._ahead_next = 0
         self._last_run = -1
@@ -141,24 +143,30 @@ class DmgDevice(FileDevice):
     def _read_ahead(self, i: int) -> None:
         """Start decompressing the next compressed runs after ``i`` (the reader walks
         forward), up to READAHEAD_BYTES of output and a bounded scan of the map."""
+        if parallel.threads() < 2:
+            return
         m = self.map
         j = max(i + 1, self._ahead_next)
         limit = min(len(m), j + 256)
         while j < limit and self._ahead_bytes < READAHEAD_BYTES:
             if m.kind[j] in codecs.COMPRESSED and j not in self._cache:
-                if self._pool is None:
-                    from concurrent.futures import ThreadPoolExecutor
-                    self._pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 1)),
-                                                    thread_name_prefix="diskforge-dmg")
-                self._ahead[j] = self._pool.submit(self._decode_quietly, j)
+                self._ahead[j] = parallel.submit(self._decode_quietly, j)
                 self._ahead_bytes += self._run_size(j)
             j += 1
         self._ahead_next = j
 
-    def _cancel_ahead(self) -> None:
-        """A jump: what was being prepared is probably not wanted any more."""
+    def _cancel_ahead(self, wait: bool = False) -> None:
+        """A jump: what was being prepared is probably not wanted any more. ``wait``:
+        also wait for the decodes already running (before the file is closed)."""
+        running = [f for f in self._running if not f.done()]
         for fut in self._ahead.values():
-            fut.cancel()
+            if not fut.cancel():
+                running.append(fut)   # already decoding: it reads the file until done
+        if wait:
+            for fut in running:
+                fut.exception()       # the result (or a _Failed) is dropped
+            running = []
+        self._running = running
         self._ahead.clear()
         self._ahead_bytes = 0
         self._ahead_next = 0
@@ -298,8 +306,10 @@ class DmgDevice(FileDevice):
                          format_specific=specific, details=details)
 
     def close(self) -> None:
-        if not self.closed and self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if not self.closed and (getattr(self, "_ahead", None) or
+                                getattr(self, "_running", None)):
+            with self._lock:
+                self._cancel_ahead(wait=True)
         super().close()
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import collections
 import os
-import zlib
 from array import array
 from collections.abc import Iterator
 
+from ... import deflate
 from ...blockdev import (RUN_COMPRESSED, RUN_DATA, RUN_UNALLOCATED, Extent, ImageInfo,
                          TableDevice, merge_runs, skip_filled)
 from ...byteorder import to_host_be
@@ -262,10 +262,10 @@ class Qcow1Device(TableDevice):
                                f" {host} is outside the file ({self.file_size} bytes)",
                                self.path, structure="L2 table", field=str(ci))
         raw = self.backend.read_exact(host, n, f"compressed cluster {ci}")
-        d = zlib.decompressobj(-15)
+        d = deflate.decompressobj(-15)
         try:
             out = d.decompress(raw, self.cs)
-        except zlib.error as e:
+        except deflate.ERRORS as e:
             raise CorruptImage(f"L2 entry {ci}: compressed cluster does not inflate ({e})",
                                self.path, structure="L2 table", field=str(ci)) from None
         if len(out) != self.cs:

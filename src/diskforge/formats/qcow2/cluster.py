@@ -13,9 +13,10 @@ from __future__ import annotations
 import bisect
 from array import array
 
+from ... import parallel
 from ...byteorder import be_array
 from ...blockdev import Extent, ExtentKind, coalesce, fill_zero, plain_host, skip_filled
-from ...errors import FormatError
+from ...errors import DiskforgeError, FormatError
 from . import codec
 from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW2_SUBCLUSTER_COMPRESSED,
                       QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC,
@@ -29,6 +30,11 @@ _HOST_STEPS = (QCOW2_SUBCLUSTER_NORMAL, QCOW2_SUBCLUSTER_ZERO_ALLOC)
 _HOSTLESS = (QCOW2_SUBCLUSTER_ZERO_PLAIN, QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN)
 _UNMERGED = (QCOW2_SUBCLUSTER_COMPRESSED,)
 _UNALLOCATED = (QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN, QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC)
+
+
+# the largest read whose successor is decoded ahead (memory: this, and its compressed
+# bytes, per device)
+AHEAD_MAX = 8 << 20
 
 
 def _expected(first: int, step: int, i: int, j: int) -> array:
@@ -326,6 +332,7 @@ class ClusterMap:
         mv = memoryview(buf).cast("B")
         n = len(mv)
         self.check_range(offset, n)
+        compressed = []   # (guest offset, L2 entry, where its bytes go): decoded at once
         for g, k, kind, host in self.runs(offset, n):
             dst = mv[g - offset:g - offset + k]
             if kind == QCOW2_SUBCLUSTER_NORMAL and self.crypto is not None:
@@ -337,11 +344,20 @@ class ClusterMap:
             elif kind in _UNALLOCATED:
                 self._read_backing(g, dst)
             elif kind == QCOW2_SUBCLUSTER_COMPRESSED:
-                cstart = g >> self.cluster_bits << self.cluster_bits
-                data = self._decompress(host, cstart)
-                dst[:] = data[g - cstart:g - cstart + k]
+                compressed.append((g, host, dst))
             else:
                 fill_zero(dst)
+        ahead, self._ahead = self._ahead, None
+        if compressed:
+            self._read_compressed(compressed, ahead)
+        elif ahead is not None:
+            ahead.drop()
+        # a reader walking forward through compressed clusters (convert, compare):
+        # the next range of the same size is decoded while the caller uses this one
+        if len(compressed) > 1 and offset == self._read_end and not self.writable \
+                and n <= AHEAD_MAX and parallel.threads() > 1:
+            self._ahead = self._read_ahead(offset + n, min(n, self.size - offset - n))
+        self._read_end = offset + n
         return n
 
     def _read_backing(self, g: int, dst) -> None:
@@ -353,23 +369,109 @@ class ClusterMap:
         if inside < k:
             fill_zero(dst[inside:])
 
-    def _decompress(self, entry: int, cstart: int) -> bytes:
-        cached = self._comp_cache
-        if cached is not None and cached[0] == entry:
-            return cached[1]
+    def _read_compressed(self, units: list, ahead: "parallel.Ahead | None" = None) -> None:
+        """Fill the compressed clusters a read covers: ``(guest offset, L2 entry, dst)``.
+
+        One cluster (a small read) is decoded here, through the one-cluster cache that
+        makes a walk through a cluster in small reads inflate it once. Several (a
+        convert's batch) are decoded in parallel (``parallel.run``): their bytes read
+        with one pread per contiguous run of the file, each cluster inflated straight
+        into its place in the caller's buffer -- or, when the previous read started
+        decoding exactly these clusters ahead (``_read_ahead``), copied from there. The
+        checks are the same every way; a bad L2 entry stops the list there, so its
+        error comes after those of the clusters before it, as in a loop over them."""
+        if ahead is not None and ahead.serve([(g, e, len(dst)) for g, e, dst in units],
+                                             [dst for _, _, dst in units]):
+            return
+        cb = self.cluster_bits
+        if len(units) == 1:
+            g, entry, dst = units[0]
+            cstart = g >> cb << cb
+            data = self._decompress(entry, cstart)
+            dst[:] = memoryview(data)[g - cstart:g - cstart + len(dst)]
+            return
+        decode, count, bad = self._decoder(units, cache_last=True)
+        parallel.run(decode, range(count))
+        if bad is not None:
+            raise bad
+
+    def _decoder(self, units: list, *, cache_last: bool):
+        """``(decode, count, bad)`` for compressed ``units``: ``decode(i)`` inflates the
+        i-th into its ``dst``; the bytes of all are read here (``parallel.gather``).
+        ``bad``: the error of the first unit whose L2 entry fails its checks (only the
+        ``count`` units before it are decoded)."""
+        cb = self.cluster_bits
+        fsize = self.backend.size if self.writable else self.file_size
+        spans, wheres, bad = [], [], None
+        for i, (g, entry, _) in enumerate(units):
+            try:
+                off, size, where = self._compressed_span(entry, g >> cb << cb, fsize)
+            except FormatError as e:
+                bad, units = e, units[:i]
+                break
+            spans.append((off, size))
+            wheres.append(where)
+        views = parallel.gather(self.backend, spans)
+        ctype, cs, path = self.header.compression_type, self.cs, self.path
+        last = len(units) - 1 if cache_last else -1
+
+        def decode(i: int) -> None:
+            g, entry, dst = units[i]
+            data = codec.decompress(ctype, views[i], cs, wheres[i], path)
+            inside = g & (cs - 1)
+            dst[:] = memoryview(data)[inside:inside + len(dst)]
+            if i == last and inside + len(dst) < cs:
+                self._comp_cache = (entry, data)   # the next read goes on in it
+
+        return decode, len(units), bad
+
+    def _read_ahead(self, start: int, n: int) -> "parallel.Ahead | None":
+        """Start decoding the compressed clusters of ``[start, start+n)`` into a buffer
+        of our own, on the pool, while the caller uses what it read. Memory: one read's
+        size and its compressed bytes (``AHEAD_MAX`` at most)."""
+        if n <= 0:
+            return None
+        try:
+            units = [(g, host, k) for g, k, kind, host in self.runs(start, n)
+                     if kind == QCOW2_SUBCLUSTER_COMPRESSED]
+            if len(units) < 2:
+                return None
+            buf = memoryview(bytearray(n))
+            placed = [(g, e, buf[g - start:g - start + k]) for g, e, k in units]
+            decode, count, bad = self._decoder(placed, cache_last=False)
+        except DiskforgeError:
+            return None   # the read that needs these reports it, in its turn
+        return parallel.Ahead(units, [dst for _, _, dst in placed],
+                              parallel.start(decode, range(count)), count, bad)
+
+    def drop_read_ahead(self) -> None:
+        """Forget read-ahead, waiting for decodes in flight (before the file closes)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.drop()
+
+    def _compressed_span(self, entry: int, cstart: int, fsize: int) -> tuple[int, int, str]:
+        """Where a compressed cluster's bytes are, checked against the file: ``(host
+        offset, bytes to read, its description for messages)``."""
         if self.data is not self.backend:
             raise FormatError("compressed cluster in an image with an external data file",
                               self.path, structure="L2 entry")
         off, csize = self.geo.compressed_range(entry)
         where = f"for guest offset {cstart:#x} at host {off:#x}"
-        fsize = self.backend.size
         if off < self.cs:
             raise FormatError(f"compressed cluster {where} points into the header",
                               self.path, structure="L2 entry")
         if off >= fsize or off + csize > fsize + 511:
             raise FormatError(f"compressed cluster {where} (+{csize}) is past the end of"
                               f" the file ({fsize} bytes)", self.path, structure="L2 entry")
-        raw = self.backend.pread(off, min(csize, fsize - off))
+        return off, min(csize, fsize - off), where
+
+    def _decompress(self, entry: int, cstart: int) -> bytes:
+        cached = self._comp_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        off, n, where = self._compressed_span(entry, cstart, self.backend.size)
+        raw = self.backend.pread(off, n)
         data = codec.decompress(self.header.compression_type, raw, self.cs, where,
                                 self.path)
         self._comp_cache = (entry, data)

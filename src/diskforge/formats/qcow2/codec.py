@@ -16,6 +16,7 @@ import sys
 import threading
 import zlib
 
+from ... import deflate
 from ...errors import FormatError
 from .structs import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
@@ -65,14 +66,14 @@ def decompress(ctype: int, data: bytes, cluster_size: int, where: str,
     """
     try:
         if ctype == COMPRESSION_ZLIB:
-            out = zlib.decompressobj(-15).decompress(data, cluster_size)
+            out = deflate.decompressobj(-15).decompress(data, cluster_size)
         elif ctype == COMPRESSION_ZSTD:
             out = _zstd_bounded(data, cluster_size)
         else:  # pragma: no cover - refused when the header is parsed
             raise FormatError(f"unknown compression type {ctype}", path)
     except FormatError:
         raise
-    except Exception as e:  # zlib.error, zstandard.ZstdError, ValueError
+    except Exception as e:  # deflate.ERRORS, zstandard.ZstdError, ValueError
         reason = str(e) or type(e).__name__
         raise FormatError(f"compressed cluster {where} is corrupt: {reason}", path,
                           structure="L2 entry") from None
@@ -106,8 +107,15 @@ def _zstd_bounded(data: bytes, limit: int) -> bytes:
     pos = 0
     while len(out) < limit and pos < len(data):
         d = _zstd_decompressor().decompressobj()
+        if pos:
+            declared = zstandard.get_frame_parameters(data[pos:]).content_size
+        # a frame that declares its size (qemu's do) cannot decode to more: zstd stops
+        # with an error past it, after at most one block (128 KiB), so the whole input
+        # goes in one call -- a hundred times fewer calls, and the GIL held only briefly
+        step = len(data) if declared != zstandard.CONTENTSIZE_UNKNOWN and \
+            declared <= limit - len(out) else _ZSTD_STEP
         while not d.eof and pos < len(data):
-            piece = data[pos:pos + _ZSTD_STEP]
+            piece = data[pos:pos + step]
             pos += len(piece)
             out += d.decompress(piece)
             if len(out) > limit:

@@ -90,6 +90,9 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         self._index_cache: dict[int, tuple[list[int], list[tuple]]] = {}
         self._table_base: dict[int, int] = {}
         self._comp_cache: tuple[int, bytes] | None = None
+        self._ahead = None      # parallel.Ahead: the next read, being decoded
+        self._read_end = -1     # where the last read ended (read-ahead when the next
+                                # one starts there)
         if h.has_data_file:
             self._open_data_file()
         if h.backing_file:
@@ -189,6 +192,8 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         if self.closed:
             return
         try:
+            if getattr(self, "_ahead", None) is not None:
+                self.drop_read_ahead()
             if self.writable and self.refs is not None:
                 self.flush()
                 if self.bitmaps is not None:

@@ -569,6 +569,8 @@ class VmdkDevice(FileDevice):
         if self.closed:
             return
         try:
+            for ext in getattr(self, "extents_", ()):
+                ext.close()   # read-ahead in flight stops before its file closes
             super().close()
         finally:
             for b in self._backends.values():

@@ -24,12 +24,14 @@ is appended too (both copies).
 
 from __future__ import annotations
 
+import struct
 import zlib
 from array import array
 
+from ... import deflate, parallel
 from ...blockdev import FileBackend, fill_zero, pieces, skip_filled
 from ...byteorder import le_array, le_bytes
-from ...errors import FormatError, UnsupportedError
+from ...errors import DiskforgeError, FormatError, UnsupportedError
 from ...limits import check_alloc
 from .extents import DATA, UNALLOCATED, ZERO, Below, VmdkExtent
 from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, COWD_GTES_PER_GT,
@@ -37,11 +39,15 @@ from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, COWD_GTES_PER_GT,
                       FLAG_VALID_NEWLINE_TEST, FLAG_ZEROED_GRAIN_GTE, FOOTER_FROM_END,
                       GD_AT_END, GRAIN_MARKER_SIZE, GTE_ZEROED, MARKER_EOS, MARKER_FOOTER,
                       MAX_GRAIN_SECTORS, NEWLINE_TEST, SECTOR, SPARSE_HEADER_SIZE,
-                      SPARSE_MAGIC, COWDiskHeader, GrainMarker, MetadataMarker,
+                      SPARSE_MAGIC, COWDiskHeader, MetadataMarker,
                       SparseExtentHeader)
 
+# GrainMarker (lba, size) as struct.unpack_from reads it: construct's parse costs more than
+# inflating a small grain, and it runs once per grain
+_GRAIN_MARKER = struct.Struct("<QI")
 MAX_GTES_PER_GT = 512           # qemu refuses more ("L2 table size too big")
 GT_CACHE = 4096                 # grain tables kept per extent (8 MiB at 512 entries)
+AHEAD_MAX = 8 << 20             # the largest read whose successor is decoded ahead
 MAX_CAPACITY = (1 << 63) // SECTOR
 
 
@@ -76,6 +82,8 @@ class SparseExtent(VmdkExtent):
         self._empty: dict[int, bool] = {}        # whether a table maps nothing
         self._hole = (0, 0)                      # a run of the file known to be a hole
         self._last_grain: tuple[int, bytes] | None = None
+        self._ahead: parallel.Ahead | None = None   # the next read, being decoded
+        self._read_end = -1                       # where the last read ended
         self.gd = self._read_directory(gd_at, "gdOffset")
         self.rgd = self._read_directory(rgd_at, "rgdOffset") if rgd_at else None
 
@@ -151,6 +159,7 @@ class SparseExtent(VmdkExtent):
     def readinto(self, offset: int, mv: memoryview, below: Below) -> None:
         grain = self.grain
         run_host = run_at = run_len = 0      # consecutive uncompressed grains: one read
+        compressed = []                      # (grain, sector, start in it, dst): at once
 
         def flush() -> None:
             if run_len:
@@ -170,14 +179,7 @@ class SparseExtent(VmdkExtent):
                 else:
                     fill_zero(mv, at, at + n)
             elif self.compressed:
-                flush()
-                run_len = 0
-                data = self._inflate(g, e)
-                if inside + n > len(data):
-                    raise self._err(f"grain {g} (sector {e}) decompresses to {len(data)}"
-                                    f" bytes, less than the {inside + n} read from it",
-                                    "grain", "GrainTable")
-                mv[at:at + n] = data[inside:inside + n]
+                compressed.append((g, e, inside, mv[at:at + n]))
             else:
                 host = e * SECTOR + inside
                 if run_len and run_host + run_len == host and run_at + run_len == at:
@@ -186,39 +188,135 @@ class SparseExtent(VmdkExtent):
                     flush()
                     run_host, run_at, run_len = host, at, n
         flush()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and compressed and ahead.serve(
+                [(g, e, inside, len(dst)) for g, e, inside, dst in compressed],
+                [dst for _, _, _, dst in compressed]):
+            pass
+        elif len(compressed) == 1:
+            g, e, inside, dst = compressed[0]
+            self._place(g, e, self._inflate(g, e), inside, dst)
+        elif compressed:
+            parallel.run(self._decoder(compressed, cache_last=True), range(len(compressed)))
+        elif ahead is not None:
+            ahead.drop()
+        # a reader walking forward (convert): the next range of this size is decoded
+        # ahead while the caller uses this one
+        n = len(mv)
+        if len(compressed) > 1 and offset == self._read_end and n <= AHEAD_MAX and \
+                parallel.threads() > 1:
+            self._ahead = self._read_ahead(offset + n, min(n, self.size - offset - n))
+        self._read_end = offset + n
 
-    def _inflate(self, g: int, e: int) -> bytes:
+    def _place(self, g: int, e: int, data, inside: int, dst: memoryview) -> None:
+        if inside + len(dst) > len(data):
+            raise self._err(f"grain {g} (sector {e}) decompresses to {len(data)}"
+                            f" bytes, less than the {inside + len(dst)} read from it",
+                            "grain", "GrainTable")
+        dst[:] = memoryview(data)[inside:inside + len(dst)]
+
+    def _decoder(self, units: list, *, cache_last: bool):
+        """``decode(k)`` for the compressed grains ``(grain, sector, start in it,
+        dst)`` of one read, run in parallel (``parallel.run``), each into its place.
+        A stream's grains follow each other in the file, so where the next grain of the
+        read starts bounds this one's marker and data: all of them come in one pread
+        (``parallel.gather``, here), and a grain whose marker says more than that is
+        read on its own, as before. The checks are those of ``_inflate``, made in the
+        worker, and the first failing grain's error is the one raised."""
+        limit = 2 * self.grain + SECTOR + (GRAIN_MARKER_SIZE if self.markers else 0)
+        fsize = self.file_size
+        spans = []
+        for k, (g, e, _, _) in enumerate(units):
+            host = e * SECTOR
+            room = max(0, fsize - host)
+            nxt = units[k + 1][1] * SECTOR if k + 1 < len(units) else 0
+            if self.markers and host < nxt <= host + limit:
+                spans.append((host, min(nxt - host, room)))
+            elif self.markers:
+                spans.append((host, min(self.grain + 2 * SECTOR, room)))
+            else:
+                spans.append((host, min(limit, room)))
+        views = parallel.gather(self.backend, spans)
+        last = len(units) - 1 if cache_last else -1
+
+        def decode(k: int) -> None:
+            g, e, inside, dst = units[k]
+            data = self._inflate(g, e, views[k])
+            self._place(g, e, data, inside, dst)
+            if k == last and inside + len(dst) < len(data):
+                self._last_grain = (e, data)   # the next read goes on in it
+
+        return decode
+
+    def _read_ahead(self, start: int, n: int) -> "parallel.Ahead | None":
+        """Start decoding the compressed grains of ``[start, start+n)`` into a buffer
+        of our own (at most ``AHEAD_MAX``), on the pool."""
+        if n <= 0:
+            return None
+        try:
+            keys = []
+            for pos, k in pieces(start, n, self.grain):
+                g, inside = divmod(pos, self.grain)
+                e = self.entry(g)
+                if e and not self._zeroed(e):
+                    keys.append((g, e, inside, k, pos - start))
+            if len(keys) < 2:
+                return None
+            buf = memoryview(bytearray(n))
+            units = [(g, e, inside, buf[at:at + k]) for g, e, inside, k, at in keys]
+            decode = self._decoder(units, cache_last=False)
+        except DiskforgeError:
+            return None   # the read that needs these reports it, in its turn
+        return parallel.Ahead([key[:4] for key in keys], [u[3] for u in units],
+                              parallel.start(decode, range(len(units))), len(units))
+
+    def close(self) -> None:
+        """Drop read-ahead, waiting for decodes in flight (before the file closes)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.drop()
+
+    def _inflate(self, g: int, e: int, view: memoryview | None = None) -> bytes:
         """Grain ``g``, stored compressed at sector ``e``, decompressed (once: the last
-        one is kept, so a read call walking a grain in pieces inflates it once)."""
-        if self._last_grain is not None and self._last_grain[0] == e:
+        one is kept, so a read call walking a grain in pieces inflates it once).
+        ``view``: the file's bytes from the grain on, when already read (a parallel
+        read; then nothing is cached here); what it lacks is read from the file."""
+        if view is None and self._last_grain is not None and self._last_grain[0] == e:
             return self._last_grain[1]
         host = e * SECTOR
         limit = 2 * self.grain + SECTOR      # what qemu reads for one grain
         if self.markers:
-            m = GrainMarker.parse(self.backend.read_exact(host, GRAIN_MARKER_SIZE,
-                                                          f"grain marker of grain {g}"))
+            head = view[:GRAIN_MARKER_SIZE] if view is not None and \
+                len(view) >= GRAIN_MARKER_SIZE else \
+                self.backend.read_exact(host, GRAIN_MARKER_SIZE, f"grain marker of grain {g}")
+            lba, size = _GRAIN_MARKER.unpack_from(head)   # GrainMarker, per grain
             want = g * self.grain_sectors
-            if m.lba != want:
-                raise self._err(f"the marker at sector {e} says lba {m.lba}, but grain"
+            if lba != want:
+                raise self._err(f"the marker at sector {e} says lba {lba}, but grain"
                                 f" table entry for grain {g} (lba {want}) points at it",
                                 "lba", "GrainMarker")
-            if m.size == 0 or m.size > limit:
-                raise self._err(f"compressed grain {g} at sector {e} claims {m.size}"
+            if size == 0 or size > limit:
+                raise self._err(f"compressed grain {g} at sector {e} claims {size}"
                                 f" bytes (at most {limit} for a {self.grain}-byte grain)",
                                 "size", "GrainMarker")
-            if host + GRAIN_MARKER_SIZE + m.size > self.file_size:
-                raise self._err(f"compressed grain {g} at sector {e} (+{m.size} bytes)"
+            if host + GRAIN_MARKER_SIZE + size > self.file_size:
+                raise self._err(f"compressed grain {g} at sector {e} (+{size} bytes)"
                                 " runs past the end of the file", "size", "GrainMarker")
-            raw = self.backend.pread(host + GRAIN_MARKER_SIZE, m.size)
+            end = GRAIN_MARKER_SIZE + size
+            raw = view[GRAIN_MARKER_SIZE:end] if view is not None and len(view) >= end \
+                else self.backend.pread(host + GRAIN_MARKER_SIZE, size)
         else:
-            raw = self.backend.pread(host, min(limit, max(0, self.file_size - host)))
+            want = min(limit, max(0, self.file_size - host))
+            raw = view if view is not None and len(view) == want else \
+                self.backend.pread(host, want)
         data = self._decompress(raw, g, e)
-        self._last_grain = (e, data)
+        if view is None:
+            self._last_grain = (e, data)
         return data
 
     def _decompress(self, raw: bytes, g: int, e: int) -> bytes:
         for wbits in (15, -15):             # zlib streams (VMware, qemu); raw deflate
-            d = zlib.decompressobj(wbits)
+            d = deflate.decompressobj(wbits)
             try:
                 out = d.decompress(raw, self.grain)
                 if not d.eof and d.decompress(d.unconsumed_tail, 1):
@@ -227,7 +325,7 @@ class SparseExtent(VmdkExtent):
                 if not d.eof:
                     raise zlib.error("the stream ends early (truncated)")
                 return out
-            except zlib.error as exc:
+            except deflate.ERRORS as exc:
                 err = exc
         raise self._err(f"compressed grain {g} at sector {e} does not inflate: {err}",
                         "grain", "GrainTable")
