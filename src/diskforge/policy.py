@@ -112,6 +112,10 @@ class OpenPolicy:
             raise SafetyError(f"empty {what} name", referrer)
         if "\0" in reference:
             raise SafetyError(f"{what} name contains a NUL byte", referrer)
+        if "://" in referrer:  # a remote image names only objects beside it
+            from .remote import refs
+            if refs.is_remote(referrer):
+                return refs.resolve_reference(referrer, reference, what)
         base_dir = os.path.dirname(os.path.abspath(referrer))
         path = beside(referrer, reference)
         real = os.path.realpath(path)
@@ -148,7 +152,7 @@ class OpenPolicy:
 
     def descend(self, path: str) -> "OpenPolicy":
         """The policy for opening ``path`` one level further down the chain."""
-        real = os.path.realpath(path)
+        real = path if "://" in path else os.path.realpath(path)  # URLs: as they are
         if real in self.chain:
             raise SafetyError("backing chain loop: this file is already in the chain", path)
         if len(self.chain) >= self.max_depth:

@@ -56,18 +56,23 @@ class DmgFormat(Format):
         return 0
 
     def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
-        if backend is not None:
-            backend.close()
-            raise UnsupportedError("not supported yet: reading a DMG stored inside another"
-                                   " file", path)
-        from ...registry import read_probe_window
-        head, tail, _ = read_probe_window(path)
+        """``backend``: the DMG's bytes are read through it (a remote object, a member
+        of another file), which the device then owns."""
+        from ...registry import PROBE_BYTES, read_probe_window
+        if backend is None:
+            head, tail, _ = read_probe_window(path)
+        else:
+            size = backend.size
+            head = backend.pread(0, min(size, PROBE_BYTES))
+            tail = backend.pread(max(0, size - PROBE_BYTES), min(size, PROBE_BYTES))
         kind = _encrypted(head, tail)
         if kind is not None and tail[-512:-508] != b"koly":
+            if backend is not None:
+                backend.close()
             raise UnsupportedError(f"encrypted DMG is not supported ({kind}); decrypt it"
                                    " first (hdiutil convert -format UDZO)", path)
         from .reader import DmgDevice
-        return DmgDevice(os.fspath(path))
+        return DmgDevice(os.fspath(path), backend=backend)
 
     def qemu_driver(self, device) -> str | None:
         """QEMU's dmg driver (read-only) reads zero-fill, ignore, raw and zlib chunks;
@@ -107,9 +112,9 @@ class SparseImageFormat(Format):
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         return 100 if head[:4] == b"sprs" and file_size >= 4096 else 0
 
-    def open(self, path: str, *, writable: bool = False, policy=None):
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
         from .sparse import SparseImageDevice
-        return SparseImageDevice(os.fspath(path))
+        return SparseImageDevice(os.fspath(path), backend=backend)
 
 
 class SparseBundleFormat(Format):
@@ -124,9 +129,14 @@ class SparseBundleFormat(Format):
         except (OSError, ImageIOError):
             return False
 
-    def open(self, path: str, *, writable: bool = False, policy=None):
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
         from .sparse import SparseBundleDevice
         path = os.fspath(path)
+        if backend is not None:
+            backend.close()
+            raise UnsupportedError("not supported yet: a sparse bundle read from a URL or"
+                                   " from inside another file (it is a directory of band"
+                                   " files)", path)
         if not os.path.isdir(path):
             raise UsageError("a sparse bundle is a directory", path)
         return SparseBundleDevice(path, policy)

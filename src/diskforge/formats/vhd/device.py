@@ -274,12 +274,18 @@ class VhdDevice(FileDevice):
         tried, refused = [], None
         for cand in loc.candidates([(c, t) for c, t, *_ in self.locator_entries], name):
             try:
-                path = os.path.normpath(policy.resolve(self.path, cand.path,
-                                                       f"parent locator {cand.platform}"))
+                path = policy.resolve(self.path, cand.path,
+                                      f"parent locator {cand.platform}")
             except SafetyError as e:
                 refused = refused or e
                 continue
-            if os.path.isfile(path):
+            if "://" in path:  # an object beside a remote image (remote/refs.py)
+                from ...remote.refs import exists
+                found = exists(path)
+            else:
+                path = os.path.normpath(path)
+                found = os.path.isfile(path)
+            if found:
                 self.parent_locator = cand
                 self.backing = open_image(path, "vpc", policy=policy)
                 break
