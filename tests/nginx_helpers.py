@@ -39,13 +39,15 @@ def _free_port() -> int:
 class Nginx:
     """``Nginx(root, workdir)``: serving ``root`` at ``self.url``; ``stop()`` ends it."""
 
-    def __init__(self, root: str, workdir: str, extra: str = "") -> None:
+    def __init__(self, root: str, workdir: str, extra: str = "",
+                 tls: "tuple[str, str] | None" = None) -> None:
         if NGINX is None:
             raise RuntimeError("nginx is not installed (Debian: nginx-light)")
         self.root = os.path.abspath(root)
         self.prefix = os.path.join(workdir, "nginx")
         os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
         self.extra = extra
+        self.tls = tls  # (certificate, key): https only
         self.proc: subprocess.Popen | None = None
         last = ""
         for _ in range(10):
@@ -74,7 +76,7 @@ class Nginx:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def _write_conf(self) -> str:
         temp = os.path.join(self.prefix, "tmp")
@@ -99,7 +101,9 @@ http {{
     sendfile on;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{self.port};
+        listen 127.0.0.1:{self.port}{" ssl" if self.tls else ""};
+        {f"ssl_certificate {self.tls[0]}; ssl_certificate_key {self.tls[1]};"
+         if self.tls else ""}
         root {self.root};
         {EXTRA_LOCATIONS % {"root": self.root}}
         {self.extra}

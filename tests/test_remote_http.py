@@ -452,3 +452,37 @@ def test_bad_urls_are_one_error():
         one_line_error(code, err)
     with pytest.raises(DiskforgeError):
         rhttp.open_backend("http://127.0.0.1:1/x", tries=1)  # connection refused
+
+
+def test_https_checks_the_certificate(tmp_path, monkeypatch):
+    """https: a certificate the CA store does not hold is one error (no retries); the
+    same server trusted through the CA store (SSL_CERT_FILE, as a system bundle
+    would be) reads; sslverify=False (qemu's sslverify=off) reads without trust."""
+    if NGINX is None:
+        pytest.skip("nginx is not installed")
+    need("openssl")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+        "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1",
+        "-addext", "subjectAltName=IP:127.0.0.1")
+    root = tmp_path / "www"
+    root.mkdir()
+    data = random.Random(5).randbytes(3 * MiB)
+    (root / "d.raw").write_bytes(data)
+    server = Nginx(str(root), str(tmp_path), tls=(cert, key))
+    try:
+        url = f"{server.url}/d.raw"
+        assert url.startswith("https://")
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "nothing.pem"))
+        t = time.monotonic()
+        code, _, err = cli("info", url)
+        one_line_error(code, err)
+        assert "certificate is not trusted" in err
+        assert time.monotonic() - t < 10  # not retried
+        with rhttp.HttpBackend(url, sslverify=False) as b:
+            assert b.pread(0, len(data)) == data
+        monkeypatch.setenv("SSL_CERT_FILE", cert)
+        with rhttp.HttpBackend(url) as b:
+            assert b.pread(MiB, 2 * MiB) == data[MiB:]
+    finally:
+        server.stop()

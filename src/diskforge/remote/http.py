@@ -220,6 +220,10 @@ class HttpBackend:
             return conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             self._drop_conn()
+            if type(e).__name__ == "SSLCertVerificationError":  # no retry will cure it
+                raise ImageIOError(f"Could not open '{self.name}': the server's TLS"
+                                   f" certificate is not trusted ({e.verify_message})"
+                                   ) from None
             raise _Transient(_reason(e)) from None
 
     def _discard(self, resp: http.client.HTTPResponse) -> None:
