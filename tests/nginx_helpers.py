@@ -23,8 +23,10 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin
 #   /norange/  the server ignores Range (max_ranges 0: 200 with the whole body)
 #   /slow/     answers at 256 KiB/s per connection (limit_rate)
 #   /drop/     closes the connection without answering (return 444)
+#   /idle/     closes kept-alive connections after 1 s idle (keepalive_timeout)
 EXTRA_LOCATIONS = """
     location /norange/ { alias %(root)s/; max_ranges 0; }
+    location /idle/ { alias %(root)s/; keepalive_timeout 1s; }
     location /slow/ { alias %(root)s/; limit_rate 256k; }
     location /drop/ { return 444; }
 """

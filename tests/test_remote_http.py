@@ -293,6 +293,17 @@ def test_slow_server_still_reads_right(site, tmp_path):
     assert out.read_bytes() == open(small, "rb").read()
 
 
+def test_server_closes_idle_connections(site):
+    """A kept-alive connection the server closed while idle is opened again, and the
+    bytes are right (remote/http.py's _send)."""
+    root, url, _ = site
+    data = open(os.path.join(root, "base.raw"), "rb").read()
+    with rhttp.HttpBackend(f"{url}/idle/base.raw", tries=1) as b:  # no retries to spare
+        for at in (MiB, 5 * MiB, 8 * MiB):
+            assert b.pread(at, 4096) == data[at:at + 4096]
+            time.sleep(1.5)
+
+
 def test_file_changed_while_being_read(site):
     root, url, _ = site
     path = os.path.join(root, "changing.raw")

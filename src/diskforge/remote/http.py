@@ -64,7 +64,6 @@ import http.client
 import os
 import socket
 import threading
-import time
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from ..errors import ImageIOError, UnsupportedError, UsageError
@@ -147,6 +146,7 @@ class HttpBackend:
         self.window = max(BLOCK, int(window))
         self.sslverify = sslverify
         self.closed = False
+        self._stopping = threading.Event()     # set by close(): backoff waits end
         self._lock = threading.Lock()          # one reader at a time
         self._conn_lock = threading.Lock()
         self._local = threading.local()
@@ -202,6 +202,7 @@ class HttpBackend:
 
     def _drop_conn(self) -> None:
         conn = getattr(self._local, "conn", None)
+        self._local.used = False
         if conn is not None:
             self._local.conn = None
             conn.close()
@@ -210,21 +211,35 @@ class HttpBackend:
                     self._conns.remove(conn)
 
     def _send(self, headers: dict[str, str]) -> http.client.HTTPResponse:
-        conn = self._conn()
+        """One request on this thread's connection. A kept-alive connection the server
+        closed meanwhile (its idle timeout, its request limit) fails before any answer:
+        that is asked again at once on a new connection, not counted as a fault."""
         all_headers = {"User-Agent": USER_AGENT, "Host": self._host_header}
         if self._auth:
             all_headers["Authorization"] = self._auth
         all_headers.update(headers)
-        try:
-            conn.request("GET", self._target, headers=all_headers)
-            return conn.getresponse()
-        except (OSError, http.client.HTTPException) as e:
-            self._drop_conn()
-            if type(e).__name__ == "SSLCertVerificationError":  # no retry will cure it
-                raise ImageIOError(f"Could not open '{self.name}': the server's TLS"
-                                   f" certificate is not trusted ({e.verify_message})"
-                                   ) from None
-            raise _Transient(_reason(e)) from None
+        for again in (True, False):
+            conn = self._conn()
+            reused = getattr(self._local, "used", False)
+            try:
+                conn.request("GET", self._target, headers=all_headers)
+                resp = conn.getresponse()
+                self._local.used = True
+                return resp
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError) as e:
+                self._drop_conn()
+                if again and reused:
+                    continue
+                raise _Transient(_reason(e)) from None
+            except (OSError, http.client.HTTPException) as e:
+                self._drop_conn()
+                if type(e).__name__ == "SSLCertVerificationError":  # no retry cures it
+                    raise ImageIOError(f"Could not open '{self.name}': the server's TLS"
+                                       f" certificate is not trusted ({e.verify_message})"
+                                       ) from None
+                raise _Transient(_reason(e)) from None
+        raise AssertionError("unreachable")
 
     def _discard(self, resp: http.client.HTTPResponse) -> None:
         """Finish an unwanted response so its connection can be reused (a small body),
@@ -268,7 +283,7 @@ class HttpBackend:
                 if attempt == self.tries:
                     raise ImageIOError(f"Could not open '{self.name}': {e} (after"
                                        f" {attempt} tries)") from None
-                time.sleep(delay)
+                self._stopping.wait(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
         raise AssertionError("unreachable")
 
@@ -364,7 +379,7 @@ class HttpBackend:
                     end = start + len(mv) - 1
                     raise ImageIOError(f"reading bytes {start}-{end} failed after"
                                        f" {failures} tries: {e}", self.name) from None
-                time.sleep(delay)
+                self._stopping.wait(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 if win is not None and win.abandoned:
                     raise _Abandoned() from None
@@ -394,6 +409,8 @@ class HttpBackend:
                 self._drop_conn()
                 if got == 0:
                     raise _Transient(f"short body (0 of {want} bytes)")
+            elif not resp.isclosed():  # more than asked for: unread, so not reusable
+                self._drop_conn()
             return got
         if status == 412:
             self._discard(resp)
@@ -492,6 +509,7 @@ class HttpBackend:
         if self.closed:
             return
         self.closed = True
+        self._stopping.set()
         self._drop_stream()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
