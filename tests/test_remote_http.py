@@ -10,6 +10,7 @@ produces only the ones it cannot (a body cut short, a 503, a stall).
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import shutil
@@ -105,6 +106,8 @@ REAL_SAMPLES = [
     "vmdk/cot_vmware_generated-stream_streamOptimized.vmdk",
     "vmdk/dfvfs_qemu_ext2_monolithicSparse.vmdk",
     "qcow2/dissect_basic-zstd.qcow2",
+    "asif/dissect_basic.asif.gz",
+    "vhd/node-vhd_win_fixed_10M.vhd.gz",
 ]
 
 
@@ -112,8 +115,35 @@ REAL_SAMPLES = [
 def test_real_sample_over_http_equals_local(site, tmp_path, relpath):
     src = need_real(relpath)
     name = relpath.replace("/", "_")
-    shutil.copyfile(src, os.path.join(site[0], name))
+    if name.endswith(".gz"):
+        name = name[:-3]
+        with gzip.open(src) as f, open(os.path.join(site[0], name), "wb") as out:
+            shutil.copyfileobj(f, out)
+    else:
+        shutil.copyfile(src, os.path.join(site[0], name))
     _same_as_local(site, tmp_path, name)
+
+
+def test_luks_over_http_with_its_key(site, tmp_path):
+    root, url, _ = site
+    from luks_helpers import luks2
+    path = luks2(os.path.join(root, "disk.luks"))  # cryptsetup's, passphrase b"x"
+    with diskforge.open(path, key=b"x") as local, \
+            diskforge.open(f"{url}/disk.luks", key=b"x") as remote:
+        assert remote.format == "luks" and remote.size == local.size
+        for at in (0, remote.size // 2, remote.size - MiB):
+            assert remote.read(at, MiB) == local.read(at, MiB)
+
+
+def test_parallels_bundle_over_http_is_not_supported_yet(site):
+    root, url, _ = site
+    d = os.path.join(root, "pl.hdd")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "DiskDescriptor.xml"), "w") as f:
+        f.write('<?xml version="1.0"?><Parallels_disk_image></Parallels_disk_image>')
+    code, _, err = cli("info", f"{url}/pl.hdd/DiskDescriptor.xml")
+    one_line_error(code, err)
+    assert "not supported yet: a Parallels bundle read from a URL" in err
 
 
 def test_cli_convert_and_info_from_url(site, tmp_path):
