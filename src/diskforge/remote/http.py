@@ -15,9 +15,11 @@ matter, and each gets its own path:
   of recent 64 KiB blocks (``CACHE_BLOCKS`` of them, 4 MiB), each miss one ranged GET
   of the blocks it covers.
 
-A read is taken as sequential when it is large (at least 1 MiB) or starts at most
-``SEQ_GAP`` past where the previous read ended; it is then served from the stream,
-started there if the stream is elsewhere. Reads are serialised by a lock (the formats'
+A read is taken as sequential when it is large (at least 1 MiB), or is the third small
+read in a row to start at most ``SEQ_GAP`` past where the one before ended (a
+compressed image's clusters; one table read just after a header is not a pattern,
+and starting 23 MiB of readahead for it cost more than it saved); it is then served
+from the stream, started there if the stream is elsewhere. Reads are serialised by a lock (the formats'
 readers are sequential consumers); the parallelism is in the fetching threads.
 
 **Size and validator without HEAD.** A HEAD request fails on presigned S3 URLs (the
@@ -74,6 +76,7 @@ WINDOW = 8 << 20          # readahead window of the sequential stream, once ramp
 FIRST_WINDOW = 1 << 20
 CONNECTIONS = 4           # windows fetched at once, each on its own connection
 SEQ_GAP = 1 << 20         # a read starting this far past the last one is still sequential
+SEQ_READS = 3             # small reads in a row that make a pattern worth a stream
 LARGE_READ = 1 << 20      # a read this large is streamed wherever it is
 SMALL_FETCH = 1 << 20     # the most one small-read miss fetches
 READ_CHUNK = 1 << 20      # body read in pieces this large (an abandoned window stops)
@@ -164,6 +167,7 @@ class HttpBackend:
         self._next = 0                    # where the stream's next window starts
         self._next_len = min(FIRST_WINDOW, self.window)
         self._last_end: int | None = None
+        self._seq_run = 0                 # reads in a row that followed the one before
         self._slots = threading.BoundedSemaphore(self.connections + 1)
         self._free: list[bytearray] = []   # window buffers to reuse (at most the slots)
         self._pool = None
@@ -466,9 +470,12 @@ class HttpBackend:
             return 0
         with self._lock:
             end = offset + n
-            sequential = n >= LARGE_READ or (
-                self._last_end is not None and
-                self._last_end <= offset <= self._last_end + SEQ_GAP)
+            if self._last_end is not None and \
+                    self._last_end <= offset <= self._last_end + SEQ_GAP:
+                self._seq_run += 1
+            else:
+                self._seq_run = 0
+            sequential = n >= LARGE_READ or self._seq_run >= SEQ_READS
             pos = offset
             while pos < end:
                 piece = mv[pos - offset:n]
