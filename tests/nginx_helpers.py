@@ -24,7 +24,9 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin
 #   /slow/     answers at 256 KiB/s per connection (limit_rate)
 #   /drop/     closes the connection without answering (return 444)
 #   /idle/     closes kept-alive connections after 1 s idle (keepalive_timeout)
+#   /moved/    redirects (302) to the same name at the root
 EXTRA_LOCATIONS = """
+    location /moved/ { rewrite ^/moved/(.*)$ /$1 redirect; }
     location /norange/ { alias %(root)s/; max_ranges 0; }
     location /idle/ { alias %(root)s/; keepalive_timeout 1s; }
     location /slow/ { alias %(root)s/; limit_rate 256k; }

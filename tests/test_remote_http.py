@@ -323,6 +323,14 @@ def test_slow_server_still_reads_right(site, tmp_path):
     assert out.read_bytes() == open(small, "rb").read()
 
 
+def test_redirect_is_followed(site, tmp_path):
+    root, url, _ = site
+    data = open(os.path.join(root, "base.raw"), "rb").read()
+    with rhttp.HttpBackend(f"{url}/moved/base.raw") as b:
+        assert b.size == len(data)
+        assert b.pread(0, len(data)) == data
+
+
 def test_server_closes_idle_connections(site):
     """A kept-alive connection the server closed while idle is opened again, and the
     bytes are right (remote/http.py's _send)."""

@@ -171,7 +171,11 @@ class HttpBackend:
         self._slots = threading.BoundedSemaphore(self.connections + 1)
         self._free: list[bytearray] = []   # window buffers to reuse (at most the slots)
         self._pool = None
-        self._size = self._discover()
+        try:
+            self._size = self._discover()
+        except BaseException:
+            self.close()
+            raise
 
     # -- connections -------------------------------------------------------------------
     def _set_target(self, url: str) -> None:
@@ -280,6 +284,9 @@ class HttpBackend:
                         raise ImageIOError(f"HTTP {status} redirects to a non-HTTP URL",
                                            self.name)
                     self._drop_conn()
+                    if urlsplit(new).netloc.rpartition("@")[2].lower() != \
+                            self._host_header.lower():
+                        self._auth = None  # credentials are for the host they named
                     self._set_target(new)
                     continue
                 return self._first_response(resp)
