@@ -161,6 +161,40 @@ def test_cli_convert_and_info_from_url(site, tmp_path):
     assert code == 0, err
     code, text, err = cli("map", "--output", "json", f"{url}/cli.qcow2")
     assert code == 0 and '"data": false' in text  # holes known from the qcow2's tables
+    code, text, err = cli("check", f"{url}/cli.qcow2")
+    assert code == 0 and "No errors" in text, err
+    code, text, err = cli("measure", "-O", "qcow2", f"{url}/cli.qcow2")
+    assert code == 0 and "required size" in text, err
+    code, _, err = cli("dd", f"if={url}/cli.qcow2", f"of={tmp_path / 'dd.raw'}", "bs=1M",
+                       "count=5", "-O", "raw")
+    assert code == 0, err
+    assert (tmp_path / "dd.raw").read_bytes() == \
+        open(os.path.join(root, "base.raw"), "rb").read(5 * MiB)
+
+
+def test_serve_a_url_over_nbd(site, tmp_path):
+    """``diskforge serve URL``: an NBD export of a remote image, read by qemu-img."""
+    import subprocess
+    import sys
+    root, url, _ = site
+    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", os.path.join(root, "base.raw"),
+        os.path.join(root, "served.vmdk"))
+    sock = str(tmp_path / "nbd.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "diskforge", "serve", "--read-only",
+                             "-q", f"{url}/served.vmdk", "--socket", sock],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "diskforge serve did not start"
+            time.sleep(0.05)
+        out = run("qemu-img", "compare", "-f", "raw", f"nbd+unix:///?socket={sock}",
+                  "-F", "raw", os.path.join(root, "base.raw"), timeout=120)
+        assert "identical" in out.stdout
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_writing_to_http_is_refused(site, tmp_path):
