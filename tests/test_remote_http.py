@@ -357,6 +357,14 @@ def test_slow_server_still_reads_right(site, tmp_path):
     assert out.read_bytes() == open(small, "rb").read()
 
 
+def test_name_with_a_space(site, tmp_path):
+    root, url, _ = site
+    shutil.copyfile(os.path.join(root, "base.raw"), os.path.join(root, "my disk.raw"))
+    with rhttp.HttpBackend(f"{url}/my disk.raw") as a, \
+            rhttp.HttpBackend(f"{url}/my%20disk.raw") as b:
+        assert a.pread(MiB, 4096) == b.pread(MiB, 4096) != bytes(4096)
+
+
 def test_redirect_is_followed(site, tmp_path):
     root, url, _ = site
     data = open(os.path.join(root, "base.raw"), "rb").read()
@@ -530,7 +538,8 @@ def test_stalled_server_times_out():
 
 
 def test_bad_urls_are_one_error():
-    for url in ("http:///x", "http://127.0.0.1:notaport/x"):
+    for url in ("http:///x", "http://127.0.0.1:notaport/x", "http://[::1/x",
+                "http://127.0.0.1:1/a\r\nX-Injected: 1"):
         code, _, err = cli("info", url)
         one_line_error(code, err)
     with pytest.raises(DiskforgeError):

@@ -66,7 +66,7 @@ import http.client
 import os
 import socket
 import threading
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from ..errors import ImageIOError, UnsupportedError, UsageError
 
@@ -137,9 +137,14 @@ class HttpBackend:
     def __init__(self, url: str, *, timeout: float | None = None, tries: int = TRIES,
                  connections: int = CONNECTIONS, window: int = WINDOW,
                  sslverify: bool = True) -> None:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:  # "Invalid IPv6 URL"
+            raise UsageError(f"not a valid URL: {e}", url) from None
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise UsageError("not an http:// or https:// URL with a host", shown_url(url))
+        if any(ord(c) < 0x20 or c == "\x7f" for c in url):
+            raise UsageError("a URL with control characters", shown_url(url))
         self.path = url
         self.name = shown_url(url)
         self.timeout = timeout if timeout is not None else _env_float(
@@ -186,7 +191,11 @@ class HttpBackend:
             self._port = p.port
         except ValueError:
             raise UsageError("the URL's port is not a number", self.name) from None
-        self._target = (p.path or "/") + (f"?{p.query}" if p.query else "")
+        # a space or other character a request line cannot hold is sent %-quoted (as
+        # curl does); what is already %-quoted stays as it is
+        path = quote(p.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        query = quote(p.query, safe="/%:@!$&'()*+,;=-._~?")
+        self._target = path + (f"?{query}" if query else "")
         self._host_header = p.netloc.rpartition("@")[2]
 
     def _conn(self) -> http.client.HTTPConnection:
@@ -568,7 +577,9 @@ class HttpBackend:
         self._fetch(first, memoryview(buf))
         mv = memoryview(buf)
         for at in range(first, last, BLOCK):
-            self._cache[at // BLOCK] = mv[at - first:at - first + BLOCK]
+            # a copy per block: a view would keep the whole fetch alive for as long as
+            # any one of its blocks stays cached (64 blocks could pin 64 MiB)
+            self._cache[at // BLOCK] = memoryview(bytes(mv[at - first:at - first + BLOCK]))
             self._cache.move_to_end(at // BLOCK)
         while len(self._cache) > CACHE_BLOCKS:
             self._cache.popitem(last=False)
