@@ -221,6 +221,23 @@ def test_qcow2_overlay_with_relative_backing_file(site, tmp_path):
     _same_as_local(site, tmp_path, "chain/ov.qcow2")
 
 
+@pytest.mark.parametrize("fmt", ["vpc", "vhdx"])
+def test_differencing_vhd_and_vhdx_find_their_parent(site, tmp_path, fmt):
+    """The parent locators resolve to a URL beside the child (remote/refs.py), which is
+    looked for with a request and opened over HTTP."""
+    root = site[0]
+    d = os.path.join(root, f"diff-{fmt}")
+    os.makedirs(d, exist_ok=True)
+    run("qemu-img", "convert", "-f", "raw", "-O", fmt, os.path.join(root, "base.raw"),
+        os.path.join(d, "base.img"))
+    child = os.path.join(d, "child.img")
+    diskforge.create(child, os.path.getsize(os.path.join(root, "base.raw")), fmt,
+                     backing="base.img", backing_fmt=fmt)
+    with diskforge.open(child, fmt, writable=True) as dev:
+        dev.write(3 * MiB, b"\xc3" * MiB)
+    _same_as_local(site, tmp_path, f"diff-{fmt}/child.img", fmt)
+
+
 @pytest.mark.parametrize("subformat", ["twoGbMaxExtentSparse", "monolithicFlat"])
 def test_vmdk_descriptor_with_extent_files(site, tmp_path, subformat):
     root = site[0]

@@ -305,7 +305,7 @@ class VhdDevice(FileDevice):
                               f" made from {_guid(want)}: wrong or replaced parent",
                               self.path)
         stamp = hd.parent_time_stamp
-        if stamp:
+        if stamp and "://" not in parent.path:  # a remote parent has no mtime to compare
             mtime = vhd_time(os.stat(parent.path).st_mtime)
             if mtime != stamp:
                 self.notes.append(f"parent time stamp {stamp} differs from the parent's"
