@@ -98,7 +98,7 @@ def exists(name: str) -> bool:
     try:
         backend = open_backend(name)
     except ImageIOError as e:
-        if "No such file" in str(e):
+        if "No such" in str(e):  # http's "No such file (HTTP 404)", s3's "No such object"
             return False
         raise
     backend.close()
