@@ -453,8 +453,8 @@ class Misbehaving:
     """A tiny HTTP/1.1 server for the faults nginx cannot make, serving ``data``
     correctly (206 with Content-Range, an ETag) except as ``fault`` says for the
     first ``times`` data requests (those after the first, which learns the size):
-    ``cut`` (a body cut short, then the connection closed), ``503``, ``stall`` (no
-    answer at all)."""
+    ``cut`` (a body cut short, then the connection closed), ``drip`` (10 bytes of
+    it, then closed), ``503``, ``stall`` (no answer at all)."""
 
     def __init__(self, data: bytes, fault: str, times: int) -> None:
         self.data, self.fault, self.left = data, fault, times
@@ -508,8 +508,8 @@ class Misbehaving:
                 conn.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}"
                              f"\r\nContent-Range: bytes {start}-{end}/{len(self.data)}"
                              f"\r\nETag: \"v1\"\r\n\r\n".encode())
-                if fault == "cut":
-                    conn.sendall(body[:len(body) // 3])
+                if fault in ("cut", "drip"):
+                    conn.sendall(body[:len(body) // 3 if fault == "cut" else 10])
                     return
                 conn.sendall(body)
 
@@ -529,7 +529,7 @@ def test_transient_fault_is_retried(fault):
         server.close()
 
 
-@pytest.mark.parametrize("fault", ["cut", "503"])
+@pytest.mark.parametrize("fault", ["cut", "drip", "503"])
 def test_persistent_fault_is_one_error(fault):
     data = random.Random(3).randbytes(MiB)
     server = Misbehaving(data, fault, times=1000)

@@ -36,8 +36,9 @@ two versions.
 
 **Faults.** Connection resets, timeouts, 5xx, 408/429 and short bodies are retried
 with exponential backoff (0.25 s doubling, at most 4 s), ``TRIES`` attempts per range
-(a short body resumes where it stopped and does not count against them), then one
-error naming the URL, the byte range and the last reason. Each socket operation has
+(a short body resumes where it stopped, and counts against them only when it
+brought less than 64 KiB), then one error naming the URL, the byte range and the
+last reason. Each socket operation has
 ``TIMEOUT`` (30 s; ``DISKFORGE_HTTP_TIMEOUT``) so nothing hangs. A server that
 ignores ``Range`` (200 with the whole body) is refused with one clear error — unless
 the whole object fits in the first answer (up to 64 KiB), which is then simply kept:
@@ -384,7 +385,9 @@ class HttpBackend:
     # -- one ranged GET, with retries ----------------------------------------------------
     def _fetch(self, start: int, mv: memoryview, win: _Window | None = None) -> None:
         """Fill ``mv`` with the object's bytes at ``start``: retried as the module
-        docstring says; a short body resumes where it stopped."""
+        docstring says; a short body resumes where it stopped, and counts as a fault
+        unless it brought at least a block (so a server that drips a few bytes per
+        connection ends in an error, not in a million requests)."""
         got = 0
         failures = 0
         delay = BACKOFF
@@ -392,7 +395,10 @@ class HttpBackend:
             if self.closed:
                 raise ImageIOError("read after close", self.name)
             try:
-                got += self._get_into(start + got, mv[got:], win)
+                n = self._get_into(start + got, mv[got:], win)
+                got += n
+                if got < len(mv) and n < BLOCK:
+                    raise _Transient(f"short body ({n} bytes)")
             except _Transient as e:
                 failures += 1
                 if failures >= self.tries:
