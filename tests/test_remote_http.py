@@ -418,6 +418,26 @@ def test_file_changed_while_being_read(site):
             b.pread(2 * MiB, 4096)
 
 
+def test_file_changed_under_the_readahead_stream(site):
+    """The change is seen by a readahead window's GET (a fetching thread), and the
+    reader gets the error, never bytes of the new file."""
+    root, url, _ = site
+    path = os.path.join(root, "streamed.raw")
+    with open(path, "wb") as f:
+        f.truncate(48 * MiB)
+    with rhttp.HttpBackend(f"{url}/streamed.raw") as b:
+        assert b.pread(0, 2 * MiB) == bytes(2 * MiB)
+        tmp = path + ".new"
+        with open(tmp, "wb") as f:
+            f.truncate(48 * MiB)
+            f.write(b"\x01" * MiB)
+        os.utime(tmp, (time.time() + 100, time.time() + 100))
+        os.replace(tmp, path)
+        with pytest.raises(ImageIOError, match="changed while being read"):
+            for at in range(2 * MiB, 48 * MiB, MiB):
+                assert b.pread(at, MiB) == bytes(MiB)
+
+
 def test_file_truncated_while_being_read(site):
     root, url, _ = site
     path = os.path.join(root, "shrinking.raw")
