@@ -172,6 +172,24 @@ def test_cli_convert_and_info_from_url(site, tmp_path):
         open(os.path.join(root, "base.raw"), "rb").read(5 * MiB)
 
 
+def test_image_opts_with_qemus_curl_keys(site, tmp_path):
+    """``--image-opts driver=qcow2,file.driver=http,file.url=URL``, as qemu-img takes
+    it (its readahead and timeout keys accepted, sslverify=off refused)."""
+    root, url, _ = site
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.path.join(root, "base.raw"),
+        os.path.join(root, "opts.qcow2"))
+    spec = f"driver=qcow2,file.driver=http,file.url={url}/opts.qcow2,file.readahead=1M"
+    out = tmp_path / "o.raw"
+    code, _, err = cli("convert", "--image-opts", spec, "-O", "raw", str(out))
+    assert code == 0, err
+    assert out.read_bytes() == open(os.path.join(root, "base.raw"), "rb").read()
+    https = url.replace("http://", "https://")
+    code, _, err = cli("info", "--image-opts", f"driver=qcow2,file.driver=https,"
+                       f"file.url={https}/opts.qcow2,file.sslverify=off")
+    one_line_error(code, err)
+    assert "not supported yet" in err
+
+
 def test_serve_a_url_over_nbd(site, tmp_path):
     """``diskforge serve URL``: an NBD export of a remote image, read by qemu-img."""
     import subprocess
