@@ -295,6 +295,14 @@ def test_backing_outside_the_prefix_is_refused(site, tmp_path, backing):
     assert not (tmp_path / "o.raw").exists()
 
 
+def test_overlay_naming_itself_is_a_loop(site, tmp_path):
+    root, url, _ = site
+    name = _overlay_naming(root, "loop", "ov.qcow2")
+    code, _, err = cli("info", f"{url}/{name}")
+    one_line_error(code, err)
+    assert "loop" in err
+
+
 def test_backing_as_absolute_url_under_the_prefix(site, tmp_path):
     root, url, _ = site
     base = os.path.join(root, "abs", "base.qcow2")
