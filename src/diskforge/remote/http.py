@@ -717,3 +717,9 @@ def open_backend(url: str, **options) -> HttpBackend:
         raise UnsupportedError(WRITE_REFUSED, shown_url(url))
     options.pop("writable", None)
     return HttpBackend(url, **options)
+
+
+def open_upload(url: str, **options):
+    """Writing is not supported: a web server takes no uploads here (``remote.
+    open_upload`` asks each scheme; S3 has one)."""
+    raise UnsupportedError(WRITE_REFUSED, shown_url(url))
