@@ -164,7 +164,7 @@ def test_a_remote_overlay_may_not_name_a_local_backing_file(tmp_path, servers):
     url = nbdkit(servers, str(tmp_path / "k.sock"), "file", f"file={overlay}")
     code, _, err = cli("convert", "-O", "raw", url, str(tmp_path / "out.raw"))
     one_line_error(code, err)
-    assert "an NBD export names no files beside it" in err, err
+    assert "an image read over NBD may not name other files" in err, err
     assert not os.path.exists(tmp_path / "out.raw")
 
 

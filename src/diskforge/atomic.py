@@ -108,6 +108,8 @@ class AtomicFile(FileBackend):
     def __init__(self, target: str | os.PathLike, *, mode: int = 0o644,
                  zero_fill: bool = True, trailer: str | None = None,
                  sidecar: bool = False, stream: bool = False):
+        if "://" in os.fspath(target):
+            _refuse_remote_target(os.fspath(target))
         self.target = final_path(target)
         self.committed = False
         self.in_place = False
@@ -274,6 +276,14 @@ class AtomicFile(FileBackend):
 # the writer's constructor, say); the command line discards what is left here on its
 # way out, so an interrupted run never leaves a temporary file behind.
 _UNFINISHED: "set[AtomicFile]" = set()
+
+
+def _refuse_remote_target(target: str) -> None:
+    """An output named by an http(s):// URL: a web server takes no writes."""
+    from .remote import scheme_of
+    if scheme_of(target) in ("http", "https"):
+        raise UnsupportedError("not supported yet: writing to http:// (use s3:// or a"
+                               " local file)", target)
 
 
 def discard_unfinished() -> None:

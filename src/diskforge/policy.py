@@ -140,10 +140,10 @@ class OpenPolicy:
             raise SafetyError(f"empty {what} name", referrer)
         if "\0" in reference:
             raise SafetyError(f"{what} name contains a NUL byte", referrer)
-        if "://" in referrer:
-            from .remote import is_remote
-            if is_remote(referrer):
-                return _resolve_remote(referrer, reference, what)
+        if "://" in referrer:  # a remote image names only objects beside it
+            from .remote import refs
+            if refs.is_remote(referrer):
+                return refs.resolve_reference(referrer, reference, what)
         path = beside(referrer, reference)
         real = os.path.realpath(path)
         if self.is_untrusted or confine:
@@ -251,30 +251,3 @@ def referenced_file_problem(real: str, mode: int | None = None) -> str | None:
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _resolve_remote(referrer: str, reference: str, what: str) -> str:
-    """A name written inside a remote image (``s3://bucket/dir/img``) resolves only to
-    an object under the image's own prefix (``s3://bucket/dir/``): relative names
-    against it, full URLs only when they stay under it; never a local file, whatever
-    the mode (a remote image is always untrusted)."""
-    import posixpath
-    from urllib.parse import urlsplit
-    ref = urlsplit(referrer)
-    if ref.scheme.lower().startswith("nbd"):  # an export is one disk, with nothing beside
-        raise SafetyError(f"{what} '{reference}' cannot be followed: an NBD export names"
-                          " no files beside it", referrer)
-    prefix = posixpath.dirname(ref.path)
-    if "://" in reference:
-        other = urlsplit(reference)
-        same = (other.scheme.lower(), other.netloc) == (ref.scheme.lower(), ref.netloc)
-        path = posixpath.normpath(other.path) if same else None
-    elif reference.startswith("/"):
-        path = None
-    else:
-        path = posixpath.normpath(posixpath.join(prefix, reference))
-    if path is None or not path.startswith(prefix.rstrip("/") + "/"):
-        raise SafetyError(f"{what} '{reference}' is not an object beside the image; a"
-                          f" remote image may name only objects under"
-                          f" {ref.scheme}://{ref.netloc}{prefix}/", referrer)
-    return f"{ref.scheme}://{ref.netloc}{path}"

@@ -326,6 +326,14 @@ def encrypted_format(path: str, head: bytes, size: int, reader=None) -> str | No
 
 def probe(path: str) -> Format:
     """Guess the format of an existing file (highest confidence wins; raw is the fallback)."""
+    if "://" in path:
+        from . import remote
+        if remote.is_remote(path):  # read through its backend, as open_image does
+            backend = remote.open_backend(path)
+            try:
+                return probe_backend(backend, path)
+            finally:
+                backend.close()
     check_readable(path)
     if os.path.isdir(path):
         plugin = _probe_directory(path)

@@ -159,6 +159,24 @@ _IGNORED_IMAGE_OPTS = {"aio", "file.aio", "discard", "detect-zeroes", "read-only
                        "auto-read-only", "cache.no-flush", "cache.direct", "force-share"}
 
 
+def _curl_url(values: dict, protocol: str) -> str | None:
+    """``file.driver=http|https,file.url=URL`` as QEMU's curl driver takes it: the URL
+    (read by remote/http.py). Its tuning keys are accepted and left to diskforge's own
+    readahead and timeouts; ``sslverify=off`` is refused rather than ignored."""
+    from ..errors import UnsupportedError
+    url = values.pop("file.url", None)
+    if not url:
+        raise UsageError(f"--image-opts file.driver={protocol} needs file.url=")
+    if not url.lower().startswith(f"{protocol}://"):
+        raise UsageError(f"file.url '{url}' is not a {protocol}:// URL")
+    for key in ("file.readahead", "file.timeout"):
+        values.pop(key, None)
+    if values.pop("file.sslverify", "on") not in ("on", "true", "yes"):
+        raise UnsupportedError("not supported yet: --image-opts file.sslverify=off (https"
+                               " is checked against the system CA store)", url)
+    return url
+
+
 def image_opts(text: str) -> tuple[str, str | None, bool, str | None]:
     """``--image-opts`` and ``--target-image-opts``: the image named by an option string
     (``driver=qcow2,file.filename=disk.qcow2,file.locking=off``) instead of a file name.
@@ -167,16 +185,20 @@ def image_opts(text: str) -> tuple[str, str | None, bool, str | None]:
     passphrase (``key-secret=`` for LUKS, ``encrypt.key-secret=`` for qcow2)."""
     from ..errors import UnsupportedError
     values = split_option_string(text)
-    path = values.pop("file.filename", None) or values.pop("filename", None)
+    protocol = values.get("file.driver", "file")
+    if protocol in ("http", "https"):  # QEMU's curl driver: the image is file.url
+        path = _curl_url(values, protocol)
+    else:
+        path = values.pop("file.filename", None) or values.pop("filename", None)
     if not path:
         raise UsageError(f"Could not open '{text}': --image-opts needs file.filename=")
     driver = values.pop("driver", None)
     if driver == "file":
         driver = "raw"
     protocol = values.pop("file.driver", "file")
-    if protocol != "file":
+    if protocol not in ("file", "http", "https"):
         raise UnsupportedError(f"not supported yet: --image-opts file.driver={protocol}"
-                               " (only file)", path)
+                               " (file, http, https)", path)
     locking = values.pop("file.locking", values.pop("locking", "auto"))
     if locking not in ("on", "off", "auto"):
         raise UsageError(f"invalid value '{locking}' for file.locking: on, off or auto")

@@ -58,8 +58,13 @@ def check(target_name: str, path: str | os.PathLike, *, policy=None) -> list[str
     """Every rule of ``target_name`` that the file at ``path`` breaks (empty: none);
     images are opened under ``policy`` (default: from the environment)."""
     from ..registry import check_readable
+    from ..errors import UnsupportedError
+    from ..remote import is_remote
     mod = target(target_name)
     path = os.fspath(path)
+    if is_remote(path):  # the rules look at the file itself (its size, its tar)
+        raise UnsupportedError("not supported yet: export --check of a remote file"
+                               " (check a local copy)", path)
     check_readable(path)
     return mod.check(path, policy)
 

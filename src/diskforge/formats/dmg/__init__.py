@@ -70,6 +70,8 @@ class DmgFormat(Format):
             head, tail, _ = read_probe_window(path)
         kind = _encrypted(head, tail)
         if kind is not None and tail[-512:-508] != b"koly":
+            if backend is not None:
+                backend.close()
             raise UnsupportedError(f"encrypted DMG is not supported ({kind}); decrypt it"
                                    " first (hdiutil convert -format UDZO)", path)
         from .reader import DmgDevice
@@ -115,9 +117,9 @@ class SparseImageFormat(Format):
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
         return 100 if head[:4] == b"sprs" and file_size >= 4096 else 0
 
-    def open(self, path: str, *, writable: bool = False, policy=None):
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
         from .sparse import SparseImageDevice
-        return SparseImageDevice(os.fspath(path))
+        return SparseImageDevice(os.fspath(path), backend=backend)
 
 
 class SparseBundleFormat(Format):
@@ -132,9 +134,14 @@ class SparseBundleFormat(Format):
         except (OSError, ImageIOError):
             return False
 
-    def open(self, path: str, *, writable: bool = False, policy=None):
+    def open(self, path: str, *, writable: bool = False, policy=None, backend=None):
         from .sparse import SparseBundleDevice
         path = os.fspath(path)
+        if backend is not None:
+            backend.close()
+            raise UnsupportedError("not supported yet: a sparse bundle read from a URL or"
+                                   " from inside another file (it is a directory of band"
+                                   " files)", path)
         if not os.path.isdir(path):
             raise UsageError("a sparse bundle is a directory", path)
         return SparseBundleDevice(path, policy)

@@ -51,12 +51,13 @@ class OvaFormat(Format):
         if writable:
             raise UnsupportedError("OVA packages are read-only (convert the disk out)",
                                    path)
-        if backend is not None:
+        from ...remote import is_remote
+        if backend is not None and not is_remote(path):
             raise UnsupportedError("an OVF package inside another file: nested packages"
                                    " are refused", path)
         from .device import open_ova
         return open_ova(path, policy=policy or OpenPolicy.from_environment(),
-                        member=member)
+                        member=member, backend=backend)
 
 
 FORMAT = OvaFormat()

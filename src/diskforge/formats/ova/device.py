@@ -254,9 +254,12 @@ class OvaDevice(FilterDevice):
 
 
 def open_ova(path: str, *, policy: "OpenPolicy",
-             member: "str | int | None" = None) -> OvaDevice:
-    """The package at ``path`` opened as the disk ``member`` picks (module docstring)."""
-    backend = FileBackend(path, lock=True)
+             member: "str | int | None" = None, backend=None) -> OvaDevice:
+    """The package at ``path`` opened as the disk ``member`` picks (module docstring).
+    ``backend``: the package's bytes when they are not the file ``path`` (a remote
+    object, read through remote/); the device then owns it."""
+    if backend is None:
+        backend = FileBackend(path, lock=True)
     try:
         pkg = open_package(path, backend, policy)
         disk, number = choose_disk(pkg, member)

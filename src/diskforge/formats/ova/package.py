@@ -272,5 +272,8 @@ def open_package(path: str, backend: FileBackend, policy: "OpenPolicy") -> Packa
     if tar.starts_a_tar(head):
         return TarPackage(path, backend)
     if b"<" in head[:512]:
+        if "://" in path:
+            raise UnsupportedError("not supported yet: an OVF descriptor read from a URL"
+                                   " (its disks are separate files; an .ova works)", path)
         return FolderPackage(path, backend, policy)
     raise UnsupportedError("neither a tar (OVA) nor an OVF descriptor", path)

@@ -49,6 +49,11 @@ class ParallelsFormat(Format):
         if writable:
             raise UnsupportedError("not supported yet: writing parallels images", path)
         path = os.fspath(path)
+        if backend is not None and os.path.basename(path) == _DESCRIPTOR:
+            backend.close()
+            raise UnsupportedError("not supported yet: a Parallels bundle read from a URL"
+                                   " or from inside another file (a directory of files)",
+                                   path)
         if backend is None and (os.path.isdir(path)
                                 or os.path.basename(path) == _DESCRIPTOR):
             from .bundle import ParallelsBundle

@@ -113,7 +113,11 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
                                    " file that it does not name", self.path)
         policy = self.policy or OpenPolicy()
         full = policy.resolve(self.path, name, "external data file")
-        self.data = FileBackend(full, writable=self.writable, referenced=True)
+        if "://" in full:  # an object beside a remote image (remote/refs.py)
+            from ...remote.refs import open_file
+            self.data = open_file(full)
+        else:
+            self.data = FileBackend(full, writable=self.writable, referenced=True)
         self.data_path = full
 
     def open_backing(self, name: str, fmt: str | None) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 
 from ...blockdev import FileBackend
-from ...errors import DiskforgeError, ImageIOError, SafetyError
+from ...errors import DiskforgeError, ImageIOError, SafetyError, UnsupportedError
 from ...policy import OpenPolicy, beside
 from ...registry import open_image
 from .structs import (HEADER0_SIZE, HEADER1_SIZE, NULL_UUID, PREHEADER_SIZE,
@@ -91,6 +91,10 @@ def _candidates(folder: str) -> tuple[list[str], bool]:
 
 def find_parent(dev) -> str:
     """The path of ``dev``'s parent, by the rule in the module docstring."""
+    if "://" in dev.path:
+        raise UnsupportedError("not supported yet: a differencing VDI read from a URL (its"
+                               " parent is found by UUID among the files of a directory,"
+                               " which a web server or bucket does not list)", dev.path)
     policy = dev.policy or OpenPolicy()
     want, modify = dev.uuid_linkage, dev.uuid_parent_modify
     me = os.path.realpath(dev.path)

@@ -274,12 +274,18 @@ class VhdDevice(FileDevice):
         tried, refused = [], None
         for cand in loc.candidates([(c, t) for c, t, *_ in self.locator_entries], name):
             try:
-                path = os.path.normpath(policy.resolve(self.path, cand.path,
-                                                       f"parent locator {cand.platform}"))
+                path = policy.resolve(self.path, cand.path,
+                                      f"parent locator {cand.platform}")
             except SafetyError as e:
                 refused = refused or e
                 continue
-            if os.path.isfile(path):
+            if "://" in path:  # an object beside a remote image (remote/refs.py)
+                from ...remote.refs import exists
+                found = exists(path)
+            else:
+                path = os.path.normpath(path)
+                found = os.path.isfile(path)
+            if found:
                 self.parent_locator = cand
                 self.backing = open_image(path, "vpc", policy=policy)
                 break
@@ -300,7 +306,7 @@ class VhdDevice(FileDevice):
                               f" made from {_guid(want)}: wrong or replaced parent",
                               self.path)
         stamp = hd.parent_time_stamp
-        if stamp:
+        if stamp and "://" not in parent.path:  # a remote parent has no mtime to compare
             mtime = vhd_time(os.stat(parent.path).st_mtime)
             if mtime != stamp:
                 self.notes.append(f"parent time stamp {stamp} differs from the parent's"

@@ -209,9 +209,14 @@ class VhdxDevice(FileDevice):
             except SafetyError as e:
                 safety = safety or e
                 continue
-            if os.path.exists(path):
+            if "://" in path:  # an object beside a remote image (remote/refs.py)
+                from ...remote.refs import exists
+                if exists(path):
+                    break
+            elif os.path.exists(path):
                 break
-            path = os.path.normpath(path)
+            else:
+                path = os.path.normpath(path)
             if path not in tried:
                 tried.append(path)
         else:
@@ -221,7 +226,8 @@ class VhdxDevice(FileDevice):
             raise ImageIOError(f"the parent of this differencing disk, {key} '{value}', was"
                                f" not found (looked for: {', '.join(tried)})", self.path)
         self.parent_name = value
-        path = os.path.normpath(path)
+        if "://" not in path:
+            path = os.path.normpath(path)
         parent = open_image(path, "vhdx", policy=policy)
         try:
             links = {loc.get("parent_linkage", "").lower(), loc.get("parent_linkage2",

@@ -45,6 +45,7 @@ from ...errors import (CorruptImage, FormatError, ImageIOError, SafetyError,
                        UnsupportedError)
 from ...policy import OpenPolicy, beside
 from ...registry import open_image
+from ...remote import is_remote
 from . import descriptor as dsc
 from .extents import DATA, ZERO, FlatExtent, VmdkExtent, ZeroExtent
 from .sesparse import SeSparseExtent
@@ -183,11 +184,18 @@ class VmdkDevice(FileDevice):
 
     def _extent_file(self, line: dsc.ExtentLine, number: int) -> FileBackend:
         name = line.filename
-        if self.window:
+        remote = is_remote(self.path)
+        if self.window and not remote:
             raise UnsupportedError("not supported yet: a VMDK descriptor naming separate"
                                    " extent files, read from inside another file",
                                    self.path)
         full = self.policy.resolve(self.path, name, "extent file")
+        if remote:  # an object beside the descriptor (remote/refs.py)
+            backend = self._backends.get(full)
+            if backend is None:
+                from ...remote.refs import open_file
+                backend = self._backends[full] = open_file(full)
+            return backend
         try:
             st = os.stat(full)
         except FileNotFoundError:
