@@ -193,7 +193,7 @@ def test_a_backing_file_resolves_only_under_the_image_prefix(s3, tmp_path):
         url = put(s3, "vm/bad.qcow2", bad)
         code, _, err = cli("convert", "-O", "raw", url, str(tmp_path / "x.raw"))
         one_line_error(code, err)
-        assert "not an object beside the image" in err, err
+        assert "may only name objects beside it" in err, err
     assert not os.path.exists(tmp_path / "x.raw")
 
 
