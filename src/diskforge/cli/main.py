@@ -17,6 +17,22 @@ from ..untrusted import CpuTimeExceeded
 GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "bench", "imaging", "verify",
           "formats_cmd", "hypervisor", "iso", "export")
 
+# Which group registers each subcommand, so that one command builds only its own
+# group's parsers: importing all twelve modules and building ~40 subparsers cost more
+# than the whole of ``diskforge info`` otherwise does (tests/test_startup.py checks
+# that this table and the groups agree).
+COMMANDS = {
+    "info": "image", "create": "image", "convert": "image", "compare": "image",
+    "map": "image", "measure": "image",
+    "check": "maintenance", "resize": "maintenance", "amend": "maintenance",
+    "rebase": "chain", "commit": "chain",
+    "snapshot": "snapshot", "dd": "dd", "bench": "bench",
+    "image": "imaging", "restore": "imaging", "verify": "verify", "formats": "formats_cmd",
+    "serve": "hypervisor", "boot": "hypervisor", "attach": "hypervisor",
+    "detach": "hypervisor", "backup": "hypervisor",
+    "iso": "iso", "export": "export", "import": "export",
+}
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad invocation as one line (and the exit status the
@@ -29,7 +45,16 @@ class OneLineParser(argparse.ArgumentParser):
                                      f" (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the
+    global options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser: with ``command`` (a known subcommand), only its
+    group's subparsers, else all of them (``--help``, a misspelt command: the full
+    list of choices is needed then)."""
     import importlib
     parser = OneLineParser(prog="diskforge", description="Inspect, create, convert, image"
                            " and restore virtual-machine and disk images.")
@@ -45,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show diskforge's version and the qemu-img version whose"
                         " interface it follows, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for name in GROUPS:
+    group = COMMANDS.get(command) if command else None
+    for name in (group,) if group else GROUPS:
         importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
     for name in QEMU_IMG_COMMANDS:  # qemu-img's options common to its subcommands
-        p = sub.choices[name]
+        p = sub.choices.get(name)
+        if p is None:  # not built for this command
+            continue
         p.add_argument("--object", action="append", default=[], metavar="OBJECTDEF",
                        help="a secret, as qemu-img defines it: secret,id=ID,data=TEXT"
                        " (or file=PATH; format=raw|base64), the passphrase of an"
@@ -128,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     own_process = argv is None
-    parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
+    parser = build_parser(command_of(argv))
     if argv[:1] == ["resize"] and len(argv) > 2 and argv[-1][:1] == "-" \
             and argv[-1][1:2].isdigit() and "--" not in argv:
         argv = argv[:-1] + ["--", argv[-1]]  # "resize img -1G": a size, not a flag

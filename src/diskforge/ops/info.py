@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any
 
 from ..blockdev import BlockDevice, ImageInfo
 from ..errors import printable
+
+TYPE_CHECKING = False  # typing and json cost start-up time; info imports json only for JSON
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def image_info(dev: BlockDevice, *, backing_chain: bool = False,
@@ -116,5 +118,6 @@ def snapshot_table(snapshots: list[dict[str, Any]]) -> list[str]:
 
 
 def format_json(infos: list[ImageInfo], backing_chain: bool) -> str:
+    import json
     data = [i.to_json() for i in infos]
     return json.dumps(data if backing_chain else data[0], indent=4)
