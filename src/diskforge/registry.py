@@ -404,13 +404,19 @@ def _best(path: str, head: bytes, tail: bytes, size: int, backend=None) -> Forma
     """The plugin most confident about these bytes; raw only when no format claims
     them and they are not an encrypted container."""
     best, best_score = None, 0
-    for formats in (known_formats, all_formats):  # a miss asks the installed plugins
-        for plugin in formats().values():
-            if not plugin.can_probe:
+    # In name order, the first to score CERTAIN wins whatever follows (ties go to the
+    # first), so the built-ins after it are not even imported; a miss asks the
+    # installed plugins too.
+    for names in (lambda: sorted(set(BUILTIN) | set(_loaded)), lambda: all_formats()):
+        for name in names():
+            plugin = _load(name)
+            if plugin is None or not plugin.can_probe:
                 continue
             score = plugin.probe(head, tail, size)
             if score > best_score:
                 best, best_score = plugin, score
+                if score >= CERTAIN:
+                    break
         if best_score >= CERTAIN or _all_loaded:
             break
     if best is None or best.name == "raw":
