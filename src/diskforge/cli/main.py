@@ -7,6 +7,7 @@ Imports stay lazy (each subcommand imports its operation when it runs) so that
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -34,11 +35,43 @@ COMMANDS = {
 }
 
 
+_columns: int | None = None
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, given the terminal width without importing shutil:
+    argparse makes a formatter for every argument it adds (to check its metavar), and
+    the default one imports shutil (with bz2 and lzma) to ask the width; reading it
+    as shutil.get_terminal_size does (COLUMNS, else the terminal, else 80), once,
+    keeps that off every command's start-up."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        global _columns
+        if width is None:
+            if _columns is None:
+                try:
+                    _columns = int(os.environ["COLUMNS"])
+                except (KeyError, ValueError):
+                    _columns = 0
+                if _columns <= 0:
+                    try:
+                        _columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                    except (AttributeError, ValueError, OSError):
+                        _columns = 0
+                _columns = _columns or 80
+            width = _columns - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad invocation as one line (and the exit status the
     subcommand uses for errors: qemu-img's ``compare`` uses 2, the rest 1)."""
 
     error_status = 1
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(self.error_status, f"{self.prog}: error: {message}"
