@@ -17,8 +17,9 @@ The page-cache floor: every row that converts a file also times ``cat SOURCE >
 /dev/null`` the same way, interleaved with the tools (the ``floor s`` column, median):
 reading the source once from the page cache, the least any conversion of it can cost,
 so the distance of each tool to the limit is visible. (A sparse source's holes read as
-zeros there, so for the 20 GiB sparse rows the floor is an upper bound.) The source is
-``Case.reads``, by default the SOURCE of diskforge's ``convert ... SOURCE TARGET``.
+zeros there, so it is skipped for the 20 GiB sparse rows: it would time reading 20 GiB
+of zeros, not a floor.) The source is ``Case.reads`` (returning None: no floor), by
+default the SOURCE of diskforge's ``convert ... SOURCE TARGET``.
 
 ``--aims`` adds issue 17's aim of each row (``bench/aims.py``: the rows, the limits and
 how a verdict and "noisy" are decided) on the row of the tool it is measured against,
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             if name != "diskforge" and ours is not None:
                 ratio, ratio_med = f"{ours[0] / secs:.2f}", f"{ours[1] / med:.2f}"
             aim_col = ""
-            if verdict is not None and name == ("diskforge" if aim.kind == "seconds"
+            if verdict is not None and name == ("diskforge" if aim.kind in ("seconds", "rss")
                                                 else aim.against):
                 aim_col = f"{aim.text()}: {verdict.short()}"
             floor_col = f"{floor_med:.3f}" if i == 0 and floor_med is not None else ""

@@ -124,3 +124,11 @@ def test_builtin_table_is_the_entry_point_table():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         eps = tomllib.load(f)["project"]["entry-points"][registry.ENTRY_POINT_GROUP]
     assert eps == registry.BUILTIN
+
+
+def test_one_command_builds_only_its_parser():
+    parser = cli_main.build_parser("compare")
+    sub = next(a for a in parser._actions if a.choices and "compare" in a.choices)
+    assert list(sub.choices) == ["compare"]
+    assert sub.choices["compare"].error_status == 2  # set by its group after add_parser
+    assert cli_main.main(["compare", "/nonexistent-a", "/nonexistent-b"]) == 2

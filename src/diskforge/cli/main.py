@@ -105,7 +105,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     group = COMMANDS.get(command) if command else None
     for name in (group,) if group else GROUPS:
-        importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
+        importlib.import_module(f"{__package__}.{name}").add_parsers(
+            _Only(sub, command) if group else sub)
     for name in QEMU_IMG_COMMANDS:  # qemu-img's options common to its subcommands
         p = sub.choices.get(name)
         if p is None:  # not built for this command
@@ -119,6 +120,35 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                            help="the image is named by an option string (driver=FMT,"
                            "file.filename=PATH,file.locking=off,key-secret=ID)")
     return parser
+
+
+class _Only:
+    """The subparsers action as a group module sees it when one command runs: the
+    command's own parser is built, its siblings' calls go to a stand-in that takes
+    and ignores them (a group registers up to six subcommands with a dozen arguments
+    each, for nothing when one of them runs)."""
+
+    def __init__(self, sub, command: str):
+        self._sub, self._command = sub, command
+
+    def add_parser(self, name: str, **kwargs):
+        if name == self._command or self._command in kwargs.get("aliases", ()):
+            return self._sub.add_parser(name, **kwargs)
+        return _Ignored()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sub, name)
+
+
+class _Ignored:
+    """Takes any call (add_argument, set_defaults, add_subparsers, add_parser, ...)
+    and ignores it."""
+
+    def __getattr__(self, name: str):
+        return self._call
+
+    def _call(self, *args, **kwargs):
+        return self
 
 
 # the subcommands that are qemu-img's, which take --object and --image-opts
