@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what `diskforge info` on a qcow2 must not import: the heavy parts construct never
 # uses here, the other command groups, packages for other commands, slow discovery
 NOT_FOR_INFO = (
-    "pdb", "pickle", "hashlib", "concurrent.futures", "importlib.metadata", "email",
+    "pdb", "pickle", "hashlib", "traceback", "platform", "concurrent.futures",
+    "importlib.metadata", "email",
     "json", "typing", "pycdlib",
     "diskforge.hypervisor", "diskforge.iso", "diskforge.export", "diskforge.crypto",
     "diskforge.remote", "diskforge.batch", "diskforge.ops.convert",

@@ -4,14 +4,18 @@ Every format declares its on-disk structures with ``construct`` (DESIGN.md), so 
 first ``diskforge info`` of almost any image imports it. ``import construct`` runs its
 whole package, and three of its imports cost more start-up than the rest of it
 (instruction counts under callgrind, Python 3.11): ``construct.debug`` imports ``pdb``
-(and with it ``cmd``, ``bdb``, ``code``, ``glob``...) for its ``Debugger`` wrapper,
-``construct.core`` imports ``pickle`` for ``Pickled`` and ``hashlib`` for checksums
-and its code compiler. diskforge uses none of these: the three together were about
-50 M of the ~390 M instructions ``diskforge info small.qcow2`` took.
+(and with it ``cmd``, ``bdb``, ``code``, ``glob``...) and ``traceback`` for its
+``Debugger`` wrapper, ``construct.core`` imports ``pickle`` for ``Pickled`` and
+``hashlib`` for checksums and its code compiler, and ``construct.lib.py3compat``
+imports ``platform`` to ask ``platform.system()`` once. diskforge uses none of these
+through construct: together they were about 45 M of the ~390 M instructions
+``diskforge info small.qcow2`` took.
 
 So, while construct's package runs (and only then), those names are bound to
 stand-ins: a stand-in is a module object that imports the real module the first time
-one of its attributes is read, and forwards to it from then on. Construct behaves
+one of its attributes is read, and forwards to it from then on (``platform``'s
+stand-in answers ``system()`` itself, as ``platform.uname()`` does on POSIX: from
+``os.uname()``). Construct behaves
 exactly as before (its ``Debugger`` or ``Pickled`` work, just import on first use);
 the stand-ins leave ``sys.modules`` as soon as construct's ``__init__`` has run, so
 any other ``import pdb`` in the process gets the real module. Nothing happens when
@@ -23,11 +27,21 @@ construct was imported before diskforge, or when a module is already imported.
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
 # the modules construct imports and diskforge never reaches through it
-DEFERRED = ("pdb", "pickle", "hashlib")
+DEFERRED = ("pdb", "pickle", "hashlib", "traceback", "platform")
+
+
+def _system() -> str:
+    """``platform.system()`` on POSIX: ``os.uname().sysname`` ('Linux', 'Darwin')."""
+    return os.uname().sysname
+
+
+# what a stand-in answers without importing its module
+ANSWERS = {"platform": {"system": _system}}
 
 
 class _StandIn(types.ModuleType):
@@ -38,6 +52,7 @@ class _StandIn(types.ModuleType):
         super().__init__(name)
         self.__dict__["_lock"] = threading.Lock()
         self.__dict__["_real"] = None
+        self.__dict__.update(ANSWERS.get(name, {}))
 
     def __getattr__(self, attr: str):
         # only called for what the stand-in does not hold itself
@@ -71,6 +86,8 @@ class _Loader:
             module.__spec__.loader = self.real
         placed = []
         for name in DEFERRED:
+            if name == "platform" and not hasattr(os, "uname"):
+                continue  # Windows: the real platform.system() is not os.uname's
             if name not in sys.modules:
                 sys.modules[name] = stand_in = _StandIn(name)
                 placed.append((name, stand_in))
