@@ -133,3 +133,13 @@ def test_one_command_builds_only_its_parser():
     assert list(sub.choices) == ["compare"]
     assert sub.choices["compare"].error_status == 2  # set by its group after add_parser
     assert cli_main.main(["compare", "/nonexistent-a", "/nonexistent-b"]) == 2
+
+
+def test_command_found_past_global_options():
+    parser = cli_main.OneLineParser(prog="x")
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--endpoint", metavar="URL")
+    assert cli_main.command_of(["--debug", "info", "f"], parser) == "info"
+    assert cli_main.command_of(["--endpoint", "convert", "map", "f"], parser) == "map"
+    assert cli_main.command_of(["--endpoint=u", "map"], parser) == "map"
+    assert cli_main.command_of(["--debug"], parser) is None

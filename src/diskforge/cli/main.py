@@ -78,16 +78,30 @@ class OneLineParser(argparse.ArgumentParser):
                                      f" (see '{self.prog} --help')\n")
 
 
-def command_of(argv: list[str]) -> str | None:
-    """The subcommand ``argv`` names: its first word that is not an option (the
-    global options take no value)."""
-    return next((a for a in argv if not a.startswith("-")), None)
+def command_of(argv: list[str], parser: argparse.ArgumentParser | None = None
+               ) -> str | None:
+    """The subcommand ``argv`` names: its first word that is neither an option nor
+    the value of a global option of ``parser`` that takes one."""
+    takes_value = parser._option_string_actions if parser is not None else {}
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--":
+            return None
+        elif arg.startswith("-"):
+            action = takes_value.get(arg)
+            skip = action is not None and action.nargs != 0
+        else:
+            return arg
+    return None
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The command line's parser: with ``command`` (a known subcommand), only its
-    group's subparsers, else all of them (``--help``, a misspelt command: the full
-    list of choices is needed then)."""
+def build_parser(command: str | None = None, argv: list[str] | None = None
+                 ) -> argparse.ArgumentParser:
+    """The command line's parser: for one known subcommand (``command``, or the one
+    ``argv`` names), only its own subparser, else all of them (``--help``, a misspelt
+    command: the full list of choices is needed then)."""
     import importlib
     parser = OneLineParser(prog="diskforge", description="Inspect, create, convert, image"
                            " and restore virtual-machine and disk images.")
@@ -102,6 +116,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action=_VersionAction, nargs=0,
                         help="show diskforge's version and the qemu-img version whose"
                         " interface it follows, and exit")
+    if argv is not None:
+        command = command_of(argv, parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     group = COMMANDS.get(command) if command else None
     for name in (group,) if group else GROUPS:
@@ -221,7 +237,7 @@ def _main(argv: list[str] | None) -> int:
     own_process = argv is None
     if argv is None:
         argv = sys.argv[1:]
-    parser = build_parser(command_of(argv))
+    parser = build_parser(argv=argv)
     if argv[:1] == ["resize"] and len(argv) > 2 and argv[-1][:1] == "-" \
             and argv[-1][1:2].isdigit() and "--" not in argv:
         argv = argv[:-1] + ["--", argv[-1]]  # "resize img -1G": a size, not a flag
