@@ -3,14 +3,35 @@
     python bench/run.py                 # every case, on the 2 GiB mixed disk
     python bench/run.py -k raw          # cases whose name contains "raw"
     python bench/run.py --size 256M     # a smaller disk for a quick look
+    python bench/run.py --repeat 5 --aims   # issue 17's table: each row against its aim
 
 Cases live in ``bench/cases_*.py`` (each module has ``CASES``), so a format adds its rows
 in its own file. Each command runs ``--repeat`` times, the tools interleaved, each run
 after a ``sync`` (so one tool's dirty pages are not written back during another's run),
-on a warm page cache; the table shows the best and the median wall time, throughput
-over the virtual size (best run), the output's allocated size, the peak RSS of that
-process, and diskforge's time divided by each other tool's, best and median (below 1.0:
-diskforge is faster).
+on a warm page cache; the table shows the best and the median wall time, the spread of
+the runs ((max - min) / median), throughput over the virtual size (best run), the
+output's allocated size, the peak RSS of that process, and diskforge's time divided by
+each other tool's, best and median (below 1.0: diskforge is faster).
+
+The page-cache floor: every row that converts a file also times ``cat SOURCE >
+/dev/null`` the same way, interleaved with the tools (the ``floor s`` column, median):
+reading the source once from the page cache, the least any conversion of it can cost,
+so the distance of each tool to the limit is visible. (A sparse source's holes read as
+zeros there, so it is skipped for the 20 GiB sparse rows: it would time reading 20 GiB
+of zeros, not a floor.) The source is ``Case.reads`` (returning None: no floor), by
+default the SOURCE of diskforge's ``convert ... SOURCE TARGET``.
+
+``--aims`` adds issue 17's aim of each row (``bench/aims.py``: the rows, the limits and
+how a verdict and "noisy" are decided) on the row of the tool it is measured against,
+and a summary after the table; a tool that fails (a reader without LZFSE, say) is
+reported as failed and left out instead of ending the run.
+
+Rows (issue 17's table): raw→raw, raw↔qcow2, qcow2 zlib/zstd→raw (compressed reads,
+the cloud-image case), raw→qcow2 -c zlib/zstd (sizes compared), raw↔vpc, raw↔vhdx,
+raw↔vmdk, stream VMDK→raw, raw↔vdi, UDZO/ULFO→raw, raw→UDZO/ULFO against ``-m 1``
+(the parallel speed-up), ``info`` on a 1 MiB raw and a small qcow2 (wall time), and a
+20 GiB sparse disk → qcow2 (plain and -c) for peak RSS; plus the rows of the other
+modules (ISO, OVA, export, imaging, NBD, read-only formats) without aims.
 """
 
 from __future__ import annotations
@@ -60,6 +81,22 @@ class Case:
     tools: list[Tool]
     setup: Callable[[Context], None] = lambda ctx: None
     bytes_of: Callable[[Context], int] = lambda ctx: ctx.size  # for MB/s
+    # the file the page-cache floor reads (None: guessed from diskforge's convert)
+    reads: Callable[[Context], str | None] | None = None
+
+    def floor_source(self, ctx: Context) -> str | None:
+        """The source this row converts, for the ``cat`` floor: ``reads`` when given,
+        else the SOURCE of diskforge's ``convert [...] SOURCE TARGET``; None when the
+        row is no conversion of one file."""
+        if self.reads is not None:
+            return self.reads(ctx)
+        for tool in self.tools:
+            if tool.name != "diskforge":
+                continue
+            argv = tool.argv(ctx)
+            if "convert" in argv and len(argv) >= 2 and os.path.isfile(argv[-2]):
+                return argv[-2]
+        return None
 
 
 def diskforge_cmd() -> list[str]:
@@ -139,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=os.environ.get("DISKFORGE_BENCH_DIR",
                                                     os.path.join(HERE, ".cache")))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--aims", action="store_true",
+                    help="judge each row against issue 17's aim (bench/aims.py)")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     os.makedirs(args.dir, exist_ok=True)
@@ -159,9 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     import diskforge
     compileall.compile_dir(os.path.dirname(diskforge.__file__), quiet=1)
 
+    from aims import AIMS, judge
+
     results = []
-    header = (f"{'case':<28}{'tool':<12}{'best s':>9}{'median s':>10}{'MB/s':>9}"
-              f"{'output MiB':>12}{'peak RSS MiB':>14}{'ratio best':>12}{'ratio median':>14}")
+    verdicts = []
+    header = (f"{'case':<31}{'tool':<19}{'best s':>9}{'median s':>10}{'spread':>8}"
+              f"{'floor s':>9}{'MB/s':>8}{'output MiB':>11}{'peak RSS MiB':>13}"
+              f"{'ratio best':>11}{'ratio median':>13}" + (f"  {'aim':<26}" if args.aims
+                                                          else ""))
     print(header)
     print("-" * len(header))
     for case in load_cases():
@@ -170,38 +214,80 @@ def main(argv: list[str] | None = None) -> int:
         tools = [t for t in case.tools if t.available()]
         missing = [t.name for t in case.tools if not t.available()]
         case.setup(ctx)
+        floor_src = case.floor_source(ctx)
+        floor: list[float] = []
+        failed: dict[str, str] = {}
         times: dict[str, list[float]] = {}
         rss: dict[str, int] = {}
         out_size: dict[str, int | None] = {}
         for _ in range(args.repeat):  # interleaved, so drift hits every tool alike
+            if floor_src:
+                floor.append(run_once(["cat", floor_src])[0])
             for tool in tools:
+                if tool.name in failed:
+                    continue
                 out = tool.output(ctx)
                 remove(out)
-                secs, peak = run_once(tool.argv(ctx))
+                try:
+                    secs, peak = run_once(tool.argv(ctx))
+                except RuntimeError as e:
+                    failed[tool.name] = str(e).splitlines()[0][-120:]
+                    remove(out)
+                    continue
                 out_size[tool.name] = allocated(out)
                 remove(out)
                 times.setdefault(tool.name, []).append(secs)
                 rss[tool.name] = max(peak, rss.get(tool.name, 0))
+        ran = [t for t in tools if t.name in times]
         rows = [(t.name, min(times[t.name]), statistics.median(times[t.name]),
-                 rss[t.name], out_size[t.name]) for t in tools]
+                 rss[t.name], out_size[t.name]) for t in ran]
         ours = next((r[1:3] for r in rows if r[0] == "diskforge"), None)
-        for i, (name, secs, med, rss, out_size) in enumerate(rows):
+        aim = AIMS.get(case.name) if args.aims else None
+        verdict = judge(aim, times, rss, out_size) if aim else None
+        floor_med = statistics.median(floor) if floor else None
+        for i, (name, secs, med, rss_, size_) in enumerate(rows):
             mbps = case.bytes_of(ctx) / secs / 1e6 if secs else 0
+            spread = (max(times[name]) - secs) / med if med else 0
             ratio = ratio_med = ""
             if name != "diskforge" and ours is not None:
                 ratio, ratio_med = f"{ours[0] / secs:.2f}", f"{ours[1] / med:.2f}"
-            print(f"{case.name if i == 0 else '':<28}{name:<12}{secs:>9.3f}{med:>10.3f}"
-                  f"{mbps:>9.0f}{'' if out_size is None else f'{out_size / 2**20:.1f}':>12}"
-                  f"{rss / 2**20:>14.1f}{ratio:>12}{ratio_med:>14}")
+            aim_col = ""
+            if verdict is not None and name == ("diskforge" if aim.kind in ("seconds", "rss")
+                                                else aim.against):
+                aim_col = f"{aim.text()}: {verdict.short()}"
+            floor_col = f"{floor_med:.3f}" if i == 0 and floor_med is not None else ""
+            print(f"{case.name if i == 0 else '':<31}{name:<19}{secs:>9.3f}{med:>10.3f}"
+                  f"{spread:>8.0%}{floor_col:>9}{mbps:>8.0f}"
+                  f"{'' if size_ is None else f'{size_ / 2**20:.1f}':>11}"
+                  f"{rss_ / 2**20:>13.1f}{ratio:>11}{ratio_med:>13}"
+                  + (f"  {aim_col:<26}" if args.aims else ""))
             results.append({"case": case.name, "tool": name, "seconds": secs,
                             "median_seconds": med, "runs": times[name],
-                            "mb_per_s": mbps, "output_bytes": out_size, "peak_rss": rss,
+                            "mb_per_s": mbps, "output_bytes": size_, "peak_rss": rss_,
                             "ratio_diskforge_over_tool": ours[0] / secs if ours and secs
                             else None,
-                            "median_ratio": ours[1] / med if ours and med else None})
+                            "median_ratio": ours[1] / med if ours and med else None,
+                            "max_seconds": max(times[name]), "spread": spread,
+                            "floor_seconds": floor_med, "floor_runs": floor,
+                            "floor_source": floor_src})
         for name in missing:
-            print(f"{'':<28}{name:<24}  (not installed: skipped)")
+            print(f"{'':<31}{name:<19}  (not installed: skipped)")
+        for name, why in failed.items():
+            print(f"{'':<31}{name:<19}  (failed, left out: {why})")
+        if verdict is not None:
+            verdicts.append((case.name, aim, verdict))
+            for row in results:  # on diskforge's row of this case
+                if row["case"] == case.name and row["tool"] == "diskforge":
+                    row.update({"aim": aim.text(), "aim_status": verdict.status,
+                                "aim_value": verdict.value, "noisy": verdict.noisy,
+                                "aim_notes": list(verdict.notes)})
         sys.stdout.flush()
+    if verdicts:
+        print(f"\naims (issue 17), medians of {args.repeat} interleaved run(s); "
+              "value (from the runs' extremes):")
+        for name, aim, v in verdicts:
+            notes = f"  [{'; '.join(v.notes)}]" if v.notes else ""
+            print(f"  {name:<31}{aim.text():<34}{v.value:<30}{v.short()}{notes}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import os
 
+from . import construct_import
 from .errors import DiskforgeError
+
+construct_import.install()  # before any format's structures import construct
 
 TYPE_CHECKING = False  # importing typing would cost start-up time
 if TYPE_CHECKING:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import re
 import stat
@@ -385,6 +384,7 @@ def _resumable_partial(target: str) -> str | None:
     from .devices import open_input_file
     try:
         with open_input_file(target + RESUME_SUFFIX) as f:
+            import json
             state = json.loads(f.read(1 << 20))
         partial = state["writer"]["partial"]
     except (OSError, ImageIOError, ValueError, KeyError, TypeError):

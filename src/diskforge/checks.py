@@ -14,7 +14,6 @@ never by matching words in the printed text.
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field
 
 from .errors import printable
@@ -176,4 +175,5 @@ class CheckResult:
         return "\n".join(lines)
 
     def format_json(self) -> str:
+        import json  # only for --output json: start-up of the rest
         return json.dumps(self.to_json(), indent=4)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
 
 from .errors import UsageError
+
+TYPE_CHECKING = False  # importing typing would cost start-up time
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)(i?[bB])?\s*$")
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}

@@ -2,7 +2,17 @@
 
 Every format, built-in or not, is an object registered in the ``diskforge.formats``
 entry-point group (see pyproject.toml), so a third party adds a format by installing a
-package, and adding a built-in format means one module and one entry-point line.
+package, and adding a built-in format means one module and one entry-point line (and
+one line in ``BUILTIN`` below).
+
+The formats this package ships are also listed in ``BUILTIN``, so that a command that
+names or probes one of them never scans the installed distributions: the scan (every
+``*.dist-info`` on sys.path) is done only when a name, an extension or a probe misses
+the built-in formats — an unknown name, an extension none of them has, a file none of
+them is certain of (score below 100, raw's fallback included), and ``diskforge
+formats``. A third-party plugin therefore still opens its files and answers its names;
+the one difference from scanning first is that a built-in format certain of a file
+(100) keeps it, whatever a plugin would say.
 
 Probing reads the first and last 64 KiB once and asks every plugin for a 0..100
 confidence; the highest wins. ``raw`` answers 1 to anything, so it is the fallback when
@@ -31,6 +41,28 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "diskforge.formats"
 PROBE_BYTES = 64 * 1024
+
+# The formats this package ships: the [project.entry-points."diskforge.formats"] table
+# of pyproject.toml (tests/test_startup.py keeps the two equal).
+BUILTIN = {
+    "raw": "diskforge.formats.raw:FORMAT",
+    "qcow2": "diskforge.formats.qcow2:FORMAT",
+    "iso": "diskforge.formats.iso:FORMAT",
+    "vhdx": "diskforge.formats.vhdx:FORMAT",
+    "vpc": "diskforge.formats.vhd:FORMAT",
+    "vdi": "diskforge.formats.vdi:FORMAT",
+    "vmdk": "diskforge.formats.vmdk:FORMAT",
+    "dmg": "diskforge.formats.dmg:FORMAT",
+    "sparseimage": "diskforge.formats.dmg:SPARSEIMAGE",
+    "sparsebundle": "diskforge.formats.dmg:SPARSEBUNDLE",
+    "ova": "diskforge.formats.ova:FORMAT",
+    "qcow": "diskforge.formats.qcow1:FORMAT",
+    "qed": "diskforge.formats.qed:FORMAT",
+    "parallels": "diskforge.formats.parallels:FORMAT",
+    "luks": "diskforge.formats.luks:FORMAT",
+    "asif": "diskforge.formats.asif:FORMAT",
+}
+CERTAIN = 100  # a probe score no other format can beat
 
 
 @dataclass(frozen=True)
@@ -199,7 +231,7 @@ def _parse_group(text: str, group: str):
 def _load(name: str) -> Format | None:
     if name in _loaded:
         return _loaded[name]
-    ep = _eps().get(name)
+    ep = _EntryPoint(name, BUILTIN[name]) if name in BUILTIN else _eps().get(name)
     if ep is None:
         return None
     try:
@@ -218,9 +250,21 @@ def all_formats() -> dict[str, Format]:
     """Every registered plugin, by name, in name order."""
     global _all_loaded
     if not _all_loaded:
+        for name in BUILTIN:
+            _load(name)
         for name in _eps():
             _load(name)
         _all_loaded = True
+    return dict(sorted(_loaded.items()))
+
+
+def known_formats() -> dict[str, Format]:
+    """The built-in plugins and those registered or loaded so far, in name order: what
+    can be asked without scanning the installed distributions (see the module
+    docstring; ``all_formats()`` is the full set)."""
+    if not _all_loaded:
+        for name in BUILTIN:
+            _load(name)
     return dict(sorted(_loaded.items()))
 
 
@@ -235,9 +279,10 @@ def get(name: str) -> Format:
     plugin = _load(key)
     if plugin is not None:
         return plugin
-    for plugin in all_formats().values():
-        if key == plugin.name or key in plugin.aliases:
-            return plugin
+    for formats in (known_formats, all_formats):
+        for plugin in formats().values():
+            if key == plugin.name or key in plugin.aliases:
+                return plugin
     known = ", ".join(all_formats())
     raise UnknownFormatError(f"unknown format '{name}' (known formats: {known})")
 
@@ -247,11 +292,14 @@ def by_extension(path: str) -> Format | None:
     lower = os.fspath(path).lower()
     best: Format | None = None
     best_len = 0
-    for plugin in all_formats().values():
-        for ext in plugin.extensions:
-            dotted = "." + ext.lstrip(".").lower()
-            if lower.endswith(dotted) and len(dotted) > best_len:
-                best, best_len = plugin, len(dotted)
+    for formats in (known_formats, all_formats):  # scan only when no built-in has it
+        for plugin in formats().values():
+            for ext in plugin.extensions:
+                dotted = "." + ext.lstrip(".").lower()
+                if lower.endswith(dotted) and len(dotted) > best_len:
+                    best, best_len = plugin, len(dotted)
+        if best is not None:
+            break
     return best
 
 
@@ -365,15 +413,24 @@ def _best(path: str, head: bytes, tail: bytes, size: int, backend=None) -> Forma
     """The plugin most confident about these bytes; raw only when no format claims
     them and they are not an encrypted container."""
     best, best_score = None, 0
-    for plugin in all_formats().values():
-        if not plugin.can_probe:
-            continue
-        score = plugin.probe(head, tail, size)
-        if score > best_score:
-            best, best_score = plugin, score
+    # In name order, the first to score CERTAIN wins whatever follows (ties go to the
+    # first), so the built-ins after it are not even imported; a miss asks the
+    # installed plugins too.
+    for names in (lambda: sorted(set(BUILTIN) | set(_loaded)), lambda: all_formats()):
+        for name in names():
+            plugin = _load(name)
+            if plugin is None or not plugin.can_probe:
+                continue
+            score = plugin.probe(head, tail, size)
+            if score > best_score:
+                best, best_score = plugin, score
+                if score >= CERTAIN:
+                    break
+        if best_score >= CERTAIN or _all_loaded:
+            break
     if best is None or best.name == "raw":
         encrypted = encrypted_format(path, head, size, backend)
-        if encrypted and "luks" in all_formats():  # by LUKS2's secondary header copy
+        if encrypted and _load("luks") is not None:  # by LUKS2's secondary header copy
             return get("luks")
         if encrypted:
             raise UnsupportedError(f"encrypted ({encrypted}); not supported yet: reading"
@@ -386,10 +443,11 @@ def _best(path: str, head: bytes, tail: bytes, size: int, backend=None) -> Forma
 def _probe_directory(path: str) -> Format | None:
     """Some formats are directories (DMG sparse bundles): plugins probe them by a
     ``probe_directory(path)`` method when they have one."""
-    for plugin in all_formats().values():
-        fn = getattr(plugin, "probe_directory", None)
-        if fn is not None and fn(path):
-            return plugin
+    for formats in (known_formats, all_formats):
+        for plugin in formats().values():
+            fn = getattr(plugin, "probe_directory", None)
+            if fn is not None and fn(path):
+                return plugin
     return None
 
 

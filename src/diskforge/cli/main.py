@@ -7,6 +7,7 @@ Imports stay lazy (each subcommand imports its operation when it runs) so that
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -17,6 +18,51 @@ from ..untrusted import CpuTimeExceeded
 GROUPS = ("image", "maintenance", "chain", "snapshot", "dd", "bench", "imaging", "verify",
           "formats_cmd", "hypervisor", "iso", "export", "batch", "bitmap", "presign")
 
+# Which group registers each subcommand, so that one command builds only its own
+# group's parsers: importing all twelve modules and building ~40 subparsers cost more
+# than the whole of ``diskforge info`` otherwise does (tests/test_startup.py checks
+# that this table and the groups agree).
+COMMANDS = {
+    "info": "image", "create": "image", "convert": "image", "compare": "image",
+    "map": "image", "measure": "image",
+    "check": "maintenance", "resize": "maintenance", "amend": "maintenance",
+    "rebase": "chain", "commit": "chain",
+    "snapshot": "snapshot", "dd": "dd", "bench": "bench",
+    "image": "imaging", "restore": "imaging", "verify": "verify", "formats": "formats_cmd",
+    "serve": "hypervisor", "boot": "hypervisor", "attach": "hypervisor",
+    "detach": "hypervisor", "backup": "hypervisor",
+    "iso": "iso", "export": "export", "import": "export",
+    "batch": "batch", "bitmap": "bitmap", "presign": "presign",
+}
+
+
+_columns: int | None = None
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, given the terminal width without importing shutil:
+    argparse makes a formatter for every argument it adds (to check its metavar), and
+    the default one imports shutil (with bz2 and lzma) to ask the width; reading it
+    as shutil.get_terminal_size does (COLUMNS, else the terminal, else 80), once,
+    keeps that off every command's start-up."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        global _columns
+        if width is None:
+            if _columns is None:
+                try:
+                    _columns = int(os.environ["COLUMNS"])
+                except (KeyError, ValueError):
+                    _columns = 0
+                if _columns <= 0:
+                    try:
+                        _columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                    except (AttributeError, ValueError, OSError):
+                        _columns = 0
+                _columns = _columns or 80
+            width = _columns - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad invocation as one line (and the exit status the
@@ -24,12 +70,39 @@ class OneLineParser(argparse.ArgumentParser):
 
     error_status = 1
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(self.error_status, f"{self.prog}: error: {message}"
                                      f" (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: list[str], parser: argparse.ArgumentParser | None = None
+               ) -> str | None:
+    """The subcommand ``argv`` names: its first word that is neither an option nor
+    the value of a global option of ``parser`` that takes one."""
+    takes_value = parser._option_string_actions if parser is not None else {}
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--":
+            return None
+        elif arg.startswith("-"):
+            action = takes_value.get(arg)
+            skip = action is not None and action.nargs != 0
+        else:
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None, argv: list[str] | None = None
+                 ) -> argparse.ArgumentParser:
+    """The command line's parser: for one known subcommand (``command``, or the one
+    ``argv`` names), only its own subparser, else all of them (``--help``, a misspelt
+    command: the full list of choices is needed then)."""
     import importlib
     parser = OneLineParser(prog="diskforge", description="Inspect, create, convert, image"
                            " and restore virtual-machine and disk images.")
@@ -47,11 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action=_VersionAction, nargs=0,
                         help="show diskforge's version and the qemu-img version whose"
                         " interface it follows, and exit")
+    if argv is not None:
+        command = command_of(argv, parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for name in GROUPS:
-        importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
+    group = COMMANDS.get(command) if command else None
+    for name in (group,) if group else GROUPS:
+        importlib.import_module(f"{__package__}.{name}").add_parsers(
+            _Only(sub, command) if group else sub)
     for name in QEMU_IMG_COMMANDS:  # qemu-img's options common to its subcommands
-        p = sub.choices[name]
+        p = sub.choices.get(name)
+        if p is None:  # not built for this command
+            continue
         p.add_argument("--object", action="append", default=[], metavar="OBJECTDEF",
                        help="a secret, as qemu-img defines it: secret,id=ID,data=TEXT"
                        " (or file=PATH; format=raw|base64), the passphrase of an"
@@ -61,6 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the image is named by an option string (driver=FMT,"
                            "file.filename=PATH,file.locking=off,key-secret=ID)")
     return parser
+
+
+class _Only:
+    """The subparsers action as a group module sees it when one command runs: the
+    command's own parser is built, its siblings' calls go to a stand-in that takes
+    and ignores them (a group registers up to six subcommands with a dozen arguments
+    each, for nothing when one of them runs)."""
+
+    def __init__(self, sub, command: str):
+        self._sub, self._command = sub, command
+
+    def add_parser(self, name: str, **kwargs):
+        if name == self._command or self._command in kwargs.get("aliases", ()):
+            return self._sub.add_parser(name, **kwargs)
+        return _Ignored()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sub, name)
+
+
+class _Ignored:
+    """Takes any call (add_argument, set_defaults, add_subparsers, add_parser, ...)
+    and ignores it."""
+
+    def __getattr__(self, name: str):
+        return self._call
+
+    def _call(self, *args, **kwargs):
+        return self
 
 
 # the subcommands that are qemu-img's, which take --object and --image-opts
@@ -131,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     own_process = argv is None
-    parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
+    parser = build_parser(argv=argv)
     if argv[:1] == ["resize"] and len(argv) > 2 and argv[-1][:1] == "-" \
             and argv[-1][1:2].isdigit() and "--" not in argv:
         argv = argv[:-1] + ["--", argv[-1]]  # "resize img -1G": a size, not a flag

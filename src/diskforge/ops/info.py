@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from typing import Any
 
 from ..blockdev import BlockDevice, ImageInfo
 from ..errors import printable
+
+TYPE_CHECKING = False  # typing and json cost start-up time; info imports json only for JSON
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def image_info(dev: BlockDevice, *, backing_chain: bool = False,
@@ -127,10 +129,11 @@ def format_json(infos: list[ImageInfo], backing_chain: bool) -> str:
 _ESCAPE = re.compile(r"\\\\|\\u[0-9a-f]{4}")
 
 
-def qemu_json(value: Any, indent: int = 0) -> str:
+def qemu_json(value: "Any", indent: int = 0) -> str:
     """``json.dumps(value, indent=4)`` as qemu's pretty printer writes it: the same but
     for empty lists and objects, which qemu opens and closes on two lines (a bitmap
     without flags is ``"flags": [`` then ``]``)."""
+    import json
     pad = " " * indent
     inner = " " * (indent + 4)
     if isinstance(value, dict):

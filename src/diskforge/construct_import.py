@@ -1,0 +1,126 @@
+"""How construct is imported: without the standard-library modules it never uses here.
+
+Every format declares its on-disk structures with ``construct`` (DESIGN.md), so the
+first ``diskforge info`` of almost any image imports it. ``import construct`` runs its
+whole package, and three of its imports cost more start-up than the rest of it
+(instruction counts under callgrind, Python 3.11): ``construct.debug`` imports ``pdb``
+(and with it ``cmd``, ``bdb``, ``code``, ``glob``...) and ``traceback`` for its
+``Debugger`` wrapper, ``construct.core`` imports ``pickle`` for ``Pickled`` and
+``hashlib`` for checksums and its code compiler, and ``construct.lib.py3compat``
+imports ``platform`` to ask ``platform.system()`` once. diskforge uses none of these
+through construct: together they were about 45 M of the ~390 M instructions
+``diskforge info small.qcow2`` took.
+
+So, while construct's package runs (and only then), those names are bound to
+stand-ins: a stand-in is a module object that imports the real module the first time
+one of its attributes is read, and forwards to it from then on (``platform``'s
+stand-in answers ``system()`` itself, as ``platform.uname()`` does on POSIX: from
+``os.uname()``). Construct behaves
+exactly as before (its ``Debugger`` or ``Pickled`` work, just import on first use);
+the stand-ins leave ``sys.modules`` as soon as construct's ``__init__`` has run, so
+any other ``import pdb`` in the process gets the real module. Nothing happens when
+construct was imported before diskforge, or when a module is already imported.
+
+``install()`` (called by ``diskforge/__init__.py``) puts a finder at the front of
+``sys.meta_path`` that answers only for ``construct`` and removes itself there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+# the modules construct imports and diskforge never reaches through it
+DEFERRED = ("pdb", "pickle", "hashlib", "traceback", "platform")
+
+
+def _system() -> str:
+    """``platform.system()`` on POSIX: ``os.uname().sysname`` ('Linux', 'Darwin')."""
+    return os.uname().sysname
+
+
+# what a stand-in answers without importing its module
+ANSWERS = {"platform": {"system": _system}}
+
+
+class _StandIn(types.ModuleType):
+    """A module that imports its real self when an attribute is first read."""
+
+    def __init__(self, name: str):
+        import threading  # only once construct is being imported
+        super().__init__(name)
+        self.__dict__["_lock"] = threading.Lock()
+        self.__dict__["_real"] = None
+        self.__dict__.update(ANSWERS.get(name, {}))
+
+    def __getattr__(self, attr: str):
+        # only called for what the stand-in does not hold itself
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)  # a probe of module metadata is no use
+        real = self.__dict__["_real"]
+        if real is None:
+            with self.__dict__["_lock"]:
+                real = self.__dict__["_real"]
+                if real is None:
+                    import importlib
+                    if sys.modules.get(self.__name__) is self:
+                        del sys.modules[self.__name__]
+                    real = importlib.import_module(self.__name__)
+                    self.__dict__["_real"] = real
+        return getattr(real, attr)
+
+
+class _Loader:
+    """construct's own loader, with the stand-ins in place while its package runs."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = self.real
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.real
+        placed = []
+        for name in DEFERRED:
+            if name == "platform" and not hasattr(os, "uname"):
+                continue  # Windows: the real platform.system() is not os.uname's
+            if name not in sys.modules:
+                sys.modules[name] = stand_in = _StandIn(name)
+                placed.append((name, stand_in))
+        try:
+            self.real.exec_module(module)
+        finally:
+            for name, stand_in in placed:
+                if sys.modules.get(name) is stand_in:
+                    del sys.modules[name]
+
+
+class _Finder:
+    """Answers only for ``construct``, once."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "construct":
+            return None
+        try:
+            sys.meta_path.remove(cls)
+        except ValueError:
+            pass
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader)
+                return spec
+        return None
+
+
+def install() -> None:
+    """Defer construct's unused imports, unless construct is already imported."""
+    if "construct" not in sys.modules and _Finder not in sys.meta_path:
+        sys.meta_path.insert(0, _Finder)

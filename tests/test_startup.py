@@ -1,0 +1,145 @@
+"""Start-up: what ``diskforge info`` imports, and the tables that keep it small.
+
+No timings (the machine may be shared): the guard is the set of modules a command
+loads, read from ``sys.modules`` in a fresh interpreter after ``main()`` ran.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from conftest import need
+
+from diskforge import registry
+from diskforge.cli import main as cli_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# what `diskforge info` on a qcow2 must not import: the heavy parts construct never
+# uses here, the other command groups, packages for other commands, slow discovery
+NOT_FOR_INFO = (
+    "pdb", "pickle", "hashlib", "traceback", "platform", "concurrent.futures",
+    "importlib.metadata", "email",
+    "json", "typing", "pycdlib",
+    "diskforge.hypervisor", "diskforge.iso", "diskforge.export", "diskforge.crypto",
+    "diskforge.remote", "diskforge.batch", "diskforge.ops.convert",
+    "diskforge.cli.hypervisor", "diskforge.cli.iso", "diskforge.cli.export",
+    "diskforge.cli.imaging", "diskforge.cli.maintenance",
+    # formats named after qcow2: its probe is certain, so they are never asked
+    "diskforge.formats.vhdx", "diskforge.formats.vhd", "diskforge.formats.vmdk",
+    "diskforge.formats.vdi",
+)
+
+_RUN = """
+import json, sys
+before = set(sys.modules)
+from diskforge.cli.main import main
+rc = main(sys.argv[1:])
+sys.stdout.flush()
+print("\\nMODULES " + json.dumps(sorted(set(sys.modules) - before)))
+sys.exit(rc)
+"""
+
+
+def _modules_after(*argv: str) -> tuple[set[str], str]:
+    # json and sys are imported by the harness itself before ``before`` is taken, so
+    # a module only counts when the command imported it
+    env = dict(os.environ, DISKFORGE_UNTRUSTED="")
+    p = subprocess.run([sys.executable, "-c", _RUN, *argv], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    out, _, mods = p.stdout.rpartition("\nMODULES ")
+    return set(json.loads(mods)), out
+
+
+def test_info_imports_only_what_it_needs(tmp_path):
+    qemu_img = need("qemu-img")
+    img = str(tmp_path / "small.qcow2")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", img, "64M"], check=True)
+    loaded, out = _modules_after("info", img)
+    assert "file format: qcow2" in out
+    for name in NOT_FOR_INFO:
+        assert not any(m == name or m.startswith(name + ".") for m in loaded), name
+    assert "construct" in loaded  # it still reads the header with construct
+
+
+def test_construct_stand_ins_leave_no_trace(tmp_path):
+    """construct's deferred imports still work when used, and other importers of
+    those modules get the real ones."""
+    qemu_img = need("qemu-img")
+    img = str(tmp_path / "small.qcow2")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+    code = (
+        "import sys, types\n"
+        "import diskforge\n"
+        f"diskforge.info({img!r})\n"
+        "assert 'construct' in sys.modules and 'pdb' not in sys.modules\n"
+        "import construct.core, construct.debug\n"
+        "assert construct.debug.pdb.Pdb.__name__ == 'Pdb'\n"
+        "assert construct.core.hashlib.sha256(b'').hexdigest().startswith('e3b0')\n"
+        "import pdb, pickle\n"
+        "assert type(pdb) is types.ModuleType and pickle.loads(pickle.dumps(1)) == 1\n"
+        "assert construct.Pickled.parse(pickle.dumps([1])) == [1]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_command_table_matches_the_groups():
+    """main.COMMANDS (which group registers each subcommand) is what the groups
+    register; a new subcommand missing from it would still work, but build every
+    group's parsers."""
+    import argparse
+    import importlib
+    seen = {}
+    for group in cli_main.GROUPS:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        importlib.import_module(f"diskforge.cli.{group}").add_parsers(sub)
+        for name in sub.choices:
+            seen[name] = group
+    assert seen == cli_main.COMMANDS
+
+
+@pytest.mark.parametrize("argv", [["info", "--help"], ["--debug", "convert", "--help"],
+                                  ["iso", "build", "--help"]])
+def test_one_group_parser_gives_the_full_command(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main.main(argv)
+    assert e.value.code == 0
+    assert "usage: diskforge" in capsys.readouterr().out
+
+
+def test_unknown_command_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main.main(["infoo", "x"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    for name in cli_main.COMMANDS:
+        assert f"'{name}'" in err
+
+
+def test_builtin_table_is_the_entry_point_table():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        eps = tomllib.load(f)["project"]["entry-points"][registry.ENTRY_POINT_GROUP]
+    assert eps == registry.BUILTIN
+
+
+def test_one_command_builds_only_its_parser():
+    parser = cli_main.build_parser("compare")
+    sub = next(a for a in parser._actions if a.choices and "compare" in a.choices)
+    assert list(sub.choices) == ["compare"]
+    assert sub.choices["compare"].error_status == 2  # set by its group after add_parser
+    assert cli_main.main(["compare", "/nonexistent-a", "/nonexistent-b"]) == 2
+
+
+def test_command_found_past_global_options():
+    parser = cli_main.OneLineParser(prog="x")
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--endpoint", metavar="URL")
+    assert cli_main.command_of(["--debug", "info", "f"], parser) == "info"
+    assert cli_main.command_of(["--endpoint", "convert", "map", "f"], parser) == "map"
+    assert cli_main.command_of(["--endpoint=u", "map"], parser) == "map"
+    assert cli_main.command_of(["--debug"], parser) is None
