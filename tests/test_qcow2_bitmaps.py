@@ -19,6 +19,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import time
 
 import pytest
 from conftest import cli, need, one_line_error, qemu_img_json, run
@@ -44,6 +45,27 @@ def bitmaps_of(path: str) -> list[dict]:
 _SOCKETS = itertools.count()
 
 
+
+def _stop_server(pidfile: str, sock: str) -> None:
+    """End the forked qemu-nbd and wait until it is gone: it holds the image's locks
+    until it exits, and the next command of a test may want to write the image."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if sock.encode() not in f.read():  # gone, and the pid reused
+                    return
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):  # gone
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"qemu-nbd {pid} still running 30 s after SIGTERM")
+
 def dirty(path: str, name: str) -> list[tuple[int, int]]:
     """The dirty ranges qemu-nbd exports for bitmap ``name`` (x-dirty-bitmap makes
     qemu-img map report dirty areas as "data": false). ``--fork`` returns once the
@@ -61,14 +83,7 @@ def dirty(path: str, name: str) -> list[tuple[int, int]]:
             f"driver=nbd,server.type=unix,server.path={sock},"
             f"x-dirty-bitmap=qemu:dirty-bitmap:{name}", timeout=60).stdout)
     finally:  # (it ends by itself after its one client; not if that client failed)
-        try:
-            with open(pidfile) as f:
-                pid = int(f.read())
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if sock.encode() in f.read():  # still that server, not a reused pid
-                    os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+        _stop_server(pidfile, sock)
     out: list[tuple[int, int]] = []
     for e in mapped:
         if not e["data"]:
