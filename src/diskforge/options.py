@@ -12,7 +12,7 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
-from .errors import UsageError
+from .errors import UnsupportedError, UsageError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)(i?[bB])?\s*$")
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
@@ -92,6 +92,11 @@ class Options:
         kwargs = {}
         for key, raw in values.items():
             f = fields.get(key)
+            if f is None and (key == "encryption" or key.startswith("encrypt.")):
+                # qemu's keys for writing encrypted images (qcow2's aes and luks, luks):
+                # reading them is supported, writing not yet
+                raise UnsupportedError(f"not supported yet: writing encrypted"
+                                       f" {format_name or 'disk'} images (-o {key})")
             if f is None:
                 known = ", ".join(fields) or "none"
                 raise UsageError(f"invalid option '{key}' for format '{format_name}'"
