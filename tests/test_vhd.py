@@ -134,8 +134,12 @@ def test_reads_windows_images(workdir, name):
 def test_windows_differencing_disk_without_its_parent(workdir):
     vhd = gunzip(os.path.join(FIXTURES, "dfvfs_win_fat-differential.vhd.gz"),
                  os.path.join(workdir, "fat-differential.vhd"))
-    code, _, err = cli("info", vhd)
+    # plain info names the missing parent, as qemu-img names a qcow2's missing backing
+    code, out, err = cli("info", vhd)
+    assert code == 0 and "backing file: " in out and "fat-parent.vhd" in out, err
+    code, _, err = cli("info", "--backing-chain", vhd)
     assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "Could not open backing file: Could not open '" in err
     assert "parent not found" in err and "fat-parent.vhd" in err and "W2ru" in err
 
 

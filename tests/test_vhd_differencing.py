@@ -184,7 +184,9 @@ def test_absolute_locator_elsewhere_is_refused(workdir, chain):
     code, _, err = cli("--untrusted", "info", child)
     one_line_error(code, err)
     assert "/etc/hostname" in err and "outside" in err
-    code, _, err = cli("info", child)  # followed by default: a regular file, not a VHD
+    # followed by default (info opens the chain with --backing-chain): a regular file,
+    # not a VHD
+    code, _, err = cli("info", "--backing-chain", child)
     one_line_error(code, err)
     assert "/etc/hostname" in err
 
@@ -211,7 +213,7 @@ def test_parent_loops_are_refused(workdir):
             patch_header(a, locators={i: {"platform_code": bytes(4)}})
     patch_header(a, parent_unique_id=b_id, parent_unicode_name=bytes(512))
     assert b_hd.parent_unique_id != b_id
-    code, _, err = cli("info", b)
+    code, _, err = cli("info", "--backing-chain", b)
     one_line_error(code, err)
     assert "loop" in err
     # a disk naming itself

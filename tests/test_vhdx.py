@@ -1,6 +1,7 @@
 """VHDX: what qemu-img and Windows make reads right; what diskforge writes, qemu-img and
 libvhdi read back; differencing chains; random-access writes; a round-trip property."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -95,10 +96,16 @@ def test_reads_windows_made_samples(workdir, name):
 
 def test_hyperv_differencing_sample_names_its_missing_parent(workdir):
     img = _gunzip("vhdx/dissect_hyperv_differencing.avhdx.gz", workdir)
-    code, _, err = cli("info", img)
+    name = "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx"
+    code, _, err = cli("info", "--backing-chain", img)
     one_line_error(code, err)
-    assert "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx" in err
+    assert "Could not open backing file: Could not open '" in err
+    assert f"{name}': No such file or directory" in err
     assert "not found" in err
+    # plain info names the missing parent, as qemu-img names a qcow2's missing backing
+    code, out, err = cli("info", "--output", "json", img)
+    assert code == 0, err
+    assert json.loads(out)["backing-filename"].endswith(name)
 
 
 def test_hyperv_differencing_sample_over_a_stand_in_parent(workdir):

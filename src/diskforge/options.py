@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .errors import UsageError
+from .errors import UnsupportedError, UsageError
 
 TYPE_CHECKING = False  # importing typing would cost start-up time
 if TYPE_CHECKING:
@@ -96,6 +96,11 @@ class Options:
         kwargs = {}
         for key, raw in values.items():
             f = fields.get(key)
+            if f is None and (key == "encryption" or key.startswith("encrypt.")):
+                # qemu's keys for writing encrypted images (qcow2's aes and luks, luks):
+                # reading them is supported, writing not yet
+                raise UnsupportedError(f"not supported yet: writing encrypted"
+                                       f" {format_name or 'disk'} images (-o {key})")
             if f is None:
                 known = ", ".join(fields) or "none"
                 raise UsageError(f"invalid option '{key}' for format '{format_name}'"

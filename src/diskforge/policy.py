@@ -78,8 +78,9 @@ class OpenPolicy:
     # False: backing files are not opened at all, only named (qemu's BDRV_O_NO_BACKING,
     # what ``qemu-img info`` without --backing-chain and ``rebase -u`` use: the file
     # may be missing or moved). The formats whose backing files qemu follows (qcow2,
-    # qed, qcow, vmdk) honour it; a device opened so reads its unallocated parts as
-    # zeros, so it is for looking at headers and rewriting names, never for reading.
+    # qed, qcow, vmdk) honour it, and so do VHD, VHDX and VDI differencing disks; a
+    # device opened so reads its unallocated parts as zeros, so it is for looking at
+    # headers and rewriting names, never for reading.
     # The CLI never sets it in untrusted mode, where every command checks the chain.
     open_backing: bool = True
     # real paths of the images already opened above this one in the chain

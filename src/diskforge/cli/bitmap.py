@@ -36,11 +36,14 @@ def cmd_bitmap(args) -> int:
     if args.filename is None or args.bitmap is None:
         raise UsageError("Expecting filename and bitmap name")
     granularity = parse_granularity(args.g)
-    with open_source(args.filename, args.f, args, writable=True) as dev:
+    # neither the image nor the merge source opens its backing chain, as qemu-img
+    # opens them (BDRV_O_NO_BACKING): bitmaps are metadata of the one file, and an
+    # overlay whose backing file is missing keeps working
+    with open_source(args.filename, args.f, args, writable=True, backing=False) as dev:
         if args.b:  # a file name (qemu-img takes no option string there)
             from argparse import Namespace
             plain = Namespace(**{**vars(args), "image_opts": False})
-            with open_source(args.b, args.F, plain) as src:
+            with open_source(args.b, args.F, plain, backing=False) as src:
                 edit_bitmaps(dev, args.bitmap, actions, granularity=granularity,
                              source=src)
         else:

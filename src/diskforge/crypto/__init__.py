@@ -14,6 +14,8 @@ The modules, leaves first:
 - ``af``: the anti-forensic splitter's merge (AFmerge, LUKS1 specification 2.4);
 - ``luks1``, ``luks2``: the on-disk headers, parsed and validated (LUKS2's JSON
   metadata with bounds), each giving a list of key slots and the data segment;
+- ``qcow_aes``: the old qcow AES (qcow version 1 and qcow2 ``crypt_method`` 1):
+  passphrase to AES-128 key, CBC-plain64 over guest sectors;
 - ``unlock``: trying a passphrase against the key slots, verifying the volume key
   against the header's digest, and the ``LuksVolume`` a format reads sectors through.
 

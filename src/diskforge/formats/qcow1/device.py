@@ -39,12 +39,10 @@ L2_CACHE_BYTES = 16 << 20
 
 
 def aes_cipher(key: bytes, path: str):
-    """qemu's qcrypto_block_qcow_init: the passphrase's first 16 bytes, zero-padded, are
-    an AES-128 key for CBC with plain64 IVs over 512-byte sectors (no key check exists:
-    a wrong passphrase reads garbage, in qemu too)."""
-    from ...crypto.ciphers import SectorCipher
-    return SectorCipher("aes", "cbc-plain64", bytes(key[:16]).ljust(16, b"\0"), 512,
-                        path, "QCowHeader")
+    """The qcow AES cipher (``crypto.qcow_aes``: the passphrase's first 16 bytes as an
+    AES-128 key, CBC with plain64 IVs of guest sectors)."""
+    from ...crypto.qcow_aes import QcowAesCipher
+    return QcowAesCipher(key, path, "QCowHeader")
 
 
 class Qcow1Device(TableDevice):
@@ -232,16 +230,11 @@ class Qcow1Device(TableDevice):
                 raise UnsupportedError(MISSING_KEY.format(kind="qcow AES",
                                                           option="encrypt.key-secret"),
                                        self.path)
-            lead = pos % 512
-            span = -(-(lead + cnt) // 512) * 512
-            raw = bytearray(span)
-            got = self.backend.readinto(host - lead, raw)
-            if got < span:  # a last cluster cut short reads as zeros, as in qemu
-                raise CorruptImage(f"data cluster at offset {host - lead} (+{span}) is"
-                                   f" past the end of the file ({self.file_size} bytes)",
-                                   self.path, structure="L2 table")
-            plain = self.cipher.decrypt(raw, (pos - lead) // 512)
-            piece[:] = plain[lead:lead + cnt]
+            if not self.cipher.read(self.backend.readinto, host, pos, piece):
+                lead = pos % 512
+                raise CorruptImage(f"data cluster at offset {host - lead} (+{cnt + lead})"
+                                   f" is past the end of the file ({self.file_size}"
+                                   " bytes)", self.path, structure="L2 table")
         return n
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:

@@ -9,8 +9,9 @@ read-only views. Written: ``create``/``convert`` with qemu-img's options
 (``snapshot.py``), resize, rebase, commit, amend (``maintenance.py``), measure.
 
 Encrypted with ``encrypt.format=luks``: read with a key (``encryption.py``), refused
-without one. Refused with a clear message: the old AES encryption, unknown
-incompatible feature bits; writing to an image whose corrupt bit is set (read it, or
+without one; the old ``encrypt.format=aes``: read with a key, opened without one
+(``info``), as qemu-img. Refused with a clear message: writing encrypted images,
+unknown incompatible feature bits; writing to an image whose corrupt bit is set (read it, or
 repair it first).
 """
 

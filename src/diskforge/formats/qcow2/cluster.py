@@ -336,7 +336,7 @@ class ClusterMap:
         for g, k, kind, host in self.runs(offset, n):
             dst = mv[g - offset:g - offset + k]
             if kind == QCOW2_SUBCLUSTER_NORMAL and self.crypto is not None:
-                self.crypto.read(self.data, host, dst)
+                self.crypto.read(self.data, host, dst, g)  # (g: the old AES's IV)
             elif kind == QCOW2_SUBCLUSTER_NORMAL:
                 got = self.data.readinto(host, dst)
                 if got < k:  # past the end of the file: qemu reads zeros there too

@@ -57,9 +57,10 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         self.header = h = parse_header(head, size, self.path)
         self.geo: Geometry = h.geometry
         self.cs = h.cluster_size
-        if h.crypt_method:  # encrypt.format=luks: encryption.py decrypts data clusters
-            from .encryption import ClusterCrypto
-            self.crypto = ClusterCrypto(self, key)
+        if h.crypt_method:  # encrypt.format=luks or aes: encryption.py decrypts clusters
+            from .encryption import AesClusterCrypto, ClusterCrypto
+            self.crypto = (AesClusterCrypto if h.crypt_method == 1 else ClusterCrypto)(
+                self, key)
         self.cluster_bits = h.cluster_bits
         self.l2_entries = self.geo.l2_entries
         self.l2_bits = self.geo.l2_bits
@@ -154,13 +155,17 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
     def format_specific(self) -> dict:
         """qemu-img info's "format-specific" data, keys as qemu prints them."""
         h = self.header
+        aes = self.crypto is not None and self.crypto.format == "aes"
         if h.version == 2:
-            return {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16}
+            return {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16,
+                    **({"encrypt": {"format": "aes"}} if aes else {})}
         d: dict = {"compat": "1.1", "compression-type": h.compression_name,
                    "lazy-refcounts": h.lazy_refcounts}
         if h.bitmaps is not None:
             d["bitmaps"] = [b.to_json() for b in read_directory(self)]
         d["refcount-bits"] = self.geo.refcount_bits
+        if aes:  # (luks: qemu prints its whole header there, not shown yet)
+            d["encrypt"] = {"format": "aes"}
         d["corrupt"] = h.corrupt
         d["extended-l2"] = h.extended_l2
         if h.has_data_file:

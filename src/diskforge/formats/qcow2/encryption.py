@@ -10,8 +10,16 @@ so a cluster reads back only at the offset where it was written. Zero and
 unallocated clusters are not encrypted: they read as zeros or from the backing file,
 as in a plain qcow2.
 
-Reading only; writing encrypted qcow2 images (and crypt_method 1, the old AES) is not
-supported yet. The LUKS work is the core ``diskforge.crypto`` package's.
+``crypt_method`` 1 (``encrypt.format=aes``, the old qcow AES, ``AesClusterCrypto``):
+no header in the file; the passphrase's first 16 bytes are the AES-128 key, and each
+512-byte sector is AES-CBC with the *guest* sector number as its plain64 IV, as in
+qcow version 1 (``diskforge.crypto.qcow_aes``, shared with it). Compressed clusters
+are not encrypted. No key is needed to open the image (``info`` works, as in
+qemu-img); reading a data cluster without one fails, naming ``encrypt.key-secret``.
+
+Reading only; writing encrypted qcow2 images is not supported yet (for AES, QEMU's
+system emulators refuse it too). The LUKS work is the core ``diskforge.crypto``
+package's.
 """
 
 from __future__ import annotations
@@ -52,9 +60,12 @@ class ClusterCrypto:
         self.volume = open_volume(read, length, key, path, option="encrypt.key-secret")
         self.path = path
 
-    def read(self, data, host: int, dst) -> None:
+    format = "luks"
+
+    def read(self, data, host: int, dst, guest: int = 0) -> None:
         """Fill ``dst`` with the plaintext of the bytes at ``host`` in ``data`` (a
-        FileBackend), reading whole sectors around them."""
+        FileBackend), reading whole sectors around them (the IV is the host sector:
+        ``guest`` is not used)."""
         k = len(dst)
         start = host // SECTOR * SECTOR
         end = -(-(host + k) // SECTOR) * SECTOR
@@ -64,3 +75,30 @@ class ClusterCrypto:
             fill_zero(cipher, got)
         plain = self.volume.cipher.decrypt(cipher, start // SECTOR)
         dst[:] = plain[host - start:host - start + k]
+
+
+class AesClusterCrypto:
+    """``crypt_method`` 1: the old qcow AES over guest sectors (module docstring)."""
+
+    format = "aes"
+
+    def __init__(self, device, key: bytes | None) -> None:
+        if device.writable:
+            raise UnsupportedError("not supported yet: writing encrypted qcow2 images (the"
+                                   " old AES encryption, encrypt.format=aes, which QEMU"
+                                   " refuses to write too)", device.path)
+        self.path = device.path
+        self.cipher = None
+        if key is not None:
+            from ...crypto.qcow_aes import QcowAesCipher
+            self.cipher = QcowAesCipher(key, device.path, "QCowHeader")
+
+    def read(self, data, host: int, dst, guest: int = 0) -> None:
+        """Fill ``dst`` with the plaintext of the guest bytes at ``guest``, stored at
+        ``host`` in ``data`` (a FileBackend)."""
+        if self.cipher is None:
+            from ...crypto.unlock import MISSING_KEY
+            raise UnsupportedError(MISSING_KEY.format(kind="qcow2 AES",
+                                                      option="encrypt.key-secret"),
+                                   self.path)
+        self.cipher.read(data.readinto, host, guest, dst)

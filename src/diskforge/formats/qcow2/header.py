@@ -327,14 +327,13 @@ def _ascii(raw: bytes) -> bytes:
 
 
 def _check_features(hdr: Header, path) -> None:
-    if hdr.crypt_method and hdr.crypt_method != 2:
-        # crypt_method 1 is qcow's old AES-CBC (insecure, write-deprecated in QEMU); 2 is
-        # encrypt.format=luks, a LUKS1 header in the clusters the crypto extension names,
-        # read by encryption.py when a key is given
-        kind = {1: "AES, the old qcow2 encryption"}.get(
-            hdr.crypt_method, f"unknown crypt_method {hdr.crypt_method}")
-        raise UnsupportedError(f"QCowHeader.crypt_method: encrypted ({kind}); not"
-                               " supported yet: reading encrypted qcow2 images", path)
+    if hdr.crypt_method not in (0, 1, 2):
+        # 1 is qcow's old AES-CBC (insecure, write-deprecated in QEMU); 2 is
+        # encrypt.format=luks, a LUKS1 header in the clusters the crypto extension names;
+        # both read by encryption.py when a key is given
+        raise UnsupportedError(f"QCowHeader.crypt_method: encrypted (unknown crypt_method"
+                               f" {hdr.crypt_method}); not supported yet: reading such"
+                               " qcow2 images", path)
     unknown = hdr.incompatible_features & ~QCOW2_INCOMPAT_MASK
     if unknown:
         names = ", ".join(hdr.feature_name(0, b) for b in range(64) if unknown >> b & 1)

@@ -58,6 +58,7 @@ class VdiDevice(FileDevice):
     def _open(self, open_parent: bool = True) -> None:
         self.notes: list[str] = []
         self.modified = False
+        self.parent_path: str | None = None  # opened or, under open_backing=False, found
         self._load()
         if self.image_type == VDI_IMAGE_TYPE_DIFF and open_parent:
             from .parent import open_parent as find_parent
@@ -493,6 +494,7 @@ class VdiDevice(FileDevice):
         if self.backing is not None:
             self.backing.close()
         self.backing = new_parent
+        self.parent_path = None if new_parent is None else new_parent.path
 
     # -- checking --------------------------------------------------------------------------
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
@@ -594,10 +596,11 @@ class VdiDevice(FileDevice):
         info = ImageInfo(filename=self.path, format="vdi", virtual_size=self.size,
                          actual_size=self.backend.allocated_bytes(),
                          cluster_size=self.block_size, details=details)
-        if self.backing is not None:
+        parent = self.backing.path if self.backing is not None else self.parent_path
+        if parent is not None:
             info.backing_filename = os.path.relpath(
-                self.backing.path, os.path.dirname(os.path.abspath(self.path)))
-            info.full_backing_filename = os.path.abspath(self.backing.path)
+                parent, os.path.dirname(os.path.abspath(self.path)))
+            info.full_backing_filename = os.path.abspath(parent)
             info.backing_format = "vdi"
         if self.notes:
             details["warnings"] = list(self.notes)

@@ -27,6 +27,7 @@ changed after the child was made; it is used, with a warning in ``check`` and
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ...blockdev import FileBackend
@@ -131,15 +132,35 @@ def find_parent(dev) -> str:
     hint = " (files outside the image's directory were not looked at: allow their" \
         " directory with --allow-root DIR)" if refused is not None and policy.is_untrusted \
         else ""
-    raise ImageIOError(f"differencing image's parent not found: no .vdi file in"
-                       f" {' or '.join(search_dirs(dev.path))} has uuidCreate"
-                       f" {uuid_text(want)} ({where}){hint}", dev.path)
+    # qemu-img's nested words where a backing file is missing (open_image adds "Could
+    # not open 'CHILD': Could not open backing file: "); a VDI names no file, so the
+    # parent is named by the uuidCreate it must have
+    err = ImageIOError(f"Could not open the parent with uuidCreate {uuid_text(want)}"
+                       f" ({where}): No such file or directory (parent not found: no .vdi file in"
+                       f" {' or '.join(search_dirs(dev.path))} has it){hint}", dev.path)
+    err.backing_missing, err.errno = True, errno.ENOENT
+    raise err
 
 
 def open_parent(dev):
-    """Open ``dev``'s parent (a VdiDevice) through the open policy."""
-    path = find_parent(dev)
+    """Open ``dev``'s parent (a VdiDevice) through the open policy. Under
+    ``open_backing=False`` (``info`` without ``--backing-chain``, ``rebase -u``) the
+    parent is only looked for, by the headers of the files beside the image, never
+    opened: ``dev.parent_path`` names it for ``info`` when it is found, and a missing
+    one is a warning, not an error (as a qcow2 overlay's missing backing file is
+    then); None is returned."""
     policy = dev.policy or OpenPolicy().descend(dev.path)
+    if not policy.open_backing:
+        try:
+            dev.parent_path = find_parent(dev)
+        except ImageIOError as e:
+            if not getattr(e, "backing_missing", False):
+                raise
+            dev.notes.append(f"parent not found: no .vdi file in"
+                             f" {' or '.join(search_dirs(dev.path))} has uuidCreate"
+                             f" {uuid_text(dev.uuid_linkage)}")
+        return None
+    path = dev.parent_path = find_parent(dev)
     parent = open_image(path, "vdi", policy=policy)
     _note_modified(dev, parent)
     return parent

@@ -25,6 +25,7 @@ written, and a partly written sector is first filled from the parent.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 
@@ -79,6 +80,7 @@ class VhdDevice(FileDevice):
         self.problems: list[Problem] = []   # for check, not fatal
         self.notes: list[str] = []          # for check, not counted
         self.parent_locator: loc.Locator | None = None
+        self.parent_path: str | None = None  # the parent's file, opened or only named
         self._bitmaps: dict[int, bytes] = {}
         self._load()
 
@@ -268,10 +270,18 @@ class VhdDevice(FileDevice):
         return out
 
     def _open_parent(self) -> None:
+        """Find the parent by its locators and open it, then check its identity.
+
+        Under ``open_backing=False`` (``info`` without ``--backing-chain``, ``rebase
+        -u``) the parent is only named, never opened, as qemu opens a qcow2 overlay
+        then: the locator whose file exists (else the first) is what ``info`` shows,
+        and the unique id is checked only when the parent is opened. A parent that
+        is nowhere fails in qemu-img's nested words ("Could not open 'child': Could
+        not open backing file: Could not open 'parent': No such file or directory")."""
         policy = self.policy or OpenPolicy().descend(self.path)
         hd = self.header
         name = _utf16be(hd.parent_unicode_name)
-        tried, refused = [], None
+        tried, refused, first = [], None, None
         for cand in loc.candidates([(c, t) for c, t, *_ in self.locator_entries], name):
             try:
                 path = policy.resolve(self.path, cand.path,
@@ -285,19 +295,30 @@ class VhdDevice(FileDevice):
             else:
                 path = os.path.normpath(path)
                 found = os.path.isfile(path)
+            first = first or (cand, path)
             if found:
-                self.parent_locator = cand
+                self.parent_locator, self.parent_path = cand, path
+                if not policy.open_backing:
+                    return
                 self.backing = open_image(path, "vpc", policy=policy)
                 break
             tried.append(f"{cand.platform} '{cand.text}'")
         else:
-            if refused is not None:
+            if refused is not None and first is None:
                 raise refused
+            if not policy.open_backing:  # named only: the first locator, as stored
+                if first is not None:
+                    self.parent_locator, self.parent_path = first
+                return
             where = "; ".join(tried) or "no parent locator or parent name"
             hint = ", or allow its directory with --allow-root (untrusted mode)" \
                 if policy.is_untrusted else ""
-            raise ImageIOError(f"differencing disk's parent not found (tried {where}):"
-                               f" put the parent where a locator says{hint}", self.path)
+            missing = first[1] if first is not None else name
+            err = ImageIOError(f"Could not open '{missing}': No such file or directory"
+                               f" (differencing disk's parent not found; tried {where}:"
+                               f" put the parent where a locator says{hint})", self.path)
+            err.backing_missing, err.errno = True, errno.ENOENT  # nested by open_image
+            raise err
         parent = self.backing
         want = bytes(hd.parent_unique_id)
         if want != bytes(16) and bytes(parent.unique_id) != want:
@@ -340,8 +361,8 @@ class VhdDevice(FileDevice):
             fill_zero(mv, start + got, end)
 
     def _read_parent(self, offset: int, mv, start: int, end: int) -> None:
-        parent = self.backing
-        inside = max(0, min(end - start, parent.size - offset))
+        parent = self.backing  # None: named only (open_backing=False), reads as zeros
+        inside = 0 if parent is None else max(0, min(end - start, parent.size - offset))
         if inside:
             parent.readinto(offset, mv[start:start + inside])
         fill_zero(mv, start + inside, end)
@@ -620,6 +641,7 @@ class VhdDevice(FileDevice):
             self.backing.close()
         self.backing = new_parent
         self.parent_locator = None if name is None else loc.Locator("name", name, name)
+        self.parent_path = None if new_parent is None else new_parent.path
         self._bitmaps.clear()
 
     def _write_type(self, disk_type: int) -> None:
@@ -763,6 +785,9 @@ class VhdDevice(FileDevice):
                 info.backing_filename = self.parent_locator.text
             if self.backing is not None:
                 info.full_backing_filename = self.backing.path
+            elif self.parent_path is not None:
+                info.full_backing_filename = self.parent_path
+            if self.parent_locator is not None:
                 info.backing_format = "vpc"
         if self.notes:
             details["warnings"] = list(self.notes)

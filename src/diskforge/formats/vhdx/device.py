@@ -18,6 +18,7 @@ crash at any point leaves a file that opens as either the old or the new state.
 
 from __future__ import annotations
 
+import errno
 import os
 from array import array
 
@@ -62,6 +63,8 @@ class VhdxDevice(FileDevice):
     def _open(self) -> None:
         self.io = self.backend
         self.parent = None
+        self.parent_name: str | None = None
+        self.parent_path: str | None = None  # opened or, under open_backing=False, named
         self._session_header = False   # FileWriteGuid changed this session
         self._session_data = False      # DataWriteGuid changed this session
         self._log_pos = 0
@@ -202,13 +205,14 @@ class VhdxDevice(FileDevice):
             raise FormatError("the parent locator names no path (relative_path,"
                               " volume_path or absolute_win32_path)", self.path,
                               structure="ParentLocator")
-        safety, tried = None, []
+        safety, tried, named = None, [], None
         for key, value, local in candidates:
             try:
                 path = policy.resolve(self.path, local, "parent")
             except SafetyError as e:
                 safety = safety or e
                 continue
+            named = named or (value, path if "://" in path else os.path.normpath(path))
             if "://" in path:  # an object beside a remote image (remote/refs.py)
                 from ...remote.refs import exists
                 if exists(path):
@@ -222,12 +226,25 @@ class VhdxDevice(FileDevice):
         else:
             if safety is not None and not tried:
                 raise safety
+            if not policy.open_backing:  # named only: the first locator, as stored
+                self.parent_name, self.parent_path = named
+                return
             key, value, _ = candidates[0]
-            raise ImageIOError(f"the parent of this differencing disk, {key} '{value}', was"
-                               f" not found (looked for: {', '.join(tried)})", self.path)
+            # qemu-img's nested words (open_image adds "Could not open 'CHILD': Could
+            # not open backing file: "), then where diskforge looked
+            err = ImageIOError(f"Could not open '{tried[0]}': No such file or directory"
+                               f" (the parent of this differencing disk, {key} '{value}',"
+                               f" was not found; looked for: {', '.join(tried)})", self.path)
+            err.backing_missing, err.errno = True, errno.ENOENT
+            raise err
         self.parent_name = value
         if "://" not in path:
             path = os.path.normpath(path)
+        self.parent_path = path
+        if not policy.open_backing:
+            # (info without --backing-chain, rebase -u: the parent is named, not
+            # opened, so its DataWriteGuid is checked only when it is opened)
+            return
         parent = open_image(path, "vhdx", policy=policy)
         try:
             links = {loc.get("parent_linkage", "").lower(), loc.get("parent_linkage2",
@@ -480,9 +497,10 @@ class VhdxDevice(FileDevice):
                          cluster_size=md.block_size, details=details)
         if self.differencing:
             details["parent-locator"] = dict(md.parent_locator or {})
-            if self.parent is not None:
+            if self.parent_path is not None:
                 info.backing_filename = self.parent_name
-                info.full_backing_filename = self.parent.path
+                info.full_backing_filename = (self.parent.path if self.parent is not None
+                                              else self.parent_path)
                 info.backing_format = "vhdx"
         return info
 

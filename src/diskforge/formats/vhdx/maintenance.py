@@ -305,6 +305,7 @@ def set_backing(dev, name: str | None, fmt: str | None) -> None:
         dev.parent.close()
     dev.parent = dev.backing = parent
     dev.parent_name = dev.md.parent_locator["relative_path"]
+    dev.parent_path = parent.path
     dev.differencing = True
     dev._bitmaps.clear()
 
@@ -343,6 +344,7 @@ def _drop_parent(dev) -> None:
     if dev.parent is not None:
         dev.parent.close()
     dev.parent = dev.backing = None
+    dev.parent_name = dev.parent_path = None
 
 
 def relink(dev) -> None:
