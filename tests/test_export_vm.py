@@ -271,7 +271,9 @@ def test_check_hyperv_on_windows_made_vhdx(tmp_path):
     avhdx = gunzip_to(need_real("vhdx/dissect_hyperv_differencing.avhdx.gz"),
                       str(tmp_path / "d.avhdx"))
     (problem,) = diskforge.export.check("hyperv", avhdx)
-    assert problem.startswith("cannot be read as vhdx: the parent of this differencing")
+    assert problem.startswith("cannot be read as vhdx: Could not open ")
+    assert "Could not open backing file" in problem
+    assert "the parent of this differencing disk" in problem
 
 
 def test_check_hyperv_vhd(tmp_path):

@@ -26,7 +26,7 @@ from nginx_helpers import NGINX, Nginx
 import diskforge
 from diskforge.errors import DiskforgeError, ImageIOError, SafetyError
 from diskforge.remote import http as rhttp
-from diskforge.remote.refs import resolve_reference
+from diskforge.remote.names import resolve_reference
 
 MiB = 1 << 20
 
@@ -241,7 +241,7 @@ def test_qcow2_overlay_with_relative_backing_file(site, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["vpc", "vhdx"])
 def test_differencing_vhd_and_vhdx_find_their_parent(site, tmp_path, fmt):
-    """The parent locators resolve to a URL beside the child (remote/refs.py), which is
+    """The parent locators resolve to a URL beside the child (remote/names.py), which is
     looked for with a request and opened over HTTP."""
     root = site[0]
     d = os.path.join(root, f"diff-{fmt}")

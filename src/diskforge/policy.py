@@ -142,9 +142,9 @@ class OpenPolicy:
         if "\0" in reference:
             raise SafetyError(f"{what} name contains a NUL byte", referrer)
         if "://" in referrer:  # a remote image names only objects beside it
-            from .remote import refs
-            if refs.is_remote(referrer):
-                return refs.resolve_reference(referrer, reference, what)
+            from .remote import is_remote, names
+            if is_remote(referrer):
+                return names.resolve_reference(referrer, reference, what)
         path = beside(referrer, reference)
         real = os.path.realpath(path)
         if self.is_untrusted or confine:

@@ -67,9 +67,10 @@ import http.client
 import os
 import socket
 import threading
-from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from ..errors import ImageIOError, UnsupportedError, UsageError
+from .names import shown_url
 
 BLOCK = 64 << 10          # unit of the small-read cache, and of the first request
 CACHE_BLOCKS = 64         # 4 MiB of recent small reads (headers, tables)
@@ -97,18 +98,6 @@ class _Transient(Exception):
 
 class _Abandoned(Exception):
     """The reader no longer wants this window (it jumped elsewhere)."""
-
-
-def shown_url(url: str) -> str:
-    """``url`` without user:password, for messages."""
-    p = urlsplit(url)
-    if p.username is None and p.password is None:
-        return url
-    host = p.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{p.port}" if p.port else "")
-    return urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
 
 
 def _env_float(name: str, default: float) -> float:
