@@ -109,7 +109,8 @@ def test_a_parent_loop_through_two_files(tmp_path):
               linkage=uuid(2))
     build(os.path.join(d, "b.vdi"), bytes(MIB), image_type=4, create=uuid(2),
           linkage=uuid(1))
-    for argv in (("info", "--backing-chain", a), ("convert", "-O", "raw", a, os.path.join(d, "o.raw"))):
+    for argv in (("info", "--backing-chain", a),
+                 ("convert", "-O", "raw", a, os.path.join(d, "o.raw"))):
         code, _, err = cli(*argv)
         one_line_error(code, err)
         assert "loop" in err
