@@ -144,9 +144,8 @@ def zero_runs(buf, base: int, granularity: int, length: int | None = None,
         length = len(buf) - start
     if length <= 0:
         return
-    if is_zero(buf, start, length):
-        yield base, length, True
-        return
+    # no whole-buffer is_zero first: the screen finds an all-zero batch as one run of
+    # candidates anyway, and a zero head before data would be compared twice
     yield from _coalesce_runs(_granule_runs(memoryview(buf).cast("B")[start:start + length],
                                             base, granularity, length), base)
 
