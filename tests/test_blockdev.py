@@ -156,3 +156,36 @@ def test_a_format_reads_through_a_window(tmp_path):
         with plugin.open(w.path, backend=w) as dev:
             assert dev.size == w.size
             assert dev.read(490, 20) == b"A" * 10 + bytes(10)
+
+
+def test_zero_runs_screen_edges():
+    """The screen decides a granule from its first 8-byte word: granules whose head is
+    zero but whose body is not, zero words that straddle two granules' heads, a
+    granularity that is not a multiple of 8, memoryview input (read in place) and a
+    base that is not granule-aligned all give the granule-by-granule answer."""
+    rng = random.Random(11)
+    for gran in (512, 4096, 1000, 65536):
+        for _ in range(30):
+            count = rng.randint(1, 40)
+            buf = bytearray()
+            for _ in range(count):
+                kind = rng.choice(["zero", "data", "zero-head", "zero-tail", "one-byte"])
+                g = bytearray(gran)
+                if kind == "data":
+                    g[:] = rng.randbytes(gran)
+                elif kind == "zero-head":     # first word zero, data later
+                    g[rng.randint(8, gran - 1)] = rng.randint(1, 255)
+                elif kind == "zero-tail":
+                    g[:8] = rng.randbytes(8)
+                elif kind == "one-byte":
+                    g[gran - 1] = 1
+                buf += g
+            base = rng.choice([0, 8, 512, gran // 2, 3 * gran])
+            lead = rng.randint(0, 9)
+            padded = bytearray(rng.randbytes(lead)) + buf + b"\x01"
+            n = len(buf) - rng.randint(0, gran // 2)
+            want = reference_runs(buf, base, gran, n)
+            assert list(zero_runs(padded, base, gran, n, lead)) == want
+            view = memoryview(padded)[lead:lead + n]
+            assert list(zero_runs(view, base, gran)) == want
+            assert is_zero(view) == (want == [(base, n, True)])

@@ -39,13 +39,13 @@ def is_zero(buf, start: int = 0, length: int | None = None) -> bool:
 
     ``bytes``/``bytearray`` are compared in place with ``startswith`` (a memcmp, no
     copy); a ``memoryview`` comparison would be element by element and 100x slower,
-    so other buffers are copied first.
+    so other buffers are given as the *prefix* of a zero ``bytes`` (``_view_is_zero``),
+    which compares them in place too.
     """
     if length is None:
         length = len(buf) - start
     if not isinstance(buf, (bytes, bytearray)):
-        buf = bytes(memoryview(buf)[start:start + length])
-        start = 0
+        return _view_is_zero(memoryview(buf).cast("B")[start:start + length])
     while length > 0:
         n = min(length, ZERO_BUFFER_SIZE)
         if not buf.startswith(ZEROES[:n], start):
@@ -126,97 +126,114 @@ def zero_runs(buf, base: int, granularity: int, length: int | None = None,
     runs of all-zero and not-all-zero granules, as ``(offset, length, is_zero)``.
 
     Granule boundaries are absolute multiples of ``granularity``, so a writer whose unit
-    is a cluster sees zero runs made of whole clusters. Speed matters here (it runs over
-    every byte a convert reads): inside data, ``find`` of a zero granule jumps straight
-    to the next candidate (a C search that skips a granule at a time over non-zero
-    bytes); inside zeros, runs are extended many granules per comparison.
+    is a cluster sees zero runs made of whole clusters. ``buf`` may be any buffer (a
+    memoryview slice is read in place, never copied).
+
+    Speed matters here: it runs over every byte a convert reads. Python cannot afford a
+    step per byte or even per granule, so the whole batch is screened in C first: the
+    first 8-byte word of every granule is gathered with one strided copy, and ``find``
+    of a zero word in that short string names the candidates. A granule whose first
+    word is not zero is data, decided without touching the rest of it; candidates are
+    compared in full, a whole run of them with one memcmp (which stops at the first
+    non-zero byte). So data bytes are touched 8 per granule and zero bytes once. (The
+    former ``find`` of a whole zero granule re-preprocessed its 4 KiB needle on every
+    call and crawled through data holding short zero runs: callgrind counted 9
+    instructions per byte of file-system-like data.)
     """
     if length is None:
         length = len(buf) - start
-    if not isinstance(buf, (bytes, bytearray)):
-        buf = bytes(memoryview(buf)[start:start + length])
-        start = 0
-    if is_zero(buf, start, length):
-        yield base, length, True
+    if length <= 0:
         return
-    if granularity >= 16384:
-        yield from _zero_runs_by_granule(buf, base, granularity, length, start)
-        return
-    gran = granularity
-    zg = _zero_granule(gran)
-    startswith, find = buf.startswith, buf.find
-    limit = start + length
-
-    def granule_end(pos: int) -> int:
-        return min((base + pos) // gran * gran + gran - base, length)
-
-    def granule_is_zero(pos: int) -> bool:
-        n = granule_end(pos) - pos
-        return startswith(zg if n == gran else ZEROES[:n], start + pos)
-
-    pos = 0
-    while pos < length:
-        first = pos
-        if granule_is_zero(pos):
-            pos = granule_end(pos)
-            step = 64 * gran  # gallop: whole spans of granules at once
-            while pos < length:
-                if pos + step <= length and startswith(ZEROES[:step], start + pos):
-                    pos += step
-                    step = min(step * 2, ZERO_BUFFER_SIZE)
-                elif granule_is_zero(pos):
-                    pos = granule_end(pos)
-                    step = 64 * gran
-                else:
-                    break
-            yield base + first, pos - first, True
-        else:
-            pos = granule_end(pos)
-            while pos < length:
-                i = find(zg, start + pos, limit)
-                if i < 0:
-                    # no whole zero granule left; only a short last one could be zero
-                    last = (base + length - 1) // gran * gran - base
-                    pos = last if last >= pos and granule_is_zero(last) else length
-                    break
-                cand = -(-(base + i - start) // gran) * gran - base  # next boundary
-                if cand >= length:
-                    pos = length
-                    break
-                if granule_is_zero(cand):
-                    pos = cand
-                    break
-                pos = granule_end(cand)
-            yield base + first, pos - first, False
+    # no whole-buffer is_zero first: the screen finds an all-zero batch as one run of
+    # candidates anyway, and a zero head before data would be compared twice
+    yield from _coalesce_runs(_granule_runs(memoryview(buf).cast("B")[start:start + length],
+                                            base, granularity, length), base)
 
 
-def _zero_runs_by_granule(buf, base: int, gran: int, length: int, start: int):
-    """zero_runs for large granules (qcow2 clusters): a batch holds only a few, and one
-    memcmp per granule (which stops at the first non-zero byte) costs less than
-    ``find``, whose two-way search preprocesses its long needle on every call
-    (measured: 0.01 s instead of 0.3 s over the 2 GiB bench disk at 64 KiB)."""
-    startswith = buf.startswith
-    pos, run_start, run_zero = 0, 0, None
-    while pos < length:
-        end = min((base + pos) // gran * gran + gran - base, length)
-        z = startswith(ZEROES[:end - pos], start + pos)
-        if z is not run_zero:
-            if run_zero is not None:
-                yield base + run_start, pos - run_start, run_zero
-            run_start, run_zero = pos, z
-        pos = end
-    yield base + run_start, length - run_start, run_zero
+def _coalesce_runs(runs, base: int):
+    """Merge neighbouring ``(rel_offset, length, zero)`` runs of the same kind."""
+    cur_off, cur_len, cur_zero = 0, 0, None
+    for off, n, z in runs:
+        if z is cur_zero:
+            cur_len += n
+            continue
+        if cur_len:
+            yield base + cur_off, cur_len, cur_zero
+        cur_off, cur_len, cur_zero = off, n, z
+    if cur_len:
+        yield base + cur_off, cur_len, cur_zero
 
 
-_granules: dict[int, bytes] = {}
+def _granule_runs(mv: memoryview, base: int, gran: int, length: int):
+    """Uncoalesced runs of ``mv`` (``length`` bytes at disk offset ``base``)."""
+    head = min((-base) % gran, length)
+    if head:
+        yield 0, head, _view_is_zero(mv[:head])
+    count = (length - head) // gran
+    if count:
+        body = mv[head:head + count * gran]
+        # the first word of every granule, gathered by one strided copy: a granule
+        # whose first word is not zero is data, decided without touching the rest
+        w = 8 if gran % 8 == 0 else 1
+        zw = bytes(w)
+        heads = bytes(body.cast("Q" if w == 8 else "B")[::gran // w])
+        find, run_at = heads.find, _zero_words(w).match
+        i = 0
+        while i < count:
+            p = find(zw, i * w)
+            while p >= 0 and p % w:          # a zero word must start a granule's head
+                p = find(zw, p + w - p % w)
+            c = count if p < 0 else p // w
+            if c > i:
+                yield head + i * gran, (c - i) * gran, False
+            if c >= count:
+                break
+            e = run_at(heads, c * w).end() // w     # a run of candidates
+            a = head + c * gran
+            if _view_is_zero(mv[a:a + (e - c) * gran]):
+                yield a, (e - c) * gran, True
+            else:
+                for j in range(c, e):
+                    a = head + j * gran
+                    yield a, gran, _view_is_zero(mv[a:a + gran])
+            i = e
+    tail = head + count * gran
+    if tail < length:
+        yield tail, length - tail, _view_is_zero(mv[tail:])
 
 
-def _zero_granule(n: int) -> bytes:
-    # bytes, not a view, for find(); cached so each size is built once
-    g = _granules.get(n)
-    if g is None:
-        g = _granules[n] = bytes(n)
-    return g
+_zero_word_runs: dict[int, object] = {}
+
+
+def _zero_words(w: int):
+    """A compiled pattern matching a run of whole ``w``-byte zero words (``re`` is
+    imported only here: convert's first batch pays for it, not start-up)."""
+    pat = _zero_word_runs.get(w)
+    if pat is None:
+        import re
+        pat = _zero_word_runs[w] = re.compile(b"(?:" + b"\\x00" * w + b")+")
+    return pat
+
+
+_ZERO_BYTES_SIZE = 256 << 10
+_zero_bytes: bytes | None = None
+
+
+def _view_is_zero(mv: memoryview) -> bool:
+    """True when the bytes of ``mv`` are all zero: ``bytes.startswith`` takes any buffer
+    as its prefix, so a real bytes object of zeros compares against a memoryview slice
+    in place (a memcmp; the shared mmap view has no ``startswith`` of its own)."""
+    global _zero_bytes
+    if _zero_bytes is None:
+        _zero_bytes = bytes(_ZERO_BYTES_SIZE)
+    zb = _zero_bytes
+    n = len(mv)
+    if n <= _ZERO_BYTES_SIZE:
+        return zb.startswith(mv)
+    for pos in range(0, n, _ZERO_BYTES_SIZE):
+        if not zb.startswith(mv[pos:pos + _ZERO_BYTES_SIZE]):
+            return False
+    return True
 
 
 class ExtentKind(enum.Enum):

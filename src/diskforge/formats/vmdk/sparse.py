@@ -363,9 +363,21 @@ class SparseExtent(VmdkExtent):
             stop = min(end, (g + 1) * grain)
             if self._zeroed(e):
                 yield pos, stop - pos, ZERO, None
+            elif not self.compressed:
+                # grains stored one after another (qemu-img and VMware write them in
+                # disk order) are one run: one extent per run, not per grain, spares
+                # convert an Extent and a coalesce step per 64 KiB (cProfile: 0.1 s of
+                # a 512 MiB vmdk->raw)
+                limit = min(gtes, last_g - i * gtes + 1)
+                step = self.grain_sectors
+                jj, want = j + 1, e + step
+                while jj < limit and gt[jj] == want:
+                    jj += 1
+                    want += step
+                stop = min(end, (i * gtes + jj) * grain)
+                yield pos, stop - pos, DATA, e * SECTOR + pos - g * grain
             else:
-                yield pos, stop - pos, DATA, None if self.compressed else \
-                    e * SECTOR + pos - g * grain
+                yield pos, stop - pos, DATA, None
             pos = stop
 
     # -- writing -------------------------------------------------------------------------
