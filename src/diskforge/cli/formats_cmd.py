@@ -6,7 +6,13 @@ from __future__ import annotations
 def cmd_formats(args) -> int:
     import json
 
-    from ..registry import all_formats
+    from ..registry import all_formats, get
+    if args.options:
+        # ``-o help`` prints qemu-img's listing verbatim; this is where every option
+        # diskforge takes (its own ones too) is listed
+        from .qemu_text import own_option_help
+        print(own_option_help(get(args.options)), end="")
+        return 0
     rows = []
     for plugin in all_formats().values():
         rows.append({"name": plugin.name, "aliases": list(plugin.aliases),
@@ -33,4 +39,7 @@ def cmd_formats(args) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("formats", help="list the image formats and what each can do")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--options", metavar="FMT",
+                   help="list every -o option diskforge takes for FMT, its own included"
+                        " (-o help prints qemu-img's listing)")
     p.set_defaults(func=cmd_formats)

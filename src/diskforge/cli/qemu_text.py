@@ -67,13 +67,130 @@ def formatting_line(filename: str, fmt: str, size: int, given: dict[str, str],
     return f"Formatting '{filename}', fmt={fmt} " + " ".join(parts)
 
 
+# qemu-img 7.2's ``-o help`` option lines, verbatim (``qemu-img create -f FMT -o help``,
+# ``qemu-img amend -f qcow2 -o help``), so scripts and people comparing the two tools see
+# the same listing. diskforge accepts every option listed (the encrypt.* ones and
+# encryption with "not supported yet"); the options diskforge adds are listed by
+# ``diskforge formats --options FMT``, not here: the listing stays qemu-img's byte for byte.
+_QEMU_OPTION_LINES: dict[str, str] = {
+    'qcow2': (
+        '  backing_file=<str>     - File name of a base image\n'
+        '  backing_fmt=<str>      - Image format of the base image\n'
+        '  cluster_size=<size>    - qcow2 cluster size\n'
+        '  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n'
+        '  compression_type=<str> - Compression method used for image cluster compression\n'
+        '  data_file=<str>        - File name of an external data file\n'
+        '  data_file_raw=<bool (on/off)> - The external data file must stay valid as a '
+        'raw image\n'
+        '  encrypt.cipher-alg=<str> - Name of encryption cipher algorithm\n'
+        '  encrypt.cipher-mode=<str> - Name of encryption cipher mode\n'
+        "  encrypt.format=<str>   - Encrypt the image, format choices: 'aes', 'luks'\n"
+        '  encrypt.hash-alg=<str> - Name of encryption hash algorithm\n'
+        '  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds\n'
+        '  encrypt.ivgen-alg=<str> - Name of IV generator algorithm\n'
+        '  encrypt.ivgen-hash-alg=<str> - Name of IV generator hash algorithm\n'
+        '  encrypt.key-secret=<str> - ID of secret providing qcow AES key or LUKS '
+        'passphrase\n'
+        "  encryption=<bool (on/off)> - Encrypt the image with format 'aes'. "
+        '(Deprecated in favor of encrypt.format=aes)\n'
+        '  extended_l2=<bool (on/off)> - Extended L2 tables\n'
+        '  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n'
+        '  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, '
+        'falloc, full)\n'
+        '  refcount_bits=<num>    - Width of a reference count entry in bits\n'
+        '  size=<size>            - Virtual disk size\n'
+    ),
+    'raw': (
+        '  size=<size>            - Virtual disk size\n'
+    ),
+    'vpc': (
+        '  force_size=<bool (on/off)> - Force disk size calculation to use the actual '
+        'size specified, rather than using the nearest CHS-based calculation\n'
+        '  size=<size>            - Virtual disk size\n'
+        '  subformat=<str>        - Type of virtual hard disk format. Supported '
+        'formats are {dynamic (default) | fixed} \n'
+    ),
+    'vhdx': (
+        '  block_size=<size>      - Block Size; min 1MB, max 256MB. 0 means '
+        'auto-calculate based on image size.\n'
+        '  block_state_zero=<bool (on/off)> - Force use of payload blocks of type '
+        "'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img "
+        "convert' with subformat=dynamic.\n"
+        '  log_size=<size>        - Log size; min 1MB.\n'
+        '  size=<size>            - Virtual disk size; max of 64TB.\n'
+        "  subformat=<str>        - VHDX format type, can be either 'dynamic' or "
+        "'fixed'. Default is 'dynamic'.\n"
+    ),
+    'vmdk': (
+        '  adapter_type=<str>     - Virtual adapter type, can be one of ide (default), '
+        'lsilogic, buslogic or legacyESX\n'
+        '  backing_file=<str>     - File name of a base image\n'
+        "  backing_fmt=<str>      - Must be 'vmdk' if present\n"
+        '  compat6=<bool (on/off)> - VMDK version 6 image\n'
+        '  hwversion=<str>        - VMDK hardware version\n'
+        '  size=<size>            - Virtual disk size\n'
+        '  subformat=<str>        - VMDK flat extent format, can be one of '
+        '{monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | '
+        'twoGbMaxExtentFlat | streamOptimized} \n'
+        '  toolsversion=<str>     - VMware guest tools version\n'
+        '  zeroed_grain=<bool (on/off)> - Enable efficient zero writes using the '
+        'zeroed-grain GTE feature\n'
+    ),
+    'vdi': (
+        '  size=<size>            - Virtual disk size\n'
+        '  static=<bool (on/off)> - VDI static (pre-allocated) image\n'
+    ),
+}
+_QEMU_AMEND_LINES: dict[str, str] = {
+    'qcow2': (
+        '  backing_file=<str>     - File name of a base image\n'
+        '  backing_fmt=<str>      - Image format of the base image\n'
+        '  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n'
+        '  data_file=<str>        - File name of an external data file\n'
+        '  data_file_raw=<bool (on/off)> - The external data file must stay valid as a '
+        'raw image\n'
+        '  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds\n'
+        '  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly\n'
+        '  encrypt.new-secret=<str> - New secret to set in the matching keyslots. '
+        'Empty string to erase\n'
+        '  encrypt.old-secret=<str> - Select all keyslots that match this password\n'
+        '  encrypt.state=<str>    - Select new state of affected keyslots '
+        '(active/inactive)\n'
+        '  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n'
+        '  refcount_bits=<num>    - Width of a reference count entry in bits\n'
+        '  size=<size>            - Virtual disk size\n'
+    ),
+}
+
+
 _QEMU_TYPE = {"bool": "bool (on/off)", "int": "num", "size": "size", "str": "str"}
 
 
 def option_help(fmt, *, amend: bool = False) -> str:
     """A format's ``-o`` options in qemu-img's layout (``Supported qcow2 options:``, one
     ``  name=<type> - help`` line each, sorted by name, ``size`` included), with
-    diskforge's own descriptions."""
+    diskforge's own descriptions. For the formats qemu-img 7.2 has, its own listing,
+    verbatim: scripts and people comparing the tools see the same text."""
+    table = _QEMU_AMEND_LINES if amend else _QEMU_OPTION_LINES
+    if fmt.name in table:
+        lines = [table[fmt.name].rstrip("\n")]
+    else:
+        lines = _own_option_lines(fmt)
+    title = f"Amend options for '{fmt.name}':" if amend else f"Supported {fmt.name} options:"
+    out = title + "\n" + "\n".join(lines) + "\n"
+    if not amend:
+        out += ("\nThe protocol level may support further options.\n"
+                "Specify the target filename to include those options.\n")
+    return out
+
+
+def own_option_help(fmt) -> str:
+    """Every ``-o`` option diskforge takes for ``fmt`` (qemu-img's and its own), in the
+    same layout: what ``diskforge formats --options FMT`` prints."""
+    return f"diskforge {fmt.name} options:\n" + "\n".join(_own_option_lines(fmt)) + "\n"
+
+
+def _own_option_lines(fmt) -> list[str]:
     rows = {r["name"]: r for r in fmt.options.describe()}
     lines = []
     names = sorted(set(rows) | {"size"})
@@ -93,12 +210,7 @@ def option_help(fmt, *, amend: bool = False) -> str:
             text += f" ({'; '.join(extra)})"
         head = f"  {name}=<{typ}>"
         lines.append(f"{head:<24} - {text}" if len(head) < 24 else f"{head} - {text}")
-    title = f"Amend options for '{fmt.name}':" if amend else f"Supported {fmt.name} options:"
-    out = title + "\n" + "\n".join(lines) + "\n"
-    if not amend:
-        out += ("\nThe protocol level may support further options.\n"
-                "Specify the target filename to include those options.\n")
-    return out
+    return lines
 
 
 def pop_size(specs: list[str]) -> tuple[str | None, list[str]]:

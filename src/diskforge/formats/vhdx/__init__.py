@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...errors import UsageError
+from ...errors import UnsupportedError, UsageError
 from ...options import Options, option
 from ...registry import Format, Measurement
 
@@ -32,6 +32,12 @@ class VhdxOptions(Options):
     logical_sector_size: int = option(0, "512 or 4096; 0: 512, or the parent's for a"
                                       " differencing disk")
     physical_sector_size: int = option(4096, "512 or 4096 (what the guest is told)")
+    # qemu-img's key, accepted so its scripts run: in qemu it only changes a fixed disk
+    # (blocks PAYLOAD_BLOCK_ZERO instead of FULLY_PRESENT); diskforge's fixed disks keep
+    # FULLY_PRESENT blocks (over a sparse file, reading as zeros), which is what off means
+    block_state_zero: bool = option(False, "qemu-img's: ZERO payload state for a fixed"
+                                    " disk's blocks; on with subformat=fixed is not"
+                                    " supported yet (diskforge writes them FULLY_PRESENT)")
 
     def validate(self) -> None:
         bs = self.block_size
@@ -47,6 +53,10 @@ class VhdxOptions(Options):
         if self.physical_sector_size not in (512, 4096):
             raise UsageError(f"invalid value {self.physical_sector_size} for option"
                              " 'physical_sector_size': 512 or 4096")
+        if self.block_state_zero and self.subformat == "fixed":
+            raise UnsupportedError("not supported yet: block_state_zero=on for a fixed VHDX"
+                                   " (diskforge writes its blocks FULLY_PRESENT, as"
+                                   " block_state_zero=off)")
 
 
 class VhdxFormat(Format):
