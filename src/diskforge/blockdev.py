@@ -294,8 +294,8 @@ class LayerExtent:
     device: "BlockDevice"
 
 
-def chain_extents(dev: "BlockDevice", offset: int = 0,
-                  length: int | None = None) -> Iterator[LayerExtent]:
+def chain_extents(dev: "BlockDevice", offset: int = 0, length: int | None = None, *,
+                  as_mapped: bool = False) -> Iterator[LayerExtent]:
     """The extents of what a reader of ``dev`` sees, BACKING runs resolved down the
     backing chain: the one walker of a chain (as QEMU's
     ``bdrv_co_common_block_status_above``), for ``map``, the NBD server's block status
@@ -304,17 +304,18 @@ def chain_extents(dev: "BlockDevice", offset: int = 0,
     ended (qemu's block status sets ZERO there, on that layer, "offset >= the backing
     file's length", and ``qemu-img map`` 7.2 prints that layer's depth). Extents
     are clipped to ``[offset, offset+length)``, and a plugin that stops short has the
-    rest reported as DATA (always safe)."""
+    rest reported as DATA (always safe). ``as_mapped``: each layer's ``map_extents``
+    (what ``qemu-img map`` prints) instead of its ``extents``."""
     if length is None:
         length = dev.size - offset
-    yield from _chain_extents(dev, offset, length, 0)
+    yield from _chain_extents(dev, offset, length, 0, as_mapped)
 
 
 def _chain_extents(dev: "BlockDevice", offset: int, length: int,
-                   depth: int) -> Iterator[LayerExtent]:
+                   depth: int, as_mapped: bool = False) -> Iterator[LayerExtent]:
     end = offset + length
     pos = offset
-    for e in dev.extents(offset, length):
+    for e in (dev.map_extents if as_mapped else dev.extents)(offset, length):
         start, stop = max(e.offset, pos), min(e.end, end)
         if stop <= start:
             continue
@@ -323,7 +324,8 @@ def _chain_extents(dev: "BlockDevice", offset: int, length: int,
             below = dev.backing
             inside = 0 if below is None else max(0, min(stop, below.size) - start)
             if inside:
-                yield from _chain_extents(below, start, inside, depth + 1)
+                yield from _chain_extents(below, start, inside, depth + 1,
+                                          as_mapped)
             if start + inside < stop:
                 yield LayerExtent(Extent(start + inside, stop - start - inside,
                                          ExtentKind.ZERO, False), depth, dev)
@@ -430,6 +432,13 @@ class BlockDevice(abc.ABC):
             length = self.size - offset
         if length > 0:
             yield Extent(offset, length, ExtentKind.DATA)
+
+    def map_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """The extents ``qemu-img map`` prints: ``extents`` itself, unless qemu's
+        driver of the format reports coarser runs than diskforge finds (a dynamic
+        VHD's whole blocks). Only ``map`` asks; convert, compare and the NBD server
+        keep the finer ``extents`` (holes inside a block are never read)."""
+        return self.extents(offset, length)
 
     # -- writing ------------------------------------------------------------------
     # As nbdkit's server checks every request before a plugin sees it: ``write`` and

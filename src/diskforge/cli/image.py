@@ -496,7 +496,7 @@ def cmd_map(args) -> int:
     start = parse_size(args.start_offset, "start offset") if args.start_offset else 0
     with open_source(args.filename, args.f, args, snapshot=args.snapshot) as dev:
         length = parse_size(args.max_length, "length") if args.max_length else None
-        entries = map_image(dev, min(start, dev.size), length)
+        entries = map_image(dev, min(start, dev.size), length, as_mapped=True)
         print(format_json(entries) if args.output == "json" else format_human(entries))
     return 0
 

@@ -45,10 +45,11 @@ class MapEntry:
         return d
 
 
-def resolve(dev: BlockDevice, offset: int = 0,
-            length: int | None = None) -> Iterator[MapEntry]:
-    """Uncoalesced entries for ``[offset, offset+length)`` with the chain resolved."""
-    for le in chain_extents(dev, offset, length):
+def resolve(dev: BlockDevice, offset: int = 0, length: int | None = None, *,
+            as_mapped: bool = False) -> Iterator[MapEntry]:
+    """Uncoalesced entries for ``[offset, offset+length)`` with the chain resolved
+    (``as_mapped``: as ``qemu-img map`` reports them, see ``BlockDevice.map_extents``)."""
+    for le in chain_extents(dev, offset, length, as_mapped=as_mapped):
         e, depth = le.extent, le.depth
         if e.kind is ExtentKind.ZERO:
             # qemu shows the offset of reserved but unallocated space too (qcow2
@@ -62,14 +63,15 @@ def resolve(dev: BlockDevice, offset: int = 0,
                            e.host_file or le.device.path)
 
 
-def map_image(dev: BlockDevice, offset: int = 0,
-              length: int | None = None) -> Iterator[MapEntry]:
-    """Coalesced map entries, in order, covering the requested range."""
+def map_image(dev: BlockDevice, offset: int = 0, length: int | None = None, *,
+              as_mapped: bool = False) -> Iterator[MapEntry]:
+    """Coalesced map entries, in order, covering the requested range (``as_mapped``:
+    qemu-img map's granularity, for the ``map`` command; measure keeps the finer one)."""
     if length is None:
         length = dev.size - offset
     length = max(0, min(length, dev.size - offset))
     cur: MapEntry | None = None
-    for e in resolve(dev, offset, length):
+    for e in resolve(dev, offset, length, as_mapped=as_mapped):
         if cur is not None and cur.continues(e):
             cur.length += e.length
         else:

@@ -421,6 +421,35 @@ class VhdDevice(FileDevice):
                 for o, n, data in self.backend.data_ranges(offset, offset + length))
         return coalesce(self._block_extents(offset, length))
 
+    def map_extents(self, offset: int = 0, length: int | None = None):
+        """As qemu's vpc driver reports block status: an allocated block of a dynamic
+        disk is data as a whole, from its first byte's place in the file (holes of the
+        host file inside it included), so ``map`` prints what qemu-img prints.
+        ``extents`` keeps finding those holes, for convert and compare."""
+        if self.disk_type != DYNAMIC:
+            return self.extents(offset, length)
+        if length is None:
+            length = self.size - offset
+        self.check_range(offset, length)
+        self._ensure_sound()
+        return coalesce(self._whole_blocks(offset, length))
+
+    def _whole_blocks(self, offset: int, length: int):
+        bs, end, pos = self.block_size, offset + length, offset
+        while pos < end:
+            blk, inb = divmod(pos, bs)
+            entry = self.bat[blk]
+            if entry == UNUSED:
+                nxt = skip_filled(self.bat, blk + 1, (end - 1) // bs + 1, 0xFF)
+                run_end = min(end, nxt * bs)
+                yield Extent(pos, run_end - pos, ExtentKind.ZERO, True)
+                pos = run_end
+                continue
+            cnt = min(bs - inb, end - pos)
+            yield Extent(pos, cnt, ExtentKind.DATA, True,
+                         entry * SECTOR + self.bitmap_size + inb)
+            pos += cnt
+
     def _used_blocks(self):
         """Indices of the BAT entries in use, unused stretches skipped at memory
         speed."""
