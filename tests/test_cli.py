@@ -76,15 +76,43 @@ def test_create_and_convert_infer_format_from_extension(workdir):
     assert "-O" in err
 
 
-def test_option_help_lists_options_with_defaults(workdir):
-    """qemu-img's layout ("Supported raw options:", "  name=<type>   - help"), with the
-    choices and defaults in the text; no file names needed, as qemu-img."""
+def test_option_help_is_qemu_imgs_and_formats_lists_diskforges(workdir):
+    """``-o help`` prints qemu-img 7.2's listing (no file names needed, as qemu-img; the
+    matrix compares it with qemu-img's byte for byte); ``formats --options`` lists every
+    option diskforge takes, raw's preallocation (which qemu-img leaves to the protocol
+    level) with its choices and default."""
     code, out, _ = cli("convert", "-O", "raw", "-o", "help", "a", "b")
     assert code == 0 and out.startswith("Supported raw options:\n")
-    assert "  preallocation=<str>    - " in out and "off, falloc, full; default: off" in out
+    assert "  size=<size>            - Virtual disk size\n" in out
+    assert "preallocation" not in out
     assert cli("create", "-f", "raw", "-o", "?", "x")[1] == out
     assert cli("create", "-f", "raw", "-o", "help")[:2] == (0, out)
     assert cli("convert", "-O", "raw", "-o", "?")[:2] == (0, out)
+    code, own, _ = cli("formats", "--options", "raw")
+    assert code == 0 and own.startswith("diskforge raw options:\n")
+    assert "  preallocation=<str>    - " in own and "off, falloc, full; default: off" in own
+    code, own, _ = cli("formats", "--options", "vhdx")
+    assert code == 0 and "logical_sector_size=<num>" in own and "block_state_zero" in own
+    code, _, err = cli("formats", "--options", "nosuchformat")
+    one_line_error(code, err)
+
+
+def test_vhdx_takes_qemu_imgs_block_state_zero(workdir):
+    """Listed by ``-o help`` as in qemu-img, so accepted: off (what diskforge's fixed
+    disks are), either value on a dynamic disk (qemu ignores it there too); on with
+    subformat=fixed is not supported yet, said so."""
+    for i, opt in enumerate(("block_state_zero=off", "block_state_zero=on",
+                             "subformat=fixed,block_state_zero=off")):
+        path = os.path.join(workdir, f"ok{i}.vhdx")
+        code, _, err = cli("create", "-f", "vhdx", "-o", opt, path, "8M")
+        assert code == 0, err
+        need("qemu-img")
+        assert run("qemu-img", "check", path).returncode == 0
+    bad = os.path.join(workdir, "no.vhdx")
+    code, _, err = cli("create", "-f", "vhdx", "-o", "subformat=fixed,block_state_zero=on",
+                       bad, "8M")
+    one_line_error(code, err)
+    assert "not supported yet" in err and not os.path.exists(bad)
 
 
 def test_formats_table_comes_from_the_registry(monkeypatch):

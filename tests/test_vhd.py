@@ -32,8 +32,10 @@ def test_names_and_extensions():
     assert get("vpc") is get("vhd") is get("VHD")
     assert get("vpc").name == "vpc"
     code, out, _ = cli("convert", "-O", "vhd", "-o", "help", "x", "y")
-    assert code == 0 and "subformat=<str>" in out and "dynamic, fixed" in out
+    assert code == 0 and "subformat=<str>" in out and "dynamic (default) | fixed" in out
     assert "force_size" in out
+    code, out, _ = cli("formats", "--options", "vhd")  # diskforge's own keys too
+    assert code == 0 and "block_size=<size>" in out and "dynamic, fixed" in out
 
 
 # -- reading what qemu-img makes -------------------------------------------------------------
@@ -427,3 +429,28 @@ def test_probe_sees_the_footer_of_a_fixed_disk_between_64_and_128_kib(workdir):
                vhd)[0] == 0
     assert 64 << 10 < os.path.getsize(vhd) < 128 << 10
     assert probe(vhd).name == "vpc"
+
+
+def test_map_reports_whole_blocks_as_qemu_while_convert_skips_holes(tmp_path):
+    """qemu's vpc driver calls an allocated block data as a whole; ``map`` prints the
+    same, byte for byte. ``extents`` (what convert and compare walk) still knows the
+    host file's holes inside the block, so the raw copy stays sparse there."""
+    need("qemu-img")
+    need("qemu-io")
+    vpc = str(tmp_path / "d.vpc")
+    run("qemu-img", "create", "-q", "-f", "vpc", vpc, "8M")
+    run("qemu-io", "-f", "vpc", "-c", "write -P 0x5a 64k 4k", vpc)
+    for argv in (["map"], ["map", "--output", "json"]):
+        theirs = run("qemu-img", *argv, vpc).stdout
+        code, ours, err = cli(*argv, vpc)
+        assert code == 0 and ours == theirs, err
+    with diskforge.open(vpc) as dev:
+        data = [e for e in dev.extents() if e.kind is ExtentKind.DATA]
+        assert sum(e.length for e in data) < 1 << 20  # the block's holes are known
+        mapped = [e for e in dev.map_extents() if e.kind is ExtentKind.DATA]
+        assert [(e.offset, e.length) for e in mapped] == [(0, 2 << 20)]
+    raw = str(tmp_path / "d.raw")
+    code, _, err = cli("convert", "-O", "raw", vpc, raw)
+    assert code == 0, err
+    assert run("qemu-img", "compare", "-f", "vpc", "-F", "raw", vpc, raw).returncode == 0
+    assert os.stat(raw).st_blocks * 512 < 1 << 20  # not the whole 2 MiB block written
