@@ -87,5 +87,13 @@ CASES = [
                                            "raw", c.cache["qcow2"],
                                            c.path("out-qi-file.raw")],
              lambda c: c.path("out-qi-file.raw"), have("qemu-img")),
+        # the other judge: what users do when qemu-img's curl driver stalls (it does
+        # here, at 0% CPU): download with curl, then convert the local copy
+        Tool("curl + qemu-img", lambda c: [
+            "sh", "-c", 'curl -sf -o "$1" "$0" && qemu-img convert -f qcow2 -O raw "$1" "$2";'
+            ' s=$?; rm -f "$1"; exit $s', _url(c), c.path("dl-http.qcow2"),
+            c.path("out-curl-http.raw")],
+            lambda c: c.path("out-curl-http.raw"),
+            lambda: have("qemu-img")() and have("curl")() and _nginx_available()),
     ], setup=_setup),
 ]
