@@ -45,6 +45,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -110,6 +111,9 @@ def have(tool: str) -> Callable[[], bool]:
     return lambda: shutil.which(tool) is not None
 
 
+RUN_TIMEOUT = float(os.environ.get("DISKFORGE_BENCH_TIMEOUT", "600"))  # seconds per run
+
+
 def run_once(argv: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS in bytes of one run (raises on failure).
 
@@ -123,8 +127,16 @@ def run_once(argv: list[str]) -> tuple[float, int]:
         os.sync()
         start = time.perf_counter()
         proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a tool that stalls (qemu-img's curl driver has, at 0% CPU) is killed and left
+        # out rather than hanging the whole run; a timer, so the wait itself stays exact
+        timer = threading.Timer(RUN_TIMEOUT, proc.kill)
+        timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - start
+        timer.cancel()
+        if elapsed >= RUN_TIMEOUT:
+            proc.stderr.close()
+            raise RuntimeError(f"{' '.join(argv)} timed out after {RUN_TIMEOUT:.0f} s")
         err = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
         code = os.waitstatus_to_exitcode(status)
