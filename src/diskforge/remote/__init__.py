@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
 
 # scheme -> module under diskforge.remote that has open_backend(url, **options)
 SCHEMES = {
@@ -62,3 +62,65 @@ def open_upload(url: str, **options):
     if not hasattr(module, "open_upload"):
         raise UsageError(f"not supported yet: writing to {scheme_of(url)}:// names", url)
     return module.open_upload(url, **options)
+
+
+class RemoteBackend:
+    """The parts of FileBackend's reading interface every scheme shares, written once:
+    ``size``, ``pread``, ``read_exact``, all-data ``data_ranges`` (a scheme that can
+    tell holes, NBD, overrides it), the write calls refused through ``_refuse``, and
+    the context manager. A subclass sets ``path`` and ``_size`` and defines
+    ``readinto``, ``close`` and ``_refuse`` (its own words for "not written here")."""
+
+    is_block_device = False
+    writable = False
+    path: str
+    _size: int
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def allocated_bytes(self) -> int:
+        return sum(n for _, n, data in self.data_ranges(0, self._size) if data)
+
+    def readinto(self, offset: int, buf) -> int:
+        raise NotImplementedError
+
+    def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or a FormatError naming ``what``."""
+        buf = bytearray(length)
+        if self.readinto(offset, buf) != length:
+            raise FormatError(f"{what} at offset {offset} (+{length}) is past the end of"
+                              f" the object ({self._size} bytes): truncated", self.path)
+        return bytes(buf)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        n = self.readinto(offset, buf)
+        return bytes(buf[:n]) if n < length else bytes(buf)
+
+    def data_ranges(self, offset: int, end: int):
+        """All data: the scheme cannot tell holes (the format's own map does)."""
+        end = min(end, self._size)
+        if end > offset:
+            yield offset, end - offset, True
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def pwrite(self, *args, **kwargs):
+        self._refuse()
+
+    write_zeroes = truncate = punch_hole = pwrite
+
+    def flush(self, *, durable: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -70,6 +70,7 @@ import threading
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from ..errors import ImageIOError, UnsupportedError, UsageError
+from . import RemoteBackend
 from .names import shown_url
 
 BLOCK = 64 << 10          # unit of the small-read cache, and of the first request
@@ -118,11 +119,8 @@ class _Window:
         self.buf: bytearray | None = None
 
 
-class HttpBackend:
+class HttpBackend(RemoteBackend):
     """A remote object read with ranged GETs (see the module docstring)."""
-
-    is_block_device = False
-    writable = False
 
     def __init__(self, url: str, *, timeout: float | None = None, tries: int = TRIES,
                  connections: int = CONNECTIONS, window: int = WINDOW,
@@ -464,13 +462,6 @@ class HttpBackend:
         return got
 
     # -- the reading interface --------------------------------------------------------
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def allocated_bytes(self) -> int:
-        return self._size
-
     def readinto(self, offset: int, buf) -> int:
         """Read up to ``len(buf)`` bytes at ``offset``; short only at the object's end."""
         if self.closed:
@@ -500,28 +491,8 @@ class HttpBackend:
             self._last_end = end
         return n
 
-    def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
-        from ..blockdev import FileBackend
-        return FileBackend.read_exact(self, offset, length, what)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        n = self.readinto(offset, buf)
-        return bytes(buf[:n]) if n < length else bytes(buf)
-
-    def data_ranges(self, offset: int, end: int):
-        """All data: HTTP cannot tell holes (the format's own map does)."""
-        end = min(end, self._size)
-        if end > offset:
-            yield offset, end - offset, True
-
     def _refuse(self, *args, **kwargs):
         raise UnsupportedError(WRITE_REFUSED, self.name)
-
-    pwrite = write_zeroes = truncate = punch_hole = _refuse
-
-    def flush(self, *, durable: bool = True) -> None:
-        pass
 
     def close(self) -> None:
         if self.closed:
@@ -543,12 +514,6 @@ class HttpBackend:
             conn.close()
         self._cache.clear()
         self._free.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- small reads: the block cache -------------------------------------------------
     def _from_cache(self, pos: int, out: memoryview) -> int:

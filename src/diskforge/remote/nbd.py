@@ -40,6 +40,7 @@ from ..nbd_protocol import (
     NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
     NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
     NBD_STATE_ZERO, NBD_STRUCTURED_REPLY_MAGIC, NBDMAGIC)
+from . import RemoteBackend
 
 DEFAULT_PORT = 10809                      # IANA's NBD port, the URI default
 TIMEOUT = 60.0                            # seconds for any one socket operation
@@ -79,12 +80,9 @@ def parse_url(url: str) -> tuple[object, str]:
                      " nbd+unix:///NAME?socket=PATH)", url)
 
 
-class NBDBackend:
+class NBDBackend(RemoteBackend):
     """One connection to one export, with FileBackend's reading interface. Calls are
     serialised by a lock: one conversation on one socket, whichever thread asks."""
-
-    is_block_device = False
-    writable = False
 
     def __init__(self, url: str, *, timeout: float = TIMEOUT) -> None:
         self.path = url
@@ -333,11 +331,6 @@ class NBDBackend:
                             "no progress (an empty or zero-length extent)")
         return extents
 
-    # -- FileBackend's reading interface ----------------------------------------------
-    @property
-    def size(self) -> int:
-        return self._size
-
     def readinto(self, offset: int, buf) -> int:
         if self.closed:
             raise ImageIOError("read after close", self.path)
@@ -348,18 +341,6 @@ class NBDBackend:
         with self._lock:
             self._read_pieces(offset, mv[:n])
         return n
-
-    def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
-        buf = bytearray(length)
-        if self.readinto(offset, buf) != length:
-            raise FormatError(f"{what} at offset {offset} (+{length}) is past the end of the"
-                              f" export ({self._size} bytes): truncated", self.path)
-        return bytes(buf)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        n = self.readinto(offset, buf)
-        return bytes(buf[:n]) if n < length else bytes(buf)
 
     def data_ranges(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
         """Runs from ``NBD_CMD_BLOCK_STATUS``: a range the server says reads as zeros
@@ -382,16 +363,8 @@ class NBDBackend:
                 yield pos, n, not flags & NBD_STATE_ZERO
                 pos += n
 
-    def allocated_bytes(self) -> int:
-        return sum(n for _, n, data in self.data_ranges(0, self._size) if data)
-
     def _refuse(self, *args, **kwargs):
         raise UnsupportedError("not supported yet: writing to an NBD export", self.path)
-
-    pwrite = write_zeroes = truncate = punch_hole = _refuse
-
-    def flush(self, *, durable: bool = True) -> None:
-        pass
 
     def close(self) -> None:
         if self.closed:
@@ -403,12 +376,6 @@ class NBDBackend:
         except (ImageIOError, OSError):
             pass
         self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class _OptionRefused(Exception):

@@ -43,6 +43,7 @@ from concurrent.futures import CancelledError
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ImageIOError, UsageError
+from . import RemoteBackend
 
 # ranged GETs: 8 MiB each, 4 in flight (S3's own guidance: 8-16 MiB ranges, parallel)
 BLOCK = 8 << 20
@@ -181,12 +182,9 @@ def retrying(fn, url: str, doing: str, *, attempts: int = RETRIES):
         delay *= 2
 
 
-class S3Backend:
+class S3Backend(RemoteBackend):
     """FileBackend's reading interface over one S3 object (see the module docstring).
     Writes are refused: an object is replaced whole, by :class:`S3Upload`."""
-
-    is_block_device = False
-    writable = False
     remote = True  # a whole image of its own, unlike a window into another file
 
     def __init__(self, url: str, *, block_size: int = BLOCK, inflight: int = INFLIGHT,
@@ -223,13 +221,6 @@ class S3Backend:
         except Exception as e:  # noqa: BLE001 - only a clear 404 changes the message
             if _status(e) == 404 or _code(e) in ("404", "NoSuchBucket"):
                 raise ImageIOError("no such bucket", self.path) from None
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def allocated_bytes(self) -> int:
-        return self._size
 
     # -- one ranged GET ------------------------------------------------------------------
     def _get(self, index: int) -> bytes:
@@ -317,33 +308,9 @@ class S3Backend:
             done += hi - lo
         return done
 
-    def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
-        from ..errors import FormatError
-        buf = bytearray(length)
-        if self.readinto(offset, buf) != length:
-            raise FormatError(f"{what} at offset {offset} (+{length}) is past the end of"
-                              f" the object ({self._size} bytes): truncated", self.path)
-        return bytes(buf)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        n = self.readinto(offset, buf)
-        return bytes(buf[:n]) if n < length else bytes(buf)
-
-    def data_ranges(self, offset: int, end: int):
-        """An object has no holes that S3 tells of: all data."""
-        end = min(end, self._size)
-        if end > offset:
-            yield offset, end - offset, True
-
     def _refuse(self, *args, **kwargs):
         raise ImageIOError("an S3 object is not written in place; convert to a new"
                            " s3:// name instead", self.path)
-
-    pwrite = write_zeroes = truncate = punch_hole = _refuse
-
-    def flush(self, *, durable: bool = True) -> None:
-        pass
 
     def close(self) -> None:
         if self.closed:
@@ -355,12 +322,6 @@ class S3Backend:
             self._blocks.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_backend(url: str, **options) -> S3Backend:
