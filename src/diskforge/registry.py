@@ -566,13 +566,7 @@ def _open_local(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
                          " a disk of a file that holds several (ova, ovf)", path)
     policy.check_referenced_format(path, plugin.name)
     policy = policy.descend(path)
-    extra: dict[str, object] = {}
-    if key is not None and plugin.takes_key:
-        extra["key"] = key
-    if snapshot is not None:
-        if not plugin.snapshots:
-            raise UnsupportedError(f"{plugin.name} images have no internal snapshots", path)
-        extra["snapshot"] = snapshot
+    extra = _open_options(plugin, path, snapshot, key)
     if member is not None:
         extra["member"] = member
     try:
@@ -588,6 +582,21 @@ def _open_local(path: str, fmt: str | None, writable: bool, policy: OpenPolicy,
         if hasattr(e, "errno"):  # callers tell lasting errors apart by it
             outer.errno = e.errno
         raise outer from None
+
+
+def _open_options(plugin: Format, path: str, snapshot: str | None,
+                  key: bytes | None) -> dict[str, object]:
+    """The keyword arguments ``plugin.open`` takes for this open: the key only for
+    formats that take one (qemu's key-secret means nothing to the others), the
+    snapshot only for formats that have them."""
+    extra: dict[str, object] = {}
+    if key is not None and plugin.takes_key:
+        extra["key"] = key
+    if snapshot is not None:
+        if not plugin.snapshots:
+            raise UnsupportedError(f"{plugin.name} images have no internal snapshots", path)
+        extra["snapshot"] = snapshot
+    return extra
 
 
 def _open_remote(url: str, fmt: str | None, writable: bool, policy: OpenPolicy,
@@ -607,14 +616,7 @@ def _open_remote(url: str, fmt: str | None, writable: bool, policy: OpenPolicy,
             raise UnsupportedError(f"not supported yet: reading {plugin.name} images", url)
         policy.check_referenced_format(url, plugin.name)
         policy = policy.descend(url)
-        extra: dict[str, object] = {}
-        if key is not None and plugin.takes_key:
-            extra["key"] = key
-        if snapshot is not None:
-            if not plugin.snapshots:
-                raise UnsupportedError(f"{plugin.name} images have no internal snapshots",
-                                       url)
-            extra["snapshot"] = snapshot
+        extra = _open_options(plugin, url, snapshot, key)
         return plugin.open(url, writable=False, policy=policy, backend=backend, **extra)
     except BaseException:
         backend.close()
