@@ -3,18 +3,22 @@
 convert (boto3's ``download_file``, as ``aws s3 cp`` does it, then ``qemu-img convert``),
 with the peak RSS of each.
 
-The server is moto's standalone server (``moto[server]``, the test extra), started once
-in its own process when the case runs and stopped when the benchmark exits; the object
-is uploaded once. moto is a Python server, so absolute times say more about it than
-about S3: the row is for the one-pass/no-scratch-copy shape and for the memory bound
-(readahead blocks x requests in flight), not for throughput.
+The server, started once in its own process when the case runs and stopped when the
+benchmark exits (the object is uploaded once):
 
-Only a smoke run so far (``python bench/run.py -k s3 --size 64M --repeat 1 --dir
-/tmp/...``, shared machine): no numbers are claimed here.
+- s3rver (Node.js, objects in files; ``npm install --prefix /tmp/s3rver s3rver@3.7.1``,
+  then ``DISKFORGE_BENCH_S3RVER=/tmp/s3rver/node_modules/.bin/s3rver``, or ``s3rver`` on
+  PATH) when there is one: it serves a 1.2 GiB object at about 130 MB/s here, so the
+  row measures the tools;
+- else moto's standalone server (``moto[server]``, the test extra): a Python server
+  that serves about 19 MB/s here, so with it both tools wait on the server (112 s
+  against 108 s last measured) and the row shows only the shape (one pass, no scratch
+  copy) and the memory bound.
 """
 
 import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,16 +56,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _s3rver() -> str | None:
+    return os.environ.get("DISKFORGE_BENCH_S3RVER") or shutil.which("s3rver")
+
+
+def _start(port: int, workdir: str) -> subprocess.Popen:
+    """s3rver when there is one (its fixed credentials are S3RVER), else moto."""
+    s3rver = _s3rver()
+    key = "S3RVER" if s3rver else "bench"
+    for name, value in (("AWS_ACCESS_KEY_ID", key), ("AWS_SECRET_ACCESS_KEY", key),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ[name] = value  # inherited by every tool's process
+    if s3rver:
+        data = os.path.join(workdir, "s3rver-data")
+        shutil.rmtree(data, ignore_errors=True)
+        os.makedirs(data)
+        argv = [s3rver, "-d", data, "-a", "127.0.0.1", "-p", str(port), "-s"]
+    else:
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    print(f"S3 server: {os.path.basename(argv[0]) if s3rver else 'moto'}",
+          file=sys.stderr)
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _setup(ctx):
     if "s3" in ctx.cache or not _available():
         return
-    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ[name] = value  # inherited by every tool's process
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = _start(port, ctx.workdir)
     _server["proc"] = proc
     endpoint = f"http://127.0.0.1:{port}"
     import boto3
@@ -73,7 +95,7 @@ def _setup(ctx):
             break
         except Exception:  # noqa: BLE001 - not listening yet
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("moto's server did not start")
+                raise RuntimeError("the S3 server did not start")
             time.sleep(0.2)
     qcow2_source(ctx)
     client.upload_file(ctx.cache["qcow2"], BUCKET, "mixed.qcow2")
