@@ -174,12 +174,17 @@ def test_qcow2_luks_reads_as_qemu_reads_it(qcow2_luks_image, workdir):
 
 def test_qcow2_luks_without_a_key_says_how_to_give_one(qcow2_luks_image, workdir):
     path = qcow2_luks_image
-    code, _, err = cli("info", path)
-    one_line_error(code, err)
-    assert "encrypted (LUKS1); give its passphrase" in err and "encrypt.key-secret" in err
-    code, _, err = cli("info", "--object", "secret,id=s0,data=nope", path)
+    out = os.path.join(workdir, "o.raw")
+    for argv in (["convert", "-O", "raw", path, out], ["compare", path, path]):
+        code, _, err = cli(*argv)
+        one_line_error(code, err)
+        assert "encrypted (LUKS1); give its passphrase" in err \
+            and "encrypt.key-secret" in err, argv
+    code, _, err = cli("convert", "--object", "secret,id=s0,data=nope", "-O", "raw", path,
+                       out)
     one_line_error(code, err)
     assert code == 1 and "Invalid password, cannot unlock any keyslot" in err
+    assert not os.path.exists(out)
     code, _, err = cli("resize", "--object", QEMU_SECRET, path, "8M")
     one_line_error(code, err)
 
@@ -192,6 +197,29 @@ def small_luks1(tmp_path_factory):
     qemu_img_encrypted("-f", "luks", "-o", "key-secret=s0,iter-time=10", path, "1M")
     qemu_io_write(path, "luks", "write -P 0x42 0 4k")
     return path
+
+
+@pytest.mark.parametrize("kind", ["luks", "qcow2"])
+def test_info_needs_no_key_as_in_qemu_img(kind, small_luks1, qcow2_luks_image):
+    """qemu-img info opens with BDRV_O_NO_IO: the LUKS header is shown, nothing is
+    unlocked (a wrong key is not even tried), no data is read. diskforge's output is
+    qemu-img's, text and JSON; --details reads the disk, so it needs the key."""
+    path = small_luks1 if kind == "luks" else qcow2_luks_image
+    for extra in ([], ["--output", "json"]):
+        want = subprocess.run(["qemu-img", "info", *extra, path], capture_output=True,
+                              text=True, check=True).stdout
+        for secret in ([], ["--object", "secret,id=s0,data=wrong"]):
+            code, got, err = cli("info", *secret, *extra, path)
+            assert code == 0, err
+            if extra:
+                assert json.loads(got) == json.loads(want)
+            else:
+                assert got == want
+    assert "cipher-alg" in json.loads(want)["format-specific"]["data"].get(
+        "encrypt", json.loads(want)["format-specific"]["data"])
+    code, _, err = cli("info", "--details", path)
+    one_line_error(code, err)
+    assert "give its passphrase" in err
 
 
 def test_wrong_and_missing_keys_are_one_line(small_luks1, workdir):
@@ -268,7 +296,9 @@ def test_hostile_luks2_json_is_one_line_and_quick(workdir, case):
     path = _luks2(workdir)
     rewrite_luks2(path, HOSTILE_JSON[case])
     start = time.process_time()
-    code, out, err = cli("info", *SECRET, path)
+    # convert unlocks (info, as qemu-img's, reads the header only)
+    code, out, err = cli("convert", *SECRET, "-O", "raw", path,
+                         os.path.join(workdir, "o.raw"))
     one_line_error(code, err)
     assert path in err and ("LUKS2" in err or "keyslot" in err or "luks2" in err), err
     assert time.process_time() - start < 30  # a backstop, not a timing measurement
@@ -304,6 +334,8 @@ def test_hostile_luks1_header_is_one_line_and_quick(small_luks1, workdir, case):
         os.truncate(path, 300)
     else:
         _poke(path, offset, data)
-    code, out, err = cli("info", *SECRET, path)
+    # convert unlocks (info, as qemu-img's, reads the header only)
+    code, out, err = cli("convert", *SECRET, "-O", "raw", path,
+                         os.path.join(workdir, "o.raw"))
     one_line_error(code, err)
     assert path in err and field in err, err

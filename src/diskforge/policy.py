@@ -83,6 +83,11 @@ class OpenPolicy:
     # headers and rewriting names, never for reading.
     # The CLI never sets it in untrusted mode, where every command checks the chain.
     open_backing: bool = True
+    # False: no guest data will be read (qemu's BDRV_O_NO_IO, what ``qemu-img info``
+    # opens with), so an encrypted image (LUKS, qcow2 encrypt.format=luks) opens
+    # without its key: its header is parsed and shown, and a read of its data is
+    # refused with the message that says how to give the key.
+    open_data: bool = True
     # real paths of the images already opened above this one in the chain
     chain: tuple[str, ...] = field(default=(), repr=False)
 

@@ -84,10 +84,12 @@ _ARGS = object()
 
 def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
                 snapshot: str | None = None, disk: "int | None | object" = _ARGS,
-                backing: bool = True):
+                backing: bool = True, data: bool = True):
     """Open a source image as the command line asks (policy, ``-U``, ``--disk``: by
     default ``args.disk`` when the command has one). ``backing=False`` names backing
-    files without opening them (``OpenPolicy.open_backing``)."""
+    files without opening them (``OpenPolicy.open_backing``); ``data=False`` says no
+    guest data will be read, so an encrypted image opens without its key
+    (``OpenPolicy.open_data``)."""
     from ..registry import open_image
     from .qemu_text import image_opts, snapshot_spec
     from .secrets import key_for
@@ -96,6 +98,8 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
     policy = policy_from(args)
     if not backing and not policy.is_untrusted:  # untrusted: the chain is always checked
         policy = replace(policy, open_backing=False)
+    if not data:
+        policy = replace(policy, open_data=False)
     key_id = None
     if getattr(args, "image_opts", False):  # an option string names the image
         path, opt_fmt, share, key_id = image_opts(path)
@@ -202,9 +206,10 @@ def cmd_info(args) -> int:
     # as qemu-img: without --backing-chain the backing file is named, not opened (so
     # an overlay whose backing file moved still shows it); --details reads the
     # partition table of the whole disk, which needs the chain; untrusted mode opens
-    # it anyway, so an upload's chain is refused by every command, info too
+    # it anyway, so an upload's chain is refused by every command, info too. Like
+    # qemu-img (BDRV_O_NO_IO) it reads no guest data, so encrypted images need no key
     with open_source(args.filename, args.f, args,
-                     backing=args.backing_chain or args.details) as dev:
+                     backing=args.backing_chain or args.details, data=args.details) as dev:
         infos = image_info(dev, backing_chain=args.backing_chain, partitions=args.details)
     if not args.details:  # qemu-img's output exactly; diskforge's extras on request
         for info in infos:

@@ -48,6 +48,22 @@ def hash_name(name: str, path: str | None, where: str) -> str:
     return n
 
 
+def check_spec(cipher_name: str, cipher_mode: str, path: str | None,
+               where: str) -> tuple[str, str, str]:
+    """The (mode, IV generator, ESSIV hash) of a cipher spec we can decrypt, else the
+    refusal; needs no key, so a header opened without one is checked too."""
+    if cipher_name.lower() != "aes":
+        raise UnsupportedError(f"{where}: cipher '{cipher_name}-{cipher_mode}': not"
+                               " supported yet (AES only)", path)
+    mode, _, ivgen = cipher_mode.lower().partition("-")
+    ivgen, _, iv_hash = ivgen.partition(":")
+    if mode not in MODES or (mode != "ecb" and ivgen not in IV_GENERATORS) \
+            or (ivgen == "essiv") != bool(iv_hash):
+        raise UnsupportedError(f"{where}: cipher mode '{cipher_mode}': not supported yet",
+                               path)
+    return mode, ivgen, iv_hash
+
+
 class SectorCipher:
     """Decrypts runs of whole sectors of one encrypted area (a key slot's key material,
     or the payload) under one key."""
@@ -58,15 +74,7 @@ class SectorCipher:
         self._Cipher, self._algorithms, self._modes = Cipher, algorithms, modes
         self.sector_size = sector_size
         spec = f"{cipher_name}-{cipher_mode}"
-        if cipher_name.lower() != "aes":
-            raise UnsupportedError(f"{where}: cipher '{spec}': not supported yet (AES only)",
-                                   path)
-        mode, _, ivgen = cipher_mode.lower().partition("-")
-        ivgen, _, iv_hash = ivgen.partition(":")
-        if mode not in MODES or (mode != "ecb" and ivgen not in IV_GENERATORS) \
-                or (ivgen == "essiv") != bool(iv_hash):
-            raise UnsupportedError(f"{where}: cipher mode '{cipher_mode}': not supported yet",
-                                   path)
+        mode, ivgen, iv_hash = check_spec(cipher_name, cipher_mode, path, where)
         self.mode, self.ivgen = mode, ivgen
         valid = (32, 64) if mode == "xts" else (16, 24, 32)
         if len(key) not in valid:

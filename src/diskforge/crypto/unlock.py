@@ -16,7 +16,7 @@ import hmac
 from ..errors import DiskforgeError, FormatError, UnsupportedError
 from ..limits import check_alloc
 from .af import af_merge
-from .ciphers import SectorCipher, hash_name
+from .ciphers import SectorCipher, check_spec, hash_name
 from .header import SECTOR, KeySlot, LuksHeader
 from .kdf import KdfBudget, argon2, pbkdf2
 
@@ -102,27 +102,53 @@ class LuksVolume:
     cryptsetup's own encryption in the tests).
     """
 
-    def __init__(self, header: LuksHeader, volume_key: bytes, path: str | None) -> None:
+    def __init__(self, header: LuksHeader, volume_key: bytes | None, path: str | None,
+                 missing_key: str = "") -> None:
         self.header = header
+        self.path = path
         self.sector_size = header.sector_size
         self.payload_offset = header.payload_offset
         self.payload_size = header.payload_size
-        self.cipher = SectorCipher(header.cipher, header.mode, volume_key,
-                                   header.sector_size, path, "payload")
+        self.missing_key = missing_key  # the refusal when opened without a key
+        self.cipher = None if volume_key is None else SectorCipher(
+            header.cipher, header.mode, volume_key, header.sector_size, path, "payload")
 
     def decrypt(self, data, offset: int) -> bytes:
+        if self.cipher is None:  # opened for its header only (OpenPolicy.open_data)
+            raise UnsupportedError(self.missing_key, self.path)
         return self.cipher.decrypt(data, offset // SECTOR + self.header.iv_tweak,
                                    self.sector_size // SECTOR)
 
+    def qemu_info(self) -> dict[str, object]:
+        """``qemu-img info``'s format-specific data of a LUKS1 header, keys and order as
+        qemu prints them (it reads no LUKS2); empty for LUKS2."""
+        h = self.header
+        if h.version != 1:
+            return {}
+        mode, _, ivgen = h.mode.partition("-")
+        bits = h.key_size * 8 // (2 if mode == "xts" else 1)  # XTS: two AES keys
+        info = {"ivgen-alg": ivgen.split(":")[0] or None,
+                "ivgen-hash-alg": ivgen.partition(":")[2] or None,
+                "hash-alg": h.details["hash-alg"], "cipher-alg": f"{h.cipher}-{bits}",
+                "uuid": h.uuid, "cipher-mode": mode, "slots": h.details["slots"],
+                "payload-offset": h.payload_offset,
+                "master-key-iters": h.details["master-key-iters"]}
+        return {k: v for k, v in info.items() if v is not None}
+
 
 def open_volume(read, size: int, key: bytes | None, path: str | None, *,
-                option: str = "key-secret") -> LuksVolume:
+                option: str = "key-secret", header_only: bool = False) -> LuksVolume:
     """Parse, validate and unlock the LUKS header at the start of ``read``'s view.
     Without a key, the refusal says how to give one (``option``: the -o key naming
-    the secret, which differs between raw LUKS and qcow2)."""
+    the secret, which differs between raw LUKS and qcow2). ``header_only`` (an open for
+    ``info``, see ``OpenPolicy.open_data``) parses the header and unlocks nothing, with
+    or without a key, as qemu-img info does; the first decryption is refused."""
     header = read_header(read, path, size)
+    missing = MISSING_KEY.format(kind=f"LUKS{header.version}", option=option)
+    if header_only:  # as qemu's QCRYPTO_BLOCK_OPEN_NO_IO: a key given is not even tried
+        check_spec(header.cipher, header.mode, path, "payload")
+        return LuksVolume(header, None, path, missing)
     if key is None:
-        raise UnsupportedError(MISSING_KEY.format(kind=f"LUKS{header.version}",
-                                                  option=option), path)
+        raise UnsupportedError(missing, path)
     volume_key = unlock(header, read, key, path)
     return LuksVolume(header, volume_key, path)

@@ -24,7 +24,9 @@ class LuksDevice(FileDevice):
         if self.writable:
             raise UnsupportedError("not supported yet: writing LUKS images", self.path)
         file_size = self.backend.size
-        self.volume = open_volume(self.backend.pread, file_size, key, self.path)
+        header_only = self.policy is not None and not self.policy.open_data
+        self.volume = open_volume(self.backend.pread, file_size, key, self.path,
+                                  header_only=header_only)
         v = self.volume
         end = file_size if v.payload_size is None else v.payload_offset + v.payload_size
         if v.payload_offset > file_size or end > file_size:
@@ -59,16 +61,7 @@ class LuksDevice(FileDevice):
         specific: dict[str, object] = {}
         details: dict[str, object] = {"luks-version": h.version}
         if h.version == 1:  # qemu-img info's keys, in its order
-            mode, _, ivgen = h.mode.partition("-")
-            bits = h.key_size * 8 // (2 if mode == "xts" else 1)  # XTS: two AES keys
-            specific = {"ivgen-alg": ivgen.split(":")[0] or None,
-                        "ivgen-hash-alg": ivgen.partition(":")[2] or None,
-                        "hash-alg": h.details["hash-alg"],
-                        "cipher-alg": f"{h.cipher}-{bits}",
-                        "uuid": h.uuid, "cipher-mode": mode, "slots": h.details["slots"],
-                        "payload-offset": h.payload_offset,
-                        "master-key-iters": h.details["master-key-iters"]}
-            specific = {k: v for k, v in specific.items() if v is not None}
+            specific = self.volume.qemu_info()
         else:  # qemu does not read LUKS2: diskforge's own names
             details.update(h.details)
         return ImageInfo(filename=self.path, format="luks", virtual_size=self.size,

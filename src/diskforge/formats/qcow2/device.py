@@ -164,8 +164,15 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         if h.bitmaps is not None:
             d["bitmaps"] = [b.to_json() for b in read_directory(self)]
         d["refcount-bits"] = self.geo.refcount_bits
-        if aes:  # (luks: qemu prints its whole header there, not shown yet)
+        if aes:
             d["encrypt"] = {"format": "aes"}
+        elif self.crypto is not None:  # the LUKS header, "format" where qemu puts it
+            enc: dict = {}
+            for k, v in self.crypto.volume.qemu_info().items():
+                enc[k] = v
+                if k == "uuid":
+                    enc["format"] = "luks"
+            d["encrypt"] = enc
         d["corrupt"] = h.corrupt
         d["extended-l2"] = h.extended_l2
         if h.has_data_file:

@@ -57,7 +57,9 @@ class ClusterCrypto:
                 return b""
             return device.backend.pread(offset + pos, min(n, length - pos))
 
-        self.volume = open_volume(read, length, key, path, option="encrypt.key-secret")
+        policy = device.policy
+        self.volume = open_volume(read, length, key, path, option="encrypt.key-secret",
+                                  header_only=policy is not None and not policy.open_data)
         self.path = path
 
     format = "luks"
@@ -73,6 +75,8 @@ class ClusterCrypto:
         got = data.readinto(start, cipher)
         if got < len(cipher):  # past the end of the file: qemu reads zeros there
             fill_zero(cipher, got)
+        if self.volume.cipher is None:  # opened for info only (OpenPolicy.open_data)
+            raise UnsupportedError(self.volume.missing_key, self.path)
         plain = self.volume.cipher.decrypt(cipher, start // SECTOR)
         dst[:] = plain[host - start:host - start + k]
 
