@@ -1,6 +1,6 @@
-"""vdi: reading what qemu-img and hand-built files hold, writing what qemu-img, 7-Zip
-and VirtualBox's header rules accept, writing in place (convert -n, resize, commit,
-rebase), info, map, check and measure."""
+"""vdi: reading what qemu-img and hand-built files hold, writing what qemu-img, 7-Zip,
+dissect.hypervisor and VirtualBox's header rules accept, writing in place (convert -n,
+resize, commit, rebase), info, map, check and measure."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import shutil
 import pytest
 
 import diskforge
+import dissect_oracle
 from conftest import (cli, cli_merged, make_sparse, need, need_real, run, sha256_device,
                       sha256_file)
-from vdi_helpers import (ZERO, build, header, uuid, virtualbox_header_problems,
+from vdi_helpers import (FREE, ZERO, build, header, uuid, virtualbox_header_problems,
                          virtualbox_layout_differences)
 
 MIB = 1 << 20
@@ -116,6 +117,8 @@ def test_reads_hand_built_layouts_as_qemu_does(tmp_path, kw):
     theirs = str(tmp_path / "theirs.raw")
     run("qemu-img", "convert", "-O", "raw", img, theirs)
     assert sha256_file(theirs) == sha256_file(_raw_of(img, str(tmp_path)))
+    # the oracle of our own output reads out-of-order blocks, ~1 entries, short headers
+    assert dissect_oracle.vdi_read(img) == bytes(disk)
 
 
 @pytest.mark.parametrize("kw", [
@@ -133,6 +136,8 @@ def test_reads_block_sizes_extra_data_and_old_headers(tmp_path, kw):
     with diskforge.open(img) as dev:
         assert dev.size == size
         assert dev.read(0, size) == disk
+    if "extra" not in kw and "version" not in kw:   # what dissect misreads (dissect_oracle)
+        assert dissect_oracle.vdi_read(img) == disk
         # extents never call data zero, nor zero data
         for e in dev.extents():
             if e.kind.value == "zero":
@@ -175,6 +180,7 @@ def test_writes_what_qemu_img_and_7zip_read_and_virtualbox_accepts(tmp_path, sta
     run("qemu-img", "compare", "-f", "raw", "-F", "vdi", padded, img)
     run("qemu-img", "check", img)
     assert _7zip_sha(img, d) == sha256_file(padded)
+    assert dissect_oracle.vdi_read(img) == open(padded, "rb").read()
 
 
 def test_dynamic_output_stores_only_blocks_with_data(tmp_path):
@@ -187,18 +193,57 @@ def test_dynamic_output_stores_only_blocks_with_data(tmp_path):
     assert os.stat(img).st_blocks * 512 < 64 << 10      # zeros inside the block: holes
 
 
-@pytest.mark.parametrize("bs", ["64k", "4M"])
-def test_other_block_sizes_follow_virtualbox_rules(tmp_path, bs):
-    """qemu and 7-Zip read only 1 MiB blocks: these outputs are checked by
-    VirtualBox's header rules and the layout, and read back."""
-    raw = str(tmp_path / "src.raw")
-    disk = _disk(raw, 3 * MIB)
-    img = str(tmp_path / "b.vdi")
-    assert cli("convert", "-O", "vdi", "-o", f"block_size={bs}", raw, img)[0] == 0
+def _layered(path: str, bs: int) -> bytes:
+    """A raw disk of four and a half blocks of ``bs`` plus a sector piece: block 0 holds
+    data, a written zero run and more data; block 1 is written zeros and block 2 a hole
+    (both unallocated in a dynamic VDI); block 3 data near its end; the short last block
+    data at the disk's end."""
+    rng = random.Random(bs)
+    size = 4 * bs + bs // 2 + 700
+    q = bs // 4
+    make_sparse(path, size, [(0, rng.randbytes(q)), (q, bytes(q)),
+                             (2 * q, rng.randbytes(1000)), (bs, bytes(bs)),
+                             (4 * bs - 600, rng.randbytes(500)),
+                             (size - 900, rng.randbytes(900))])
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("static", ["off", "on"])
+@pytest.mark.parametrize("bs", ["64k", "256k", "1M", "2M", "4M", "8M"])
+def test_every_block_size_read_back_by_dissect(tmp_path, bs, static):
+    """qemu and 7-Zip read only 1 MiB blocks: dissect.hypervisor, which takes cbBlock
+    from the header, is the second reader for the other sizes (VirtualBox accepts any
+    power of two: its AllocationBlockSize setting, checked by vdiValidateHeader). At
+    1 MiB qemu-img and 7-Zip read the same file too."""
+    d = str(tmp_path)
+    raw = os.path.join(d, "src.raw")
+    nbytes = {"k": 1 << 10, "M": MIB}[bs[-1]] * int(bs[:-1])
+    disk = _layered(raw, nbytes)
+    img = os.path.join(d, "b.vdi")
+    code, _, err = cli("convert", "-O", "vdi", "-o", f"block_size={bs},static={static}",
+                       raw, img)
+    assert code == 0, err
     assert virtualbox_header_problems(img) == []
     assert virtualbox_layout_differences(img) == []
+    h = header(img)
+    with open(img, "rb") as f:
+        f.seek(h["offBlocks"])
+        entries = list(memoryview(f.read(4 * h["cBlocks"])).cast("I"))
+    assert h["cbBlock"] == nbytes == dissect_oracle.vdi_block_size(img)
+    if static == "off":                      # unallocated entries are what is tested
+        assert entries[1] == entries[2] == FREE and entries[0] == 0
+    padded = disk + bytes(h["cbDisk"] - len(disk))
+    assert dissect_oracle.vdi_read(img) == padded
     with diskforge.open(img) as dev:
-        assert dev.read(0, dev.size) == disk
+        assert dev.read(0, dev.size) == padded
+    if bs == "1M":
+        need("qemu-img")
+        with open(raw, "r+b") as f:
+            f.truncate(h["cbDisk"])
+        run("qemu-img", "compare", "-f", "raw", "-F", "vdi", raw, img)
+        run("qemu-img", "check", img)
+        assert _7zip_sha(img, d) == sha256_file(raw)
 
 
 def test_options_are_refused_clearly(tmp_path):

@@ -1,7 +1,8 @@
 """vdi differencing images: the parent found by UUID (formats/vdi.md's rule), written
 with -B, and commit, rebase and make_empty on them. qemu cannot read differencing
-VDIs, so what we write is checked by flattening: the child converted to raw must be
-the disk given, and qemu-img reads the parent."""
+VDIs, so what we write is checked by flattening (the child converted to raw must be
+the disk given, and qemu-img reads the parent) and by dissect.hypervisor, which reads
+a child over the parent it is handed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import random
 import pytest
 
 import diskforge
+import dissect_oracle
 from conftest import cli, cli_merged, need, one_line_error, run
 from vdi_helpers import build, header, uuid, virtualbox_header_problems, \
     virtualbox_layout_differences
@@ -59,6 +61,7 @@ def test_convert_with_a_parent_writes_only_the_differences(tmp_path):
     entries = open(child, "rb").read()[h["offBlocks"]:h["offBlocks"] + 20]
     assert entries[12:16] == b"\xfe\xff\xff\xff"
     assert _flat(child, d) == new
+    assert dissect_oracle.vdi_read(child, [os.path.join(d, "base.vdi")]) == new
     with diskforge.open(child) as dev:
         assert dev.backing.path.endswith("base.vdi")
         info = dev.info().to_json()
@@ -67,6 +70,34 @@ def test_convert_with_a_parent_writes_only_the_differences(tmp_path):
     need("qemu-img")   # the parent stays a file qemu reads as before
     run("qemu-img", "compare", "-f", "raw", "-F", "vdi", os.path.join(d, "base.raw"),
         os.path.join(d, "base.vdi"))
+
+
+@pytest.mark.parametrize("bs", ["64k", "256k", "2M"])
+def test_children_of_any_block_size_read_by_dissect_over_the_parent(tmp_path, bs):
+    """A child's block size need not be its parent's: the blocks convert touched are
+    stored whole, a block zeroed whole is a VDI_IMAGE_BLOCK_ZERO entry, the rest read
+    through (VDI_IMAGE_BLOCK_FREE), and dissect composes them as we do."""
+    d = str(tmp_path)
+    base, new = _pair(d)
+    same = random.Random(4).randbytes(4 * MIB)    # shared by both: left to the parent
+    new += same
+    for name in ("base.raw", "new.raw"):
+        with open(os.path.join(d, name), "ab") as f:
+            f.write(same)
+    assert cli("convert", "-O", "vdi", os.path.join(d, "base.raw"),
+               os.path.join(d, "base.vdi"))[0] == 0
+    child = os.path.join(d, "child.vdi")
+    code, _, err = cli("convert", "-O", "vdi", "-o", f"block_size={bs}", "-B", "base.vdi",
+                       os.path.join(d, "new.raw"), child)
+    assert code == 0, err
+    h = header(child)
+    assert virtualbox_header_problems(child) == []
+    with open(child, "rb") as f:
+        f.seek(h["offBlocks"])
+        entries = set(memoryview(f.read(4 * h["cBlocks"])).cast("I"))
+    assert {0xFFFFFFFF, 0xFFFFFFFE} <= entries       # both kinds of unstored entry
+    assert dissect_oracle.vdi_read(child, [os.path.join(d, "base.vdi")]) == new
+    assert _flat(child, d) == new
 
 
 def test_a_chain_in_a_snapshots_folder_with_the_base_above(tmp_path):
@@ -172,6 +203,7 @@ def test_commit_rebase_and_make_empty(tmp_path):
         dev.write(MIB + 5, b"hello")
     flat = _flat(p("child.vdi"), d)
     assert flat[MIB:2 * MIB] == new[MIB:MIB + 5] + b"hello" + new[MIB + 10:2 * MIB]
+    assert dissect_oracle.vdi_read(p("child.vdi"), [p("other.vdi")]) == flat
     # rebase with no parent: the child becomes a dynamic image reading the same
     code, _, err = cli("rebase", "-b", "", p("child.vdi"))
     assert code == 0, err

@@ -1,9 +1,10 @@
-"""vpc (VHD): reading what qemu-img and Windows made, writing what qemu-img and libvhdi
-read back, the size rules, writing in place."""
+"""vpc (VHD): reading what qemu-img and Windows made, writing what qemu-img, libvhdi
+and dissect.hypervisor read back, the size rules, writing in place."""
 
 import json
 import os
 
+import dissect_oracle
 import pytest
 from conftest import (cli, cli_merged, make_sparse, need, need_real, qemu_img_json, run,
                       sha256_device, sha256_file)
@@ -184,7 +185,7 @@ def test_windows_differencing_disk_with_a_parent(workdir):
     assert mixed > 0 and ours == expect
 
 
-# -- writing, read back by qemu-img and libvhdi ----------------------------------------------
+# -- writing, read back by qemu-img, libvhdi and dissect ----------------------------------------------
 
 WRITE_OPTIONS = ["", "subformat=fixed", "force_size=on", "force_size=off",
                  "subformat=fixed,force_size=off", "subformat=fixed,force_size",
@@ -212,6 +213,7 @@ def test_written_images_read_back_in_qemu_and_libvhdi(workdir, opts):
     assert read_all(vhd) == theirs
     if have_pyvhdi():
         assert pyvhdi_sha256(vhd) == (expect_size, sha256(theirs))
+    assert dissect_oracle.read("vpc", vhd) == theirs      # a third reader
 
 
 @pytest.mark.parametrize("size", ["1M", "1000000", "10M", "3G", "127G", "200G"])

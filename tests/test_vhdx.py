@@ -1,11 +1,12 @@
-"""VHDX: what qemu-img and Windows make reads right; what diskforge writes, qemu-img and
-libvhdi read back; differencing chains; random-access writes; a round-trip property."""
+"""VHDX: what qemu-img and Windows make reads right; what diskforge writes, qemu-img,
+libvhdi and dissect.hypervisor read back; differencing chains; random-access writes; a round-trip property."""
 
 import json
 import os
 import shutil
 import subprocess
 
+import dissect_oracle
 import pytest
 from conftest import cli, cli_merged, make_sparse, need, need_real, one_line_error, qemu_img_json
 from conftest import run, sha256_device, sha256_file
@@ -156,6 +157,8 @@ def test_qemu_img_and_libvhdi_read_what_diskforge_writes(workdir, opts):
     assert (n, sha) == (size, sha256_file(src))
     with diskforge.open(img) as dev:
         assert sha256_device(dev) == sha
+    with open(src, "rb") as f:                         # a third reader, 4K sectors too
+        assert dissect_oracle.read("vhdx", img) == f.read()
     if "4096" in opts:
         # qemu's vhdx driver only opens 512-byte logical sectors ("Operation not
         # supported"), so libvhdi above is the independent reader here

@@ -1,6 +1,6 @@
 """Writing VMDKs: every subformat and option qemu-img has, checked by readers that are
-not ours — ``qemu-img check`` and ``qemu-img compare``, libvmdk (pyvmdk) bit for bit,
-7-Zip for the single-file kinds — and by the ESXi/VMware/VirtualBox rules in
+not ours — ``qemu-img check`` and ``qemu-img compare``, libvmdk (pyvmdk) and
+dissect.hypervisor bit for bit, 7-Zip for the single-file kinds — and by the ESXi/VMware/VirtualBox rules in
 ``vmdk_rules.py`` (our stream files pass them; qemu-img's fail them).
 
 The disks are small (a few MiB of data, zero and hole regions, a size that is not a
@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 
+import dissect_oracle
 import pytest
 import vmdk_rules
 from conftest import cli, make_sparse, need_real, one_line_error
@@ -129,6 +130,7 @@ def test_every_subformat_read_back_by_qemu_and_libvmdk(workdir, sub, spec):
     qemu_ok(src, out)
     got = pyvmdk_read(out)
     assert got[:SIZE] == want and not any(got[SIZE:])
+    assert dissect_oracle.read("vmdk", out) == got      # a third reader
     text = descriptor_text(out)
     keys = ddb(text)
     assert keys["createType"] == sub
@@ -350,6 +352,9 @@ def test_delta_disk_over_a_vmdk_parent(workdir, zeroed):
     info = subprocess.run([QEMU, "info", delta], capture_output=True, text=True).stdout
     assert "backing file: base.vmdk" in info
     qemu_ok(new_raw, delta)
+    # dissect finds the parent by parentFileNameHint and reads zeroed grains as zeros:
+    # the second reader where libvmdk goes wrong (below)
+    assert dissect_oracle.read("vmdk", delta) == want
     got = pyvmdk_read(delta, parent=base)
     if zeroed:
         # libvmdk reads a zeroed-grain entry (1) of a delta disk through to the parent:
