@@ -55,13 +55,14 @@ class Nginx:
     """``Nginx(root, workdir)``: serving ``root`` at ``self.url``; ``stop()`` ends it."""
 
     def __init__(self, root: str, workdir: str, extra: str = "",
-                 tls: "tuple[str, str] | None" = None) -> None:
+                 tls: "tuple[str, str] | None" = None, http_extra: str = "") -> None:
         if NGINX is None:
             raise RuntimeError("nginx is not installed (Debian: nginx-light)")
         self.root = os.path.abspath(root)
         self.prefix = os.path.join(workdir, "nginx")
         os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
-        self.extra = extra
+        self.extra = extra            # inside the server block
+        self.http_extra = http_extra  # inside the http block (a log_format)
         self.tls = tls  # (certificate, key): https only
         self.proc: subprocess.Popen | None = None
         last = ""
@@ -108,6 +109,7 @@ error_log {self.prefix}/logs/error.log warn;
 events {{ worker_connections 256; }}
 http {{
     access_log off;
+    {self.http_extra}
     client_body_temp_path {temp}/body;
     proxy_temp_path {temp}/proxy;
     fastcgi_temp_path {temp}/fastcgi;
