@@ -16,7 +16,10 @@ import pytest
 from conftest import cli, need, one_line_error, run
 from export_helpers import MiB, source_disk
 from nginx_helpers import NGINX, Nginx
-from test_remote_s3 import put, s3, server  # noqa: F401 - fixtures used by name
+import test_remote_s3
+from test_remote_s3 import put
+
+server, s3 = test_remote_s3.server, test_remote_s3.s3   # moto's S3 server, a fresh bucket
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_export_check_over_http_equals_the_local_check(site, exports, name):
 
 
 @pytest.mark.parametrize("name", ["azure.vhd", "gcp.tar.gz", "aws.ova", "odd.vhd"])
-def test_export_check_in_s3_equals_the_local_check(s3, exports, name):  # noqa: F811
+def test_export_check_in_s3_equals_the_local_check(s3, exports, name):
     target, local = exports[name]
     url = put(s3, f"exports/{name}", local)
     assert _rules(cli("export", "--check", target, url)) == \
@@ -119,3 +122,85 @@ def test_export_check_of_a_remote_domain_xml_is_not_supported_yet(site, tmp_path
     code, _, err = cli("export", "--check", "libvirt", f"{url}/dom.xml")
     one_line_error(code, err)
     assert "not supported yet: export --check of a remote domain XML" in err
+
+
+# -- verify URL: the integrity record beside a remote image --------------------------
+
+def _tamper(record: str, out: str) -> str:
+    """The record with its first chunk's digest changed (still a valid record)."""
+    with open(record) as f:
+        d = json.load(f)
+    d["chunks"][0] = "0" * 64
+    with open(out, "w") as f:
+        json.dump(d, f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def imaged(tmp_path_factory):
+    """A qcow2 image made by ``diskforge image``, with its integrity record."""
+    d = tmp_path_factory.mktemp("imaged")
+    src = source_disk(str(d / "disk.raw"), 6 * MiB)
+    out = str(d / "d.qcow2")
+    code, _, err = cli("image", "-q", src, out)
+    assert code == 0, err
+    assert os.path.exists(out + ".integrity.json")
+    return src, out
+
+
+def test_verify_over_http_finds_the_record_beside_the_image(site, imaged, tmp_path):
+    root, url, _ = site
+    _, image = imaged
+    shutil.copy(image, os.path.join(root, "v.qcow2"))
+    shutil.copy(image + ".integrity.json", os.path.join(root, "v.qcow2.integrity.json"))
+    code, out, err = cli("verify", f"{url}/v.qcow2")
+    assert code == 0, err
+    assert out == f"{url}/v.qcow2: verify passed (integrity record v.qcow2.integrity.json)\n"
+    # a record whose digest does not match: the image is corrupt (exit 2)
+    _tamper(image + ".integrity.json", os.path.join(root, "v.qcow2.integrity.json"))
+    code, out, _ = cli("verify", f"{url}/v.qcow2")
+    assert code == 2
+    assert "differ from what was imaged (chunk 0)" in out
+    # --record names another URL (or file): used instead of the one beside the image
+    shutil.copy(image + ".integrity.json", os.path.join(root, "other.json"))
+    assert cli("verify", "--record", f"{url}/other.json", f"{url}/v.qcow2")[0] == 0
+    code, _, err = cli("verify", "--record", f"{url}/none.json", f"{url}/v.qcow2")
+    one_line_error(code, err)
+    assert code == 1 and "No such file" in err
+
+
+def test_verify_over_http_without_a_record_is_as_local(site, imaged, tmp_path):
+    """No record beside it: qcow2 carries no checksums, so nothing to verify (exit 1),
+    the same line as for the local file but for the name."""
+    root, url, _ = site
+    _, image = imaged
+    shutil.copy(image, os.path.join(root, "bare.qcow2"))
+    local = shutil.copy(image, str(tmp_path / "bare.qcow2"))
+    code, _, err = cli("verify", f"{url}/bare.qcow2")
+    one_line_error(code, err)
+    assert code == 1 and "nothing to verify" in err
+    code_local, _, err_local = cli("verify", local)
+    assert code_local == 1
+    assert err.replace(f"{url}/bare.qcow2", "X") == err_local.replace(local, "X")
+
+
+def test_image_to_s3_writes_its_record_and_verify_reads_it(s3, imaged, tmp_path):
+    src, local = imaged
+    url = f"s3://{s3.bucket}/img/d.qcow2"
+    code, out, err = cli("image", src, url)
+    assert code == 0, err
+    assert f"integrity record: {url}.integrity.json" in out
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3.bucket)["Contents"]) \
+        == ["img/d.qcow2", "img/d.qcow2.integrity.json"]
+    code, out, err = cli("verify", url)
+    assert (code, out) == (0, f"{url}: verify passed (integrity record"
+                              " d.qcow2.integrity.json)\n"), err
+    bad = _tamper(local + ".integrity.json", str(tmp_path / "bad.json"))
+    put(s3, "img/d.qcow2.integrity.json", bad)
+    code, out, _ = cli("verify", url)
+    assert code == 2 and "the image is corrupt" in out
+    # an object with no record beside it: nothing to verify, as locally
+    put(s3, "img/lone.qcow2", local)
+    code, _, err = cli("verify", f"s3://{s3.bucket}/img/lone.qcow2")
+    one_line_error(code, err)
+    assert "nothing to verify" in err

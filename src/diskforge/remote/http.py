@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import errno
 import http.client
 import os
 import socket
@@ -634,8 +635,10 @@ def _reason(e: BaseException) -> str:
 
 
 def _http_error(status: int, reason: str, name: str) -> ImageIOError:
-    if status == 404:
-        return ImageIOError(f"Could not open '{name}': No such file (HTTP 404 {reason})")
+    if status == 404:  # errno: callers tell "not there" from failures (verify's record)
+        err = ImageIOError(f"Could not open '{name}': No such file (HTTP 404 {reason})")
+        err.errno = errno.ENOENT
+        return err
     if status in (401, 403):
         return ImageIOError(f"Could not open '{name}': Permission denied (HTTP {status}"
                             f" {reason})")
