@@ -51,6 +51,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30.0) -> bool:
+    """Whether ``proc`` came to accept connections on loopback ``port`` (False when it
+    exited first, or after ``timeout`` seconds): polled, so no fixed sleep races it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 class Nginx:
     """``Nginx(root, workdir)``: serving ``root`` at ``self.url``; ``stop()`` ends it."""
 
@@ -130,17 +145,8 @@ http {{
 """)
         return conf
 
-    def _wait_listening(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return True
-            except OSError:
-                time.sleep(0.05)
-        return False
+    def _wait_listening(self) -> bool:
+        return wait_listening(self.proc, self.port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
