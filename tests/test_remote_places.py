@@ -204,3 +204,20 @@ def test_image_to_s3_writes_its_record_and_verify_reads_it(s3, imaged, tmp_path)
     code, _, err = cli("verify", f"s3://{s3.bucket}/img/lone.qcow2")
     one_line_error(code, err)
     assert "nothing to verify" in err
+
+
+def test_a_batch_proves_its_s3_outputs_in_place(s3, imaged, tmp_path):
+    """A batch's export and image jobs to S3 are proven by ``export --check`` and
+    ``verify`` of the objects themselves (both refused URLs before)."""
+    src, _ = imaged
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("id,op,source,target,to\n"
+                    f"azure,export,{src},s3://{s3.bucket}/out/a.vhd,azure\n"
+                    f"img,image,{src},s3://{s3.bucket}/out/b.qcow2,\n")
+    code, out, err = cli("batch", str(jobs), "-j", "1")
+    assert code == 0, err + out
+    assert "2 jobs: 2 done" in out
+    for name in ("azure", "img"):
+        with open(tmp_path / "jobs.reports" / f"{name}.json") as f:
+            report = json.load(f)
+        assert report["status"] == "done" and report["verified"], report
