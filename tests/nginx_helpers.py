@@ -51,17 +51,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30.0) -> bool:
+    """Whether ``proc`` came to accept connections on loopback ``port`` (False when it
+    exited first, or after ``timeout`` seconds): polled, so no fixed sleep races it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 class Nginx:
     """``Nginx(root, workdir)``: serving ``root`` at ``self.url``; ``stop()`` ends it."""
 
     def __init__(self, root: str, workdir: str, extra: str = "",
-                 tls: "tuple[str, str] | None" = None) -> None:
+                 tls: "tuple[str, str] | None" = None, http_extra: str = "") -> None:
         if NGINX is None:
             raise RuntimeError("nginx is not installed (Debian: nginx-light)")
         self.root = os.path.abspath(root)
         self.prefix = os.path.join(workdir, "nginx")
         os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
-        self.extra = extra
+        self.extra = extra            # inside the server block
+        self.http_extra = http_extra  # inside the http block (a log_format)
         self.tls = tls  # (certificate, key): https only
         self.proc: subprocess.Popen | None = None
         last = ""
@@ -108,6 +124,7 @@ error_log {self.prefix}/logs/error.log warn;
 events {{ worker_connections 256; }}
 http {{
     access_log off;
+    {self.http_extra}
     client_body_temp_path {temp}/body;
     proxy_temp_path {temp}/proxy;
     fastcgi_temp_path {temp}/fastcgi;
@@ -128,17 +145,8 @@ http {{
 """)
         return conf
 
-    def _wait_listening(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return True
-            except OSError:
-                time.sleep(0.05)
-        return False
+    def _wait_listening(self) -> bool:
+        return wait_listening(self.proc, self.port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -22,13 +22,13 @@ def cmd_verify(args) -> int:
     import json
 
     from ..errors import UnsupportedError
-    from ..ops.imaging import IntegrityRecord, record_path, verify_record
+    from ..ops.imaging import find_record, record_path, verify_record
     problems: list[str] = []
     checked: list[str] = []
     notes: list[str] = []
     rec_file = args.record or record_path(args.filename)
-    if args.record and not os.path.exists(args.record):
-        raise UnsupportedError("no such integrity record", args.record)
+    if args.record:  # named: it must be there, before the image is read
+        record = find_record(args.record, required=True)
     with open_source(args.filename, args.f, args) as dev:
         fmt = dev.format
         try:
@@ -38,11 +38,12 @@ def cmd_verify(args) -> int:
             pass
         # what the format saw but could not check (an OVA's certificate)
         notes = list(getattr(dev, "verify_notes", ()))
-        if os.path.exists(rec_file):
-            record = IntegrityRecord.load(rec_file)
+        if not args.record:   # beside the image (a URL's: under the same prefix)
+            record = find_record(rec_file)
+        if record is not None:
             with progress_for(args) as bar:
                 problems += verify_record(dev, record, progress=bar).problems
-            checked.append(f"integrity record {os.path.basename(rec_file)}")
+            checked.append(f"integrity record {_base_name(rec_file)}")
     if not checked:
         raise UnsupportedError(f"nothing to verify: {fmt} images carry no checksums and"
                                f" there is no integrity record ({rec_file})", args.filename)
@@ -66,12 +67,21 @@ def cmd_verify(args) -> int:
     return EXIT_MISMATCH if problems else EXIT_OK
 
 
+def _base_name(name: str) -> str:
+    """A record's last name (a URL's last path segment)."""
+    if "://" in name:
+        from urllib.parse import urlsplit
+        name = urlsplit(name).path
+    return os.path.basename(name)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("verify", help="check an image against its own checksums and its"
                        " integrity record (exit 0 good, 2 mismatch, 1 error)")
     p.add_argument("-f", metavar="FMT", help="image format (default: probe)")
     p.add_argument("--record", metavar="FILE",
-                   help="integrity record (default: IMAGE.integrity.json when present)")
+                   help="integrity record, a file or a URL (default: IMAGE.integrity.json"
+                   " when present, beside a remote image too)")
     p.add_argument("-p", action="store_true", help="show progress")
     p.add_argument("-q", action="store_true", help="quiet: only the exit status")
     p.add_argument("--output", choices=("human", "json"), default="human")

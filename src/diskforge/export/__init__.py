@@ -56,17 +56,13 @@ def export(source: str | os.PathLike, target_name: str, out: str | os.PathLike, 
 
 def check(target_name: str, path: str | os.PathLike, *, policy=None) -> list[str]:
     """Every rule of ``target_name`` that the file at ``path`` breaks (empty: none);
-    images are opened under ``policy`` (default: from the environment)."""
-    from ..registry import check_readable
-    from ..errors import UnsupportedError
-    from ..remote import is_remote
+    images are opened under ``policy`` (default: from the environment). ``path`` may
+    be a URL (http(s)://, s3://): the rules read the file in place, with range
+    requests (``checkfile.py``)."""
+    from .checkfile import open_check_file
     mod = target(target_name)
-    path = os.fspath(path)
-    if is_remote(path):  # the rules look at the file itself (its size, its tar)
-        raise UnsupportedError("not supported yet: export --check of a remote file"
-                               " (check a local copy)", path)
-    check_readable(path)
-    return mod.check(path, policy)
+    with open_check_file(path) as f:
+        return mod.check(f, policy)
 
 
 class _CallableModule(types.ModuleType):

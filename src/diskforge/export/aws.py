@@ -18,9 +18,11 @@ for ``--package ova`` (or an ``OUT`` ending in ``.ova``), the OVA export's packa
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 from ..blockdev import BlockDevice
 from .base import TiB, ExportOptions, Progress, round_up, size_text, write_disk
+from .checkfile import CheckFile
 
 NAME = "aws"
 SUMMARY = "AWS VM Import: stream-optimized VMDK (default) or OVA, at most 16 TiB"
@@ -47,9 +49,10 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
     return [out]
 
 
-def check(path: str, policy=None) -> list[str]:
-    from .vmdk_peek import peek
-    facts = peek(path)
+def check(f: CheckFile, policy=None) -> list[str]:
+    from .vmdk_peek import peek_file
+    with f.open() as fobj:
+        facts = peek_file(fobj, 0, f.path)
     if facts is not None:
         problems = []
         if facts.create_type != "streamOptimized":
@@ -59,15 +62,14 @@ def check(path: str, policy=None) -> list[str]:
         if facts.capacity is not None and facts.capacity > MAX_SIZE:
             problems.append(f"virtual size {facts.capacity} bytes is more than 16 TiB")
         return problems
-    if _is_tar(path):
+    if _is_tar(f):
         from .ova import check_package
-        return check_package(path)
-    from .base import detect_format, read_info
-    fmt = detect_format(path)
+        return check_package(f)
+    fmt = f.format()
     if fmt not in ACCEPTED:
         return [f"is {fmt}: AWS VM Import takes OVA, stream-optimized VMDK, VHD, VHDX"
                 " or raw images"]
-    info, unreadable = read_info(path, fmt, policy)
+    info, unreadable = f.info(fmt, policy)
     if info is None:
         return [unreadable]
     problems = []
@@ -79,10 +81,9 @@ def check(path: str, policy=None) -> list[str]:
     return problems
 
 
-def _is_tar(path: str) -> bool:
-    from ..devices import open_input_file
+def _is_tar(f: CheckFile) -> bool:
     from . import tarfmt
-    with open_input_file(path) as f:
-        head = f.read(tarfmt.BLOCK)
+    head = f.pread(0, tarfmt.BLOCK)
+    name = urlsplit(f.path).path if f.remote else f.path
     return len(head) == tarfmt.BLOCK and head[257:262] == b"ustar" or \
-        os.path.splitext(path)[1].lower() == ".ova"
+        os.path.splitext(name)[1].lower() == ".ova"

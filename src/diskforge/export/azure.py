@@ -34,10 +34,9 @@ reads only the current size and the type.
 
 from __future__ import annotations
 
-import os
-
 from ..blockdev import BlockDevice
 from .base import MiB, TiB, ExportOptions, Progress, round_up, size_text, write_disk
+from .checkfile import CheckFile
 
 NAME = "azure"
 SUMMARY = "Azure: fixed VHD, virtual size a whole MiB (20 MiB to 32 TiB), sparse"
@@ -58,14 +57,13 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
     return [out]
 
 
-def check(path: str, policy=None) -> list[str]:
-    from .base import detect_format, read_info
-    fmt = detect_format(path)
+def check(f: CheckFile, policy=None) -> list[str]:
+    fmt = f.format()
     if fmt != "vpc":
         hint = " (Hyper-V's VHDX: convert it to a fixed VHD)" if fmt == "vhdx" else ""
         return [f"is {fmt}, not a VHD{hint}: Azure takes fixed VHDs only"]
-    file_size = os.stat(path).st_size
-    info, unreadable = read_info(path, "vpc", policy)
+    file_size = f.size
+    info, unreadable = f.info("vpc", policy)
     if info is None:
         return [unreadable]
     problems = []

@@ -7,9 +7,12 @@ A target module (``azure.py``, ``gcp.py`` ...) holds only its own rules and expo
 - ``NAME`` and ``SUMMARY`` (one line for ``--help``);
 - ``export(source, out, opts, progress) -> list[str]``: write the target's files for
   the open ``source`` device, atomically, and return their paths;
-- ``check(path, policy=None) -> list[str]``: every rule of the target ``path``
-  breaks, one sentence each (empty: the target would take it); images are opened
-  under ``policy`` (untrusted mode, ``-U``).
+- ``check(file, policy=None) -> list[str]``: every rule of the target the file
+  breaks, one sentence each (empty: the target would take it). ``file`` is a
+  ``checkfile.CheckFile``: a local file or a remote object, read through a backend
+  (its size, ranges, a file object, its probed format and header facts), so every
+  rule works on a URL without a download; images are opened under ``policy``
+  (untrusted mode, ``-U``).
 
 Targets never import a format package: disks are written with
 ``registry.get(name).writer(path, size, options)`` and read with ``open_image``, so a
@@ -123,28 +126,3 @@ def size_text(n: int) -> str:
         if n and n % unit == 0:
             return f"{n // unit} {name}"
     return f"{n} bytes"
-
-
-def detect_format(path: str) -> str:
-    """The format ``path`` is in, as the registry names it ("an unreadable image" when
-    probing refuses it, an encrypted container without its key): checkers report what
-    a file is even when it cannot be read."""
-    from ..errors import UnsupportedError
-    from ..registry import probe
-    try:
-        return probe(path).name
-    except UnsupportedError:
-        return "an unreadable image"
-
-
-def read_info(path: str, fmt: str, policy=None):
-    """``(ImageInfo, None)``, or ``(None, reason)`` when the image does not open (a
-    differencing disk without its parent, a damaged header): for a checker that is a
-    rule broken, since the target could not read it either."""
-    from ..errors import DiskforgeError
-    from ..registry import open_image
-    try:
-        with open_image(path, fmt, policy=policy) as dev:
-            return dev.info(), None
-    except DiskforgeError as e:
-        return None, f"cannot be read as {fmt}: {e.message}"

@@ -122,13 +122,14 @@ def write_sparse_targz(source: BlockDevice, out: str, size: int, member: str,
 
 # -- check ---------------------------------------------------------------------------------
 
-def check(path: str, policy=None) -> list[str]:
+def check(f, policy=None) -> list[str]:
+    """(``f``: a ``checkfile.CheckFile``; the archive is read once, front to back, to
+    its gzip CRC: over a URL that is one streamed read, with readahead.)"""
     import gzip
     import tarfile
     import zlib
-    from ..devices import open_input_file
     problems: list[str] = []
-    with open_input_file(path) as raw:
+    with f.open() as raw:
         if raw.read(2) != b"\x1f\x8b":
             return ["not gzip-compressed: Google's import takes a .tar.gz (tar"
                     " --format=oldgnu -Sczf) holding disk.raw"]

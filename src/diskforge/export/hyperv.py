@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..blockdev import BlockDevice
 from .base import MiB, TiB, ExportOptions, Progress, round_up, write_disk
+from .checkfile import CheckFile
 
 NAME = "hyperv"
 SUMMARY = "Hyper-V: dynamic VHDX, 32 MiB blocks, 1 MiB aligned (generation 1 and 2)"
@@ -40,15 +41,14 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
     return [out]
 
 
-def check(path: str, policy=None) -> list[str]:
-    from .base import detect_format, read_info
-    fmt = detect_format(path)
+def check(f: CheckFile, policy=None) -> list[str]:
+    fmt = f.format()
     if fmt == "vpc":
         return ["is a VHD: generation 2 VMs boot only from VHDX (a VHD attaches to"
                 " generation 1 VMs only)"]
     if fmt != "vhdx":
         return [f"is {fmt}, not a VHDX: Hyper-V attaches VHDX (or VHD) files only"]
-    info, unreadable = read_info(path, "vhdx", policy)
+    info, unreadable = f.info("vhdx", policy)
     if info is None:
         return [unreadable]
     problems = []

@@ -22,6 +22,7 @@ import subprocess
 
 from ..blockdev import BlockDevice
 from .base import ExportOptions, Progress, round_up, sibling, write_disk
+from .checkfile import CheckFile, open_check_file
 from .domain_xml import Machine, domain_xml, read_domain
 
 NAME = "libvirt"
@@ -65,36 +66,43 @@ def export_with(source: BlockDevice, out: str, opts: ExportOptions,
 
 # -- check ---------------------------------------------------------------------------------
 
-def check(path: str, policy=None) -> list[str]:
-    return check_pair(path, buses=("virtio", "scsi", "sata"), policy=policy)
+def check(f: CheckFile, policy=None) -> list[str]:
+    return check_pair(f, buses=("virtio", "scsi", "sata"), policy=policy)
 
 
-def check_pair(path: str, *, buses: tuple[str, ...], policy=None) -> list[str]:
-    from ..devices import open_input_file
-    with open_input_file(path) as f:
-        head = f.read(XML_LIMIT + 1)
+def check_pair(f: CheckFile, *, buses: tuple[str, ...], policy=None) -> list[str]:
+    """The disk (and the domain XML beside it, locally), or the XML and its disks."""
+    head = f.pread(0, XML_LIMIT + 1)
     if head.lstrip()[:1] == b"<":
-        return check_xml(path, head, buses, policy)
-    problems = check_disk(path, policy=policy)
+        if f.remote:
+            from ..errors import UnsupportedError
+            raise UnsupportedError("not supported yet: export --check of a remote domain"
+                                   " XML (it names its disks by local paths); check a"
+                                   " local copy, or the disk's URL", f.path)
+        return check_xml(f.path, head, buses, policy)
+    problems = check_disk(f, policy=policy)
+    if f.remote:   # the XML names local paths: the URL's disk is judged alone
+        return problems
+    path = f.path
     xml_path = sibling(path, ".xml")
     if os.path.exists(xml_path) and os.path.abspath(xml_path) != os.path.abspath(path):
-        with open_input_file(xml_path) as f:
+        from ..devices import open_input_file
+        with open_input_file(xml_path) as x:
             problems += [f"{os.path.basename(xml_path)}: {p}"
-                         for p in check_xml(xml_path, f.read(XML_LIMIT + 1), buses,
+                         for p in check_xml(xml_path, x.read(XML_LIMIT + 1), buses,
                                             policy)]
     return problems
 
 
-def check_disk(path: str, declared: str | None = None, policy=None) -> list[str]:
-    from .base import detect_format, read_info
-    fmt = detect_format(path)
+def check_disk(f: CheckFile, declared: str | None = None, policy=None) -> list[str]:
+    fmt = f.format()
     if fmt not in DISK_FORMATS:
         return [f"is {fmt}: give libvirt/Proxmox a qcow2 (or raw) disk"]
     problems = []
     if declared is not None and declared != fmt:
         problems.append(f"the XML says <driver type='{declared}'> but the file is {fmt}"
                         " (libvirt does not probe: the guest would see the container)")
-    info, unreadable = read_info(path, fmt, policy)
+    info, unreadable = f.info(fmt, policy)
     if info is None:
         return problems + [unreadable]
     if info.backing_filename:
@@ -147,5 +155,6 @@ def check_xml(path: str, data: bytes, buses: tuple[str, ...],
         if declared is None:
             problems.append(f"disk {file} has no <driver type=...>: libvirt would read"
                             " it as raw")
-        problems += [f"{file}: {p}" for p in check_disk(full, declared, policy)]
+        with open_check_file(full) as disk:
+            problems += [f"{file}: {p}" for p in check_disk(disk, declared, policy)]
     return problems

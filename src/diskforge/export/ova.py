@@ -112,21 +112,22 @@ def _work_folder(out: str) -> tuple[str, int]:
 
 # -- check ---------------------------------------------------------------------------------
 
-def check(path: str, policy=None) -> list[str]:
+def check(file, policy=None) -> list[str]:
     """(``policy`` is unused: the package's members are read as bytes, not opened as
     images.)"""
-    return check_package(path)
+    return check_package(file)
 
 
-def check_package(path: str) -> list[str]:
-    """Every rule of an OVF package the tar at ``path`` breaks: its layout, its
-    descriptor's references, its disks and its manifest."""
+def check_package(file) -> list[str]:
+    """Every rule of an OVF package the tar ``file`` (a ``checkfile.CheckFile``)
+    breaks: its layout, its descriptor's references, its disks and its manifest.
+    Only the tar headers, the descriptor, the manifest and the disks' first sectors
+    are read, plus each disk once when the manifest's digests are checked."""
     import tarfile
 
-    from ..devices import open_input_file
     from ..errors import printable
     from .ovf import read_envelope
-    with open_input_file(path) as f:
+    with file.open() as f:
         try:
             members = []
             for m in tarfile.open(fileobj=f, mode="r:"):

@@ -25,5 +25,5 @@ def export(source: BlockDevice, out: str, opts: ExportOptions,
     return export_with(source, out, opts, progress, bus="scsi", cache="none")
 
 
-def check(path: str, policy=None) -> list[str]:
-    return check_pair(path, buses=("scsi", "virtio", "sata"), policy=policy)
+def check(f, policy=None) -> list[str]:
+    return check_pair(f, buses=("scsi", "virtio", "sata"), policy=policy)

@@ -30,16 +30,10 @@ class VmdkFacts:
     capacity: int | None          # bytes; from the sparse header
 
 
-def peek(path: str) -> VmdkFacts | None:
-    """The facts of the VMDK at ``path``, or None when it is not a VMDK."""
-    from ..devices import open_input_file
-    with open_input_file(path) as f:
-        return peek_file(f, 0, path)
-
-
 def peek_file(f, base: int, name: str) -> VmdkFacts | None:
-    """The same for a VMDK that starts at ``base`` in the open file ``f`` (a disk
-    inside an OVA); ``name`` is what errors call it."""
+    """The facts of the VMDK that starts at ``base`` in the open file ``f`` (the whole
+    file, or a disk inside an OVA), or None when it is not a VMDK; ``name`` is what
+    errors call it."""
     f.seek(base)
     head = f.read(SECTOR)
     if head.startswith(b"# Disk DescriptorFile"):

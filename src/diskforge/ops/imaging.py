@@ -61,7 +61,53 @@ MEDIA_ERRORS = {errno.EIO, errno.ENODATA, errno.EREMOTEIO, errno.EILSEQ, errno.E
 
 
 def record_path(image_path: str) -> str:
-    return os.fspath(image_path) + RECORD_SUFFIX
+    """The integrity record beside ``image_path``: its name with ``.integrity.json``
+    after it. For a URL the suffix goes on the URL's path, under the same prefix
+    (``s3://b/x.qcow2.integrity.json``); an http(s) URL's query is not carried over,
+    since a presigned URL's signature is for the image only (give ``--record``)."""
+    name = os.fspath(image_path)
+    if "://" in name:
+        from ..remote import is_remote
+        if is_remote(name):
+            from urllib.parse import urlsplit, urlunsplit
+            p = urlsplit(name)
+            return urlunsplit((p.scheme, p.netloc, p.path + RECORD_SUFFIX, "", ""))
+    return name + RECORD_SUFFIX
+
+
+def find_record(path: str, *, required: bool = False) -> "IntegrityRecord | None":
+    """The integrity record at ``path`` (a file or a URL), or None when there is none
+    there and it is not ``required`` (the one beside an image is looked for; one named
+    with ``--record`` must exist). A remote record is one object read with range
+    requests; only "no such object" (HTTP 404, S3 NoSuchKey) counts as absent, any
+    other failure (403, unreachable) is an error, as an unreadable local record is."""
+    from ..remote import is_remote
+    if not is_remote(path):
+        if not os.path.exists(path):
+            if required:
+                raise UnsupportedError("no such integrity record", path)
+            return None
+        return IntegrityRecord.load(path)
+    try:
+        return IntegrityRecord.load(path)
+    except ImageIOError as e:
+        if getattr(e, "errno", None) == errno.ENOENT and not required:
+            return None
+        raise
+
+
+def _read_record_bytes(path: str) -> bytes:
+    """At most ``MAX_RECORD_BYTES + 1`` bytes of a record, local or remote."""
+    from ..remote import is_remote
+    if is_remote(path):
+        from ..remote import open_backend
+        with open_backend(path) as backend:
+            return backend.pread(0, min(backend.size, MAX_RECORD_BYTES + 1))
+    try:
+        with open_input_file(path) as f:  # a FIFO is refused, not read
+            return f.read(MAX_RECORD_BYTES + 1)
+    except OSError as e:
+        raise ImageIOError.from_os(e, path) from None
 
 
 def badmap_path(image_path: str) -> str:
@@ -247,11 +293,7 @@ class IntegrityRecord:
         size (a 1-byte chunk would hash the disk a byte per step) and the number of
         chunks (what the chunk list and ``verify``'s loop cost)."""
         where = {"structure": "integrity record"}
-        try:
-            with open_input_file(path) as f:  # a FIFO is refused, not read
-                raw = f.read(MAX_RECORD_BYTES + 1)
-        except OSError as e:
-            raise ImageIOError.from_os(e, path) from None
+        raw = _read_record_bytes(path)
         if len(raw) > MAX_RECORD_BYTES:
             raise FormatError(f"larger than {MAX_RECORD_BYTES >> 20} MiB (a record of"
                               f" {MAX_RECORD_CHUNKS} chunks needs about 35 MiB)", path,
@@ -498,11 +540,13 @@ def image(source: BlockDevice, writer: ImageWriter, out_path: str, *, fmt_name: 
                           chunks=chunks, source=name, created=created,
                           bad_ranges=rescue.bad, base=base_info)
     rec.save(record_path(out_path))
+    from ..remote import is_remote
     if rescue.bad:
         write_badmap(badmap_path(out_path), source.size, rescue.bad)
-    else:
-        unlink_regular(badmap_path(out_path))  # a stale map from an earlier run misleads
-    unlink_regular(resume_path(out_path))
+    elif not is_remote(out_path):  # (an upload leaves no resume state; a stale remote
+        unlink_regular(badmap_path(out_path))  # map stays: there is no delete here yet)
+    if not is_remote(out_path):
+        unlink_regular(resume_path(out_path))
     return ImageResult(stats, digest, rescue.bad, record_path(out_path), start)
 
 

@@ -53,7 +53,19 @@ thread, which is all urllib3's pool would give here. https uses the system CA st
 (``ssl.create_default_context``); ``sslverify=False`` is qemu's curl driver's
 ``sslverify=off``, for the Python API only. Credentials in the URL
 (``https://user:pass@host/...``) are sent as Basic authentication and never shown in
-messages. Proxies (``http_proxy``) are not used.
+messages.
+
+**Proxies**, as curl (and so qemu-img's curl driver) takes them from the environment,
+through the standard library's ``urllib.request.getproxies()`` and ``proxy_bypass()``:
+``http_proxy`` for http:// URLs, ``https_proxy`` for https:// URLs (upper-case names
+too; ``all_proxy`` when the scheme's own is unset), ``no_proxy`` for hosts reached
+directly (``*`` for all; names, domain suffixes, ``host:port``). A proxy is an
+``http://[user:pass@]host[:port]`` (no scheme means http, as curl); its credentials
+go in ``Proxy-Authorization``. An http:// URL is asked of the proxy in absolute form
+(``GET http://host/path``, RFC 9112 3.2.2), an https:// one through a ``CONNECT``
+tunnel (``HTTPSConnection.set_tunnel``), so TLS and the certificate check stay end to
+end. Not supported yet: https:// and SOCKS proxies (one clear error). A proxy that
+refuses the tunnel with a 4xx (407: credentials) is one error, not retried.
 
 Writing is not supported: "not supported yet: writing to http:// (use s3:// or a
 local file)".
@@ -63,6 +75,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import errno
 import http.client
 import os
 import socket
@@ -185,21 +198,29 @@ class HttpBackend(RemoteBackend):
         query = quote(p.query, safe="/%:@!$&'()*+,;=-._~?")
         self._target = path + (f"?{query}" if query else "")
         self._host_header = p.netloc.rpartition("@")[2]
+        self._proxy = proxy_for(self._scheme, self._host, self._port, self.name)
+        # through an http proxy, a plain-http request names the whole URL (absolute form)
+        self._request_target = self._target if self._proxy is None or \
+            self._scheme == "https" else f"http://{self._host_header}{self._target}"
 
     def _conn(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            proxy = self._proxy
+            host, port = (proxy.host, proxy.port) if proxy else (self._host, self._port)
             if self._scheme == "https":
                 import ssl
                 ctx = ssl.create_default_context()
                 if not self.sslverify:
                     ctx.check_hostname = False
                     ctx.verify_mode = ssl.CERT_NONE
-                conn = http.client.HTTPSConnection(self._host, self._port,
-                                                   timeout=self.timeout, context=ctx)
+                conn = http.client.HTTPSConnection(host, port, timeout=self.timeout,
+                                                   context=ctx)
+                if proxy:  # CONNECT host:port, then TLS to the host through the tunnel
+                    conn.set_tunnel(self._host, self._port or 443,
+                                    headers=proxy.headers)
             else:
-                conn = http.client.HTTPConnection(self._host, self._port,
-                                                  timeout=self.timeout)
+                conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
             self._local.conn = conn
             with self._conn_lock:
                 self._conns.append(conn)
@@ -222,12 +243,14 @@ class HttpBackend(RemoteBackend):
         all_headers = {"User-Agent": USER_AGENT, "Host": self._host_header}
         if self._auth:
             all_headers["Authorization"] = self._auth
+        if self._proxy is not None and self._scheme == "http":
+            all_headers.update(self._proxy.headers)
         all_headers.update(headers)
         for again in (True, False):
             conn = self._conn()
             reused = getattr(self._local, "used", False)
             try:
-                conn.request("GET", self._target, headers=all_headers)
+                conn.request("GET", self._request_target, headers=all_headers)
                 resp = conn.getresponse()
                 self._local.used = True
                 return resp
@@ -243,6 +266,10 @@ class HttpBackend(RemoteBackend):
                     raise ImageIOError(f"Could not open '{self.name}': the server's TLS"
                                        f" certificate is not trusted ({e.verify_message})"
                                        ) from None
+                if str(e).startswith("Tunnel connection failed: 4"):  # the proxy's no
+                    raise ImageIOError(f"Could not open '{self.name}': the proxy"
+                                       f" {self._proxy.shown} refused the tunnel"
+                                       f" ({str(e).partition(': ')[2].strip()})") from None
                 raise _Transient(_reason(e)) from None
         raise AssertionError("unreachable")
 
@@ -626,6 +653,49 @@ class HttpBackend(RemoteBackend):
             self._release(self._windows.popleft())
 
 
+class Proxy:
+    """Where to send a URL's requests instead of its host (see the module docstring):
+    ``host``, ``port``, the ``Proxy-Authorization`` header when the proxy URL has
+    credentials, and ``shown``, the proxy's URL without them, for messages."""
+    __slots__ = ("host", "port", "headers", "shown")
+
+    def __init__(self, host: str, port: int, headers: dict[str, str], shown: str):
+        self.host, self.port, self.headers, self.shown = host, port, headers, shown
+
+
+def proxy_for(scheme: str, host: str, port: int | None, name: str) -> Proxy | None:
+    """The proxy the environment gives for ``scheme://host:port`` (``http_proxy``,
+    ``https_proxy``, ``all_proxy``, less ``no_proxy``), as curl reads them; None to go
+    direct."""
+    from urllib.request import getproxies, proxy_bypass
+    proxies = getproxies()
+    value = (proxies.get(scheme) or proxies.get("all") or "").strip()
+    if not value:
+        return None
+    where = f"{host}:{port}" if port else host
+    if proxy_bypass(where):
+        return None
+    if "://" not in value:
+        value = "http://" + value  # curl's default proxy scheme
+    try:
+        p = urlsplit(value)
+        proxy_port = p.port or 1080  # curl's default proxy port
+    except ValueError:
+        raise UsageError(f"the {scheme}_proxy setting is not a valid proxy URL",
+                         name) from None
+    shown = f"{p.scheme}://{p.hostname}:{proxy_port}"
+    if p.scheme.lower() != "http" or not p.hostname:
+        raise UnsupportedError(f"not supported yet: {p.scheme} proxies (the environment"
+                               f" gives {shown} for {scheme}:// URLs); use an http://"
+                               " proxy, or no_proxy to go direct", name)
+    headers = {}
+    if p.username is not None:
+        pair = f"{unquote(p.username)}:{unquote(p.password or '')}"
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
+            pair.encode()).decode("ascii")
+    return Proxy(p.hostname, proxy_port, headers, shown)
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, (socket.timeout, TimeoutError)):
         return "timed out"
@@ -634,8 +704,10 @@ def _reason(e: BaseException) -> str:
 
 
 def _http_error(status: int, reason: str, name: str) -> ImageIOError:
-    if status == 404:
-        return ImageIOError(f"Could not open '{name}': No such file (HTTP 404 {reason})")
+    if status == 404:  # errno: callers tell "not there" from failures (verify's record)
+        err = ImageIOError(f"Could not open '{name}': No such file (HTTP 404 {reason})")
+        err.errno = errno.ENOENT
+        return err
     if status in (401, 403):
         return ImageIOError(f"Could not open '{name}': Permission denied (HTTP {status}"
                             f" {reason})")

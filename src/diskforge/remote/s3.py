@@ -35,6 +35,7 @@ output file for the writers (streamed or spooled).
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -150,7 +151,9 @@ def error(exc: BaseException, url: str, doing: str) -> ImageIOError:
                             url)
     code, status = _code(exc), _status(exc)
     if code in ("NoSuchKey", "404", "NotFound"):
-        return ImageIOError(f"Could not open '{url}': No such object")
+        err = ImageIOError(f"Could not open '{url}': No such object")
+        err.errno = errno.ENOENT  # callers tell "not there" from failures
+        return err
     if code == "NoSuchBucket":
         return ImageIOError(f"{doing}: no such bucket", url)
     if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
