@@ -21,7 +21,7 @@ from ..errors import FormatError, UsageError
 SCHEMES = {
     "http": "http", "https": "http",
     "s3": "s3",
-    "nbd": "nbd", "nbds": "nbd", "nbd+unix": "nbd",
+    "nbd": "nbd", "nbds": "nbd", "nbd+unix": "nbd", "nbds+unix": "nbd",
 }
 
 
@@ -53,6 +53,12 @@ def _module(name: str):
 def open_backend(url: str, **options):
     """An open read backend for ``url`` (see the module docstring)."""
     return _module(url).open_backend(url, **options)
+
+
+def writes_in_place(url: str) -> bool:
+    """Whether ``url``'s scheme opens writable in place (``open_backend(url,
+    writable=True)``): an NBD export does; HTTP and S3 objects are only uploaded whole."""
+    return bool(getattr(_module(url), "WRITES_IN_PLACE", False))
 
 
 def open_upload(url: str, **options):
