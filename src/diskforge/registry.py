@@ -305,9 +305,14 @@ def by_extension(path: str) -> Format | None:
 
 def target_format(path: str, name: str | None) -> Format:
     """The format to write ``path`` in: ``name`` when given, else the extension's; never
-    a silent raw guess."""
+    a silent raw guess — except for an NBD export, whose bytes are the disk (raw, as
+    qemu-img's default output format)."""
     if name:
         return get(name)
+    if "://" in path:
+        from . import remote
+        if remote.is_remote(path) and remote.writes_in_place(path):
+            return get("raw")
     plugin = by_extension(path)
     if plugin is None:
         raise UsageError(f"cannot tell the output format from the name '{path}'; give it"
