@@ -109,6 +109,18 @@ def test_an_untrusted_server_is_one_line(tmp_path, servers, creds, sparse_qcow2)
     assert "certificate is not trusted" in err
 
 
+def test_no_client_certificate_for_qemu_nbd_is_one_line(tmp_path, servers, creds,
+                                                       sparse_qcow2):
+    """qemu-nbd checks its clients (verify-peer is on for servers): without a client
+    certificate the connection ends, and the line says what is probably missing."""
+    sock = str(tmp_path / "t.sock")
+    tls_qemu_nbd(servers, creds, sparse_qcow2, sock)
+    code, _, err = cli("info", f"nbds+unix:///?socket={sock}"
+                       f"&tls-certificates={creds['server']}")  # a CA, no client cert
+    one_line_error(code, err)
+    assert "client certificate" in err
+
+
 def test_plain_nbd_against_a_tls_only_server_is_one_line(tmp_path, servers, creds,
                                                          sparse_qcow2):
     sock = str(tmp_path / "t.sock")

@@ -201,11 +201,17 @@ class NBDBackend(RemoteBackend):
         self.closed = False
         self.writable = writable
         self._dirty = False
+        self._tls_hint = ""
         self._lock = threading.Lock()
         self._cookie = 0
         address, self.export, tls = parse_url(url)
         context = tls_context(tls, url) if tls is not None else None
         hostname = tls.hostname if tls is not None else None
+        if tls is not None and not (tls.certificates and os.path.isfile(
+                os.path.join(tls.certificates, "client-cert.pem"))):
+            self._tls_hint = (" (does the server want a client certificate?"
+                              " client-cert.pem and client-key.pem in the"
+                              " tls-certificates directory)")
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         try:
             if family == socket.AF_UNIX:
@@ -241,21 +247,29 @@ class NBDBackend(RemoteBackend):
                 k = self.sock.recv_into(mv[got:])
                 if k == 0:
                     raise ImageIOError(f"the NBD server closed the connection while"
-                                       f" sending {what}", self.path)
+                                       f" sending {what}{self._tls_hint}", self.path)
                 got += k
         except socket.timeout:
             raise ImageIOError(f"the NBD server sent no {what} within {TIMEOUT:.0f} s",
                                self.path) from None
         except OSError as e:
-            raise ImageIOError(f"reading {what} from the NBD server: {e.strerror or e}",
+            raise ImageIOError(f"reading {what} from the NBD server: {self._why(e)}",
                                self.path) from None
 
     def _send(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
         except OSError as e:
-            raise ImageIOError(f"sending to the NBD server: {e.strerror or e}",
+            raise ImageIOError(f"sending to the NBD server: {self._why(e)}",
                                self.path) from None
+
+    def _why(self, e: OSError) -> str:
+        """An OS or TLS error as words; a TLS failure right after the handshake is most
+        often the server refusing us for want of a client certificate: say so."""
+        text = str(e.strerror or e)
+        if self._tls_hint and type(e).__module__ == "ssl":
+            text = text.split(" (_ssl.c:")[0] + self._tls_hint
+        return text
 
     def _bad(self, structure: str, field: str, message: str) -> FormatError:
         return FormatError(message, self.path, structure=structure, field=field)
@@ -330,7 +344,7 @@ class NBDBackend(RemoteBackend):
                                f" {e.verify_message or e.reason}", self.path) from None
         except ssl.SSLError as e:
             raise ImageIOError(f"TLS handshake with the NBD server failed:"
-                               f" {e.reason or e}", self.path) from None
+                               f" {e.reason or e}{self._tls_hint}", self.path) from None
         except socket.timeout:
             raise ImageIOError(f"the NBD server did not finish the TLS handshake within"
                                f" {TIMEOUT:.0f} s", self.path) from None
