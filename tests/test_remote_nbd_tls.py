@@ -72,10 +72,12 @@ def test_qemu_nbd_over_tls_reads_bit_exact_and_sparse(tmp_path, servers, creds,
     code, out, err = cli("map", "--output", "json", url)
     assert code == 0, err
     assert out == qemu_map
-    code, out, err = cli("map", "--output", "json", "--object", client_object(creds),
-                         "--image-opts", opts)
-    assert code == 0, err
-    assert out == qemu_map
+    for spec in (opts, f"driver=raw,file.driver=nbd,file.filename=nbd+unix:///?"
+                 f"socket={sock},file.tls-creds=tls0"):
+        code, out, err = cli("map", "--output", "json", "--object", client_object(creds),
+                             "--image-opts", spec)
+        assert code == 0, err
+        assert out == qemu_map
 
 
 def test_nbdkit_tls_over_tcp_checks_the_address(tmp_path, servers, creds, sparse_qcow2):

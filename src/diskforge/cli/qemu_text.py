@@ -301,6 +301,17 @@ def _nbd_url(values: dict, prefix: str, objects) -> str:
         if hostname:
             query["tls-hostname"] = hostname
     scheme = "nbds" if creds_id is not None else "nbd"
+    filename = take("filename")
+    if filename is not None:  # the nbd driver's filename: a URI
+        head, sep, rest = filename.partition("://")
+        if not sep or head.lower() not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
+            raise UsageError(f"--image-opts {prefix}driver=nbd: '{filename}' is not an"
+                             " NBD URI (nbd://HOST[:PORT]/NAME, nbd+unix:///NAME?"
+                             "socket=PATH)")
+        if query:
+            head = head.lower().replace("nbds", "nbd").replace("nbd", "nbds")
+            rest += ("&" if "?" in rest else "?") + urlencode(query, safe="/")
+        return f"{head}://{rest}"
     name = quote(export, safe="")
     if kind == "unix" or (sock and not host):
         if not sock:
