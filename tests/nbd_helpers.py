@@ -4,8 +4,8 @@ it ends; and X.509 credentials made with ``openssl`` for the TLS tests, in the
 directory layout qemu and libnbd use (``ca-cert.pem``, ``server-cert.pem``,
 ``server-key.pem``, ``client-cert.pem``, ``client-key.pem``).
 
-Readiness is the socket appearing (or a TCP connect succeeding), polled, never a
-fixed sleep."""
+Readiness is a connection accepted on the socket (or TCP port), polled, never a
+fixed sleep. (qemu-nbd runs with ``-t``, so that probe does not end it.)"""
 
 from __future__ import annotations
 
@@ -63,7 +63,19 @@ class Servers:
 
 
 def listening(sock_path: str):
-    return lambda: os.path.exists(sock_path)
+    """Ready when a connection is accepted: the socket file appears at bind(), a
+    moment before listen(), and a client in between is refused."""
+    def ready() -> bool:
+        if not os.path.exists(sock_path):
+            return False
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            try:  # the greeting read, so the server sees a whole, finished client
+                s.connect(sock_path)
+                return len(s.recv(8, socket.MSG_WAITALL)) == 8
+            except OSError:
+                return False
+    return ready
 
 
 def qemu_nbd(servers, image: str, fmt: str, sock: str, *extra: str,

@@ -100,6 +100,11 @@ def test_nbdkit_tls_over_tcp_checks_the_address(tmp_path, servers, creds, sparse
                        "&tls-hostname=elsewhere.example")
     one_line_error(code, err)
     assert "not valid for 'elsewhere.example'" in err
+    code, _, err = cli("info", f"{url}?tls-verify-peer=false")  # as libnbd allows
+    assert code == 0, err
+    code, _, err = cli("info", url)  # the system's CAs do not know ours
+    one_line_error(code, err)
+    assert "not trusted" in err
 
 
 def test_an_untrusted_server_is_one_line(tmp_path, servers, creds, sparse_qcow2):
