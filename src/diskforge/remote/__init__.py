@@ -1,9 +1,10 @@
 """Images that live elsewhere: ``http(s)://`` (range requests), ``s3://bucket/key`` and
-``nbd://host[:port]/name`` / ``nbd+unix:///name?socket=PATH``.
+``nbd://host[:port]/name`` / ``nbd+unix:///name?socket=PATH`` (``nbds``: over TLS).
 
 Each scheme is a *backend* under ``BlockDevice`` with FileBackend's reading interface
 (``path``, ``size``, ``readinto``, ``pread``, ``read_exact``, ``data_ranges``,
-``allocated_bytes``, ``flush``, ``close``; writes refused unless the scheme writes), so
+``allocated_bytes``, ``flush``, ``close``; writes refused unless the scheme writes in
+place, as NBD does: ``writes_in_place``), so
 every format plugin reads through it without knowing (``Format.open(url,
 backend=...)``). One module per scheme, imported only when a name with that scheme
 is opened, so the base install and ``diskforge info`` on a local file never pay for
