@@ -162,3 +162,13 @@ def test_refusals_are_one_line(tmp_path, servers, source):
     assert "smaller" in err
     code, _, err = cli("convert", "-n", "-O", "qcow2", source, url)
     one_line_error(code, err)
+
+
+def test_server_write_errors_are_one_line(tmp_path, servers, source):
+    """nbdkit's error filter fails every write with ENOSPC: one line with the
+    server's error, after every reply in flight was read."""
+    url = nbdkit(servers, str(tmp_path / "e.sock"), "--filter=error", "memory", "8M",
+                 "error-pwrite=ENOSPC", "error-pwrite-rate=100%", writable=True)
+    code, _, err = cli("convert", "-n", "-O", "raw", source, url)
+    one_line_error(code, err)
+    assert "failed a write at 0" in err and "No space left on device" in err, err
