@@ -17,64 +17,15 @@ import time
 import pytest
 
 from conftest import cli, need, one_line_error, run, sha256_file
+from nbd_helpers import Servers, nbdkit, qemu_nbd
 
 MiB = 1 << 20
 
 
-class Server:
-    """A server process started by a test, stopped (and reaped) when it ends."""
-
-    def __init__(self, argv: list[str], ready) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while not ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{argv[0]} exited: {self.proc.stderr.read()!r}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"{argv[0]} did not start within 30 s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stderr.close()
-
-
 @pytest.fixture
 def servers():
-    started: list[Server] = []
-
-    def start(argv, ready):
-        server = Server(argv, ready)
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
-
-
-def _listening(sock_path: str):
-    return lambda: os.path.exists(sock_path)
-
-
-def qemu_nbd(servers, image: str, fmt: str, sock: str, *extra: str) -> str:
-    need("qemu-nbd")
-    servers(["qemu-nbd", "-r", "-t", "-f", fmt, "-k", sock, *extra, image],
-            _listening(sock))
-    return f"nbd+unix:///?socket={sock}"
-
-
-def nbdkit(servers, sock: str, *args: str) -> str:
-    need("nbdkit")
-    servers(["nbdkit", "-f", "-r", "-U", sock, *args], _listening(sock))
-    return f"nbd+unix:///?socket={sock}"
+    with Servers() as start:
+        yield start
 
 
 @pytest.fixture
@@ -195,7 +146,9 @@ def test_server_read_errors_are_one_line_and_leave_no_output(tmp_path, servers):
 
 def test_bad_addresses_are_one_line(tmp_path):
     for url in ("nbd+unix:///disk", f"nbd+unix:///?socket={tmp_path}/none.sock",
-                "nbd://127.0.0.1:notaport/x", "nbds://127.0.0.1/x"):
+                "nbd://127.0.0.1:notaport/x", "nbds+unix:///x",
+                f"nbds+unix:///?socket={tmp_path}/none.sock&tls-certificates={tmp_path}",
+                f"nbds://127.0.0.1:1/x?tls-certificates={tmp_path}/nodir"):
         code, _, err = cli("info", url)
         one_line_error(code, err)
 

@@ -68,7 +68,9 @@ def open(path: str | os.PathLike, fmt: str | None = None, *, writable: bool = Fa
     OVA or OVF (its file name, disk id or 1-based number; ``"vm.ova:NAME"`` too);
     ``key`` is the passphrase of an encrypted image (raw LUKS, qcow2 with
     ``encrypt.format=luks``; a str is taken as UTF-8, as qemu's ``secret`` object takes
-    its data)."""
+    its data). ``path`` may be a URL (``https://``, ``s3://``, ``nbd://``, ``nbds://``;
+    see ``diskforge.remote``); of those only an NBD export opens ``writable``, as raw,
+    in place."""
     from .registry import open_image
     if isinstance(key, str):
         key = key.encode("utf-8")

@@ -305,9 +305,14 @@ def by_extension(path: str) -> Format | None:
 
 def target_format(path: str, name: str | None) -> Format:
     """The format to write ``path`` in: ``name`` when given, else the extension's; never
-    a silent raw guess."""
+    a silent raw guess — except for an NBD export, whose bytes are the disk (raw, as
+    qemu-img's default output format)."""
     if name:
         return get(name)
+    if "://" in path:
+        from . import remote
+        if remote.is_remote(path) and remote.writes_in_place(path):
+            return get("raw")
     plugin = by_extension(path)
     if plugin is None:
         raise UsageError(f"cannot tell the output format from the name '{path}'; give it"
@@ -602,22 +607,30 @@ def _open_options(plugin: Format, path: str, snapshot: str | None,
 def _open_remote(url: str, fmt: str | None, writable: bool, policy: OpenPolicy,
                  snapshot: str | None, key: bytes | None) -> "BlockDevice":
     """An image at a URL (``remote/``): always under the untrusted policy, since what
-    it names must not reach local files, read through its scheme's backend."""
+    it names must not reach local files, read through its scheme's backend. Writable
+    only where the scheme writes in place (an NBD export), and then only as raw: the
+    export's bytes are the disk, as a block device's are."""
     from . import remote
-    if writable:
+    if writable and not remote.writes_in_place(url):
         raise UnsupportedError("not supported yet: opening a remote image for writing"
                                " in place (convert to a local file)", url)
     if not policy.is_untrusted:
         policy = OpenPolicy.untrusted(policy.allowed_roots)._with_chain(policy)
-    backend = remote.open_backend(url)
+    backend = remote.open_backend(url, writable=True) if writable else \
+        remote.open_backend(url)
     try:
         plugin = get(fmt) if fmt else probe_backend(backend, url)
         if not plugin.can_read:
             raise UnsupportedError(f"not supported yet: reading {plugin.name} images", url)
+        if writable and plugin.name != "raw":
+            raise UnsupportedError(f"not supported yet: writing a {plugin.name} image"
+                                   f" inside a {remote.scheme_of(url)}:// export in place"
+                                   " (raw only: -O raw)", url)
         policy.check_referenced_format(url, plugin.name)
         policy = policy.descend(url)
         extra = _open_options(plugin, url, snapshot, key)
-        return plugin.open(url, writable=False, policy=policy, backend=backend, **extra)
+        return plugin.open(url, writable=writable, policy=policy, backend=backend,
+                           **extra)
     except BaseException:
         backend.close()
         raise

@@ -18,7 +18,8 @@ def cmd_rebase(args) -> int:
     name = args.b or None
     if getattr(args, "image_opts", False):
         from .qemu_text import image_opts
-        args.filename, opt_fmt, _, _ = image_opts(args.filename)
+        args.filename, opt_fmt, _, _ = image_opts(args.filename,
+                                                  getattr(args, "object", ()))
         args.f = args.f or opt_fmt
     # -U shares the new backing file only, as qemu-img rebase -U: never the image.
     # -u never opens the old backing file (that is what -u is for: it was moved or

@@ -102,7 +102,7 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
         policy = replace(policy, open_data=False)
     key_id = None
     if getattr(args, "image_opts", False):  # an option string names the image
-        path, opt_fmt, share, key_id = image_opts(path)
+        path, opt_fmt, share, key_id = image_opts(path, getattr(args, "object", ()))
         fmt = fmt or opt_fmt
         if share and not writable:
             policy = replace(policy, force_share=True)
@@ -300,7 +300,7 @@ def cmd_convert(args) -> int:
         if not args.n:
             raise UsageError("--target-image-opts requires use of -n flag")
         from .qemu_text import image_opts
-        args.target, target_fmt, _, _ = image_opts(args.target)
+        args.target, target_fmt, _, _ = image_opts(args.target, args.object)
         args.O = args.O or target_fmt
     fmt = target_format(args.target, args.O)
     _, args.o = pop_size(args.o)  # qemu-img takes the size from the source, always

@@ -134,7 +134,8 @@ def build_parser(command: str | None = None, argv: list[str] | None = None
         p.add_argument("--object", action="append", default=[], metavar="OBJECTDEF",
                        help="a secret, as qemu-img defines it: secret,id=ID,data=TEXT"
                        " (or file=PATH; format=raw|base64), the passphrase of an"
-                       " encrypted image")
+                       " encrypted image; or tls-creds-x509,id=ID,dir=DIR,"
+                       "endpoint=client, the CA (and client certificate) for nbds://")
         if name != "create":
             p.add_argument("--image-opts", action="store_true",
                            help="the image is named by an option string (driver=FMT,"
@@ -257,11 +258,13 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 1
+    environment: dict[str, str] = {}
     if getattr(args, "object", None):
-        from .secrets import parse_secret
+        from .secrets import parse_object, tls_environment
         try:
             for spec in args.object:  # a typo fails before anything is opened
-                parse_secret(spec)
+                parse_object(spec)
+            environment = tls_environment(args.object)
         except DiskforgeError as e:
             print(f"diskforge: {e}", file=sys.stderr)
             return getattr(args, "error_status", 1)
@@ -277,10 +280,11 @@ def _main(argv: list[str] | None) -> int:
         set_durable(args.sync or getattr(args, "flush_output", False))
         set_direct(getattr(args, "cache", None) in ("none", "directsync"))
     if args.s3_endpoint:  # read by remote/s3.py, and inherited by child processes
-        import os
         os.environ["DISKFORGE_S3_ENDPOINT"] = args.s3_endpoint
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary outputs on kill
     error_status = getattr(args, "error_status", 1)
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)  # for this command (main() may run many)
     try:
         from ..policy import untrusted_from_environment
         args.untrusted = args.untrusted or untrusted_from_environment()
@@ -316,6 +320,12 @@ def _main(argv: list[str] | None) -> int:
         print(f"diskforge: internal error: {type(e).__name__}: {e} (run 'diskforge --debug"
               f" ...' for the traceback, and please report it)", file=sys.stderr)
         return error_status
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     # Only a MemoryError gets here. Not inside its except block: there the traceback
     # still holds the frames (and whatever filled memory), so building even this line
     # failed again and again (a hostile plist once ended in a 39-line traceback).

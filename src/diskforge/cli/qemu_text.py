@@ -271,6 +271,63 @@ _IGNORED_IMAGE_OPTS = {"aio", "file.aio", "discard", "detect-zeroes", "read-only
                        "auto-read-only", "cache.no-flush", "cache.direct", "force-share"}
 
 
+def _nbd_url(values: dict, prefix: str, objects) -> str:
+    """QEMU's nbd driver options (``server.type=inet,server.host=H,server.port=P`` or
+    ``server.type=unix,server.path=SOCK``, ``export=NAME``, ``tls-creds=ID``,
+    ``tls-hostname=NAME``) as the NBD URI diskforge opens: ``nbds``/``nbds+unix`` with
+    ``tls-certificates=DIR`` (and ``tls-verify-peer=false``, ``tls-hostname=``) when
+    they name TLS credentials."""
+    from urllib.parse import quote, urlencode
+
+    from ..errors import UnsupportedError
+    from .secrets import tls_creds
+
+    def take(key: str) -> str | None:
+        return values.pop(prefix + key, None)
+    kind = take("server.type") or "inet"
+    host, port, sock = take("server.host"), take("server.port"), take("server.path")
+    host, port, sock = host or take("host"), port or take("port"), sock or take("path")
+    export = take("export") or ""
+    creds_id = take("tls-creds")
+    hostname = take("tls-hostname")
+    query: dict[str, str] = {}
+    if creds_id is not None:
+        creds = tls_creds(objects).get(creds_id)
+        if creds is None:
+            raise UsageError(f"No TLS credentials with id '{creds_id}'")
+        query["tls-certificates"] = creds.directory
+        if not creds.verify_peer:
+            query["tls-verify-peer"] = "false"
+        if hostname:
+            query["tls-hostname"] = hostname
+    scheme = "nbds" if creds_id is not None else "nbd"
+    filename = take("filename")
+    if filename is not None:  # the nbd driver's filename: a URI
+        head, sep, rest = filename.partition("://")
+        if not sep or head.lower() not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
+            raise UsageError(f"--image-opts {prefix}driver=nbd: '{filename}' is not an"
+                             " NBD URI (nbd://HOST[:PORT]/NAME, nbd+unix:///NAME?"
+                             "socket=PATH)")
+        if query:
+            head = head.lower().replace("nbds", "nbd").replace("nbd", "nbds")
+            rest += ("&" if "?" in rest else "?") + urlencode(query, safe="/")
+        return f"{head}://{rest}"
+    name = quote(export, safe="")
+    if kind == "unix" or (sock and not host):
+        if not sock:
+            raise UsageError("--image-opts driver=nbd: server.type=unix needs"
+                             " server.path=SOCKET")
+        return f"{scheme}+unix:///{name}?" + urlencode({"socket": sock, **query}, safe="/")
+    if kind != "inet":
+        raise UnsupportedError(f"not supported yet: nbd server.type={kind} (inet, unix)")
+    if not host:
+        raise UsageError("--image-opts driver=nbd: needs server.host= (or"
+                         " server.type=unix,server.path=)")
+    netloc = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{netloc}:{port or 10809}/{name}"
+    return url + ("?" + urlencode(query, safe="/") if query else "")
+
+
 def _curl_url(values: dict, protocol: str) -> str | None:
     """``file.driver=http|https,file.url=URL`` as QEMU's curl driver takes it: the URL
     (read by remote/http.py). Its tuning keys are accepted and left to diskforge's own
@@ -289,16 +346,23 @@ def _curl_url(values: dict, protocol: str) -> str | None:
     return url
 
 
-def image_opts(text: str) -> tuple[str, str | None, bool, str | None]:
+def image_opts(text: str, objects=()) -> tuple[str, str | None, bool, str | None]:
     """``--image-opts`` and ``--target-image-opts``: the image named by an option string
     (``driver=qcow2,file.filename=disk.qcow2,file.locking=off``) instead of a file name.
     Returns the path, the format (``driver``; None: probe), whether locks are shared
     (``file.locking=off``, read as ``-U``) and the id of the secret holding its
-    passphrase (``key-secret=`` for LUKS, ``encrypt.key-secret=`` for qcow2)."""
+    passphrase (``key-secret=`` for LUKS, ``encrypt.key-secret=`` for qcow2).
+    ``objects`` are the command's ``--object`` definitions, where an NBD image's
+    ``tls-creds=ID`` is looked up."""
     from ..errors import UnsupportedError
     values = split_option_string(text)
     protocol = values.get("file.driver", "file")
-    if protocol in ("http", "https"):  # QEMU's curl driver: the image is file.url
+    if values.get("driver") == "nbd":  # QEMU's nbd driver: the export's bytes, raw
+        path = _nbd_url(values, "", objects)
+        values["driver"] = "raw"
+    elif protocol == "nbd":
+        path = _nbd_url(values, "file.", objects)
+    elif protocol in ("http", "https"):  # QEMU's curl driver: the image is file.url
         path = _curl_url(values, protocol)
     else:
         path = values.pop("file.filename", None) or values.pop("filename", None)
@@ -308,9 +372,9 @@ def image_opts(text: str) -> tuple[str, str | None, bool, str | None]:
     if driver == "file":
         driver = "raw"
     protocol = values.pop("file.driver", "file")
-    if protocol not in ("file", "http", "https"):
+    if protocol not in ("file", "http", "https", "nbd"):
         raise UnsupportedError(f"not supported yet: --image-opts file.driver={protocol}"
-                               " (file, http, https)", path)
+                               " (file, http, https, nbd)", path)
     locking = values.pop("file.locking", values.pop("locking", "auto"))
     if locking not in ("on", "off", "auto"):
         raise UsageError(f"invalid value '{locking}' for file.locking: on, off or auto")

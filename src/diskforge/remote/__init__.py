@@ -1,9 +1,10 @@
 """Images that live elsewhere: ``http(s)://`` (range requests), ``s3://bucket/key`` and
-``nbd://host[:port]/name`` / ``nbd+unix:///name?socket=PATH``.
+``nbd://host[:port]/name`` / ``nbd+unix:///name?socket=PATH`` (``nbds``: over TLS).
 
 Each scheme is a *backend* under ``BlockDevice`` with FileBackend's reading interface
 (``path``, ``size``, ``readinto``, ``pread``, ``read_exact``, ``data_ranges``,
-``allocated_bytes``, ``flush``, ``close``; writes refused unless the scheme writes), so
+``allocated_bytes``, ``flush``, ``close``; writes refused unless the scheme writes in
+place, as NBD does: ``writes_in_place``), so
 every format plugin reads through it without knowing (``Format.open(url,
 backend=...)``). One module per scheme, imported only when a name with that scheme
 is opened, so the base install and ``diskforge info`` on a local file never pay for
@@ -21,7 +22,7 @@ from ..errors import FormatError, UsageError
 SCHEMES = {
     "http": "http", "https": "http",
     "s3": "s3",
-    "nbd": "nbd", "nbds": "nbd", "nbd+unix": "nbd",
+    "nbd": "nbd", "nbds": "nbd", "nbd+unix": "nbd", "nbds+unix": "nbd",
 }
 
 
@@ -53,6 +54,12 @@ def _module(name: str):
 def open_backend(url: str, **options):
     """An open read backend for ``url`` (see the module docstring)."""
     return _module(url).open_backend(url, **options)
+
+
+def writes_in_place(url: str) -> bool:
+    """Whether ``url``'s scheme opens writable in place (``open_backend(url,
+    writable=True)``): an NBD export does; HTTP and S3 objects are only uploaded whole."""
+    return bool(getattr(_module(url), "WRITES_IN_PLACE", False))
 
 
 def open_upload(url: str, **options):

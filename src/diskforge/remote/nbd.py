@@ -1,6 +1,7 @@
-"""diskforge as an NBD *client*: ``nbd://host[:port]/name`` and
-``nbd+unix:///name?socket=PATH`` (the URI forms of the NBD URI specification,
-doc/uri.md in the NBD project, as qemu-img and nbdkit spell them).
+"""diskforge as an NBD *client*: ``nbd://host[:port]/name``,
+``nbd+unix:///name?socket=PATH`` and their TLS forms ``nbds://`` and
+``nbds+unix://`` (the URI forms of the NBD URI specification, doc/uri.md in the NBD
+project, as qemu-img, libnbd and nbdkit spell them).
 
 Why our own client and not libnbd's binding: libnbd's Python module comes only with
 Debian's system Python (not pip-installable into a venv), and the protocol side we need
@@ -14,29 +15,61 @@ or nbdkit export converts sparsely. Reads larger than the server's maximum block
 are split and *pipelined*: every piece is requested before the first reply is read, so
 one round trip serves a whole conversion batch.
 
+TLS (proto.md "TLS support"): ``nbds`` sends ``NBD_OPT_STARTTLS`` first, then runs the
+rest of the negotiation and all of transmission over ``ssl`` (stdlib). Credentials are
+X.509 in qemu's and libnbd's directory layout: ``ca-cert.pem`` (the CA the server's
+certificate must chain to) and, when the server asks for one, ``client-cert.pem`` and
+``client-key.pem``. The directory comes from the URI's ``tls-certificates=DIR`` (libnbd),
+else ``DISKFORGE_NBD_TLS_CERTIFICATES`` (what the CLI's ``--object
+tls-creds-x509,dir=DIR,endpoint=client`` sets), else the system CA store;
+``tls-verify-peer=false`` (or the object's ``verify-peer=no``) skips checking the
+server, as libnbd and qemu allow. Over TCP the server's name must match its certificate
+(an IP address matches an IP SAN); over a Unix socket only the chain is checked, as
+qemu does when it has no host name. A server that refuses STARTTLS when we ask, or that
+answers ``NBD_REP_ERR_TLS_REQD`` when we did not, is one error line saying which.
+
+Writing (``writable=True``: ``convert -n``, ``diskforge.open(url, writable=True)``):
+``NBD_CMD_WRITE`` split at the server's maximum block size and pipelined like reads;
+zero runs as ``NBD_CMD_WRITE_ZEROES`` (``punch_hole``: without ``NBD_CMD_FLAG_NO_HOLE``,
+so the server may deallocate; ``write_zeroes``: with it, allocating, as a file's
+``write_zeroes`` does), plain zero writes when the server lacks the command;
+``NBD_CMD_FLUSH`` at ``flush`` and ``close`` when something was written. An export the
+server marks ``NBD_FLAG_READ_ONLY`` is refused at open; writes past the export's end
+are refused before anything is sent; an export cannot change size (qemu: "Cannot grow
+NBD nodes"). There is no creating an export: a target named ``nbd://`` must be written
+with ``convert -n`` (the export exists); qemu-img's "Protocol driver 'nbd' does not
+support image creation" otherwise.
+
 Everything a server sends is bounded before it is used: reply lengths against what was
 asked, chunk offsets inside the request, error messages and block-status payloads
 against fixed caps, and every socket operation has a timeout, so a hostile or dead
 server gives one error line, never a hang or a large allocation.
 
-Not supported yet: ``nbds://`` (TLS), writing to an export.
+Not supported yet: TLS with pre-shared keys (``tls-psk-file``),
+``NBD_CMD_TRIM``, multi-conn.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..blockdev import ZERO_BUFFER_SIZE, ZEROES, pieces
 from ..errors import FormatError, ImageIOError, UnsupportedError, UsageError
 from ..nbd_protocol import (
-    BASE_ALLOCATION, IHAVEOPT, NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_READ,
+    BASE_ALLOCATION, IHAVEOPT, NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
     NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE,
-    NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT, NBD_OPT_GO,
-    NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_INFO,
-    NBD_REP_MAGIC, NBD_REP_META_CONTEXT, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
+    NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_WRITE_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT, NBD_OPT_GO,
+    NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK,
+    NBD_REP_ERR_TLS_REQD, NBD_REP_INFO, NBD_REP_MAGIC, NBD_REP_META_CONTEXT,
+    NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
     NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
     NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
     NBD_STATE_ZERO, NBD_STRUCTURED_REPLY_MAGIC, NBDMAGIC)
@@ -49,47 +82,137 @@ MAX_OPTION_REPLY = 64 << 10               # option replies are small (names, inf
 MAX_STATUS_PAYLOAD = 8 << 20              # one block-status reply: 1M descriptors
 MAX_ERROR_MESSAGE = 4096
 STATUS_SPAN = 1 << 30                     # asked per block-status request
+TLS_DIR_ENV = "DISKFORGE_NBD_TLS_CERTIFICATES"
+TLS_VERIFY_ENV = "DISKFORGE_NBD_TLS_VERIFY_PEER"
+WRITES_IN_PLACE = True                    # an export is written where it is (-n)
 
 
 def open_backend(url: str, **options) -> "NBDBackend":
     return NBDBackend(url, **options)
 
 
-def parse_url(url: str) -> tuple[object, str]:
-    """``(address, export name)`` of an NBD URI: ``(host, port)`` for ``nbd://``, the
-    socket path for ``nbd+unix://``."""
+def open_upload(url: str, **options):
+    """There is no creating an export: qemu-img's words, and the way that works."""
+    raise UsageError("Protocol driver 'nbd' does not support image creation: an NBD"
+                     " export already exists; write into it with 'convert -n -O raw'",
+                     url)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """What an ``nbds`` URI asks for: the credentials directory (None: the system CA
+    store, no client certificate), whether the server's certificate is checked, and
+    the name it must carry (None: the chain only)."""
+    certificates: str | None
+    verify_peer: bool
+    hostname: str | None = None
+
+
+def _truth(text: str, what: str, url: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"{what}={text}: expected true or false", url)
+
+
+def parse_url(url: str) -> tuple[object, str, "TLSConfig | None"]:
+    """``(address, export name, TLS or None)`` of an NBD URI: ``(host, port)`` for
+    ``nbd://`` and ``nbds://``, the socket path for ``nbd+unix://`` and
+    ``nbds+unix://``."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     name = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    if scheme == "nbds" or scheme.startswith("nbds+"):
-        raise UnsupportedError("not supported yet: nbds:// (NBD over TLS)", url)
+    query = parse_qs(parts.query)
+    tls = None
+    if scheme in ("nbds", "nbds+unix"):
+        certs = query.get("tls-certificates", [None])[0] or \
+            os.environ.get(TLS_DIR_ENV) or None
+        verify = query.get("tls-verify-peer", [None])[0]
+        if verify is None:
+            verify = os.environ.get(TLS_VERIFY_ENV, "true")
+        tls = TLSConfig(certs, _truth(verify, "tls-verify-peer", url),
+                        query.get("tls-hostname", [None])[0] or
+                        (parts.hostname if scheme == "nbds" else None))
+        scheme = scheme.replace("nbds", "nbd")
     if scheme == "nbd+unix":
-        sockets = parse_qs(parts.query).get("socket")
+        sockets = query.get("socket")
         if not sockets or not sockets[0]:
-            raise UsageError("nbd+unix:// needs ?socket=PATH", url)
-        return sockets[0], name
+            raise UsageError(f"{parts.scheme}:// needs ?socket=PATH", url)
+        return sockets[0], name, tls
     if scheme == "nbd":
         try:
             port = parts.port or DEFAULT_PORT
         except ValueError:
             raise UsageError("the port of an nbd:// URI must be a number", url) from None
         if not parts.hostname:
-            raise UsageError("nbd:// needs a host (nbd://HOST[:PORT]/NAME)", url)
-        return (parts.hostname, port), name
-    raise UsageError("not an NBD URI (nbd://HOST[:PORT]/NAME or"
-                     " nbd+unix:///NAME?socket=PATH)", url)
+            raise UsageError(f"{parts.scheme}:// needs a host"
+                             f" ({parts.scheme}://HOST[:PORT]/NAME)", url)
+        return (parts.hostname, port), name, tls
+    raise UsageError("not an NBD URI (nbd[s]://HOST[:PORT]/NAME or"
+                     " nbd[s]+unix:///NAME?socket=PATH)", url)
+
+
+def tls_context(tls: TLSConfig, url: str):
+    """The ``ssl`` context for ``tls``: the CA of the directory (or the system's),
+    the client certificate when the directory has one (qemu-nbd asks for it by
+    default: its ``verify-peer`` is on for servers)."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    certs = tls.certificates
+    if certs is not None and not os.path.isdir(certs):
+        raise UsageError(f"tls-certificates: '{certs}' is not a directory", url)
+
+    def load(what: str, call, *files: str) -> None:
+        try:
+            call(*files)
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            raise UsageError(f"cannot load the {what} {files[0]}: {reason}") from None
+    if tls.verify_peer:
+        if certs is None:
+            ctx.load_default_certs()
+        else:
+            ca = os.path.join(certs, "ca-cert.pem")
+            if not os.path.isfile(ca):
+                raise UsageError(f"tls-certificates: no CA certificate {ca} (the"
+                                 " directory holds ca-cert.pem, client-cert.pem,"
+                                 " client-key.pem)", url)
+            load("CA certificate", ctx.load_verify_locations, ca)
+        ctx.check_hostname = tls.hostname is not None
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if certs is not None:
+        cert = os.path.join(certs, "client-cert.pem")
+        if os.path.isfile(cert):
+            load("client certificate", ctx.load_cert_chain, cert,
+                 os.path.join(certs, "client-key.pem"))
+    return ctx
 
 
 class NBDBackend(RemoteBackend):
     """One connection to one export, with FileBackend's reading interface. Calls are
     serialised by a lock: one conversation on one socket, whichever thread asks."""
 
-    def __init__(self, url: str, *, timeout: float = TIMEOUT) -> None:
+    def __init__(self, url: str, *, writable: bool = False,
+                 timeout: float = TIMEOUT) -> None:
         self.path = url
         self.closed = False
+        self.writable = writable
+        self._dirty = False
+        self._tls_hint = ""
         self._lock = threading.Lock()
         self._cookie = 0
-        address, self.export = parse_url(url)
+        address, self.export, tls = parse_url(url)
+        context = tls_context(tls, url) if tls is not None else None
+        hostname = tls.hostname if tls is not None else None
+        if tls is not None and not (tls.certificates and os.path.isfile(
+                os.path.join(tls.certificates, "client-cert.pem"))):
+            self._tls_hint = (" (does the server want a client certificate?"
+                              " client-cert.pem and client-key.pem in the"
+                              " tls-certificates directory)")
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         try:
             if family == socket.AF_UNIX:
@@ -103,10 +226,14 @@ class NBDBackend(RemoteBackend):
             raise ImageIOError(f"cannot connect to the NBD server: {e.strerror or e}",
                                url) from None
         try:
-            self._handshake()
+            self._handshake(context, hostname)
         except BaseException:
             self.sock.close()
             raise
+        if writable and self.transmission_flags & NBD_FLAG_READ_ONLY:
+            self.close()
+            raise ImageIOError(f"the NBD server exports '{self.export}' read-only"
+                               " (NBD_FLAG_READ_ONLY): it cannot be written", url)
 
     # -- the wire ----------------------------------------------------------------------
     def _recv(self, n: int, what: str) -> bytes:
@@ -121,27 +248,35 @@ class NBDBackend(RemoteBackend):
                 k = self.sock.recv_into(mv[got:])
                 if k == 0:
                     raise ImageIOError(f"the NBD server closed the connection while"
-                                       f" sending {what}", self.path)
+                                       f" sending {what}{self._tls_hint}", self.path)
                 got += k
         except socket.timeout:
             raise ImageIOError(f"the NBD server sent no {what} within {TIMEOUT:.0f} s",
                                self.path) from None
         except OSError as e:
-            raise ImageIOError(f"reading {what} from the NBD server: {e.strerror or e}",
+            raise ImageIOError(f"reading {what} from the NBD server: {self._why(e)}",
                                self.path) from None
 
     def _send(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
         except OSError as e:
-            raise ImageIOError(f"sending to the NBD server: {e.strerror or e}",
+            raise ImageIOError(f"sending to the NBD server: {self._why(e)}",
                                self.path) from None
+
+    def _why(self, e: OSError) -> str:
+        """An OS or TLS error as words; a TLS failure right after the handshake is most
+        often the server refusing us for want of a client certificate: say so."""
+        text = str(e.strerror or e)
+        if self._tls_hint and type(e).__module__ == "ssl":
+            text = text.split(" (_ssl.c:")[0] + self._tls_hint
+        return text
 
     def _bad(self, structure: str, field: str, message: str) -> FormatError:
         return FormatError(message, self.path, structure=structure, field=field)
 
     # -- handshake (proto.md "Fixed newstyle negotiation") ----------------------------
-    def _handshake(self) -> None:
+    def _handshake(self, context, hostname: str | None) -> None:
         magic, opt_magic, flags = struct.unpack(">QQH", self._recv(18, "its greeting"))
         if magic != NBDMAGIC or opt_magic != IHAVEOPT:
             raise self._bad("greeting", "magic", "not an NBD server speaking the newstyle"
@@ -152,6 +287,8 @@ class NBDBackend(RemoteBackend):
         client = NBD_FLAG_C_FIXED_NEWSTYLE | (flags & NBD_FLAG_NO_ZEROES and
                                               NBD_FLAG_C_NO_ZEROES)
         self._send(struct.pack(">I", client))
+        if context is not None:
+            self._starttls(context, hostname)
         self.structured = self._option_ack(NBD_OPT_STRUCTURED_REPLY, b"")
         self.context_id = None
         name = self.export.encode()
@@ -186,6 +323,36 @@ class NBDBackend(RemoteBackend):
         if self._size >= 1 << 63:
             raise self._bad("NBD_INFO_EXPORT", "size", f"{self._size} is not a disk size")
 
+    def _starttls(self, context, hostname: str | None) -> None:
+        """``NBD_OPT_STARTTLS``, then the TLS handshake on the same socket; the
+        server's certificate is checked against the context's CA (and ``hostname``
+        when there is one: the URI's host, or ``tls-hostname=``)."""
+        import ssl
+        self._option_send(NBD_OPT_STARTTLS, b"")
+        try:
+            for _ in self._option_replies(NBD_OPT_STARTTLS):
+                pass
+        except _OptionRefused as e:
+            raise ImageIOError(f"the NBD server refused TLS (NBD_OPT_STARTTLS answered"
+                               f" {e.reply_type & 0x7FFFFFFF:#x}): it offers no TLS; use"
+                               " nbd:// for a plain connection", self.path) from None
+        if not context.check_hostname:
+            hostname = None
+        try:
+            self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
+        except ssl.SSLCertVerificationError as e:
+            raise ImageIOError("TLS: the NBD server's certificate is not trusted:"
+                               f" {e.verify_message or e.reason}", self.path) from None
+        except ssl.SSLError as e:
+            raise ImageIOError(f"TLS handshake with the NBD server failed:"
+                               f" {e.reason or e}{self._tls_hint}", self.path) from None
+        except socket.timeout:
+            raise ImageIOError(f"the NBD server did not finish the TLS handshake within"
+                               f" {TIMEOUT:.0f} s", self.path) from None
+        except OSError as e:
+            raise ImageIOError(f"TLS handshake with the NBD server failed:"
+                               f" {e.strerror or e}", self.path) from None
+
     def _option_send(self, option: int, data: bytes) -> None:
         self._send(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
 
@@ -201,6 +368,10 @@ class NBDBackend(RemoteBackend):
             data = self._recv(length, "an option reply")
             if rtype == NBD_REP_ACK:
                 return
+            if rtype == NBD_REP_ERR_TLS_REQD:
+                raise ImageIOError("the NBD server requires TLS (NBD_REP_ERR_TLS_REQD):"
+                                   " use nbds:// (nbds+unix://) with its CA in"
+                                   " tls-certificates=DIR", self.path)
             if rtype & (1 << 31):
                 message = data.decode("utf-8", "replace")[:200]
                 if option == NBD_OPT_GO:
@@ -363,19 +534,123 @@ class NBDBackend(RemoteBackend):
                 yield pos, n, not flags & NBD_STATE_ZERO
                 pos += n
 
+    # -- writing (opened with writable=True) ----------------------------------------
     def _refuse(self, *args, **kwargs):
-        raise UnsupportedError("not supported yet: writing to an NBD export", self.path)
+        raise UnsupportedError("the NBD export is open read-only", self.path)
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if self.closed:
+            raise ImageIOError("write after close", self.path)
+        if not self.writable:
+            self._refuse()
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise UsageError(f"a write at {offset} (+{length}) is past the end of the"
+                             f" export ({self._size} bytes); an NBD export cannot grow",
+                             self.path)
+
+    def _acks(self, pending: dict[int, tuple[str, int]]) -> None:
+        """Read the replies to the requests in ``pending`` (cookie -> what, offset),
+        all of them, so the conversation stays in step; then raise the first failure."""
+        failure = None
+        while pending:
+            structured, flags, rtype, cookie, length = self._reply_header()
+            if cookie not in pending:
+                raise self._bad("reply", "cookie", f"{cookie} answers no request in"
+                                " flight")
+            what, at = pending[cookie]
+            if not structured:
+                if length and failure is None:
+                    failure = f"the NBD server failed {what} at {at}: {_errno(length)}"
+                del pending[cookie]
+                continue
+            if rtype == NBD_REPLY_TYPE_ERROR or rtype & (1 << 15):
+                text = self._error_chunk(length)
+                failure = failure or f"the NBD server failed {what} at {at}: {text}"
+            elif rtype != NBD_REPLY_TYPE_NONE or length:
+                raise self._bad("structured reply", "type",
+                                f"{rtype} is not a reply to {what}")
+            if flags & NBD_REPLY_FLAG_DONE:
+                del pending[cookie]
+        if failure:
+            raise ImageIOError(failure, self.path)
+
+    def pwrite(self, offset: int, data) -> None:
+        """``NBD_CMD_WRITE``: pieces of at most the server's maximum block size, all
+        sent before the first reply is read."""
+        mv = memoryview(data).cast("B")
+        self._check_write(offset, len(mv))
+        if not len(mv):
+            return
+        with self._lock:
+            pending: dict[int, tuple[str, int]] = {}
+            for pos in range(0, len(mv), self.max_request):
+                piece = mv[pos:pos + self.max_request]
+                cookie = self._request(NBD_CMD_WRITE, offset + pos, len(piece))
+                self._send(piece)
+                pending[cookie] = ("a write", offset + pos)
+            self._dirty = True
+            self._acks(pending)
+
+    def _zeroes(self, offset: int, length: int, flags: int) -> None:
+        self._check_write(offset, length)
+        if not self.transmission_flags & NBD_FLAG_SEND_WRITE_ZEROES:
+            for pos, n in pieces(offset, length, ZERO_BUFFER_SIZE):
+                self.pwrite(pos, ZEROES[:n])
+            return
+        with self._lock:
+            pending: dict[int, tuple[str, int]] = {}
+            for pos, n in pieces(offset, length, self.max_request):
+                pending[self._request(NBD_CMD_WRITE_ZEROES, pos, n, flags)] = \
+                    ("a zeroing (NBD_CMD_WRITE_ZEROES)", pos)
+            self._dirty = True
+            self._acks(pending)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Zeros the server may store as a hole (``NBD_CMD_FLAG_NO_HOLE`` unset)."""
+        self._zeroes(offset, length, 0)
+        return True
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zeros the server keeps allocated (``NBD_CMD_FLAG_NO_HOLE``), as a file's
+        ``write_zeroes`` allocates (``preallocation=full``)."""
+        self._zeroes(offset, length, NBD_CMD_FLAG_NO_HOLE)
+
+    def truncate(self, size: int) -> None:
+        if size != self._size:
+            raise UnsupportedError(f"an NBD export cannot change size ({self._size}"
+                                   f" bytes; {size} asked): Cannot grow NBD nodes",
+                                   self.path)
+
+    def flush(self, *, durable: bool = True) -> None:
+        """``NBD_CMD_FLUSH`` when something was written since the last one."""
+        if not self._dirty or self.closed:
+            return
+        with self._lock:
+            self._dirty = False
+            if self.transmission_flags & NBD_FLAG_SEND_FLUSH:
+                self._acks({self._request(NBD_CMD_FLUSH, 0, 0): ("a flush", 0)})
 
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
         try:
-            with self._lock:
-                self._request(NBD_CMD_DISC, 0, 0)
-        except (ImageIOError, OSError):
-            pass
-        self.sock.close()
+            self.flush()
+        finally:
+            self.closed = True
+            try:
+                with self._lock:
+                    self._request(NBD_CMD_DISC, 0, 0)
+            except (ImageIOError, OSError):
+                pass
+            self.sock.close()
+
+
+def _errno(value: int) -> str:
+    """An NBD error number as text: the protocol's values are Linux's errno values."""
+    try:
+        return f"error {value} ({os.strerror(value)})"
+    except ValueError:
+        return f"error {value}"
 
 
 class _OptionRefused(Exception):
