@@ -12,7 +12,8 @@ input. Unlike qemu-img, a failed run leaves no output behind.
 
 from __future__ import annotations
 
-from .image import add_force_share_arg, add_policy_args, open_source
+from .image import (add_force_share_arg, add_policy_args, export_writer, is_export,
+                    open_source)
 
 _KEYS = ("bs", "count", "skip", "if", "of")
 
@@ -59,7 +60,10 @@ def cmd_dd(args) -> int:
                   file=sys.stderr)
         refuse_overwrite(ops["of"], src.files(), "the input")
         window = WindowDevice(src, start, -(-size // 512) * 512, data=size)
-        writer = fmt.writer(ops["of"], window.size, fmt.options.parse(""))
+        if is_export(ops["of"]):  # written in place, as qemu-img dd does
+            writer = export_writer(ops["of"], fmt.name, window.size, args)
+        else:
+            writer = fmt.writer(ops["of"], window.size, fmt.options.parse(""))
         convert(window, writer)
     finally:
         src.close()

@@ -282,6 +282,30 @@ def cmd_create(args) -> int:
 
 # -- convert ------------------------------------------------------------------------------
 
+def export_writer(target: str, fmt_name: str, size: int, args):
+    """What qemu-img's create does on an NBD export (``bdrv_co_create_opts_simple``):
+    nothing can be created there, so the existing export is written in place when it
+    holds ``size`` bytes, else qemu-img's "Cannot grow NBD nodes". Only raw is written
+    into an export (qemu-img could format one as qcow2: not supported yet)."""
+    from ..blockdev import DeviceWriter
+    from ..errors import UnsupportedError, UsageError
+    from ..registry import open_image
+    if fmt_name != "raw":
+        raise UnsupportedError(f"not supported yet: creating a {fmt_name} image inside an"
+                               " NBD export (raw only: -O raw)", target)
+    dev = open_image(target, "raw", writable=True, policy=policy_from(args, share=False))
+    if dev.size < size:
+        dev.close()
+        raise UsageError("error while converting raw: Cannot grow NBD nodes", target)
+    return DeviceWriter(dev)
+
+
+def is_export(target: str) -> bool:
+    """An NBD export: written in place, as qemu-img writes one without -n too."""
+    from ..remote import is_remote, scheme_of
+    return is_remote(target) and scheme_of(target).startswith("nbd")
+
+
 def cmd_convert(args) -> int:
     from ..atomic import refuse_overwrite
     from ..blockdev import DeviceWriter
@@ -354,6 +378,8 @@ def cmd_convert(args) -> int:
                 raise UsageError(f"target is smaller ({dev.size} bytes) than the source"
                                  f" ({src.size} bytes)", args.target)
             writer = _zeroed_target_writer(dev) if args.target_is_zero else DeviceWriter(dev)
+        elif is_export(args.target) and not args.B and copied is None:
+            writer = export_writer(args.target, fmt.name, src.size, args)
         else:
             from ..ops.measure import require_room
             require_room(args.target, fmt, options, source=src, base=base)
