@@ -66,7 +66,29 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30.0) -> 
     return False
 
 
-class Nginx:
+class ServerProcess:
+    """A server the tests started (``self.proc``), stopped at the end of a ``with``."""
+
+    proc: "subprocess.Popen | None" = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Nginx(ServerProcess):
     """``Nginx(root, workdir)``: serving ``root`` at ``self.url``; ``stop()`` ends it."""
 
     def __init__(self, root: str, workdir: str, extra: str = "",
@@ -148,18 +170,3 @@ http {{
     def _wait_listening(self) -> bool:
         return wait_listening(self.proc, self.port)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 
-from nginx_helpers import _die_with_parent, _free_port, wait_listening
+from nginx_helpers import ServerProcess, _die_with_parent, _free_port, wait_listening
 
 TINYPROXY = shutil.which("tinyproxy") or ("/usr/bin/tinyproxy"
                                           if os.path.exists("/usr/bin/tinyproxy") else None)
@@ -25,7 +25,7 @@ TINYPROXY = shutil.which("tinyproxy") or ("/usr/bin/tinyproxy"
 _REQUEST = re.compile(r"Request \(file descriptor \d+\): (\S+ \S+)")
 
 
-class Tinyproxy:
+class Tinyproxy(ServerProcess):
     """``Tinyproxy(workdir)``: a proxy at ``self.url``; ``stop()`` ends it. ``extra``
     is more configuration (``ConnectPort 443`` to refuse other tunnels)."""
 
@@ -75,18 +75,3 @@ class Tinyproxy:
         "CONNECT host:port" lines."""
         return _REQUEST.findall(self._log_text())
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
