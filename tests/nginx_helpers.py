@@ -169,4 +169,3 @@ http {{
 
     def _wait_listening(self) -> bool:
         return wait_listening(self.proc, self.port)
-

@@ -74,4 +74,3 @@ class Tinyproxy(ServerProcess):
         """The requests the proxy took so far, in order: "GET http://..." lines and
         "CONNECT host:port" lines."""
         return _REQUEST.findall(self._log_text())
-
