@@ -265,6 +265,8 @@ def _eps() -> dict[str, _EntryPoint]:
                     text = f.read()
             except OSError:
                 continue
+            if ENTRY_POINT_GROUP not in text:  # most distributions: not parsed line by line
+                continue
             for name, value in _parse_group(text, ENTRY_POINT_GROUP):
                 found.setdefault(name, _EntryPoint(name, value))
     _entry_points = found

@@ -21,16 +21,17 @@ from ...checks import CheckResult, Repair
 from ...errors import FormatError, UnsupportedError, UsageError
 from ...policy import OpenPolicy
 from ...registry import open_image
-from . import maintenance
 from . import snapshot as snapshot_table
 from . import bitmaps as bitmap_store
 from .bitmaps import Bitmaps, read_directory
-from .check import check as check_image
 from .cluster import ClusterMap
 from .header import parse as parse_header
-from .refcount import Refcounts
 from .structs import QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW_MAGIC, Geometry
 from .write import WritePath
+
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
+if TYPE_CHECKING:
+    from .refcount import Refcounts
 
 L2_CACHE_BYTES = 32 << 20
 
@@ -99,6 +100,9 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         if h.backing_file:
             self.open_backing(h.backing_file, h.backing_format)
         if self.writable:
+            # the refcounts, check and maintenance are imported by what writes (info
+            # and reads never need them: they were a fifth of info's start-up)
+            from .refcount import Refcounts
             self.refs = Refcounts(self.backend, self.geo, h.refcount_table_offset,
                                   h.refcount_table_clusters, self.path)
             if h.bitmaps is not None:
@@ -214,26 +218,32 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
 
     # == maintenance hooks ===================================================================
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
+        from .check import check as check_image
         return check_image(self, repair)
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.resize(self, size, shrink=shrink)
 
     def preallocate(self, offset: int, length: int, mode: str) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.preallocate(self, offset, length, mode)
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.set_backing(self, name, fmt)
 
     def make_empty(self) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.make_empty(self)
 
     def amend(self, options, given: set[str]) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.amend(self, options, given)
 
     # persistent dirty bitmaps (bitmaps.py)
