@@ -66,6 +66,33 @@ def test_info_imports_only_what_it_needs(tmp_path):
     assert "construct" in loaded  # it still reads the header with construct
 
 
+FORMAT_PACKAGES = ("asif", "dmg", "iso", "luks", "ova", "parallels", "qcow1", "qcow2",
+                   "qed", "raw", "vdi", "vhd", "vhdx", "vmdk")
+
+
+@pytest.mark.parametrize("fmt, own", [("raw", "raw"), ("qcow2", "qcow2")])
+def test_info_imports_only_its_own_format(tmp_path, fmt, own):
+    """Probing imports only the plugins whose signature is in the file (the registry's
+    SIGNATURES), and reading a qcow2 leaves its write path (check, maintenance,
+    refcounts) alone: the other format packages are never imported."""
+    qemu_img = need("qemu-img")
+    img = str(tmp_path / f"small.{fmt}")
+    subprocess.run([qemu_img, "create", "-q", "-f", fmt, img, "64M"], check=True)
+    loaded, out = _modules_after("info", img)
+    assert f"file format: {fmt}" in out
+    for name in FORMAT_PACKAGES:
+        package = f"diskforge.formats.{name}"
+        if name == own:
+            assert package in loaded
+        else:
+            assert not any(m == package or m.startswith(package + ".") for m in loaded), \
+                package
+    for module in ("check", "maintenance", "refcount", "writer"):
+        assert f"diskforge.formats.qcow2.{module}" not in loaded
+    if fmt == "raw":  # no format's structures: construct is not imported at all
+        assert "construct" not in loaded
+
+
 def test_construct_stand_ins_leave_no_trace(tmp_path):
     """construct's deferred imports still work when used, and other importers of
     those modules get the real ones."""
