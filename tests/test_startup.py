@@ -74,7 +74,8 @@ FORMAT_PACKAGES = ("asif", "dmg", "iso", "luks", "ova", "parallels", "qcow1", "q
 def test_info_imports_only_its_own_format(tmp_path, fmt, own):
     """Probing imports only the plugins whose signature is in the file (the registry's
     SIGNATURES), and reading a qcow2 leaves its write path (check, maintenance,
-    refcounts) alone: the other format packages are never imported."""
+    refcounts, bitmaps when it has none) alone: the other format packages are never
+    imported."""
     qemu_img = need("qemu-img")
     img = str(tmp_path / f"small.{fmt}")
     subprocess.run([qemu_img, "create", "-q", "-f", fmt, img, "64M"], check=True)
@@ -87,7 +88,7 @@ def test_info_imports_only_its_own_format(tmp_path, fmt, own):
         else:
             assert not any(m == package or m.startswith(package + ".") for m in loaded), \
                 package
-    for module in ("check", "maintenance", "refcount", "writer"):
+    for module in ("bitmaps", "check", "maintenance", "refcount", "writer"):
         assert f"diskforge.formats.qcow2.{module}" not in loaded
     if fmt == "raw":  # no format's structures: construct is not imported at all
         assert "construct" not in loaded

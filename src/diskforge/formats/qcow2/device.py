@@ -22,8 +22,6 @@ from ...errors import FormatError, UnsupportedError, UsageError
 from ...policy import OpenPolicy
 from ...registry import open_image
 from . import snapshot as snapshot_table
-from . import bitmaps as bitmap_store
-from .bitmaps import Bitmaps, read_directory
 from .cluster import ClusterMap
 from .header import parse as parse_header
 from .structs import QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW_MAGIC, Geometry
@@ -31,6 +29,7 @@ from .write import WritePath
 
 TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
 if TYPE_CHECKING:
+    from .bitmaps import Bitmaps
     from .refcount import Refcounts
 
 L2_CACHE_BYTES = 32 << 20
@@ -106,6 +105,7 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
             self.refs = Refcounts(self.backend, self.geo, h.refcount_table_offset,
                                   h.refcount_table_clusters, self.path)
             if h.bitmaps is not None:
+                from .bitmaps import Bitmaps  # (an image without bitmaps never needs it)
                 self.bitmaps = Bitmaps(self)
         # lazy refcounts left inconsistent (the dirty bit): repaired before the first
         # change, as qemu does on opening; not at open, so that 'check' sees them
@@ -166,6 +166,7 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         d: dict = {"compat": "1.1", "compression-type": h.compression_name,
                    "lazy-refcounts": h.lazy_refcounts}
         if h.bitmaps is not None:
+            from .bitmaps import read_directory
             d["bitmaps"] = [b.to_json() for b in read_directory(self)]
         d["refcount-bits"] = self.geo.refcount_bits
         if aes:  # (luks: qemu prints its whole header there, not shown yet)
@@ -248,18 +249,22 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
 
     # persistent dirty bitmaps (bitmaps.py)
     def load_bitmaps(self, *, data: bool = True) -> list | None:
+        from . import bitmaps as bitmap_store
         if not bitmap_store.supports_bitmaps(self):
             return None
         return bitmap_store.load(self, data=data)
 
     def store_bitmaps(self, kept: list) -> None:
+        from . import bitmaps as bitmap_store
         self._require_writable()
         bitmap_store.store(self, kept)
 
     def check_new_bitmap(self, name: str, granularity: int) -> None:
+        from . import bitmaps as bitmap_store
         bitmap_store.check_new(self, name, granularity)
 
     def default_bitmap_granularity(self) -> int:
+        from . import bitmaps as bitmap_store
         return bitmap_store.default_granularity(self.cs)
 
     # snapshots
