@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from conftest import make_sparse
+from conftest import make_sparse, need
 
 from diskforge import registry
 from diskforge.errors import SafetyError, UnknownFormatError, UsageError
@@ -103,3 +103,119 @@ def test_policy_refuses_loops_and_deep_chains(tmp_path):
         p.descend(str(tmp_path / "c")).descend(str(tmp_path / "d"))
 
 
+
+
+# -- signatures: probing imports only the plugins whose magic is there ---------------------
+
+def _samples(tmp_path):
+    """(label, head, tail, size) of real files of every built-in format: made by
+    qemu-img here, the fixtures (gzipped ones unpacked), and hand-made heads for the
+    cases no tool here writes (old VHD footers, cut DMG trailers, encrypted wrappers,
+    OVF descriptors, Parallels bundle descriptors, stream VMDK descriptors...)."""
+    import gzip
+    import io
+    import subprocess
+    import tarfile
+    from conftest import FIXTURES, REAL
+
+    paths = []
+    qemu_img = need("qemu-img")
+    for fmt, opts in [("raw", ""), ("qcow", ""), ("qcow2", "compat=0.10"),
+                      ("qcow2", "compat=1.1"), ("qed", ""), ("vdi", ""), ("vhdx", ""),
+                      ("vpc", "subformat=dynamic"), ("vpc", "subformat=fixed"),
+                      ("vmdk", "subformat=monolithicSparse"),
+                      ("vmdk", "subformat=monolithicFlat"),
+                      ("vmdk", "subformat=streamOptimized"), ("parallels", "")]:
+        path = str(tmp_path / f"{fmt}-{opts.replace('=', '-') or 'default'}.img")
+        cmd = [qemu_img, "create", "-q", "-f", fmt] + (["-o", opts] if opts else [])
+        subprocess.run(cmd + [path, "1M"], check=True)
+        paths.append(path)
+    for top in (FIXTURES, REAL):
+        for folder, _, files in os.walk(top):
+            paths += [os.path.join(folder, f) for f in files]
+    out = []
+    for path in sorted(paths):
+        if path.endswith(".gz"):
+            with gzip.open(path) as f:
+                data = f.read()
+            out.append((path, data[:registry.PROBE_BYTES], data[-registry.PROBE_BYTES:],
+                        len(data)))
+        elif os.path.getsize(path):
+            out.append((path, *registry.read_probe_window(path)))
+    footer = b"conectix" + bytes(504)
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        t.addfile(tarfile.TarInfo("VM.OVF"), io.BytesIO(b""))
+    made = {
+        "vhd footer of 511 bytes": bytes(4096) + footer[:511],
+        "dmg trailer cut short": bytes(1024) + b"<plist/></plist>" + b"koly" + bytes(300),
+        "encrcdsa": b"encrcdsa" + bytes(4096),
+        "AEA1": b"AEA1" + bytes(4096),
+        "cdsaencr": bytes(4096) + b"cdsaencr",
+        "ovf descriptor": b'<?xml version="1.0"?>\n<ovf:Envelope xmlns:ovf="http://'
+                          b'schemas.dmtf.org/ovf/envelope/1"></ovf:Envelope>\n',
+        "ova tar": tar.getvalue(),
+        "parallels bundle": b'<?xml version="1.0"?>\n<Parallels_disk_image Version="1.0">'
+                            b"</Parallels_disk_image>\n",
+        "parallels other version": b"WithoutFreeSpace\x03\x00\x00\x00" + bytes(4096),
+        "vmdk comment descriptor": b"# written by a converter\nversion=1\n"
+                                   b'createType="streamOptimized"\n',
+        "luks1": b"LUKS\xba\xbe\x00\x01" + bytes(4096),
+        "luks2": b"LUKS\xba\xbe\x00\x02" + bytes(4096),
+        "asif": b"shdw\x00\x00\x00\x01" + bytes(4096),
+        "sparseimage": b"sprs" + bytes(8192),
+    }
+    for label, data in made.items():
+        out.append((label, data[:registry.PROBE_BYTES], data[-registry.PROBE_BYTES:],
+                    len(data)))
+    return out
+
+
+def test_signatures_never_hide_a_format_from_its_probe(tmp_path):
+    """A built-in is not imported to probe a file without its signature: so every file
+    its probe claims (any score above 0) must carry it. Every format is met."""
+    claimed = set()
+    for label, head, tail, size in _samples(tmp_path):
+        for name, signatures in registry.SIGNATURES.items():
+            plugin = registry.get(name)
+            if plugin.can_probe and plugin.probe(head, tail, size) > 0:
+                claimed.add(name)
+                assert registry.signature_matches(signatures, head, tail), (name, label)
+    probed = {name for name, plugin in registry.known_formats().items()
+              if name in registry.BUILTIN and plugin.can_probe}
+    assert claimed == probed - {registry.FALLBACK}
+
+
+def test_every_builtin_is_in_the_signature_tables():
+    for name in registry.BUILTIN:
+        plugin = registry.get(name)
+        if name == registry.FALLBACK:
+            assert plugin.probe(b"anything", b"", 8) == registry.FALLBACK_SCORE
+            continue
+        assert name in registry.SIGNATURES, name
+        assert bool(registry.SIGNATURES[name]) == plugin.can_probe, name
+        assert (name in registry.DIRECTORY_FORMATS) == hasattr(plugin, "probe_directory")
+
+
+def test_signature_forms():
+    m = registry.signature_matches
+    assert m((registry.at(2, b"ab"),), b"xxab", b"")
+    assert not m((registry.at(3, b"ab"),), b"xxab", b"")
+    assert m((registry.at(-4, b"ab"),), b"", b"abcd")
+    assert not m((registry.at(-5, b"ab"),), b"", b"abcd")  # before the file's start
+    assert m((registry.within(b"ovf", anycase=True),), b"x.OVF", b"")
+    assert not m((registry.within(b"ovf"),), b"x.OVF", b"")
+    assert m((registry.within(b"ko", -3),), b"", b"xxkoy")
+    assert not m((registry.within(b"ko", 0, 2),), b"xko", b"")
+
+
+def test_a_replaced_builtin_is_always_asked(tmp_path, monkeypatch):
+    class Everything(registry.Format):
+        name = "qed"
+
+        def probe(self, head, tail, size):
+            return 100
+    monkeypatch.setitem(registry._loaded, "qed", Everything())
+    f = tmp_path / "x"
+    f.write_bytes(bytes(4096))
+    assert isinstance(registry.probe(str(f)), Everything)

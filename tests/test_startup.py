@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_FOR_INFO = (
     "pdb", "pickle", "hashlib", "traceback", "platform", "concurrent.futures",
     "importlib.metadata", "email",
-    "json", "typing", "pycdlib",
+    "json", "typing", "pycdlib", "inspect", "ast",
     "diskforge.hypervisor", "diskforge.iso", "diskforge.export", "diskforge.crypto",
     "diskforge.remote", "diskforge.batch", "diskforge.ops.convert",
     "diskforge.cli.hypervisor", "diskforge.cli.iso", "diskforge.cli.export",
@@ -64,6 +64,34 @@ def test_info_imports_only_what_it_needs(tmp_path):
     for name in NOT_FOR_INFO:
         assert not any(m == name or m.startswith(name + ".") for m in loaded), name
     assert "construct" in loaded  # it still reads the header with construct
+
+
+FORMAT_PACKAGES = ("asif", "dmg", "iso", "luks", "ova", "parallels", "qcow1", "qcow2",
+                   "qed", "raw", "vdi", "vhd", "vhdx", "vmdk")
+
+
+@pytest.mark.parametrize("fmt, own", [("raw", "raw"), ("qcow2", "qcow2")])
+def test_info_imports_only_its_own_format(tmp_path, fmt, own):
+    """Probing imports only the plugins whose signature is in the file (the registry's
+    SIGNATURES), and reading a qcow2 leaves its write path (check, maintenance,
+    refcounts, bitmaps when it has none) alone: the other format packages are never
+    imported."""
+    qemu_img = need("qemu-img")
+    img = str(tmp_path / f"small.{fmt}")
+    subprocess.run([qemu_img, "create", "-q", "-f", fmt, img, "64M"], check=True)
+    loaded, out = _modules_after("info", img)
+    assert f"file format: {fmt}" in out
+    for name in FORMAT_PACKAGES:
+        package = f"diskforge.formats.{name}"
+        if name == own:
+            assert package in loaded
+        else:
+            assert not any(m == package or m.startswith(package + ".") for m in loaded), \
+                package
+    for module in ("bitmaps", "check", "maintenance", "refcount", "writer"):
+        assert f"diskforge.formats.qcow2.{module}" not in loaded
+    if fmt == "raw":  # no format's structures: construct is not imported at all
+        assert "construct" not in loaded
 
 
 def test_construct_stand_ins_leave_no_trace(tmp_path):
@@ -143,3 +171,24 @@ def test_command_found_past_global_options():
     assert cli_main.command_of(["--endpoint", "convert", "map", "f"], parser) == "map"
     assert cli_main.command_of(["--endpoint=u", "map"], parser) == "map"
     assert cli_main.command_of(["--debug"], parser) is None
+
+
+def test_every_dataclass_has_a_docstring():
+    """dataclasses writes a signature into a docstring-less class's ``__doc__`` with
+    ``inspect``, which construct_import keeps off start-up: one such class on the way
+    to ``info`` would import it (40 M instructions) again."""
+    import ast
+    missing = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "src", "diskforge")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and ast.get_docstring(node) is None \
+                        and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+                    missing.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name}")
+    assert not missing, missing
+

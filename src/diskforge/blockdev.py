@@ -20,9 +20,12 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .checks import CheckResult, Repair
 from .errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from .locks import Access, Hold, access_for, acquire
+
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
+if TYPE_CHECKING:  # checks (its enums and records) is imported by the formats that check
+    from .checks import CheckResult, Repair
 
 
 # A shared, read-only view of zeros. Comparing against a prefix of it runs at memcmp
@@ -474,8 +477,9 @@ class BlockDevice(abc.ABC):
         pass
 
     # -- optional maintenance: formats override what they support ---------------------
-    def check(self, repair: Repair = Repair.NONE) -> CheckResult:
-        """Consistency check (``diskforge check``), repairing what ``repair`` asks."""
+    def check(self, repair: "Repair | None" = None) -> "CheckResult":
+        """Consistency check (``diskforge check``), repairing what ``repair`` asks
+        (``Repair.NONE`` in the formats that check)."""
         raise UnsupportedError("This image format does not support checks", self.path)
 
     def verify(self) -> list[str]:

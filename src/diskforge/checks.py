@@ -68,6 +68,7 @@ EXIT_CLEAN, EXIT_ERROR, EXIT_CORRUPT, EXIT_LEAKS, EXIT_UNSUPPORTED = 0, 1, 2, 3,
 
 @dataclass
 class CheckResult:
+    """What ``check`` found in one image, in qemu-img check's terms."""
     filename: str
     format: str
     corruptions: int = 0

@@ -1,4 +1,5 @@
-"""How construct is imported: without the standard-library modules it never uses here.
+"""How construct and dataclasses are imported: without the standard-library modules
+they never use here.
 
 Every format declares its on-disk structures with ``construct`` (DESIGN.md), so the
 first ``diskforge info`` of almost any image imports it. ``import construct`` runs its
@@ -9,7 +10,9 @@ whole package, and three of its imports cost more start-up than the rest of it
 ``hashlib`` for checksums and its code compiler, and ``construct.lib.py3compat``
 imports ``platform`` to ask ``platform.system()`` once. diskforge uses none of these
 through construct: together they were about 45 M of the ~390 M instructions
-``diskforge info small.qcow2`` took.
+``diskforge info small.qcow2`` took. ``construct.debug`` also imports ``inspect``
+(with ``ast``, ``dis``, ``tokenize``...) and never uses it: 35 M more of the 285 M
+that was left.
 
 So, while construct's package runs (and only then), those names are bound to
 stand-ins: a stand-in is a module object that imports the real module the first time
@@ -21,8 +24,16 @@ the stand-ins leave ``sys.modules`` as soon as construct's ``__init__`` has run,
 any other ``import pdb`` in the process gets the real module. Nothing happens when
 construct was imported before diskforge, or when a module is already imported.
 
+``dataclasses`` gets the same treatment for ``inspect``: it imports it (with ``ast``,
+``dis``, ``tokenize``, ``linecache``...) only to write a signature into the docstring
+of a dataclass that has none. That import was 40 M instructions of every command's
+start-up (``python -c "import dataclasses"``: 112 M, 71 M with the stand-in); a
+docstring-less dataclass still gets its signature, by importing inspect then, so
+every dataclass of this package has a docstring (tests/test_startup.py).
+
 ``install()`` (called by ``diskforge/__init__.py``) puts a finder at the front of
-``sys.meta_path`` that answers only for ``construct`` and removes itself there.
+``sys.meta_path`` that answers only for ``construct`` and ``dataclasses`` (each once,
+when not imported yet) and removes itself when both are done.
 """
 
 from __future__ import annotations
@@ -31,8 +42,11 @@ import os
 import sys
 import types
 
-# the modules construct imports and diskforge never reaches through it
-DEFERRED = ("pdb", "pickle", "hashlib", "traceback", "platform")
+# the modules each package imports and diskforge never reaches through it
+DEFERRED = {
+    "construct": ("pdb", "pickle", "hashlib", "traceback", "platform", "inspect"),
+    "dataclasses": ("inspect",),
+}
 
 
 def _system() -> str:
@@ -72,7 +86,7 @@ class _StandIn(types.ModuleType):
 
 
 class _Loader:
-    """construct's own loader, with the stand-ins in place while its package runs."""
+    """The package's own loader, with the stand-ins in place while its module runs."""
 
     def __init__(self, real):
         self.real = real
@@ -85,7 +99,7 @@ class _Loader:
         if module.__spec__ is not None:
             module.__spec__.loader = self.real
         placed = []
-        for name in DEFERRED:
+        for name in DEFERRED[module.__name__]:
             if name == "platform" and not hasattr(os, "uname"):
                 continue  # Windows: the real platform.system() is not os.uname's
             if name not in sys.modules:
@@ -100,17 +114,23 @@ class _Loader:
 
 
 class _Finder:
-    """Answers only for ``construct``, once."""
+    """Answers only for the packages in DEFERRED, once each."""
+
+    pending = set(DEFERRED)
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        if name != "construct":
+        if name not in cls.pending:
             return None
-        try:
-            sys.meta_path.remove(cls)
-        except ValueError:
-            pass
+        cls.pending.discard(name)
+        if not cls.pending:
+            try:
+                sys.meta_path.remove(cls)
+            except ValueError:
+                pass
         for finder in sys.meta_path:
+            if finder is cls:
+                continue
             find = getattr(finder, "find_spec", None)
             spec = find(name, path, target) if find is not None else None
             if spec is not None:
@@ -121,6 +141,7 @@ class _Finder:
 
 
 def install() -> None:
-    """Defer construct's unused imports, unless construct is already imported."""
-    if "construct" not in sys.modules and _Finder not in sys.meta_path:
+    """Defer the unused imports of construct and dataclasses, unless already imported."""
+    _Finder.pending = {name for name in DEFERRED if name not in sys.modules}
+    if _Finder.pending and _Finder not in sys.meta_path:
         sys.meta_path.insert(0, _Finder)

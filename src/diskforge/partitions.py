@@ -112,6 +112,7 @@ MBR_TYPES = {
 
 @dataclass
 class Partition:
+    """One partition of an MBR, GPT or APM table."""
     number: int                 # 1-based, as fdisk/sfdisk number them
     start: int                  # bytes from the start of the disk
     size: int                   # bytes
@@ -139,6 +140,7 @@ class Partition:
 
 @dataclass
 class PartitionTable:
+    """A disk's partition table."""
     scheme: str                 # "mbr", "gpt" or "apm"
     sector_size: int
     disk_id: str = ""

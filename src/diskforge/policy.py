@@ -70,6 +70,7 @@ def untrusted_from_environment() -> bool:
 
 @dataclass(frozen=True)
 class OpenPolicy:
+    """What opening an image may follow and touch (see the module docstring)."""
     allowed_roots: tuple[str, ...] = ()
     allow_any_root: bool = False
     max_depth: int = DEFAULT_MAX_DEPTH

@@ -27,6 +27,7 @@ _ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 @dataclass(frozen=True)
 class Job:
+    """One job of a batch: an operation, its source and target."""
     id: str
     op: str
     source: str

@@ -22,7 +22,6 @@ set, which child processes inherit, as ``--s3-endpoint`` sets its variable).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 from dataclasses import dataclass
@@ -128,6 +127,7 @@ def parse_secret(spec: str) -> tuple[str, bytes]:
             raise ImageIOError.from_os(e, opts["file"]) from None
     fmt = opts.get("format", "raw")
     if fmt == "base64":
+        import base64  # only for secrets given so (every open asks key_for)
         try:
             raw = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):

@@ -55,6 +55,7 @@ class Digest:
 
 @dataclass
 class LuksHeader:
+    """A LUKS1/LUKS2 header, validated: what unlocking and decrypting need."""
     version: int
     uuid: str
     cipher: str            # the payload's cipher and mode

@@ -40,6 +40,7 @@ VIRTUAL_SYSTEM_TYPE = "vmx-10"   # ESXi 5.5 and later, Workstation 10 and later
 
 @dataclass
 class Vm:
+    """The virtual machine an OVF descriptor is written for."""
     name: str
     disk_file: str
     disk_file_size: int
@@ -126,6 +127,7 @@ def envelope(vm: Vm) -> bytes:
 
 @dataclass
 class DiskRef:
+    """A disk as an OVF descriptor names it, for the checkers."""
     disk_id: str
     file: str | None        # the href of the File it names
     format: str | None

@@ -26,6 +26,7 @@ _CREATE_TYPE = re.compile(rb'^\s*createType\s*=\s*"([^"\r\n]*)"', re.M)
 
 @dataclass
 class VmdkFacts:
+    """The VMDK facts an import target's rules are checked against."""
     create_type: str | None
     capacity: int | None          # bytes; from the sparse header
 

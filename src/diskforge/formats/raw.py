@@ -25,6 +25,7 @@ BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 
 @dataclasses.dataclass
 class RawOptions(Options):
+    """``-o`` options of raw output."""
     preallocation: str = option("off", "off: sparse file; falloc: reserve every block"
                                 " with fallocate; full: write zeros everywhere",
                                 choices=("off", "falloc", "full"))

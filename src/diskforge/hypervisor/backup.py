@@ -50,6 +50,7 @@ class BackupError(DiskforgeError):
 
 @dataclass
 class BackupResult:
+    """What a backup wrote."""
     path: str
     kind: str                  # "full" or "incremental"
     node: str

@@ -21,6 +21,7 @@ HOTPLUG_SLOTS = 4
 
 @dataclass
 class BootOptions:
+    """What ``diskforge boot`` was asked for."""
     image: str | None = None
     fmt: str | None = None
     via: str = "auto"               # "auto", "direct" (QEMU's driver) or "nbd"

@@ -35,6 +35,7 @@ QEMU_ONLY_FORMATS: tuple[str, ...] = ()
 
 @dataclass
 class ImagePlan:
+    """How one image reaches QEMU: its driver directly, or over NBD."""
     path: str
     format: str                 # diskforge's name for the format
     qemu_driver: str | None     # None: serve over NBD

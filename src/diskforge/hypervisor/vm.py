@@ -151,6 +151,7 @@ def _escape(value: str) -> str:
 
 @dataclass
 class VMConfig:
+    """The QEMU machine to launch."""
     drives: list[Drive] = field(default_factory=list)
     memory: str = "512M"
     cpus: int = 1

@@ -107,6 +107,7 @@ class BuildOptions:
 
 @dataclass
 class BuildResult:
+    """What building an ISO wrote."""
     files: int = 0
     directories: int = 0
     symlinks: int = 0
@@ -217,6 +218,7 @@ class _PycdlibContext:
 
 @dataclass
 class _Dir:
+    """A directory met in the walk, with its names in each namespace."""
     rel: str          # path under SRC_DIR ("" for the top)
     path: str         # absolute path on disk
     iso: str          # its ISO 9660 path ("/" for the root)

@@ -35,6 +35,7 @@ MAX_FILE = 16 << 20
 
 @dataclass
 class SeedSpec:
+    """What a cloud-init seed holds."""
     user_data: str | None = None        # paths of files to use as they are
     meta_data: str | None = None
     network_config: str | None = None

@@ -42,6 +42,7 @@ MAX_OPEN_DIRS = 32   # directory descriptors held at once, whatever the tree's s
 
 @dataclass
 class ExtractResult:
+    """What extracting an ISO wrote."""
     files: int = 0
     directories: int = 0
     symlinks: int = 0

@@ -54,6 +54,7 @@ def parse_vd_date(raw: bytes) -> str | None:
 
 @dataclass
 class Descriptor:
+    """A volume descriptor of the set at sector 16."""
     sector: int
     kind: str               # primary, joliet, enhanced, supplementary, boot record, ...
     parsed: object = None   # the construct Container of a CD001 descriptor
@@ -62,6 +63,7 @@ class Descriptor:
 
 @dataclass
 class BootEntry:
+    """An El Torito boot catalog entry."""
     platform_id: int
     bootable: bool
     media_type: int

@@ -20,6 +20,7 @@ SECTOR = 512
 
 @dataclass
 class CompareResult:
+    """Whether two images read the same, and where they first differ."""
     identical: bool
     offset: int | None = None
     message: str = ""

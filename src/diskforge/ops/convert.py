@@ -36,6 +36,7 @@ DEFAULT_BATCH = 1 << 20
 
 @dataclass
 class ConvertStats:
+    """What a conversion read and wrote."""
     virtual_size: int = 0
     bytes_read: int = 0       # disk bytes read from the source
     bytes_written: int = 0    # disk bytes handed to the writer as data

@@ -368,6 +368,7 @@ def write_badmap(path: str, size: int, bad: list[tuple[int, int]]) -> None:
 
 @dataclass
 class ImageResult:
+    """What imaging a disk wrote and found."""
     stats: ConvertStats
     sha256: str
     bad_ranges: list[tuple[int, int]]
@@ -574,6 +575,7 @@ def _check_resumed(out_path: str, fmt_name: str, chunks: list[str], chunk: int,
 
 @dataclass
 class VerifyResult:
+    """Whether an image file still matches its record."""
     ok: bool
     problems: list[str]
     sha256: str | None = None

@@ -18,6 +18,7 @@ from ..errors import printable
 
 @dataclass
 class MapEntry:
+    """One run of ``map``'s output, as qemu-img map prints it."""
     start: int
     length: int
     depth: int

@@ -24,6 +24,7 @@ from .imaging import CHUNK, DiskHasher, IntegrityRecord, Prefix, hash_device, re
 
 @dataclass
 class RestoreResult:
+    """What a restore wrote."""
     stats: ConvertStats
     sha256: str
     verified: bool

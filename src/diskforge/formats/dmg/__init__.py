@@ -31,6 +31,7 @@ def _encrypted(head: bytes, tail: bytes) -> str | None:
 
 @dataclasses.dataclass
 class DmgOptions(Options):
+    """``-o`` options of DMG output."""
     format: str = option("UDZO", "hdiutil's image format: UDZO zlib, UDBZ bzip2, ULFO"
                          " LZFSE, ULMO LZMA, UDRO raw chunks (read-only), UDRW every"
                          " sector stored raw (read-write)",

@@ -43,6 +43,7 @@ _MBR_NAMES = {0x01: "DOS_FAT_12", 0x04: "DOS_FAT_16", 0x06: "Windows_FAT_16",
 
 @dataclass(frozen=True)
 class Region:
+    """A range of sectors that gets its own blkx resource."""
     start: int          # first sector
     end: int            # sector after the last
     label: str          # "<name> (<type>" ; " : n)" is added once numbered

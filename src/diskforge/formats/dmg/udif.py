@@ -100,6 +100,7 @@ class BlkxEntry:
 
 @dataclass
 class ResourceFork:
+    """A UDIF resource fork: the blkx tables and the resources kept as they are."""
     blkx: list[BlkxEntry]
     other: dict[str, list[dict]]      # resource type -> [{"ID", "Name", "Attributes", size}]
 

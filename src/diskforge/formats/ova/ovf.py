@@ -263,6 +263,7 @@ class Disk:
 
 @dataclass
 class VirtualSystem:
+    """An OVF VirtualSystem: the machine the disks belong to."""
     id: str
     name: str
     os_id: int | None = None
@@ -287,6 +288,7 @@ class VirtualSystem:
 
 @dataclass
 class Envelope:
+    """An OVF descriptor, parsed: files, disks, networks, systems."""
     version: str
     files: list[FileRef]
     disks: list[Disk]

@@ -30,6 +30,7 @@ _DTD = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class ImageRef:
+    """One image file of a storage, by GUID."""
     guid: str
     type: str
     file: str
@@ -37,6 +38,7 @@ class ImageRef:
 
 @dataclass
 class Storage:
+    """A range of the disk and the image files (one per snapshot) that hold it."""
     start: int          # in sectors
     end: int
     images: dict[str, ImageRef] = field(default_factory=dict)   # by GUID
@@ -44,6 +46,7 @@ class Storage:
 
 @dataclass
 class Descriptor:
+    """A bundle's DiskDescriptor.xml: storages and the snapshot tree."""
     disk_size: int      # in sectors
     storages: list[Storage]
     shots: dict[str, str]          # GUID -> parent GUID

@@ -28,6 +28,7 @@ from .structs import QCOW_MAGIC
 
 @dataclasses.dataclass
 class Qcow2Options(Options):
+    """``-o`` options of qcow2 output, qemu-img's names and defaults."""
     compat: str = option("1.1", "compatibility level: 1.1 (v3) or 0.10 (v2)",
                          choices=("1.1", "0.10", "v3", "v2"))
     cluster_size: int = option(65536, "cluster size in bytes (512 B to 2 MiB, a power"

@@ -41,6 +41,7 @@ from .structs import (BITMAP_DIR_ENTRY_SIZE, BME_FLAG_AUTO,
 
 @dataclass
 class Bitmap:
+    """A persistent dirty bitmap's directory entry."""
     entry_offset: int          # where its directory entry starts in the file
     table_offset: int
     table_size: int

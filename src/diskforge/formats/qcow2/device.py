@@ -21,16 +21,16 @@ from ...checks import CheckResult, Repair
 from ...errors import FormatError, UnsupportedError, UsageError
 from ...policy import OpenPolicy
 from ...registry import open_image
-from . import maintenance
 from . import snapshot as snapshot_table
-from . import bitmaps as bitmap_store
-from .bitmaps import Bitmaps, read_directory
-from .check import check as check_image
 from .cluster import ClusterMap
 from .header import parse as parse_header
-from .refcount import Refcounts
 from .structs import QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW_MAGIC, Geometry
 from .write import WritePath
+
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
+if TYPE_CHECKING:
+    from .bitmaps import Bitmaps
+    from .refcount import Refcounts
 
 L2_CACHE_BYTES = 32 << 20
 
@@ -99,9 +99,13 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         if h.backing_file:
             self.open_backing(h.backing_file, h.backing_format)
         if self.writable:
+            # the refcounts, check and maintenance are imported by what writes (info
+            # and reads never need them: they were a fifth of info's start-up)
+            from .refcount import Refcounts
             self.refs = Refcounts(self.backend, self.geo, h.refcount_table_offset,
                                   h.refcount_table_clusters, self.path)
             if h.bitmaps is not None:
+                from .bitmaps import Bitmaps  # (an image without bitmaps never needs it)
                 self.bitmaps = Bitmaps(self)
         # lazy refcounts left inconsistent (the dirty bit): repaired before the first
         # change, as qemu does on opening; not at open, so that 'check' sees them
@@ -162,6 +166,7 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
         d: dict = {"compat": "1.1", "compression-type": h.compression_name,
                    "lazy-refcounts": h.lazy_refcounts}
         if h.bitmaps is not None:
+            from .bitmaps import read_directory
             d["bitmaps"] = [b.to_json() for b in read_directory(self)]
         d["refcount-bits"] = self.geo.refcount_bits
         if aes:
@@ -221,42 +226,52 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
 
     # == maintenance hooks ===================================================================
     def check(self, repair: Repair = Repair.NONE) -> CheckResult:
+        from .check import check as check_image
         return check_image(self, repair)
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.resize(self, size, shrink=shrink)
 
     def preallocate(self, offset: int, length: int, mode: str) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.preallocate(self, offset, length, mode)
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.set_backing(self, name, fmt)
 
     def make_empty(self) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.make_empty(self)
 
     def amend(self, options, given: set[str]) -> None:
         self._require_writable()
+        from . import maintenance
         maintenance.amend(self, options, given)
 
     # persistent dirty bitmaps (bitmaps.py)
     def load_bitmaps(self, *, data: bool = True) -> list | None:
+        from . import bitmaps as bitmap_store
         if not bitmap_store.supports_bitmaps(self):
             return None
         return bitmap_store.load(self, data=data)
 
     def store_bitmaps(self, kept: list) -> None:
+        from . import bitmaps as bitmap_store
         self._require_writable()
         bitmap_store.store(self, kept)
 
     def check_new_bitmap(self, name: str, granularity: int) -> None:
+        from . import bitmaps as bitmap_store
         bitmap_store.check_new(self, name, granularity)
 
     def default_bitmap_granularity(self) -> int:
+        from . import bitmaps as bitmap_store
         return bitmap_store.default_granularity(self.cs)
 
     # snapshots

@@ -36,6 +36,7 @@ from .structs import (COMPRESSION_NAMES, FEATURE_ENTRY_SIZE, FEATURE_NAMES,
 
 @dataclass
 class BitmapsExt:
+    """The bitmaps header extension: where the bitmap directory is."""
     nb_bitmaps: int
     directory_size: int
     directory_offset: int

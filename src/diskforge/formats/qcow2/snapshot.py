@@ -28,6 +28,7 @@ _READ_STEP = 1 << 20
 
 @dataclass
 class Snapshot:
+    """An internal snapshot's table entry."""
     l1_table_offset: int
     l1_size: int
     id: str

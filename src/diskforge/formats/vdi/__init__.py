@@ -31,6 +31,7 @@ _MIB = 1 << 20
 
 @dataclasses.dataclass
 class VdiOptions(Options):
+    """``-o`` options of VDI output."""
     static: bool = option(False, "preallocate every block (VirtualBox's fixed image);"
                           " off: blocks are stored as data is written (dynamic)")
     block_size: int = option(_MIB, "bytes per block (VirtualBox and qemu use 1 MiB; qemu"

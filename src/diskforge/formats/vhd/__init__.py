@@ -33,6 +33,7 @@ _COOKIE = b"conectix"
 
 @dataclasses.dataclass
 class VhdOptions(Options):
+    """``-o`` options of VHD output."""
     subformat: str = option("dynamic", "dynamic: grows as data is written; fixed: the"
                             " disk bytes then a footer (what Azure requires)",
                             choices=("dynamic", "fixed"))

@@ -38,6 +38,7 @@ PLATFORM_NAMES = {b"W2ru": "W2ru", b"W2ku": "W2ku", b"MacX": "Mac X", b"Mac ": "
 
 @dataclass(frozen=True)
 class Locator:
+    """A parent locator entry, decoded."""
     platform: str      # "W2ru", "Mac X", ..., or "name" for the Parent Unicode Name
     text: str          # as stored (decoded)
     path: str          # as a local path to try ("" when it cannot be one)

@@ -21,6 +21,7 @@ from ...registry import Format, Measurement
 
 @dataclasses.dataclass
 class VhdxOptions(Options):
+    """``-o`` options of VHDX output."""
     subformat: str = option("dynamic", "dynamic: blocks allocated as data arrives; fixed:"
                             " every block allocated (the file stays sparse)",
                             choices=("dynamic", "fixed"))

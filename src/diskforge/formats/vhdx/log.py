@@ -33,6 +33,7 @@ MAX_FILE_OFFSET = 65 << 40      # 64 TiB of blocks plus every structure fits bel
 
 @dataclass
 class LogEntry:
+    """A valid log entry, found by the log search."""
     offset: int                 # within the log
     length: int
     tail: int

@@ -71,6 +71,7 @@ def build_header(h) -> bytes:
 
 @dataclass
 class Region:
+    """A region table entry (the BAT, the metadata region)."""
     guid: bytes
     offset: int
     length: int
@@ -135,6 +136,7 @@ def build_region_table(regions: list[Region]) -> bytes:
 
 @dataclass
 class Metadata:
+    """The metadata region's items that reading and writing need."""
     block_size: int
     leave_blocks_allocated: bool
     has_parent: bool

@@ -26,6 +26,7 @@ from .structs import GRAIN_MARKER_SIZE, GTE_ZEROED, SECTOR, GrainMarker
 
 @dataclass
 class ExtentStats:
+    """What checking one extent found."""
     total: int = 0                   # grains the extent maps
     allocated: int = 0               # grains stored (zeroed grains not counted)
     problems: list[tuple[str, str, str | None]] = field(default_factory=list)
