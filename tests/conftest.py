@@ -184,3 +184,23 @@ def libvhdi_sha256(path: str, parents=()) -> tuple[int, str]:
     for f in files:
         f.close()
     return size, h.hexdigest()
+
+
+@pytest.fixture
+def vms():
+    """start(config) -> a started VM (TCG); every VM is stopped and reaped at the end.
+    Here, not in test_hypervisor.py, because test_locks.py starts VMs too."""
+    from diskforge.hypervisor.vm import VM
+    need("qemu-system-x86_64")
+    started: list = []
+
+    def start(config):
+        config.accel = "tcg"
+        vm = VM(config)
+        started.append(vm)
+        return vm.start()
+
+    yield start
+    for vm in started:
+        vm.kill()
+        assert vm.proc is None or vm.proc.returncode is not None

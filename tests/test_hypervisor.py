@@ -42,24 +42,6 @@ CLUSTER = 64 * 1024
 MARKER = b"DISKFORGE-BOOT-OK"
 
 
-@pytest.fixture
-def vms():
-    """start(config) -> a started VM; every VM is stopped and reaped at the end."""
-    need("qemu-system-x86_64")
-    started: list[VM] = []
-
-    def start(config: VMConfig) -> VM:
-        config.accel = "tcg"
-        vm = VM(config)
-        started.append(vm)
-        return vm.start()
-
-    yield start
-    for vm in started:
-        vm.kill()
-        assert vm.proc is None or vm.proc.returncode is not None
-
-
 def qcow2_disk(path: str, size: int = 32 * MiB) -> str:
     run("qemu-img", "create", "-q", "-f", "qcow2", path, str(size))
     return path

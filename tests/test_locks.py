@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import cli, need, one_line_error, run, sha256_file
-from test_hypervisor import _attached_files, hotplug_vm, qcow2_disk, vms  # noqa: F401
+from test_hypervisor import _attached_files, hotplug_vm, qcow2_disk
 
 from diskforge.hypervisor.vm import Drive, VMConfig
 
@@ -181,7 +181,7 @@ def test_qemu_nbd_variants(tmp_path, procs, variant):
         assert cli("info", "-U", top)[0] == 0
 
 
-def test_running_vm_holds_its_disk(tmp_path, vms):  # noqa: F811
+def test_running_vm_holds_its_disk(tmp_path, vms):
     need("qemu-img")
     base, top = chain(tmp_path)
     vms(VMConfig(machine="none", drives=[Drive(top, "qcow2", id="disk0", device=None)]))
@@ -202,7 +202,7 @@ def test_running_vm_holds_its_disk(tmp_path, vms):  # noqa: F811
     assert cli("convert", "-U", "-O", "raw", top, str(tmp_path / "o.raw"))[0] == 0
 
 
-def test_attach_hands_the_image_over_and_detach_gives_it_back(tmp_path, vms):  # noqa: F811
+def test_attach_hands_the_image_over_and_detach_gives_it_back(tmp_path, vms):
     """``attach`` looks at the image, closes it, then QEMU opens it (no self-deadlock);
     while QEMU has it read-write diskforge may not touch it, after detach it may."""
     need("qemu-img")
