@@ -12,7 +12,8 @@ with glibc's defaults; 7,000 faults and 0.94 s with the thresholds below (qemu-i
 The thresholds bound what is kept: at most ``TRIM`` free bytes at the top of each
 heap (one heap per thread that allocates), and blocks of ``MMAP`` bytes or more still
 come from (and go back to) mmap. A user's own ``MALLOC_TRIM_THRESHOLD_`` or
-``MALLOC_MMAP_THRESHOLD_`` wins; outside glibc nothing is done. Called when a decode
+``MALLOC_MMAP_THRESHOLD_`` wins, ``DISKFORGE_MALLOC=glibc`` keeps glibc's defaults
+(measuring), and outside glibc nothing is done. Called when a decode
 pool or a convert pipeline starts, never at import (ctypes costs start-up time).
 """
 
@@ -34,7 +35,9 @@ def keep_freed_memory() -> bool:
     if _done:
         return False
     _done = True
-    if os.environ.get("MALLOC_TRIM_THRESHOLD_") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+    env = os.environ
+    if env.get("MALLOC_TRIM_THRESHOLD_") or env.get("MALLOC_MMAP_THRESHOLD_") or \
+            env.get("DISKFORGE_MALLOC") == "glibc":
         return False
     try:
         import ctypes
