@@ -104,6 +104,8 @@ def _executor():
             pool = _pool
             if pool is None:
                 from concurrent.futures import ThreadPoolExecutor
+                from ._malloc import keep_freed_memory
+                keep_freed_memory()   # decoding churns buffers: see _malloc.py
                 pool = _pool = ThreadPoolExecutor(cpu_count(),
                                                   thread_name_prefix="diskforge-decode")
     return pool

@@ -119,6 +119,8 @@ class _Pipeline:
         self.detect_zeros = detect_zeros
         self.stats = ConvertStats()
         self.pool = None
+        from .._malloc import keep_freed_memory
+        keep_freed_memory()   # batch buffers and codec outputs churn: see _malloc.py
         if workers > 0 and writer.parallel:
             from concurrent.futures import ThreadPoolExecutor
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="diskforge-prepare")
