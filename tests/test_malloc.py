@@ -79,6 +79,10 @@ def test_stream_vmdk_read_faults_fewer_pages(tmp_path):
         assert rc == "0"
         faults[mode] = int(n)
         assert filecmp.cmp(out, raw, shallow=False)
-    # 256 MiB of grains: about 20,000 faults with glibc's thresholds, 5,000 (mostly
-    # first touches of buffers and lazy imports) kept here
-    assert faults["kept"] * 2 < faults["glibc"], faults
+    # 256 MiB of grains are 65,536 pages of decompressed output. Measured on a quiet
+    # machine, 8 runs: 19,800-26,900 faults with glibc's thresholds, 3,600-4,900 kept
+    # here (first touches of the buffers and lazy imports). The bound is on the kept
+    # run alone, with 3x room: glibc's own count slides with its dynamic mmap
+    # threshold, which thread timing decides (comparing the two failed once in 15
+    # runs on a loaded machine)
+    assert faults["kept"] < 65536 // 4, faults
