@@ -28,6 +28,8 @@ NOT_FOR_INFO = (
     "diskforge.remote", "diskforge.batch", "diskforge.ops.convert",
     "diskforge.cli.hypervisor", "diskforge.cli.iso", "diskforge.cli.export",
     "diskforge.cli.imaging", "diskforge.cli.maintenance",
+    # check results, and secrets when no --object is given
+    "diskforge.checks", "diskforge.cli.secrets",
     # formats named after qcow2: its probe is certain, so they are never asked
     "diskforge.formats.vhdx", "diskforge.formats.vhd", "diskforge.formats.vmdk",
     "diskforge.formats.vdi",

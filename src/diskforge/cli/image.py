@@ -92,7 +92,6 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
     (``OpenPolicy.open_data``)."""
     from ..registry import open_image
     from .qemu_text import image_opts, snapshot_spec
-    from .secrets import key_for
     if disk is _ARGS:
         disk = getattr(args, "disk", None)
     policy = policy_from(args)
@@ -106,9 +105,12 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
         fmt = fmt or opt_fmt
         if share and not writable:
             policy = replace(policy, force_share=True)
+    key = None
+    if getattr(args, "object", None) or key_id is not None:  # (secrets: only then)
+        from .secrets import key_for
+        key = key_for(args, key_id)
     dev = open_image(path, fmt, writable=writable, policy=policy,
-                     snapshot=snapshot_spec(snapshot), member=disk,
-                     key=key_for(args, key_id))
+                     snapshot=snapshot_spec(snapshot), member=disk, key=key)
     direct = getattr(args, "cache" if writable else "src_cache", None)
     if direct in ("none", "directsync"):
         try:

@@ -17,7 +17,6 @@ from array import array
 
 from ...byteorder import be_array
 from ...blockdev import FileBackend, FileDevice, ImageInfo
-from ...checks import CheckResult, Repair
 from ...errors import FormatError, UnsupportedError, UsageError
 from ...policy import OpenPolicy
 from ...registry import open_image
@@ -29,6 +28,7 @@ from .write import WritePath
 
 TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
 if TYPE_CHECKING:
+    from ...checks import CheckResult, Repair
     from .bitmaps import Bitmaps
     from .refcount import Refcounts
 
@@ -225,9 +225,10 @@ class Qcow2Device(ClusterMap, WritePath, FileDevice):
             super().close()
 
     # == maintenance hooks ===================================================================
-    def check(self, repair: Repair = Repair.NONE) -> CheckResult:
+    def check(self, repair: "Repair | None" = None) -> "CheckResult":
+        from ...checks import Repair  # not at import: info and convert never check
         from .check import check as check_image
-        return check_image(self, repair)
+        return check_image(self, Repair.NONE if repair is None else repair)
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         self._require_writable()

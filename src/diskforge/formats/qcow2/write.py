@@ -16,7 +16,6 @@ from array import array
 
 from ...byteorder import be_bytes
 from ...blockdev import ZEROES, pieces
-from ...checks import Repair
 from ...errors import FormatError, SafetyError, UnsupportedError
 from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW2_AUTOCLEAR_MASK,
                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
@@ -58,6 +57,7 @@ class WritePath:
             self.write_header()
             self.barrier()
         if self.needs_repair:
+            from ...checks import Repair
             from .check import check as check_image  # (imports maintenance: writers only)
             result = check_image(self, Repair.ALL)
             if result.corruptions or result.check_errors:
