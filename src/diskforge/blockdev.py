@@ -922,7 +922,32 @@ class DeviceWriter(ImageWriter):
             pass
 
 
-class FileBackend:
+class ReadsBytes:
+    """``pread`` and ``read_exact`` over a backend's ``readinto``, written once for
+    FileBackend and the remote backends (``remote.RemoteBackend``); ``kind`` names what
+    the backend reads in the truncation message."""
+
+    kind = "file"
+    path: str
+
+    def readinto(self, offset: int, buf) -> int:
+        raise NotImplementedError
+
+    def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
+        """Read exactly ``length`` bytes or raise a FormatError naming ``what``."""
+        buf = bytearray(length)
+        if self.readinto(offset, buf) != length:
+            raise FormatError(f"{what} at offset {offset} (+{length}) is past the end of the"
+                              f" {self.kind} ({self.size} bytes): truncated", self.path)
+        return bytes(buf)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        n = self.readinto(offset, buf)
+        return bytes(buf[:n]) if n < length else bytes(buf)
+
+
+class FileBackend(ReadsBytes):
     """An open regular file or block device, read and written with pread/pwrite.
 
     Formats use it for every byte of I/O so that OS errors become one-line
@@ -1082,19 +1107,6 @@ class FileBackend:
             raise ImageIOError.from_os(e, self.path) from None
         return total
 
-    def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
-        """Read exactly ``length`` bytes or raise a FormatError naming ``what``."""
-        buf = bytearray(length)
-        if self.readinto(offset, buf) != length:
-            raise FormatError(f"{what} at offset {offset} (+{length}) is past the end of the"
-                              f" file ({self.size} bytes): truncated", self.path)
-        return bytes(buf)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        n = self.readinto(offset, buf)
-        return bytes(buf[:n]) if n < length else bytes(buf)
-
     def pwrite(self, offset: int, data) -> None:
         mv = memoryview(data).cast("B")
         if self.is_block_device and offset + len(mv) > self.size:
@@ -1195,7 +1207,7 @@ class FileBackend:
         self.close()
 
 
-class WindowBackend:
+class WindowBackend(ReadsBytes):
     """A read-only window ``[offset, offset+length)`` of another backend, seen as a
     file of ``length`` bytes: FileBackend's reading interface, so any format's reader
     opens a disk stored inside another file (a member of an OVA's tar) in place,
@@ -1239,9 +1251,6 @@ class WindowBackend:
         if n == 0 or offset < 0:
             return 0
         return self.inner.readinto(self.offset + offset, mv[:n])
-
-    read_exact = FileBackend.read_exact
-    pread = FileBackend.pread
 
     def data_ranges(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
         end = min(end, self.length)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import FormatError, UsageError
+from ..blockdev import ReadsBytes
+from ..errors import UsageError
 
 # scheme -> module under diskforge.remote that has open_backend(url, **options)
 SCHEMES = {
@@ -71,15 +72,16 @@ def open_upload(url: str, **options):
     return module.open_upload(url, **options)
 
 
-class RemoteBackend:
+class RemoteBackend(ReadsBytes):
     """The parts of FileBackend's reading interface every scheme shares, written once:
-    ``size``, ``pread``, ``read_exact``, all-data ``data_ranges`` (a scheme that can
+    ``size``, ``pread`` and ``read_exact`` (``ReadsBytes``, as FileBackend's), all-data ``data_ranges`` (a scheme that can
     tell holes, NBD, overrides it), the write calls refused through ``_refuse``, and
     the context manager. A subclass sets ``path`` and ``_size`` and defines
     ``readinto``, ``close`` and ``_refuse`` (its own words for "not written here")."""
 
     is_block_device = False
     writable = False
+    kind = "object"
     path: str
     _size: int
 
@@ -89,22 +91,6 @@ class RemoteBackend:
 
     def allocated_bytes(self) -> int:
         return sum(n for _, n, data in self.data_ranges(0, self._size) if data)
-
-    def readinto(self, offset: int, buf) -> int:
-        raise NotImplementedError
-
-    def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
-        """Exactly ``length`` bytes at ``offset``, or a FormatError naming ``what``."""
-        buf = bytearray(length)
-        if self.readinto(offset, buf) != length:
-            raise FormatError(f"{what} at offset {offset} (+{length}) is past the end of"
-                              f" the object ({self._size} bytes): truncated", self.path)
-        return bytes(buf)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        n = self.readinto(offset, buf)
-        return bytes(buf[:n]) if n < length else bytes(buf)
 
     def data_ranges(self, offset: int, end: int):
         """All data: the scheme cannot tell holes (the format's own map does)."""

@@ -28,7 +28,8 @@ server, as libnbd and qemu allow. Over TCP the server's name must match its cert
 qemu does when it has no host name. A server that refuses STARTTLS when we ask, or that
 answers ``NBD_REP_ERR_TLS_REQD`` when we did not, is one error line saying which.
 
-Writing (``writable=True``: ``convert -n``, ``diskforge.open(url, writable=True)``):
+Writing (``writable=True``: ``convert [-n]``, ``dd of=``, ``diskforge.open(url,
+writable=True)``):
 ``NBD_CMD_WRITE`` split at the server's maximum block size and pipelined like reads;
 zero runs as ``NBD_CMD_WRITE_ZEROES`` (``punch_hole``: without ``NBD_CMD_FLAG_NO_HOLE``,
 so the server may deallocate; ``write_zeroes``: with it, allocating, as a file's
@@ -36,9 +37,10 @@ so the server may deallocate; ``write_zeroes``: with it, allocating, as a file's
 ``NBD_CMD_FLUSH`` at ``flush`` and ``close`` when something was written. An export the
 server marks ``NBD_FLAG_READ_ONLY`` is refused at open; writes past the export's end
 are refused before anything is sent; an export cannot change size (qemu: "Cannot grow
-NBD nodes"). There is no creating an export: a target named ``nbd://`` must be written
-with ``convert -n`` (the export exists); qemu-img's "Protocol driver 'nbd' does not
-support image creation" otherwise.
+NBD nodes"). There is no creating an export: ``convert`` and ``dd`` write into the
+existing one, with or without ``-n``, as qemu-img does (``cli/image.export_writer``);
+what would create one elsewhere (``open_upload``) is qemu-img's "Protocol driver 'nbd'
+does not support image creation".
 
 Everything a server sends is bounded before it is used: reply lengths against what was
 asked, chunk offsets inside the request, error messages and block-status payloads
@@ -94,7 +96,7 @@ def open_backend(url: str, **options) -> "NBDBackend":
 def open_upload(url: str, **options):
     """There is no creating an export: qemu-img's words, and the way that works."""
     raise UsageError("Protocol driver 'nbd' does not support image creation: an NBD"
-                     " export already exists; write into it with 'convert -n -O raw'",
+                     " export already exists; write into it with 'convert -O raw'",
                      url)
 
 

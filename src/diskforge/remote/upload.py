@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 
-from ..blockdev import FileBackend
+from ..blockdev import FileBackend, ReadsBytes
 from ..errors import ImageIOError, UnsupportedError
 
 # S3's rules on part sizes (remote/s3.py has them; kept scheme-neutral here)
@@ -125,7 +125,7 @@ class SpoolUpload(FileBackend):
             self.discard()
 
 
-class StreamUpload:
+class StreamUpload(ReadsBytes):
     """A streamed upload (see the module docstring). ``size`` is the highest offset
     written or truncated to; what lies between written ranges reads as zeros and is
     sent as zeros when the part holding it is cut."""
@@ -237,9 +237,6 @@ class StreamUpload:
             return n
         raise UnsupportedError("internal: reading back a part already uploaded",
                                self.target)
-
-    read_exact = FileBackend.read_exact
-    pread = FileBackend.pread
 
     def data_ranges(self, offset: int, end: int):
         end = min(end, self.end)

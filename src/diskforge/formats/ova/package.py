@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import os
 
-from ...blockdev import FileBackend, WindowBackend
+from ...blockdev import FileBackend, ReadsBytes, WindowBackend
 from ...devices import is_block_device
 from ...errors import FormatError, SafetyError, UnsupportedError
 from ...limits import check_alloc
@@ -197,7 +197,7 @@ class FolderPackage(Package):
         return self.resolve(name)
 
 
-class Joined:
+class Joined(ReadsBytes):
     """Chunks read as one file (FileBackend's reading interface, as WindowBackend
     offers it): a chunked disk is read in place, each read split at chunk ends.
     Owns its parts."""
@@ -235,9 +235,6 @@ class Joined:
             if got < n:
                 break
         return done
-
-    read_exact = FileBackend.read_exact
-    pread = FileBackend.pread
 
     def data_ranges(self, offset: int, end: int):
         end = min(end, self.length)
