@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from .locks import Access, Hold, access_for, acquire
+from .readbytes import ReadsBytes
 
 TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
 if TYPE_CHECKING:  # checks (its enums and records) is imported by the formats that check
@@ -920,31 +921,6 @@ class DeviceWriter(ImageWriter):
             self.device.flush()
         except DiskforgeError:
             pass
-
-
-class ReadsBytes:
-    """``pread`` and ``read_exact`` over a backend's ``readinto``, written once for
-    FileBackend and the remote backends (``remote.RemoteBackend``); ``kind`` names what
-    the backend reads in the truncation message."""
-
-    kind = "file"
-    path: str
-
-    def readinto(self, offset: int, buf) -> int:
-        raise NotImplementedError
-
-    def read_exact(self, offset: int, length: int, what: str = "data") -> bytes:
-        """Read exactly ``length`` bytes or raise a FormatError naming ``what``."""
-        buf = bytearray(length)
-        if self.readinto(offset, buf) != length:
-            raise FormatError(f"{what} at offset {offset} (+{length}) is past the end of the"
-                              f" {self.kind} ({self.size} bytes): truncated", self.path)
-        return bytes(buf)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        n = self.readinto(offset, buf)
-        return bytes(buf[:n]) if n < length else bytes(buf)
 
 
 class FileBackend(ReadsBytes):

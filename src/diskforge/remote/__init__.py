@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..blockdev import ReadsBytes
+from ..readbytes import ReadsBytes
 from ..errors import UsageError
 
 # scheme -> module under diskforge.remote that has open_backend(url, **options)

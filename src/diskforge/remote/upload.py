@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import os
 
-from ..blockdev import FileBackend, ReadsBytes
+from ..blockdev import FileBackend
+from ..readbytes import ReadsBytes
 from ..errors import ImageIOError, UnsupportedError
 
 # S3's rules on part sizes (remote/s3.py has them; kept scheme-neutral here)

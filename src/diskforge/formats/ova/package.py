@@ -16,7 +16,8 @@ from __future__ import annotations
 import bisect
 import os
 
-from ...blockdev import FileBackend, ReadsBytes, WindowBackend
+from ...blockdev import FileBackend, WindowBackend
+from ...readbytes import ReadsBytes
 from ...devices import is_block_device
 from ...errors import FormatError, SafetyError, UnsupportedError
 from ...limits import check_alloc
