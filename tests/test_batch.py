@@ -208,12 +208,16 @@ def s3_env(monkeypatch, tmp_path):
     srv.stop()
 
 
-def test_dask_cluster_survives_a_killed_worker(tmp_path, images, s3_env):
+def test_dask_cluster_survives_a_killed_worker(tmp_path, images, s3_env, monkeypatch):
     """Ten jobs mixing formats, S3 sources and S3 targets on a LocalCluster of two
     worker processes; one worker is killed while it runs a job. Every job still ends
     done, once, with its output verified (and read back by qemu-img), no temporary
-    file is left, and no multipart upload is left pending."""
+    file is left (beside the outputs or in the workers' temporary directory), and no
+    multipart upload is left pending."""
     distributed = pytest.importorskip("distributed")
+    scratch = tmp_path / "tmp"  # the workers' TMPDIR, so what they leave is seen here
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     out = tmp_path / "out"
     out.mkdir()
     for name in ("disk.qcow2", "disk.vhd"):
@@ -229,9 +233,11 @@ def test_dask_cluster_survives_a_killed_worker(tmp_path, images, s3_env):
                      "options": opts, "args": "-c" if fmt == "qcow2" else "",
                      "local": images / name})
     jobs = write_csv(tmp_path / "jobs.csv", rows)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, worker_dashboard_address=None,
-                                  silence_logs=50) as cluster, \
+    import dask
+    with dask.config.set({"temporary-directory": str(scratch)}), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                     dashboard_address=None, worker_dashboard_address=None,
+                                     silence_logs=50) as cluster, \
             distributed.Client(cluster) as client:
         killed: list[str] = []
 
@@ -265,4 +271,5 @@ def test_dask_cluster_survives_a_killed_worker(tmp_path, images, s3_env):
             s3_env.download_file("fleet", key, target)
         qemu_same(str(row["local"]), target)
     assert not [p for p in os.listdir(out) if "diskforge-tmp" in p or p.startswith(".")]
+    assert not glob.glob(str(scratch / "**" / "diskforge*"), recursive=True)
     assert not s3_env.list_multipart_uploads(Bucket="fleet").get("Uploads")

@@ -69,24 +69,33 @@ def _attempt(job: Job, cpus: int | None) -> dict:
 
 
 def _step(argv: list[str]) -> dict:
-    """Run ``diskforge ARGV`` as a child that dies with this thread's process."""
-    fd, result_file = tempfile.mkstemp(prefix="diskforge-step-", suffix=".json")
-    os.close(fd)
+    """Run ``diskforge ARGV`` as a child that dies with this thread's process.
+
+    The child reports on a pipe, not a file, so a worker killed mid-step leaves
+    nothing behind in the temporary directory."""
+    read_end, write_end = os.pipe()
     try:
-        proc = subprocess.run([sys.executable, "-m", "diskforge.batch.step", result_file,
+        proc = subprocess.run([sys.executable, "-m", "diskforge.batch.step", str(write_end),
                                *argv], stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, errors="replace", preexec_fn=_die_with_parent)
+                              text=True, errors="replace", pass_fds=(write_end,),
+                              preexec_fn=_die_with_parent)
+        os.close(write_end)
+        write_end = -1
+        with os.fdopen(read_end, "rb") as f:
+            read_end = -1
+            said = f.read()
         try:
-            with open(result_file, encoding="utf-8") as f:
-                result = json.load(f)
-        except (OSError, ValueError):  # killed before it could say: worth another try
+            result = json.loads(said)
+        except ValueError:  # killed before it could say: worth another try
             result = {"code": proc.returncode or 1, "transient": True,
                       "error": f"the step ended by signal {-proc.returncode}"
                       if proc.returncode < 0 else None}
         result["stderr"] = proc.stderr.strip()[-OUTPUT_TAIL:]
         return result
     finally:
-        os.unlink(result_file)
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
 
 
 def _die_with_parent() -> None:

@@ -1,6 +1,7 @@
 """One step of a batch job, in its own process: ``python -m diskforge.batch.step
-RESULT_FILE ARGV...`` runs ``diskforge ARGV`` and writes what happened to RESULT_FILE
-as JSON (exit status, error line, and whether the error is worth a retry).
+RESULT_FD ARGV...`` runs ``diskforge ARGV`` and writes what happened to the file
+descriptor RESULT_FD (a pipe from the runner) as JSON: exit status, error line, and
+whether the error is worth a retry.
 
 Why a separate process per step: a job's memory, file descriptors and signals stay its
 own, and a worker killed mid-job takes the step with it (the parent-death signal set
@@ -17,10 +18,11 @@ import sys
 PERMANENT = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
              errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.EINVAL,
              errno.ENAMETOOLONG, errno.ELOOP}
+ERROR_MAX = 8000  # characters of an error line reported
 
 
 def main(argv: list[str]) -> int:
-    result_file, command = argv[0], argv[1:]
+    result_fd, command = int(argv[0]), argv[1:]
     from ..cli.main import main as diskforge
     from ..errors import DiskforgeError, ImageIOError
     result: dict = {"transient": False, "error": None}
@@ -40,7 +42,9 @@ def main(argv: list[str]) -> int:
         result.update(code=130, error="interrupted", transient=True)
     except Exception as e:  # a bug: reported, not retried
         result.update(code=1, error=f"internal error: {type(e).__name__}: {e}")
-    with open(result_file, "w", encoding="utf-8") as f:
+    if result["error"] and len(result["error"]) > ERROR_MAX:  # the pipe is read at exit:
+        result["error"] = result["error"][:ERROR_MAX] + "..."  # stay within its buffer
+    with open(result_fd, "w", encoding="utf-8") as f:
         json.dump(result, f)
     return result["code"]
 
