@@ -194,3 +194,37 @@ def test_every_dataclass_has_a_docstring():
                     missing.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name}")
     assert not missing, missing
 
+
+
+_COUNT_DATACLASSES = """
+import dataclasses, sys
+made = []
+process = dataclasses._process_class
+def counting(cls, *args, **kwargs):
+    made.append(cls.__module__ + "." + cls.__qualname__)
+    return process(cls, *args, **kwargs)
+dataclasses._process_class = counting
+from diskforge.cli.main import main
+rc = main(sys.argv[1:])
+sys.stdout.flush()
+print("\\nDATACLASSES " + " ".join(made))
+sys.exit(rc)
+"""
+
+
+def test_info_makes_only_the_option_dataclasses(tmp_path):
+    """Each dataclass costs 2-4 M instructions when its module is imported
+    (records.py): on the way to ``info`` only the option classes (which need
+    ``dataclasses.fields``) and OpenPolicy (built with ``dataclasses.replace`` in many
+    places) are dataclasses."""
+    qemu_img = need("qemu-img")
+    img = str(tmp_path / "small.qcow2")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", img, "64M"], check=True)
+    p = subprocess.run([sys.executable, "-c", _COUNT_DATACLASSES, "info", img],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, DISKFORGE_UNTRUSTED=""))
+    assert p.returncode == 0, p.stderr
+    made = set(p.stdout.rpartition("\nDATACLASSES ")[2].split())
+    assert made <= {"diskforge.policy.OpenPolicy", "diskforge.options.Options",
+                    "diskforge.options.NoOptions",
+                    "diskforge.formats.qcow2.Qcow2Options"}, made

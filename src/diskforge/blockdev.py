@@ -18,11 +18,11 @@ import mmap
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from .errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from .locks import Access, Hold, access_for, acquire
 from .readbytes import ReadsBytes
+from .records import FrozenRecord, Record
 
 TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
 if TYPE_CHECKING:  # checks (its enums and records) is imported by the formats that check
@@ -246,8 +246,7 @@ class ExtentKind(enum.Enum):
     BACKING = "backing"  # not allocated here; reads come from the backing device
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(FrozenRecord):
     """A run of the virtual disk with one kind.
 
     ``allocated`` and ``host_offset`` exist for ``map`` (qemu-img's ``present`` and
@@ -256,12 +255,16 @@ class Extent:
     they live in one place contiguously. ``host_file`` names that file when it is not
     the layer's own (a VMDK's separate extent files); None means the layer's file.
     """
-    offset: int
-    length: int
-    kind: ExtentKind
-    allocated: bool = True
-    host_offset: int | None = None
-    host_file: str | None = None
+    __slots__ = ("offset", "length", "kind", "allocated", "host_offset", "host_file")
+
+    def __init__(self, offset: int, length: int, kind: ExtentKind, allocated: bool = True,
+                 host_offset: int | None = None, host_file: str | None = None):
+        self.offset = offset
+        self.length = length
+        self.kind = kind
+        self.allocated = allocated
+        self.host_offset = host_offset
+        self.host_file = host_file
 
     @property
     def end(self) -> int:
@@ -289,13 +292,15 @@ def coalesce(extents) -> Iterator[Extent]:
         yield cur
 
 
-@dataclass(frozen=True, slots=True)
-class LayerExtent:
+class LayerExtent(FrozenRecord):
     """An extent of the composed disk: which layer of the chain supplies it (``depth``
     0 is the top image, ``device`` that layer)."""
-    extent: Extent
-    depth: int
-    device: "BlockDevice"
+    __slots__ = ("extent", "depth", "device")
+
+    def __init__(self, extent: Extent, depth: int, device: "BlockDevice"):
+        self.extent = extent
+        self.depth = depth
+        self.device = device
 
 
 def chain_extents(dev: "BlockDevice", offset: int = 0, length: int | None = None, *,
@@ -345,26 +350,41 @@ def _chain_extents(dev: "BlockDevice", offset: int, length: int,
         yield LayerExtent(Extent(pos, end - pos, ExtentKind.DATA), depth, dev)
 
 
-@dataclass
-class ImageInfo:
-    """Structured header facts; ``to_json`` uses qemu-img's JSON key names."""
-    filename: str
-    format: str
-    virtual_size: int
-    actual_size: int | None = None
-    cluster_size: int | None = None
-    backing_filename: str | None = None
-    full_backing_filename: str | None = None
-    backing_format: str | None = None
-    dirty: bool = False
-    encrypted: bool = False
-    # qemu-img's "format-specific" data (key names as qemu-img prints them)
-    format_specific: dict[str, object] = field(default_factory=dict)
-    snapshots: list[dict[str, object]] = field(default_factory=list)
-    # facts qemu-img does not show (header fields), under our own names
-    details: dict[str, object] = field(default_factory=dict)
-    # the partition table the virtual disk holds (partitions.PartitionTable.to_json())
-    partitions: dict[str, object] | None = None
+class ImageInfo(Record):
+    """Structured header facts; ``to_json`` uses qemu-img's JSON key names.
+
+    ``format_specific``: qemu-img's "format-specific" data (key names as qemu-img
+    prints them); ``details``: facts qemu-img does not show (header fields), under our
+    own names; ``partitions``: the partition table the virtual disk holds
+    (``partitions.PartitionTable.to_json()``)."""
+    __slots__ = ("filename", "format", "virtual_size", "actual_size", "cluster_size",
+                 "backing_filename", "full_backing_filename", "backing_format", "dirty",
+                 "encrypted", "format_specific", "snapshots", "details", "partitions",
+                 "__dict__")
+
+    def __init__(self, filename: str, format: str, virtual_size: int,
+                 actual_size: int | None = None, cluster_size: int | None = None,
+                 backing_filename: str | None = None,
+                 full_backing_filename: str | None = None,
+                 backing_format: str | None = None, dirty: bool = False,
+                 encrypted: bool = False, format_specific: dict | None = None,
+                 snapshots: list | None = None, details: dict | None = None,
+                 partitions: dict | None = None):
+        self.filename = filename
+        self.format = format
+        self.virtual_size = virtual_size
+        self.actual_size = actual_size
+        self.cluster_size = cluster_size
+        self.backing_filename = backing_filename
+        self.full_backing_filename = full_backing_filename
+        self.backing_format = backing_format
+        self.dirty = dirty
+        self.encrypted = encrypted
+        self.format_specific: dict[str, object] = {} if format_specific is None \
+            else format_specific
+        self.snapshots: list[dict[str, object]] = [] if snapshots is None else snapshots
+        self.details: dict[str, object] = {} if details is None else details
+        self.partitions: dict[str, object] | None = partitions
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"virtual-size": self.virtual_size, "filename": self.filename,
@@ -392,15 +412,17 @@ class ImageInfo:
         return out
 
 
-@dataclass(frozen=True)
-class Backing:
+class Backing(FrozenRecord):
     """What a writer needs to make an overlay: the name to record in the new image (as
     the user gave it, usually relative to the new image's directory), the backing
     image's format, and the opened backing device (for its size and for copy-on-write).
     """
-    name: str
-    format: str
-    device: "BlockDevice | None" = None
+    __slots__ = ("name", "format", "device")
+
+    def __init__(self, name: str, format: str, device: "BlockDevice | None" = None):
+        self.name = name
+        self.format = format
+        self.device = device
 
 
 class BlockDevice(abc.ABC):

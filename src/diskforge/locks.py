@@ -60,9 +60,9 @@ import errno
 import os
 import struct
 import threading
-from dataclasses import dataclass
 
 from .errors import ImageIOError, SafetyError
+from .records import FrozenRecord
 
 CONSISTENT_READ = 0x01
 WRITE = 0x02
@@ -79,11 +79,13 @@ SHARED_BASE = 200  # RAW_LOCK_SHARED_BASE: byte 200+bit while not sharing it
 FORCE_SHARE_WRITE = "force-share=on can only be used with read-only images"
 
 
-@dataclass(frozen=True)
-class Access:
+class Access(FrozenRecord):
     """What one open holds (``perm``) and what it lets other users do (``shared``)."""
-    perm: int
-    shared: int
+    __slots__ = ("perm", "shared")
+
+    def __init__(self, perm: int, shared: int):
+        self.perm = perm
+        self.shared = shared
 
 
 READER = Access(CONSISTENT_READ, CONSISTENT_READ | WRITE_UNCHANGED)

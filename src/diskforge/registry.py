@@ -42,12 +42,12 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from dataclasses import dataclass
 
 from .devices import is_block_device
 from .errors import ImageIOError, UnknownFormatError, UnsupportedError, UsageError
 from .options import NoOptions, Options
 from .policy import OpenPolicy
+from .records import FrozenRecord
 
 TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
 if TYPE_CHECKING:
@@ -139,12 +139,14 @@ FALLBACK, FALLBACK_SCORE = "raw", 1
 DIRECTORY_FORMATS = ("parallels", "sparsebundle")
 
 
-@dataclass(frozen=True)
-class Measurement:
+class Measurement(FrozenRecord):
     """``qemu-img measure``: bytes needed for the given contents, and when fully written."""
-    required: int
-    fully_allocated: int
-    bitmaps: int | None = None
+    __slots__ = ("required", "fully_allocated", "bitmaps")
+
+    def __init__(self, required: int, fully_allocated: int, bitmaps: int | None = None):
+        self.required = required
+        self.fully_allocated = fully_allocated
+        self.bitmaps = bitmaps
 
 
 class Format:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import collections
 import os
-from dataclasses import dataclass
 
 from ..blockdev import (BlockDevice, ExtentKind, ImageWriter, aligned_buffer, is_zero,
                         pieces, zero_runs)
+from ..records import Record
 
 TYPE_CHECKING = False  # typing and concurrent.futures cost start-up time: lazily
 if TYPE_CHECKING:
@@ -34,14 +34,20 @@ if TYPE_CHECKING:
 DEFAULT_BATCH = 1 << 20
 
 
-@dataclass
-class ConvertStats:
-    """What a conversion read and wrote."""
-    virtual_size: int = 0
-    bytes_read: int = 0       # disk bytes read from the source
-    bytes_written: int = 0    # disk bytes handed to the writer as data
-    bytes_zero: int = 0       # disk bytes handed to the writer as zeros
-    bytes_skipped: int = 0    # disk bytes equal to the base, left to read through
+class ConvertStats(Record):
+    """What a conversion read and wrote: the virtual size; disk bytes read from the
+    source; disk bytes handed to the writer as data; as zeros; and equal to the base,
+    left to read through."""
+    __slots__ = ("virtual_size", "bytes_read", "bytes_written", "bytes_zero",
+                 "bytes_skipped", "__dict__")
+
+    def __init__(self, virtual_size: int = 0, bytes_read: int = 0, bytes_written: int = 0,
+                 bytes_zero: int = 0, bytes_skipped: int = 0):
+        self.virtual_size = virtual_size
+        self.bytes_read = bytes_read
+        self.bytes_written = bytes_written
+        self.bytes_zero = bytes_zero
+        self.bytes_skipped = bytes_skipped
 
 
 def _same_file(a: BlockDevice | None, b: BlockDevice | None) -> bool:

@@ -9,24 +9,28 @@ layer's file (``offset``). ``compare -s`` uses the same resolution.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..blockdev import BlockDevice, ExtentKind, chain_extents
 from ..errors import printable
+from ..records import Record
 
 
-@dataclass
-class MapEntry:
+class MapEntry(Record):
     """One run of ``map``'s output, as qemu-img map prints it."""
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None
-    filename: str | None
+    __slots__ = ("start", "length", "depth", "present", "zero", "data", "offset",
+                 "filename", "__dict__")
+
+    def __init__(self, start: int, length: int, depth: int, present: bool, zero: bool,
+                 data: bool, offset: int | None, filename: str | None):
+        self.start = start
+        self.length = length
+        self.depth = depth
+        self.present = present
+        self.zero = zero
+        self.data = data
+        self.offset = offset
+        self.filename = filename
 
     def continues(self, other: "MapEntry") -> bool:
         """True when ``other`` directly follows this entry and can merge with it."""

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ..blockdev import BlockDevice, Extent, ExtentKind
 from ..options import Options
 from ..registry import Format, Measurement
@@ -48,7 +46,7 @@ def _with_bitmaps(m: Measurement, fmt: Format, options: Options,
     found = source.load_bitmaps(data=False)
     if found is None:
         return m
-    return replace(m, bitmaps=counter(options, found))
+    return m.replace(bitmaps=counter(options, found))
 
 
 def require_room(target: str, fmt: Format, options: Options, *, size: int | None = None,

@@ -14,9 +14,9 @@ table, bitmaps, unknown ones kept), end marker, then the backing file name.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from ...errors import FormatError, UnsupportedError
+from ...records import Record
 from .structs import (COMPRESSION_NAMES, FEATURE_ENTRY_SIZE, FEATURE_NAMES,
                       MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW2_AUTOCLEAR_BITMAPS,
                       QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -34,43 +34,66 @@ from .structs import (COMPRESSION_NAMES, FEATURE_ENTRY_SIZE, FEATURE_NAMES,
                       Qcow2CryptoHeaderExtension, Qcow2Feature)
 
 
-@dataclass
-class BitmapsExt:
+class BitmapsExt(Record):
     """The bitmaps header extension: where the bitmap directory is."""
-    nb_bitmaps: int
-    directory_size: int
-    directory_offset: int
+    __slots__ = ("nb_bitmaps", "directory_size", "directory_offset", "__dict__")
+
+    def __init__(self, nb_bitmaps: int, directory_size: int, directory_offset: int):
+        self.nb_bitmaps = nb_bitmaps
+        self.directory_size = directory_size
+        self.directory_offset = directory_offset
 
 
-@dataclass
-class Header:
-    """A parsed and validated qcow2 header, with its extensions."""
-    version: int
-    cluster_bits: int
-    size: int
-    crypt_method: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int
-    snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = V2_HEADER_LENGTH
-    compression_type: int = 0
-    backing_file: str | None = None
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
-    bitmaps: BitmapsExt | None = None
-    crypto: tuple[int, int] | None = None
-    # extensions we do not know, kept verbatim on rewrite (qcow2.txt asks for it)
-    unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
-    # bytes of additional v3 header fields we do not know, kept on rewrite
-    extra_header: bytes = b""
+class Header(Record):
+    """A parsed and validated qcow2 header, with its extensions.
+
+    ``unknown_extensions``: extensions we do not know, kept verbatim on rewrite
+    (qcow2.txt asks for it); ``extra_header``: bytes of additional v3 header fields we
+    do not know, kept on rewrite."""
+    __slots__ = ("version", "cluster_bits", "size", "crypt_method", "l1_size",
+                 "l1_table_offset", "refcount_table_offset", "refcount_table_clusters",
+                 "nb_snapshots", "snapshots_offset", "incompatible_features",
+                 "compatible_features", "autoclear_features", "refcount_order",
+                 "header_length", "compression_type", "backing_file", "backing_format",
+                 "data_file", "feature_names", "bitmaps", "crypto", "unknown_extensions",
+                 "extra_header", "__dict__")
+
+    def __init__(self, version: int, cluster_bits: int, size: int, crypt_method: int,
+                 l1_size: int, l1_table_offset: int, refcount_table_offset: int,
+                 refcount_table_clusters: int, nb_snapshots: int, snapshots_offset: int,
+                 incompatible_features: int = 0, compatible_features: int = 0,
+                 autoclear_features: int = 0, refcount_order: int = 4,
+                 header_length: int = V2_HEADER_LENGTH, compression_type: int = 0,
+                 backing_file: str | None = None, backing_format: str | None = None,
+                 data_file: str | None = None,
+                 feature_names: dict[tuple[int, int], str] | None = None,
+                 bitmaps: BitmapsExt | None = None, crypto: tuple[int, int] | None = None,
+                 unknown_extensions: list[tuple[int, bytes]] | None = None,
+                 extra_header: bytes = b""):
+        self.version = version
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.incompatible_features = incompatible_features
+        self.compatible_features = compatible_features
+        self.autoclear_features = autoclear_features
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
+        self.backing_file = backing_file
+        self.backing_format = backing_format
+        self.data_file = data_file
+        self.feature_names = {} if feature_names is None else feature_names
+        self.bitmaps = bitmaps
+        self.crypto = crypto
+        self.unknown_extensions = [] if unknown_extensions is None else unknown_extensions
+        self.extra_header = extra_header
 
     # -- derived facts ---------------------------------------------------------------
     @property

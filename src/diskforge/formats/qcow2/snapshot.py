@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 from array import array
-from dataclasses import dataclass
 
 from ...byteorder import be_array, be_bytes
 from ...errors import FormatError, UnsupportedError, UsageError
+from ...records import Record
 from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_MAX_L1_SIZE,
                       QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE,
                       QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_OFLAG_COMPRESSED,
@@ -26,20 +26,28 @@ from .structs import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_MAX_L1_SIZE,
 _READ_STEP = 1 << 20
 
 
-@dataclass
-class Snapshot:
-    """An internal snapshot's table entry."""
-    l1_table_offset: int
-    l1_size: int
-    id: str
-    name: str
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int | None = None
-    icount: int | None = None
-    extra_unknown: bytes = b""   # extra data beyond what we know, kept on rewrite
+class Snapshot(Record):
+    """An internal snapshot's table entry (``extra_unknown``: extra data beyond what
+    we know, kept on rewrite)."""
+    __slots__ = ("l1_table_offset", "l1_size", "id", "name", "date_sec", "date_nsec",
+                 "vm_clock_nsec", "vm_state_size", "disk_size", "icount", "extra_unknown",
+                 "__dict__")
+
+    def __init__(self, l1_table_offset: int, l1_size: int, id: str, name: str,
+                 date_sec: int = 0, date_nsec: int = 0, vm_clock_nsec: int = 0,
+                 vm_state_size: int = 0, disk_size: int | None = None,
+                 icount: int | None = None, extra_unknown: bytes = b""):
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.id = id
+        self.name = name
+        self.date_sec = date_sec
+        self.date_nsec = date_nsec
+        self.vm_clock_nsec = vm_clock_nsec
+        self.vm_state_size = vm_state_size
+        self.disk_size = disk_size
+        self.icount = icount
+        self.extra_unknown = extra_unknown
 
     def to_json(self) -> dict:
         """qemu-img info's keys for one snapshot."""

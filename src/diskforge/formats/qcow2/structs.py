@@ -13,9 +13,10 @@ arithmetic on plain ints). Every magic number is defined here once.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from construct import Const, Int8ub, Int16ub, Int32ub, Int64ub, PaddedString, Struct
+
+from ...records import FrozenRecord
 
 
 # L1/L2 entry bits (qcow2.txt "Cluster mapping")
@@ -204,12 +205,14 @@ def l2_entry_type(entry: int, has_data_file: bool) -> int:
     return QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN
 
 
-@dataclass(frozen=True)
-class Geometry:
+class Geometry(FrozenRecord):
     """Sizes derived from ``cluster_bits``, ``refcount_order`` and the extended-L2 bit."""
-    cluster_bits: int
-    refcount_order: int
-    extended_l2: bool
+    __slots__ = ("cluster_bits", "refcount_order", "extended_l2")
+
+    def __init__(self, cluster_bits: int, refcount_order: int, extended_l2: bool):
+        self.cluster_bits = cluster_bits
+        self.refcount_order = refcount_order
+        self.extended_l2 = extended_l2
 
     @property
     def cluster_size(self) -> int:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import ntpath
 import os
 import posixpath
-from dataclasses import dataclass
 
+from ...records import FrozenRecord
 from .structs import SECTOR
 
 MAX_LOCATOR_BYTES = 65536  # a Windows path is at most 32767 UTF-16 units
@@ -36,12 +36,16 @@ PLATFORM_NAMES = {b"W2ru": "W2ru", b"W2ku": "W2ku", b"MacX": "Mac X", b"Mac ": "
                   b"Wi2r": "Wi2r", b"Wi2k": "Wi2k"}
 
 
-@dataclass(frozen=True)
-class Locator:
-    """A parent locator entry, decoded."""
-    platform: str      # "W2ru", "Mac X", ..., or "name" for the Parent Unicode Name
-    text: str          # as stored (decoded)
-    path: str          # as a local path to try ("" when it cannot be one)
+class Locator(FrozenRecord):
+    """A parent locator entry, decoded: ``platform`` ("W2ru", "Mac X", ..., or "name"
+    for the Parent Unicode Name), ``text`` as stored (decoded), ``path`` as a local
+    path to try ("" when it cannot be one)."""
+    __slots__ = ("platform", "text", "path")
+
+    def __init__(self, platform: str, text: str, path: str):
+        self.platform = platform
+        self.text = text
+        self.path = path
 
 
 def decode(code: bytes, data: bytes) -> str:
