@@ -153,6 +153,29 @@ def test_parallel_prepare_runs_in_threads_and_writes_in_order():
     assert len(w.prepare_threads) >= 1 and threading.get_ident() not in w.prepare_threads
 
 
+def test_zeros_queue_behind_prepares_without_waiting_for_them():
+    """A zero range between two data runs must not wait for the prepares before it (it
+    used to drain the pool, idling the compressors): the first prepare here finishes
+    only once the data after the zeros has been submitted. The writer still sees every
+    call in offset order."""
+    g = 65536
+    data = os.urandom(g) + bytes(2 * g) + os.urandom(g)
+    after_zeros = threading.Event()
+
+    class Gated(MemoryWriter):
+        def prepare(self, offset, view):
+            if offset == 0:
+                assert after_zeros.wait(10), "the zeros waited for the prepare before them"
+            else:
+                after_zeros.set()
+            return super().prepare(offset, view)
+
+    w = Gated(len(data), granularity=g, parallel=True)
+    convert(MemoryDevice(data), w, batch_size=g, workers=2)
+    assert bytes(w.data) == data
+    assert w.calls == [("data", 0, g), ("zero", g, g), ("zero", 2 * g, g), ("data", 3 * g, g)]
+
+
 def test_base_writes_only_differences():
     g = 4096
     base = bytearray(os.urandom(16 * g))
