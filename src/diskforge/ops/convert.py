@@ -39,7 +39,7 @@ class ConvertStats(Record):
     source; disk bytes handed to the writer as data; as zeros; and equal to the base,
     left to read through."""
     __slots__ = ("virtual_size", "bytes_read", "bytes_written", "bytes_zero",
-                 "bytes_skipped", "__dict__")
+                 "bytes_skipped")
 
     def __init__(self, virtual_size: int = 0, bytes_read: int = 0, bytes_written: int = 0,
                  bytes_zero: int = 0, bytes_skipped: int = 0):

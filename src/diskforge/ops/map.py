@@ -19,7 +19,7 @@ from ..records import Record
 class MapEntry(Record):
     """One run of ``map``'s output, as qemu-img map prints it."""
     __slots__ = ("start", "length", "depth", "present", "zero", "data", "offset",
-                 "filename", "__dict__")
+                 "filename")
 
     def __init__(self, start: int, length: int, depth: int, present: bool, zero: bool,
                  data: bool, offset: int | None, filename: str | None):

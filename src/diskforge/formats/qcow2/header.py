@@ -36,7 +36,7 @@ from .structs import (COMPRESSION_NAMES, FEATURE_ENTRY_SIZE, FEATURE_NAMES,
 
 class BitmapsExt(Record):
     """The bitmaps header extension: where the bitmap directory is."""
-    __slots__ = ("nb_bitmaps", "directory_size", "directory_offset", "__dict__")
+    __slots__ = ("nb_bitmaps", "directory_size", "directory_offset")
 
     def __init__(self, nb_bitmaps: int, directory_size: int, directory_offset: int):
         self.nb_bitmaps = nb_bitmaps
@@ -56,7 +56,7 @@ class Header(Record):
                  "compatible_features", "autoclear_features", "refcount_order",
                  "header_length", "compression_type", "backing_file", "backing_format",
                  "data_file", "feature_names", "bitmaps", "crypto", "unknown_extensions",
-                 "extra_header", "__dict__")
+                 "extra_header")
 
     def __init__(self, version: int, cluster_bits: int, size: int, crypt_method: int,
                  l1_size: int, l1_table_offset: int, refcount_table_offset: int,

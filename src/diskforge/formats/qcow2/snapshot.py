@@ -30,8 +30,7 @@ class Snapshot(Record):
     """An internal snapshot's table entry (``extra_unknown``: extra data beyond what
     we know, kept on rewrite)."""
     __slots__ = ("l1_table_offset", "l1_size", "id", "name", "date_sec", "date_nsec",
-                 "vm_clock_nsec", "vm_state_size", "disk_size", "icount", "extra_unknown",
-                 "__dict__")
+                 "vm_clock_nsec", "vm_state_size", "disk_size", "icount", "extra_unknown")
 
     def __init__(self, l1_table_offset: int, l1_size: int, id: str, name: str,
                  date_sec: int = 0, date_nsec: int = 0, vm_clock_nsec: int = 0,
