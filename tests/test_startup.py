@@ -68,6 +68,16 @@ def test_info_imports_only_what_it_needs(tmp_path):
     assert "construct" in loaded  # it still reads the header with construct
 
 
+def test_convert_to_a_file_leaves_map_alone(tmp_path):
+    """convert asks ``ops.measure.require_room`` whether the target is a device that
+    must be measured; for a file the map code (and json with it) is never imported."""
+    src, dst = tmp_path / "a.raw", tmp_path / "b.raw"
+    src.write_bytes(b"x" * 4096)
+    loaded, _ = _modules_after("convert", "-O", "raw", str(src), str(dst))
+    assert "diskforge.ops.measure" in loaded and "diskforge.ops.map" not in loaded
+    assert dst.read_bytes() == b"x" * 4096
+
+
 FORMAT_PACKAGES = ("asif", "dmg", "iso", "luks", "ova", "parallels", "qcow1", "qcow2",
                    "qed", "raw", "vdi", "vhd", "vhdx", "vmdk")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from ..blockdev import BlockDevice, Extent, ExtentKind
 from ..options import Options
 from ..registry import Format, Measurement
-from .map import map_image
 
 
 def measure(fmt: Format, options: Options, *, size: int | None = None,
@@ -19,6 +18,7 @@ def measure(fmt: Format, options: Options, *, size: int | None = None,
     maps it more finely (a VHD's sector bitmaps), so the two tools agree on what an
     image needs."""
     if source is not None:
+        from .map import map_image  # not at import: every convert imports require_room
         unit = source.info().cluster_size or 1
         allocated: list[Extent] = []
         for e in map_image(source):
