@@ -492,6 +492,19 @@ def _start_serve(*argv):
     return proc, line
 
 
+def _stop_serve(proc, sig) -> None:
+    """Signal ``serve`` and expect a clean exit; a server that does not stop is killed,
+    so a failing run leaves no process behind."""
+    proc.send_signal(sig)
+    try:
+        code = proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"serve did not exit within 20 s of {sig.name}")
+    assert code == 0, proc.stderr.read()
+
+
 def test_cli_serve_unix_and_tcp(tmp_path, source):
     need("qemu-img")
     sock = str(tmp_path / "s.sock")
@@ -502,8 +515,7 @@ def test_cli_serve_unix_and_tcp(tmp_path, source):
         run("qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={sock}", out)
         assert sha256_file(out) == sha256_file(source)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        _stop_serve(proc, signal.SIGTERM)
     assert not os.path.exists(sock)
 
     proc, line = _start_serve(source, "--port", "0", "--read-only", "--export-name", "d")
@@ -513,8 +525,7 @@ def test_cli_serve_unix_and_tcp(tmp_path, source):
         info = json.loads(run("qemu-img", "info", "--output", "json", uri).stdout)
         assert info["virtual-size"] == SIZE
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
+        _stop_serve(proc, signal.SIGINT)
 
 
 def test_cli_serve_refuses_to_replace_a_file(tmp_path, source):
