@@ -223,10 +223,8 @@ class _Pipeline:
         # thread read on (a UDZO convert of the mixed disk kept two cores 81% busy)
         if self.pool:
             self.pending.append((None, off, n))
-        elif self.behind:
-            self.behind.call(self.writer.zero, off, n)
         else:
-            self.writer.zero(off, n)
+            self.behind.call(self.writer.zero, off, n)
         self.stats.bytes_zero += n
 
     def copy_batch(self, source: BlockDevice, off: int, n: int, tap=None) -> None:
