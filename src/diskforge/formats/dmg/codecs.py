@@ -12,9 +12,6 @@ Chunk types (the ``EntryType`` of a BLKXChunkEntry), as hdiutil writes them:
 
 from __future__ import annotations
 
-import bz2
-import ctypes
-import lzma
 import struct
 import zlib
 
@@ -51,12 +48,7 @@ def decompress(kind: int, data, size: int) -> bytes:
                 raise ChunkError(f"decompresses to more than its declared {size} bytes")
             done = d.eof
         elif kind in (BZIP2, LZMA):
-            d = bz2.BZ2Decompressor() if kind == BZIP2 else \
-                lzma.LZMADecompressor(lzma.FORMAT_AUTO, memlimit=LZMA_MEMLIMIT)
-            out = d.decompress(data, size)
-            if not d.eof and not d.needs_input and d.decompress(b"", 1):
-                raise ChunkError(f"decompresses to more than its declared {size} bytes")
-            done = d.eof
+            out, done = _bz2_lzma_decompress(kind, data, size)
         elif kind == LZFSE:
             declared = lzfse_raw_size(data)
             if declared > size:
@@ -68,13 +60,33 @@ def decompress(kind: int, data, size: int) -> bytes:
             return adc_decompress(data, size)
         else:
             raise ChunkError(f"chunk type 0x{kind:08x} is not compressed")
-    except (*deflate.ERRORS, OSError, EOFError, lzma.LZMAError, AdcError) as e:
+    except (*deflate.ERRORS, OSError, EOFError, AdcError) as e:
         raise ChunkError(f"corrupt {NAMES.get(kind, hex(kind))} data ({e})") from None
     if len(out) != size:
         raise ChunkError(f"decompresses to {len(out)} bytes, not the declared {size}")
     if not done:
         raise ChunkError(f"{NAMES[kind]} stream is truncated")
     return out
+
+
+def _bz2_lzma_decompress(kind: int, data, size: int) -> tuple[bytes, bool]:
+    """``(output, finished)`` of a bzip2 or xz chunk (bz2 and lzma are imported here:
+    most images use neither, and every command that reads a DMG imported both)."""
+    if kind == BZIP2:
+        import bz2
+        d = bz2.BZ2Decompressor()
+        errors: tuple = ()
+    else:
+        import lzma
+        d = lzma.LZMADecompressor(lzma.FORMAT_AUTO, memlimit=LZMA_MEMLIMIT)
+        errors = (lzma.LZMAError,)
+    try:
+        out = d.decompress(data, size)
+        if not d.eof and not d.needs_input and d.decompress(b"", 1):
+            raise ChunkError(f"decompresses to more than its declared {size} bytes")
+    except errors as e:
+        raise ChunkError(f"corrupt {NAMES[kind]} data ({e})") from None
+    return out, d.eof
 
 
 # LZFSE block magics (lzfse_internal.h), little-endian
@@ -129,6 +141,7 @@ def lzfse_decompress(data, size: int) -> bytes:
     buffer it is handed and returns the buffer's size when the stream would go on:
     called with ``size + 1`` bytes, that is the bound, and the sign of a bomb.
     """
+    import ctypes
     decode = _lzfse_decode_buffer()
     out = bytearray(size + 1)
     if isinstance(data, bytearray):   # the reader's buffer: no copy
@@ -153,6 +166,7 @@ def _lzfse_decode_buffer():
     """``lzfse_decode_buffer(dst, dst_size, src, src_size, scratch)`` from the ``lzfse``
     package's extension module (loaded once)."""
     if not _LZFSE_DECODE:
+        import ctypes
         import lzfse
         try:
             fn = ctypes.CDLL(lzfse.__file__).lzfse_decode_buffer
@@ -177,8 +191,10 @@ def compressor(kind: int, level: int):
     if kind == ZLIB:
         return lambda data: zlib.compress(data, level)
     if kind == BZIP2:
+        import bz2
         return lambda data: bz2.compress(data, 1)  # 100 kB blocks: chunks are smaller
     if kind == LZMA:
+        import lzma
         return lambda data: lzma.compress(data, format=lzma.FORMAT_XZ,
                                           check=lzma.CHECK_NONE, preset=level)
     if kind == LZFSE:
