@@ -123,6 +123,43 @@ def test_info_imports_only_its_own_format(tmp_path, fmt, own):
         assert "construct" not in loaded
 
 
+def test_qcow2_write_runs_no_ldconfig(tmp_path):
+    """The qcow2 writer imports ``_fallocate.allocate`` (os.posix_fallocate); loading
+    libc for ``punch_hole`` through ``ctypes.util.find_library`` ran ``ldconfig -p``
+    in a subprocess at that import. libc is now the one already loaded, on first use."""
+    src, dst = tmp_path / "a.raw", tmp_path / "a.qcow2"
+    src.write_bytes(os.urandom(1 << 16))
+    loaded, _ = _modules_after("convert", "-O", "qcow2", str(src), str(dst))
+    assert "diskforge._fallocate" in loaded
+    assert not {"ctypes.util", "subprocess", "shutil"} & loaded
+
+
+def test_compression_pool_leaves_logging_until_a_callback_fails(tmp_path):
+    """concurrent.futures imports logging only to report a failing done-callback: a
+    compressed convert (its pool) runs without it, and such a callback is still
+    logged, through the real ``logging.getLogger("concurrent.futures")``."""
+    src, dst = tmp_path / "a.raw", tmp_path / "a.qcow2"
+    src.write_bytes(os.urandom(1 << 16) * 4)
+    loaded, _ = _modules_after("convert", "-c", "-O", "qcow2", str(src), str(dst))
+    assert "concurrent.futures" in loaded and "logging" not in loaded
+    code = (
+        "import io, sys\n"
+        "import diskforge\n"
+        "import concurrent.futures as cf\n"
+        "assert 'logging' not in sys.modules\n"
+        "import logging\n"
+        "out = io.StringIO()\n"
+        "logging.getLogger('concurrent.futures').addHandler(logging.StreamHandler(out))\n"
+        "with cf.ThreadPoolExecutor(1) as pool:\n"
+        "    f = pool.submit(int, '7')\n"
+        "    assert f.result() == 7\n"
+        "f.add_done_callback(lambda f: 1 / 0)\n"
+        "assert 'exception calling callback' in out.getvalue(), out.getvalue()\n"
+        "assert 'ZeroDivisionError' in out.getvalue()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_construct_stand_ins_leave_no_trace(tmp_path):
     """construct's deferred imports still work when used, and other importers of
     those modules get the real ones."""

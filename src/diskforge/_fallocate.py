@@ -1,29 +1,48 @@
 """fallocate(2) with flags, which the os module does not offer (it has only
-posix_fallocate). Loaded lazily: ctypes costs import time that `info` should not pay."""
+posix_fallocate).
+
+Loaded lazily, and libc with it: the qcow2 writer imports ``allocate`` (plain
+``os.posix_fallocate``) at start-up, and this module used to load libc there through
+``ctypes.util.find_library``, which runs ``ldconfig -p`` in a subprocess (and imports
+subprocess and shutil): 10 ms of every qcow2 write's start-up. ``ctypes.CDLL(None)``
+is the C library the interpreter already has loaded.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate.restype = ctypes.c_int
+_fallocate: list = []   # [the libc function, or None where there is none], once loaded
+
+
+def _load():
+    if not _fallocate:
+        fn = None
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+        except (OSError, ImportError):
+            pass
+        if fn is not None:
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+        _fallocate.append(fn)
+    return _fallocate[0]
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate ``[offset, offset+length)`` keeping the file size; False when the
     file system or platform cannot (the caller then writes zeros)."""
-    if _fallocate is None or length <= 0:
+    if length <= 0:
         return False
-    rc = _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-    return rc == 0
+    fn = _load()
+    if fn is None:
+        return False
+    return fn(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 def allocate(fd: int, offset: int, length: int) -> None:
