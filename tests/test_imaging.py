@@ -398,3 +398,44 @@ def test_resume_refuses_a_changed_source_and_a_fresh_run_discards_it(workdir,
     code, _, err = cli("image", "--resume", disk, out)
     one_line_error(code, err)
     assert "nothing to resume" in err
+
+
+def _reference_digests(chunk, feeds):
+    """Whole-disk and per-chunk sha256 of ``feeds`` (``(offset, data or None, length)``),
+    one byte string at a time: what DiskHasher must give however it splits the work."""
+    import hashlib
+    disk = b"".join(bytes(n) if data is None else bytes(data) for _, data, n in feeds)
+    return (hashlib.sha256(disk).hexdigest(),
+            [hashlib.sha256(disk[i:i + chunk]).hexdigest()
+             for i in range(0, len(disk), chunk)])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_disk_hasher_digests_match_hashlib_however_fed(threads):
+    """Chunk digests are taken on the pool (threads > 1) beside the whole-disk one, and
+    whole chunks of zeros get the digest of zeros without being hashed again: the
+    digests are those of hashlib over the same bytes, for pieces that start, end and
+    span chunks anywhere."""
+    import random
+    from diskforge import parallel
+    from diskforge.ops.imaging import DiskHasher
+    rng = random.Random(threads)
+    before = sum(v for k, v in parallel.decoded_by.items() if k.startswith("diskforge-"))
+    for trial in range(25):
+        chunk = rng.choice([64 << 10, 1 << 20, 3 << 19])
+        feeds, off = [], 0
+        for _ in range(rng.randrange(1, 10)):
+            n = rng.choice([512, 4096, 300 << 10, 1 << 20, chunk, 2 * chunk,
+                            chunk + 512, 3 * chunk])
+            data = None if rng.random() < 0.4 else memoryview(
+                rng.randbytes(n) if rng.random() < 0.7 else bytes(n))
+            feeds.append((off, data, n))
+            off += n
+        with parallel.limit(threads):
+            hasher = DiskHasher(chunk)
+            for f in feeds:
+                hasher.feed(*f)
+            assert hasher.finish() == _reference_digests(chunk, feeds), trial
+    if threads > 1:
+        assert sum(v for k, v in parallel.decoded_by.items()
+                   if k.startswith("diskforge-")) > before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .. import parallel
 from .image import (add_force_share_arg, add_policy_args, open_backing, open_source,
                     progress_for)
 
@@ -62,7 +63,7 @@ def cmd_image(args) -> int:
             from ..ops.measure import require_room
             require_room(args.output, fmt, options, source=src, base=base)
             writer = fmt.writer(args.output, src.size, options, backing=backing)
-        with progress_for(args) as bar:
+        with progress_for(args) as bar, parallel.limit(args.m or None):
             try:
                 result = image(src, writer, args.output, fmt_name=fmt.name,
                                options=option_text, base=base, progress=bar,
@@ -99,7 +100,7 @@ def cmd_image(args) -> int:
 def cmd_restore(args) -> int:
     from ..ops.restore import restore
     with open_source(args.image, args.f, args) as img:
-        with progress_for(args) as bar:
+        with progress_for(args) as bar, parallel.limit(args.m or None):
             result = restore(img, args.target, force=args.force, verify=not args.no_verify,
                              progress=bar, workers=args.m)
     if not args.q:
@@ -126,7 +127,8 @@ def add_parsers(sub) -> None:
                    help="exit 0 even when some sectors could not be read")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint")
-    p.add_argument("-m", type=int, metavar="N", help="compression threads")
+    p.add_argument("-m", type=int, metavar="N",
+                   help="threads compressing, decoding the source and hashing")
     p.add_argument("-p", action="store_true")
     p.add_argument("-q", action="store_true")
     add_force_share_arg(p)
@@ -141,7 +143,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="overwrite even a mounted or busy device")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back check")
-    p.add_argument("-m", type=int, metavar="N")
+    p.add_argument("-m", type=int, metavar="N",
+                   help="threads decoding the image and hashing the read-back")
     p.add_argument("-p", action="store_true")
     p.add_argument("-q", action="store_true")
     add_force_share_arg(p)

@@ -33,6 +33,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+from .. import parallel
 from ..atomic import RESUME_SUFFIX, AtomicFile, unlink_regular
 from ..blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
                         FilterDevice, ImageWriter, aligned_buffer, chain_extents, fill_zero,
@@ -169,9 +170,32 @@ class RescueReader(FilterDevice):
             self.bad.append((offset, length))
 
 
+# the least a piece must hold for its chunk digest to go to another thread (below it
+# the hand-off costs more than the hashing it moves)
+PARALLEL_HASH_MIN = 256 << 10
+_ZERO_CHUNK_DIGESTS: dict[int, str] = {}   # chunk size -> sha256 of that many zeros
+
+
+def _hash_into(h, piece, zeros: int) -> None:
+    """``h.update(piece)``, or ``zeros`` zero bytes when ``piece`` is None."""
+    if piece is not None:
+        h.update(piece)
+        return
+    for _, k in pieces(0, zeros, ZERO_BUFFER_SIZE):
+        h.update(ZEROES[:k])
+
+
 class DiskHasher:
     """sha256 of the whole virtual disk and of each chunk, fed in order by the
-    convert tap (``None`` data means zeros, fed without being read)."""
+    convert tap (``None`` data means zeros, fed without being read).
+
+    The two digests are independent streams of the same bytes, and sha256 releases the
+    GIL, so each piece's chunk digest is taken on the shared pool (``parallel``) while
+    the caller takes the whole-disk one: hashing both in one thread held imaging to
+    sha256's speed halved (1.9 GB/s a core here; a 2 GiB disk imaged to raw spent 2.5 s
+    of its 3.1 s hashing). A whole chunk fed as zeros has a known digest (computed once
+    per chunk size), so only the whole-disk digest reads through a sparse disk's zeros.
+    """
 
     def __init__(self, chunk: int = CHUNK):
         self.chunk = chunk
@@ -187,19 +211,39 @@ class DiskHasher:
         while pos < length:
             room = self.chunk - self.position % self.chunk
             n = min(room, length - pos)
-            if data is None:
-                for _, k in pieces(0, n, ZERO_BUFFER_SIZE):
-                    self.whole.update(ZEROES[:k])
-                    self.current.update(ZEROES[:k])
+            if data is None and n == self.chunk:   # a whole chunk of zeros
+                _hash_into(self.whole, None, n)
+                self.chunks.append(self._zero_chunk_digest())
             else:
-                piece = data[pos:pos + n]
-                self.whole.update(piece)
-                self.current.update(piece)
+                self._both(None if data is None else data[pos:pos + n], n)
+                if (self.position + n) % self.chunk == 0:
+                    self.chunks.append(self.current.hexdigest())
+                    self.current = hashlib.sha256()
             pos += n
             self.position += n
-            if self.position % self.chunk == 0:
-                self.chunks.append(self.current.hexdigest())
-                self.current = hashlib.sha256()
+
+    def _both(self, piece, n: int) -> None:
+        """Add ``piece`` (None: ``n`` zeros) to both digests, the chunk's on the pool
+        when it is large enough and there is a second thread; both are done on
+        return, so the caller may reuse the buffer."""
+        job = None
+        if n >= PARALLEL_HASH_MIN and parallel.threads() > 1:
+            job = parallel.submit(_hash_into, self.current, piece, n)
+        else:
+            _hash_into(self.current, piece, n)
+        try:
+            _hash_into(self.whole, piece, n)
+        finally:
+            if job is not None:
+                job.result()
+
+    def _zero_chunk_digest(self) -> str:
+        digest = _ZERO_CHUNK_DIGESTS.get(self.chunk)
+        if digest is None:
+            h = hashlib.sha256()
+            _hash_into(h, None, self.chunk)
+            digest = _ZERO_CHUNK_DIGESTS[self.chunk] = h.hexdigest()
+        return digest
 
     def finish(self) -> tuple[str, list[str]]:
         if self.position % self.chunk:
