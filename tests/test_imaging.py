@@ -412,30 +412,52 @@ def _reference_digests(chunk, feeds):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_disk_hasher_digests_match_hashlib_however_fed(threads):
-    """Chunk digests are taken on the pool (threads > 1) beside the whole-disk one, and
-    whole chunks of zeros get the digest of zeros without being hashed again: the
-    digests are those of hashlib over the same bytes, for pieces that start, end and
-    span chunks anywhere."""
+    """With two threads the two digests are taken on lanes of their own (stopped by
+    finish, and by close when a run fails), and whole chunks of zeros get the digest
+    of zeros without being hashed again: the digests are hashlib's over the same bytes,
+    for pieces that start, end and span chunks anywhere, from buffers the caller
+    overwrites as soon as each feed returns."""
     import random
+    import threading
     from diskforge import parallel
-    from diskforge.ops.imaging import DiskHasher
+    from diskforge.ops.diskhash import DiskHasher
+
+    def lanes():
+        return [t for t in threading.enumerate() if t.name.startswith("diskforge-hash-")]
+
     rng = random.Random(threads)
-    before = sum(v for k, v in parallel.decoded_by.items() if k.startswith("diskforge-"))
+    started_any = False
     for trial in range(25):
         chunk = rng.choice([64 << 10, 1 << 20, 3 << 19])
         feeds, off = [], 0
         for _ in range(rng.randrange(1, 10)):
             n = rng.choice([512, 4096, 300 << 10, 1 << 20, chunk, 2 * chunk,
                             chunk + 512, 3 * chunk])
-            data = None if rng.random() < 0.4 else memoryview(
+            data = None if rng.random() < 0.4 else (
                 rng.randbytes(n) if rng.random() < 0.7 else bytes(n))
             feeds.append((off, data, n))
             off += n
+        scratch = bytearray(max(n for _, _, n in feeds))
         with parallel.limit(threads):
             hasher = DiskHasher(chunk)
-            for f in feeds:
-                hasher.feed(*f)
+            for o, data, n in feeds:
+                if data is None:
+                    hasher.feed(o, None, n)
+                    continue
+                scratch[:n] = data
+                hasher.feed(o, memoryview(scratch)[:n], n)
+                scratch[:n] = bytes(n)   # the convert pipeline reuses its buffer
+            started = bool(lanes())
+            started_any |= started
             assert hasher.finish() == _reference_digests(chunk, feeds), trial
+        assert not lanes()
+        if threads == 1:
+            assert not started
     if threads > 1:
-        assert sum(v for k, v in parallel.decoded_by.items()
-                   if k.startswith("diskforge-")) > before
+        assert started_any
+        with parallel.limit(threads):
+            hasher = DiskHasher(1 << 20)
+            hasher.feed(0, bytes(1 << 20), 1 << 20)
+            assert lanes()
+            hasher.close()   # a failed run: no threads left behind
+        assert not lanes()

@@ -33,17 +33,14 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from .. import parallel
 from ..atomic import RESUME_SUFFIX, AtomicFile, unlink_regular
-from ..blockdev import (ZERO_BUFFER_SIZE, ZEROES, BlockDevice, Extent, ExtentKind,
-                        FilterDevice, ImageWriter, aligned_buffer, chain_extents, fill_zero,
-                        pieces)
+from ..blockdev import BlockDevice, Extent, FilterDevice, ImageWriter, chain_extents, fill_zero
 from ..devices import open_input_file
 from ..errors import DiskforgeError, FormatError, ImageIOError, UnsupportedError, UsageError
 from ..registry import open_image
 from .convert import ConvertStats, convert
+from .diskhash import CHUNK, DiskHasher, hash_device
 
-CHUNK = 64 << 20
 CHECKPOINT = 1 << 30  # a multiple of CHUNK: checkpoints fall on chunk boundaries
 RECORD_SUFFIX = ".integrity.json"
 BADMAP_SUFFIX = ".badmap"
@@ -168,108 +165,6 @@ class RescueReader(FilterDevice):
             self.bad[-1] = (self.bad[-1][0], self.bad[-1][1] + length)
         else:
             self.bad.append((offset, length))
-
-
-# the least a piece must hold for its chunk digest to go to another thread (below it
-# the hand-off costs more than the hashing it moves)
-PARALLEL_HASH_MIN = 256 << 10
-_ZERO_CHUNK_DIGESTS: dict[int, str] = {}   # chunk size -> sha256 of that many zeros
-
-
-def _hash_into(h, piece, zeros: int) -> None:
-    """``h.update(piece)``, or ``zeros`` zero bytes when ``piece`` is None."""
-    if piece is not None:
-        h.update(piece)
-        return
-    for _, k in pieces(0, zeros, ZERO_BUFFER_SIZE):
-        h.update(ZEROES[:k])
-
-
-class DiskHasher:
-    """sha256 of the whole virtual disk and of each chunk, fed in order by the
-    convert tap (``None`` data means zeros, fed without being read).
-
-    The two digests are independent streams of the same bytes, and sha256 releases the
-    GIL, so each piece's chunk digest is taken on the shared pool (``parallel``) while
-    the caller takes the whole-disk one: hashing both in one thread held imaging to
-    sha256's speed halved (1.9 GB/s a core here; a 2 GiB disk imaged to raw spent 2.5 s
-    of its 3.1 s hashing). A whole chunk fed as zeros has a known digest (computed once
-    per chunk size), so only the whole-disk digest reads through a sparse disk's zeros.
-    """
-
-    def __init__(self, chunk: int = CHUNK):
-        self.chunk = chunk
-        self.whole = hashlib.sha256()
-        self.current = hashlib.sha256()
-        self.chunks: list[str] = []
-        self.position = 0
-
-    def feed(self, offset: int, data, length: int) -> None:
-        if offset != self.position:
-            raise AssertionError(f"hash fed out of order: {offset} != {self.position}")
-        pos = 0
-        while pos < length:
-            room = self.chunk - self.position % self.chunk
-            n = min(room, length - pos)
-            if data is None and n == self.chunk:   # a whole chunk of zeros
-                _hash_into(self.whole, None, n)
-                self.chunks.append(self._zero_chunk_digest())
-            else:
-                self._both(None if data is None else data[pos:pos + n], n)
-                if (self.position + n) % self.chunk == 0:
-                    self.chunks.append(self.current.hexdigest())
-                    self.current = hashlib.sha256()
-            pos += n
-            self.position += n
-
-    def _both(self, piece, n: int) -> None:
-        """Add ``piece`` (None: ``n`` zeros) to both digests, the chunk's on the pool
-        when it is large enough and there is a second thread; both are done on
-        return, so the caller may reuse the buffer."""
-        job = None
-        if n >= PARALLEL_HASH_MIN and parallel.threads() > 1:
-            job = parallel.submit(_hash_into, self.current, piece, n)
-        else:
-            _hash_into(self.current, piece, n)
-        try:
-            _hash_into(self.whole, piece, n)
-        finally:
-            if job is not None:
-                job.result()
-
-    def _zero_chunk_digest(self) -> str:
-        digest = _ZERO_CHUNK_DIGESTS.get(self.chunk)
-        if digest is None:
-            h = hashlib.sha256()
-            _hash_into(h, None, self.chunk)
-            digest = _ZERO_CHUNK_DIGESTS[self.chunk] = h.hexdigest()
-        return digest
-
-    def finish(self) -> tuple[str, list[str]]:
-        if self.position % self.chunk:
-            self.chunks.append(self.current.hexdigest())
-            self.current = hashlib.sha256()
-        return self.whole.hexdigest(), self.chunks
-
-
-def hash_device(dev: BlockDevice, *, chunk: int = CHUNK, progress=None,
-                batch: int = 1 << 20) -> tuple[str, list[str]]:
-    """Whole-disk and per-chunk sha256 of a device, reading only what is not zero
-    (the backing chain resolved by ``blockdev.chain_extents``)."""
-    hasher = DiskHasher(chunk)
-    buf, start = aligned_buffer(batch)
-    view = memoryview(buf)[start:start + batch]
-    for le in chain_extents(dev):
-        e = le.extent
-        if e.kind is ExtentKind.ZERO:
-            hasher.feed(e.offset, None, e.length)
-        else:
-            for off, n in pieces(e.offset, e.length, batch):
-                dev.readinto(off, view[:n])
-                hasher.feed(off, view[:n], n)
-        if progress:
-            progress(e.offset + e.length, dev.size)
-    return hasher.finish()
 
 
 class Prefix(FilterDevice):
@@ -528,7 +423,6 @@ def image(source: BlockDevice, writer: ImageWriter, out_path: str, *, fmt_name: 
     name = source_name or (source.path or "")
     identity = source_identity(source, name)
     rescue = RescueReader(source, retries=retries)
-    hasher = DiskHasher(chunk)
     start = 0
     if resume is not None:
         if resume.get("source") != identity:
@@ -536,40 +430,44 @@ def image(source: BlockDevice, writer: ImageWriter, out_path: str, *, fmt_name: 
                              " (size, file or first bytes changed); start again without"
                              " --resume", name)
         start = int(resume["offset"])
-        hasher.position, hasher.chunks = start, list(resume["chunks"])
         rescue.bad = [(int(a), int(b)) for a, b in resume.get("bad-ranges", [])]
-    proxy = _Suspending(writer)
-    proxy.checkpointed = resume is not None
-    resumable = True
-    stats = ConvertStats(virtual_size=source.size)
-    pos = start
-    while True:
-        end = min(source.size, (pos // checkpoint_every + 1) * checkpoint_every)
-        seg = convert(rescue, proxy, base=base, progress=progress, workers=workers,
-                      tap=hasher.feed, start=pos, end=end, finish=False)
-        for f in ("bytes_read", "bytes_written", "bytes_zero", "bytes_skipped"):
-            setattr(stats, f, getattr(stats, f) + getattr(seg, f))
-        pos = end
-        if pos >= source.size:
-            break
-        if resumable:
-            try:
-                state = proxy.checkpoint()
-            except UnsupportedError:
-                resumable = False  # this format cannot resume: the run just goes on
-                continue
-            _save_resume(out_path, {
-                "diskforge-resume": RESUME_VERSION, "format": fmt_name,
-                "options": options, "base": None if base is None else base.path,
-                "source": identity, "offset": pos, "chunk-size": chunk,
-                "chunks": hasher.chunks, "bad-ranges": [list(r) for r in rescue.bad],
-                "writer": state})
+    hasher = DiskHasher(chunk, position=start,
+                        chunks=None if resume is None else list(resume["chunks"]))
     try:
-        proxy.finish()
-    except BaseException:
-        proxy.abort()
-        raise
-    digest, chunks = hasher.finish()
+        proxy = _Suspending(writer)
+        proxy.checkpointed = resume is not None
+        resumable = True
+        stats = ConvertStats(virtual_size=source.size)
+        pos = start
+        while True:
+            end = min(source.size, (pos // checkpoint_every + 1) * checkpoint_every)
+            seg = convert(rescue, proxy, base=base, progress=progress, workers=workers,
+                          tap=hasher.feed, start=pos, end=end, finish=False)
+            for f in ("bytes_read", "bytes_written", "bytes_zero", "bytes_skipped"):
+                setattr(stats, f, getattr(stats, f) + getattr(seg, f))
+            pos = end
+            if pos >= source.size:
+                break
+            if resumable:
+                try:
+                    state = proxy.checkpoint()
+                except UnsupportedError:
+                    resumable = False  # this format cannot resume: the run just goes on
+                    continue
+                _save_resume(out_path, {
+                    "diskforge-resume": RESUME_VERSION, "format": fmt_name,
+                    "options": options, "base": None if base is None else base.path,
+                    "source": identity, "offset": pos, "chunk-size": chunk,
+                    "chunks": hasher.chunk_digests(),
+                    "bad-ranges": [list(r) for r in rescue.bad], "writer": state})
+        try:
+            proxy.finish()
+        except BaseException:
+            proxy.abort()
+            raise
+        digest, chunks = hasher.finish()
+    finally:
+        hasher.close()  # its threads, when the run fails
     if resume is not None:
         digest = _check_resumed(out_path, fmt_name, chunks, chunk, source.size)
     base_info = None

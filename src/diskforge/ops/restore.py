@@ -19,7 +19,8 @@ from ..blockdev import BlockDevice, FileBackend
 from ..devices import busy_device_allowed, is_block_device
 from ..errors import ImageIOError
 from .convert import ConvertStats, convert
-from .imaging import CHUNK, DiskHasher, IntegrityRecord, Prefix, hash_device, record_path
+from .diskhash import CHUNK, DiskHasher, hash_device
+from .imaging import IntegrityRecord, Prefix, record_path
 
 
 @dataclass
@@ -62,9 +63,12 @@ def restore(image: BlockDevice, target: str, *, force: bool = False, verify: boo
     # a device is checked (mounted, swap, held, size) and claimed by the writer
     with busy_device_allowed() if force else contextlib.nullcontext():
         writer = raw.writer(target, image.size, raw.options.parse(""))
-    stats = convert(image, writer, progress=progress, workers=workers,
-                    tap=hasher.feed, finish=False)
-    written, _ = hasher.finish()
+    try:
+        stats = convert(image, writer, progress=progress, workers=workers,
+                        tap=hasher.feed, finish=False)
+        written, _ = hasher.finish()
+    finally:
+        hasher.close()
     if record is not None and record.sha256 != written:
         # a file target is never put in place; a device has been written already
         writer.abort()
