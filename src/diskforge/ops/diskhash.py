@@ -184,7 +184,8 @@ class DiskHasher:
         return self.whole.hexdigest(), self._chunks.digests
 
     def close(self) -> None:
-        """Stop the lanes (what they hold is dropped); the hasher is of no use after."""
+        """Stop the lanes once they have done the work queued (a few pieces); the
+        hasher is of no use after."""
         if self._finalizer is not None:
             self._finalizer()
         self._lanes = ()
