@@ -10,28 +10,25 @@ is the C library the interpreter already has loaded.
 
 from __future__ import annotations
 
+import functools
 import os
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-_fallocate: list = []   # [the libc function, or None where there is none], once loaded
-
-
+@functools.cache
 def _load():
-    if not _fallocate:
-        fn = None
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
-        except (OSError, ImportError):
-            pass
-        if fn is not None:
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-            fn.restype = ctypes.c_int
-        _fallocate.append(fn)
-    return _fallocate[0]
+    """libc's fallocate, or None where there is none (loaded once)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, ImportError):
+        return None
+    fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+    return fn
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:

@@ -43,6 +43,11 @@ def _hash_into(h, piece, zeros: int) -> None:
         h.update(ZEROES[:k])
 
 
+def _call(fn, *args) -> None:
+    """Do a lane's task in the caller (no lanes)."""
+    fn(*args)
+
+
 def _zero_chunk_digest(size: int) -> str:
     digest = _ZERO_CHUNK_DIGESTS.get(size)
     if digest is None:
@@ -142,6 +147,7 @@ class DiskHasher:
             if lane.error is not None:
                 raise lane.error
         whole, chunks = self.whole, self._chunks
+        do_whole, do_chunk = (lanes[0].put, lanes[1].put) if lanes else (_call, _call)
         pos = 0
         while pos < length:
             n = min(self.chunk - self.position % self.chunk, length - pos)
@@ -150,24 +156,13 @@ class DiskHasher:
                 piece = data[pos:pos + n]
                 if lanes:
                     piece = bytes(piece)   # the caller reuses its buffer on return
-            zero_chunk = data is None and n == self.chunk
-            cut = not zero_chunk and (self.position + n) % self.chunk == 0
-            if lanes:
-                lanes[0].put(_hash_into, whole, piece, n)
-                if zero_chunk:
-                    lanes[1].put(chunks.zero_chunk)
-                else:
-                    lanes[1].put(chunks.update, piece, n)
-                    if cut:
-                        lanes[1].put(chunks.cut)
+            do_whole(_hash_into, whole, piece, n)
+            if data is None and n == self.chunk:   # a whole chunk of zeros
+                do_chunk(chunks.zero_chunk)
             else:
-                _hash_into(whole, piece, n)
-                if zero_chunk:
-                    chunks.zero_chunk()
-                else:
-                    chunks.update(piece, n)
-                    if cut:
-                        chunks.cut()
+                do_chunk(chunks.update, piece, n)
+                if (self.position + n) % self.chunk == 0:
+                    do_chunk(chunks.cut)
             pos += n
             self.position += n
 
