@@ -45,6 +45,10 @@ from .blockdev import FileBackend
 from .devices import open_output_device, refuse_special_output, too_small
 from .errors import ImageIOError, SafetyError, UnsupportedError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._fallocate import ReserveAhead
+
 __all__ = ["AtomicFile", "final_path", "refuse_overwrite",
            "remove_stale", "set_direct", "set_durable", "unlink_regular"]
 
@@ -213,6 +217,14 @@ class AtomicFile(FileBackend):
         if self.in_place:
             self._grow(offset + memoryview(data).nbytes, offset)
         super().pwrite(offset, data)
+
+    def reserve_ahead(self, limit: int | None = None) -> "ReserveAhead | None":
+        """Blocks reserved ahead of this output's writes (``_fallocate.ReserveAhead``),
+        or None where that does not apply: a device written in place, O_DIRECT."""
+        if self.in_place or self._direct_fd >= 0:
+            return None
+        from ._fallocate import ReserveAhead
+        return ReserveAhead(self.fd, limit)
 
     def truncate(self, size: int) -> None:
         if self.in_place:

@@ -105,6 +105,7 @@ class RawWriter(ImageWriter):
         else:  # a block device is written in place; this writer zeroes its zero runs
             self.out = AtomicFile(path, zero_fill=False, stream=True)
         self.in_place = self.out.in_place
+        self.reserve = None
         try:
             self.out.truncate(size)  # on a device: refused when it is too small
             if resume_from is None and not self.in_place \
@@ -112,11 +113,16 @@ class RawWriter(ImageWriter):
                     and not getattr(self.out, "remote", False):
                 from .._fallocate import allocate
                 allocate(self.out.fd, 0, size)
+            elif resume_from is None and options.preallocation == "off" \
+                    and not getattr(self.out, "remote", False):
+                self.reserve = self.out.reserve_ahead(limit=size)
         except BaseException:
             self.out.discard()
             raise
 
     def write_prepared(self, offset: int, data) -> None:
+        if self.reserve:
+            self.reserve.write(offset, memoryview(data).nbytes)
         self.out.pwrite(offset, data)
 
     def zero(self, offset: int, length: int) -> None:
@@ -124,9 +130,13 @@ class RawWriter(ImageWriter):
             _zero_out(self.out, offset, length)
         elif self.options.preallocation == "full":
             self.out.write_zeroes(offset, length)
+        elif self.reserve:
+            self.reserve.zeros(offset, length)
         # else: a new sparse file already reads zeros there (falloc'd blocks too)
 
     def _finish(self) -> None:
+        if self.reserve:
+            self.reserve.punch_rest()
         if self.options.preallocation == "full" and not self.in_place:
             for o, n, data in list(self.out.data_ranges(0, self.size)):
                 if not data:

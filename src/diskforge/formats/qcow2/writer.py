@@ -80,10 +80,16 @@ class Qcow2Writer(ImageWriter):
             else AtomicFile(path)
         self.data = self.out
         self.data_name = opts.data_file or None
+        # clusters are appended: their blocks reserved ahead of the writes (see
+        # _fallocate.ReserveAhead), for the plain layout only
+        self.reserve = None
         try:
             if self.data_name:
                 self.data = AtomicFile(beside(path, self.data_name))
                 self.data.truncate(size)
+            elif resume is None and self.prealloc == "off" and not self.compress \
+                    and not getattr(self.out, "remote", False):
+                self.reserve = self.out.reserve_ahead()
         except BaseException:
             self.out.discard()
             raise
@@ -294,6 +300,8 @@ class Qcow2Writer(ImageWriter):
                 h = self._alloc(c1 - c) * cs
                 l2[i0:i1] = array("Q", range(h | QCOW_OFLAG_COPIED,
                                              (h + (c1 - c) * cs) | QCOW_OFLAG_COPIED, cs))
+                if self.reserve:
+                    self.reserve.write(h, b - a)
                 self.data.pwrite(h, view[a:b])
             c = c1
 
@@ -531,6 +539,8 @@ class Qcow2Writer(ImageWriter):
             h.autoclear_features |= QCOW2_AUTOCLEAR_BITMAPS
         buf = h.build()
         self.out.pwrite(0, buf)
+        if self.reserve:
+            self.reserve.trim()
         self._preallocate(total * cs)
 
     def _commit(self) -> None:
