@@ -75,15 +75,17 @@ class ReserveAhead:
       inside it): ``zeros`` punches the ranges it leaves as holes, and ``punch_rest``
       what lies past the highest write; a range reserved but neither written nor
       punched still reads as zeros, it is only allocated;
-    - a file whose data is appended (qcow2's clusters): windows past the end of the
-      file are reserved without changing its size (``FALLOC_FL_KEEP_SIZE``), and
-      ``trim`` frees what is left past the end once the file is complete.
+    - a file whose data is appended (qcow2's clusters, DMG's chunks): windows past
+      the end of the file are reserved without changing its size
+      (``FALLOC_FL_KEEP_SIZE``), writes of any size open them (every reserved block
+      is written), and ``trim`` frees what is left past the end once the file is
+      complete. UDZO of the mixed disk: the main thread's CPU 0.64-0.76 -> 0.51-0.61 s.
 
     Anything the file system refuses (no fallocate, no extents, no space for a
     window) turns the reserving off and the writes go on as before."""
 
     WINDOW = 32 << 20
-    MIN_WRITE = 256 << 10  # 64 KiB writes into fallocated blocks gained nothing here
+    MIN_WRITE = 256 << 10  # sparse files: 64 KiB writes, each reserved, gained nothing
 
     def __init__(self, fd: int, limit: int | None = None):
         self.fd = fd
@@ -96,8 +98,10 @@ class ReserveAhead:
         """Before ``length`` bytes are written at ``offset``."""
         end = offset + length
         self.written = max(self.written, end)
-        if end <= self.end or self.on is False or length < self.MIN_WRITE:
-            return  # small writes open no window: a scattered few would cost punches
+        if end <= self.end or self.on is False:
+            return
+        if length < self.MIN_WRITE and self.limit is not None:
+            return  # in a sparse file, a scattered few small writes would cost punches
         if self.on is None:
             self.on = reserving_pays(self.fd)
             if not self.on:
@@ -124,9 +128,14 @@ class ReserveAhead:
 
     def trim(self) -> None:
         """An appending writer's end: free what was reserved past the end of the file
-        (a truncate to its own size frees blocks beyond it)."""
-        if self.on and self.end > os.fstat(self.fd).st_size:
-            os.ftruncate(self.fd, os.fstat(self.fd).st_size)
+        (a truncate to its own size frees blocks beyond it). Also after a refused
+        window: the ones before it were granted."""
+        try:
+            size = os.fstat(self.fd).st_size
+            if self.end > size:
+                os.ftruncate(self.fd, size)
+        except OSError:
+            pass  # the blocks stay allocated past the end; the file is whole
 
 
 def reserve(fd: int, offset: int, length: int, mode: int = 0) -> bool:

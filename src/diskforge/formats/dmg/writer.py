@@ -101,6 +101,9 @@ class DmgWriter(ImageWriter):
         # BLKXTable.BuffersNeeded: hdiutil writes a chunk plus 8 sectors (2056)
         self.buffers_needed = self.chunk_bytes // SECTOR + 8 if self.compress else 0
         self.out = AtomicFile(path, trailer="UDIF trailer (koly)", stream=True)
+        # chunks are appended: their blocks reserved ahead (_fallocate.ReserveAhead)
+        ahead = getattr(self.out, "reserve_ahead", None)  # not on an upload
+        self.reserve = ahead() if ahead is not None else None
         self.pos = 0                 # disk bytes accounted for
         self.data_pos = 0            # end of the data fork so far
         self.data_crc = 0
@@ -224,6 +227,8 @@ class DmgWriter(ImageWriter):
     def _store(self, p: _Piece) -> None:
         self._flush_zero_run()
         region = self.layout.regions[self.r]
+        if self.reserve:
+            self.reserve.write(self.data_pos, len(p.payload))
         self.out.pwrite(self.data_pos, p.payload)
         self.data_crc = crc32_combine(self.data_crc, p.stored_crc, len(p.payload))
         self._entry(p.kind, p.offset // SECTOR - region.start, p.length // SECTOR,
@@ -306,6 +311,8 @@ class DmgWriter(ImageWriter):
             "SectorCount": self.size // SECTOR,
             "Reserved2": 0, "Reserved3": 0, "Reserved4": 0})
         self.out.pwrite(self.data_pos + len(xml), koly)
+        if self.reserve:
+            self.reserve.trim()
 
     def _plist(self) -> bytes:
         """The XML property list, laid out as hdiutil writes it."""
