@@ -4,6 +4,7 @@
 import bz2
 import lzma
 import os
+import random
 import struct
 import zlib
 
@@ -125,6 +126,14 @@ def test_crc32_combine_and_zeros_match_zlib(n):
     a, b = os.urandom(1000), os.urandom(n)
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n) == zlib.crc32(a + b)
     assert crc32_zeros(zlib.crc32(a), n) == zlib.crc32(a + bytes(n))
+
+
+def test_crc32_combine_over_many_lengths_and_registers():
+    """Every byte lane of the shift tables, through registers of every shape."""
+    rng = random.Random(3)
+    for _ in range(64):
+        a, b = rng.randbytes(rng.randint(1, 64)), rng.randbytes(rng.randint(1, 70000))
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
 def test_crc32_zeros_of_a_huge_run_is_instant():

@@ -6,7 +6,7 @@ thread computes its chunk's own CRC, and the writer joins them in order with
 ``crc32_combine`` (zlib's algorithm: appending n zero bytes is a linear map on the CRC
 register, applied as a GF(2) 32x32 matrix) and extends over zero runs with
 ``crc32_zeros`` without touching a byte. The matrices for 2**k zero bytes are built
-once, so each join costs one matrix-vector product per set bit of the length.
+once, as byte tables, so each join costs four lookups per set bit of the length.
 """
 
 from __future__ import annotations
@@ -40,17 +40,37 @@ def _powers() -> list[list[int]]:
 
 
 _OPS: list[list[int]] | None = None
+_TABLES: dict[int, list[int]] = {}  # k -> the matrix for 2**k zero bytes, by bytes
+
+
+def _table(k: int) -> list[int]:
+    """The matrix for 2**k zero bytes as four 256-entry tables, one per byte of the
+    register: applying it is four lookups instead of a loop over 32 bits (a join per
+    DMG chunk in the writer's ordered thread: 28 -> 5 us)."""
+    t = _TABLES.get(k)
+    if t is None:
+        global _OPS
+        if _OPS is None:
+            _OPS = _powers()
+        mat = _OPS[k]
+        t = [0] * 1024
+        for j in range(4):
+            base = 256 * j
+            for b in range(1, 256):
+                low = b & -b  # lowest set bit: the rest is an entry already made
+                t[base + b] = t[base + (b ^ low)] ^ mat[8 * j + low.bit_length() - 1]
+        _TABLES[k] = t
+    return t
 
 
 def _shift(crc: int, nbytes: int) -> int:
     """The raw register after ``nbytes`` zero bytes (no pre/post inversion)."""
-    global _OPS
-    if _OPS is None:
-        _OPS = _powers()
     k = 0
     while nbytes:
         if nbytes & 1:
-            crc = _times(_OPS[k], crc)
+            t = _table(k)
+            crc = (t[crc & 255] ^ t[256 + (crc >> 8 & 255)] ^ t[512 + (crc >> 16 & 255)]
+                   ^ t[768 + (crc >> 24)])
         nbytes >>= 1
         k += 1
     return crc
