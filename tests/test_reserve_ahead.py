@@ -2,11 +2,11 @@
 (``_fallocate.ReserveAhead``).
 
 On ext4 the writers fallocate a window ahead of their writes; raw punches back the
-holes it leaves, and every writer frees what is left past the end. The output must be the file it
-would have been without: the same bytes, the same holes, the same allocation, and no
-block left reserved (``filefrag`` from e2fsprogs sees FIEMAP's "unwritten" flag, which
-SEEK_DATA does not show). The comparison is the same conversion with the reserving
-turned off; qemu-img reads and checks both."""
+holes it leaves, and every writer frees what is left past the end. The output must be
+the file it would have been without: the same bytes, the same holes, the same data
+blocks, and no block left reserved (``filefrag`` from e2fsprogs sees FIEMAP's
+"unwritten" flag, which SEEK_DATA does not show). The comparison is the same
+conversion with the reserving turned off; qemu-img reads and checks both."""
 
 import os
 

@@ -46,7 +46,7 @@ _TABLES: dict[int, list[int]] = {}  # k -> the matrix for 2**k zero bytes, by by
 def _table(k: int) -> list[int]:
     """The matrix for 2**k zero bytes as four 256-entry tables, one per byte of the
     register: applying it is four lookups instead of a loop over 32 bits (a join per
-    DMG chunk in the writer's ordered thread: 28 -> 5 us)."""
+    DMG chunk in the writer's ordered thread: 28 -> 3.6 us)."""
     t = _TABLES.get(k)
     if t is None:
         global _OPS
