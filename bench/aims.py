@@ -45,6 +45,9 @@ class Aim:
 PLAIN = Aim("ratio", 0.9)
 COMPRESSED_WRITE = Aim("ratio", 0.5, size_within=0.05)
 COMPRESSED_READ = Aim("ratio", 0.6)
+# LZFSE: qemu-img here cannot read it (no dmg-lzfse module in Debian) and dmg2img gets
+# it wrong (bench/cases_dmg.py), so 7-Zip, which decodes it, is the reference
+COMPRESSED_READ_LZFSE = Aim("ratio", 0.6, against="7zz x")
 DMG_WRITE = Aim("speedup", 1.8, against="diskforge -m 1")
 START_UP = Aim("seconds", 0.08)
 MEMORY_ONLY = Aim("rss", RSS_LIMIT)  # no time aim: the row is there for its RSS
@@ -66,7 +69,7 @@ AIMS: dict[str, Aim] = {
     "qcow2 zlib->raw": COMPRESSED_READ,
     "qcow2 zstd->raw": COMPRESSED_READ,
     "dmg(UDZO)->raw": COMPRESSED_READ,
-    "dmg(ULFO)->raw": COMPRESSED_READ,
+    "dmg(ULFO)->raw": COMPRESSED_READ_LZFSE,
     "vmdk streamOptimized->raw": COMPRESSED_READ,
     "raw->dmg UDZO": DMG_WRITE,
     "raw->dmg ULFO": DMG_WRITE,
