@@ -18,13 +18,22 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 EXT4_SUPER_MAGIC = 0xEF53  # statfs(2) f_type; ext2 and ext3 mounted by ext4 share it
 
 @functools.cache
-def _load():
-    """libc's fallocate, or None where there is none (loaded once)."""
+def _libc():
+    """The C library the interpreter has loaded, or None (loaded once)."""
     try:
         import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except (OSError, ImportError):
         return None
+
+
+@functools.cache
+def _load():
+    """libc's fallocate, or None where there is none (loaded once)."""
+    libc = _libc()
+    if libc is None:
+        return None
+    import ctypes
     fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
     if fn is not None:
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -48,15 +57,14 @@ def reserving_pays(fd: int) -> bool:
     cheaper on the file system holding ``fd``: measured on ext4 only (formats/raw.md);
     on tmpfs it is slower, since fallocate there clears every page the write then
     overwrites."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        buf = ctypes.create_string_buffer(256)  # struct statfs: f_type first, a long
-        if libc.fstatfs(fd, buf) != 0:
-            return False
-        return ctypes.c_long.from_buffer(buf).value == EXT4_SUPER_MAGIC
-    except (OSError, ImportError, AttributeError):
+    libc = _libc()
+    fstatfs = getattr(libc, "fstatfs", None)
+    if fstatfs is None:
         return False
+    import ctypes
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type first, a long
+    return (fstatfs(fd, buf) == 0
+            and ctypes.c_long.from_buffer(buf).value == EXT4_SUPER_MAGIC)
 
 
 class ReserveAhead:

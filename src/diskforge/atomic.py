@@ -49,8 +49,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._fallocate import ReserveAhead
 
-__all__ = ["AtomicFile", "final_path", "refuse_overwrite",
-           "remove_stale", "set_direct", "set_durable", "unlink_regular"]
+__all__ = ["AtomicFile", "final_path", "refuse_overwrite", "remove_stale",
+           "reserve_ahead", "set_direct", "set_durable", "unlink_regular"]
 
 _durable = False
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
@@ -218,14 +218,6 @@ class AtomicFile(FileBackend):
             self._grow(offset + memoryview(data).nbytes, offset)
         super().pwrite(offset, data)
 
-    def reserve_ahead(self, limit: int | None = None) -> "ReserveAhead | None":
-        """Blocks reserved ahead of this output's writes (``_fallocate.ReserveAhead``),
-        or None where that does not apply: a device written in place, O_DIRECT."""
-        if self.in_place or self._direct_fd >= 0:
-            return None
-        from ._fallocate import ReserveAhead
-        return ReserveAhead(self.fd, limit)
-
     def truncate(self, size: int) -> None:
         if self.in_place:
             if size > self.end:
@@ -287,6 +279,16 @@ class AtomicFile(FileBackend):
 # the writer's constructor, say); the command line discards what is left here on its
 # way out, so an interrupted run never leaves a temporary file behind.
 _UNFINISHED: "set[AtomicFile]" = set()
+
+
+def reserve_ahead(out, limit: int | None = None) -> "ReserveAhead | None":
+    """Blocks reserved ahead of the writes of a new output ``out``
+    (``_fallocate.ReserveAhead``), or None where that does not apply: an upload (not
+    an AtomicFile), a device written in place, O_DIRECT."""
+    if not isinstance(out, AtomicFile) or out.in_place or out._direct_fd >= 0:
+        return None
+    from ._fallocate import ReserveAhead
+    return ReserveAhead(out.fd, limit)
 
 
 def _refuse_remote_target(target: str) -> None:

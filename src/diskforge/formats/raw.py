@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..atomic import AtomicFile
+from ..atomic import AtomicFile, reserve_ahead
 from ..devices import is_block_device
 from ..blockdev import FileBackend, FileBytesDevice, ImageInfo, ImageWriter
 from ..errors import UnsupportedError, UsageError
@@ -113,9 +113,8 @@ class RawWriter(ImageWriter):
                     and not getattr(self.out, "remote", False):
                 from .._fallocate import allocate
                 allocate(self.out.fd, 0, size)
-            elif resume_from is None and options.preallocation == "off" \
-                    and not getattr(self.out, "remote", False):
-                self.reserve = self.out.reserve_ahead(limit=size)
+            elif resume_from is None and options.preallocation == "off":
+                self.reserve = reserve_ahead(self.out, limit=size)
         except BaseException:
             self.out.discard()
             raise

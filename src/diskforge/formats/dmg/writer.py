@@ -30,7 +30,7 @@ import base64
 import os
 import zlib
 
-from ...atomic import AtomicFile
+from ...atomic import AtomicFile, reserve_ahead
 from ...blockdev import BlockDevice, ImageWriter, fill_zero, pieces
 from ...errors import UsageError
 from . import blkx_plan, codecs, udif
@@ -102,8 +102,7 @@ class DmgWriter(ImageWriter):
         self.buffers_needed = self.chunk_bytes // SECTOR + 8 if self.compress else 0
         self.out = AtomicFile(path, trailer="UDIF trailer (koly)", stream=True)
         # chunks are appended: their blocks reserved ahead (_fallocate.ReserveAhead)
-        ahead = getattr(self.out, "reserve_ahead", None)  # not on an upload
-        self.reserve = ahead() if ahead is not None else None
+        self.reserve = reserve_ahead(self.out)
         self.pos = 0                 # disk bytes accounted for
         self.data_pos = 0            # end of the data fork so far
         self.data_crc = 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 from array import array
 
 from ...byteorder import be_array, be_bytes
-from ...atomic import AtomicFile
+from ...atomic import AtomicFile, reserve_ahead
 from ...blockdev import ZEROES, Backing, ImageWriter, is_zero
 from ..._fallocate import allocate
 from ...errors import FormatError, ImageIOError, UnsupportedError, UsageError
@@ -87,9 +87,8 @@ class Qcow2Writer(ImageWriter):
             if self.data_name:
                 self.data = AtomicFile(beside(path, self.data_name))
                 self.data.truncate(size)
-            elif resume is None and self.prealloc == "off" and not self.compress \
-                    and not getattr(self.out, "remote", False):
-                self.reserve = self.out.reserve_ahead()
+            elif resume is None and self.prealloc == "off" and not self.compress:
+                self.reserve = reserve_ahead(self.out)
         except BaseException:
             self.out.discard()
             raise
