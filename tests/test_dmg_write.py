@@ -154,6 +154,28 @@ def test_parallel_output_equals_serial_output(gpt_disk, tmp_path):
     assert outs[0] == outs[1]
 
 
+def test_random_chunks_are_stored_raw_and_a_text_extent_of_64_kib_is_compressed(tmp_path):
+    """The incompressibility probe (_incompressible): a random MiB is stored raw without
+    compressing it whole; a text MiB, and a random MiB holding 64 KiB of text, are
+    compressed; text smaller than 64 KiB between two samples is the documented loss.
+    qemu-img (its own dmg driver) decodes the image to the same bytes."""
+    rng = random.Random(8)
+    disk = bytearray(rng.randbytes(4 * MIB))
+    disk[MIB:2 * MIB] = TEXT[:MIB]
+    disk[2 * MIB + 320 * 1024:2 * MIB + 384 * 1024] = TEXT[:64 * 1024]
+    disk[3 * MIB + 8 * 1024:3 * MIB + 40 * 1024] = TEXT[:32 * 1024]
+    src = tmp_path / "disk.raw"
+    src.write_bytes(disk)
+    src, dmg = str(src), str(tmp_path / "out.dmg")
+    assert cli("convert", "-O", "dmg", src, dmg)[0] == 0
+    with diskforge.open(dmg) as dev:
+        kinds = [c[0] for e in dev.fork.blkx for c in e.chunks if c[0] in codecs.STORED]
+    assert kinds == [codecs.RAW, codecs.ZLIB, codecs.ZLIB, codecs.RAW]
+    flat = str(tmp_path / "qemu.raw")
+    run(need("qemu-img"), "convert", "-f", "dmg", "-O", "raw", dmg, flat)
+    assert open(flat, "rb").read() == disk
+
+
 def test_options_compress_flag_and_defaults(gpt_disk, tmp_path):
     code, out, _ = cli("convert", "-O", "dmg", "-o", "help", gpt_disk, "x")
     assert code == 0 and "zlib_level" in out and "UDZO" in out

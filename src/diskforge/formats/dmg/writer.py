@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
 import zlib
 
 from ...atomic import AtomicFile, reserve_ahead
@@ -333,17 +334,39 @@ class DmgWriter(ImageWriter):
 
 def _incompressible(view) -> bool:
     """True when every 2 KiB sample, one per 64 KiB, fails to shrink by a tenth under
-    zlib level 1: then the chunk is stored raw without compressing it whole (compressing
+    zstd level 1: then the chunk is stored raw without compressing it whole (compressing
     random data costs 3x compressing text, for nothing). A compressible extent of 64 KiB
-    or more always contains a sample, so at most a smaller one loses its compression."""
+    or more always contains a sample, so at most a smaller one loses its compression.
+
+    zstd, not zlib, judges: zlib level 1 takes 36 us for a 2 KiB random sample, zstd
+    1.8 us (it gives up on incompressible data early), so the 16 samples of a random
+    MiB cost 0.03 ms instead of 0.6 ms, half a second of CPU on the bench disk. On 313
+    chunks of real files (packages, libraries, fonts, fixtures) the two agreed on 311;
+    in the other two zstd found a sample compressible that zlib did not, and both
+    chunks did shrink under zlib (to 81% and 93%)."""
     n = len(view)
     if n < PROBE_STEP:
         return False
+    compress = _probe_compressor()
     for off in range(0, n, PROBE_STEP):
         sample = view[off:off + PROBE_BYTES]
-        if len(zlib.compress(sample, 1)) < len(sample) * 9 // 10:
+        if len(compress(sample)) < len(sample) * 9 // 10:
             return False
     return True
+
+
+_local = threading.local()
+
+
+def _probe_compressor():
+    """This thread's zstd compressor for _incompressible (a ZstdCompressor must not be
+    used by two threads at once, and making one costs 12 us)."""
+    try:
+        return _local.compress
+    except AttributeError:
+        import zstandard
+        _local.compress = zstandard.ZstdCompressor(level=1).compress
+        return _local.compress
 
 
 def _uuid4() -> bytes:
