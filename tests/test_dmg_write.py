@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import subprocess
+import sys
 
 import pytest
 from conftest import cli, make_sparse, need, one_line_error, run, sha256_file
@@ -152,6 +153,37 @@ def test_parallel_output_equals_serial_output(gpt_disk, tmp_path):
         data, koly, _ = read_dmg(path)
         outs.append(data[:koly.XMLOffset + koly.XMLLength])
     assert outs[0] == outs[1]
+
+
+IMPORT_SPY = r"""
+import builtins, sys, threading
+from diskforge.cli.main import main
+late = []
+real_import = builtins.__import__
+def spy(name, *args, **kwargs):
+    if threading.current_thread() is not threading.main_thread() \
+            and name not in sys.modules:
+        late.append(name)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = spy
+code = main(sys.argv[1:])
+print("late imports:", sorted(set(late)))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("variant", ["UDZO", "ULFO", "UDBZ", "ULMO"])
+def test_compression_workers_import_no_module(variant, gpt_disk, tmp_path):
+    """Nothing is first imported in a compression worker: a worker importing ``typing``
+    (with ``zstandard``) while the main thread built a dataclass handed that dataclass
+    a half-initialised ``typing`` module, and 2 conversions in 8 failed with "partially
+    initialised module 'typing' has no attribute 'ClassVar'"."""
+    out = str(tmp_path / "out.dmg")
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_SPY, "convert", "-m", "2", "-O", "dmg", "-o",
+         f"format={variant}", gpt_disk, out], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "late imports: []" in proc.stdout
 
 
 def test_random_chunks_are_stored_raw_and_a_text_extent_of_64_kib_is_compressed(tmp_path):

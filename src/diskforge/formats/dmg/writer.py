@@ -98,6 +98,12 @@ class DmgWriter(ImageWriter):
             level = zlib_level if self.kind == codecs.ZLIB else LZMA_PRESET
             self.compress = codecs.compressor(self.kind, level)
         self.parallel = self.compress is not None
+        if self.compress is not None:
+            # imported here, in the calling thread: two workers importing it at once
+            # can be handed a half-initialised module (Python's import deadlock rule)
+            import zstandard
+            self._zstd = zstandard.ZstdCompressor
+            self._local = threading.local()
         self.chunk_bytes = BZIP2_CHUNK_BYTES if self.kind == codecs.BZIP2 else CHUNK_BYTES
         # BLKXTable.BuffersNeeded: hdiutil writes a chunk plus 8 sectors (2056)
         self.buffers_needed = self.chunk_bytes // SECTOR + 8 if self.compress else 0
@@ -135,12 +141,21 @@ class DmgWriter(ImageWriter):
 
     def _piece(self, offset: int, view) -> _Piece:
         crc = zlib.crc32(view)
-        if self.compress is not None and not _incompressible(view):
+        if self.compress is not None and not _incompressible(view, self._probe()):
             packed = self.compress(view)
             if len(packed) < len(view):
                 return _Piece(offset, len(view), self.kind, packed, crc, zlib.crc32(packed))
             view = bytes(view)
         return _Piece(offset, len(view), codecs.RAW, view, crc, crc)
+
+    def _probe(self):
+        """This thread's zstd compressor for _incompressible (a ZstdCompressor must not
+        be used by two threads at once, and making one costs 12 us)."""
+        try:
+            return self._local.compress
+        except AttributeError:
+            self._local.compress = self._zstd(level=1).compress
+            return self._local.compress
 
     # -- the ordered side ------------------------------------------------------------------
     def write_prepared(self, offset: int, pieces) -> None:
@@ -332,11 +347,12 @@ class DmgWriter(ImageWriter):
         self.out.discard()
 
 
-def _incompressible(view) -> bool:
+def _incompressible(view, compress) -> bool:
     """True when every 2 KiB sample, one per 64 KiB, fails to shrink by a tenth under
-    zstd level 1: then the chunk is stored raw without compressing it whole (compressing
-    random data costs 3x compressing text, for nothing). A compressible extent of 64 KiB
-    or more always contains a sample, so at most a smaller one loses its compression.
+    ``compress`` (zstd level 1, DmgWriter._probe): then the chunk is stored raw without
+    compressing it whole (compressing random data costs 3x compressing text, for
+    nothing). A compressible extent of 64 KiB or more always contains a sample, so at
+    most a smaller one loses its compression.
 
     zstd, not zlib, judges: zlib level 1 takes 36 us for a 2 KiB random sample, zstd
     1.8 us (it gives up on incompressible data early), so the 16 samples of a random
@@ -347,26 +363,11 @@ def _incompressible(view) -> bool:
     n = len(view)
     if n < PROBE_STEP:
         return False
-    compress = _probe_compressor()
     for off in range(0, n, PROBE_STEP):
         sample = view[off:off + PROBE_BYTES]
         if len(compress(sample)) < len(sample) * 9 // 10:
             return False
     return True
-
-
-_local = threading.local()
-
-
-def _probe_compressor():
-    """This thread's zstd compressor for _incompressible (a ZstdCompressor must not be
-    used by two threads at once, and making one costs 12 us)."""
-    try:
-        return _local.compress
-    except AttributeError:
-        import zstandard
-        _local.compress = zstandard.ZstdCompressor(level=1).compress
-        return _local.compress
 
 
 def _uuid4() -> bytes:
