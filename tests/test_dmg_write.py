@@ -174,16 +174,18 @@ sys.exit(code)
 
 @pytest.mark.parametrize("variant", ["UDZO", "ULFO", "UDBZ", "ULMO"])
 def test_compression_workers_import_no_module(variant, gpt_disk, tmp_path):
-    """Nothing is first imported in a compression worker: a worker importing ``typing``
-    (with ``zstandard``) while the main thread built a dataclass handed that dataclass
-    a half-initialised ``typing`` module, and 2 conversions in 8 failed with "partially
-    initialised module 'typing' has no attribute 'ClassVar'"."""
-    out = str(tmp_path / "out.dmg")
-    proc = subprocess.run(
-        [sys.executable, "-c", IMPORT_SPY, "convert", "-m", "2", "-O", "dmg", "-o",
-         f"format={variant}", gpt_disk, out], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "late imports: []" in proc.stdout
+    """Nothing is first imported in a compression worker, nor in a decoding thread when
+    the image is read back: a worker importing ``typing`` (with ``zstandard``) while
+    the main thread built a dataclass handed that dataclass a half-initialised
+    ``typing`` module, and 2 conversions in 8 failed with "partially initialised module
+    'typing' has no attribute 'ClassVar'"."""
+    out, back = str(tmp_path / "out.dmg"), str(tmp_path / "back.raw")
+    for argv in (["-O", "dmg", "-o", f"format={variant}", gpt_disk, out],
+                 ["-O", "raw", out, back]):
+        proc = subprocess.run([sys.executable, "-c", IMPORT_SPY, "convert", "-m", "2",
+                               *argv], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "late imports: []" in proc.stdout, argv
 
 
 def test_random_chunks_are_stored_raw_and_a_text_extent_of_64_kib_is_compressed(tmp_path):
