@@ -6,7 +6,13 @@ interleaved runs (issue 17: "medians of several alternating runs"):
 - ``ratio``: diskforge's time / the reference tool's, at most ``limit`` (and, with
   ``size_within``, diskforge's output size within that fraction of the tool's);
 - ``speedup``: the reference's time / diskforge's (``-m 1`` against the default pool),
-  at least ``limit``;
+  at least ``limit``; beside it the *ceiling*, the speed-up had diskforge's own CPU
+  seconds kept every core busy from its first instant to its last (the reference's
+  median time / (diskforge's median CPU / cores)), and the cores it kept busy. Why: the
+  ``-m 1`` baseline already reads and writes on a second thread beside its one
+  compressor, so the speed-up is bounded by the work, not only by the scheduling; when
+  the ceiling is below the aim no pipeline of the same work can meet it, and the row
+  says so;
 - ``seconds``: diskforge's own wall time, at most ``limit``;
 - ``rss``: only diskforge's peak RSS (the 20 GiB sparse rows);
 - every row with an aim also has diskforge's peak RSS held to ``RSS_LIMIT``.
@@ -92,8 +98,11 @@ class Verdict:
 
 
 def judge(aim: Aim, times: dict[str, list[float]], rss: dict[str, int],
-          sizes: dict[str, int | None]) -> Verdict:
-    """The verdict on one row from every tool's run times, peak RSS and output size."""
+          sizes: dict[str, int | None],
+          cpu: dict[str, list[float]] | None = None) -> Verdict:
+    """The verdict on one row from every tool's run times, peak RSS, output size and
+    (for a speed-up) CPU seconds."""
+    import os
     import statistics
     ours = times.get("diskforge")
     if not ours:
@@ -125,6 +134,14 @@ def judge(aim: Aim, times: dict[str, list[float]], rss: dict[str, int],
         met = value_med >= aim.limit
     noisy = len(ours) > 1 and len(ref) > 1 and lo <= aim.limit <= hi
     value = f"{value_med:.2f} ({lo:.2f}..{hi:.2f})"
+    if aim.kind == "speedup" and cpu and cpu.get("diskforge"):
+        cores = len(os.sched_getaffinity(0))
+        cpu_med = statistics.median(cpu["diskforge"])
+        ceiling = ref_med / (cpu_med / cores)
+        value += f", ceiling {ceiling:.2f}, busy {cpu_med / med:.2f} of {cores} cores"
+        if ceiling < aim.limit:
+            notes.append(f"aim above the ceiling ({ceiling:.3f}): {cpu_med:.2f} CPU s on"
+                         f" {cores} cores cannot take less than {cpu_med / cores:.2f} s")
     if aim.size_within is not None:
         a, b = sizes.get("diskforge"), sizes.get(aim.against)
         if a and b:

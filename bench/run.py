@@ -146,9 +146,10 @@ def prime(directory: str, nbytes: int) -> None:
 
 
 def run_once(argv: list[str], prime_dir: str | None = None,
-             prime_bytes: int = 0) -> tuple[float, int]:
-    """Wall seconds and peak RSS in bytes of one run (raises on failure), after
-    ``prime(prime_dir, prime_bytes)`` when ``prime_bytes``.
+             prime_bytes: int = 0) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS in bytes and CPU seconds (user + system, every thread) of
+    one run (raises on failure), after ``prime(prime_dir, prime_bytes)`` when
+    ``prime_bytes``.
 
     The RSS comes from GNU time when installed: wait4's ru_maxrss would count the
     memory of this Python process, which the child inherits until it execs.
@@ -179,7 +180,8 @@ def run_once(argv: list[str], prime_dir: str | None = None,
             raise RuntimeError(f"{' '.join(argv)} failed ({code}): {err.strip()}")
         text = rss_file.read().strip().splitlines()
         rss = int(text[-1]) * 1024 if gnu_time and text else usage.ru_maxrss * 1024
-    return elapsed, rss
+    # wait4's times include what GNU time reaped: the tool's, plus time's own ~1 ms
+    return elapsed, rss, usage.ru_utime + usage.ru_stime
 
 
 def allocated(path: str | None) -> int | None:
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         floor: list[float] = []
         failed: dict[str, str] = {}
         times: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         rss: dict[str, int] = {}
         out_size: dict[str, int | None] = {}
         for _ in range(args.repeat):  # interleaved, so drift hits every tool alike
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                     biggest = max([s for s in out_size.values() if s] + [ctx.size])
                     primed = min(int(biggest * 1.1) + (256 << 20), 8 << 30)
                 try:
-                    secs, peak = run_once(tool.argv(ctx), args.dir, primed)
+                    secs, peak, cpu_s = run_once(tool.argv(ctx), args.dir, primed)
                 except RuntimeError as e:
                     failed[tool.name] = str(e).splitlines()[0][-120:]
                     remove(out)
@@ -297,13 +300,14 @@ def main(argv: list[str] | None = None) -> int:
                 out_size[tool.name] = allocated(out)
                 remove(out)
                 times.setdefault(tool.name, []).append(secs)
+                cpu.setdefault(tool.name, []).append(cpu_s)
                 rss[tool.name] = max(peak, rss.get(tool.name, 0))
         ran = [t for t in tools if t.name in times]
         rows = [(t.name, min(times[t.name]), statistics.median(times[t.name]),
                  rss[t.name], out_size[t.name]) for t in ran]
         ours = next((r[1:3] for r in rows if r[0] == "diskforge"), None)
         aim = AIMS.get(case.name) if args.aims else None
-        verdict = judge(aim, times, rss, out_size) if aim else None
+        verdict = judge(aim, times, rss, out_size, cpu) if aim else None
         floor_med = statistics.median(floor) if floor else None
         for i, (name, secs, med, rss_, size_) in enumerate(rows):
             mbps = case.bytes_of(ctx) / secs / 1e6 if secs else 0
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                             else None,
                             "median_ratio": ours[1] / med if ours and med else None,
                             "max_seconds": max(times[name]), "spread": spread,
+                            "cpu_runs": cpu[name],
                             "floor_seconds": floor_med, "floor_runs": floor,
                             "floor_source": floor_src})
         for name in missing:
@@ -345,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     if verdicts:
         print(f"\naims (issue 17), medians of {args.repeat} interleaved run(s); "
               "value (from the runs' extremes):")
+        width = max(30, *(len(v.value) + 2 for _, _, v in verdicts))
         for name, aim, v in verdicts:
             notes = f"  [{'; '.join(v.notes)}]" if v.notes else ""
-            print(f"  {name:<31}{aim.text():<34}{v.value:<30}{v.short()}{notes}")
+            print(f"  {name:<31}{aim.text():<34}{v.value:<{width}}{v.short()}{notes}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
