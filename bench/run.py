@@ -6,7 +6,9 @@
     python bench/run.py --repeat 5 --aims   # issue 17's table: each row against its aim
 
 Cases live in ``bench/cases_*.py`` (each module has ``CASES``), so a format adds its rows
-in its own file. Each command runs ``--repeat`` times, the tools interleaved, each run
+in its own file. Each command runs ``--repeat`` times, the tools interleaved (in turn
+first and last: odd rounds run them in reverse order, so no tool always runs right
+after the same other one), each run
 after a ``sync`` (so one tool's dirty pages are not written back during another's run),
 on a warm page cache, after priming resident free memory (``prime``: on a VM that
 returns free memory to its host, a run's new pages would otherwise cost a host fault
@@ -279,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu: dict[str, list[float]] = {}
         rss: dict[str, int] = {}
         out_size: dict[str, int | None] = {}
-        for _ in range(args.repeat):  # interleaved, so drift hits every tool alike
+        for rnd in range(args.repeat):  # interleaved, so drift hits every tool alike
             if floor_src:
                 floor.append(run_once(["cat", floor_src])[0])
-            for tool in tools:
+            for tool in (tools if rnd % 2 == 0 else tools[::-1]):
                 if tool.name in failed:
                     continue
                 out = tool.output(ctx)
