@@ -6,10 +6,9 @@
     python bench/run.py --repeat 5 --aims   # issue 17's table: each row against its aim
 
 Cases live in ``bench/cases_*.py`` (each module has ``CASES``), so a format adds its rows
-in its own file. Each command runs ``--repeat`` times, the tools interleaved (in turn
-first and last: odd rounds run them in reverse order, so no tool always runs right
-after the same other one), each run
-after a ``sync`` (so one tool's dirty pages are not written back during another's run),
+in its own file. Each command runs ``--repeat`` times, the tools interleaved (odd
+rounds in reverse order, so no tool always runs right after the same other one), each
+run after a ``sync`` (so one tool's dirty pages are not written back during another's run),
 on a warm page cache, after priming resident free memory (``prime``: on a VM that
 returns free memory to its host, a run's new pages would otherwise cost a host fault
 each, by chance); the table shows the best and the median wall time, the spread of
