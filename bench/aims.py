@@ -102,7 +102,6 @@ def judge(aim: Aim, times: dict[str, list[float]], rss: dict[str, int],
           cpu: dict[str, list[float]] | None = None) -> Verdict:
     """The verdict on one row from every tool's run times, peak RSS, output size and
     (for a speed-up) CPU seconds."""
-    import os
     import statistics
     ours = times.get("diskforge")
     if not ours:
@@ -135,7 +134,8 @@ def judge(aim: Aim, times: dict[str, list[float]], rss: dict[str, int],
     noisy = len(ours) > 1 and len(ref) > 1 and lo <= aim.limit <= hi
     value = f"{value_med:.2f} ({lo:.2f}..{hi:.2f})"
     if aim.kind == "speedup" and cpu and cpu.get("diskforge"):
-        cores = len(os.sched_getaffinity(0))
+        from diskforge.parallel import cpu_count  # the cores the tool itself sees
+        cores = cpu_count()
         cpu_med = statistics.median(cpu["diskforge"])
         ceiling = ref_med / (cpu_med / cores)
         value += f", ceiling {ceiling:.2f}, busy {cpu_med / med:.2f} of {cores} cores"
