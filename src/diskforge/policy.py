@@ -47,9 +47,9 @@ be read, accepting that it may change underneath); a writable open under it is r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
 
 from .errors import SafetyError
+from .records import FrozenRecord
 
 DEFAULT_MAX_DEPTH = 32
 # an uploaded image has no business with a deep chain; 8 still covers an image
@@ -68,34 +68,59 @@ def untrusted_from_environment() -> bool:
     return os.environ.get("DISKFORGE_UNTRUSTED", "").strip().lower() not in _ENV_OFF
 
 
-@dataclass(frozen=True)
-class OpenPolicy:
-    """What opening an image may follow and touch (see the module docstring)."""
-    allowed_roots: tuple[str, ...] = ()
-    allow_any_root: bool = False
-    max_depth: int = DEFAULT_MAX_DEPTH
-    force_share: bool = False
-    mode: str = DEFAULT  # DEFAULT or UNTRUSTED (see the module docstring)
-    # False: backing files are not opened at all, only named (qemu's BDRV_O_NO_BACKING,
-    # what ``qemu-img info`` without --backing-chain and ``rebase -u`` use: the file
-    # may be missing or moved). The formats whose backing files qemu follows (qcow2,
-    # qed, qcow, vmdk) honour it, and so do VHD, VHDX and VDI differencing disks; a
-    # device opened so reads its unallocated parts as zeros, so it is for looking at
-    # headers and rewriting names, never for reading.
-    # The CLI never sets it in untrusted mode, where every command checks the chain.
-    open_backing: bool = True
-    # False: no guest data will be read (qemu's BDRV_O_NO_IO, what ``qemu-img info``
-    # opens with), so an encrypted image (LUKS, qcow2 encrypt.format=luks) opens
-    # without its key: its header is parsed and shown, and a read of its data is
-    # refused with the message that says how to give the key.
-    open_data: bool = True
-    # real paths of the images already opened above this one in the chain
-    chain: tuple[str, ...] = field(default=(), repr=False)
+class OpenPolicy(FrozenRecord):
+    """What opening an image may follow and touch (see the module docstring).
 
-    def __post_init__(self) -> None:
-        if self.mode not in (DEFAULT, UNTRUSTED):  # a typo must not fall back to lax
+    A frozen value: ``policy.replace(force_share=True)`` makes a changed copy. Written
+    out rather than a dataclass, because every command builds one on its way to the
+    first byte and a frozen dataclass costs ``dataclasses``' import and ~4 M
+    instructions of start-up (records.py)."""
+
+    __slots__ = ("allowed_roots", "allow_any_root", "max_depth", "force_share", "mode",
+                 "open_backing", "open_data", "chain")
+
+    def __init__(self, allowed_roots: tuple[str, ...] = (), allow_any_root: bool = False,
+                 max_depth: int = DEFAULT_MAX_DEPTH, force_share: bool = False,
+                 mode: str = DEFAULT, open_backing: bool = True, open_data: bool = True,
+                 chain: tuple[str, ...] = ()) -> None:
+        if mode not in (DEFAULT, UNTRUSTED):  # a typo must not fall back to lax
             raise ValueError(f"OpenPolicy.mode must be '{DEFAULT}' or '{UNTRUSTED}',"
-                             f" not {self.mode!r}")
+                             f" not {mode!r}")
+        setattr_ = object.__setattr__
+        setattr_(self, "allowed_roots", allowed_roots)
+        setattr_(self, "allow_any_root", allow_any_root)
+        setattr_(self, "max_depth", max_depth)
+        setattr_(self, "force_share", force_share)
+        setattr_(self, "mode", mode)  # DEFAULT or UNTRUSTED (see the module docstring)
+        # False: backing files are not opened at all, only named (qemu's
+        # BDRV_O_NO_BACKING, what ``qemu-img info`` without --backing-chain and
+        # ``rebase -u`` use: the file may be missing or moved). The formats whose
+        # backing files qemu follows (qcow2, qed, qcow, vmdk) honour it, and so do VHD,
+        # VHDX and VDI differencing disks; a device opened so reads its unallocated
+        # parts as zeros, so it is for looking at headers and rewriting names, never
+        # for reading. The CLI never sets it in untrusted mode, where every command
+        # checks the chain.
+        setattr_(self, "open_backing", open_backing)
+        # False: no guest data will be read (qemu's BDRV_O_NO_IO, what ``qemu-img
+        # info`` opens with), so an encrypted image (LUKS, qcow2 encrypt.format=luks)
+        # opens without its key: its header is parsed and shown, and a read of its data
+        # is refused with the message that says how to give the key.
+        setattr_(self, "open_data", open_data)
+        # real paths of the images already opened above this one in the chain
+        setattr_(self, "chain", chain)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"OpenPolicy is frozen: use .replace({name}=...)")
+
+    __delattr__ = __setattr__
+
+    def __reduce__(self):  # pickle and copy: through __init__, not attribute by attribute
+        return (type(self), self._values())
+
+    def __repr__(self) -> str:  # the chain is the open's state, not the policy's
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields()
+                          if n != "chain")
+        return f"OpenPolicy({inner})"
 
     @classmethod
     def default(cls, allowed_roots: "tuple[str, ...] | list[str]" = ()) -> "OpenPolicy":
@@ -123,7 +148,7 @@ class OpenPolicy:
 
     def _with_chain(self, other: "OpenPolicy") -> "OpenPolicy":
         """This policy, continuing ``other``'s chain and force-share choice."""
-        return replace(self, chain=other.chain, force_share=other.force_share)
+        return self.replace(chain=other.chain, force_share=other.force_share)
 
     @property
     def is_untrusted(self) -> bool:
@@ -197,7 +222,7 @@ class OpenPolicy:
             raise SafetyError("backing chain loop: this file is already in the chain", path)
         if len(self.chain) >= self.max_depth:
             raise SafetyError(f"backing chain deeper than {self.max_depth} images", path)
-        return replace(self, chain=self.chain + (real,))
+        return self.replace(chain=self.chain + (real,))
 
 
 def beside(image: str | os.PathLike, name: str) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from .image import (add_cache_args, add_force_share_arg, add_policy_args, open_source,
                     policy_from, progress_for)
 
@@ -27,7 +25,7 @@ def cmd_rebase(args) -> int:
     # mode still opens and checks the chain it is given
     policy = policy_from(args, share=False)
     if args.u and not policy.is_untrusted:
-        policy = replace(policy, open_backing=False)
+        policy = policy.replace(open_backing=False)
     image = open_image(args.filename, args.f, writable=True, policy=policy)
     new = None
     try:

@@ -36,10 +36,9 @@ def cmd_serve(args) -> int:
     # confined as for an upload unless the user vouches for the image (--trusted)
     policy = policy_from(args)
     if not policy.is_untrusted and not args.trusted:
-        from dataclasses import replace
         from ..policy import OpenPolicy
-        policy = replace(OpenPolicy.untrusted(policy.allowed_roots),
-                         force_share=policy.force_share)
+        policy = OpenPolicy.untrusted(policy.allowed_roots).replace(
+            force_share=policy.force_share)
     with open_image(args.image, plugin.name, writable=not read_only,
                     policy=policy) as dev:
         server = NBDServer(dev, socket_path=args.socket, host=args.bind, port=args.port,

@@ -7,7 +7,6 @@ Spellings follow qemu-img (``-f``, ``-O``, ``-o``, ``-B``, ``-F``, ``-c``, ``-n`
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +66,7 @@ def policy_from(args, *, share: bool = True):
     roots = tuple(getattr(args, "allow_root", ()))
     policy = OpenPolicy.untrusted(roots) if getattr(args, "untrusted", False) \
         else OpenPolicy.default(roots)
-    return replace(policy, force_share=share and getattr(args, "force_share", False))
+    return policy.replace(force_share=share and getattr(args, "force_share", False))
 
 
 def add_disk_arg(p: argparse.ArgumentParser, flag: str = "--disk",
@@ -96,15 +95,15 @@ def open_source(path: str, fmt: str | None, args, *, writable: bool = False,
         disk = getattr(args, "disk", None)
     policy = policy_from(args)
     if not backing and not policy.is_untrusted:  # untrusted: the chain is always checked
-        policy = replace(policy, open_backing=False)
+        policy = policy.replace(open_backing=False)
     if not data:
-        policy = replace(policy, open_data=False)
+        policy = policy.replace(open_data=False)
     key_id = None
     if getattr(args, "image_opts", False):  # an option string names the image
         path, opt_fmt, share, key_id = image_opts(path, getattr(args, "object", ()))
         fmt = fmt or opt_fmt
         if share and not writable:
-            policy = replace(policy, force_share=True)
+            policy = policy.replace(force_share=True)
     key = None
     if getattr(args, "object", None) or key_id is not None:  # (secrets: only then)
         from .secrets import key_for
@@ -196,7 +195,7 @@ def open_backing(name: str, fmt: str | None, target: str, args, *, share: bool =
     from ..registry import open_image
     path = beside(target, name)
     policy = policy_from(args)
-    dev = open_image(path, fmt, policy=replace(policy, force_share=True) if share
+    dev = open_image(path, fmt, policy=policy.replace(force_share=True) if share
                      else policy)
     return dev, Backing(name=name, format=dev.format, device=dev)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlparse
 
 from ..errors import DiskforgeError, UsageError
@@ -97,7 +97,7 @@ def plan_image(path: str, fmt: str | None = None, *,
     # opening walks (and checks) the whole backing chain; it only looks, and closes
     # before QEMU opens the files, so it shares (-U): QEMU's own image locks decide
     with open_image(path, plugin.name,
-                    policy=replace(policy or OpenPolicy(), force_share=True)) as dev:
+                    policy=(policy or OpenPolicy()).replace(force_share=True)) as dev:
         driver = qemu_driver(dev)
     return ImagePlan(path, plugin.name, driver, read_only=not plugin.random_write)
 
