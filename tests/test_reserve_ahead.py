@@ -149,7 +149,8 @@ def test_a_refused_reservation_turns_reserving_off(ext4_dir, monkeypatch):
 def test_what_a_raw_writer_reserved_past_its_last_write_is_given_back(ext4_dir):
     """A caller that writes data and no zero calls (the window's rest is never
     punched by ``zero``) still gets a file holding only what it wrote."""
-    from diskforge.formats.raw import RawOptions, RawWriter
+    from diskforge.formats.raw import RawWriter
+    from diskforge.formats.raw.options import RawOptions
     path = os.path.join(ext4_dir, "w.raw")
     data = os.urandom(MIB)
     w = RawWriter(path, 64 * MIB, RawOptions())

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskforge.blockdev import Backing
-from diskforge.formats.vmdk import FORMAT, VmdkOptions
+from diskforge.formats.vmdk import FORMAT
+from diskforge.formats.vmdk.options import VmdkOptions
 from diskforge.ops.convert import convert
 from diskforge.registry import open_image
 

@@ -45,7 +45,6 @@ import sys
 
 from .devices import is_block_device
 from .errors import ImageIOError, UnknownFormatError, UnsupportedError, UsageError
-from .options import NoOptions, Options
 from .policy import OpenPolicy
 from .records import FrozenRecord
 
@@ -54,6 +53,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from .blockdev import Backing, BlockDevice, Extent, ImageWriter
+    from .options import Options
 
 
 ENTRY_POINT_GROUP = "diskforge.formats"
@@ -149,6 +149,29 @@ class Measurement(FrozenRecord):
         self.bitmaps = bitmaps
 
 
+class OptionsFrom:
+    """A format's ``options`` class, named as an entry point names an object
+    (``"package.module:Class"``) and imported the first time it is asked for.
+
+    Why: option classes are dataclasses (``options.py``: ``-o help`` and the parser
+    read their fields), and defining them cost every command that only opens an image
+    (``info``, ``map``, ``check``) the import of ``dataclasses`` and 2-4 M
+    instructions per class (records.py), for a class it never uses. A format may still
+    name its class directly (``options = MyOptions``)."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.cls: "type[Options] | None" = None
+
+    def __get__(self, obj, owner=None) -> "type[Options]":
+        cls = self.cls
+        if cls is None:
+            import importlib
+            module, _, name = self.spec.partition(":")
+            cls = self.cls = getattr(importlib.import_module(module), name)
+        return cls
+
+
 class Format:
     """Base class of format plugins. Override what the format can do; the capability
     flags below are derived from what is overridden, so ``diskforge formats`` cannot
@@ -158,7 +181,7 @@ class Format:
     aliases: tuple[str, ...] = ()
     extensions: tuple[str, ...] = ()
     description: str = ""
-    options: type[Options] = NoOptions
+    options: "type[Options]" = OptionsFrom("diskforge.options:NoOptions")  # type: ignore
     # True when open(writable=True) gives a random-access writable device
     random_write: bool = False
     # True when open() takes ``snapshot=`` (a read-only view of an internal snapshot)

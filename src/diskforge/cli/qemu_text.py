@@ -9,7 +9,10 @@ qemu-img release (``main.QEMU_IMG_INTERFACE`` names the one followed).
 from __future__ import annotations
 
 from ..errors import UsageError
-from ..options import parse_size, split_option_string
+
+# ``..options`` (its parse_size and split_option_string) is imported where used: it
+# defines the option dataclasses, which a command that only opens an image
+# (``info``, whose ``open_source`` imports this module) never needs
 
 # The order in which qemu-img 7.2's ``create`` prints each format's options on its
 # ``Formatting 'NAME', fmt=FMT ...`` line, with the default it prints when the option was
@@ -43,6 +46,7 @@ def formatting_line(filename: str, fmt: str, size: int, given: dict[str, str],
                     backing: str | None = None, backing_fmt: str | None = None) -> str:
     """``Formatting 'disk.qcow2', fmt=qcow2 cluster_size=65536 ... size=N ...``, as
     qemu-img's ``create`` prints it before creating the image."""
+    from ..options import parse_size
     values = dict(given)
     values["size"] = str(size)
     if backing:
@@ -216,6 +220,7 @@ def _own_option_lines(fmt) -> list[str]:
 def pop_size(specs: list[str]) -> tuple[str | None, list[str]]:
     """qemu-img takes the virtual size as ``-o size=...`` too: take it out of the ``-o``
     strings (the last one given wins) and return it with what is left."""
+    from ..options import split_option_string
     size = None
     rest = []
     for spec in specs:
@@ -254,6 +259,7 @@ def snapshot_spec(text: str | None) -> str | None:
         return None
     if "=" not in text or not text.startswith("snapshot."):
         return text
+    from ..options import split_option_string
     values = split_option_string(text)
     name, ident = values.pop("snapshot.name", None), values.pop("snapshot.id", None)
     if values:
@@ -355,6 +361,7 @@ def image_opts(text: str, objects=()) -> tuple[str, str | None, bool, str | None
     ``objects`` are the command's ``--object`` definitions, where an NBD image's
     ``tls-creds=ID`` is looked up."""
     from ..errors import UnsupportedError
+    from ..options import split_option_string
     values = split_option_string(text)
     protocol = values.get("file.driver", "file")
     if values.get("driver") == "nbd":  # QEMU's nbd driver: the export's bytes, raw

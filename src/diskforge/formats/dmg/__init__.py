@@ -11,13 +11,16 @@ and the quirks met in real files are in ``formats/dmg.md``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from ...devices import open_input_file
 from ...errors import ImageIOError, UnsupportedError, UsageError
-from ...options import Options, option
-from ...registry import Format
+from ...registry import Format, OptionsFrom
+
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
+if TYPE_CHECKING:
+    from ...options import Options
+
 
 def _encrypted(head: bytes, tail: bytes) -> str | None:
     if head.startswith(b"encrcdsa"):
@@ -29,21 +32,10 @@ def _encrypted(head: bytes, tail: bytes) -> str | None:
     return None
 
 
-@dataclasses.dataclass
-class DmgOptions(Options):
-    """``-o`` options of DMG output."""
-    format: str = option("UDZO", "hdiutil's image format: UDZO zlib, UDBZ bzip2, ULFO"
-                         " LZFSE, ULMO LZMA, UDRO raw chunks (read-only), UDRW every"
-                         " sector stored raw (read-write)",
-                         choices=("UDZO", "UDBZ", "ULFO", "ULMO", "UDRO", "UDRW"))
-    zlib_level: int = option(1, "zlib level for UDZO (hdiutil's default is 1)",
-                             minimum=1, maximum=9)
-
-
 class DmgFormat(Format):
     name = "dmg"
     extensions = ("dmg",)
-    options = DmgOptions
+    options = OptionsFrom("diskforge.formats.dmg.options:DmgOptions")
     description = ("Apple UDIF disk image (hdiutil UDRO/UDRW/UDCO/UDZO/UDBZ/ULFO/ULMO);"
                    " writes UDRO/UDRW/UDZO/UDBZ/ULFO/ULMO")
 
@@ -98,7 +90,7 @@ class DmgFormat(Format):
     def writer(self, path: str, size: int, options: Options, *, backing=None):
         if backing is not None:
             raise UnsupportedError("dmg images cannot have a backing file", path)
-        if not isinstance(options, DmgOptions):
+        if not isinstance(options, self.options):
             raise UsageError("internal: dmg writer given foreign options", path)
         from .writer import DmgWriter
         return DmgWriter(os.fspath(path), size, options.format, options.zlib_level)

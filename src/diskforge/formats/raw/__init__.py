@@ -10,25 +10,20 @@ Options follow qemu-img: ``preallocation=off|falloc|full``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
-from ..atomic import AtomicFile, reserve_ahead
-from ..devices import is_block_device
-from ..blockdev import FileBackend, FileBytesDevice, ImageInfo, ImageWriter
-from ..errors import UnsupportedError, UsageError
-from ..options import Options, option
-from ..registry import Format, Measurement
+from ...atomic import AtomicFile, reserve_ahead
+from ...devices import is_block_device
+from ...blockdev import FileBackend, FileBytesDevice, ImageInfo, ImageWriter
+from ...errors import UnsupportedError, UsageError
+from ...registry import Format, Measurement, OptionsFrom
+
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
+if TYPE_CHECKING:
+    from ...options import Options
+    from .options import RawOptions
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
-
-
-@dataclasses.dataclass
-class RawOptions(Options):
-    """``-o`` options of raw output."""
-    preallocation: str = option("off", "off: sparse file; falloc: reserve every block"
-                                " with fallocate; full: write zeros everywhere",
-                                choices=("off", "falloc", "full"))
 
 
 def _zero_out(backend: FileBackend, offset: int, length: int) -> None:
@@ -86,7 +81,7 @@ class RawDevice(FileBytesDevice):
         if mode == "full":
             self.backend.write_zeroes(offset, length)
             return
-        from .._fallocate import allocate
+        from ..._fallocate import allocate
         allocate(self.backend.fd, offset, length)
 
     def info(self) -> ImageInfo:
@@ -111,7 +106,7 @@ class RawWriter(ImageWriter):
             if resume_from is None and not self.in_place \
                     and options.preallocation == "falloc" and size \
                     and not getattr(self.out, "remote", False):
-                from .._fallocate import allocate
+                from ..._fallocate import allocate
                 allocate(self.out.fd, 0, size)
             elif resume_from is None and options.preallocation == "off":
                 self.reserve = reserve_ahead(self.out, limit=size)
@@ -156,7 +151,7 @@ class RawFormat(Format):
     name = "raw"
     extensions = ("raw", "img", "bin")
     description = "raw disk bytes (regular file or block device), sparse-aware"
-    options = RawOptions
+    options = OptionsFrom("diskforge.formats.raw.options:RawOptions")
     random_write = True
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
@@ -172,7 +167,7 @@ class RawFormat(Format):
     def writer(self, path: str, size: int, options: Options, *, backing=None) -> RawWriter:
         if backing is not None:
             raise UnsupportedError("raw images cannot have a backing file", path)
-        if not isinstance(options, RawOptions):
+        if not isinstance(options, self.options):
             raise UsageError("internal: raw writer given foreign options", path)
         return RawWriter(os.fspath(path), size, options)
 

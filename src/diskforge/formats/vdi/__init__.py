@@ -19,31 +19,21 @@ This module stays light: probing imports nothing else.
 
 from __future__ import annotations
 
-import dataclasses
-
 from ...errors import UsageError
-from ...options import Options, option
-from ...registry import Format, Measurement
+from ...registry import Format, Measurement, OptionsFrom
+
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
+if TYPE_CHECKING:
+    from ...options import Options
 
 _SIGNATURE = b"\x7f\x10\xda\xbe"      # VDI_IMAGE_SIGNATURE, little-endian, at 64
-_MIB = 1 << 20
-
-
-@dataclasses.dataclass
-class VdiOptions(Options):
-    """``-o`` options of VDI output."""
-    static: bool = option(False, "preallocate every block (VirtualBox's fixed image);"
-                          " off: blocks are stored as data is written (dynamic)")
-    block_size: int = option(_MIB, "bytes per block (VirtualBox and qemu use 1 MiB; qemu"
-                             " reads no other size)", kind="size", minimum=512,
-                             maximum=256 * _MIB, power_of_two=True)
 
 
 class VdiFormat(Format):
     name = "vdi"
     extensions = ("vdi",)
     description = "VirtualBox Virtual Disk Image: dynamic, static, differencing"
-    options = VdiOptions
+    options = OptionsFrom("diskforge.formats.vdi.options:VdiOptions")
     random_write = True
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
@@ -60,7 +50,7 @@ class VdiFormat(Format):
 
     def writer(self, path: str, size: int, options: Options, *, backing=None):
         from .writer import VdiWriter
-        if not isinstance(options, VdiOptions):
+        if not isinstance(options, self.options):
             raise UsageError("internal: vdi writer given foreign options", path)
         return VdiWriter(path, size, options, backing)
 

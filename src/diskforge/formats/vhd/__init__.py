@@ -22,33 +22,14 @@ This module stays light: probing imports nothing else.
 
 from __future__ import annotations
 
-import dataclasses
-
 from ...errors import UsageError
-from ...options import Options, option
-from ...registry import Format, Measurement
+from ...registry import Format, Measurement, OptionsFrom
+
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
+if TYPE_CHECKING:
+    from ...options import Options
 
 _COOKIE = b"conectix"
-
-
-@dataclasses.dataclass
-class VhdOptions(Options):
-    """``-o`` options of VHD output."""
-    subformat: str = option("dynamic", "dynamic: grows as data is written; fixed: the"
-                            " disk bytes then a footer (what Azure requires)",
-                            choices=("dynamic", "fixed"))
-    force_size: str = option(
-        "auto", "auto: round the size up to a whole MiB (Azure requires it, Hyper-V"
-        " accepts it); on: exactly the size given, as qemu's force_size; off: round up"
-        " to a CHS geometry, as qemu-img does by default (Virtual PC reads the"
-        " geometry)", choices=("auto", "on", "off"))
-    block_size: int = option(2 << 20, "bytes per dynamic block (Hyper-V and qemu use 2"
-                             " MiB)", kind="size", minimum=4096, maximum=256 << 20,
-                             power_of_two=True)
-
-    def validate(self) -> None:
-        if self.subformat == "fixed" and self.block_size != 2 << 20:
-            raise UsageError("block_size applies to dynamic VHDs only")
 
 
 class VhdFormat(Format):
@@ -57,7 +38,7 @@ class VhdFormat(Format):
     extensions = ("vhd", "vpc", "avhd")
     description = "Virtual Hard Disk (Virtual PC, Hyper-V, Azure): fixed, dynamic," \
                   " differencing"
-    options = VhdOptions
+    options = OptionsFrom("diskforge.formats.vhd.options:VhdOptions")
     random_write = True
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
@@ -89,7 +70,7 @@ class VhdFormat(Format):
 
     def writer(self, path: str, size: int, options: Options, *, backing=None):
         from .writer import VhdWriter
-        if not isinstance(options, VhdOptions):
+        if not isinstance(options, self.options):
             raise UsageError("internal: vpc writer given foreign options", path)
         return VhdWriter(path, size, options, backing)
 

@@ -30,42 +30,13 @@ This module stays light: probing imports nothing else.
 
 from __future__ import annotations
 
-import dataclasses
-
 from ...errors import UsageError
-from ...options import Options, option
-from ...registry import Format, Measurement
+from ...registry import Format, Measurement, OptionsFrom
 
-SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
-              "twoGbMaxExtentFlat", "streamOptimized")
-ADAPTER_TYPES = ("ide", "lsilogic", "buslogic", "legacyESX")
-
-
-@dataclasses.dataclass
-class VmdkOptions(Options):
-    """qemu-img's vmdk options, with its defaults (``qemu-img create -f vmdk -o help``)."""
-    subformat: str = option("monolithicSparse", "VMDK flat extent format",
-                            choices=SUBFORMATS)
-    adapter_type: str = option("ide", "virtual adapter type (ddb.adapterType)",
-                               choices=ADAPTER_TYPES)
-    hwversion: str = option("", "VMDK hardware version (ddb.virtualHWVersion; qemu's"
-                            " default 4, or 6 with compat6)")
-    toolsversion: str = option("", "VMware guest tools version (ddb.toolsVersion)")
-    compat6: bool = option(False, "VMDK version 6 image (hwversion 6)")
-    zeroed_grain: bool = option(False, "enable efficient zero writes using the"
-                                " zeroed-grain GTE feature")
-    backing_file: str = option("", "file name of a base image (also -b/-B)")
-    backing_fmt: str = option("", "must be 'vmdk' if present (also -F)")
-
-    def validate(self) -> None:
-        if self.compat6 and self.hwversion not in ("", "6"):
-            raise UsageError("compat6 cannot be enabled with hwversion set")
-        if self.hwversion and not self.hwversion.isdigit():
-            raise UsageError(f"hwversion '{self.hwversion}' is not a number")
-        if self.backing_fmt not in ("", "vmdk"):
-            raise UsageError("backing_fmt must be 'vmdk' if present")
-        if self.backing_fmt and not self.backing_file:
-            raise UsageError("backing_fmt requires backing_file")
+TYPE_CHECKING = False  # typing costs start-up time; type checkers know this idiom
+if TYPE_CHECKING:
+    from ...options import Options
+    from .options import VmdkOptions
 
 
 class VmdkFormat(Format):
@@ -73,7 +44,7 @@ class VmdkFormat(Format):
     extensions = ("vmdk",)
     description = "VMware virtual disk: monolithic/split sparse and flat, streamOptimized," \
                   " ESX vmfs, snapshots"
-    options = VmdkOptions
+    options = OptionsFrom("diskforge.formats.vmdk.options:VmdkOptions")
     random_write = True     # hosted sparse and flat kinds; the device refuses the rest
 
     def probe(self, head: bytes, tail: bytes, file_size: int) -> int:
@@ -101,7 +72,7 @@ class VmdkFormat(Format):
         """A new image of ``options.subformat``. ``seed`` fixes the random CID (and a
         stream's longContentID) so that tests and reproducible builds get the same
         bytes; by default they are random, as VMware's and qemu's."""
-        if not isinstance(options, VmdkOptions):
+        if not isinstance(options, self.options):
             raise UsageError("internal: vmdk writer given foreign options", path)
         if backing is None and options.backing_file:
             backing = _backing_from_options(options)
