@@ -14,7 +14,8 @@ import re
 # C0 and C1 controls, DEL, and the line/paragraph separators: anything that could
 # start a new line or move the cursor when printed. Surrogates come from names that
 # were not valid UTF-8 (os.fsdecode's surrogateescape).
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_UNPRINTABLE_CHARS = "[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]"
+_unprintable: "re.Pattern[str] | None" = None  # compiled on first need: start-up time
 
 
 def printable(text: object) -> str:
@@ -22,10 +23,15 @@ def printable(text: object) -> str:
     (``\\n``, ``\\x1b``). Names taken from inside an image (backing files, parents,
     DMG entries, Rock Ridge names) go through this before they are printed, so a
     hostile name cannot break the one-line error or forge an extra line (DESIGN.md)."""
+    global _unprintable
     text = str(text)
-    if not _UNPRINTABLE.search(text):
+    if text.isprintable():  # a superset of those characters (and C code): the usual case
         return text
-    return _UNPRINTABLE.sub(_escape, text)
+    if _unprintable is None:
+        _unprintable = re.compile(_UNPRINTABLE_CHARS)
+    if not _unprintable.search(text):
+        return text
+    return _unprintable.sub(_escape, text)
 
 
 def _escape(m: "re.Match[str]") -> str:

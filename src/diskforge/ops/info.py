@@ -126,7 +126,7 @@ def format_json(infos: list[ImageInfo], backing_chain: bool) -> str:
     return qemu_json(data if backing_chain else data[0])
 
 
-_ESCAPE = re.compile(r"\\\\|\\u[0-9a-f]{4}")
+_ESCAPE = r"\\\\|\\u[0-9a-f]{4}"  # compiled when first used (re caches it)
 
 
 def qemu_json(value: "Any", indent: int = 0) -> str:
@@ -142,8 +142,9 @@ def qemu_json(value: "Any", indent: int = 0) -> str:
     elif isinstance(value, (list, tuple)):
         items = [f"{inner}{qemu_json(v, indent + 4)}" for v in value]
     elif isinstance(value, str):  # qemu writes \u escapes with upper-case hex digits
-        return _ESCAPE.sub(lambda m: m[0] if m[0] == "\\\\" else "\\u" + m[0][2:].upper(),
-                           json.dumps(value))
+        return re.sub(_ESCAPE,
+                      lambda m: m[0] if m[0] == "\\\\" else "\\u" + m[0][2:].upper(),
+                      json.dumps(value))
     else:
         return json.dumps(value)
     opening, closing = ("{", "}") if isinstance(value, dict) else ("[", "]")
