@@ -35,7 +35,6 @@ What each mode enforces:
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from . import limits
@@ -92,6 +91,7 @@ def limit_process(image: str | None = None) -> None:
         raise UsageError(f"DISKFORGE_UNTRUSTED_ADDRESS_SPACE of {space} bytes is too small"
                          " to run Python at all (32M at least)")
     limits.MEMORY_BUDGET = min(limits.MEMORY_BUDGET, UNTRUSTED_MEMORY_BUDGET)
+    import signal  # here, not at import: its enums cost every command's start-up
     signal.signal(signal.SIGXCPU, _on_sigxcpu)
     _lower(resource, resource.RLIMIT_CORE, 0, 0)
     _lower(resource, resource.RLIMIT_AS, space, space)
@@ -156,6 +156,7 @@ def run(argv: "list[str]", *, ok: "tuple[int, ...]" = (0,), timeout: float | Non
     if proc.returncode in ok:
         return proc
     if proc.returncode < 0:
+        import signal
         raise LimitError(f"{command} was killed by {signal.Signals(-proc.returncode).name}")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     raise DiskforgeError(lines[-1].removeprefix("diskforge: ") if lines
