@@ -1,4 +1,4 @@
-"""The ``-o`` options of VHDX output: a dataclass (``options.py``), imported only
+"""The ``-o`` options of VHDX output: an ``options.Options`` dataclass, imported only
 when a command writes or lists options, not when one opens an image."""
 
 from __future__ import annotations
