@@ -66,12 +66,12 @@ CASES = [
     Case("start-up: info (1 MiB raw)", [
         Tool("diskforge", lambda c: diskforge_cmd() + ["info", c.small]),
         Tool("qemu-img", lambda c: ["qemu-img", "info", c.small], available=have("qemu-img")),
-    ], bytes_of=lambda c: 1 << 20),
+    ], bytes_of=lambda c: 1 << 20, prime=False),
     Case("start-up: info (small qcow2)", [
         Tool("diskforge", lambda c: diskforge_cmd() + ["info", c.cache["small-qcow2"]]),
         Tool("qemu-img", lambda c: ["qemu-img", "info", c.cache["small-qcow2"]],
              available=have("qemu-img")),
-    ], setup=small_qcow2, bytes_of=lambda c: 1 << 20),
+    ], setup=small_qcow2, bytes_of=lambda c: 1 << 20, prime=False),
     sparse_case("20G sparse raw->qcow2 (RSS)", ["-O", "qcow2"], ["-O", "qcow2"], "qcow2"),
     sparse_case("20G sparse raw->qcow2 -c (RSS)", ["-c", "-O", "qcow2"],
                 ["-c", "-O", "qcow2"], "c.qcow2"),
